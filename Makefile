@@ -1,0 +1,31 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Pinned so that pip takes the CPU wheel instead of a multi-GB CUDA build.
+TORCH := torch==2.13.0
+
+.PHONY: demo test install bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[deep,demo,test,bench]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/asmkit demo --out demo_output
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+bench: install
+	$(BIN)/python benchmarks/bench_reference.py --synthetic 1000
+
+clean:
+	rm -rf $(VENV) demo_output
