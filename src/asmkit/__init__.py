@@ -1,7 +1,19 @@
 """asmkit: fast, safe Aggregated Selective Match Kernels (ASMK / ASMK*) for image retrieval."""
 
+from .codebook import Codebook
+from .index import Index
 from .params import PRESETS, Params, parse_size
+from .search import merge_topk, similarity_matrix
 
 __version__ = "0.1.0"
 
-__all__ = ["Params", "PRESETS", "parse_size", "__version__"]
+__all__ = [
+    "Codebook",
+    "Index",
+    "Params",
+    "PRESETS",
+    "merge_topk",
+    "parse_size",
+    "similarity_matrix",
+    "__version__",
+]

@@ -1,0 +1,7 @@
+"""Compatibility with the reference ``asmk`` package: its ``ASMKMethod`` call shape, and a
+restricted reader for its pickled codebooks and inverted files."""
+
+from .asmk_method import ASMKMethod
+from .legacy import LegacyFormatError, codebook_from_legacy, ivf_from_legacy, load_legacy_pickle
+
+__all__ = ["ASMKMethod", "LegacyFormatError", "load_legacy_pickle", "codebook_from_legacy", "ivf_from_legacy"]

@@ -1,0 +1,438 @@
+"""asmkit against the reference ``asmk`` package: same descriptors, same codebook, one run.
+
+Each side runs in its own subprocess, so each side's peak RSS (``ru_maxrss``) is its own;
+the input descriptors are loaded by both, and the RSS right after loading them is printed
+too, so the pipeline's own share is the difference.
+
+Usage::
+
+    nice -n 10 python benchmarks/bench_reference.py --synthetic 1000 --features-per-image 500 \
+        --codebook-size 1024 --out /tmp/bench_synth.json
+    nice -n 10 python benchmarks/bench_reference.py --data /work/shared/datasets/ukbench2000 \
+        --codebook-size 4096 --ref-queries 200 --out /tmp/bench_ukb.json
+
+Stages (both sides):
+- codebook: k-means (10 iterations) on ``--train-sample`` descriptors. Each side trains its
+  own and is timed; then both use the reference's centroids, so the rest is comparable.
+- build: quantization (m = 1), aggregation and inverted-file construction of all images.
+- query: every image is a query (UKBench protocol; for synthetic data too). The reference is
+  slow (tens of ms per query), so ``--ref-queries N`` times it on N evenly spaced queries;
+  asmkit is timed on all queries and, separately, on the same N for the rank comparison.
+- save / load (memory-mapped for asmkit, pickle for the reference) and the first query's
+  latency after loading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve()
+
+
+# -- inputs -----------------------------------------------------------------------------------
+
+
+def rootsift_ukbench(data: Path, cache: Path, nfeatures: int) -> tuple[np.ndarray, np.ndarray]:
+    """OpenCV SIFT (at most ``nfeatures`` per image) + RootSIFT of every image, cached."""
+    cache_file = cache / f"ukbench_rootsift_{data.name}_{nfeatures}.npz"
+    if cache_file.exists():
+        with np.load(cache_file, allow_pickle=False) as npz:
+            return npz["vecs"], npz["image_ids"]
+    import cv2
+
+    gt = json.loads((data / "gt.json").read_text())
+    sift = cv2.SIFT_create(nfeatures=nfeatures)
+    parts, ids = [], []
+    t0 = time.perf_counter()
+    for i, rel in enumerate(gt["images"]):
+        img = cv2.imread(str(data / rel), cv2.IMREAD_GRAYSCALE)
+        if img is None:
+            raise FileNotFoundError(f"{data / rel}: unreadable image")
+        _, des = sift.detectAndCompute(img, None)
+        if des is None:
+            continue
+        des = des.astype(np.float32)
+        # RootSIFT (Arandjelovic & Zisserman 2012): L1-normalise, then square root.
+        des /= des.sum(axis=1, keepdims=True) + 1e-12
+        parts.append(np.sqrt(des))
+        ids.append(np.full(len(des), i, dtype=np.int64))
+    vecs = np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+    image_ids = np.concatenate(ids)
+    print(f"extracted {len(vecs)} RootSIFT descriptors of {len(gt['images'])} images in "
+          f"{time.perf_counter() - t0:.1f} s -> {cache_file}", file=sys.stderr)
+    cache.mkdir(parents=True, exist_ok=True)
+    np.savez(cache_file, vecs=vecs, image_ids=image_ids)
+    return vecs, image_ids
+
+
+def prepare_inputs(args, work: Path) -> dict:
+    if args.data:
+        vecs, image_ids = rootsift_ukbench(Path(args.data), Path(args.cache), args.features_per_image)
+        source = f"UKBench RootSIFT ({args.data}, OpenCV SIFT nfeatures={args.features_per_image})"
+        group_size = 4
+    else:
+        sys.path.insert(0, str(HERE.parents[1] / "src"))
+        from asmkit._synthetic import clustered_descriptors
+
+        vecs, image_ids, _ = clustered_descriptors(
+            args.synthetic, args.features_per_image, args.dim, images_per_group=4, seed=args.seed)
+        source = (f"synthetic clustered (asmkit._synthetic), {args.synthetic} images x "
+                  f"{args.features_per_image} x {args.dim}-D, groups of 4")
+        group_size = 4
+    rng = np.random.default_rng(args.seed)
+    n_train = min(args.train_sample, len(vecs))
+    train = np.sort(rng.choice(len(vecs), n_train, replace=False))
+    n_images = int(image_ids.max()) + 1
+    n_ref_q = n_images if args.ref_queries is None else min(args.ref_queries, n_images)
+    ref_queries = np.unique(np.linspace(0, n_images - 1, n_ref_q).round().astype(np.int64))
+    np.save(work / "vecs.npy", vecs)
+    np.save(work / "image_ids.npy", image_ids)
+    np.save(work / "train.npy", vecs[train])
+    np.save(work / "ref_queries.npy", ref_queries)
+    return {"source": source, "n_descriptors": int(len(vecs)), "n_images": n_images,
+            "dim": int(vecs.shape[1]), "train_sample": int(n_train), "group_size": group_size,
+            "ref_queries": int(len(ref_queries))}
+
+
+# -- workers (one per side, in a subprocess) -------------------------------------------------
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def _select_rows(image_ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    return np.flatnonzero(np.isin(image_ids, wanted))
+
+
+def worker_reference(work: Path, cfg: dict) -> dict:
+    from asmk import codebook as cdb_pkg, index as idx_pkg, inverted_file as ivf_pkg, kernel as kern_pkg
+
+    vecs = np.load(work / "vecs.npy")
+    image_ids = np.load(work / "image_ids.npy")
+    train = np.load(work / "train.npy")
+    ref_queries = np.load(work / "ref_queries.npy")
+    out: dict = {"rss_after_inputs_mb": _rss_mb()}
+    k = cfg["codebook_size"]
+
+    t = time.perf_counter()
+    trained = cdb_pkg.Codebook(idx_pkg.FaissL2Index(), size=k)
+    trained.train(train)
+    out["codebook_s"] = time.perf_counter() - t
+    np.save(work / "centroids.npy", trained.centroids)
+    del trained
+
+    cdb = cdb_pkg.Codebook(idx_pkg.FaissL2Index(), size=k)
+    cdb.index(np.load(work / "centroids.npy"))
+    kern = kern_pkg.ASMKKernel(cdb, binary=cfg["binary"])
+    ivf = ivf_pkg.IVF.initialize_empty(codebook_size=k, use_idf=cfg["idf"])
+
+    t = time.perf_counter()
+    des, words = cdb.quantize(vecs, multiple_assignment=1)[:2]
+    out["build_quantize_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    agg = kern.aggregate(des, words, image_ids.copy())
+    out["build_aggregate_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    ivf.add(*agg)
+    out["build_ivf_s"] = time.perf_counter() - t
+    out["build_s"] = out["build_quantize_s"] + out["build_aggregate_s"] + out["build_ivf_s"]
+    del agg, des, words
+
+    sim = {"alpha": cfg["alpha"], "similarity_threshold": cfg["tau"]}
+    similarity = lambda *x: kern.similarity(*x, **sim)  # noqa: E731 - the reference's calling shape
+    order = np.argsort(image_ids, kind="stable")
+    sorted_ids = image_ids[order]
+    bounds = np.searchsorted(sorted_ids, np.stack([ref_queries, ref_queries + 1]))
+    tq = ta = ts = 0.0
+    ranks_all, scores_all = [], []
+    for q, (lo, hi) in enumerate(bounds.T):
+        qv = vecs[order[lo:hi]]
+        t0 = time.perf_counter()
+        _, qw = cdb.quantize(qv, multiple_assignment=cfg["ma_query"])[:2]
+        t1 = time.perf_counter()
+        qa, qwords = kern.aggregate_image(qv, qw)
+        t2 = time.perf_counter()
+        ranks, scores = ivf.search(qa, qwords, similarity_func=similarity, topk=None)
+        t3 = time.perf_counter()
+        tq, ta, ts = tq + t1 - t0, ta + t2 - t1, ts + t3 - t2
+        ranks_all.append(ranks)
+        scores_all.append(scores)
+    nq = len(ref_queries)
+    out.update(query_quantize_ms=1e3 * tq / nq, query_aggregate_ms=1e3 * ta / nq,
+               query_search_ms=1e3 * ts / nq, query_ms=1e3 * (tq + ta + ts) / nq,
+               queries_timed=int(nq))
+    ranks_all, scores_all = np.vstack(ranks_all), np.vstack(scores_all)
+    # Full score vector per query (ids 0 .. n-1), for the tie-aware rank comparison.
+    full = np.zeros_like(scores_all)
+    np.put_along_axis(full, ranks_all, scores_all, axis=1)
+    np.save(work / "ref_full_scores.npy", full)
+
+    # Save / load: the reference's own format (pickled state dicts).
+    path = work / "ref_ivf.pkl"
+    t = time.perf_counter()
+    with open(path, "wb") as fh:
+        pickle.dump(ivf.state_dict(), fh)
+    out["save_s"] = time.perf_counter() - t
+    out["index_bytes_per_image"] = path.stat().st_size / cfg["n_images"]
+    del ivf
+    t = time.perf_counter()
+    with open(path, "rb") as fh:
+        loaded = ivf_pkg.IVF.initialize_from_state(pickle.load(fh))  # noqa: S301 - our own file
+    out["load_s"] = time.perf_counter() - t
+    lo, hi = bounds[:, 0]
+    qv = vecs[order[lo:hi]]
+    t = time.perf_counter()
+    _, qw = cdb.quantize(qv, multiple_assignment=cfg["ma_query"])[:2]
+    loaded.search(*kern.aggregate_image(qv, qw), similarity_func=similarity, topk=None)
+    out["first_query_after_load_ms"] = 1e3 * (time.perf_counter() - t)
+    out["peak_rss_mb"] = _rss_mb()
+    return out
+
+
+def worker_asmkit(work: Path, cfg: dict) -> dict:
+    import asmkit
+    from asmkit import Codebook, Index, Params
+    from asmkit import kernel as akernel
+
+    vecs = np.load(work / "vecs.npy")
+    image_ids = np.load(work / "image_ids.npy")
+    train = np.load(work / "train.npy")
+    ref_queries = np.load(work / "ref_queries.npy")
+    out: dict = {"rss_after_inputs_mb": _rss_mb(), "version": asmkit.__version__}
+    params = Params(codebook_size=cfg["codebook_size"], binary=cfg["binary"], use_idf=cfg["idf"],
+                    alpha=cfg["alpha"], tau=cfg["tau"], ma_database=1, ma_query=cfg["ma_query"])
+
+    t = time.perf_counter()
+    Codebook.train(train, cfg["codebook_size"], iters=10, seed=cfg["seed"])
+    out["codebook_s"] = time.perf_counter() - t
+    cb = Codebook(np.load(work / "centroids.npy"))
+
+    # Stage split, measured on the building blocks Index.add is made of; build_s is the
+    # public Index.add itself, and the IVF share is what is left of it.
+    t = time.perf_counter()
+    desc = akernel.prepare_descriptors(vecs, image_ids, dim=cb.dim)
+    assign = cb.quantize(desc.vecs, 1)
+    out["build_quantize_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    akernel.aggregate(desc.vecs, assign, desc.starts, desc.order, cb.centroids, binary=params.binary)
+    out["build_aggregate_s"] = time.perf_counter() - t
+    del desc, assign
+
+    index = Index(cb, params)
+    t = time.perf_counter()
+    index.add(vecs, image_ids)
+    out["build_s"] = time.perf_counter() - t
+    out["build_ivf_s"] = max(0.0, out["build_s"] - out["build_quantize_s"] - out["build_aggregate_s"])
+    out["stats"] = {k: (v.item() if hasattr(v, "item") else v) for k, v in dict(index.stats).items()}
+
+    # All queries at once (the public call), then the reference's subset for comparison.
+    t = time.perf_counter()
+    index.search(vecs, image_ids, k=100)
+    total = time.perf_counter() - t
+    n_images = cfg["n_images"]
+    out.update(query_total_s=total, query_ms=1e3 * total / n_images, queries_timed=int(n_images))
+    t = time.perf_counter()
+    qdesc = akernel.prepare_descriptors(vecs, image_ids, dim=cb.dim)
+    qassign = cb.quantize(qdesc.vecs, cfg["ma_query"])
+    out["query_quantize_ms"] = 1e3 * (time.perf_counter() - t) / n_images
+    t = time.perf_counter()
+    akernel.aggregate(qdesc.vecs, qassign, qdesc.starts, qdesc.order, cb.centroids, binary=params.binary)
+    out["query_aggregate_ms"] = 1e3 * (time.perf_counter() - t) / n_images
+    out["query_search_ms"] = max(0.0, out["query_ms"] - out["query_quantize_ms"] - out["query_aggregate_ms"])
+    del qdesc, qassign
+
+    rows = _select_rows(image_ids, ref_queries)
+    scores, ids = index.search(vecs[rows], image_ids[rows], k=100)
+    np.save(work / "asmkit_scores.npy", scores)
+    np.save(work / "asmkit_ids.npy", ids)
+
+    path = work / "asmkit_index.asmkit"
+    t = time.perf_counter()
+    index.save(path)
+    out["save_s"] = time.perf_counter() - t
+    out["index_bytes_per_image"] = _dir_bytes(path) / n_images
+    del index
+    t = time.perf_counter()
+    loaded = Index.load(path, mmap=True)
+    out["load_s"] = time.perf_counter() - t
+    first = _select_rows(image_ids, ref_queries[:1])
+    t = time.perf_counter()
+    loaded.search(vecs[first], image_ids[first], k=100)
+    out["first_query_after_load_ms"] = 1e3 * (time.perf_counter() - t)
+    out["peak_rss_mb"] = _rss_mb()
+    return out
+
+
+# -- comparison and report ---------------------------------------------------------------------
+
+
+def compare_ranks(work: Path, ref_queries: np.ndarray, tie_tol: float = 1e-6) -> dict:
+    """Top-100 agreement up to exact ties, and the largest score difference.
+
+    Position j agrees when asmkit's id there has (within ``tie_tol``) the reference score
+    that the reference's own j-th result has: then the two lists differ only by the order
+    of equal scores.
+    """
+    full = np.load(work / "ref_full_scores.npy")
+    a_scores = np.load(work / "asmkit_scores.npy").astype(np.float64)
+    a_ids = np.load(work / "asmkit_ids.npy")
+    k = a_ids.shape[1]
+    ref_sorted = -np.sort(-full, axis=1)[:, :k]
+    valid = a_ids >= 0
+    ref_of_asm = np.where(valid, np.take_along_axis(full, np.where(valid, a_ids, 0), axis=1), np.nan)
+    agree = np.abs(ref_of_asm - ref_sorted) <= tie_tol
+    agree &= valid | (ref_sorted == 0)
+    return {
+        "queries_compared": int(len(ref_queries)),
+        "top100_identical_up_to_ties": bool(agree.all()),
+        "top100_queries_identical_fraction": float(agree.all(axis=1).mean()),
+        "top100_positions_agreeing_fraction": float(agree.mean()),
+        "max_abs_score_diff": float(np.nanmax(np.abs(np.where(valid, a_scores - ref_of_asm, 0.0)))),
+    }
+
+
+def ns_score(full_or_ids: np.ndarray, queries: np.ndarray, group_size: int, from_scores: bool) -> float:
+    """UKBench N-S: mean number of the query's group among its top 4 (query included)."""
+    top = np.argsort(-full_or_ids, axis=1, kind="stable")[:, :4] if from_scores else full_or_ids[:, :4]
+    return float(((top // group_size) == (queries[:, None] // group_size)).sum(axis=1).mean())
+
+
+def machine() -> dict:
+    model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import faiss
+    import numba
+
+    try:
+        import asmk  # noqa: F401
+        from importlib.metadata import version
+
+        asmk_version = version("asmk")
+    except Exception:  # noqa: BLE001 - report only
+        asmk_version = "unavailable"
+    return {"cpu_model": model, "cores": os.cpu_count(),
+            "affinity_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "faiss_threads": faiss.omp_get_max_threads(), "python": platform.python_version(),
+            "numpy": np.__version__, "faiss": faiss.__version__, "numba": numba.__version__,
+            "asmk": asmk_version, "gpu": "not available in this session; GPU paths not measured"}
+
+
+RATIO_KEYS = ["codebook_s", "build_quantize_s", "build_aggregate_s", "build_ivf_s", "build_s",
+              "query_quantize_ms", "query_aggregate_ms", "query_search_ms", "query_ms",
+              "save_s", "load_s", "first_query_after_load_ms", "index_bytes_per_image",
+              "peak_rss_mb", "rss_after_inputs_mb"]
+
+
+def run_side(side: str, work: Path, cfg: dict) -> dict:
+    cmd = [sys.executable, str(HERE), "--worker", side, "--work", str(work)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{side} worker failed:\n{proc.stderr[-4000:]}")
+    return json.loads((work / f"{side}.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--synthetic", type=int, metavar="N_IMAGES", help="clustered synthetic images")
+    src.add_argument("--data", help="UKBench-style folder with gt.json and images/")
+    parser.add_argument("--codebook-size", type=int, default=1024)
+    parser.add_argument("--features-per-image", type=int, default=500)
+    parser.add_argument("--dim", type=int, default=128, help="synthetic descriptor dimension")
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument("--binary", dest="binary", action="store_true", default=True)
+    kind.add_argument("--real", dest="binary", action="store_false")
+    parser.add_argument("--idf", action="store_true")
+    parser.add_argument("--alpha", type=float, default=3.0)
+    parser.add_argument("--tau", type=float, default=0.0)
+    parser.add_argument("--ma-query", type=int, default=5)
+    parser.add_argument("--train-sample", type=int, default=100_000,
+                        help="descriptors sampled for k-means (both sides)")
+    parser.add_argument("--ref-queries", type=int, default=None,
+                        help="time the reference (and compare ranks) on this many queries only")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", default="/tmp", help="folder for cached UKBench descriptors")
+    parser.add_argument("--out", help="write the full result as JSON here")
+    parser.add_argument("--worker", choices=["reference", "asmkit"], help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        work = Path(args.work)
+        cfg = json.loads((work / "config.json").read_text())
+        fn = worker_reference if args.worker == "reference" else worker_asmkit
+        (work / f"{args.worker}.json").write_text(json.dumps(fn(work, cfg)))
+        return 0
+    if not args.synthetic and not args.data:
+        args.synthetic = 1000
+
+    work = Path(tempfile.mkdtemp(prefix="asmkit_bench_"))
+    try:
+        inputs = prepare_inputs(args, work)
+        cfg = {"codebook_size": args.codebook_size, "binary": args.binary, "idf": args.idf,
+               "alpha": args.alpha, "tau": args.tau, "ma_query": args.ma_query, "seed": args.seed,
+               **inputs}
+        (work / "config.json").write_text(json.dumps(cfg))
+        ref = run_side("reference", work, cfg)
+        ours = run_side("asmkit", work, cfg)
+        ref_queries = np.load(work / "ref_queries.npy")
+        agreement = compare_ranks(work, ref_queries)
+        agreement["ns_reference"] = ns_score(np.load(work / "ref_full_scores.npy"), ref_queries,
+                                             inputs["group_size"], from_scores=True)
+        agreement["ns_asmkit"] = ns_score(np.load(work / "asmkit_ids.npy"), ref_queries,
+                                          inputs["group_size"], from_scores=False)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    ratios = {k: ref[k] / ours[k] for k in RATIO_KEYS if k in ref and k in ours and ours[k] > 0}
+    ratios["aggregate_plus_search_query"] = (
+        (ref["query_aggregate_ms"] + ref["query_search_ms"])
+        / max(ours["query_aggregate_ms"] + ours["query_search_ms"], 1e-9))
+    result = {"command": " ".join([sys.executable.split("/")[-1], *sys.argv]), "config": cfg,
+              "machine": machine(), "reference": ref, "asmkit": ours,
+              "speedup_reference_over_asmkit": ratios, "agreement": agreement}
+
+    print(f"# {cfg['source']}; K={cfg['codebook_size']}, {'binary' if cfg['binary'] else 'real'}, "
+          f"idf={'on' if cfg['idf'] else 'off'}, {cfg['n_descriptors']} descriptors")
+    print(f"# machine: {result['machine']['cpu_model']}, {result['machine']['cores']} cores, "
+          f"faiss threads {result['machine']['faiss_threads']}; GPU not measured")
+    print(f"# reference timed on {ref['queries_timed']} queries, asmkit on {ours['queries_timed']}")
+    print(f"{'stage':<28}{'reference':>14}{'asmkit':>14}{'ratio':>10}")
+    for key in RATIO_KEYS:
+        if key in ref and key in ours:
+            ratio = ratios.get(key, float("nan"))
+            print(f"{key:<28}{ref[key]:>14.4g}{ours[key]:>14.4g}{ratio:>9.1f}x")
+    print(f"{'aggregate+search per query':<28}{'':>14}{'':>14}{ratios['aggregate_plus_search_query']:>9.1f}x")
+    for key, value in agreement.items():
+        print(f"{key}: {value}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Study of the deep preset on UKBench-2000: EfficientNet-Lite0 features + PCA whitening + ASMK*.
+
+Two phases, so that the expensive one runs once:
+
+1. ``extract``: raw (un-whitened) top-attention backbone features of all 2000 images, for a
+   given stage and set of scales, cached in ``--cache`` (float16, default /tmp).
+2. ``eval``: from a cache, for each combination of the levers (features per image, whitening
+   dim and shrinkage, codebook size): learn the whitening on the same images' features (no
+   labels), L2-normalise, train a codebook on a sample of them, ASMK* all-vs-all (every image
+   a query, junk in its own ranking), and report mAP and N-S; also the weighted-SPoC global
+   descriptor mAP as a baseline.
+
+Examples::
+
+    nice -n 10 .venv/bin/python benchmarks/study_deep.py extract --stage stride16 --scales 1
+    nice -n 10 .venv/bin/python benchmarks/study_deep.py eval --stage stride16 --scales 1 \\
+        --nfeat 800 --dim 128 --shrinkage 1.0 --codebook 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+DATA = Path("/work/shared/datasets/ukbench2000")
+log = logging.getLogger("study_deep")
+
+
+def cache_file(cache: Path, stage: str, scales: list[float], smoothing: int) -> Path:
+    tag = f"{stage}_s{'-'.join(f'{s:g}' for s in scales)}_sm{smoothing}"
+    return cache / f"deep_{tag}.npz"
+
+
+def extract(args) -> None:
+    import torch
+
+    from asmkit.evaluate import load_ground_truth
+    from asmkit.features import extract_features
+    from asmkit.features.backbones import EfficientNetLite0
+    from asmkit.features.deep import DeepExtractor, RetrievalHead
+
+    gt = load_ground_truth(DATA)
+    paths = gt.image_paths()[: args.limit]
+    backbone = EfficientNetLite0(args.stage)
+    # Raw features: no whitening, no normalisation, so that eval can whiten many ways.
+    head = RetrievalHead(backbone.out_dim, smoothing=args.smoothing, normalize=False)
+    ex = DeepExtractor(backbone, head, nfeat=args.keep, scales=args.scales, max_size=1024,
+                       num_threads=args.threads, batch_size=1)
+    t0 = time.perf_counter()
+    res = extract_features(paths, ex, workers=2, progress=False)
+    seconds = time.perf_counter() - t0
+    if res.failed:
+        raise SystemExit(f"failed images: {res.failed[:5]}")
+    feats = [res.features[n] for n in res.extracted]
+    out = cache_file(args.cache, args.stage, args.scales, args.smoothing)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    np.savez(
+        out,
+        desc=np.concatenate([f.descriptors for f in feats]).astype(np.float16),
+        attn=np.concatenate([f.attention for f in feats]).astype(np.float32),
+        counts=np.array([len(f) for f in feats], dtype=np.int64),
+        seconds=np.array(seconds),
+        threads=np.array(torch.get_num_threads()),
+    )
+    print(json.dumps({"cache": str(out), "images": len(feats), "seconds": round(seconds, 1),
+                      "images_per_s": round(len(feats) / seconds, 2), "threads": torch.get_num_threads(),
+                      "mean_feats": float(np.mean([len(f) for f in feats]))}))
+
+
+def _rank_asmk(vecs, ids, n_images, codebook_size, seed):
+    """All-vs-all ASMK* ranks [n, n] with the asmkit engine, else the reference package."""
+    try:
+        from asmkit import Codebook, Index, Params
+    except ImportError:
+        Index = None
+    sample = vecs
+    rng = np.random.default_rng(seed)
+    if len(vecs) > args_sample:
+        sample = vecs[rng.choice(len(vecs), args_sample, replace=False)]
+    t0 = time.perf_counter()
+    if Index is not None:
+        params = Params.preset("asmk_star", codebook_size=codebook_size)
+        cb = Codebook.train(sample, codebook_size, iters=10, seed=params.seed)
+        t1 = time.perf_counter()
+        index = Index(cb, params)
+        index.add(vecs, ids)
+        scores, ranks = index.search(vecs, ids, k=n_images)
+        engine = "asmkit"
+    else:
+        from asmk import asmk_method
+
+        params = {
+            "index": {"gpu_id": None},
+            "train_codebook": {"codebook": {"size": codebook_size}},
+            "build_ivf": {"kernel": {"binary": True}, "ivf": {"use_idf": False},
+                          "quantize": {"multiple_assignment": 1}, "aggregate": {}},
+            "query_ivf": {"quantize": {"multiple_assignment": 5}, "aggregate": {},
+                          "search": {"topk": None},
+                          "similarity": {"similarity_threshold": 0.0, "alpha": 3.0}},
+        }
+        method = asmk_method.ASMKMethod.initialize_untrained(params).train_codebook(sample)
+        t1 = time.perf_counter()
+        built = method.build_ivf(vecs, ids)
+        _, qids, ranks, _ = built.query_ivf(vecs, ids)
+        ranks = ranks[np.argsort(qids)]
+        engine = "asmk-reference"
+    return np.asarray(ranks), engine, t1 - t0, time.perf_counter() - t1
+
+
+args_sample = 300_000
+
+
+def evaluate(args) -> None:
+    from asmkit.evaluate import load_ground_truth, mean_average_precision, ns_score
+    from asmkit.features.whitening import PCAWhitening
+
+    gt = load_ground_truth(DATA)
+    data = np.load(cache_file(args.cache, args.stage, args.scales, args.smoothing))
+    desc_all, attn_all, counts = data["desc"], data["attn"], data["counts"]
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    n_images = len(counts)
+    groups = [gt.query_groups[q] for q in range(n_images)]
+    rows = []
+    for nfeat, dim, shrink, k in itertools.product(args.nfeat, args.dim, args.shrinkage, args.codebook):
+        # Cached features of an image are sorted by decreasing attention: top-n is a prefix.
+        take = np.concatenate([np.arange(offsets[i], offsets[i] + min(nfeat, counts[i])) for i in range(n_images)])
+        ids = np.repeat(np.arange(n_images), np.minimum(counts, nfeat))
+        raw = desc_all[take].astype(np.float32)
+        attn = attn_all[take]
+        rng = np.random.default_rng(0)
+        learn_rows = raw if len(raw) <= args_sample else raw[rng.choice(len(raw), args_sample, replace=False)]
+        whitening = PCAWhitening.learn(learn_rows, dim=min(dim, raw.shape[1]), shrinkage=shrink)
+        vecs = whitening.apply(raw)
+        # Weighted SPoC over the kept features (baseline global descriptor).
+        spoc = np.zeros((n_images, vecs.shape[1]), np.float64)
+        np.add.at(spoc, ids, vecs * attn[:, None])
+        spoc /= np.linalg.norm(spoc, axis=1, keepdims=True) + 1e-12
+        granks = np.argsort(-(spoc @ spoc.T), axis=1, kind="stable")
+        g_map, _ = mean_average_precision(granks, gt)
+        ranks, engine, t_cb, t_search = _rank_asmk(vecs, ids, n_images, k, seed=0)
+        m, _ = mean_average_precision(ranks, gt)
+        ns = ns_score(ranks, groups)
+        row = {"stage": args.stage, "scales": args.scales, "smoothing": args.smoothing, "nfeat": nfeat,
+               "dim": whitening.output_dim, "shrinkage": shrink, "codebook": k, "map": round(m, 4),
+               "ns": round(ns, 3), "spoc_map": round(g_map, 4), "engine": engine,
+               "t_codebook_s": round(t_cb, 1), "t_index_search_s": round(t_search, 1), "n_desc": int(len(vecs))}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.out:
+        with open(args.out, "a") as fh:
+            for row in rows:
+                fh.write(json.dumps(row) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("phase", choices=["extract", "eval"])
+    parser.add_argument("--stage", default="stride16")
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--smoothing", type=int, default=0)
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/asmkit_study_deep"))
+    parser.add_argument("--keep", type=int, default=1000, help="features cached per image (extract)")
+    parser.add_argument("--limit", type=int, default=None, help="first N images only (extract)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--nfeat", type=int, nargs="+", default=[800])
+    parser.add_argument("--dim", type=int, nargs="+", default=[128])
+    parser.add_argument("--shrinkage", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--codebook", type=int, nargs="+", default=[4096])
+    parser.add_argument("--out", default=None, help="append result rows (JSON lines) to this file")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads or os.cpu_count()))
+    extract(args) if args.phase == "extract" else evaluate(args)
+
+
+if __name__ == "__main__":
+    main()

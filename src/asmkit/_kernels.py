@@ -1,0 +1,396 @@
+"""Numba kernels: grouping, aggregation, binary packing, selective-kernel scoring, top-k.
+
+Everything here works on plain, already validated arrays; the public modules
+(:mod:`asmkit.kernel`, :mod:`asmkit.ivf`, :mod:`asmkit.search`) check user input and
+choose dtypes. Each kernel has a plain-loop NumPy twin in ``tests/reference_numpy.py``.
+
+All kernels are compiled with ``cache=True`` so that a process that loads an index does
+not pay the compile time again once any earlier process has compiled them.
+
+Floating-point choices follow the reference ``asmk`` package operation by operation
+(see ASMK.md): residuals are accumulated in float32 in descriptor order, the Hamming
+similarity is rounded to float32 exactly as the reference rounds it, and every
+per-entry contribution is rounded to float32 before it is added to a float64 score.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+__all__ = [
+    "group_by_label",
+    "aggregate_count",
+    "aggregate_fill",
+    "pack_rows",
+    "popcount64",
+    "search_kernel",
+]
+
+_U1 = np.uint64(1)
+_M1 = np.uint64(0x5555555555555555)
+_M2 = np.uint64(0x3333333333333333)
+_M4 = np.uint64(0x0F0F0F0F0F0F0F0F)
+_H01 = np.uint64(0x0101010101010101)
+_S1 = np.uint64(1)
+_S2 = np.uint64(2)
+_S4 = np.uint64(4)
+_S56 = np.uint64(56)
+
+
+@njit(cache=True, inline="always")
+def popcount64(x):
+    """Number of set bits of a uint64 (SWAR; LLVM turns it into ``popcnt`` where available)."""
+    x = x - ((x >> _S1) & _M1)
+    x = (x & _M2) + ((x >> _S2) & _M2)
+    x = (x + (x >> _S4)) & _M4
+    return (x * _H01) >> _S56
+
+
+@njit(cache=True)
+def group_by_label(labels, n_labels):
+    """Stable counting sort of descriptor rows by image label.
+
+    Parameters
+    ----------
+    labels : int64 [N]
+        Image label of each row, in ``0 .. n_labels - 1``.
+    n_labels : int
+        Number of images.
+
+    Returns
+    -------
+    starts : int64 [n_labels + 1]
+        Image ``i`` owns ``order[starts[i]:starts[i + 1]]``.
+    order : int64 [N]
+        Row indices grouped by label, rows of one image in their input order.
+    """
+    starts = np.zeros(n_labels + 1, dtype=np.int64)
+    for r in range(labels.shape[0]):
+        starts[labels[r] + 1] += 1
+    for i in range(n_labels):
+        starts[i + 1] += starts[i]
+    fill = starts[:-1].copy()
+    order = np.empty(labels.shape[0], dtype=np.int64)
+    for r in range(labels.shape[0]):
+        lab = labels[r]
+        order[fill[lab]] = r
+        fill[lab] += 1
+    return starts, order
+
+
+@njit(cache=True, parallel=True)
+def aggregate_count(assign, order, starts):
+    """Sort each image's (descriptor, word) pairs by word and count its distinct words.
+
+    Parameters
+    ----------
+    assign : int64 [N, m]
+        Words of each descriptor row (multiple assignment).
+    order, starts : int64 [N], int64 [I + 1]
+        Grouping of rows by image (``group_by_label``); ``starts`` may be a window of a
+        longer array, positions are taken relative to ``starts[0]``.
+
+    Returns
+    -------
+    perm : int32 [(starts[-1] - starts[0]) * m]
+        Per image, the local pair indices ``p = j * m + a`` (descriptor ``j`` of the image,
+        assignment ``a``) stably sorted by word, so descriptors keep their input order
+        within a word.
+    n_words : int64 [I]
+        Number of distinct words per image.
+    """
+    m = assign.shape[1]
+    n_images = starts.shape[0] - 1
+    base = starts[0]
+    perm = np.empty((starts[n_images] - base) * m, dtype=np.int32)
+    n_words = np.zeros(n_images, dtype=np.int64)
+    for i in prange(n_images):
+        s = starts[i]
+        n_pairs = (starts[i + 1] - s) * m
+        if n_pairs == 0:
+            continue
+        keys = np.empty(n_pairs, dtype=np.int64)
+        for p in range(n_pairs):
+            keys[p] = assign[order[s + p // m], p % m]
+        local = np.argsort(keys, kind="mergesort")
+        out = (s - base) * m
+        distinct = 1
+        for p in range(n_pairs):
+            perm[out + p] = local[p]
+            if p > 0 and keys[local[p]] != keys[local[p - 1]]:
+                distinct += 1
+        n_words[i] = distinct
+    return perm, n_words
+
+
+@njit(cache=True, parallel=True)
+def aggregate_fill(vecs, centroids, assign, order, starts, perm, agg_offsets, binary, out_words, out_codes, out_real):
+    """Residual sums per (image, word), binarised and packed or left real.
+
+    For each image and each of its words c, V = Σ (x - centroid[c]) over the image's
+    descriptors x having c among their assignments, accumulated in float32 in input
+    order (as ``numpy.sum(axis=0)`` over those rows does). A descriptor listing a word
+    twice contributes once.
+
+    Parameters
+    ----------
+    vecs : float32 [N, D]
+    centroids : float32 [K, D]
+    assign : int64 [N, m]
+    order, starts, perm : see ``aggregate_count``.
+    agg_offsets : int64 [I + 1]
+        Output rows of image ``i`` are ``agg_offsets[i]:agg_offsets[i + 1]``.
+    binary : bool
+        Write packed sign bits to ``out_codes`` (else raw sums to ``out_real``).
+    out_words : int64 [M]
+        Word of each output row (ascending within an image).
+    out_codes : uint64 [M, ceil(D / 64)] (or [0, 0] when not binary)
+        Bits ``V > 0``, most significant bit first, padding bits zero.
+    out_real : float32 [M, D] (or [0, 0] when binary)
+        The unnormalised sums V.
+    """
+    m = assign.shape[1]
+    dim = vecs.shape[1]
+    n_images = starts.shape[0] - 1
+    base = starts[0]
+    for i in prange(n_images):
+        s = starts[i]
+        n_pairs = (starts[i + 1] - s) * m
+        if n_pairs == 0:
+            continue
+        acc = np.zeros(dim, dtype=np.float32)
+        row = agg_offsets[i]
+        first = (s - base) * m
+        prev_desc = -1
+        for p in range(n_pairs):
+            local = perm[first + p]
+            desc = order[s + local // m]
+            word = assign[desc, local % m]
+            # Within a word, pairs keep input order, so a word listed twice for one
+            # descriptor shows up as two adjacent pairs of that descriptor: count it once.
+            if desc != prev_desc:
+                for t in range(dim):
+                    acc[t] += vecs[desc, t] - centroids[word, t]
+                prev_desc = desc
+            last = p == n_pairs - 1
+            if not last:
+                nxt = perm[first + p + 1]
+                last = assign[order[s + nxt // m], nxt % m] != word
+            if last:
+                out_words[row] = word
+                if binary:
+                    for t in range(out_codes.shape[1]):
+                        out_codes[row, t] = 0
+                    for t in range(dim):
+                        if acc[t] > 0:
+                            out_codes[row, t >> 6] |= _U1 << np.uint64(63 - (t & 63))
+                else:
+                    for t in range(dim):
+                        out_real[row, t] = acc[t]
+                acc[:] = 0
+                prev_desc = -1
+                row += 1
+
+
+@njit(cache=True, parallel=True)
+def pack_rows(bits):
+    """Pack a boolean matrix [M, D] into uint64 [M, ceil(D / 64)], MSB first, zero padding."""
+    n, dim = bits.shape
+    n_words = (dim + 63) // 64
+    out = np.zeros((n, n_words), dtype=np.uint64)
+    for r in prange(n):
+        for t in range(dim):
+            if bits[r, t]:
+                out[r, t >> 6] |= _U1 << np.uint64(63 - (t & 63))
+    return out
+
+
+@njit(cache=True, inline="always")
+def _worse(score_a, id_a, score_b, id_b):
+    """Ranking order: higher score first, ties by ascending image id."""
+    return score_a < score_b or (score_a == score_b and id_a > id_b)
+
+
+@njit(cache=True, inline="always")
+def _sift_down(heap_s, heap_i, size, pos):
+    while True:
+        child = 2 * pos + 1
+        if child >= size:
+            return
+        right = child + 1
+        if right < size and _worse(heap_s[right], heap_i[right], heap_s[child], heap_i[child]):
+            child = right
+        if _worse(heap_s[child], heap_i[child], heap_s[pos], heap_i[pos]):
+            heap_s[pos], heap_s[child] = heap_s[child], heap_s[pos]
+            heap_i[pos], heap_i[child] = heap_i[child], heap_i[pos]
+            pos = child
+        else:
+            return
+
+
+@njit(cache=True, inline="always")
+def _heap_offer(heap_s, heap_i, size, k, score, ident):
+    """Offer one candidate to a min-heap (root = worst kept) of capacity k; return new size."""
+    if size < k:
+        pos = size
+        heap_s[pos] = score
+        heap_i[pos] = ident
+        while pos > 0:
+            parent = (pos - 1) // 2
+            if _worse(heap_s[pos], heap_i[pos], heap_s[parent], heap_i[parent]):
+                heap_s[pos], heap_s[parent] = heap_s[parent], heap_s[pos]
+                heap_i[pos], heap_i[parent] = heap_i[parent], heap_i[pos]
+                pos = parent
+            else:
+                break
+        return size + 1
+    if _worse(heap_s[0], heap_i[0], score, ident):
+        heap_s[0] = score
+        heap_i[0] = ident
+        _sift_down(heap_s, heap_i, size, 0)
+    return size
+
+
+@njit(cache=True, inline="always")
+def _selective(u, alpha, alpha_is_int, tau):
+    """σ(u) = u**α for u >= τ (float32, as the reference rounds it); NaN marks u < τ.
+
+    For u < 0 and non-integer α the reference computes NaN; the paper's sign(u)·|u|**α is
+    used there instead.
+    """
+    if u < tau:
+        return np.float32(np.nan)
+    uu = np.float64(u)
+    if uu >= 0.0 or alpha_is_int:
+        return np.float32(math.pow(uu, alpha))
+    return np.float32(-math.pow(-uu, alpha))
+
+
+@njit(cache=True, parallel=True)
+def search_kernel(
+    q_offsets, q_words, q_codes, q_real,
+    offsets, entry_slot, codes, real,
+    idf, sqrt_norms, slot_ids,
+    binary, n_bits, alpha, alpha_is_int, tau,
+    k, dense, n_blocks, out_scores, out_ids,
+):
+    """Score query images against an inverted file with the selective match kernel.
+
+    score(q, d) = Σ_c float32(float32(σ(u_c) · idf[c]) / √n_d) / float32(√n_q), summed in
+    float64 over the query's words in ascending order, as the reference does. n_q sums
+    idf in float32 over all query words, empty posting lists included. A query with
+    n_q = 0 (or no words) scores 0 everywhere; an image with n_d = 0 receives nothing.
+
+    Parameters
+    ----------
+    q_offsets : int64 [Q + 1]
+        Query ``q`` owns aggregate rows ``q_offsets[q]:q_offsets[q + 1]``.
+    q_words : int64 [Mq]
+        Word of each query aggregate (ascending within a query).
+    q_codes : uint64 [Mq, W] or q_real : float32 [Mq, D]
+        Query aggregates (the unused one is an empty [0, 0] array).
+    offsets : int64 [K + 1]
+        CSR posting-list offsets.
+    entry_slot : int32 [E]
+        Database slot of each posting entry.
+    codes : uint64 [E, W] or real : float32 [E, D]
+        Database aggregates per entry.
+    idf : float32 [K]
+    sqrt_norms : float64 [S]
+        √n_d per database slot.
+    slot_ids : int64 [S]
+        User image id of each slot (returned ids, tie order).
+    binary : bool
+    n_bits : float64
+        B = 32 · ceil(D / 32).
+    alpha : float64
+    alpha_is_int : bool
+    tau : float32
+    k : int
+        Results per query (top-k mode), at most S.
+    dense : bool
+        Write every slot's score to ``out_scores[q, slot]`` instead of top-k.
+    n_blocks : int
+        Query blocks run in parallel (each allocates its score buffer once), 1 .. Q.
+    out_scores : float32 [Q, k] or [Q, S]
+        Pre-filled with -inf (top-k) or 0 (dense).
+    out_ids : int64 [Q, k]
+        Pre-filled with -1 (top-k mode; [0, 0] in dense mode).
+    """
+    n_queries = q_offsets.shape[0] - 1
+    n_slots = sqrt_norms.shape[0]
+    for b in prange(n_blocks):
+        q_begin = (n_queries * b) // n_blocks
+        q_end = (n_queries * (b + 1)) // n_blocks
+        score = np.zeros(n_slots, dtype=np.float64)
+        touched_mark = np.zeros(n_slots, dtype=np.bool_)
+        touched = np.empty(n_slots, dtype=np.int64)
+        final = np.empty(n_slots, dtype=np.float32)
+        heap_s = np.empty(max(k, 1), dtype=np.float32)
+        heap_i = np.empty(max(k, 1), dtype=np.int64)
+        for q in range(q_begin, q_end):
+            n_touched = 0
+            q_norm = np.float32(0.0)
+            for r in range(q_offsets[q], q_offsets[q + 1]):
+                word = q_words[r]
+                w_idf = idf[word]
+                q_norm += w_idf
+                for e in range(offsets[word], offsets[word + 1]):
+                    if binary:
+                        h = np.uint64(0)
+                        for t in range(q_codes.shape[1]):
+                            h += popcount64(q_codes[r, t] ^ codes[e, t])
+                        hdist = np.float32(np.float64(h) / n_bits)
+                        u = np.float32(np.float32(-2.0) * hdist + np.float32(1.0))
+                    else:
+                        dot = 0.0
+                        for t in range(q_real.shape[1]):
+                            dot += np.float64(q_real[r, t]) * np.float64(real[e, t])
+                        u = np.float32(dot)
+                    sigma = _selective(u, alpha, alpha_is_int, tau)
+                    if sigma != sigma:
+                        continue  # below the threshold τ
+                    slot = entry_slot[e]
+                    if sqrt_norms[slot] <= 0.0:
+                        continue
+                    weighted = np.float32(sigma * w_idf)
+                    score[slot] += np.float64(np.float32(np.float64(weighted) / sqrt_norms[slot]))
+                    if not touched_mark[slot]:
+                        touched_mark[slot] = True
+                        touched[n_touched] = slot
+                        n_touched += 1
+            q_scale = np.float64(np.float32(math.sqrt(np.float64(q_norm))))
+            valid = q_scale > 0.0
+            for j in range(n_touched):
+                slot = touched[j]
+                final[slot] = np.float32(score[slot] / q_scale) if valid else np.float32(0.0)
+            if dense:
+                for j in range(n_touched):
+                    slot = touched[j]
+                    out_scores[q, slot] = final[slot]
+            else:
+                size = 0
+                for j in range(n_touched):
+                    slot = touched[j]
+                    size = _heap_offer(heap_s, heap_i, size, k, final[slot], slot_ids[slot])
+                # Untouched images score 0; they matter only while the heap can take them.
+                if size < k or heap_s[0] <= 0.0:
+                    zero = np.float32(0.0)
+                    for slot in range(n_slots):
+                        if not touched_mark[slot]:
+                            size = _heap_offer(heap_s, heap_i, size, k, zero, slot_ids[slot])
+                # Heap sort: moving the worst to the end leaves the best first.
+                for end in range(size - 1, 0, -1):
+                    heap_s[0], heap_s[end] = heap_s[end], heap_s[0]
+                    heap_i[0], heap_i[end] = heap_i[end], heap_i[0]
+                    _sift_down(heap_s, heap_i, end, 0)
+                for j in range(size):
+                    out_scores[q, j] = heap_s[j]
+                    out_ids[q, j] = heap_i[j]
+            for j in range(n_touched):
+                slot = touched[j]
+                score[slot] = 0.0
+                touched_mark[slot] = False

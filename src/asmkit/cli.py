@@ -1,0 +1,265 @@
+"""The ``asmkit`` command line. Each subcommand's flags mirror a Python function's keywords.
+
+=========  =====================================================
+index      :func:`asmkit.pipeline.build_index`
+query      :func:`asmkit.pipeline.query_index`
+scores     :func:`asmkit.pipeline.compute_scores`
+pairs      :func:`asmkit.pipeline.make_pairs`
+eval       :func:`asmkit.pipeline.evaluate_dataset`
+report     :func:`asmkit.report.main`
+demo       :func:`asmkit.pipeline.run_demo`
+=========  =====================================================
+
+Errors a user can fix (a missing file, a bad flag, a corrupt index) print one line on
+stderr and exit with status 2; ``-v`` shows the traceback as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import __version__
+
+logger = logging.getLogger("asmkit")
+
+_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError, OSError)
+
+
+def _add_pipeline_flags(p: argparse.ArgumentParser, *, model: bool = True) -> None:
+    p.add_argument("--preset", default="sift", help="sift (default), deep or mast3r; see `asmkit presets`")
+    p.add_argument("--config", help="TOML/YAML file overriding the preset ([features], [asmk])")
+    p.add_argument("--codebook", help="codebook to use (.asmkit folder, or the reference's .pkl)")
+    p.add_argument("--codebook-size", help="visual words when training a codebook, e.g. 4096 or 64k")
+    if model:
+        p.add_argument("--model", help="MASt3R retrieval checkpoint (mast3r preset)")
+    p.add_argument("--workers", type=int, help="image decoding threads")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="asmkit",
+        description="Instance-level image retrieval with Aggregated Selective Match Kernels (ASMK / ASMK*).",
+    )
+    parser.add_argument("--version", action="version", version=f"asmkit {__version__}")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="errors only, no progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("index", help="extract features, train a codebook, build and save an index")
+    p.add_argument("images", help="image folder or list file (one path per line, # comments)")
+    p.add_argument("--out", required=True, help="index workspace folder")
+    p.add_argument("--train", help="images to train the codebook (and whitening) on; default: IMAGES")
+    p.add_argument("--add", action="store_true", help="add IMAGES to the existing index at --out")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    _add_pipeline_flags(p)
+
+    p = sub.add_parser("query", help="query a saved index with image files")
+    p.add_argument("index", help="index workspace folder (from `asmkit index`)")
+    p.add_argument("images", nargs="+", help="query image files")
+    p.add_argument("--top", type=int, default=10, help="results per query (default 10)")
+    p.add_argument("--model", help="MASt3R retrieval checkpoint (mast3r indexes)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("scores", help="N x N similarity matrix of an image set (row = query)")
+    p.add_argument("images", help="image folder or list file")
+    p.add_argument("--out", required=True, help="output .npy (names go to <out>.names.txt)")
+    p.add_argument("--cache", help="folder for features and learned whitening (default: ~/.cache/asmkit)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    _add_pipeline_flags(p)
+
+    p = sub.add_parser("pairs", help="image pairs for SfM from retrieval scores")
+    p.add_argument("images", nargs="?", help="image folder or list file (or give --scores)")
+    p.add_argument("--out", required=True, help="pairs file (`name_a name_b` per line)")
+    p.add_argument("--top", type=int, default=20, help="neighbours per image for the default knn graph")
+    p.add_argument("--graph", help="knn-K | retrieval-NA-K | sequential-W[+retrieval-K] | complete")
+    p.add_argument("--scores", help="a matrix from `asmkit scores` instead of IMAGES")
+    p.add_argument("--cache", help="folder for features and learned whitening")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    _add_pipeline_flags(p)
+
+    p = sub.add_parser("eval", help="mAP / mP@k / N-S of a preset on a data set with gt.json")
+    p.add_argument("data", help="data-set folder holding gt.json")
+    p.add_argument("--cache", help="folder for features and learned whitening")
+    p.add_argument("--report", help="also write an HTML report here")
+    p.add_argument("--top", type=int, default=10, help="results per query in the report")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_pipeline_flags(p)
+
+    p = sub.add_parser("report", help="static HTML page of retrieval results")
+    p.add_argument("index", nargs="?", help="index workspace to query (with --queries)")
+    p.add_argument("--queries", nargs="+", help="query image files (with INDEX)")
+    p.add_argument("--results", help="a results .npz (ids, scores) instead of INDEX")
+    p.add_argument("--gt", help="data-set folder with gt.json: colours results, adds a PR plot")
+    p.add_argument("--names", help="database names file (with --results)")
+    p.add_argument("--query-names", help="query names file (with --results)")
+    p.add_argument("--image-root", help="folder the names are relative to (with --results)")
+    p.add_argument("--top", type=int, default=10, help="results shown per query")
+    p.add_argument("--out", required=True, help="HTML file to write")
+
+    p = sub.add_parser("demo", help="index, query and evaluate a small set built from bundled photos")
+    p.add_argument("--out", default="asmkit_demo", help="output folder (default ./asmkit_demo)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    sub.add_parser("presets", help="list the presets")
+    return parser
+
+
+def _print(data: Any, as_json: bool, text: str) -> None:
+    print(json.dumps(data, indent=2) if as_json else text)
+
+
+def _failed_lines(failed: list[dict[str, str]]) -> str:
+    if not failed:
+        return ""
+    lines = [f"skipped {len(failed)} unreadable file(s):"] + [f"  {f['name']}: {f['reason']}" for f in failed[:20]]
+    if len(failed) > 20:
+        lines.append(f"  ... and {len(failed) - 20} more")
+    return "\n" + "\n".join(lines)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from . import pipeline
+
+    if args.command == "presets":
+        from .config import load_config, preset_names
+
+        for name in preset_names():
+            print(f"{name:8s} {load_config(name).description}")
+        return 0
+
+    if args.command == "index":
+        summary = pipeline.build_index(
+            args.images, out=args.out, preset=args.preset, config=args.config, codebook=args.codebook,
+            codebook_size=args.codebook_size, train=args.train, model=args.model, add=args.add,
+            workers=args.workers)
+        t = summary["timings"]
+        _print(summary, args.json,
+               f"{'added' if args.add else 'indexed'} {summary['added']} images into {summary['index']} "
+               f"({summary['images']} in total, codebook {summary['codebook_size']}, preset {summary['preset']}); "
+               f"extract {t['extract_s']:.1f}s, codebook {t['codebook_s']:.1f}s, index {t['index_s']:.1f}s"
+               + _failed_lines(summary["failed"]))
+        return 0
+
+    if args.command == "query":
+        res = pipeline.query_index(args.index, args.images, top=args.top, model=args.model)
+        lines = []
+        for q in res["results"]:
+            lines.append(q["query"])
+            lines += [f"  {i + 1:3d}. {r['score']:.4f}  {r['name']}" for i, r in enumerate(q["results"])]
+        _print(res, args.json, "\n".join(lines) + _failed_lines(res["failed"]))
+        return 0 if res["results"] else 1
+
+    if args.command == "scores":
+        res = pipeline.compute_scores(
+            args.images, out=args.out, preset=args.preset, config=args.config, model=args.model,
+            codebook=args.codebook, codebook_size=args.codebook_size, cache=args.cache, workers=args.workers)
+        t = res["timings"]
+        _print(res, args.json,
+               f"wrote {res['images']}x{res['images']} scores to {res['scores']} (names: {res['names']}); "
+               f"extract {t['extract_s']:.1f}s, codebook {t['codebook_s']:.1f}s, scores {t['scores_s']:.2f}s"
+               + _failed_lines(res["failed"]))
+        return 0
+
+    if args.command == "pairs":
+        res = pipeline.make_pairs(
+            args.images, out=args.out, graph=args.graph, top=args.top, scores=args.scores,
+            preset=args.preset, config=args.config, model=args.model, codebook=args.codebook,
+            codebook_size=args.codebook_size, cache=args.cache, workers=args.workers)
+        _print(res, args.json, f"wrote {res['n_pairs']} pairs ({res['graph']}) among {res['images']} images to {res['pairs']}")
+        return 0
+
+    if args.command == "eval":
+        res = pipeline.evaluate_dataset(
+            args.data, preset=args.preset, config=args.config, codebook=args.codebook,
+            codebook_size=args.codebook_size, model=args.model, cache=args.cache, workers=args.workers,
+            report=args.report, top=args.top)
+        text = (f"{res['dataset']} ({res['preset']}): mAP {res['map']:.4f}, "
+                f"mP@1/5/10 {res['mp']['1']:.4f}/{res['mp']['5']:.4f}/{res['mp']['10']:.4f}")
+        if "ns_score" in res:
+            text += f", N-S {res['ns_score']:.3f}"
+        for proto in ("easy", "medium", "hard"):
+            if proto in res:
+                text += f"\n  {proto}: mAP {res[proto]['map']:.4f}"
+        text += f"\ncodebook trained on {res['codebook_trained_on']}" + _failed_lines(res["failed"])
+        _print(res, args.json, text)
+        return 0
+
+    if args.command == "report":
+        return _report(args)
+
+    if args.command == "demo":
+        res = pipeline.run_demo(args.out, seed=args.seed)
+        _print(res, args.json,
+               f"demo: {res['images']} images, {res['queries']} queries: mAP {res['map']:.4f}\n"
+               f"report: {res['report']}")
+        return 0
+    raise AssertionError(args.command)  # argparse only admits the commands above
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import main as report_main
+
+    if args.results:
+        path = report_main(output=args.out, ranks=args.results, gt=args.gt, names=args.names,
+                           query_names=args.query_names, image_root=args.image_root, top_k=args.top)
+    elif args.index and args.queries:
+        import numpy as np
+
+        from . import pipeline
+
+        res = pipeline.query_index(args.index, args.queries, top=args.top)
+        if not res["results"]:
+            raise ValueError("--queries: no query image could be read")
+        names = sorted({r["name"] for q in res["results"] for r in q["results"]})
+        pos = {n: i for i, n in enumerate(names)}
+        k = max(len(q["results"]) for q in res["results"])
+        ids = np.full((len(res["results"]), k), -1, dtype=np.int64)
+        scores = np.zeros(ids.shape, dtype=np.float32)
+        for row, q in enumerate(res["results"]):
+            for col, r in enumerate(q["results"]):
+                ids[row, col], scores[row, col] = pos[r["name"]], r["score"]
+        from .report import write_report
+
+        # Query files may live anywhere: name every image by its absolute path.
+        query_names = [str(Path(q["query"]).resolve()) for q in res["results"]]
+
+        root = Path(res["image_root"])
+        path = write_report(args.out, names=[str((root / n).resolve()) for n in names], image_root="/",
+                            ranks=ids, scores=scores, query_names=query_names, top_k=args.top)
+    else:
+        raise ValueError("report: give INDEX with --queries, or --results")
+    print(f"wrote {path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``asmkit`` console script."""
+    args = _parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if args.quiet:
+        import os
+
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    try:
+        return _run(args)
+    except _USER_ERRORS as exc:
+        if args.verbose:
+            raise
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"asmkit {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("asmkit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""Aggregation of residuals per (image, visual word) and binarisation (ASMK.md §2-3).
+
+Also the validation of descriptor input shared by the index and search entry points:
+``prepare_descriptors`` turns either ``(vecs [N, D], image_ids [N])`` or a list of per-image
+arrays into one float32 matrix with dense image labels.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from . import _kernels
+
+__all__ = [
+    "Descriptors",
+    "Aggregates",
+    "prepare_descriptors",
+    "check_vecs",
+    "aggregate",
+    "pack_bits",
+    "unpack_bits",
+    "hamming_similarity",
+    "n_code_words",
+    "n_hamming_bits",
+    "normalize_l2",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def n_code_words(dim: int) -> int:
+    """uint64 words per packed binary code: ceil(D / 64)."""
+    return (int(dim) + 63) // 64
+
+
+def n_hamming_bits(dim: int) -> int:
+    """B = 32 · ceil(D / 32), the bit count the reference normalises Hamming distances by."""
+    return 32 * ((int(dim) + 31) // 32)
+
+
+def check_vecs(vecs, *, name: str = "vecs", dim: int | None = None) -> np.ndarray:
+    """Validate one descriptor matrix and return it as C-contiguous float32 ``[N, D]``.
+
+    Integer and float dtypes are converted; anything else (strings, objects, complex,
+    bool) is refused.
+
+    Raises
+    ------
+    TypeError
+        Not an array of numbers.
+    ValueError
+        Not 2-D, wrong dimension ``D``, or non-finite values (also after the float32
+        conversion, which can overflow).
+    """
+    if not isinstance(vecs, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy array, got {type(vecs).__name__}")
+    if vecs.dtype.kind not in "fiu":
+        raise TypeError(f"{name}: expected a float array, got dtype {vecs.dtype}")
+    if vecs.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D array [N, D], got shape {vecs.shape}")
+    if dim is not None and vecs.shape[1] != dim:
+        raise ValueError(f"{name}: descriptors have {vecs.shape[1]} dimensions, the codebook has {dim}")
+    if vecs.shape[1] == 0:
+        raise ValueError(f"{name}: descriptors must have at least one dimension")
+    with np.errstate(over="ignore"):
+        out = np.ascontiguousarray(vecs, dtype=np.float32)
+    if out.size and not np.isfinite(out).all():
+        raise ValueError(f"{name}: contains NaN or infinite values (after conversion to float32)")
+    return out
+
+
+def _check_ids(image_ids, *, name: str, length: int) -> np.ndarray:
+    if not isinstance(image_ids, np.ndarray):
+        if isinstance(image_ids, (list, tuple, range)):
+            image_ids = np.asarray(image_ids)
+            if image_ids.size == 0:
+                image_ids = image_ids.astype(np.int64)
+        else:
+            raise TypeError(f"{name}: expected an int64 array, got {type(image_ids).__name__}")
+    if image_ids.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected an integer array, got dtype {image_ids.dtype}")
+    if image_ids.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-D array, got shape {image_ids.shape}")
+    if image_ids.shape[0] != length:
+        raise ValueError(f"{name}: has {image_ids.shape[0]} entries, expected {length}")
+    if image_ids.dtype == np.uint64 and image_ids.size and image_ids.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{name}: values must fit in int64")
+    ids = image_ids.astype(np.int64, copy=False)
+    if ids.size and ids.min() < 0:
+        raise ValueError(f"{name}: must be non-negative (-1 marks padding in results)")
+    return ids
+
+
+@dataclass(frozen=True)
+class Descriptors:
+    """Validated local descriptors of several images.
+
+    Attributes
+    ----------
+    vecs : float32 [N, D]
+        All descriptors, C-contiguous.
+    labels : int64 [N]
+        Image label of each row, in ``0 .. len(image_ids) - 1``.
+    image_ids : int64 [I]
+        User id of each label: ascending unique ids for array input, the given (or
+        ``0 .. I-1``) ids in list order for list input.
+    starts, order : int64 [I + 1], int64 [N]
+        Rows grouped by label: image ``i`` owns ``vecs[order[starts[i]:starts[i + 1]]]``.
+    """
+
+    vecs: np.ndarray
+    labels: np.ndarray
+    image_ids: np.ndarray
+    starts: np.ndarray
+    order: np.ndarray
+
+    @property
+    def n_images(self) -> int:
+        return int(self.image_ids.shape[0])
+
+
+def prepare_descriptors(vecs, image_ids=None, *, dim: int | None = None, unique_ids: bool = True) -> Descriptors:
+    """Validate descriptor input in either accepted layout.
+
+    Parameters
+    ----------
+    vecs : float32 [N, D] array or list of float32 [n_i, D] arrays
+        Descriptors; float64/integer input is converted. A list entry may have 0 rows
+        (an image without descriptors).
+    image_ids : int64 [N] array, or for list input None / int64 [len(vecs)]
+        Image label of each row (array input, required), or one id per list entry
+        (list input; default ``0 .. len(vecs) - 1``).
+    dim : int, optional
+        Required descriptor dimension (the codebook's).
+    unique_ids : bool
+        For list input, require the ids to be distinct.
+
+    Returns
+    -------
+    Descriptors
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming ``vecs`` or ``image_ids``.
+    """
+    if isinstance(vecs, (list, tuple)):
+        parts = [check_vecs(v, name=f"vecs[{i}]", dim=dim) for i, v in enumerate(vecs)]
+        if parts:
+            widths = {p.shape[1] for p in parts}
+            if len(widths) > 1:
+                raise ValueError(f"vecs: list entries have different dimensions {sorted(widths)}")
+            width = parts[0].shape[1]
+        elif dim is not None:
+            width = dim
+        else:
+            raise ValueError("vecs: empty list and no descriptor dimension known")
+        if image_ids is None:
+            ids = np.arange(len(parts), dtype=np.int64)
+        else:
+            ids = _check_ids(image_ids, name="image_ids", length=len(parts))
+            if unique_ids and np.unique(ids).shape[0] != ids.shape[0]:
+                raise ValueError("image_ids: list input needs one distinct id per list entry")
+        counts = np.array([p.shape[0] for p in parts], dtype=np.int64)
+        flat = np.concatenate(parts, axis=0) if parts else np.empty((0, width), np.float32)
+        flat = np.ascontiguousarray(flat, dtype=np.float32)
+        labels = np.repeat(np.arange(len(parts), dtype=np.int64), counts)
+        starts = np.zeros(len(parts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=starts[1:])
+        order = np.arange(flat.shape[0], dtype=np.int64)
+        return Descriptors(flat, labels, ids, starts, order)
+
+    if isinstance(vecs, np.ndarray):
+        flat = check_vecs(vecs, name="vecs", dim=dim)
+        if image_ids is None:
+            raise ValueError("image_ids: required when vecs is one array (one image id per row)")
+        ids = _check_ids(image_ids, name="image_ids", length=flat.shape[0])
+        unique, labels = np.unique(ids, return_inverse=True)
+        labels = labels.astype(np.int64, copy=False).reshape(-1)
+        starts, order = _kernels.group_by_label(labels, unique.shape[0])
+        return Descriptors(flat, labels, unique.astype(np.int64), starts, order)
+
+    raise TypeError(f"vecs: expected a float32 array [N, D] or a list of them, got {type(vecs).__name__}")
+
+
+@dataclass(frozen=True)
+class Aggregates:
+    """Aggregated residuals of several images, rows sorted by (image, word).
+
+    Attributes
+    ----------
+    offsets : int64 [I + 1]
+        Image ``i`` owns rows ``offsets[i]:offsets[i + 1]``.
+    words : int64 [M]
+        Visual word of each row, ascending within an image.
+    data : uint64 [M, ceil(D / 64)] or float32 [M, D]
+        Packed binary codes (ASMK*) or L2-normalised real aggregates (ASMK).
+    """
+
+    offsets: np.ndarray
+    words: np.ndarray
+    data: np.ndarray
+
+    @property
+    def binary(self) -> bool:
+        return self.data.dtype == np.uint64
+
+    def image_of_rows(self) -> np.ndarray:
+        """int64 [M]: image label of each row."""
+        return np.repeat(np.arange(self.offsets.shape[0] - 1, dtype=np.int64), np.diff(self.offsets))
+
+
+def normalize_l2(vecs: np.ndarray) -> np.ndarray:
+    """Row-wise ``v / (‖v‖ + 1e-6)`` in place, float32 [M, D], with the reference's exact
+    NumPy expression (so the rounding matches bit for bit)."""
+    # Chunked to bound the temporary memory of np.linalg.norm on large [M, D] inputs.
+    step = 1 << 16
+    for begin in range(0, vecs.shape[0], step):
+        block = vecs[begin : begin + step]
+        block /= np.linalg.norm(block, ord=2, axis=1, keepdims=True) + 1e-6
+    return vecs
+
+
+def aggregate(
+    vecs: np.ndarray,
+    assignments: np.ndarray,
+    starts: np.ndarray,
+    order: np.ndarray,
+    centroids: np.ndarray,
+    *,
+    binary: bool,
+) -> Aggregates:
+    """Aggregate residuals per (image, word) in one pass over all images.
+
+    Parameters
+    ----------
+    vecs : float32 [N, D]
+        Descriptors (C-contiguous).
+    assignments : int64 [N, m]
+        The m nearest words of each descriptor (``Codebook.quantize``).
+    starts, order : int64 [I + 1], int64 [N]
+        Rows grouped by image (see ``Descriptors``). ``starts`` may be a window
+        ``starts[i0:i1 + 1]`` of a longer grouping to aggregate images ``i0 .. i1 - 1``.
+    centroids : float32 [K, D]
+    binary : bool
+        Binarise (``V > 0``) and pack (ASMK*), else L2-normalise (ASMK).
+
+    Returns
+    -------
+    Aggregates
+        With ``I = len(starts) - 1`` images; an image without descriptors has no rows.
+    """
+    starts = np.ascontiguousarray(starts, dtype=np.int64)
+    assignments = np.ascontiguousarray(assignments, dtype=np.int64)
+    perm, n_words = _kernels.aggregate_count(assignments, order, starts)
+    offsets = np.zeros(n_words.shape[0] + 1, dtype=np.int64)
+    np.cumsum(n_words, out=offsets[1:])
+    n_rows = int(offsets[-1])
+    dim = vecs.shape[1]
+    words = np.empty(n_rows, dtype=np.int64)
+    if binary:
+        codes = np.empty((n_rows, n_code_words(dim)), dtype=np.uint64)
+        real = np.empty((0, 0), dtype=np.float32)
+    else:
+        codes = np.empty((0, 0), dtype=np.uint64)
+        real = np.empty((n_rows, dim), dtype=np.float32)
+    _kernels.aggregate_fill(vecs, centroids, assignments, order, starts, perm, offsets, binary, words, codes, real)
+    del perm
+    data = codes if binary else normalize_l2(real)
+    return Aggregates(offsets, words, data)
+
+
+def pack_bits(bits: np.ndarray) -> np.ndarray:
+    """Pack a boolean matrix into uint64 codes.
+
+    Parameters
+    ----------
+    bits : bool [M, D]
+
+    Returns
+    -------
+    uint64 [M, ceil(D / 64)]
+        Bit ``t`` of a row is bit ``63 - t % 64`` of word ``t // 64`` (MSB first); the
+        padding bits are zero.
+    """
+    bits = np.asarray(bits)
+    if bits.ndim != 2:
+        raise ValueError(f"bits: expected a 2-D array, got shape {bits.shape}")
+    return _kernels.pack_rows(np.ascontiguousarray(bits, dtype=np.bool_))
+
+
+def unpack_bits(codes: np.ndarray, dim: int) -> np.ndarray:
+    """Inverse of ``pack_bits``: uint64 [M, W] -> bool [M, dim]."""
+    codes = np.ascontiguousarray(codes, dtype=np.uint64)
+    as_bytes = codes.astype(">u8").view(np.uint8).reshape(codes.shape[0], 8 * codes.shape[1])
+    return np.unpackbits(as_bytes, axis=1)[:, :dim].astype(bool)
+
+
+def hamming_similarity(a: np.ndarray, b: np.ndarray, dim: int) -> np.ndarray:
+    """Selective-kernel input u = 1 - 2·h/B between packed codes, rounded like the reference.
+
+    Parameters
+    ----------
+    a : uint64 [P, W]
+    b : uint64 [R, W]
+    dim : int
+        Descriptor dimension D (B = 32 · ceil(D / 32)).
+
+    Returns
+    -------
+    float32 [P, R]
+        ``float32(1 - 2 · float32(h / B))``.
+    """
+    a = np.ascontiguousarray(a, dtype=np.uint64)
+    b = np.ascontiguousarray(b, dtype=np.uint64)
+    xor = a[:, None, :] ^ b[None, :, :]
+    as_bytes = xor.view(np.uint8)
+    h = np.unpackbits(as_bytes, axis=-1).sum(axis=-1, dtype=np.int64)
+    hdist = (h / n_hamming_bits(dim)).astype(np.float32)
+    return (np.float32(-2.0) * hdist + np.float32(1.0)).astype(np.float32)
+
+
+def concat_aggregates(parts: Sequence[Aggregates]) -> Aggregates:
+    """Stack aggregates of consecutive image groups into one (labels continue)."""
+    offsets = [np.zeros(1, dtype=np.int64)]
+    shift = 0
+    for part in parts:
+        offsets.append(part.offsets[1:] + shift)
+        shift += int(part.offsets[-1])
+    return Aggregates(
+        np.concatenate(offsets),
+        np.concatenate([p.words for p in parts]),
+        np.concatenate([p.data for p in parts], axis=0),
+    )

@@ -1,0 +1,585 @@
+"""End-to-end workflows behind the command line: index, query, scores, pairs, eval.
+
+Each function's keyword arguments mirror the flags of its ``asmkit`` subcommand (as hloc
+does), so a pipeline can be scripted in Python or run from the shell with the same names.
+Steps talk through files keyed by image name: a feature store (HDF5), the codebook and the
+index, so that any step can be resumed or rerun without repeating the ones before it.
+
+An index *workspace* is a folder::
+
+    pipeline.json    the resolved preset (features + ASMK params) and the image root
+    extractor.pt     deep presets only: the retrieval head with its learned whitening
+    whitening.npz    sift presets with whitening only
+    features.h5      local features of the indexed images (resumable)
+    codebook.asmkit  the codebook (reused by --add and reruns)
+    index.asmkit     the inverted file
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .codebook import Codebook
+from .config import PipelineConfig, load_config
+from .features import FeatureStore, PCAWhitening, SiftExtractor, extract_features, image_names, list_images, load_image
+from .features.io import ImageLoadError
+from .index import Index
+from .storage import StorageError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "build_index",
+    "compute_scores",
+    "evaluate_dataset",
+    "make_extractor",
+    "make_pairs",
+    "query_index",
+    "run_demo",
+]
+
+_PIPELINE = "pipeline.json"
+_WHITENING_SAMPLE = 200  # images used to learn whitening without labels
+
+
+# ------------------------------------------------------------------------------ extractors
+
+
+def _sample(paths: Sequence[Path], n: int, seed: int) -> list[Path]:
+    if len(paths) <= n:
+        return list(paths)
+    rng = np.random.default_rng(seed)
+    return [paths[i] for i in sorted(rng.choice(len(paths), n, replace=False))]
+
+
+def _sample_images(paths: Sequence[Path], max_size: int | None):
+    """Decoded sample images; broken files are skipped (they are reported at extraction)."""
+    for path in paths:
+        try:
+            yield load_image(path, max_size=max_size)
+        except ImageLoadError:
+            continue
+
+
+def _sift_extractor(opts: dict[str, Any], folder: Path | None, sample: Sequence[Path], seed: int) -> SiftExtractor:
+    opts = dict(opts)
+    dim = opts.pop("whitening_dim", None)
+    shrinkage = opts.pop("whitening_shrinkage", 1.0)
+    if dim is None:
+        return SiftExtractor(**opts)
+    saved = folder / "whitening.npz" if folder is not None else None
+    if saved is not None and saved.is_file():
+        return SiftExtractor(**opts, whitening=PCAWhitening.load(saved))
+    raw = SiftExtractor(**opts)
+    vecs = [raw.extract(img).descriptors for img in _sample_images(_sample(sample, _WHITENING_SAMPLE, seed), raw.max_size)]
+    if not vecs:
+        raise ValueError("images: no readable image to learn the whitening from")
+    whitening = PCAWhitening.learn(np.concatenate(vecs), dim=dim, shrinkage=shrinkage)
+    if saved is not None:
+        whitening.save(saved)
+    return SiftExtractor(**opts, whitening=whitening)
+
+
+def _deep_extractor(opts: dict[str, Any], folder: Path | None, sample: Sequence[Path], seed: int):
+    try:
+        from .features.backbones import EfficientNetLite0
+        from .features.deep import DeepExtractor
+    except ImportError as exc:
+        raise ImportError(f"the deep preset needs torch: pip install 'asmkit[deep]' ({exc})") from None
+    opts = dict(opts)
+    saved = folder / "extractor.pt" if folder is not None else None
+    if saved is not None and saved.is_file():
+        return DeepExtractor.load(saved)
+    backbone_name = opts.pop("backbone", "efficientnet_lite0")
+    if backbone_name != "efficientnet_lite0":
+        raise ValueError(f"features.backbone: only 'efficientnet_lite0' is built in, got {backbone_name!r}")
+    backbone = EfficientNetLite0(stage=opts.pop("stage", "stride16"))
+    dim = opts.pop("whitening_dim", 128)
+    shrinkage = opts.pop("whitening_shrinkage", 1.0)
+    opts.pop("whitening_images", None)
+    if "scales" in opts:
+        opts["scales"] = tuple(opts["scales"])
+    extractor = DeepExtractor(backbone, **opts)
+    images = _sample_images(_sample(sample, _WHITENING_SAMPLE, seed), extractor.max_size)
+    extractor.learn_whitening(images, dim=dim, shrinkage=shrinkage)
+    if saved is not None:
+        extractor.save(saved)
+    return extractor
+
+
+def make_extractor(
+    config: PipelineConfig,
+    *,
+    folder: Path | None = None,
+    sample: Sequence[Path] = (),
+    model: str | os.PathLike | None = None,
+):
+    """The local-feature extractor of a preset.
+
+    Parameters
+    ----------
+    config : PipelineConfig
+    folder : Path, optional
+        Workspace: a learned whitening / head saved there is reused, a new one is saved.
+    sample : sequence of Path
+        Images to learn whitening from (no labels needed), when one must be learned.
+    model : path, optional
+        MASt3R retrieval checkpoint (``mast3r`` preset).
+
+    Returns
+    -------
+    extractor, codebook or None
+        The codebook comes with a MASt3R checkpoint (its ``<name>_codebook.pkl``).
+    """
+    opts = {k: v for k, v in config.features.items() if k != "type"}
+    kind = config.features.get("type", "sift")
+    seed = config.params.seed
+    if kind == "sift":
+        return _sift_extractor(opts, folder, sample, seed), None
+    if kind == "deep":
+        return _deep_extractor(opts, folder, sample, seed), None
+    if kind == "mast3r":
+        if model is None:
+            raise ValueError("--model: the mast3r preset needs a MASt3R retrieval checkpoint")
+        try:
+            from .features.backbones import load_mast3r_retrieval
+            from .features.deep import DeepExtractor
+        except ImportError as exc:
+            raise ImportError(f"the mast3r preset needs torch: pip install 'asmkit[deep]' ({exc})") from None
+        loaded = load_mast3r_retrieval(model)
+        extractor = DeepExtractor(loaded.backbone, loaded.head, nfeat=loaded.head.nfeat, max_size=loaded.imsize,
+                                  name="mast3r")
+        codebook = Codebook(loaded.codebook) if loaded.codebook is not None else None
+        return extractor, codebook
+    raise ValueError(f"features.type: expected sift, deep or mast3r, got {kind!r}")
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _images(source: str | os.PathLike) -> tuple[list[Path], Path]:
+    """Image paths of a folder or list file, and the root their names are relative to."""
+    paths = list_images(source)
+    src = Path(source)
+    root = src if src.is_dir() else src.parent
+    return paths, root
+
+
+def _extract_into(paths, root, extractor, store_path: Path, workers) -> tuple[FeatureStore, list[str], list]:
+    store = FeatureStore(store_path, extractor.config(), overwrite_on_mismatch=True)
+    result = extract_features(paths, extractor, root=root, store=store, workers=workers)
+    failed = {name for name, _ in result.failed}
+    names = [n for n in image_names(paths, root) if n not in failed and store.has(n)]
+    return store, names, result.failed
+
+
+def _train_codebook(vecs: np.ndarray, config: PipelineConfig) -> Codebook:
+    p = config.params
+    size = p.codebook_size
+    if size > len(vecs):
+        raise ValueError(
+            f"--codebook-size: {size} words but only {len(vecs)} training descriptors; use a smaller codebook"
+        )
+    logger.info("training a %d-word codebook on %d descriptors", size, len(vecs))
+    return Codebook.train(vecs, size, iters=p.kmeans_iters, seed=p.seed)
+
+
+def _load_codebook(path: str | os.PathLike) -> Codebook:
+    path = Path(path)
+    if path.suffix == ".pkl":
+        from .compat.legacy import codebook_from_legacy, load_legacy_pickle
+
+        return codebook_from_legacy(load_legacy_pickle(path))
+    return Codebook.load(path)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _cache_dir(kind: str, key: dict[str, Any]) -> Path:
+    base = Path(os.environ.get("ASMKIT_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "asmkit"))
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    folder = base / kind / digest
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+# ------------------------------------------------------------------------------ index / query
+
+
+def build_index(
+    images: str | os.PathLike,
+    *,
+    out: str | os.PathLike,
+    preset: str = "sift",
+    config: str | os.PathLike | None = None,
+    codebook: str | os.PathLike | None = None,
+    codebook_size: int | str | None = None,
+    train: str | os.PathLike | None = None,
+    model: str | os.PathLike | None = None,
+    add: bool = False,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """Extract, train the codebook, build the inverted file and save the workspace ``out``.
+
+    Rerunning resumes: features already in the store are not extracted again and a trained
+    codebook is reused. With ``add=True`` the images not yet indexed are added to the
+    existing index (whose preset is kept).
+
+    Returns
+    -------
+    dict
+        Summary: images indexed, failed files, timings.
+    """
+    out = Path(out)
+    paths, root = _images(images)
+    timings: dict[str, float] = {}
+    if add:
+        if not (out / _PIPELINE).is_file():
+            raise FileNotFoundError(f"--add: no asmkit index at {out} (missing {_PIPELINE})")
+        cfg = PipelineConfig.from_dict(json.loads((out / _PIPELINE).read_text(encoding="utf-8"))["config"])
+    else:
+        cfg = load_config(preset, config, codebook_size=codebook_size)
+    out.mkdir(parents=True, exist_ok=True)
+    train_paths = list_images(train) if train is not None else paths
+    t0 = time.perf_counter()
+    extractor, cb = make_extractor(cfg, folder=out, sample=train_paths, model=model)
+    store, names, failed = _extract_into(paths, root, extractor, out / "features.h5", workers)
+    timings["extract_s"] = time.perf_counter() - t0
+    if not names:
+        raise ValueError(f"{images}: no image could be read ({len(failed)} failed)")
+
+    t0 = time.perf_counter()
+    if add:
+        index = Index.load(out / "index.asmkit", mmap=False)
+        known = set(index.keys)
+        names = [n for n in names if n not in known]
+        cb = index.codebook
+    else:
+        index = None
+        if codebook is not None:
+            cb = _load_codebook(codebook)
+        elif cb is None and (out / "codebook.asmkit").exists():
+            cb = Codebook.load(out / "codebook.asmkit")
+        if cb is None:
+            if train is not None:
+                tstore, tnames, _ = _extract_into(train_paths, Path(train) if Path(train).is_dir() else Path(train).parent,
+                                                  extractor, out / "train_features.h5", workers)
+                tvecs, _ = tstore.stack(tnames)
+                tstore.close()
+            else:
+                tvecs, _ = store.stack(names)
+            cb = _train_codebook(tvecs, cfg)
+            cb.save(out / "codebook.asmkit")
+        index = Index(cb, cfg.params)
+    timings["codebook_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if names:
+        vecs, ids = store.stack(names)
+        start = int(index.ids.max()) + 1 if len(index) else 0
+        index.add(vecs, ids + start, keys=names)
+    store.close()
+    index.save(out / "index.asmkit")
+    _write_json(out / _PIPELINE, {"config": cfg.to_dict(), "image_root": str(root.resolve())})
+    timings["index_s"] = time.perf_counter() - t0
+    summary = {
+        "index": str(out),
+        "preset": cfg.name,
+        "images": len(index),
+        "added": len(names),
+        "failed": [{"name": n, "reason": r} for n, r in failed],
+        "codebook_size": cb.size,
+        "timings": timings,
+    }
+    logger.info("indexed %d images into %s (%d failed)", len(names), out, len(failed))
+    return summary
+
+
+def _open_workspace(index: str | os.PathLike) -> tuple[Path, PipelineConfig, Path]:
+    folder = Path(index)
+    manifest = folder / _PIPELINE
+    if not folder.exists():
+        raise FileNotFoundError(f"index not found: {folder}")
+    if not manifest.is_file():
+        raise StorageError(f"{folder}: not an asmkit index workspace (missing {_PIPELINE})")
+    data = json.loads(manifest.read_text(encoding="utf-8"))
+    return folder, PipelineConfig.from_dict(data["config"]), Path(data["image_root"])
+
+
+def query_index(
+    index: str | os.PathLike,
+    images: Sequence[str | os.PathLike],
+    *,
+    top: int = 10,
+    model: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Query a saved index with image files.
+
+    Returns
+    -------
+    dict
+        ``{"index", "image_root", "results": [{"query", "results": [{"name", "score"}]}],
+        "failed": [...]}``.
+    """
+    folder, cfg, root = _open_workspace(index)
+    idx = Index.load(folder / "index.asmkit", mmap=True)
+    extractor, _ = make_extractor(cfg, folder=folder, model=model)
+    paths = [Path(p) for p in images]
+    if not paths:
+        raise ValueError("images: no query image given")
+    common = Path(os.path.commonpath([p.resolve().parent for p in paths]))
+    names = image_names([p.resolve() for p in paths], common)
+    result = extract_features([p.resolve() for p in paths], extractor, root=common, progress=False, keep=True)
+    queries = [(str(p), n) for p, n in zip(paths, names) if n in result.features]
+    out = []
+    if queries:
+        scores, ids = idx.search([result.features[n].descriptors for _, n in queries], k=top)
+        keys = idx.keys
+        position = {int(i): p for p, i in enumerate(idx.ids)}
+        for (shown, _), srow, irow in zip(queries, scores, ids):
+            hits = [{"name": keys[position[int(i)]], "score": float(s)} for s, i in zip(srow, irow) if i >= 0]
+            out.append({"query": shown, "results": hits})
+    return {
+        "index": str(folder),
+        "image_root": str(root),
+        "results": out,
+        "failed": [{"name": n, "reason": r} for n, r in result.failed],
+    }
+
+
+# ------------------------------------------------------------------------------ scores / pairs
+
+
+def _features_for(paths, root, cfg: PipelineConfig, model, workers, cache: Path | None):
+    """Extract (or reuse cached) features; returns extractor codebook, store, names, failed."""
+    folder = cache
+    if folder is None:
+        folder = _cache_dir("features", {"images": [str(p) for p in paths[:5]], "n": len(paths),
+                                         "root": str(Path(root).resolve()), "features": cfg.features, "model": str(model)})
+    folder.mkdir(parents=True, exist_ok=True)
+    extractor, cb = make_extractor(cfg, folder=folder, sample=paths, model=model)
+    store, names, failed = _extract_into(paths, root, extractor, folder / "features.h5", workers)
+    return cb, store, names, failed, folder
+
+
+def compute_scores(
+    images: str | os.PathLike,
+    *,
+    out: str | os.PathLike,
+    preset: str = "sift",
+    config: str | os.PathLike | None = None,
+    model: str | os.PathLike | None = None,
+    codebook: str | os.PathLike | None = None,
+    codebook_size: int | str | None = None,
+    cache: str | os.PathLike | None = None,
+    workers: int | None = None,
+    chunk: int = 256,
+) -> dict[str, Any]:
+    """The all-vs-all N x N similarity matrix of an image set (row = query, list order).
+
+    Writes ``out`` (float32 ``.npy``) and ``<out>.names.txt`` (one image name per line, the
+    matrix order). Images that cannot be read are left out of both and reported.
+    """
+    from .search import similarity_matrix
+
+    out = Path(out)
+    paths, root = _images(images)
+    cfg = load_config(preset, config, codebook_size=codebook_size)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    cb, store, names, failed, folder = _features_for(paths, root, cfg, model, workers, Path(cache) if cache else None)
+    timings["extract_s"] = time.perf_counter() - t0
+    if not names:
+        raise ValueError(f"{images}: no image could be read ({len(failed)} failed)")
+    vecs, ids = store.stack(names)
+    store.close()
+    t0 = time.perf_counter()
+    if codebook is not None:
+        cb = _load_codebook(codebook)
+    if cb is None:
+        cb = _train_codebook(vecs, cfg)
+    timings["codebook_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    matrix = similarity_matrix(cb, vecs, ids, cfg.params, chunk=chunk)
+    timings["scores_s"] = time.perf_counter() - t0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.npy")
+    np.save(tmp, matrix.astype(np.float32, copy=False))
+    os.replace(tmp, out)
+    names_path = out.with_name(out.name + ".names.txt")
+    tmp = names_path.with_name(f".{names_path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(n + "\n" for n in names), encoding="utf-8")
+    os.replace(tmp, names_path)
+    return {"scores": str(out), "names": str(names_path), "images": len(names),
+            "failed": [{"name": n, "reason": r} for n, r in failed], "timings": timings}
+
+
+def make_pairs(
+    images: str | os.PathLike | None = None,
+    *,
+    out: str | os.PathLike,
+    graph: str | None = None,
+    top: int = 20,
+    scores: str | os.PathLike | None = None,
+    **score_options: Any,
+) -> dict[str, Any]:
+    """Image pairs for SfM (``name_a name_b`` per line) from retrieval scores.
+
+    Either ``scores`` (a matrix written by :func:`compute_scores`, its names file beside it)
+    or ``images`` (scores are computed first, with ``score_options``). ``graph`` defaults
+    to ``knn-<top>``.
+    """
+    from .pairs import pairs_from_scores, write_pairs
+
+    if scores is None:
+        if images is None:
+            raise ValueError("images: give an image folder / list, or --scores")
+        out_path = Path(out)
+        scores = out_path.with_name(out_path.stem + ".scores.npy")
+        compute_scores(images, out=scores, **score_options)
+    scores = Path(scores)
+    if not scores.is_file():
+        raise FileNotFoundError(f"--scores: file not found: {scores}")
+    names_path = scores.with_name(scores.name + ".names.txt")
+    if not names_path.is_file():
+        raise FileNotFoundError(f"--scores: names file not found: {names_path}")
+    names = [line for line in names_path.read_text(encoding="utf-8").splitlines() if line]
+    matrix = np.load(scores, allow_pickle=False)
+    graph = graph or f"knn-{top}"
+    pairs = pairs_from_scores(matrix, names, graph)
+    write_pairs(out, pairs)
+    return {"pairs": str(out), "n_pairs": len(pairs), "graph": graph, "images": len(names)}
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+def evaluate_dataset(
+    data: str | os.PathLike,
+    *,
+    preset: str = "sift",
+    config: str | os.PathLike | None = None,
+    codebook: str | os.PathLike | None = None,
+    codebook_size: int | str | None = None,
+    model: str | os.PathLike | None = None,
+    cache: str | os.PathLike | None = None,
+    workers: int | None = None,
+    report: str | os.PathLike | None = None,
+    top: int = 10,
+) -> dict[str, Any]:
+    """mAP (and N-S, E/M/H when the ground truth has them) of a preset on a data set.
+
+    The codebook is trained on the evaluated database images' descriptors unless
+    ``codebook`` is given; the result says which (``codebook_trained_on``).
+    """
+    from .evaluate import evaluate, load_ground_truth
+    from .search import similarity_matrix
+
+    gt = load_ground_truth(data)
+    cfg = load_config(preset, config, codebook_size=codebook_size)
+    root = Path(gt.root)
+    all_names = list(dict.fromkeys(gt.images + gt.queries))
+    paths = [root / n for n in all_names]
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    cache_folder = Path(cache) if cache else _cache_dir(
+        "eval", {"data": str(root.resolve()), "features": cfg.features, "model": str(model)})
+    cb, store, names, failed, _ = _features_for(paths, root, cfg, model, workers, cache_folder)
+    timings["extract_s"] = time.perf_counter() - t0
+    have = set(names)
+    # An unreadable image stays in the ranking with no descriptors (it scores 0), so that
+    # the metrics keep their meaning.
+    empty = np.zeros((0, store.get(names[0]).descriptors.shape[1]), np.float32) if names else None
+    if empty is None:
+        raise ValueError(f"{data}: no image could be read")
+    db = [store.get(n).descriptors if n in have else empty for n in gt.images]
+
+    t0 = time.perf_counter()
+    if codebook is not None:
+        cb = _load_codebook(codebook)
+        trained_on = f"given ({codebook})"
+    elif cb is not None:
+        trained_on = "the model's codebook"
+    else:
+        train_vecs = np.concatenate(db)
+        p = cfg.params
+        cached = cache_folder / f"codebook-{p.codebook_size}-seed{p.seed}-iter{p.kmeans_iters}.asmkit"
+        if cached.exists():
+            cb = Codebook.load(cached)
+        else:
+            cb = _train_codebook(train_vecs, cfg)
+            cb.save(cached)
+        trained_on = f"the evaluated images' descriptors ({len(train_vecs)} from {len(gt.images)} images)"
+    timings["codebook_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if gt.queries == gt.images:
+        matrix = similarity_matrix(cb, db, params=cfg.params)
+    else:
+        index = Index(cb, cfg.params)
+        index.add(db)
+        queries = [store.get(n).descriptors if n in have else empty for n in gt.queries]
+        matrix = index.similarity_matrix(queries)
+    store.close()
+    # Stable sort: exact ties keep database order, so results are reproducible.
+    ranks = np.argsort(-matrix, axis=1, kind="stable")
+    timings["search_s"] = time.perf_counter() - t0
+    metrics = evaluate(ranks, gt)
+    result = {
+        **metrics,
+        "preset": cfg.name,
+        "dataset": gt.name,
+        "params": cfg.params.to_dict(),
+        "codebook_trained_on": trained_on,
+        "failed": [{"name": n, "reason": r} for n, r in failed],
+        "timings": timings,
+    }
+    if report is not None:
+        from .report import write_report
+
+        k = min(top, ranks.shape[1])
+        write_report(report, names=gt.images, image_root=root, ranks=ranks[:, :k],
+                     scores=np.take_along_axis(matrix, ranks[:, :k], axis=1), query_names=gt.queries,
+                     gt=gt, top_k=k, title=f"asmkit: {gt.name} ({cfg.name})")
+        result["report"] = str(report)
+    return result
+
+
+# ------------------------------------------------------------------------------ demo
+
+
+def run_demo(out: str | os.PathLike = "asmkit_demo", *, seed: int = 0) -> dict[str, Any]:
+    """Build the bundled demo set, index it, query it, evaluate and write the HTML report.
+
+    Everything lands in ``out``: ``data/`` (images + gt.json), ``index/`` (a workspace that
+    ``asmkit query`` accepts) and ``report.html``.
+    """
+    from .demo import build_demo_set
+
+    out = Path(out)
+    data = build_demo_set(out / "data", seed=seed)
+    # A small codebook suits the few tens of thousands of descriptors of the demo set.
+    res = evaluate_dataset(data, preset="sift", codebook_size=512, cache=out / "cache",
+                           report=out / "report.html")
+    build_index(data / "images", out=out / "index", preset="sift", codebook_size=512)
+    return {
+        "images": len(list((data / "images").iterdir())),
+        "queries": res["n_queries"],
+        "map": res["map"],
+        "mp": res["mp"],
+        "report": str(out / "report.html"),
+        "index": str(out / "index"),
+        "data": str(data),
+    }
