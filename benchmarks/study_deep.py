@@ -143,9 +143,9 @@ def evaluate(args) -> None:
         np.add.at(spoc, ids, vecs * attn[:, None])
         spoc /= np.linalg.norm(spoc, axis=1, keepdims=True) + 1e-12
         granks = np.argsort(-(spoc @ spoc.T), axis=1, kind="stable")
-        g_map, _ = mean_average_precision(granks, gt)
+        g_map, _ = mean_average_precision(granks, gt, query_indices=np.arange(n_images))
         ranks, engine, t_cb, t_search = _rank_asmk(vecs, ids, n_images, k, seed=0)
-        m, _ = mean_average_precision(ranks, gt)
+        m, _ = mean_average_precision(ranks, gt, query_indices=np.arange(n_images))
         ns = ns_score(ranks, groups)
         row = {"stage": args.stage, "scales": args.scales, "smoothing": args.smoothing, "nfeat": nfeat,
                "dim": whitening.output_dim, "shrinkage": shrink, "codebook": k, "map": round(m, 4),

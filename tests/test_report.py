@@ -87,6 +87,17 @@ def test_summary_matches_evaluate(dataset, tmp_path):
     assert f"<th>mAP</th><td>{res['map']:.4f}</td>" in page
     assert f"<th>mP@5</th><td>{res['mp']['5']:.4f}</td>" in page
     assert f"<td>{res['ns_score']:.4f}</td>" in page
+    assert "on the top 6 results given" in page
+    # metrics of a longer ranking, passed in, are shown instead of being recomputed
+    full = {"map": 0.123456, "mp": {"1": 0.5, "5": 0.25, "10": 0.125}, "n_queries": 2}
+    page = write_report(tmp_path / "r2.html", names=names, image_root=root, ranks=ranks[:, :2],
+                        scores=scores[:, :2], query_names=gt.queries, gt=gt,
+                        metrics=full).read_text()
+    assert "<th>mAP</th><td>0.1235</td>" in page and "of the full ranking" in page
+    assert "N-S" not in page
+    with pytest.raises(ValueError, match="metrics"):
+        write_report(tmp_path / "r3.html", names=names, image_root=root, ranks=ranks,
+                     scores=scores, query_names=gt.queries, metrics={"map": 1.0})
 
 
 def test_without_ground_truth_no_colours_no_plot(dataset, tmp_path):

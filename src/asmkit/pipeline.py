@@ -243,7 +243,6 @@ def build_index(
         Summary: images indexed, failed files, timings.
     """
     out = Path(out)
-    paths, root = _images(images)
     timings: dict[str, float] = {}
     if add:
         if not (out / _PIPELINE).is_file():
@@ -251,6 +250,7 @@ def build_index(
         cfg = PipelineConfig.from_dict(json.loads((out / _PIPELINE).read_text(encoding="utf-8"))["config"])
     else:
         cfg = load_config(preset, config, codebook_size=codebook_size)
+    paths, root = _images(images)
     out.mkdir(parents=True, exist_ok=True)
     train_paths = list_images(train) if train is not None else paths
     t0 = time.perf_counter()
@@ -395,8 +395,8 @@ def compute_scores(
     from .search import similarity_matrix
 
     out = Path(out)
-    paths, root = _images(images)
     cfg = load_config(preset, config, codebook_size=codebook_size)
+    paths, root = _images(images)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     cb, store, names, failed, folder = _features_for(paths, root, cfg, model, workers, Path(cache) if cache else None)
@@ -552,7 +552,7 @@ def evaluate_dataset(
         k = min(top, ranks.shape[1])
         write_report(report, names=gt.images, image_root=root, ranks=ranks[:, :k],
                      scores=np.take_along_axis(matrix, ranks[:, :k], axis=1), query_names=gt.queries,
-                     gt=gt, top_k=k, title=f"asmkit: {gt.name} ({cfg.name})")
+                     gt=gt, top_k=k, title=f"asmkit: {gt.name} ({cfg.name})", metrics=metrics)
         result["report"] = str(report)
     return result
 

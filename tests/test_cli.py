@@ -1,0 +1,162 @@
+"""The command line, end to end on a small demo set and on a folder with broken files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from asmkit import __version__
+from asmkit.cli import main
+
+pytest.importorskip("skimage")
+
+from asmkit.demo import build_demo_set  # noqa: E402
+
+from .broken_files import make_broken_folder  # noqa: E402
+
+SMALL = ["--codebook-size", "64"]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    data = build_demo_set(root / "data", seed=1, photos=["astronaut", "coffee", "chelsea", "rocket"], max_size=320)
+    return data
+
+
+@pytest.fixture(scope="module")
+def workspace(demo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ws") / "index"
+    assert main(["-q", "index", str(demo / "images"), "--out", str(out), *SMALL]) == 0
+    return out
+
+
+def run_json(capsys, argv):
+    capsys.readouterr()
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return json.loads(captured.out)
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert __version__ in capsys.readouterr().out
+
+
+def test_index_then_query_finds_the_same_object(workspace, demo, capsys):
+    gt = json.loads((demo / "gt.json").read_text())
+    query = gt["queries"][0]
+    res = run_json(capsys, ["-q", "query", str(workspace), str(demo / query), "--top", "4", "--json"])
+    [row] = res["results"]
+    names = [r["name"] for r in row["results"]]
+    scores = [r["score"] for r in row["results"]]
+    assert len(names) == 4 and scores == sorted(scores, reverse=True)
+    # The query is itself indexed: it comes first, then views of the same photo.
+    assert names[0] == Path(query).name
+    assert set(names[1:]) & {Path(p).name for p in gt["positives"][query]}
+
+
+def test_index_resume_and_add(demo, tmp_path, capsys):
+    images = tmp_path / "imgs"
+    shutil.copytree(demo / "images", images)
+    later = sorted(images.iterdir())[-3:]
+    held = tmp_path / "held"
+    held.mkdir()
+    for p in later:
+        p.rename(held / p.name)
+    out = tmp_path / "ws"
+    first = run_json(capsys, ["-q", "index", str(images), "--out", str(out), *SMALL, "--json"])
+    n = first["images"]
+    for p in held.iterdir():
+        p.rename(images / p.name)
+    added = run_json(capsys, ["-q", "index", str(images), "--out", str(out), "--add", "--json"])
+    assert added["added"] == 3 and added["images"] == n + 3
+    # Adding again adds nothing: every image is already indexed.
+    again = run_json(capsys, ["-q", "index", str(images), "--out", str(out), "--add", "--json"])
+    assert again["added"] == 0 and again["images"] == n + 3
+
+
+def test_scores_and_pairs(demo, tmp_path, capsys):
+    out = tmp_path / "scores.npy"
+    res = run_json(capsys, ["-q", "scores", str(demo / "images"), "--out", str(out), "--cache", str(tmp_path / "c"),
+                            *SMALL, "--json"])
+    matrix = np.load(out)
+    names = (tmp_path / "scores.npy.names.txt").read_text().split()
+    assert matrix.shape == (len(names), len(names)) == (res["images"], res["images"])
+    assert matrix.dtype == np.float32
+    # Every image is its own best match.
+    assert (np.argmax(matrix, axis=1) == np.arange(len(names))).all()
+    pairs_path = tmp_path / "pairs.txt"
+    res = run_json(capsys, ["-q", "pairs", "--scores", str(out), "--out", str(pairs_path), "--graph", "knn-2", "--json"])
+    lines = pairs_path.read_text().splitlines()
+    assert len(lines) == res["n_pairs"] > 0
+    for line in lines:
+        a, b = line.split()
+        assert a != b and a in names and b in names
+
+
+def test_eval_json(demo, tmp_path, capsys):
+    report = tmp_path / "r.html"
+    res = run_json(capsys, ["-q", "eval", str(demo), "--cache", str(tmp_path / "c"), *SMALL, "--json",
+                            "--report", str(report)])
+    assert set(res) >= {"map", "mp", "ns_score", "n_queries", "preset", "timings", "codebook_trained_on"}
+    assert set(res["mp"]) == {"1", "5", "10"}
+    assert res["n_queries"] == 4 and res["preset"] == "sift"
+    assert 0.5 < res["map"] <= 1.0
+    assert "evaluated images" in res["codebook_trained_on"]
+    assert report.read_text().count('class="result') >= 4
+
+
+def test_broken_files_are_skipped_and_reported(tmp_path, capsys):
+    folder = make_broken_folder(tmp_path / "mixed", n_good=4, width=160, height=120)
+    res = run_json(capsys, ["-q", "index", str(folder.root), "--out", str(tmp_path / "ws"), "--codebook-size", "16",
+                            "--json"])
+    assert {f["name"] for f in res["failed"]} == set(folder.bad)
+    assert res["images"] == len(folder.good)
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["query", "/nonexistent/index", "x.jpg"], "index not found"),
+    (["index", "IMAGES", "--out", "OUT", "--preset", "bogus"], "unknown preset 'bogus'"),
+    (["index", "EMPTY", "--out", "OUT"], "EMPTY"),
+])
+def test_one_line_errors(argv, fragment, tmp_path, capsys):
+    (tmp_path / "EMPTY").mkdir()
+    (tmp_path / "IMAGES").mkdir()
+    argv = [a.replace("EMPTY", str(tmp_path / "EMPTY")).replace("OUT", str(tmp_path / "OUT"))
+            .replace("IMAGES", str(tmp_path / "IMAGES")) for a in argv]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert fragment in err
+
+
+def test_wrong_format_version_is_one_line(workspace, tmp_path, capsys, demo):
+    broken = tmp_path / "ws"
+    shutil.copytree(workspace, broken)
+    manifest = broken / "index.asmkit" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["format_version"] = 999
+    manifest.write_text(json.dumps(data))
+    capsys.readouterr()
+    gt = json.loads((demo / "gt.json").read_text())
+    assert main(["query", str(broken), str(demo / gt["queries"][0])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "version" in err
+
+
+def test_report_from_index(workspace, demo, tmp_path, capsys):
+    gt = json.loads((demo / "gt.json").read_text())
+    out = tmp_path / "report.html"
+    assert main(["-q", "report", str(workspace), "--queries", *(str(demo / q) for q in gt["queries"][:2]),
+                 "--out", str(out), "--top", "3"]) == 0
+    html = out.read_text()
+    assert html.count('class="result') >= 6
