@@ -33,8 +33,8 @@ DATA = Path("/work/shared/datasets/ukbench2000")
 log = logging.getLogger("study_deep")
 
 
-def cache_file(cache: Path, stage: str, scales: list[float], smoothing: int) -> Path:
-    tag = f"{stage}_s{'-'.join(f'{s:g}' for s in scales)}_sm{smoothing}"
+def cache_file(cache: Path, stage: str, scales: list[float], smoothing: int, limit: int | None) -> Path:
+    tag = f"{stage}_s{'-'.join(f'{s:g}' for s in scales)}_sm{smoothing}" + (f"_n{limit}" if limit else "")
     return cache / f"deep_{tag}.npz"
 
 
@@ -59,7 +59,7 @@ def extract(args) -> None:
     if res.failed:
         raise SystemExit(f"failed images: {res.failed[:5]}")
     feats = [res.features[n] for n in res.extracted]
-    out = cache_file(args.cache, args.stage, args.scales, args.smoothing)
+    out = cache_file(args.cache, args.stage, args.scales, args.smoothing, args.limit)
     args.cache.mkdir(parents=True, exist_ok=True)
     np.savez(
         out,
@@ -122,8 +122,13 @@ def evaluate(args) -> None:
     from asmkit.features.whitening import PCAWhitening
 
     gt = load_ground_truth(DATA)
-    data = np.load(cache_file(args.cache, args.stage, args.scales, args.smoothing))
+    source = args.source_limit if args.source_limit is not None else args.limit
+    data = np.load(cache_file(args.cache, args.stage, args.scales, args.smoothing, source))
     desc_all, attn_all, counts = data["desc"], data["attn"], data["counts"]
+    if args.limit is not None:
+        # Evaluate on the first images only (complete groups of 4), to compare with subset runs.
+        counts = counts[: args.limit]
+        desc_all, attn_all = desc_all[: counts.sum()], attn_all[: counts.sum()]
     offsets = np.concatenate([[0], np.cumsum(counts)])
     n_images = len(counts)
     groups = [gt.query_groups[q] for q in range(n_images)]
@@ -147,7 +152,7 @@ def evaluate(args) -> None:
         ranks, engine, t_cb, t_search = _rank_asmk(vecs, ids, n_images, k, seed=0)
         m, _ = mean_average_precision(ranks, gt, query_indices=np.arange(n_images))
         ns = ns_score(ranks, groups)
-        row = {"stage": args.stage, "scales": args.scales, "smoothing": args.smoothing, "nfeat": nfeat,
+        row = {"images": n_images, "stage": args.stage, "scales": args.scales, "smoothing": args.smoothing, "nfeat": nfeat,
                "dim": whitening.output_dim, "shrinkage": shrink, "codebook": k, "map": round(m, 4),
                "ns": round(ns, 3), "spoc_map": round(g_map, 4), "engine": engine,
                "t_codebook_s": round(t_cb, 1), "t_index_search_s": round(t_search, 1), "n_desc": int(len(vecs))}
@@ -167,7 +172,9 @@ def main() -> None:
     parser.add_argument("--smoothing", type=int, default=0)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/asmkit_study_deep"))
     parser.add_argument("--keep", type=int, default=1000, help="features cached per image (extract)")
-    parser.add_argument("--limit", type=int, default=None, help="first N images only (extract)")
+    parser.add_argument("--limit", type=int, default=None, help="first N images only")
+    parser.add_argument("--source-limit", type=int, default=None,
+                        help="eval: read the cache extracted with this --limit (default: --limit)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--nfeat", type=int, nargs="+", default=[800])
     parser.add_argument("--dim", type=int, nargs="+", default=[128])

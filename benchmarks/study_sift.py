@@ -35,11 +35,18 @@ class Setting:
     use_idf: bool = False
     whiten_dim: int | None = None  # None: no whitening
     shrinkage: float = 1.0
+    binary: bool = True  # ASMK* (False: real-valued ASMK)
 
 
 SETTINGS = {
     "base": Setting(),
     "idf": Setting(use_idf=True),
+    "real": Setting(binary=False),
+    "real_idf": Setting(binary=False, use_idf=True),
+    "k8k": Setting(codebook_size=8192),
+    "k8k_idf": Setting(codebook_size=8192, use_idf=True),
+    "mf2000_idf": Setting(max_features=2000, use_idf=True),
+    "mf2000_real_idf": Setting(max_features=2000, binary=False, use_idf=True),
     "k16k": Setting(codebook_size=16384),
     "k16k_idf": Setting(codebook_size=16384, use_idf=True),
     "pw128_s05": Setting(whiten_dim=128, shrinkage=0.5),
@@ -60,7 +67,7 @@ def load_descriptors(data: Path, cache: Path, max_features: int, names: list[str
 
 
 def rank_with_asmkit(index_cls, setting: Setting, codebook, vecs, image_ids, n_images: int) -> np.ndarray:
-    params = Params.preset("sift", codebook_size=setting.codebook_size, use_idf=setting.use_idf)
+    params = Params.preset("sift", codebook_size=setting.codebook_size, use_idf=setting.use_idf, binary=setting.binary)
     index = index_cls(codebook, params)
     index.add(vecs, image_ids)
     _, ranks = index.search(vecs, image_ids, k=n_images)
@@ -72,7 +79,9 @@ def rank_with_reference(setting: Setting, codebook, vecs, image_ids, n_images: i
     from asmk import codebook as ref_codebook
     from asmk import index as ref_index
 
-    params = Params.preset("sift", codebook_size=setting.codebook_size, use_idf=setting.use_idf).to_reference()
+    params = Params.preset(
+        "sift", codebook_size=setting.codebook_size, use_idf=setting.use_idf, binary=setting.binary
+    ).to_reference()
     # Give the reference the same codebook instead of letting it train its own.
     cdb = ref_codebook.Codebook(ref_index.initialize_index(gpu_id=None), size=setting.codebook_size)
     cdb.index(codebook.centroids.copy())
@@ -122,8 +131,15 @@ def main() -> None:
         if setting.whiten_dim is not None:
             whitening = PCAWhitening.learn(sample, dim=setting.whiten_dim, shrinkage=setting.shrinkage)
             vecs, sample = whitening.apply(vecs), whitening.apply(sample)
+        # idf and the kernel do not change the codebook: train once per descriptor setting.
+        white = "none" if setting.whiten_dim is None else f"pw{setting.whiten_dim}_s{setting.shrinkage}"
+        cached = cache / f"codebook_mf{setting.max_features}_k{setting.codebook_size}_{white}_n{len(sample)}.npy"
         start = time.perf_counter()
-        codebook = Codebook.train(sample, setting.codebook_size, iters=10, seed=1234)
+        if cached.exists():
+            codebook = Codebook(np.load(cached))
+        else:
+            codebook = Codebook.train(sample, setting.codebook_size, iters=10, seed=1234)
+            np.save(cached, codebook.centroids)
         train_s = time.perf_counter() - start
         start = time.perf_counter()
         if index_cls is not None:
@@ -148,12 +164,13 @@ def main() -> None:
             with open(args.out, "a") as out:
                 out.write(json.dumps(row) + "\n")
 
-    print("\n| setting | features/img | K | idf | whitening | descriptors | mAP | N-S |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| setting | features/img | K | kernel | idf | whitening | descriptors | mAP | N-S |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         white = "none" if r["whiten_dim"] is None else f"PCA {r['whiten_dim']}-D, s={r['shrinkage']}"
         print(
-            f"| {r['setting']} | {r['max_features']} | {r['codebook_size']} | {'yes' if r['use_idf'] else 'no'} "
+            f"| {r['setting']} | {r['max_features']} | {r['codebook_size']} | {'ASMK*' if r['binary'] else 'ASMK'} "
+            f"| {'yes' if r['use_idf'] else 'no'} "
             f"| {white} | {r['descriptors']} | {r['mAP']:.4f} | {r['N-S']:.3f} |"
         )
 

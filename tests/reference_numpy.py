@@ -134,7 +134,43 @@ class Database:
         return {i: (s / scale if scale > 0 else 0.0) for i, s in scores.items()}
 
 
-def rank(scores, k=None):
-    """(float32 scores, ids) sorted by decreasing float32 score, ties by ascending id."""
-    items = sorted(((np.float32(s), i) for i, s in scores.items()), key=lambda t: (-t[0], t[1]))[:k]
-    return np.array([s for s, _ in items], dtype=np.float32), np.array([i for _, i in items], dtype=np.int64)
+# -- synthetic data shared by the tests --------------------------------------------------
+
+
+def make_images(n_images, per_image, dim, *, seed=0, n_objects=None, centroids=None, empty=()):
+    """Descriptors of images that show a few shared "objects".
+
+    Images of the same object draw their descriptors from the same prototypes (plus
+    noise), so they match each other more than other images. When ``centroids`` are
+    given, prototypes sit near them so every word of a small codebook gets used.
+
+    Returns
+    -------
+    list of float32 [n_i, dim]
+        One array per image (n_i varies around ``per_image``; images in ``empty`` have 0).
+    """
+    rng = np.random.default_rng(seed)
+    n_objects = n_objects or max(1, n_images // 3)
+    if centroids is not None:
+        base = centroids[rng.integers(0, len(centroids), (n_objects, 3 * per_image))]
+        protos = base + 0.3 * rng.standard_normal(base.shape)
+    else:
+        protos = rng.standard_normal((n_objects, 3 * per_image, dim))
+    images = []
+    for i in range(n_images):
+        if i in empty:
+            images.append(np.empty((0, dim), dtype=np.float32))
+            continue
+        n = int(rng.integers(max(1, per_image // 2), per_image + per_image // 2 + 1))
+        obj = protos[i % n_objects]
+        rows = obj[rng.integers(0, obj.shape[0], n)] + 0.25 * rng.standard_normal((n, dim))
+        images.append(rows.astype(np.float32))
+    return images
+
+
+def flatten(images, ids=None):
+    """(vecs float32 [N, D], image_ids int64 [N]) from per-image arrays."""
+    ids = range(len(images)) if ids is None else ids
+    vecs = np.concatenate(images).astype(np.float32)
+    labels = np.concatenate([np.full(len(v), i, dtype=np.int64) for v, i in zip(images, ids)])
+    return vecs, labels

@@ -43,6 +43,19 @@ def test_lite0_classifies_a_cat():
 
 
 @needs_weights
+def test_lite0_preset_extractor():
+    from asmkit.features.deep import lite0_extractor
+
+    ex = lite0_extractor(nfeat=20, max_size=64)
+    image = np.random.default_rng(0).integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
+    out = ex.extract(image)
+    # 64x48 at stride 16 is a 4x3 map: all 12 tokens, 112-D, unit length.
+    assert out.descriptors.shape == (12, 112)
+    np.testing.assert_allclose(np.linalg.norm(out.descriptors, axis=1), 1, rtol=1e-5)
+    assert ex.config()["backbone"] == {"name": "efficientnet_lite0", "stage": "stride16", "weights": "imagenet"}
+
+
+@needs_weights
 def test_lite0_weights_load_strictly(tmp_path):
     state = torch.load(B.lite0_weights_path(), map_location="cpu", weights_only=True)
     assert len(state) == 296

@@ -91,7 +91,6 @@ def test_topk_and_step_params_override(data, reference_codebook):
     method = method.build_ivf(vecs, imids)
     _, _, ranks, scores = method.query_ivf(qvecs, qimids)
     assert ranks.shape == (6, 5)
-    _, _, all_ranks, all_scores = method.query_ivf(qvecs, qimids)
     override = _params(topk=None)["query_ivf"]
     override["similarity"]["alpha"] = 1.0
     _, _, ranks1, scores1 = method.query_ivf(qvecs, qimids, step_params=override)
@@ -191,3 +190,18 @@ def test_bad_params_rejected():
         ASMKMethod.initialize_untrained({"index": {"gpu_id": "cuda"}})
     with pytest.raises(TypeError, match="params"):
         ASMKMethod.initialize_untrained([1])
+
+
+def test_malicious_codebook_cache_is_refused(tmp_path):
+    import os
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    path = tmp_path / "codebook.pkl"
+    path.write_bytes(pickle.dumps({"type": "Codebook", "params": {"size": K}, "state": {"centroids": Payload()}}))
+    with pytest.raises(ValueError, match="refused global"):
+        ASMKMethod.initialize_untrained(_params()).train_codebook(None, cache_path=path)
+    assert not (tmp_path / "pwned").exists()

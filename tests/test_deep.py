@@ -238,6 +238,8 @@ def test_extract_features_runs_the_extractor(tmp_path):
     assert sorted(result.extracted) == ["im0.png", "im1.png", "im2.png"]
     direct = ex.extract(_image(11))
     np.testing.assert_allclose(result.features["im1.png"].descriptors, direct.descriptors, rtol=1e-6)
+    whitening = ex.learn_whitening(sorted(tmp_path.glob("*.png")), dim=2)
+    assert whitening.output_dim == 2 and ex.extract(_image(11)).dim == 2
 
 
 @pytest.mark.parametrize(

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 import reference_numpy as ref
+from reference_numpy import flatten, make_images
 from asmkit import Codebook, Index, Params, merge_topk
 from asmkit.storage import StorageError
-from conftest import flatten, make_images
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import reference_numpy as ref
+from reference_numpy import make_images
 from asmkit.kernel import (
     aggregate,
     hamming_similarity,
@@ -13,7 +14,6 @@ from asmkit.kernel import (
     prepare_descriptors,
     unpack_bits,
 )
-from conftest import make_images
 
 
 def _aggregate_all(images, centroids, m, binary, ids=None):

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 import reference_numpy as ref
+from reference_numpy import flatten, make_images
 from asmkit import Codebook, Index, Params, merge_topk, similarity_matrix
-from conftest import flatten, make_images
 
 
 def assert_same_ranking(scores, ids, expected_scores_by_id, atol):
@@ -178,3 +178,26 @@ def test_parity_with_reference_package(binary, use_idf):
         expected = dict(zip(ranks[q].tolist(), ref_scores[q].tolist()))
         # The spec asks for 1e-5; these small synthetic scores (~1e-2) agree far closer.
         assert_same_ranking(scores[q], ids[q], expected, atol=1e-7)
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_parallel_kernels_equal_serial(monkeypatch, centroids40, binary):
+    import asmkit._kernels as kernels
+
+    params = Params(binary=binary, use_idf=True, ma_query=3)
+    db = make_images(30, 20, 40, seed=61, centroids=centroids40)
+    queries = make_images(9, 20, 40, seed=62, centroids=centroids40)
+    book = Codebook(centroids40)
+    serial = Index(book, params)
+    serial.add(db)
+    expected = serial.search(queries, k=7), similarity_matrix(book, db, params=params, chunk=7)
+    # Force every kernel onto its parallel path, whatever the machine's thread count.
+    monkeypatch.setattr(kernels, "MIN_PARALLEL_PAIRS", 0)
+    monkeypatch.setattr(kernels, "MIN_PARALLEL_ENTRIES", 0)
+    parallel = Index(book, params)
+    parallel.add(db)
+    np.testing.assert_array_equal(parallel.inverted_file.data, serial.inverted_file.data)
+    got = parallel.search(queries, k=7), similarity_matrix(book, db, params=params, chunk=7)
+    for a, b in zip(got[0], expected[0]):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(got[1], expected[1])

@@ -15,38 +15,61 @@ per-entry contribution is rounded to float32 before it is added to a float64 sco
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
+import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 __all__ = [
+    "thread_budget",
     "group_by_label",
     "aggregate_count",
     "aggregate_fill",
     "pack_rows",
     "popcount64",
     "search_kernel",
+    "sigma_table",
 ]
 
 _U1 = np.uint64(1)
-_M1 = np.uint64(0x5555555555555555)
-_M2 = np.uint64(0x3333333333333333)
-_M4 = np.uint64(0x0F0F0F0F0F0F0F0F)
-_H01 = np.uint64(0x0101010101010101)
-_S1 = np.uint64(1)
-_S2 = np.uint64(2)
-_S4 = np.uint64(4)
-_S56 = np.uint64(56)
+
+#: Below these amounts of work (pairs to aggregate, posting entries to score) a parallel
+#: kernel runs on the calling thread alone: on a busy machine, waking the other threads of
+#: a parallel region can cost milliseconds, far more than the work.
+MIN_PARALLEL_PAIRS = 1 << 15
+MIN_PARALLEL_ENTRIES = 1 << 20
 
 
-@njit(cache=True, inline="always")
-def popcount64(x):
-    """Number of set bits of a uint64 (SWAR; LLVM turns it into ``popcnt`` where available)."""
-    x = x - ((x >> _S1) & _M1)
-    x = (x & _M2) + ((x >> _S2) & _M2)
-    x = (x + (x >> _S4)) & _M4
-    return (x * _H01) >> _S56
+@contextlib.contextmanager
+def thread_budget(work: int, min_parallel_work: int) -> Iterator[int]:
+    """Context: numba threads for a kernel call (1 when ``work < min_parallel_work``).
+
+    Yields the thread count, so that callers can size their parallel blocks.
+    """
+    previous = numba.get_num_threads()
+    threads = previous if work >= min_parallel_work else 1
+    numba.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        numba.set_num_threads(previous)
+
+
+@intrinsic
+def popcount64(typingctx, x):
+    """Number of set bits of a uint64 via LLVM's ``ctpop`` (``popcnt`` where the CPU has
+    it, an equivalent bit-twiddling sequence elsewhere)."""
+    if not isinstance(x, types.Integer) or x.bitwidth != 64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.ctpop(args[0])
+
+    return types.uint64(x), codegen
 
 
 @njit(cache=True)
@@ -82,8 +105,12 @@ def group_by_label(labels, n_labels):
 
 
 @njit(cache=True, parallel=True)
-def aggregate_count(assign, order, starts):
+def aggregate_count(assign, order, starts, n_words_total, n_blocks):
     """Sort each image's (descriptor, word) pairs by word and count its distinct words.
+
+    A counting sort per image: the image's distinct words are sorted, each gets its
+    output range, and pairs are dropped into place in input order (so the sort is
+    stable). The word tables are allocated once per parallel block of images.
 
     Parameters
     ----------
@@ -92,6 +119,10 @@ def aggregate_count(assign, order, starts):
     order, starts : int64 [N], int64 [I + 1]
         Grouping of rows by image (``group_by_label``); ``starts`` may be a window of a
         longer array, positions are taken relative to ``starts[0]``.
+    n_words_total : int
+        Codebook size K.
+    n_blocks : int
+        Parallel blocks of images (1 .. I).
 
     Returns
     -------
@@ -107,22 +138,38 @@ def aggregate_count(assign, order, starts):
     base = starts[0]
     perm = np.empty((starts[n_images] - base) * m, dtype=np.int32)
     n_words = np.zeros(n_images, dtype=np.int64)
-    for i in prange(n_images):
-        s = starts[i]
-        n_pairs = (starts[i + 1] - s) * m
-        if n_pairs == 0:
-            continue
-        keys = np.empty(n_pairs, dtype=np.int64)
-        for p in range(n_pairs):
-            keys[p] = assign[order[s + p // m], p % m]
-        local = np.argsort(keys, kind="mergesort")
-        out = (s - base) * m
-        distinct = 1
-        for p in range(n_pairs):
-            perm[out + p] = local[p]
-            if p > 0 and keys[local[p]] != keys[local[p - 1]]:
-                distinct += 1
-        n_words[i] = distinct
+    for b in prange(n_blocks):
+        # count[w] doubles as the next output position of word w once ranges are set.
+        count = np.zeros(n_words_total, dtype=np.int64)
+        distinct = np.empty(0, dtype=np.int64)
+        for i in range((n_images * b) // n_blocks, (n_images * (b + 1)) // n_blocks):
+            s = starts[i]
+            n_pairs = (starts[i + 1] - s) * m
+            if n_pairs == 0:
+                continue
+            if distinct.shape[0] < n_pairs:
+                distinct = np.empty(n_pairs, dtype=np.int64)
+            n_distinct = 0
+            for p in range(n_pairs):
+                word = assign[order[s + p // m], p % m]
+                if count[word] == 0:
+                    distinct[n_distinct] = word
+                    n_distinct += 1
+                count[word] += 1
+            words = np.sort(distinct[:n_distinct])
+            position = (s - base) * m
+            for j in range(n_distinct):
+                word = words[j]
+                size = count[word]
+                count[word] = position
+                position += size
+            for p in range(n_pairs):
+                word = assign[order[s + p // m], p % m]
+                perm[count[word]] = p
+                count[word] += 1
+            for j in range(n_distinct):
+                count[words[j]] = 0
+            n_words[i] = n_distinct
     return perm, n_words
 
 
@@ -172,8 +219,10 @@ def aggregate_fill(vecs, centroids, assign, order, starts, perm, agg_offsets, bi
             # Within a word, pairs keep input order, so a word listed twice for one
             # descriptor shows up as two adjacent pairs of that descriptor: count it once.
             if desc != prev_desc:
+                x = vecs[desc]
+                c = centroids[word]
                 for t in range(dim):
-                    acc[t] += vecs[desc, t] - centroids[word, t]
+                    acc[t] += x[t] - c[t]
                 prev_desc = desc
             last = p == n_pairs - 1
             if not last:
@@ -182,11 +231,13 @@ def aggregate_fill(vecs, centroids, assign, order, starts, perm, agg_offsets, bi
             if last:
                 out_words[row] = word
                 if binary:
-                    for t in range(out_codes.shape[1]):
-                        out_codes[row, t] = 0
-                    for t in range(dim):
-                        if acc[t] > 0:
-                            out_codes[row, t >> 6] |= _U1 << np.uint64(63 - (t & 63))
+                    # Branch-free packing: the sign bits are random, so branches would mispredict.
+                    for w in range(out_codes.shape[1]):
+                        bits = np.uint64(0)
+                        stop = min(dim, 64 * w + 64)
+                        for t in range(64 * w, stop):
+                            bits = (bits << _U1) | np.uint64(acc[t] > 0)
+                        out_codes[row, w] = bits << np.uint64(64 * w + 64 - stop)
                 else:
                     for t in range(dim):
                         out_real[row, t] = acc[t]
@@ -256,33 +307,68 @@ def _heap_offer(heap_s, heap_i, size, k, score, ident):
 
 @njit(cache=True, inline="always")
 def _selective(u, alpha, alpha_is_int, tau):
-    """σ(u) = u**α for u >= τ (float32, as the reference rounds it); NaN marks u < τ.
+    """σ(u) = u**α for u >= τ, rounded to float32 as the reference rounds it; NaN marks u < τ.
 
-    For u < 0 and non-integer α the reference computes NaN; the paper's sign(u)·|u|**α is
-    used there instead.
+    u³ is computed as (u·u)·u in float64: u·u is exact for a float32 u, so this is the
+    correctly rounded cube, like ``pow``. For u < 0 and non-integer α the reference
+    computes NaN; the paper's sign(u)·|u|**α is used there instead.
     """
     if u < tau:
         return np.float32(np.nan)
     uu = np.float64(u)
+    if alpha == 3.0:
+        return np.float32(uu * uu * uu)
+    if alpha == 1.0:
+        return u
     if uu >= 0.0 or alpha_is_int:
         return np.float32(math.pow(uu, alpha))
     return np.float32(-math.pow(-uu, alpha))
+
+
+@njit(cache=True)
+def sigma_table(n_bits, alpha, alpha_is_int, tau):
+    """σ for every Hamming distance h = 0 .. B of binary codes.
+
+    u = float32(1 - 2 · float32(h / B)) as the reference rounds it.
+
+    Returns
+    -------
+    float32 [B + 1]
+        σ(u(h)), NaN where u(h) < τ.
+    """
+    table = np.empty(n_bits + 1, dtype=np.float32)
+    for h in range(n_bits + 1):
+        hdist = np.float32(np.float64(h) / np.float64(n_bits))
+        u = np.float32(np.float32(-2.0) * hdist + np.float32(1.0))
+        table[h] = _selective(u, alpha, alpha_is_int, tau)
+    return table
+
+
+@njit(cache=True, fastmath=True)
+def _dot(a, b):
+    """⟨a, b⟩ of float32 rows, accumulated in float64 (reassociated, so it vectorises)."""
+    acc = 0.0
+    for t in range(a.shape[0]):
+        acc += np.float64(a[t]) * np.float64(b[t])
+    return acc
 
 
 @njit(cache=True, parallel=True)
 def search_kernel(
     q_offsets, q_words, q_codes, q_real,
     offsets, entry_slot, codes, real,
-    idf, sqrt_norms, slot_ids,
-    binary, n_bits, alpha, alpha_is_int, tau,
+    idf, inv_sqrt_norms, slot_ids,
+    binary, sigma_of_h, alpha, alpha_is_int, tau,
     k, dense, n_blocks, out_scores, out_ids,
 ):
     """Score query images against an inverted file with the selective match kernel.
 
     score(q, d) = Σ_c float32(float32(σ(u_c) · idf[c]) / √n_d) / float32(√n_q), summed in
-    float64 over the query's words in ascending order, as the reference does. n_q sums
-    idf in float32 over all query words, empty posting lists included. A query with
-    n_q = 0 (or no words) scores 0 everywhere; an image with n_d = 0 receives nothing.
+    float64 over the query's words in ascending order, as the reference does (the
+    division by √n_d is a multiplication by its float64 reciprocal, which rounds to the
+    same float32 except in astronomically rare cases). n_q sums idf in float32 over all
+    query words, empty posting lists included. A query with n_q = 0 (or no words)
+    scores 0 everywhere; an image with n_d = 0 receives nothing.
 
     Parameters
     ----------
@@ -299,13 +385,13 @@ def search_kernel(
     codes : uint64 [E, W] or real : float32 [E, D]
         Database aggregates per entry.
     idf : float32 [K]
-    sqrt_norms : float64 [S]
-        √n_d per database slot.
+    inv_sqrt_norms : float64 [S]
+        1 / √n_d per database slot, 0 where n_d = 0.
     slot_ids : int64 [S]
         User image id of each slot (returned ids, tie order).
     binary : bool
-    n_bits : float64
-        B = 32 · ceil(D / 32).
+    sigma_of_h : float32 [B + 1]
+        ``sigma_table`` (binary codes only).
     alpha : float64
     alpha_is_int : bool
     tau : float32
@@ -316,23 +402,18 @@ def search_kernel(
     n_blocks : int
         Query blocks run in parallel (each allocates its score buffer once), 1 .. Q.
     out_scores : float32 [Q, k] or [Q, S]
-        Pre-filled with -inf (top-k) or 0 (dense).
+        Pre-filled with -inf (top-k mode; dense rows are written whole).
     out_ids : int64 [Q, k]
         Pre-filled with -1 (top-k mode; [0, 0] in dense mode).
     """
     n_queries = q_offsets.shape[0] - 1
-    n_slots = sqrt_norms.shape[0]
+    n_slots = inv_sqrt_norms.shape[0]
+    n_code = q_codes.shape[1]
     for b in prange(n_blocks):
-        q_begin = (n_queries * b) // n_blocks
-        q_end = (n_queries * (b + 1)) // n_blocks
         score = np.zeros(n_slots, dtype=np.float64)
-        touched_mark = np.zeros(n_slots, dtype=np.bool_)
-        touched = np.empty(n_slots, dtype=np.int64)
-        final = np.empty(n_slots, dtype=np.float32)
         heap_s = np.empty(max(k, 1), dtype=np.float32)
         heap_i = np.empty(max(k, 1), dtype=np.int64)
-        for q in range(q_begin, q_end):
-            n_touched = 0
+        for q in range((n_queries * b) // n_blocks, (n_queries * (b + 1)) // n_blocks):
             q_norm = np.float32(0.0)
             for r in range(q_offsets[q], q_offsets[q + 1]):
                 word = q_words[r]
@@ -341,47 +422,29 @@ def search_kernel(
                 for e in range(offsets[word], offsets[word + 1]):
                     if binary:
                         h = np.uint64(0)
-                        for t in range(q_codes.shape[1]):
+                        for t in range(n_code):
                             h += popcount64(q_codes[r, t] ^ codes[e, t])
-                        hdist = np.float32(np.float64(h) / n_bits)
-                        u = np.float32(np.float32(-2.0) * hdist + np.float32(1.0))
+                        sigma = sigma_of_h[h]
                     else:
-                        dot = 0.0
-                        for t in range(q_real.shape[1]):
-                            dot += np.float64(q_real[r, t]) * np.float64(real[e, t])
-                        u = np.float32(dot)
-                    sigma = _selective(u, alpha, alpha_is_int, tau)
+                        u = np.float32(_dot(q_real[r], real[e]))
+                        sigma = _selective(u, alpha, alpha_is_int, tau)
                     if sigma != sigma:
                         continue  # below the threshold τ
                     slot = entry_slot[e]
-                    if sqrt_norms[slot] <= 0.0:
-                        continue
                     weighted = np.float32(sigma * w_idf)
-                    score[slot] += np.float64(np.float32(np.float64(weighted) / sqrt_norms[slot]))
-                    if not touched_mark[slot]:
-                        touched_mark[slot] = True
-                        touched[n_touched] = slot
-                        n_touched += 1
+                    score[slot] += np.float64(np.float32(np.float64(weighted) * inv_sqrt_norms[slot]))
             q_scale = np.float64(np.float32(math.sqrt(np.float64(q_norm))))
             valid = q_scale > 0.0
-            for j in range(n_touched):
-                slot = touched[j]
-                final[slot] = np.float32(score[slot] / q_scale) if valid else np.float32(0.0)
             if dense:
-                for j in range(n_touched):
-                    slot = touched[j]
-                    out_scores[q, slot] = final[slot]
+                for slot in range(n_slots):
+                    out_scores[q, slot] = np.float32(score[slot] / q_scale) if valid else np.float32(0.0)
+                    score[slot] = 0.0
             else:
                 size = 0
-                for j in range(n_touched):
-                    slot = touched[j]
-                    size = _heap_offer(heap_s, heap_i, size, k, final[slot], slot_ids[slot])
-                # Untouched images score 0; they matter only while the heap can take them.
-                if size < k or heap_s[0] <= 0.0:
-                    zero = np.float32(0.0)
-                    for slot in range(n_slots):
-                        if not touched_mark[slot]:
-                            size = _heap_offer(heap_s, heap_i, size, k, zero, slot_ids[slot])
+                for slot in range(n_slots):
+                    final = np.float32(score[slot] / q_scale) if valid else np.float32(0.0)
+                    size = _heap_offer(heap_s, heap_i, size, k, final, slot_ids[slot])
+                    score[slot] = 0.0
                 # Heap sort: moving the worst to the end leaves the best first.
                 for end in range(size - 1, 0, -1):
                     heap_s[0], heap_s[end] = heap_s[end], heap_s[0]
@@ -390,7 +453,3 @@ def search_kernel(
                 for j in range(size):
                     out_scores[q, j] = heap_s[j]
                     out_ids[q, j] = heap_i[j]
-            for j in range(n_touched):
-                slot = touched[j]
-                score[slot] = 0.0
-                touched_mark[slot] = False

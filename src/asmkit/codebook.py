@@ -17,6 +17,10 @@ __all__ = ["Codebook"]
 
 logger = logging.getLogger(__name__)
 
+#: Quantizations smaller than this many multiply-adds (N·K·D) run on one faiss thread: on a
+#: busy machine, starting OpenMP threads costs more than such a search (a few ms).
+_MIN_PARALLEL_MACS = 1 << 27
+
 
 def _gpu_available(gpu: int) -> bool:
     if not hasattr(faiss, "StandardGpuResources") or not hasattr(faiss, "get_num_gpus"):
@@ -172,7 +176,16 @@ class Codebook:
         m = min(int(m), self.size)
         if vecs.shape[0] == 0:
             return np.empty((0, m), dtype=np.int64)
-        _, words = self._search_index().search(vecs, m)
+        index = self._search_index()
+        if self._gpu is None and vecs.shape[0] * self.size * self.dim < _MIN_PARALLEL_MACS:
+            previous = faiss.omp_get_max_threads()
+            faiss.omp_set_num_threads(1)
+            try:
+                _, words = index.search(vecs, m)
+            finally:
+                faiss.omp_set_num_threads(previous)
+        else:
+            _, words = index.search(vecs, m)
         return np.ascontiguousarray(words, dtype=np.int64)
 
     def save(self, path: str | os.PathLike) -> None:

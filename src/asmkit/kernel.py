@@ -7,9 +7,7 @@ arrays into one float32 matrix with dense image labels.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -28,8 +26,6 @@ __all__ = [
     "n_hamming_bits",
     "normalize_l2",
 ]
-
-logger = logging.getLogger(__name__)
 
 
 def n_code_words(dim: int) -> int:
@@ -256,7 +252,11 @@ def aggregate(
     """
     starts = np.ascontiguousarray(starts, dtype=np.int64)
     assignments = np.ascontiguousarray(assignments, dtype=np.int64)
-    perm, n_words = _kernels.aggregate_count(assignments, order, starts)
+    n_images = starts.shape[0] - 1
+    n_pairs = int(starts[-1] - starts[0]) * assignments.shape[1]
+    with _kernels.thread_budget(n_pairs, _kernels.MIN_PARALLEL_PAIRS) as threads:
+        n_blocks = min(n_images, 4 * threads)
+        perm, n_words = _kernels.aggregate_count(assignments, order, starts, centroids.shape[0], n_blocks)
     offsets = np.zeros(n_words.shape[0] + 1, dtype=np.int64)
     np.cumsum(n_words, out=offsets[1:])
     n_rows = int(offsets[-1])
@@ -268,7 +268,8 @@ def aggregate(
     else:
         codes = np.empty((0, 0), dtype=np.uint64)
         real = np.empty((n_rows, dim), dtype=np.float32)
-    _kernels.aggregate_fill(vecs, centroids, assignments, order, starts, perm, offsets, binary, words, codes, real)
+    with _kernels.thread_budget(n_pairs, _kernels.MIN_PARALLEL_PAIRS):
+        _kernels.aggregate_fill(vecs, centroids, assignments, order, starts, perm, offsets, binary, words, codes, real)
     del perm
     data = codes if binary else normalize_l2(real)
     return Aggregates(offsets, words, data)
@@ -322,17 +323,3 @@ def hamming_similarity(a: np.ndarray, b: np.ndarray, dim: int) -> np.ndarray:
     h = np.unpackbits(as_bytes, axis=-1).sum(axis=-1, dtype=np.int64)
     hdist = (h / n_hamming_bits(dim)).astype(np.float32)
     return (np.float32(-2.0) * hdist + np.float32(1.0)).astype(np.float32)
-
-
-def concat_aggregates(parts: Sequence[Aggregates]) -> Aggregates:
-    """Stack aggregates of consecutive image groups into one (labels continue)."""
-    offsets = [np.zeros(1, dtype=np.int64)]
-    shift = 0
-    for part in parts:
-        offsets.append(part.offsets[1:] + shift)
-        shift += int(part.offsets[-1])
-    return Aggregates(
-        np.concatenate(offsets),
-        np.concatenate([p.words for p in parts]),
-        np.concatenate([p.data for p in parts], axis=0),
-    )

@@ -11,10 +11,8 @@ the whole index's list.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Mapping, Sequence
 
-import numba
 import numpy as np
 
 from . import _kernels
@@ -148,17 +146,27 @@ def score_aggregates(
         return out_scores if dense else (out_scores, out_ids)
 
     binary = ivf.binary
-    n_bits = float(n_hamming_bits(dim))
     alpha = float(params.alpha)
-    _kernels.search_kernel(
-        _readonly(queries.offsets), _readonly(queries.words),
-        _readonly(queries.data if binary else _EMPTY_CODES), _readonly(_EMPTY_REAL if binary else queries.data),
-        _readonly(ivf.offsets), _readonly(ivf.slots),
-        _readonly(ivf.data if binary else _EMPTY_CODES), _readonly(_EMPTY_REAL if binary else ivf.data),
-        _readonly(idf), _readonly(sqrt_norms), _readonly(slot_ids),
-        bool(binary), n_bits, alpha, bool(float(alpha).is_integer()), np.float32(params.tau),
-        int(k_eff), bool(dense), min(n_queries, 4 * numba.get_num_threads()), out_scores, out_ids,
-    )
+    alpha_is_int = bool(alpha.is_integer())
+    tau = np.float32(params.tau)
+    if binary:
+        sigma_of_h = _kernels.sigma_table(n_hamming_bits(dim), alpha, alpha_is_int, tau)
+    else:
+        sigma_of_h = np.empty(0, dtype=np.float32)
+    with np.errstate(divide="ignore"):
+        inv_sqrt_norms = np.where(sqrt_norms > 0, 1.0 / sqrt_norms, 0.0)
+    # Work estimate: posting entries the queries touch, plus the per-query pass over slots.
+    work = int(np.diff(ivf.offsets)[queries.words].sum()) + n_queries * n_slots
+    with _kernels.thread_budget(work, _kernels.MIN_PARALLEL_ENTRIES) as threads:
+        _kernels.search_kernel(
+            _readonly(queries.offsets), _readonly(queries.words),
+            _readonly(queries.data if binary else _EMPTY_CODES), _readonly(_EMPTY_REAL if binary else queries.data),
+            _readonly(ivf.offsets), _readonly(ivf.slots),
+            _readonly(ivf.data if binary else _EMPTY_CODES), _readonly(_EMPTY_REAL if binary else ivf.data),
+            _readonly(idf), _readonly(inv_sqrt_norms), _readonly(slot_ids),
+            bool(binary), _readonly(sigma_of_h), alpha, alpha_is_int, tau,
+            int(k_eff), bool(dense), min(n_queries, 4 * threads), out_scores, out_ids,
+        )
     return out_scores if dense else (out_scores, out_ids)
 
 
@@ -217,6 +225,7 @@ def similarity_matrix(
     q_assign = np.ascontiguousarray(assignments[:, : params.ma_query])
     del assignments
     n = desc.n_images
+    logger.debug("similarity matrix: %d images, %d posting entries, %d-image query chunks", n, ivf.n_entries, chunk)
     if k is None:
         result = np.zeros((n, n), dtype=np.float32)
     else:

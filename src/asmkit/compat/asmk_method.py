@@ -133,9 +133,6 @@ class ASMKMethod:
             params[step] = copy.deepcopy(dict(step_params))
         return params
 
-    def _engine_params(self, params: Mapping[str, Any]) -> Params:
-        return Params.from_reference(params)
-
     def _derive(self, params, step, step_metadata, **state) -> "ASMKMethod":
         fields = {"codebook": self.codebook, "index": self.index, "imid_offset": self.imid_offset}
         fields.update(state)
@@ -177,7 +174,7 @@ class ASMKMethod:
         if self.codebook is not None:
             raise ValueError("train_codebook: the codebook is already trained; start from initialize_untrained")
         params = self._with_step("train_codebook", step_params)
-        engine = self._engine_params(params)
+        engine = Params.from_reference(params)
         t0 = time.perf_counter()
         if cache_path is not None and Path(cache_path).exists():
             path = Path(cache_path)
@@ -201,7 +198,6 @@ class ASMKMethod:
             if cache_path is not None:
                 codebook.save(cache_path)
                 logger.info("codebook cached as an asmkit directory at %s", cache_path)
-        metadata["index_class"] = "Codebook"
         return self._derive(params, "train_codebook", metadata, codebook=codebook)
 
     def build_ivf(
@@ -249,7 +245,7 @@ class ASMKMethod:
         if self.index is not None:
             raise ValueError("build_ivf: the inverted file is already built")
         params = self._with_step("build_ivf", step_params)
-        engine = self._engine_params(params)
+        engine = Params.from_reference(params)
         t0 = time.perf_counter()
         if cache_path is not None and Path(cache_path).exists():
             index = Index.load(cache_path, mmap=True)
@@ -338,7 +334,7 @@ class ASMKMethod:
         params = self._with_step("query_ivf", step_params)
         # The query-side settings (m, alpha, tau, topk) come from this call; the database
         # side (binary, idf) is what the index was built with.
-        engine = self._engine_params(params)
+        engine = Params.from_reference(params)
         index = self.index
         query_params = index.params.replace(ma_query=engine.ma_query, alpha=engine.alpha, tau=engine.tau,
                                             topk=engine.topk)

@@ -42,6 +42,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
     ) from exc
 
 from .extract import ImageFeatures
+from .io import load_image
 from .whitening import PCAWhitening
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "how_select_local",
     "weighted_spoc",
     "resolve_nfeat",
+    "lite0_extractor",
 ]
 
 logger = logging.getLogger(__name__)
@@ -490,7 +492,7 @@ class DeepExtractor:
 
     def learn_whitening(
         self,
-        images: Iterable[np.ndarray],
+        images: Iterable[np.ndarray | str | os.PathLike],
         *,
         dim: int | None = 128,
         shrinkage: float = 1.0,
@@ -500,8 +502,9 @@ class DeepExtractor:
 
         Parameters
         ----------
-        images : iterable of numpy.ndarray
-            uint8 ``[H, W, 3]`` RGB sample images.
+        images : iterable of numpy.ndarray or path-like
+            Sample images: uint8 ``[H, W, 3]`` RGB arrays, or files (loaded with
+            :func:`asmkit.features.io.load_image` at ``max_size``).
         dim : int or None, default 128
             Output dims (clipped to the feature width); None keeps all.
         shrinkage : float, default 1.0
@@ -516,6 +519,8 @@ class DeepExtractor:
         """
         vecs = []
         for image in images:
+            if isinstance(image, (str, os.PathLike)):
+                image = load_image(image, max_size=self.max_size)
             desc, _ = self.raw_features(image)
             vecs.append(desc[:per_image] if per_image is not None else desc)
         if not vecs:
@@ -633,6 +638,29 @@ class DeepExtractor:
             ImageFeatures(descriptors=feat[i], keypoints=kpts[i], attention=attn[i], global_descriptor=glob[i])
             for i in range(len(images))
         ]
+
+
+def lite0_extractor(
+    *,
+    stage: str | int = "stride16",
+    nfeat: float = 800,
+    scales: Sequence[float] = (1.0,),
+    smoothing: int = 0,
+    whitening: PCAWhitening | str | os.PathLike | None = None,
+    **kwargs: Any,
+) -> DeepExtractor:
+    """The deep preset: EfficientNet-Lite0 (offline ImageNet weights) + training-free head.
+
+    Defaults follow the UKBench study in docs/deep.md: the last 112-channel block (stride 16),
+    800 features per image, single scale. Learn the whitening with
+    :meth:`DeepExtractor.learn_whitening` (128 is clipped to the 112 channels) or pass one.
+    Other keyword arguments go to :class:`DeepExtractor`.
+    """
+    from .backbones import EfficientNetLite0
+
+    kwargs.setdefault("name", "effnet_lite0")
+    return DeepExtractor(EfficientNetLite0(stage), nfeat=nfeat, scales=scales, smoothing=smoothing,
+                         whitening=whitening, **kwargs)
 
 
 def _check_image(image: Any, name: str) -> np.ndarray:

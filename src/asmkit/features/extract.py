@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Protocol, runtime_checkable
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .io import ImageLoadError, list_images, load_image
 
@@ -277,7 +278,6 @@ def extract_features(
         return extractor.extract(load_image(path, max_size=max_size))
 
     task = load_and_extract if in_workers else load
-    from tqdm.auto import tqdm
 
     start = time.perf_counter()
     # A bounded window of pending futures keeps memory flat and results in input order.
