@@ -114,7 +114,7 @@ def _rank_asmk(vecs, ids, n_images, codebook_size, seed):
     return np.asarray(ranks), engine, t1 - t0, time.perf_counter() - t1
 
 
-args_sample = 300_000
+args_sample = 150_000
 
 
 def evaluate(args) -> None:

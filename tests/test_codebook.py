@@ -112,3 +112,93 @@ def test_quantize_rejects_bad_input(centroids40):
         book.quantize(np.zeros((3, 39), np.float32))
     with pytest.raises(ValueError, match="m"):
         book.quantize(np.zeros((3, 40), np.float32), 0)
+
+
+def _agrees_with_faiss_up_to_ties(words, faiss_dist, faiss_words, m):
+    """Rows where our m words differ from faiss's must sit on a float32-rounding tie.
+
+    Two rankings of the same squared distances can only differ where distances are equal
+    up to the rounding of float32 inner products: column 0 (the hard assignment, which
+    the database side uses) may differ only if faiss's first two distances tie, and the
+    set of m words only if faiss's m-th and (m + 1)-th distances tie.
+    """
+    tol = 8 * np.finfo(np.float32).eps * np.maximum(faiss_dist[:, : m + 1], 1.0).max(axis=1)
+    first = words[:, 0] != faiss_words[:, 0]
+    assert np.all(np.abs(faiss_dist[first, 1] - faiss_dist[first, 0]) <= tol[first])
+    sets_differ = np.array([set(a) != set(b) for a, b in zip(words.tolist(), faiss_words[:, :m].tolist())])
+    assert np.all(np.abs(faiss_dist[sets_differ, m] - faiss_dist[sets_differ, m - 1]) <= tol[sets_differ])
+    return int(first.sum()), int(sets_differ.sum())
+
+
+@pytest.mark.parametrize("m", [1, 5])
+def test_quantize_matches_faiss_flat_l2_on_clustered_data(m):
+    faiss = pytest.importorskip("faiss")
+    from asmkit._synthetic import clustered_descriptors
+
+    vecs, _, _ = clustered_descriptors(60, 100, 128, seed=11)
+    # Centroids from the data itself (plus a little noise): many descriptors sit close to
+    # several words, the hard case for agreement.
+    rng = np.random.default_rng(12)
+    centroids = vecs[rng.choice(len(vecs), 512, replace=False)] + 0.01 * rng.standard_normal((512, 128)).astype(
+        np.float32)
+    index = faiss.IndexFlatL2(128)
+    index.add(centroids)
+    faiss_dist, faiss_words = index.search(vecs, m + 1)
+    words, dist = Codebook(centroids).quantize(vecs, m, return_distances=True)
+    assert words.shape == dist.shape == (len(vecs), m)
+    n_first, n_sets = _agrees_with_faiss_up_to_ties(words, faiss_dist, faiss_words, m)
+    assert n_first <= 3 and n_sets <= 3  # ties are rare; a systematic difference is not
+    np.testing.assert_allclose(dist, faiss_dist[:, :m], rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_matches_faiss_on_rootsift_if_cached():
+    faiss = pytest.importorskip("faiss")
+    path = "/tmp/ukbench_rootsift_ukbench2000_1000.npz"
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            vecs = np.ascontiguousarray(npz["vecs"][:30000])
+    except FileNotFoundError:
+        pytest.skip(f"{path} (cached UKBench RootSIFT) is absent")
+    rng = np.random.default_rng(3)
+    centroids = vecs[rng.choice(len(vecs), 1024, replace=False)]
+    queries = vecs[::10]
+    index = faiss.IndexFlatL2(128)
+    index.add(centroids)
+    faiss_dist, faiss_words = index.search(queries, 6)
+    words = Codebook(centroids).quantize(queries, 5)
+    _agrees_with_faiss_up_to_ties(words, faiss_dist, faiss_words, 5)
+
+
+def test_quantize_ties_go_to_the_lower_word_id():
+    # Words 1 and 3 are the same point, and 0 and 2 another: equal distances everywhere.
+    centroids = np.array([[0, 0], [1, 0], [0, 0], [1, 0], [5, 5]], dtype=np.float32)
+    vecs = np.array([[0.9, 0.0], [0.1, 0.0], [3.0, 3.0]], dtype=np.float32)
+    words = Codebook(centroids).quantize(vecs, 4)
+    np.testing.assert_array_equal(words, [[1, 3, 0, 2], [0, 2, 1, 3], [4, 1, 3, 0]])
+
+
+def test_quantize_blocks_and_threads_do_not_change_the_result(monkeypatch, centroids40):
+    import asmkit._kernels as kernels
+    import asmkit.codebook as codebook
+
+    vecs = np.random.default_rng(8).standard_normal((700, 40)).astype(np.float32)
+    expected = Codebook(centroids40).quantize(vecs, 3)
+    # Blocks of 64 rows, parallel selection and multi-threaded BLAS on every block.
+    monkeypatch.setattr(codebook, "_BLOCK_FLOATS", 64 * 16)
+    monkeypatch.setattr(kernels, "MIN_PARALLEL_ROWS", 0)
+    monkeypatch.setattr(kernels, "MIN_PARALLEL_MACS", 0)
+    np.testing.assert_array_equal(Codebook(centroids40).quantize(vecs, 3), expected)
+    np.testing.assert_array_equal(expected, ref.quantize(vecs, centroids40, 3))
+
+
+def test_blas_thread_budget_restores_the_thread_count():
+    import asmkit._kernels as kernels
+
+    control = kernels._openblas_thread_control()
+    if control is None:
+        pytest.skip("NumPy does not link OpenBLAS here")
+    get, _ = control
+    before = get()
+    with kernels.blas_thread_budget(10, 100):
+        assert get() == 1
+    assert get() == before

@@ -167,3 +167,28 @@ def test_load_rejects_corruption(tmp_path, centroids40, data):
     Codebook(centroids40).save(tmp_path / "cb.asmkit")
     with pytest.raises(StorageError, match="codebook"):
         Index.load(tmp_path / "cb.asmkit")
+
+
+def test_search_in_chunks_equals_one_pass(monkeypatch, centroids40):
+    import asmkit.index as index_module
+
+    params = Params(binary=True, use_idf=True, ma_query=3)
+    db = make_images(20, 15, 40, seed=71, centroids=centroids40)
+    index = Index(Codebook(centroids40), params)
+    index.add(db)
+    # Non-contiguous rows (interleaved images) and an image without descriptors.
+    rng = np.random.default_rng(72)
+    vecs = rng.standard_normal((90, 40)).astype(np.float32)
+    labels = rng.permutation(np.repeat([4, 9, 2, 7, 11], 18))
+    expected = index.search(vecs, labels, k=6)
+    monkeypatch.setattr(index_module, "_SEARCH_CHUNK_ROWS", 20)
+    got = index.search(vecs, labels, k=6)
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])
+    images = [vecs[:10], np.empty((0, 40), np.float32), vecs[10:50], vecs[50:]]
+    monkeypatch.setattr(index_module, "_SEARCH_CHUNK_ROWS", 1 << 14)
+    whole = index.search(images, k=None)
+    monkeypatch.setattr(index_module, "_SEARCH_CHUNK_ROWS", 15)
+    parts = index.search(images, k=None)
+    np.testing.assert_array_equal(parts[0], whole[0])
+    np.testing.assert_array_equal(parts[1], whole[1])

@@ -170,3 +170,10 @@ def test_extraction_resumes_after_interruption(tmp_path):
         again = CountingExtractor()
         result = extract_features(folder.root, again, store=store, progress=False, keep=True)
         assert again.calls == 0 and result.extracted == []
+
+
+def test_extraction_refuses_a_store_of_another_extractor(tmp_path):
+    folder = make_broken_folder(tmp_path / "imgs", n_good=1, seed=2, n_bad_each=0)
+    with FeatureStore(tmp_path / "f.h5", {"extractor": "other"}) as store:
+        with pytest.raises(ValueError, match="another extractor config"):
+            extract_features(folder.root, CountingExtractor(), store=store, progress=False)

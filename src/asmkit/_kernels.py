@@ -16,7 +16,12 @@ per-entry contribution is rounded to float32 before it is added to a float64 sco
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
+import glob
+import logging
 import math
+import os
 from typing import Iterator
 
 import numba
@@ -26,6 +31,7 @@ from numba.extending import intrinsic
 
 __all__ = [
     "thread_budget",
+    "blas_thread_budget",
     "group_by_label",
     "aggregate_count",
     "aggregate_fill",
@@ -33,15 +39,20 @@ __all__ = [
     "popcount64",
     "search_kernel",
     "sigma_table",
+    "select_nearest",
 ]
 
 _U1 = np.uint64(1)
+
+logger = logging.getLogger(__name__)
 
 #: Below these amounts of work (pairs to aggregate, posting entries to score) a parallel
 #: kernel runs on the calling thread alone: on a busy machine, waking the other threads of
 #: a parallel region can cost milliseconds, far more than the work.
 MIN_PARALLEL_PAIRS = 1 << 15
 MIN_PARALLEL_ENTRIES = 1 << 20
+#: Rows of a distance block below which ``select_nearest`` runs on the calling thread.
+MIN_PARALLEL_ROWS = 256
 
 
 @contextlib.contextmanager
@@ -57,6 +68,59 @@ def thread_budget(work: int, min_parallel_work: int) -> Iterator[int]:
         yield threads
     finally:
         numba.set_num_threads(previous)
+
+
+#: Below this many multiply-adds a BLAS product runs on one thread (same reason as above:
+#: 2^26 MACs are ~1 ms on one core, less than a wake-up of idle BLAS threads under load).
+MIN_PARALLEL_MACS = 1 << 26
+
+
+@functools.lru_cache(maxsize=1)
+def _openblas_thread_control():
+    """(get, set) thread-count functions of the OpenBLAS that NumPy links, or None.
+
+    NumPy wheels bundle ``scipy_openblas`` with prefixed symbols; other builds export the
+    plain OpenBLAS names. Any other BLAS (MKL, Accelerate) is left alone.
+    """
+    libs = glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "*openblas*"))
+    libs += glob.glob(os.path.join(os.path.dirname(np.__file__), ".dylibs", "*openblas*"))
+    for path in libs:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for get_name, set_name in (("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
+                                   ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
+                                   ("openblas_get_num_threads", "openblas_set_num_threads")):
+            if hasattr(lib, get_name) and hasattr(lib, set_name):
+                get, set_ = getattr(lib, get_name), getattr(lib, set_name)
+                get.restype, get.argtypes = ctypes.c_int, []
+                set_.restype, set_.argtypes = None, [ctypes.c_int]
+                return get, set_
+    logger.debug("no OpenBLAS thread control found; BLAS keeps its own thread count")
+    return None
+
+
+@contextlib.contextmanager
+def blas_thread_budget(work: int, min_parallel_work: int = MIN_PARALLEL_MACS) -> Iterator[None]:
+    """Context: NumPy's OpenBLAS on one thread when ``work < min_parallel_work``, and never
+    on more threads than numba currently uses (so ``numba.set_num_threads(1)`` makes the
+    whole engine single-threaded). No-op where the BLAS is not OpenBLAS."""
+    control = _openblas_thread_control()
+    if control is None:
+        yield
+        return
+    get, set_ = control
+    previous = get()
+    wanted = 1 if work < min_parallel_work else min(previous, numba.get_num_threads())
+    if wanted == previous:
+        yield
+        return
+    set_(wanted)
+    try:
+        yield
+    finally:
+        set_(previous)
 
 
 @intrinsic
@@ -353,12 +417,96 @@ def _dot(a, b):
     return acc
 
 
+@njit(cache=True)
+def _accumulate_binary(q_offsets, q_words, q_codes, q, offsets, entry_slot, codes, idf, inv_sqrt_norms,
+                       weight_of_h, score):
+    """Add query ``q``'s binary selective-kernel contributions to ``score``; return n_q.
+
+    Branch-free: ``weight_of_h`` holds 0 where u(h) < τ, and adding 0.0 leaves a float64
+    sum unchanged, so thresholded entries need no (unpredictable) branch. Kept out of the
+    parallel loop of ``search_kernel``, where numba compiles loops less tightly.
+    """
+    n_code = q_codes.shape[1]
+    q_norm = np.float32(0.0)
+    for r in range(q_offsets[q], q_offsets[q + 1]):
+        word = q_words[r]
+        w_idf = idf[word]
+        q_norm += w_idf
+        begin = offsets[word]
+        end = offsets[word + 1]
+        if n_code == 2:
+            # D in 65 .. 128 (SIFT, most deep local features): two words, unrolled.
+            a0 = q_codes[r, 0]
+            a1 = q_codes[r, 1]
+            for e in range(begin, end):
+                h = popcount64(a0 ^ codes[e, 0]) + popcount64(a1 ^ codes[e, 1])
+                weighted = np.float32(weight_of_h[h] * w_idf)
+                slot = entry_slot[e]
+                score[slot] += np.float64(np.float32(np.float64(weighted) * inv_sqrt_norms[slot]))
+        else:
+            for e in range(begin, end):
+                h = np.uint64(0)
+                for t in range(n_code):
+                    h += popcount64(q_codes[r, t] ^ codes[e, t])
+                weighted = np.float32(weight_of_h[h] * w_idf)
+                slot = entry_slot[e]
+                score[slot] += np.float64(np.float32(np.float64(weighted) * inv_sqrt_norms[slot]))
+    return q_norm
+
+
+@njit(cache=True)
+def _accumulate_real(q_offsets, q_words, q_real, q, offsets, entry_slot, real, idf, inv_sqrt_norms,
+                     alpha, alpha_is_int, tau, score):
+    """Add query ``q``'s real-valued selective-kernel contributions to ``score``; return n_q."""
+    q_norm = np.float32(0.0)
+    for r in range(q_offsets[q], q_offsets[q + 1]):
+        word = q_words[r]
+        w_idf = idf[word]
+        q_norm += w_idf
+        for e in range(offsets[word], offsets[word + 1]):
+            sigma = _selective(np.float32(_dot(q_real[r], real[e])), alpha, alpha_is_int, tau)
+            if sigma != sigma:
+                continue  # below the threshold τ
+            slot = entry_slot[e]
+            weighted = np.float32(sigma * w_idf)
+            score[slot] += np.float64(np.float32(np.float64(weighted) * inv_sqrt_norms[slot]))
+    return q_norm
+
+
+@njit(cache=True)
+def _emit(q, score, q_norm, slot_ids, k, dense, heap_s, heap_i, out_scores, out_ids):
+    """Write query ``q``'s dense row or sorted top-k from ``score``, and reset ``score``."""
+    n_slots = score.shape[0]
+    q_scale = np.float64(np.float32(math.sqrt(np.float64(q_norm))))
+    valid = q_scale > 0.0
+    if dense:
+        for slot in range(n_slots):
+            out_scores[q, slot] = np.float32(score[slot] / q_scale) if valid else np.float32(0.0)
+            score[slot] = 0.0
+        return
+    size = 0
+    for slot in range(n_slots):
+        final = np.float32(score[slot] / q_scale) if valid else np.float32(0.0)
+        score[slot] = 0.0
+        # Once the heap is full, most slots lose to its root: test that before the call.
+        if size < k or _worse(heap_s[0], heap_i[0], final, slot_ids[slot]):
+            size = _heap_offer(heap_s, heap_i, size, k, final, slot_ids[slot])
+    # Heap sort: moving the worst to the end leaves the best first.
+    for end in range(size - 1, 0, -1):
+        heap_s[0], heap_s[end] = heap_s[end], heap_s[0]
+        heap_i[0], heap_i[end] = heap_i[end], heap_i[0]
+        _sift_down(heap_s, heap_i, end, 0)
+    for j in range(size):
+        out_scores[q, j] = heap_s[j]
+        out_ids[q, j] = heap_i[j]
+
+
 @njit(cache=True, parallel=True)
 def search_kernel(
     q_offsets, q_words, q_codes, q_real,
     offsets, entry_slot, codes, real,
     idf, inv_sqrt_norms, slot_ids,
-    binary, sigma_of_h, alpha, alpha_is_int, tau,
+    binary, weight_of_h, alpha, alpha_is_int, tau,
     k, dense, n_blocks, out_scores, out_ids,
 ):
     """Score query images against an inverted file with the selective match kernel.
@@ -390,8 +538,8 @@ def search_kernel(
     slot_ids : int64 [S]
         User image id of each slot (returned ids, tie order).
     binary : bool
-    sigma_of_h : float32 [B + 1]
-        ``sigma_table`` (binary codes only).
+    weight_of_h : float32 [B + 1]
+        ``sigma_table`` with 0 in place of NaN (binary codes only).
     alpha : float64
     alpha_is_int : bool
     tau : float32
@@ -408,48 +556,81 @@ def search_kernel(
     """
     n_queries = q_offsets.shape[0] - 1
     n_slots = inv_sqrt_norms.shape[0]
-    n_code = q_codes.shape[1]
     for b in prange(n_blocks):
         score = np.zeros(n_slots, dtype=np.float64)
         heap_s = np.empty(max(k, 1), dtype=np.float32)
         heap_i = np.empty(max(k, 1), dtype=np.int64)
         for q in range((n_queries * b) // n_blocks, (n_queries * (b + 1)) // n_blocks):
-            q_norm = np.float32(0.0)
-            for r in range(q_offsets[q], q_offsets[q + 1]):
-                word = q_words[r]
-                w_idf = idf[word]
-                q_norm += w_idf
-                for e in range(offsets[word], offsets[word + 1]):
-                    if binary:
-                        h = np.uint64(0)
-                        for t in range(n_code):
-                            h += popcount64(q_codes[r, t] ^ codes[e, t])
-                        sigma = sigma_of_h[h]
-                    else:
-                        u = np.float32(_dot(q_real[r], real[e]))
-                        sigma = _selective(u, alpha, alpha_is_int, tau)
-                    if sigma != sigma:
-                        continue  # below the threshold τ
-                    slot = entry_slot[e]
-                    weighted = np.float32(sigma * w_idf)
-                    score[slot] += np.float64(np.float32(np.float64(weighted) * inv_sqrt_norms[slot]))
-            q_scale = np.float64(np.float32(math.sqrt(np.float64(q_norm))))
-            valid = q_scale > 0.0
-            if dense:
-                for slot in range(n_slots):
-                    out_scores[q, slot] = np.float32(score[slot] / q_scale) if valid else np.float32(0.0)
-                    score[slot] = 0.0
+            if binary:
+                q_norm = _accumulate_binary(q_offsets, q_words, q_codes, q, offsets, entry_slot, codes, idf,
+                                            inv_sqrt_norms, weight_of_h, score)
             else:
-                size = 0
-                for slot in range(n_slots):
-                    final = np.float32(score[slot] / q_scale) if valid else np.float32(0.0)
-                    size = _heap_offer(heap_s, heap_i, size, k, final, slot_ids[slot])
-                    score[slot] = 0.0
-                # Heap sort: moving the worst to the end leaves the best first.
-                for end in range(size - 1, 0, -1):
-                    heap_s[0], heap_s[end] = heap_s[end], heap_s[0]
-                    heap_i[0], heap_i[end] = heap_i[end], heap_i[0]
-                    _sift_down(heap_s, heap_i, end, 0)
-                for j in range(size):
-                    out_scores[q, j] = heap_s[j]
-                    out_ids[q, j] = heap_i[j]
+                q_norm = _accumulate_real(q_offsets, q_words, q_real, q, offsets, entry_slot, real, idf,
+                                          inv_sqrt_norms, alpha, alpha_is_int, tau, score)
+            _emit(q, score, q_norm, slot_ids, k, dense, heap_s, heap_i, out_scores, out_ids)
+
+
+@njit(cache=True)
+def _select_row(row, xn, c_norms, best_d, best_w):
+    """Fill ``best_d``/``best_w`` (length m) with the m smallest distances of one row.
+
+    A separate function, not inlined into the parallel loop: inside a ``prange`` body
+    numba compiles this scan several times slower.
+    """
+    m = best_d.shape[0]
+    two = np.float32(2.0)
+    zero = np.float32(0.0)
+    # Seed with the first m words, insertion-sorted (stable: equal distances keep
+    # ascending ids).
+    for j in range(m):
+        d = max((xn + c_norms[j]) - two * row[j], zero)
+        pos = j
+        while pos > 0 and best_d[pos - 1] > d:
+            best_d[pos] = best_d[pos - 1]
+            best_w[pos] = best_w[pos - 1]
+            pos -= 1
+        best_d[pos] = d
+        best_w[pos] = j
+    worst = best_d[m - 1]
+    for j in range(m, row.shape[0]):
+        d = max((xn + c_norms[j]) - two * row[j], zero)
+        # Strict: a later (higher) id never displaces an equal distance.
+        if d < worst:
+            pos = m - 1
+            while pos > 0 and best_d[pos - 1] > d:
+                best_d[pos] = best_d[pos - 1]
+                best_w[pos] = best_w[pos - 1]
+                pos -= 1
+            best_d[pos] = d
+            best_w[pos] = j
+            worst = best_d[m - 1]
+
+
+@njit(cache=True, parallel=True)
+def select_nearest(ip, x_norms, c_norms, n_blocks, out_words, out_dist):
+    """The m smallest squared L2 distances per row, from inner products, as faiss ranks them.
+
+    The distance is ``float32(x_norms[i] + c_norms[j]) - 2 · ip[i, j]`` clamped at 0, in
+    float32, the expression of faiss's BLAS path for ``IndexFlatL2`` (so the ranking equals
+    faiss's up to the rounding of the inner products). Ties go to the lower word id, as in
+    faiss's result heaps.
+
+    Parameters
+    ----------
+    ip : float32 [n, K]
+        Inner products ⟨x_i, c_j⟩ (one BLAS GEMM).
+    x_norms : float32 [n]
+        ‖x_i‖².
+    c_norms : float32 [K]
+        ‖c_j‖².
+    n_blocks : int
+        Parallel blocks of rows, 1 .. n.
+    out_words : int64 [n, m]
+        Word ids, nearest first; m = ``out_words.shape[1]``, 1 .. K.
+    out_dist : float32 [n, m]
+        Their distances.
+    """
+    n = ip.shape[0]
+    for b in prange(n_blocks):
+        for i in range((n * b) // n_blocks, (n * (b + 1)) // n_blocks):
+            _select_row(ip[i], x_norms[i], c_norms, out_dist[i], out_words[i])

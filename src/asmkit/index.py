@@ -25,7 +25,7 @@ import numpy as np
 from . import storage
 from .codebook import Codebook
 from .ivf import InvertedFile, compute_idf, image_norms, ivf_stats
-from .kernel import n_code_words, prepare_descriptors
+from .kernel import aggregate, n_code_words, prepare_descriptors
 from .params import Params
 from .search import aggregate_images, as_params, check_k, score_aggregates
 
@@ -34,6 +34,9 @@ __all__ = ["Index"]
 logger = logging.getLogger(__name__)
 
 _KIND = "index"
+#: Query descriptors per search chunk (8 MiB of 128-D float32 and, at m = 5, 1.3 MiB of
+#: words): big enough that BLAS runs at full speed, small enough to bound peak memory.
+_SEARCH_CHUNK_ROWS = 1 << 14
 
 
 class Index:
@@ -311,10 +314,31 @@ class Index:
         """
         k = check_k(k)
         k = self._params.topk if k is None else k
-        desc, assignments = self._query_aggregates(vecs, image_ids)
-        queries = aggregate_images(self._codebook, desc, assignments, self._params.binary)
-        return score_aggregates(self._ivf, self._idf, self._sqrt_norms_array(), self._ids, queries, self._params,
-                                dim=self._codebook.dim, k=k)
+        desc = prepare_descriptors(vecs, image_ids, dim=self._codebook.dim, unique_ids=False)
+        n = desc.n_images
+        width = len(self) if k is None else k
+        scores = np.empty((n, width), dtype=np.float32)
+        ids = np.empty((n, width), dtype=np.int64)
+        # Query images go through quantize -> aggregate -> score in chunks of about
+        # _SEARCH_CHUNK_ROWS descriptors: peak memory stays that of one chunk's words and
+        # aggregates, whatever the number of queries.
+        begin = 0
+        while begin < n:
+            end = int(np.searchsorted(desc.starts, desc.starts[begin] + _SEARCH_CHUNK_ROWS, side="right")) - 1
+            end = min(max(end, begin + 1), n)
+            lo, hi = int(desc.starts[begin]), int(desc.starts[end])
+            rows = desc.order[lo:hi]
+            contiguous = hi - lo == 0 or (rows[0] == lo and rows[-1] == hi - 1 and bool(np.all(np.diff(rows) == 1)))
+            chunk_vecs = desc.vecs[lo:hi] if contiguous else desc.vecs[rows]
+            assignments = self._codebook.quantize(chunk_vecs, self._params.ma_query)
+            queries = aggregate(chunk_vecs, assignments, desc.starts[begin : end + 1] - lo,
+                                np.arange(hi - lo, dtype=np.int64), self._codebook.centroids,
+                                binary=self._params.binary)
+            scores[begin:end], ids[begin:end] = score_aggregates(
+                self._ivf, self._idf, self._sqrt_norms_array(), self._ids, queries, self._params,
+                dim=self._codebook.dim, k=k)
+            begin = end
+        return scores, ids
 
     def similarity_matrix(self, vecs, image_ids=None, *, k: int | None = None, chunk: int = 256):
         """Scores of query images against every database image, as a dense matrix.

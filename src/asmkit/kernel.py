@@ -64,8 +64,11 @@ def check_vecs(vecs, *, name: str = "vecs", dim: int | None = None) -> np.ndarra
         raise ValueError(f"{name}: descriptors must have at least one dimension")
     with np.errstate(over="ignore"):
         out = np.ascontiguousarray(vecs, dtype=np.float32)
-    if out.size and not np.isfinite(out).all():
-        raise ValueError(f"{name}: contains NaN or infinite values (after conversion to float32)")
+    # In blocks of rows: one np.isfinite over all of [N, D] would allocate N·D bytes.
+    step = max(1, (1 << 20) // max(out.shape[1], 1))
+    for begin in range(0, out.shape[0], step):
+        if not np.isfinite(out[begin : begin + step]).all():
+            raise ValueError(f"{name}: contains NaN or infinite values (after conversion to float32)")
     return out
 
 

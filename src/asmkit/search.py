@@ -150,7 +150,8 @@ def score_aggregates(
     alpha_is_int = bool(alpha.is_integer())
     tau = np.float32(params.tau)
     if binary:
-        sigma_of_h = _kernels.sigma_table(n_hamming_bits(dim), alpha, alpha_is_int, tau)
+        # NaN (u < τ) becomes a zero weight: the kernel adds it without a branch.
+        sigma_of_h = np.nan_to_num(_kernels.sigma_table(n_hamming_bits(dim), alpha, alpha_is_int, tau), nan=0.0)
     else:
         sigma_of_h = np.empty(0, dtype=np.float32)
     with np.errstate(divide="ignore"):

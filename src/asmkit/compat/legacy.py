@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import codecs
 import io
-import logging
 import os
 import pickle
 from pathlib import Path
@@ -31,9 +30,6 @@ __all__ = [
     "ivf_from_legacy",
     "pack_uint32_codes",
 ]
-
-logger = logging.getLogger(__name__)
-
 
 class LegacyFormatError(ValueError):
     """A legacy pickle is malformed, or names a global outside the allow-list."""

@@ -15,6 +15,7 @@ An *extractor* is any object with
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -242,7 +243,8 @@ def extract_features(
     TypeError
         If ``extractor`` lacks the interface or returns something else than ImageFeatures.
     ValueError
-        If ``workers`` is not a positive int, or names clash (see :func:`image_names`).
+        If ``workers`` is not a positive int, names clash (see :func:`image_names`), or
+        ``store`` was opened with another config than ``extractor.config()``.
     """
     _check_extractor(extractor)
     if isinstance(paths, (str, os.PathLike)):
@@ -258,6 +260,11 @@ def extract_features(
         raise ValueError(f"workers: expected a positive int or None, got {workers!r}")
     if keep is None:
         keep = store is None
+    if store is not None and store.config != json.loads(json.dumps(extractor.config(), sort_keys=True)):
+        raise ValueError(
+            f"store: {store.path} holds features of another extractor config; "
+            f"open it as FeatureStore(path, extractor.config())"
+        )
     max_size = getattr(extractor, "max_size", None)
     in_workers = bool(getattr(extractor, "thread_safe", False))
 
@@ -286,9 +293,8 @@ def extract_features(
         max_workers=workers, thread_name_prefix="asmkit-extract"
     ) as pool, tqdm(total=len(todo), disable=not progress, unit="img", desc=f"extract {extractor.name}") as bar:
         pending: deque = deque()
-        queue = iter(todo)
         try:
-            for name, path in queue:
+            for name, path in todo:
                 pending.append((name, path, pool.submit(task, path)))
                 if len(pending) >= window:
                     _finish(pending.popleft(), extractor, in_workers, store, keep, result)

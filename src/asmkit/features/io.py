@@ -6,7 +6,6 @@ human-readable reason, so that batch extraction can skip the file and report it.
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -21,8 +20,6 @@ __all__ = [
     "list_images",
     "load_image",
 ]
-
-logger = logging.getLogger(__name__)
 
 #: File name suffixes (lower case) that ``list_images`` treats as images.
 IMAGE_EXTENSIONS = frozenset(
