@@ -53,6 +53,7 @@ SETTINGS = {
     "k16k": Setting(codebook_size=16384),
     "k16k_idf": Setting(codebook_size=16384, use_idf=True),
     "pw128_s05": Setting(whiten_dim=128, shrinkage=0.5),
+    "idf_pw128_s05": Setting(use_idf=True, whiten_dim=128, shrinkage=0.5),
     "pw64_s05": Setting(whiten_dim=64, shrinkage=0.5),
     "k16k_idf_pw128_s05": Setting(codebook_size=16384, use_idf=True, whiten_dim=128, shrinkage=0.5),
     "mf2000": Setting(max_features=2000),
@@ -99,7 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="/work/shared/datasets/ukbench2000")
     parser.add_argument("--cache", default="/tmp/asmkit_study")
-    parser.add_argument("--configs", default="base,idf,k16k,k16k_idf,pw128_s05")
+    parser.add_argument("--configs", default="base,idf,pw128_s05,real,real_idf,mf2000_real_idf,real_pw128_s05,real_idf_pw128_s05")
     parser.add_argument("--train-sample", type=int, default=500_000, help="descriptors sampled for k-means")
     parser.add_argument("--engine", choices=["auto", "asmkit", "reference"], default="auto")
     parser.add_argument("--out", default=None, help="append one JSON line per setting here")

@@ -201,3 +201,42 @@ def test_parallel_kernels_equal_serial(monkeypatch, centroids40, binary):
     for a, b in zip(got[0], expected[0]):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(got[1], expected[1])
+
+
+@pytest.mark.parametrize("binary,use_idf,tau", [(True, False, 0.0), (True, True, -0.5), (False, True, 0.2)])
+@pytest.mark.parametrize("tile_bytes", [8, 3 * 8 * 14, 1 << 19])
+def test_word_major_kernel_equals_query_major_and_twin(monkeypatch, centroids40, binary, use_idf, tau, tile_bytes):
+    import asmkit.search as search
+
+    # tile_bytes sets queries per tile: 1, 3 (blocks not dividing the 11 queries), all.
+    monkeypatch.setattr(search, "TILE_BYTES", tile_bytes)
+    params = Params(binary=binary, use_idf=use_idf, tau=tau, ma_database=1, ma_query=3)
+    db_images = make_images(14, 12, 40, seed=91, centroids=centroids40)
+    q_images = make_images(11, 12, 40, seed=92, centroids=centroids40, empty=(5,))
+    index = Index(Codebook(centroids40), params)
+    index.add(db_images)
+    # Every query in one call, so the kernels see all 11 queries at once.
+    desc = search.prepare_descriptors(q_images, None, dim=40)
+    assign = index.codebook.quantize(desc.vecs, 3)
+    queries = search.aggregate_images(index.codebook, desc, assign, binary)
+    args = (index.inverted_file, index.idf, index._sqrt_norms_array(), index.ids, queries, params)
+    got = {}
+    for order in ("query", "word"):
+        dense = np.zeros((11, 14), dtype=np.float32)
+        search.score_aggregates(*args, dim=40, dense_out=dense, order=order)
+        got[order] = dense, search.score_aggregates(*args, dim=40, k=4, order=order)
+    # Same float64 additions in the same order: bit-identical, dense and top-k.
+    np.testing.assert_array_equal(got["word"][0], got["query"][0])
+    np.testing.assert_array_equal(got["word"][1][0], got["query"][1][0])
+    np.testing.assert_array_equal(got["word"][1][1], got["query"][1][1])
+    twin = ref.Database(list(enumerate(db_images)), centroids40, binary=binary, use_idf=use_idf)
+    for q, qvecs in enumerate(q_images):
+        expected = twin.score(qvecs, m=3, alpha=3.0, tau=tau)
+        np.testing.assert_allclose(got["word"][0][q], [expected[i] for i in range(14)], rtol=0, atol=1e-6)
+    assert np.all(got["word"][0][5] == 0)
+
+
+def test_score_order_is_validated(centroids40):
+    images = make_images(3, 5, 40, seed=3, centroids=centroids40)
+    with pytest.raises(ValueError, match="order"):
+        similarity_matrix(Codebook(centroids40), images, order="random")

@@ -38,6 +38,7 @@ __all__ = [
     "pack_rows",
     "popcount64",
     "search_kernel",
+    "search_kernel_word_major",
     "sigma_table",
     "select_nearest",
 ]
@@ -168,6 +169,15 @@ def group_by_label(labels, n_labels):
     return starts, order
 
 
+@njit(cache=True)
+def _pair_shift(m):
+    """Bits that hold an assignment index 0 .. m - 1 in a pair code ``(j << shift) | a``."""
+    shift = 0
+    while (1 << shift) < m:
+        shift += 1
+    return shift
+
+
 @njit(cache=True, parallel=True)
 def aggregate_count(assign, order, starts, n_words_total, n_blocks):
     """Sort each image's (descriptor, word) pairs by word and count its distinct words.
@@ -191,13 +201,15 @@ def aggregate_count(assign, order, starts, n_words_total, n_blocks):
     Returns
     -------
     perm : int32 [(starts[-1] - starts[0]) * m]
-        Per image, the local pair indices ``p = j * m + a`` (descriptor ``j`` of the image,
-        assignment ``a``) stably sorted by word, so descriptors keep their input order
-        within a word.
+        Per image, the local pair codes ``p = (j << _pair_shift(m)) | a`` (descriptor ``j``
+        of the image, assignment ``a``) stably sorted by word, so descriptors keep their
+        input order within a word. A shift, not ``j * m + a``: decoding then needs no
+        integer division (tens of cycles each, several per pair).
     n_words : int64 [I]
         Number of distinct words per image.
     """
     m = assign.shape[1]
+    shift = _pair_shift(m)
     n_images = starts.shape[0] - 1
     base = starts[0]
     perm = np.empty((starts[n_images] - base) * m, dtype=np.int32)
@@ -214,12 +226,14 @@ def aggregate_count(assign, order, starts, n_words_total, n_blocks):
             if distinct.shape[0] < n_pairs:
                 distinct = np.empty(n_pairs, dtype=np.int64)
             n_distinct = 0
-            for p in range(n_pairs):
-                word = assign[order[s + p // m], p % m]
-                if count[word] == 0:
-                    distinct[n_distinct] = word
-                    n_distinct += 1
-                count[word] += 1
+            for j in range(n_pairs // m):
+                row = order[s + j]
+                for a in range(m):
+                    word = assign[row, a]
+                    if count[word] == 0:
+                        distinct[n_distinct] = word
+                        n_distinct += 1
+                    count[word] += 1
             words = np.sort(distinct[:n_distinct])
             position = (s - base) * m
             for j in range(n_distinct):
@@ -227,14 +241,33 @@ def aggregate_count(assign, order, starts, n_words_total, n_blocks):
                 size = count[word]
                 count[word] = position
                 position += size
-            for p in range(n_pairs):
-                word = assign[order[s + p // m], p % m]
-                perm[count[word]] = p
-                count[word] += 1
+            for j in range(n_pairs // m):
+                row = order[s + j]
+                for a in range(m):
+                    word = assign[row, a]
+                    perm[count[word]] = (j << shift) | a
+                    count[word] += 1
             for j in range(n_distinct):
                 count[words[j]] = 0
             n_words[i] = n_distinct
     return perm, n_words
+
+
+@njit(cache=True, inline="always")
+def _pack_signs(acc, out):
+    """Bits ``acc > 0`` into ``out`` (uint64 [ceil(D / 64)]), MSB first, padding zero.
+
+    Branch-free (the sign bits are random, branches would mispredict), and each bit is
+    shifted into place independently of the others, so the OR reduction vectorises
+    instead of forming a 64-step dependency chain.
+    """
+    dim = acc.shape[0]
+    for w in range(out.shape[0]):
+        bits = np.uint64(0)
+        base = 64 * w
+        for t in range(min(64, dim - base)):
+            bits |= np.uint64(acc[base + t] > 0) << np.uint64(63 - t)
+        out[w] = bits
 
 
 @njit(cache=True, parallel=True)
@@ -264,6 +297,8 @@ def aggregate_fill(vecs, centroids, assign, order, starts, perm, agg_offsets, bi
         The unnormalised sums V.
     """
     m = assign.shape[1]
+    shift = _pair_shift(m)
+    mask = (1 << shift) - 1
     dim = vecs.shape[1]
     n_images = starts.shape[0] - 1
     base = starts[0]
@@ -278,8 +313,8 @@ def aggregate_fill(vecs, centroids, assign, order, starts, perm, agg_offsets, bi
         prev_desc = -1
         for p in range(n_pairs):
             local = perm[first + p]
-            desc = order[s + local // m]
-            word = assign[desc, local % m]
+            desc = order[s + (local >> shift)]
+            word = assign[desc, local & mask]
             # Within a word, pairs keep input order, so a word listed twice for one
             # descriptor shows up as two adjacent pairs of that descriptor: count it once.
             if desc != prev_desc:
@@ -291,17 +326,11 @@ def aggregate_fill(vecs, centroids, assign, order, starts, perm, agg_offsets, bi
             last = p == n_pairs - 1
             if not last:
                 nxt = perm[first + p + 1]
-                last = assign[order[s + nxt // m], nxt % m] != word
+                last = assign[order[s + (nxt >> shift)], nxt & mask] != word
             if last:
                 out_words[row] = word
                 if binary:
-                    # Branch-free packing: the sign bits are random, so branches would mispredict.
-                    for w in range(out_codes.shape[1]):
-                        bits = np.uint64(0)
-                        stop = min(dim, 64 * w + 64)
-                        for t in range(64 * w, stop):
-                            bits = (bits << _U1) | np.uint64(acc[t] > 0)
-                        out_codes[row, w] = bits << np.uint64(64 * w + 64 - stop)
+                    _pack_signs(acc, out_codes[row])
                 else:
                     for t in range(dim):
                         out_real[row, t] = acc[t]
@@ -417,41 +446,64 @@ def _dot(a, b):
     return acc
 
 
+@njit(cache=True, inline="always")
+def _scan_binary(q_codes, r, begin, end, entry_slot, codes, w_idf, inv_sqrt_norms, weight_of_h, score):
+    """Add one query aggregate's (row ``r``) contributions over posting entries
+    ``begin .. end - 1`` to ``score``.
+
+    Branch-free: ``weight_of_h`` holds 0 where u(h) < τ, and adding 0.0 leaves a float64
+    sum unchanged, so thresholded entries need no (unpredictable) branch. Indices are
+    unsigned (``begin``/``end`` are uint64 and slots are cast), so numba emits no
+    negative-index wrap-around code in this loop.
+    """
+    n_code = q_codes.shape[1]
+    if n_code == 2:
+        # D in 65 .. 128 (SIFT, most deep local features): two words, unrolled.
+        a0 = q_codes[r, 0]
+        a1 = q_codes[r, 1]
+        for e in range(begin, end):
+            h = popcount64(a0 ^ codes[e, 0]) + popcount64(a1 ^ codes[e, 1])
+            weighted = np.float32(weight_of_h[h] * w_idf)
+            slot = np.uint64(entry_slot[e])
+            score[slot] += np.float64(np.float32(np.float64(weighted) * inv_sqrt_norms[slot]))
+    else:
+        for e in range(begin, end):
+            h = np.uint64(0)
+            for t in range(n_code):
+                h += popcount64(q_codes[r, t] ^ codes[e, t])
+            weighted = np.float32(weight_of_h[h] * w_idf)
+            slot = np.uint64(entry_slot[e])
+            score[slot] += np.float64(np.float32(np.float64(weighted) * inv_sqrt_norms[slot]))
+
+
 @njit(cache=True)
 def _accumulate_binary(q_offsets, q_words, q_codes, q, offsets, entry_slot, codes, idf, inv_sqrt_norms,
                        weight_of_h, score):
     """Add query ``q``'s binary selective-kernel contributions to ``score``; return n_q.
 
-    Branch-free: ``weight_of_h`` holds 0 where u(h) < τ, and adding 0.0 leaves a float64
-    sum unchanged, so thresholded entries need no (unpredictable) branch. Kept out of the
-    parallel loop of ``search_kernel``, where numba compiles loops less tightly.
+    Kept out of the parallel loop of ``search_kernel``, where numba compiles loops less
+    tightly.
     """
-    n_code = q_codes.shape[1]
     q_norm = np.float32(0.0)
-    for r in range(q_offsets[q], q_offsets[q + 1]):
-        word = q_words[r]
+    for r in range(np.uint64(q_offsets[q]), np.uint64(q_offsets[q + 1])):
+        word = np.uint64(q_words[r])
         w_idf = idf[word]
         q_norm += w_idf
-        begin = offsets[word]
-        end = offsets[word + 1]
-        if n_code == 2:
-            # D in 65 .. 128 (SIFT, most deep local features): two words, unrolled.
-            a0 = q_codes[r, 0]
-            a1 = q_codes[r, 1]
-            for e in range(begin, end):
-                h = popcount64(a0 ^ codes[e, 0]) + popcount64(a1 ^ codes[e, 1])
-                weighted = np.float32(weight_of_h[h] * w_idf)
-                slot = entry_slot[e]
-                score[slot] += np.float64(np.float32(np.float64(weighted) * inv_sqrt_norms[slot]))
-        else:
-            for e in range(begin, end):
-                h = np.uint64(0)
-                for t in range(n_code):
-                    h += popcount64(q_codes[r, t] ^ codes[e, t])
-                weighted = np.float32(weight_of_h[h] * w_idf)
-                slot = entry_slot[e]
-                score[slot] += np.float64(np.float32(np.float64(weighted) * inv_sqrt_norms[slot]))
+        _scan_binary(q_codes, r, np.uint64(offsets[word]), np.uint64(offsets[word + np.uint64(1)]), entry_slot,
+                     codes, w_idf, inv_sqrt_norms, weight_of_h, score)
     return q_norm
+
+
+@njit(cache=True, inline="always")
+def _scan_real(q_real, r, begin, end, entry_slot, real, w_idf, inv_sqrt_norms, alpha, alpha_is_int, tau, score):
+    """Real-valued counterpart of ``_scan_binary`` (σ below τ skips the entry)."""
+    for e in range(begin, end):
+        sigma = _selective(np.float32(_dot(q_real[r], real[e])), alpha, alpha_is_int, tau)
+        if sigma != sigma:
+            continue  # below the threshold τ
+        slot = np.uint64(entry_slot[e])
+        weighted = np.float32(sigma * w_idf)
+        score[slot] += np.float64(np.float32(np.float64(weighted) * inv_sqrt_norms[slot]))
 
 
 @njit(cache=True)
@@ -459,17 +511,12 @@ def _accumulate_real(q_offsets, q_words, q_real, q, offsets, entry_slot, real, i
                      alpha, alpha_is_int, tau, score):
     """Add query ``q``'s real-valued selective-kernel contributions to ``score``; return n_q."""
     q_norm = np.float32(0.0)
-    for r in range(q_offsets[q], q_offsets[q + 1]):
-        word = q_words[r]
+    for r in range(np.uint64(q_offsets[q]), np.uint64(q_offsets[q + 1])):
+        word = np.uint64(q_words[r])
         w_idf = idf[word]
         q_norm += w_idf
-        for e in range(offsets[word], offsets[word + 1]):
-            sigma = _selective(np.float32(_dot(q_real[r], real[e])), alpha, alpha_is_int, tau)
-            if sigma != sigma:
-                continue  # below the threshold τ
-            slot = entry_slot[e]
-            weighted = np.float32(sigma * w_idf)
-            score[slot] += np.float64(np.float32(np.float64(weighted) * inv_sqrt_norms[slot]))
+        _scan_real(q_real, r, np.uint64(offsets[word]), np.uint64(offsets[word + np.uint64(1)]), entry_slot, real,
+                   w_idf, inv_sqrt_norms, alpha, alpha_is_int, tau, score)
     return q_norm
 
 
@@ -568,6 +615,167 @@ def search_kernel(
                 q_norm = _accumulate_real(q_offsets, q_words, q_real, q, offsets, entry_slot, real, idf,
                                           inv_sqrt_norms, alpha, alpha_is_int, tau, score)
             _emit(q, score, q_norm, slot_ids, k, dense, heap_s, heap_i, out_scores, out_ids)
+
+
+@njit(cache=True)
+def _score_block(q0, q1, q_offsets, q_words, q_codes, q_real, offsets, entry_slot, codes, real, idf,
+                 inv_sqrt_norms, slot_ids, binary, weight_of_h, alpha, alpha_is_int, tau, k, dense,
+                 out_scores, out_ids):
+    """Word-major scoring of queries ``q0 .. q1 - 1`` into one [q1 - q0, S] float64 tile.
+
+    The block's aggregate rows are visited in ascending word order (a stable sort, so
+    rows of one word keep ascending query order): each posting list is read from memory
+    once per block and then hit in cache by every other query of the block that has the
+    word. Each query's rows still arrive in ascending word order, so every score receives
+    the same float64 additions in the same order as ``search_kernel`` (bit-identical).
+    """
+    n_slots = inv_sqrt_norms.shape[0]
+    r0 = q_offsets[q0]
+    n_rows = q_offsets[q1] - r0
+    tile = np.zeros((q1 - q0, n_slots), dtype=np.float64)
+    heap_s = np.empty(max(k, 1), dtype=np.float32)
+    heap_i = np.empty(max(k, 1), dtype=np.int64)
+    owner = np.empty(n_rows, dtype=np.int64)
+    for q in range(q0, q1):
+        for r in range(q_offsets[q] - r0, q_offsets[q + 1] - r0):
+            owner[r] = q - q0
+    by_word = np.argsort(q_words[r0 : r0 + n_rows], kind="mergesort")
+    for j in range(n_rows):
+        local = by_word[j]
+        r = np.uint64(r0 + local)
+        word = np.uint64(q_words[r])
+        begin = np.uint64(offsets[word])
+        end = np.uint64(offsets[word + np.uint64(1)])
+        score = tile[owner[local]]
+        if binary:
+            _scan_binary(q_codes, r, begin, end, entry_slot, codes, idf[word], inv_sqrt_norms, weight_of_h, score)
+        else:
+            _scan_real(q_real, r, begin, end, entry_slot, real, idf[word], inv_sqrt_norms, alpha, alpha_is_int,
+                       tau, score)
+    for q in range(q0, q1):
+        # n_q in float32 over the query's words in ascending order, as in search_kernel.
+        q_norm = np.float32(0.0)
+        for r in range(q_offsets[q], q_offsets[q + 1]):
+            q_norm += idf[q_words[r]]
+        _emit(q, tile[q - q0], q_norm, slot_ids, k, dense, heap_s, heap_i, out_scores, out_ids)
+
+
+@njit(cache=True, inline="always")
+def _scan_group_binary2(group_a0, group_a1, group_q, n_group, begin, end, entry_slot, codes, w_idf,
+                        inv_sqrt_norms, weight_of_h, tile):
+    """Posting entries ``begin .. end - 1`` of one word against the ``n_group`` query
+    aggregates of a block that have that word (two-word codes, D in 65 .. 128).
+
+    Each entry's code, slot and 1/√n_d are loaded once for the whole group; the group's
+    scores of that slot lie side by side in the slot-major tile row ``tile[slot]``.
+    """
+    for e in range(begin, end):
+        c0 = codes[e, 0]
+        c1 = codes[e, 1]
+        slot = np.uint64(entry_slot[e])
+        inv = inv_sqrt_norms[slot]
+        row = tile[slot]
+        for i in range(n_group):
+            h = popcount64(group_a0[i] ^ c0) + popcount64(group_a1[i] ^ c1)
+            weighted = np.float32(weight_of_h[h] * w_idf)
+            row[group_q[i]] += np.float64(np.float32(np.float64(weighted) * inv))
+
+
+@njit(cache=True)
+def _score_block_grouped(q0, q1, q_offsets, q_words, q_codes, q_real, offsets, entry_slot, codes, real, idf,
+                         inv_sqrt_norms, slot_ids, binary, weight_of_h, alpha, alpha_is_int, tau, k, dense,
+                         out_scores, out_ids):
+    """Word-major, entry-outer variant of ``_score_block`` with a slot-major tile."""
+    n_slots = inv_sqrt_norms.shape[0]
+    nb = q1 - q0
+    r0 = q_offsets[q0]
+    n_rows = q_offsets[q1] - r0
+    tile = np.zeros((n_slots, nb), dtype=np.float64)
+    heap_s = np.empty(max(k, 1), dtype=np.float32)
+    heap_i = np.empty(max(k, 1), dtype=np.int64)
+    owner = np.empty(n_rows, dtype=np.uint64)
+    for q in range(q0, q1):
+        for r in range(q_offsets[q] - r0, q_offsets[q + 1] - r0):
+            owner[r] = q - q0
+    by_word = np.argsort(q_words[r0 : r0 + n_rows], kind="mergesort")
+    two_words = binary and q_codes.shape[1] == 2
+    group_a0 = np.empty(nb, dtype=np.uint64)
+    group_a1 = np.empty(nb, dtype=np.uint64)
+    group_q = np.empty(nb, dtype=np.uint64)
+    j = 0
+    while j < n_rows:
+        word = np.uint64(q_words[r0 + by_word[j]])
+        begin = np.uint64(offsets[word])
+        end = np.uint64(offsets[word + np.uint64(1)])
+        if two_words:
+            n_group = 0
+            while j < n_rows and q_words[r0 + by_word[j]] == word:
+                r = r0 + by_word[j]
+                group_a0[n_group] = q_codes[r, 0]
+                group_a1[n_group] = q_codes[r, 1]
+                group_q[n_group] = owner[by_word[j]]
+                n_group += 1
+                j += 1
+            _scan_group_binary2(group_a0, group_a1, group_q, np.uint64(n_group), begin, end, entry_slot, codes,
+                                idf[word], inv_sqrt_norms, weight_of_h, tile)
+        else:
+            r = np.uint64(r0 + by_word[j])
+            score = tile[:, owner[by_word[j]]]
+            if binary:
+                _scan_binary(q_codes, r, begin, end, entry_slot, codes, idf[word], inv_sqrt_norms, weight_of_h,
+                             score)
+            else:
+                _scan_real(q_real, r, begin, end, entry_slot, real, idf[word], inv_sqrt_norms, alpha,
+                           alpha_is_int, tau, score)
+            j += 1
+    for q in range(q0, q1):
+        q_norm = np.float32(0.0)
+        for r in range(q_offsets[q], q_offsets[q + 1]):
+            q_norm += idf[q_words[r]]
+        _emit(q, tile[:, q - q0], q_norm, slot_ids, k, dense, heap_s, heap_i, out_scores, out_ids)
+
+
+@njit(cache=True, parallel=True)
+def search_kernel_word_grouped(
+    q_offsets, q_words, q_codes, q_real,
+    offsets, entry_slot, codes, real,
+    idf, inv_sqrt_norms, slot_ids,
+    binary, weight_of_h, alpha, alpha_is_int, tau,
+    k, dense, block, out_scores, out_ids,
+):
+    n_queries = q_offsets.shape[0] - 1
+    n_blocks = (n_queries + block - 1) // block
+    for b in prange(n_blocks):
+        q0 = b * block
+        q1 = min(q0 + block, n_queries)
+        _score_block_grouped(q0, q1, q_offsets, q_words, q_codes, q_real, offsets, entry_slot, codes, real, idf,
+                             inv_sqrt_norms, slot_ids, binary, weight_of_h, alpha, alpha_is_int, tau, k, dense,
+                             out_scores, out_ids)
+
+
+@njit(cache=True, parallel=True)
+def search_kernel_word_major(
+    q_offsets, q_words, q_codes, q_real,
+    offsets, entry_slot, codes, real,
+    idf, inv_sqrt_norms, slot_ids,
+    binary, weight_of_h, alpha, alpha_is_int, tau,
+    k, dense, block, out_scores, out_ids,
+):
+    """``search_kernel`` for many queries at once, word-major within blocks of queries.
+
+    Same arguments and results (bit-identical) as ``search_kernel``, except ``block``
+    (queries per score tile, >= 1) in place of ``n_blocks``: blocks of ``block``
+    consecutive queries are scored in parallel, each into its own float64
+    [block, S] tile (``_score_block``); choose ``block`` so that the tile fits in cache.
+    """
+    n_queries = q_offsets.shape[0] - 1
+    n_blocks = (n_queries + block - 1) // block
+    for b in prange(n_blocks):
+        q0 = b * block
+        q1 = min(q0 + block, n_queries)
+        _score_block(q0, q1, q_offsets, q_words, q_codes, q_real, offsets, entry_slot, codes, real, idf,
+                     inv_sqrt_norms, slot_ids, binary, weight_of_h, alpha, alpha_is_int, tau, k, dense,
+                     out_scores, out_ids)
 
 
 @njit(cache=True)

@@ -121,7 +121,6 @@ class GroundTruth:
             raise ValueError(f"protocol: expected one of {PROTOCOLS} or None, got {name!r}")
         if not self.has_protocols:
             raise ValueError(f"protocol: {name!r} needs 'easy' and 'hard' lists in the ground truth")
-        assert self.easy is not None and self.hard is not None  # narrowed by has_protocols
         if name == "easy":
             pos = self.easy
             junk = [np.union1d(j, h) for j, h in zip(self.junk, self.hard)]

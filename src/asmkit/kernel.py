@@ -257,6 +257,12 @@ def aggregate(
     assignments = np.ascontiguousarray(assignments, dtype=np.int64)
     n_images = starts.shape[0] - 1
     n_pairs = int(starts[-1] - starts[0]) * assignments.shape[1]
+    # The kernels code a (descriptor of the image, assignment) pair as an int32
+    # (j << bits(m - 1)) | a.
+    largest = int(np.diff(starts).max()) if n_images else 0
+    if largest << max(assignments.shape[1] - 1, 0).bit_length() >= 1 << 31:
+        raise ValueError(f"vecs: an image has {largest} descriptors, too many for multiple assignment "
+                         f"m = {assignments.shape[1]}")
     with _kernels.thread_budget(n_pairs, _kernels.MIN_PARALLEL_PAIRS) as threads:
         n_blocks = min(n_images, 4 * threads)
         perm, n_words = _kernels.aggregate_count(assignments, order, starts, centroids.shape[0], n_blocks)

@@ -28,6 +28,13 @@ logger = logging.getLogger(__name__)
 _EMPTY_CODES = np.empty((0, 0), dtype=np.uint64)
 _EMPTY_REAL = np.empty((0, 0), dtype=np.float32)
 
+#: Bytes of the float64 [block, S] score tile of the word-major kernel: block = queries
+#: whose scores fit in this much cache (the per-core L2 of current x86 CPUs holds it).
+TILE_BYTES = 1 << 19
+_ORDERS = ("auto", "query", "word", "grouped")
+#: Rows quantized per call in ``similarity_matrix`` (bounds its int64 word temporaries).
+_QUANTIZE_ROWS = 1 << 16
+
 
 def as_params(params) -> Params:
     """``Params`` from None (defaults), a preset name, a flat dict, or a ``Params``.
@@ -99,6 +106,7 @@ def score_aggregates(
     dim: int,
     k: int | None = None,
     dense_out: np.ndarray | None = None,
+    order: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray] | np.ndarray:
     """Score aggregated queries against an inverted file.
 
@@ -121,6 +129,13 @@ def score_aggregates(
         Results per query; None ranks all S images.
     dense_out : float32 [Q, S], optional
         Zero-filled C-contiguous array: write every slot's score there instead.
+    order : {"auto", "query", "word"}
+        Loop order of the scoring kernel; all give bit-identical results. ``"query"``
+        scores one query at a time over its posting lists (``_kernels.search_kernel``);
+        ``"word"`` scores blocks of queries word by word into a cache-sized score tile,
+        reading each posting list once per block (``_kernels.search_kernel_word_major``);
+        ``"auto"`` picks ``"word"`` when a tile holds at least two queries and there
+        are several queries.
 
     Returns
     -------
@@ -128,6 +143,8 @@ def score_aggregates(
         Top-k rows sorted by decreasing score (ties: ascending id), padded with
         -inf / -1 beyond S results.
     """
+    if order not in _ORDERS:
+        raise ValueError(f"order: expected one of {', '.join(_ORDERS)}, got {order!r}")
     n_queries = queries.offsets.shape[0] - 1
     n_slots = int(slot_ids.shape[0])
     if queries.data.dtype != ivf.data.dtype or queries.data.shape[1] != ivf.data.shape[1]:
@@ -158,15 +175,25 @@ def score_aggregates(
         inv_sqrt_norms = np.where(sqrt_norms > 0, 1.0 / sqrt_norms, 0.0)
     # Work estimate: posting entries the queries touch, plus the per-query pass over slots.
     work = int(np.diff(ivf.offsets)[queries.words].sum()) + n_queries * n_slots
+    block = max(1, TILE_BYTES // (8 * n_slots))
+    if order == "auto":
+        order = "word" if block >= 2 and n_queries >= 2 else "query"
     with _kernels.thread_budget(work, _kernels.MIN_PARALLEL_ENTRIES) as threads:
-        _kernels.search_kernel(
+        if order in ("word", "grouped"):
+            # At least one block per thread, even when that shrinks the tile.
+            block = max(1, min(block, -(-n_queries // threads)))
+            kernel = _kernels.search_kernel_word_major if order == "word" else _kernels.search_kernel_word_grouped
+            blocking = block
+        else:
+            kernel, blocking = _kernels.search_kernel, min(n_queries, 4 * threads)
+        kernel(
             _readonly(queries.offsets), _readonly(queries.words),
             _readonly(queries.data if binary else _EMPTY_CODES), _readonly(_EMPTY_REAL if binary else queries.data),
             _readonly(ivf.offsets), _readonly(ivf.slots),
             _readonly(ivf.data if binary else _EMPTY_CODES), _readonly(_EMPTY_REAL if binary else ivf.data),
             _readonly(idf), _readonly(inv_sqrt_norms), _readonly(slot_ids),
             bool(binary), _readonly(sigma_of_h), alpha, alpha_is_int, tau,
-            int(k_eff), bool(dense), min(n_queries, 4 * threads), out_scores, out_ids,
+            int(k_eff), bool(dense), int(blocking), out_scores, out_ids,
         )
     return out_scores if dense else (out_scores, out_ids)
 
@@ -179,6 +206,22 @@ def _build(codebook: Codebook, desc: Descriptors, assignments: np.ndarray, param
     return ivf, idf, np.sqrt(image_norms(ivf, idf, desc.n_images))
 
 
+def _quantize_compact(codebook: Codebook, vecs: np.ndarray, m: int) -> np.ndarray:
+    """Words of every row, quantized ``_QUANTIZE_ROWS`` rows at a time into the narrowest
+    integer type that holds a word id.
+
+    Returns
+    -------
+    uint16 [N, m] (K <= 65536) or int32 [N, m]
+        2 (or 4) bytes per word instead of ``Codebook.quantize``'s 8 for all rows at once.
+    """
+    dtype = np.uint16 if codebook.size <= 1 << 16 else np.int32
+    out = np.empty((vecs.shape[0], min(m, codebook.size)), dtype=dtype)
+    for begin in range(0, vecs.shape[0], _QUANTIZE_ROWS):
+        out[begin : begin + _QUANTIZE_ROWS] = codebook.quantize(vecs[begin : begin + _QUANTIZE_ROWS], m)
+    return out
+
+
 def similarity_matrix(
     codebook: Codebook,
     vecs,
@@ -187,13 +230,19 @@ def similarity_matrix(
     *,
     k: int | None = None,
     chunk: int = 256,
+    order: str = "auto",
 ):
     """All-vs-all ASMK scores of one image set, quantizing every descriptor once.
 
     The descriptors are quantized with m = max(ma_query, ma_database); the first
     ``ma_database`` columns (the nearest words) serve the database side, the first
     ``ma_query`` the query side. Queries are aggregated and scored ``chunk`` images at a
-    time, which bounds the memory of the query aggregates.
+    time.
+
+    Memory beyond the result and the input: the grouping of rows by image (16 bytes per
+    descriptor), the words of every descriptor (2 bytes per word for K <= 65536), the
+    database's inverted file (about 20 bytes per posting entry, binary, D <= 128), and
+    per chunk the chunk's int64 words, aggregates and score tiles.
 
     Parameters
     ----------
@@ -206,6 +255,8 @@ def similarity_matrix(
         Return the top-k per row instead of the dense matrix.
     chunk : int
         Query images scored per batch.
+    order : {"auto", "query", "word"}
+        Scoring loop order (see ``score_aggregates``); results are identical.
 
     Returns
     -------
@@ -217,14 +268,11 @@ def similarity_matrix(
     params = as_params(params)
     k = check_k(k)
     chunk = check_k(chunk, name="chunk")
+    if order not in _ORDERS:
+        raise ValueError(f"order: expected one of {', '.join(_ORDERS)}, got {order!r}")
     desc = prepare_descriptors(vecs, image_ids, dim=codebook.dim)
-    m_all = max(params.ma_query, params.ma_database)
-    assignments = codebook.quantize(desc.vecs, m_all)
-    db_assign = np.ascontiguousarray(assignments[:, : params.ma_database])
-    ivf, idf, sqrt_norms = _build(codebook, desc, db_assign, params)
-    del db_assign
-    q_assign = np.ascontiguousarray(assignments[:, : params.ma_query])
-    del assignments
+    words = _quantize_compact(codebook, desc.vecs, max(params.ma_query, params.ma_database))
+    ivf, idf, sqrt_norms = _build(codebook, desc, words[:, : params.ma_database].astype(np.int64), params)
     n = desc.n_images
     logger.debug("similarity matrix: %d images, %d posting entries, %d-image query chunks", n, ivf.n_entries, chunk)
     if k is None:
@@ -234,13 +282,21 @@ def similarity_matrix(
         ids = np.empty((n, k), dtype=np.int64)
     for begin in range(0, n, chunk):
         end = min(begin + chunk, n)
-        queries = aggregate_images(codebook, desc, q_assign, params.binary, begin, end)
+        # Only this chunk's rows get int64 words (and, if the chunk's rows are scattered
+        # in the input, a gathered copy of their descriptors).
+        lo, hi = int(desc.starts[begin]), int(desc.starts[end])
+        rows = desc.order[lo:hi]
+        in_place = hi == lo or (rows[0] == lo and rows[-1] == hi - 1 and bool(np.all(np.diff(rows) == 1)))
+        chunk_vecs = desc.vecs[lo:hi] if in_place else desc.vecs[rows]
+        chunk_words = (words[lo:hi] if in_place else words[rows])[:, : params.ma_query].astype(np.int64)
+        queries = aggregate(chunk_vecs, chunk_words, desc.starts[begin : end + 1] - lo,
+                            np.arange(hi - lo, dtype=np.int64), codebook.centroids, binary=params.binary)
         if k is None:
             score_aggregates(ivf, idf, sqrt_norms, desc.image_ids, queries, params, dim=codebook.dim,
-                             dense_out=result[begin:end])
+                             dense_out=result[begin:end], order=order)
         else:
             scores[begin:end], ids[begin:end] = score_aggregates(ivf, idf, sqrt_norms, desc.image_ids, queries,
-                                                                 params, dim=codebook.dim, k=k)
+                                                                 params, dim=codebook.dim, k=k, order=order)
     return result if k is None else (scores, ids)
 
 
