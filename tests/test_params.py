@@ -59,7 +59,7 @@ def test_reference_shortcuts_and_unknown_keys():
 
 
 def test_shipped_presets_load():
-    assert {"sift", "deep", "mast3r"} <= set(preset_names())
+    assert {"sift", "sift_hq", "deep", "mast3r"} <= set(preset_names())
     for name in preset_names():
         cfg = load_config(name)
         assert cfg.features["type"] in {"sift", "deep", "mast3r"}
