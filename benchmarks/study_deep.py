@@ -122,7 +122,7 @@ def evaluate(args) -> None:
     from asmkit.features.whitening import PCAWhitening
 
     gt = load_ground_truth(DATA)
-    source = args.source_limit if args.source_limit is not None else args.limit
+    source = args.limit if args.source_limit is None else (args.source_limit or None)
     data = np.load(cache_file(args.cache, args.stage, args.scales, args.smoothing, source))
     desc_all, attn_all, counts = data["desc"], data["attn"], data["counts"]
     if args.limit is not None:
@@ -174,7 +174,7 @@ def main() -> None:
     parser.add_argument("--keep", type=int, default=1000, help="features cached per image (extract)")
     parser.add_argument("--limit", type=int, default=None, help="first N images only")
     parser.add_argument("--source-limit", type=int, default=None,
-                        help="eval: read the cache extracted with this --limit (default: --limit)")
+                        help="eval: read the cache extracted with this --limit (default: --limit; 0: the full cache)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--nfeat", type=int, nargs="+", default=[800])
     parser.add_argument("--dim", type=int, nargs="+", default=[128])

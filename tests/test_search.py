@@ -204,32 +204,41 @@ def test_parallel_kernels_equal_serial(monkeypatch, centroids40, binary):
 
 
 @pytest.mark.parametrize("binary,use_idf,tau", [(True, False, 0.0), (True, True, -0.5), (False, True, 0.2)])
-@pytest.mark.parametrize("tile_bytes", [8, 3 * 8 * 14, 1 << 19])
-def test_word_major_kernel_equals_query_major_and_twin(monkeypatch, centroids40, binary, use_idf, tau, tile_bytes):
+@pytest.mark.parametrize("tile_bytes", [8, 3 * 8 * 14, 1 << 23])
+@pytest.mark.parametrize("fixture", ["centroids40", "centroids100"])
+def test_word_major_kernel_equals_query_major_and_twin(request, monkeypatch, fixture, binary, use_idf, tau,
+                                                       tile_bytes):
     import asmkit.search as search
 
-    # tile_bytes sets queries per tile: 1, 3 (blocks not dividing the 11 queries), all.
+    # D = 100 takes the kernel's two-code-word group loop, D = 40 its row-by-row loop.
+    # tile_bytes sets the queries per block: 1, 3 (blocks not dividing 11 queries), all.
+    import asmkit._kernels as kernels
+
+    centroids = request.getfixturevalue(fixture)
+    dim = centroids.shape[1]
     monkeypatch.setattr(search, "TILE_BYTES", tile_bytes)
+    # Parallel blocks too, whatever the machine's thread count.
+    monkeypatch.setattr(kernels, "MIN_PARALLEL_ENTRIES", 0)
     params = Params(binary=binary, use_idf=use_idf, tau=tau, ma_database=1, ma_query=3)
-    db_images = make_images(14, 12, 40, seed=91, centroids=centroids40)
-    q_images = make_images(11, 12, 40, seed=92, centroids=centroids40, empty=(5,))
-    index = Index(Codebook(centroids40), params)
+    db_images = make_images(14, 12, dim, seed=91, centroids=centroids)
+    q_images = make_images(11, 12, dim, seed=92, centroids=centroids, empty=(5,))
+    index = Index(Codebook(centroids), params)
     index.add(db_images)
-    # Every query in one call, so the kernels see all 11 queries at once.
-    desc = search.prepare_descriptors(q_images, None, dim=40)
+    # Every query in one call, so that the kernels see all 11 queries at once.
+    desc = search.prepare_descriptors(q_images, None, dim=dim)
     assign = index.codebook.quantize(desc.vecs, 3)
     queries = search.aggregate_images(index.codebook, desc, assign, binary)
     args = (index.inverted_file, index.idf, index._sqrt_norms_array(), index.ids, queries, params)
     got = {}
     for order in ("query", "word"):
         dense = np.zeros((11, 14), dtype=np.float32)
-        search.score_aggregates(*args, dim=40, dense_out=dense, order=order)
-        got[order] = dense, search.score_aggregates(*args, dim=40, k=4, order=order)
+        search.score_aggregates(*args, dim=dim, dense_out=dense, order=order)
+        got[order] = dense, search.score_aggregates(*args, dim=dim, k=4, order=order)
     # Same float64 additions in the same order: bit-identical, dense and top-k.
     np.testing.assert_array_equal(got["word"][0], got["query"][0])
     np.testing.assert_array_equal(got["word"][1][0], got["query"][1][0])
     np.testing.assert_array_equal(got["word"][1][1], got["query"][1][1])
-    twin = ref.Database(list(enumerate(db_images)), centroids40, binary=binary, use_idf=use_idf)
+    twin = ref.Database(list(enumerate(db_images)), centroids, binary=binary, use_idf=use_idf)
     for q, qvecs in enumerate(q_images):
         expected = twin.score(qvecs, m=3, alpha=3.0, tau=tau)
         np.testing.assert_allclose(got["word"][0][q], [expected[i] for i in range(14)], rtol=0, atol=1e-6)

@@ -617,49 +617,6 @@ def search_kernel(
             _emit(q, score, q_norm, slot_ids, k, dense, heap_s, heap_i, out_scores, out_ids)
 
 
-@njit(cache=True)
-def _score_block(q0, q1, q_offsets, q_words, q_codes, q_real, offsets, entry_slot, codes, real, idf,
-                 inv_sqrt_norms, slot_ids, binary, weight_of_h, alpha, alpha_is_int, tau, k, dense,
-                 out_scores, out_ids):
-    """Word-major scoring of queries ``q0 .. q1 - 1`` into one [q1 - q0, S] float64 tile.
-
-    The block's aggregate rows are visited in ascending word order (a stable sort, so
-    rows of one word keep ascending query order): each posting list is read from memory
-    once per block and then hit in cache by every other query of the block that has the
-    word. Each query's rows still arrive in ascending word order, so every score receives
-    the same float64 additions in the same order as ``search_kernel`` (bit-identical).
-    """
-    n_slots = inv_sqrt_norms.shape[0]
-    r0 = q_offsets[q0]
-    n_rows = q_offsets[q1] - r0
-    tile = np.zeros((q1 - q0, n_slots), dtype=np.float64)
-    heap_s = np.empty(max(k, 1), dtype=np.float32)
-    heap_i = np.empty(max(k, 1), dtype=np.int64)
-    owner = np.empty(n_rows, dtype=np.int64)
-    for q in range(q0, q1):
-        for r in range(q_offsets[q] - r0, q_offsets[q + 1] - r0):
-            owner[r] = q - q0
-    by_word = np.argsort(q_words[r0 : r0 + n_rows], kind="mergesort")
-    for j in range(n_rows):
-        local = by_word[j]
-        r = np.uint64(r0 + local)
-        word = np.uint64(q_words[r])
-        begin = np.uint64(offsets[word])
-        end = np.uint64(offsets[word + np.uint64(1)])
-        score = tile[owner[local]]
-        if binary:
-            _scan_binary(q_codes, r, begin, end, entry_slot, codes, idf[word], inv_sqrt_norms, weight_of_h, score)
-        else:
-            _scan_real(q_real, r, begin, end, entry_slot, real, idf[word], inv_sqrt_norms, alpha, alpha_is_int,
-                       tau, score)
-    for q in range(q0, q1):
-        # n_q in float32 over the query's words in ascending order, as in search_kernel.
-        q_norm = np.float32(0.0)
-        for r in range(q_offsets[q], q_offsets[q + 1]):
-            q_norm += idf[q_words[r]]
-        _emit(q, tile[q - q0], q_norm, slot_ids, k, dense, heap_s, heap_i, out_scores, out_ids)
-
-
 @njit(cache=True, inline="always")
 def _scan_group_binary2(group_a0, group_a1, group_q, n_group, begin, end, entry_slot, codes, w_idf,
                         inv_sqrt_norms, weight_of_h, tile):
@@ -682,10 +639,18 @@ def _scan_group_binary2(group_a0, group_a1, group_q, n_group, begin, end, entry_
 
 
 @njit(cache=True)
-def _score_block_grouped(q0, q1, q_offsets, q_words, q_codes, q_real, offsets, entry_slot, codes, real, idf,
-                         inv_sqrt_norms, slot_ids, binary, weight_of_h, alpha, alpha_is_int, tau, k, dense,
-                         out_scores, out_ids):
-    """Word-major, entry-outer variant of ``_score_block`` with a slot-major tile."""
+def _score_block(q0, q1, q_offsets, q_words, q_codes, q_real, offsets, entry_slot, codes, real, idf,
+                 inv_sqrt_norms, slot_ids, binary, weight_of_h, alpha, alpha_is_int, tau, k, dense,
+                 out_scores, out_ids):
+    """Word-major scoring of queries ``q0 .. q1 - 1`` into one float64 [S, q1 - q0] tile.
+
+    The block's aggregate rows are visited in ascending word order (a stable sort, so
+    the rows of one word keep ascending query order), and each posting list is read once
+    for all the block's queries that have the word: for two-word binary codes, entry by
+    entry against the whole group (``_scan_group_binary2``), otherwise row by row. Each
+    query's rows still arrive in ascending word order, so every score receives the same
+    float64 additions in the same order as ``search_kernel`` (bit-identical).
+    """
     n_slots = inv_sqrt_norms.shape[0]
     nb = q1 - q0
     r0 = q_offsets[q0]
@@ -736,24 +701,6 @@ def _score_block_grouped(q0, q1, q_offsets, q_words, q_codes, q_real, offsets, e
 
 
 @njit(cache=True, parallel=True)
-def search_kernel_word_grouped(
-    q_offsets, q_words, q_codes, q_real,
-    offsets, entry_slot, codes, real,
-    idf, inv_sqrt_norms, slot_ids,
-    binary, weight_of_h, alpha, alpha_is_int, tau,
-    k, dense, block, out_scores, out_ids,
-):
-    n_queries = q_offsets.shape[0] - 1
-    n_blocks = (n_queries + block - 1) // block
-    for b in prange(n_blocks):
-        q0 = b * block
-        q1 = min(q0 + block, n_queries)
-        _score_block_grouped(q0, q1, q_offsets, q_words, q_codes, q_real, offsets, entry_slot, codes, real, idf,
-                             inv_sqrt_norms, slot_ids, binary, weight_of_h, alpha, alpha_is_int, tau, k, dense,
-                             out_scores, out_ids)
-
-
-@njit(cache=True, parallel=True)
 def search_kernel_word_major(
     q_offsets, q_words, q_codes, q_real,
     offsets, entry_slot, codes, real,
@@ -765,8 +712,10 @@ def search_kernel_word_major(
 
     Same arguments and results (bit-identical) as ``search_kernel``, except ``block``
     (queries per score tile, >= 1) in place of ``n_blocks``: blocks of ``block``
-    consecutive queries are scored in parallel, each into its own float64
-    [block, S] tile (``_score_block``); choose ``block`` so that the tile fits in cache.
+    consecutive queries are scored in parallel, each into its own float64 [S, block]
+    tile (``_score_block``), so a posting list is read once per block instead of once
+    per query. Pays off when the inverted file outgrows the cache and blocks hold tens
+    of queries.
     """
     n_queries = q_offsets.shape[0] - 1
     n_blocks = (n_queries + block - 1) // block

@@ -175,7 +175,9 @@ def _images(source: str | os.PathLike) -> tuple[list[Path], Path]:
 
 def _extract_into(paths, root, extractor, store_path: Path, workers) -> tuple[FeatureStore, list[str], list]:
     store = FeatureStore(store_path, extractor.config(), overwrite_on_mismatch=True)
-    result = extract_features(paths, extractor, root=root, store=store, workers=workers)
+    # Progress bars follow the log level, so `asmkit -q` prints nothing but errors.
+    result = extract_features(paths, extractor, root=root, store=store, workers=workers,
+                              progress=logger.isEnabledFor(logging.INFO))
     failed = {name for name, _ in result.failed}
     names = [n for n in image_names(paths, root) if n not in failed and store.has(n)]
     return store, names, result.failed

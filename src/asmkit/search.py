@@ -28,10 +28,19 @@ logger = logging.getLogger(__name__)
 _EMPTY_CODES = np.empty((0, 0), dtype=np.uint64)
 _EMPTY_REAL = np.empty((0, 0), dtype=np.float32)
 
-#: Bytes of the float64 [block, S] score tile of the word-major kernel: block = queries
-#: whose scores fit in this much cache (the per-core L2 of current x86 CPUs holds it).
-TILE_BYTES = 1 << 19
-_ORDERS = ("auto", "query", "word", "grouped")
+#: Word-major scoring: queries per block (each posting list is read once per block; 64
+#: gave the best times on 2000- and 10 000-image databases, docs/performance.md), and the
+#: largest float64 [S, block] score tile per thread, which shrinks blocks for large S.
+WORD_MAJOR_BLOCK = 64
+TILE_BYTES = 1 << 23
+#: "auto" scores word-major when a posting list would be shared by at least
+#: ``MIN_WORD_MAJOR_GROUP`` queries of a block on average (block × words per query / K),
+#: and the posting data (codes + slots) exceeds ``MIN_WORD_MAJOR_IVF_BYTES``: below that
+#: the inverted file stays in the last-level cache and query-major scoring was as fast or
+#: faster (docs/performance.md, "All-vs-all scores").
+MIN_WORD_MAJOR_GROUP = 8
+MIN_WORD_MAJOR_IVF_BYTES = 1 << 24
+_ORDERS = ("auto", "query", "word")
 #: Rows quantized per call in ``similarity_matrix`` (bounds its int64 word temporaries).
 _QUANTIZE_ROWS = 1 << 16
 
@@ -132,10 +141,12 @@ def score_aggregates(
     order : {"auto", "query", "word"}
         Loop order of the scoring kernel; all give bit-identical results. ``"query"``
         scores one query at a time over its posting lists (``_kernels.search_kernel``);
-        ``"word"`` scores blocks of queries word by word into a cache-sized score tile,
-        reading each posting list once per block (``_kernels.search_kernel_word_major``);
-        ``"auto"`` picks ``"word"`` when a tile holds at least two queries and there
-        are several queries.
+        ``"word"`` scores blocks of up to ``WORD_MAJOR_BLOCK`` queries word by word into a
+        float64 [S, block] tile of at most ``TILE_BYTES``, reading each posting list once
+        per block (``_kernels.search_kernel_word_major``); ``"auto"`` picks ``"word"``
+        for binary codes of D in 65 .. 128 when the posting data exceeds
+        ``MIN_WORD_MAJOR_IVF_BYTES`` (outgrows the cache) and a block's queries share
+        each posting list ``MIN_WORD_MAJOR_GROUP`` times or more on average.
 
     Returns
     -------
@@ -175,15 +186,19 @@ def score_aggregates(
         inv_sqrt_norms = np.where(sqrt_norms > 0, 1.0 / sqrt_norms, 0.0)
     # Work estimate: posting entries the queries touch, plus the per-query pass over slots.
     work = int(np.diff(ivf.offsets)[queries.words].sum()) + n_queries * n_slots
-    block = max(1, TILE_BYTES // (8 * n_slots))
+    block = max(1, min(WORD_MAJOR_BLOCK, TILE_BYTES // (8 * n_slots)))
     if order == "auto":
-        order = "word" if block >= 2 and n_queries >= 2 else "query"
+        # The word-major kernel's entry-by-group loop exists for two-word binary codes
+        # (D in 65 .. 128); elsewhere it scans row by row and gains nothing.
+        two_words = binary and queries.data.shape[1] == 2
+        large = ivf.data.nbytes + ivf.slots.nbytes > MIN_WORD_MAJOR_IVF_BYTES
+        group = min(block, n_queries) * queries.words.shape[0] / (n_queries * max(ivf.offsets.shape[0] - 1, 1))
+        order = "word" if two_words and large and group >= MIN_WORD_MAJOR_GROUP else "query"
     with _kernels.thread_budget(work, _kernels.MIN_PARALLEL_ENTRIES) as threads:
-        if order in ("word", "grouped"):
-            # At least one block per thread, even when that shrinks the tile.
-            block = max(1, min(block, -(-n_queries // threads)))
-            kernel = _kernels.search_kernel_word_major if order == "word" else _kernels.search_kernel_word_grouped
-            blocking = block
+        if order == "word":
+            # At least one block per thread, even when that shrinks the blocks.
+            blocking = max(1, min(block, -(-n_queries // threads)))
+            kernel = _kernels.search_kernel_word_major
         else:
             kernel, blocking = _kernels.search_kernel, min(n_queries, 4 * threads)
         kernel(
