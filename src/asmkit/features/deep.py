@@ -643,7 +643,7 @@ class DeepExtractor:
 def lite0_extractor(
     *,
     stage: str | int = "stride16",
-    nfeat: float = 800,
+    nfeat: float = 500,
     scales: Sequence[float] = (1.0,),
     smoothing: int = 0,
     whitening: PCAWhitening | str | os.PathLike | None = None,
@@ -652,8 +652,9 @@ def lite0_extractor(
     """The deep preset: EfficientNet-Lite0 (offline ImageNet weights) + training-free head.
 
     Defaults follow the UKBench study in docs/deep.md: the last 112-channel block (stride 16),
-    800 features per image, single scale. Learn the whitening with
-    :meth:`DeepExtractor.learn_whitening` (128 is clipped to the 112 channels) or pass one.
+    500 features per image, single scale. Learn the whitening with
+    :meth:`DeepExtractor.learn_whitening` (``shrinkage=0.5`` was best there; dim 128 is
+    clipped to the 112 channels) or pass one.
     Other keyword arguments go to :class:`DeepExtractor`.
     """
     from .backbones import EfficientNetLite0
