@@ -229,7 +229,7 @@ def test_mast3r_checkpoint_loads_and_matches_reference(tmp_path):
         pickle.dump({"type": "Codebook", "params": {"size": 4}, "state": {"centroids": centroids}}, fh)
 
     encoder = _TokenEncoder()
-    loaded = B.load_mast3r_retrieval(path, backbone=encoder)
+    loaded = B.load_mast3r_checkpoint(path, backbone=encoder)
     assert loaded.imsize == 64 and loaded.args["nclusters"] == 4
     np.testing.assert_array_equal(loaded.codebook, centroids)
     head = loaded.head
@@ -253,12 +253,12 @@ def test_mast3r_checkpoint_errors(tmp_path):
     state["projector.9.weight"] = torch.zeros(2)
     path = _write_checkpoint(tmp_path, state)
     with pytest.raises(ValueError, match="unexpected projector.9.weight"):
-        B.load_mast3r_retrieval(path, backbone=_TokenEncoder())
+        B.load_mast3r_checkpoint(path, backbone=_TokenEncoder())
     path = _write_checkpoint(tmp_path, _mast3r_state(rng), featweights="softplus")
     with pytest.raises(ValueError, match="featweights"):
-        B.load_mast3r_retrieval(path, backbone=_TokenEncoder())
+        B.load_mast3r_checkpoint(path, backbone=_TokenEncoder())
     with pytest.raises(FileNotFoundError, match="missing.pth"):
-        B.load_mast3r_retrieval(tmp_path / "missing.pth", backbone=_TokenEncoder())
+        B.load_mast3r_checkpoint(tmp_path / "missing.pth", backbone=_TokenEncoder())
     torch.save({"weights": 1}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="not a MASt3R retrieval checkpoint"):
-        B.load_mast3r_retrieval(tmp_path / "other.pth", backbone=_TokenEncoder())
+        B.load_mast3r_checkpoint(tmp_path / "other.pth", backbone=_TokenEncoder())

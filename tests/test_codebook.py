@@ -183,22 +183,18 @@ def test_quantize_blocks_and_threads_do_not_change_the_result(monkeypatch, centr
 
     vecs = np.random.default_rng(8).standard_normal((700, 40)).astype(np.float32)
     expected = Codebook(centroids40).quantize(vecs, 3)
-    # Blocks of 64 rows, parallel selection and multi-threaded BLAS on every block.
-    monkeypatch.setattr(codebook, "_BLOCK_FLOATS", 64 * 16)
-    monkeypatch.setattr(kernels, "MIN_PARALLEL_ROWS", 0)
+    # Blocks of 64 rows, each searched by faiss on all its threads.
+    monkeypatch.setattr(codebook, "_QUANTIZE_ROWS", 64)
     monkeypatch.setattr(kernels, "MIN_PARALLEL_MACS", 0)
     np.testing.assert_array_equal(Codebook(centroids40).quantize(vecs, 3), expected)
     np.testing.assert_array_equal(expected, ref.quantize(vecs, centroids40, 3))
 
 
-def test_blas_thread_budget_restores_the_thread_count():
+def test_faiss_thread_budget_restores_the_thread_count():
+    faiss = pytest.importorskip("faiss")
     import asmkit._kernels as kernels
 
-    control = kernels._openblas_thread_control()
-    if control is None:
-        pytest.skip("NumPy does not link OpenBLAS here")
-    get, _ = control
-    before = get()
-    with kernels.blas_thread_budget(10, 100):
-        assert get() == 1
-    assert get() == before
+    before = faiss.omp_get_max_threads()
+    with kernels.faiss_thread_budget(10, 100):
+        assert faiss.omp_get_max_threads() == 1
+    assert faiss.omp_get_max_threads() == before

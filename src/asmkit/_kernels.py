@@ -16,12 +16,8 @@ per-entry contribution is rounded to float32 before it is added to a float64 sco
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
-import glob
 import logging
 import math
-import os
 from typing import Iterator
 
 import numba
@@ -31,7 +27,7 @@ from numba.extending import intrinsic
 
 __all__ = [
     "thread_budget",
-    "blas_thread_budget",
+    "faiss_thread_budget",
     "group_by_label",
     "aggregate_count",
     "aggregate_fill",
@@ -40,7 +36,6 @@ __all__ = [
     "search_kernel",
     "search_kernel_word_major",
     "sigma_table",
-    "select_nearest",
 ]
 
 _U1 = np.uint64(1)
@@ -52,8 +47,6 @@ logger = logging.getLogger(__name__)
 #: a parallel region can cost milliseconds, far more than the work.
 MIN_PARALLEL_PAIRS = 1 << 15
 MIN_PARALLEL_ENTRIES = 1 << 20
-#: Rows of a distance block below which ``select_nearest`` runs on the calling thread.
-MIN_PARALLEL_ROWS = 256
 
 
 @contextlib.contextmanager
@@ -71,57 +64,28 @@ def thread_budget(work: int, min_parallel_work: int) -> Iterator[int]:
         numba.set_num_threads(previous)
 
 
-#: Below this many multiply-adds a BLAS product runs on one thread (same reason as above:
-#: 2^26 MACs are ~1 ms on one core, less than a wake-up of idle BLAS threads under load).
+#: Below this many multiply-adds a faiss search runs on one OpenMP thread (same reason as
+#: above: 2^26 MACs are ~1 ms on one core, less than a wake-up of idle threads under load).
 MIN_PARALLEL_MACS = 1 << 26
 
 
-@functools.lru_cache(maxsize=1)
-def _openblas_thread_control():
-    """(get, set) thread-count functions of the OpenBLAS that NumPy links, or None.
-
-    NumPy wheels bundle ``scipy_openblas`` with prefixed symbols; other builds export the
-    plain OpenBLAS names. Any other BLAS (MKL, Accelerate) is left alone.
-    """
-    libs = glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "*openblas*"))
-    libs += glob.glob(os.path.join(os.path.dirname(np.__file__), ".dylibs", "*openblas*"))
-    for path in libs:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for get_name, set_name in (("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
-                                   ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
-                                   ("openblas_get_num_threads", "openblas_set_num_threads")):
-            if hasattr(lib, get_name) and hasattr(lib, set_name):
-                get, set_ = getattr(lib, get_name), getattr(lib, set_name)
-                get.restype, get.argtypes = ctypes.c_int, []
-                set_.restype, set_.argtypes = None, [ctypes.c_int]
-                return get, set_
-    logger.debug("no OpenBLAS thread control found; BLAS keeps its own thread count")
-    return None
-
-
 @contextlib.contextmanager
-def blas_thread_budget(work: int, min_parallel_work: int = MIN_PARALLEL_MACS) -> Iterator[None]:
-    """Context: NumPy's OpenBLAS on one thread when ``work < min_parallel_work``, and never
-    on more threads than numba currently uses (so ``numba.set_num_threads(1)`` makes the
-    whole engine single-threaded). No-op where the BLAS is not OpenBLAS."""
-    control = _openblas_thread_control()
-    if control is None:
-        yield
-        return
-    get, set_ = control
-    previous = get()
-    wanted = 1 if work < min_parallel_work else min(previous, numba.get_num_threads())
+def faiss_thread_budget(work: int, min_parallel_work: int = MIN_PARALLEL_MACS) -> Iterator[None]:
+    """Context: faiss's OpenMP on one thread when ``work < min_parallel_work``, and never on
+    more threads than numba currently uses (so ``numba.set_num_threads(1)`` makes the whole
+    engine single-threaded)."""
+    import faiss
+
+    previous = faiss.omp_get_max_threads()
+    wanted = 1 if work < min_parallel_work else max(1, min(previous, numba.get_num_threads()))
     if wanted == previous:
         yield
         return
-    set_(wanted)
+    faiss.omp_set_num_threads(wanted)
     try:
         yield
     finally:
-        set_(previous)
+        faiss.omp_set_num_threads(previous)
 
 
 @intrinsic
@@ -726,68 +690,3 @@ def search_kernel_word_major(
                      inv_sqrt_norms, slot_ids, binary, weight_of_h, alpha, alpha_is_int, tau, k, dense,
                      out_scores, out_ids)
 
-
-@njit(cache=True)
-def _select_row(row, xn, c_norms, best_d, best_w):
-    """Fill ``best_d``/``best_w`` (length m) with the m smallest distances of one row.
-
-    A separate function, not inlined into the parallel loop: inside a ``prange`` body
-    numba compiles this scan several times slower.
-    """
-    m = best_d.shape[0]
-    two = np.float32(2.0)
-    zero = np.float32(0.0)
-    # Seed with the first m words, insertion-sorted (stable: equal distances keep
-    # ascending ids).
-    for j in range(m):
-        d = max((xn + c_norms[j]) - two * row[j], zero)
-        pos = j
-        while pos > 0 and best_d[pos - 1] > d:
-            best_d[pos] = best_d[pos - 1]
-            best_w[pos] = best_w[pos - 1]
-            pos -= 1
-        best_d[pos] = d
-        best_w[pos] = j
-    worst = best_d[m - 1]
-    for j in range(m, row.shape[0]):
-        d = max((xn + c_norms[j]) - two * row[j], zero)
-        # Strict: a later (higher) id never displaces an equal distance.
-        if d < worst:
-            pos = m - 1
-            while pos > 0 and best_d[pos - 1] > d:
-                best_d[pos] = best_d[pos - 1]
-                best_w[pos] = best_w[pos - 1]
-                pos -= 1
-            best_d[pos] = d
-            best_w[pos] = j
-            worst = best_d[m - 1]
-
-
-@njit(cache=True, parallel=True)
-def select_nearest(ip, x_norms, c_norms, n_blocks, out_words, out_dist):
-    """The m smallest squared L2 distances per row, from inner products, as faiss ranks them.
-
-    The distance is ``float32(x_norms[i] + c_norms[j]) - 2 · ip[i, j]`` clamped at 0, in
-    float32, the expression of faiss's BLAS path for ``IndexFlatL2`` (so the ranking equals
-    faiss's up to the rounding of the inner products). Ties go to the lower word id, as in
-    faiss's result heaps.
-
-    Parameters
-    ----------
-    ip : float32 [n, K]
-        Inner products ⟨x_i, c_j⟩ (one BLAS GEMM).
-    x_norms : float32 [n]
-        ‖x_i‖².
-    c_norms : float32 [K]
-        ‖c_j‖².
-    n_blocks : int
-        Parallel blocks of rows, 1 .. n.
-    out_words : int64 [n, m]
-        Word ids, nearest first; m = ``out_words.shape[1]``, 1 .. K.
-    out_dist : float32 [n, m]
-        Their distances.
-    """
-    n = ip.shape[0]
-    for b in prange(n_blocks):
-        for i in range((n * b) // n_blocks, (n * (b + 1)) // n_blocks):
-            _select_row(ip[i], x_norms[i], c_norms, out_dist[i], out_words[i])

@@ -17,8 +17,8 @@ __all__ = ["Codebook"]
 
 logger = logging.getLogger(__name__)
 
-#: Inner products per quantization block (float32, 8 MiB): 512 rows at K = 4096.
-_BLOCK_FLOATS = 1 << 21
+#: Descriptors per faiss search call (bounds its [rows, m] outputs: 4 MiB at m = 5).
+_QUANTIZE_ROWS = 1 << 16
 
 
 def _gpu_available(gpu: int) -> bool:
@@ -81,7 +81,6 @@ class Codebook:
         self._centroids = centroids
         self._gpu = _resolve_gpu(gpu)
         self._index = None
-        self._c_norms = None
 
     @property
     def centroids(self) -> np.ndarray:
@@ -155,19 +154,13 @@ class Codebook:
             self._index = index
         return self._index
 
-    def _centroid_norms(self) -> np.ndarray:
-        if self._c_norms is None:
-            self._c_norms = np.einsum("ij,ij->i", self._centroids, self._centroids)
-        return self._c_norms
-
     def quantize(self, vecs, m: int = 1, *, return_distances: bool = False):
-        """The m nearest words of each descriptor (exact L2, the ranking of faiss ``IndexFlatL2``).
+        """The m nearest words of each descriptor (exact L2, faiss ``IndexFlatL2``).
 
-        On the CPU the squared distances ``‖x‖² + ‖c‖² − 2⟨x, c⟩`` are formed as faiss forms
-        them, from one float32 BLAS GEMM per block of rows, and the m smallest are selected
-        by a parallel numba kernel (ties: lower word id first). The result equals faiss's
-        except where two distances agree to within float32 rounding of the inner products.
-        A GPU codebook searches with faiss.
+        All images are searched in large batches: faiss then computes the distances with a
+        few large BLAS products, about twice as fast as the reference's one call per image
+        (docs/benchmarks.md). The words equal the reference's except where two distances
+        agree to within float32 rounding (faiss's BLAS blocking differs with the batch).
 
         Parameters
         ----------
@@ -192,29 +185,15 @@ class Codebook:
         n = vecs.shape[0]
         words = np.empty((n, m), dtype=np.int64)
         dist = np.empty((n if return_distances else 0, m), dtype=np.float32)
-        if n and self._gpu is not None:
-            gpu_dist, gpu_words = self._search_index().search(vecs, m)
-            words[:] = gpu_words
+        index = self._search_index()
+        # Blocks bound faiss's [rows, m] outputs; faiss itself tiles the distance products.
+        for begin in range(0, n, _QUANTIZE_ROWS):
+            end = min(begin + _QUANTIZE_ROWS, n)
+            with _kernels.faiss_thread_budget((end - begin) * self.size * self.dim):
+                block_dist, block_words = index.search(vecs[begin:end], m)
+            words[begin:end] = block_words
             if return_distances:
-                dist[:] = gpu_dist
-            return (words, dist) if return_distances else words
-        c_norms = self._centroid_norms()
-        # Bound the inner-product block (float32 [rows, K]) to _BLOCK_FLOATS, which keeps
-        # the quantizer's peak memory small and the block in the last-level cache's reach.
-        step = max(64, _BLOCK_FLOATS // self.size)
-        ip = np.empty((min(step, n), self.size), dtype=np.float32)
-        scratch = np.empty((min(step, n), m), dtype=np.float32)
-        for begin in range(0, n, step):
-            end = min(begin + step, n)
-            block = vecs[begin:end]
-            out = ip[: end - begin]
-            with _kernels.blas_thread_budget(out.size * self.dim):
-                np.matmul(block, self._centroids.T, out=out)
-            x_norms = np.einsum("ij,ij->i", block, block)
-            rows = end - begin
-            with _kernels.thread_budget(rows, _kernels.MIN_PARALLEL_ROWS) as threads:
-                _kernels.select_nearest(out, x_norms, c_norms, min(rows, 4 * threads),
-                                        words[begin:end], dist[begin:end] if return_distances else scratch[:rows])
+                dist[begin:end] = block_dist
         return (words, dist) if return_distances else words
 
     def save(self, path: str | os.PathLike) -> None:

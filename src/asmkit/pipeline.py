@@ -150,11 +150,11 @@ def make_extractor(
         if model is None:
             raise ValueError("--model: the mast3r preset needs a MASt3R retrieval checkpoint")
         try:
-            from .features.backbones import load_mast3r_retrieval
+            from .features.backbones import load_mast3r_checkpoint
             from .features.deep import DeepExtractor
         except ImportError as exc:
             raise ImportError(f"the mast3r preset needs torch: pip install 'asmkit[deep]' ({exc})") from None
-        loaded = load_mast3r_retrieval(model)
+        loaded = load_mast3r_checkpoint(model)
         extractor = DeepExtractor(loaded.backbone, loaded.head, nfeat=loaded.head.nfeat, max_size=loaded.imsize,
                                   name="mast3r")
         codebook = Codebook(loaded.codebook) if loaded.codebook is not None else None

@@ -17,7 +17,7 @@ Provided:
 - :class:`TorchvisionBackbone` and :class:`TimmBackbone`: ``ModuleBackbone`` over a
   torchvision / timm architecture with weights from a local file (those packages are optional
   and imported only when used).
-- :func:`load_mast3r_retrieval`: the MASt3R retrieval checkpoint format (``args`` + ``model``
+- :func:`load_mast3r_checkpoint`: the MASt3R retrieval checkpoint format (``args`` + ``model``
   + ``<name>_codebook.pkl``).
 
 torch is imported when this module is imported; ``asmkit.features`` itself never imports it.
@@ -52,8 +52,8 @@ __all__ = [
     "ModuleBackbone",
     "TorchvisionBackbone",
     "TimmBackbone",
-    "Mast3rRetrieval",
-    "load_mast3r_retrieval",
+    "Mast3rCheckpoint",
+    "load_mast3r_checkpoint",
     "build_backbone",
     "lite0_weights_path",
 ]
@@ -234,7 +234,7 @@ class EfficientNetLite0(nn.Module):
             state = torch.load(path, map_location="cpu", weights_only=True)
             # Strict: a missing or misshapen tensor means the architecture above is wrong.
             self.load_state_dict(state, strict=True)
-        self.eval()
+        self.train(False)
 
     name = "efficientnet_lite0"
 
@@ -339,8 +339,8 @@ class ModuleBackbone(nn.Module):
         self.mean, self.std = mean, std
         self.patch_size = patch_size
         self.name = name
-        self.module.eval()
-        self.eval()
+        self.module.train(False)
+        self.train(False)
         if out_dim is None:
             device = next(iter(module.parameters()), torch.empty(0)).device
             with torch.inference_mode():
@@ -501,7 +501,7 @@ def build_backbone(config: Mapping[str, Any]) -> nn.Module:
 
 
 @dataclass
-class Mast3rRetrieval:
+class Mast3rCheckpoint:
     """What a MASt3R retrieval checkpoint holds, loaded.
 
     Attributes
@@ -542,13 +542,13 @@ def _codebook_centroids(obj: Any, path: Path) -> np.ndarray:
     return np.ascontiguousarray(node, dtype=np.float32)
 
 
-def load_mast3r_retrieval(
+def load_mast3r_checkpoint(
     path: str | os.PathLike,
     backbone: nn.Module | None = None,
     *,
     device: str = "cpu",
     codebook: bool = True,
-) -> Mast3rRetrieval:
+) -> Mast3rCheckpoint:
     """Load a MASt3R retrieval checkpoint (``args`` + ``model``) and its codebook.
 
     Parameters
@@ -633,7 +633,7 @@ def load_mast3r_retrieval(
     if missing:
         raise ValueError(f"path: checkpoint lacks head weights {', '.join(missing)}")
     head.load_state_dict(head_state, strict=True)
-    head.to(device).eval()
+    head.to(device).train(False)
 
     centroids = None
     cb_path = _codebook_path(path)
@@ -644,7 +644,7 @@ def load_mast3r_retrieval(
         logger.info("loaded codebook %s: %d words x %d dims", cb_path, *centroids.shape)
     elif codebook:
         logger.info("no codebook beside the checkpoint (%s)", cb_path)
-    return Mast3rRetrieval(head=head, backbone=backbone, args=args, codebook=centroids,
+    return Mast3rCheckpoint(head=head, backbone=backbone, args=args, codebook=centroids,
                            imsize=int(args.get("imsize", 512)))
 
 

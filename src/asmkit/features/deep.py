@@ -327,7 +327,7 @@ class RetrievalHead(nn.Module):
     def _from_saved(cls, config: Mapping[str, Any], state: Mapping[str, Any], map_location: str) -> "RetrievalHead":
         head = cls(**dict(config))
         head.load_state_dict(state, strict=True)
-        return head.to(map_location).eval()
+        return head.to(map_location).train(False)
 
 
 def _load_torch_dict(path: str | os.PathLike, fmt: str) -> dict[str, Any]:
@@ -418,8 +418,8 @@ class DeepExtractor:
             if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1):
                 raise ValueError(f"num_threads: expected a positive int, got {num_threads!r}")
             torch.set_num_threads(num_threads or os.cpu_count() or 1)
-        self.backbone = backbone.to(self.device).eval()
-        self.head = head.to(self.device).eval()
+        self.backbone = backbone.to(self.device).train(False)
+        self.head = head.to(self.device).train(False)
         self.nfeat = nfeat
         self.scales = scales
         self.max_size = max_size
