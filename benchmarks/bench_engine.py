@@ -29,7 +29,7 @@ from asmkit import Codebook, Index, Params  # noqa: E402
 from asmkit import kernel as akernel  # noqa: E402
 from asmkit import search as asearch  # noqa: E402
 from asmkit._synthetic import clustered_descriptors  # noqa: E402
-from asmkit.ivf import InvertedFile, compute_idf, image_norms  # noqa: E402
+from asmkit.ivf import InvertedFile, image_norms  # noqa: E402
 
 
 def best(fn, repeat: int) -> tuple[float, object]:

@@ -157,7 +157,7 @@ def test_codebook_and_ivf_cache_round_trip(data, tmp_path):
 def test_distractors_get_negative_ids(data, tmp_path):
     vecs, imids, qvecs, qimids = data
     method = ASMKMethod.initialize_untrained(_params()).train_codebook(vecs)
-    distractors = method.build_ivf(vecs[imids < 8], imids[imids < 8], cache_path=tmp_path / "d.asmkit")
+    method.build_ivf(vecs[imids < 8], imids[imids < 8], cache_path=tmp_path / "d.asmkit")
     both = method.build_ivf(vecs[imids >= 8], imids[imids >= 8] - 8, distractors_path=tmp_path / "d.asmkit")
     assert both.imid_offset == 8
     full = method.build_ivf(vecs, imids)

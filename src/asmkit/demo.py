@@ -14,12 +14,12 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from ._io import write_text_atomic
 from PIL import Image, ImageEnhance
 
 __all__ = ["DEMO_PHOTOS", "build_demo_set", "main"]
@@ -118,15 +118,7 @@ def _to_pil(array: np.ndarray, max_size: int) -> Image.Image:
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def build_demo_set(

@@ -22,14 +22,14 @@ order is deterministic: ``(i, j)`` with ``i < j`` in matrix order, sorted.
 from __future__ import annotations
 
 import logging
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+
+from ._io import write_text_atomic
 
 __all__ = [
     "GraphSpec",
@@ -304,16 +304,7 @@ def write_pairs(path: str | Path, pairs: Iterable[tuple[str, str]]) -> Path:
             if not isinstance(name, str) or not name or any(c.isspace() for c in name):
                 raise ValueError(f"pairs: name {name!r} is empty or contains whitespace")
         lines.append(f"{a} {b}\n")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.writelines(lines)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    return write_text_atomic(out, "".join(lines))
 
 
 def _read_names(path: Path) -> list[str]:

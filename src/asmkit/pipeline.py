@@ -31,6 +31,7 @@ from .codebook import Codebook
 from .config import PipelineConfig, load_config
 from .features import FeatureStore, PCAWhitening, SiftExtractor, extract_features, image_names, list_images, load_image
 from .features.io import ImageLoadError
+from ._io import write_text_atomic
 from .index import Index
 from .storage import StorageError
 
@@ -204,9 +205,7 @@ def _load_codebook(path: str | os.PathLike) -> Codebook:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def _cache_dir(kind: str, key: dict[str, Any]) -> Path:
@@ -420,10 +419,7 @@ def compute_scores(
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.npy")
     np.save(tmp, matrix.astype(np.float32, copy=False))
     os.replace(tmp, out)
-    names_path = out.with_name(out.name + ".names.txt")
-    tmp = names_path.with_name(f".{names_path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(n + "\n" for n in names), encoding="utf-8")
-    os.replace(tmp, names_path)
+    names_path = write_text_atomic(out.with_name(out.name + ".names.txt"), "".join(n + "\n" for n in names))
     return {"scores": str(out), "names": str(names_path), "images": len(names),
             "failed": [{"name": n, "reason": r} for n, r in failed], "timings": timings}
 

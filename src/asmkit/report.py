@@ -13,14 +13,13 @@ import html
 import io
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
+from ._io import write_text_atomic
 from .evaluate import GroundTruth, evaluate, load_ground_truth
 
 __all__ = ["write_report", "precision_recall_curve", "main"]
@@ -412,16 +411,7 @@ def write_report(
         f'<section class="queries">\n' + "\n".join(rows_html) + "\n</section>\n"
         f"<script>{_SCRIPT}</script>\n</body></html>\n"
     )
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(page)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    out = write_text_atomic(out_path, page)
     if thumbs.missing:
         logger.warning("report: %d images could not be read", len(thumbs.missing))
     logger.info("report: %s (%d queries, %.1f MB)", out, len(query_names), out.stat().st_size / 1e6)
