@@ -74,8 +74,9 @@ def extract(args) -> None:
                       "mean_feats": float(np.mean([len(f) for f in feats]))}))
 
 
-def _rank_asmk(vecs, ids, n_images, codebook_size, seed):
-    """All-vs-all ASMK* ranks [n, n] with the asmkit engine, else the reference package."""
+def _rank_asmk(vecs, ids, n_images, codebook_size, seed, kernels=((3.0, 0.0, 5),)):
+    """All-vs-all ASMK* ranks [n, n] for each (alpha, tau, ma_query) in ``kernels`` (one
+    codebook), with the asmkit engine, else the reference package (reference kernel only)."""
     try:
         from asmkit import Codebook, Index, Params
     except ImportError:
@@ -86,12 +87,15 @@ def _rank_asmk(vecs, ids, n_images, codebook_size, seed):
         sample = vecs[rng.choice(len(vecs), args_sample, replace=False)]
     t0 = time.perf_counter()
     if Index is not None:
-        params = Params.preset("asmk_star", codebook_size=codebook_size)
-        cb = Codebook.train(sample, codebook_size, iters=10, seed=params.seed)
+        cb = Codebook.train(sample, codebook_size, iters=10, seed=Params().seed)
         t1 = time.perf_counter()
-        index = Index(cb, params)
-        index.add(vecs, ids)
-        scores, ranks = index.search(vecs, ids, k=n_images)
+        ranks = []
+        for alpha, tau, ma_query in kernels:
+            params = Params.preset("asmk_star", codebook_size=codebook_size, alpha=alpha, tau=tau,
+                                   ma_query=ma_query)
+            index = Index(cb, params)
+            index.add(vecs, ids)
+            ranks.append(index.search(vecs, ids, k=n_images)[1])
         engine = "asmkit"
     else:
         from asmk import asmk_method
@@ -109,9 +113,9 @@ def _rank_asmk(vecs, ids, n_images, codebook_size, seed):
         t1 = time.perf_counter()
         built = method.build_ivf(vecs, ids)
         _, qids, ranks, _ = built.query_ivf(vecs, ids)
-        ranks = ranks[np.argsort(qids)]
+        ranks = [ranks[np.argsort(qids)]]
         engine = "asmk-reference"
-    return np.asarray(ranks), engine, t1 - t0, time.perf_counter() - t1
+    return [np.asarray(r) for r in ranks], engine, t1 - t0, time.perf_counter() - t1
 
 
 args_sample = 150_000
@@ -149,15 +153,18 @@ def evaluate(args) -> None:
         spoc /= np.linalg.norm(spoc, axis=1, keepdims=True) + 1e-12
         granks = np.argsort(-(spoc @ spoc.T), axis=1, kind="stable")
         g_map, _ = mean_average_precision(granks, gt, query_indices=np.arange(n_images))
-        ranks, engine, t_cb, t_search = _rank_asmk(vecs, ids, n_images, k, seed=0)
-        m, _ = mean_average_precision(ranks, gt, query_indices=np.arange(n_images))
-        ns = ns_score(ranks, groups)
-        row = {"images": n_images, "stage": args.stage, "scales": args.scales, "smoothing": args.smoothing, "nfeat": nfeat,
-               "dim": whitening.output_dim, "shrinkage": shrink, "codebook": k, "map": round(m, 4),
-               "ns": round(ns, 3), "spoc_map": round(g_map, 4), "engine": engine,
-               "t_codebook_s": round(t_cb, 1), "t_index_search_s": round(t_search, 1), "n_desc": int(len(vecs))}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        kernels = list(itertools.product(args.alpha, args.tau, args.ma_query))
+        all_ranks, engine, t_cb, t_search = _rank_asmk(vecs, ids, n_images, k, seed=0, kernels=kernels)
+        for (alpha, tau, ma_query), ranks in zip(kernels, all_ranks):
+            m, _ = mean_average_precision(ranks, gt, query_indices=np.arange(n_images))
+            ns = ns_score(ranks, groups)
+            row = {"images": n_images, "stage": args.stage, "scales": args.scales, "smoothing": args.smoothing,
+                   "nfeat": nfeat, "dim": whitening.output_dim, "shrinkage": shrink, "codebook": k,
+                   "alpha": alpha, "tau": tau, "ma_query": ma_query, "map": round(m, 4),
+                   "ns": round(ns, 3), "spoc_map": round(g_map, 4), "engine": engine,
+                   "t_codebook_s": round(t_cb, 1), "t_index_search_s": round(t_search, 1), "n_desc": int(len(vecs))}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     if args.out:
         with open(args.out, "a") as fh:
             for row in rows:
@@ -180,6 +187,9 @@ def main() -> None:
     parser.add_argument("--dim", type=int, nargs="+", default=[128])
     parser.add_argument("--shrinkage", type=float, nargs="+", default=[1.0])
     parser.add_argument("--codebook", type=int, nargs="+", default=[4096])
+    parser.add_argument("--alpha", type=float, nargs="+", default=[3.0], help="selectivity (one codebook for all)")
+    parser.add_argument("--tau", type=float, nargs="+", default=[0.0], help="similarity threshold")
+    parser.add_argument("--ma-query", type=int, nargs="+", default=[5], help="query multiple assignment")
     parser.add_argument("--out", default=None, help="append result rows (JSON lines) to this file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
