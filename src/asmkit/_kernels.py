@@ -36,6 +36,7 @@ __all__ = [
     "search_kernel",
     "search_kernel_word_major",
     "sigma_table",
+    "pruned_nearest",
 ]
 
 _U1 = np.uint64(1)
@@ -690,3 +691,203 @@ def search_kernel_word_major(
                      inv_sqrt_norms, slot_ids, binary, weight_of_h, alpha, alpha_is_int, tau, k, dense,
                      out_scores, out_ids)
 
+
+
+# --- exact nearest words by lower-bound pruning (asmkit.codebook._PrunedSearch) ----------
+
+#: Lower bounds are scanned in blocks of this many words, each with its minimum kept, so a
+#: pass over the bounds reads K / 16 minima and then only the blocks that can hold a
+#: candidate.
+PRUNE_BLOCK = 16
+_BIG = 1e300
+_FAST = {"nnan", "nsz", "reassoc", "contract"}
+
+
+@njit(cache=True, fastmath=_FAST)
+def _sq_dist(x, i, centroids, j):
+    """Squared L2 distance of ``x[i]`` and ``centroids[j]``, accumulated in float64."""
+    s = 0.0
+    for d in range(x.shape[1]):
+        t = np.float64(x[i, d]) - np.float64(centroids[j, d])
+        s += t * t
+    return s
+
+
+@njit(cache=True, inline="always")
+def _insert_sorted(values, ids, v, j):
+    """Insert (v, j) into ascending ``values`` (fixed length, the largest falls off)."""
+    last = values.shape[0] - 1
+    if v >= values[last]:
+        return
+    t = last
+    while t > 0 and values[t - 1] > v:
+        values[t] = values[t - 1]
+        ids[t] = ids[t - 1]
+        t -= 1
+    values[t] = v
+    ids[t] = j
+
+
+@njit(cache=True, fastmath=_FAST)
+def _project(x, i, mean, axes, head, xa, r):
+    """Row ``r`` of ``xa`` := (-2 x'_head, -2 |x'_tail|) for x' = (x[i] - mean) @ axes, in
+    float64 so that a tail norm near 0 survives the cancellation; returns |x'|^2.
+    ``head`` is float64 [h] scratch."""
+    h = axes.shape[1]
+    total = 0.0
+    head[:] = 0.0
+    for d in range(x.shape[1]):
+        t = np.float64(x[i, d]) - mean[d]
+        total += t * t
+        for k in range(h):
+            head[k] += t * axes[d, k]
+    head_sq = 0.0
+    for k in range(h):
+        head_sq += head[k] * head[k]
+        xa[r, k] = -2.0 * head[k]
+    xa[r, h] = -2.0 * math.sqrt(max(total - head_sq, 0.0))
+    for k in range(h + 1, xa.shape[1]):
+        xa[r, k] = 0.0
+    return total
+
+
+@njit(cache=True, fastmath=_FAST)
+def _bound_pair(xa, i, i2, table, sq, out_a, out_b):
+    """Lower bounds of rows ``i`` and ``i2`` against all words: ``sq + xa[i] @ table``.
+
+    Two rows per pass and four table rows per sweep, so each table value loaded feeds
+    eight multiply-adds and the two [K] accumulators stay in the L1 cache."""
+    width = xa.shape[1]
+    for j in range(sq.shape[0]):
+        out_a[j] = sq[j]
+        out_b[j] = sq[j]
+    for h in range(0, width, 4):
+        a0, a1, a2, a3 = xa[i, h], xa[i, h + 1], xa[i, h + 2], xa[i, h + 3]
+        b0, b1, b2, b3 = xa[i2, h], xa[i2, h + 1], xa[i2, h + 2], xa[i2, h + 3]
+        t0, t1, t2, t3 = table[h], table[h + 1], table[h + 2], table[h + 3]
+        for j in range(sq.shape[0]):
+            v0, v1, v2, v3 = t0[j], t1[j], t2[j], t3[j]
+            out_a[j] += a0 * v0 + a1 * v1 + a2 * v2 + a3 * v3
+            out_b[j] += b0 * v0 + b1 * v1 + b2 * v2 + b3 * v3
+
+
+@njit(cache=True, fastmath=_FAST)
+def _select_row(row, i, row_sq, x, centroids, margin, eps, blk_min, cand, top_v, top_j, reach,
+                words, dist, ambiguous):
+    """The exact m nearest words of ``x[i]`` given its lower bounds ``row`` (see
+    ``pruned_nearest``, ``row_sq`` = |x'|^2); returns the updated ``reach``. ``cand`` is
+    int64 [K] scratch."""
+    K = row.shape[0]
+    m = words.shape[1]
+    n_blk = blk_min.shape[0]
+    lowest = np.float32(3e38)
+    for b in range(n_blk):
+        lo = np.float32(3e38)
+        if (b + 1) * PRUNE_BLOCK <= K:
+            # A constant trip count, so the minimum compiles to one vector reduction.
+            for t in range(PRUNE_BLOCK):
+                v = row[b * PRUNE_BLOCK + t]
+                lo = v if v < lo else lo
+        else:
+            for j in range(b * PRUNE_BLOCK, K):
+                v = row[j]
+                lo = v if v < lo else lo
+        blk_min[b] = lo
+        lowest = lo if lo < lowest else lowest
+    top_v[:] = _BIG
+    top_j[:] = -1
+    done = -_BIG
+    limit = np.float64(lowest) + reach
+    while True:
+        # Collect first, then compute: the distance loop runs without branches in between.
+        n_cand = 0
+        for b in range(n_blk):
+            if blk_min[b] <= limit:
+                for j in range(b * PRUNE_BLOCK, min(K, (b + 1) * PRUNE_BLOCK)):
+                    v = np.float64(row[j])
+                    if v <= limit and v > done:
+                        cand[n_cand] = j
+                        n_cand += 1
+        for t in range(n_cand):
+            j = cand[t]
+            _insert_sorted(top_v, top_j, _sq_dist(x, i, centroids, j), j)
+        done = limit
+        if top_v[m - 1] < _BIG:
+            # Every word within eps of the m-th must be seen, to detect ties.
+            needed = top_v[m - 1] + eps[i] - row_sq + margin[i]
+            if needed <= done:
+                break
+            limit = needed
+        else:
+            limit = done + max(2.0 * (done - lowest), margin[i])
+    for t in range(m):
+        words[i, t] = top_j[t]
+        dist[i, t] = top_v[t]
+    # Only the nearest word and the set of m words enter ASMK (the hard assignment and the
+    # multiple assignment); the order in between does not.
+    ambiguous[i] = top_v[1] - top_v[0] <= eps[i] or top_v[m] - top_v[m - 1] <= eps[i]
+    return 0.75 * reach + 0.25 * (top_v[m - 1] + eps[i] - row_sq + margin[i] - lowest)
+
+
+@njit(cache=True, parallel=True)
+def pruned_nearest(x, mean, axes, table, sq, centroids, margin, eps, n_chunks, words, dist, ambiguous):
+    """Exact m nearest centroids of each row, by lower bounds on the squared distances.
+
+    With x' = (x[i] - mean) @ axes and the same for the words (``table`` holds their first
+    h coordinates and tail norm), the bound of row i and word j is
+    ``|x'_head - c'_head|^2 + (|x'_tail| - |c'_tail|)^2 = |x'|^2 + sq[j] - 2 (...)``; it must
+    not exceed ``||x[i] - centroids[j]||^2`` by more than ``margin[i]`` (float32 rounding).
+    Per row, the K bounds are summarised by block minima (PRUNE_BLOCK words); every word
+    whose bound lies below the current m-th exact distance plus ``eps[i]`` has its distance
+    computed exactly (float64), widening the threshold until no unseen word can enter.
+    The m + 1 nearest are kept, so a row whose nearest word, or whose m-th and (m + 1)-th,
+    are not more than ``eps[i]`` apart (a tie within float32 rounding, which faiss's own
+    rounding decides) is flagged ``ambiguous`` for the caller.
+
+    Parameters
+    ----------
+    x : float32 [n, D]
+    mean : float64 [D]
+    axes : float64 [D, h]
+        The leading principal axes (orthonormal columns).
+    table : float32 [w, K], w >= h + 1 a multiple of 4 (rows beyond h + 1 zero)
+    sq : float32 [K]
+        |c'|^2 per word.
+    centroids : float32 [K, D]
+    margin, eps : float64 [n]
+    n_chunks : int
+        Parallel chunks of rows (a few per thread).
+    words : int64 [n, m] (output)
+        Nearest first; m < K.
+    dist : float32 [n, m] (output)
+        Squared distances (float64 rounded to float32).
+    ambiguous : bool [n] (output)
+    """
+    n = x.shape[0]
+    K = sq.shape[0]
+    m = words.shape[1]
+    n_chunks = max(1, min(n, n_chunks))
+    for c in prange(n_chunks):
+        xa = np.empty((2, table.shape[0]), np.float32)
+        x_sq = np.empty(2, np.float64)
+        head = np.empty(axes.shape[1], np.float64)
+        bounds_a = np.empty(K, np.float32)
+        bounds_b = np.empty(K, np.float32)
+        blk_min = np.empty((K + PRUNE_BLOCK - 1) // PRUNE_BLOCK, np.float32)
+        cand = np.empty(K, np.int64)
+        top_v = np.empty(m + 1, np.float64)
+        top_j = np.empty(m + 1, np.int64)
+        # How far above the smallest bound the m-th word typically lies, learnt along the
+        # chunk, so that most rows need a single pass over the block minima.
+        reach = 0.0
+        end = ((c + 1) * n) // n_chunks
+        for i in range((c * n) // n_chunks, end, 2):
+            i2 = min(i + 1, end - 1)
+            x_sq[0] = _project(x, i, mean, axes, head, xa, 0)
+            x_sq[1] = _project(x, i2, mean, axes, head, xa, 1)
+            _bound_pair(xa, 0, 1, table, sq, bounds_a, bounds_b)
+            reach = _select_row(bounds_a, i, x_sq[0], x, centroids, margin, eps, blk_min, cand, top_v,
+                                top_j, reach, words, dist, ambiguous)
+            if i2 != i:
+                reach = _select_row(bounds_b, i2, x_sq[1], x, centroids, margin, eps, blk_min, cand, top_v,
+                                    top_j, reach, words, dist, ambiguous)

@@ -19,6 +19,212 @@ logger = logging.getLogger(__name__)
 
 #: Descriptors per faiss search call (bounds its [rows, m] outputs: 4 MiB at m = 5).
 _QUANTIZE_ROWS = 1 << 16
+#: Widths (leading principal axes + 1 tail norm) tried for the pruned search's bound.
+_WIDTH_CHOICES = (8, 16, 24, 32, 48, 64)
+#: Below this many words, or when the estimated cost exceeds this share of a full distance
+#: product, faiss's exhaustive search is used as is.
+_PRUNE_MIN_WORDS = 256
+_PRUNE_MAX_COST = 0.6
+#: faiss computes distances as |x|^2 + |c|^2 - 2 x.c in float32 (BLAS), so two words whose
+#: distances differ by less than its rounding error come out in an order that depends on
+#: the BLAS tiling (docs/performance.md). Measured on all 1.2 M UKBench RootSIFT
+#: descriptors (K = 4096, 6 nearest each), faiss's error never exceeded 6.9e-7 of
+#: |x|^2 + max |c|^2 (D = 128); it grows like sqrt(D). Rows whose deciding gap is below
+#: this many times sqrt(D) of that scale (4.5e-6 at D = 128: over 3x the largest gap error
+#: seen) are left to faiss.
+_TIE_EPS_PER_SQRT_DIM = 4e-7
+#: Rounding allowance of the float32 lower bounds, relative to the same scale.
+_BOUND_MARGIN = 1e-4
+
+
+def _check_segments(segments, n: int) -> np.ndarray:
+    """int64 [S + 1] batch offsets: ``segments`` validated, or one batch per 65 536 rows."""
+    if segments is None:
+        return np.append(np.arange(0, n, _QUANTIZE_ROWS, dtype=np.int64), n) if n else np.zeros(2, np.int64)
+    segments = np.asarray(segments)
+    if (segments.ndim != 1 or len(segments) < 2 or segments.dtype.kind not in "iu" or segments[0] != 0
+            or segments[-1] != n or np.any(np.diff(segments) < 0)):
+        raise ValueError(f"segments: expected increasing row offsets from 0 to {n}, got {segments!r}")
+    return segments.astype(np.int64)
+
+
+def _faiss_search_rows(index, vecs, rows, m, segments, dist, words) -> None:
+    """``dist[rows], words[rows]`` as faiss gives them when called once per segment of
+    ``vecs`` (``segments``: row offsets), without searching the other rows.
+
+    faiss takes a direct loop when ``n * D < distance_compute_blas_threshold`` (the
+    rounding of a row is then its own), and otherwise BLAS products on blocks of
+    ``distance_compute_blas_query_bs`` rows (4096), where the float32 rounding of a row's
+    distances depends on its offset in its block and on the block's size (the BLAS
+    kernel's tiling): two words that tie within rounding can come out in either order. So
+    rows of direct-loop segments are searched together in direct-loop batches, and each
+    row of a BLAS segment at its own offset, in a batch of its original block's size (the
+    other slots hold copies of one of its rows).
+    """
+    import faiss
+
+    block = max(1, int(faiss.cvar.distance_compute_blas_query_bs))
+    threshold = int(faiss.cvar.distance_compute_blas_threshold)
+    d = vecs.shape[1]
+    seg = np.searchsorted(segments, rows, side="right") - 1
+    seg_size = segments[seg + 1] - segments[seg]
+    direct = seg_size * d < threshold
+    small = rows[direct]
+    step = max(1, (threshold - 1) // d)
+    for begin in range(0, len(small), step):
+        pick = small[begin : begin + step]
+        with _kernels.faiss_thread_budget(len(pick) * index.ntotal * d):
+            dist[pick], words[pick] = index.search(vecs[pick], m)
+    rows, local, seg_size = rows[~direct], (rows - segments[seg])[~direct], seg_size[~direct]
+    offset = local % block
+    size = np.minimum(block, seg_size - (local - offset))
+    # The BLAS tiling also depends on the thread count: each batch gets the threads that
+    # ``Codebook.quantize`` gives faiss for the whole segment.
+    parallel = seg_size * index.ntotal * d >= _kernels.MIN_PARALLEL_MACS
+    for s, par in sorted(set(zip(size.tolist(), parallel.tolist()))):
+        in_group = (size == s) & (parallel == par)
+        group, group_offset = rows[in_group], offset[in_group]
+        # Rows sharing an offset go to successive batches.
+        order = np.argsort(group_offset, kind="stable")
+        first = np.searchsorted(group_offset[order], group_offset[order], side="left")
+        batch_of = np.empty(len(group), dtype=np.int64)
+        batch_of[order] = np.arange(len(group)) - first
+        for b in range(int(batch_of.max()) + 1):
+            pick = batch_of == b
+            batch = np.empty((s, d), dtype=np.float32)
+            batch[:] = vecs[group[pick][0]]
+            batch[group_offset[pick]] = vecs[group[pick]]
+            with _kernels.faiss_thread_budget(_kernels.MIN_PARALLEL_MACS if par else 0):
+                # A short final block of a BLAS call must stay on the BLAS path (a
+                # process-wide faiss setting, restored right after).
+                if s * d < threshold:
+                    faiss.cvar.distance_compute_blas_threshold = s * d
+                try:
+                    batch_dist, batch_words = index.search(batch, m)
+                finally:
+                    faiss.cvar.distance_compute_blas_threshold = threshold
+            dist[group[pick]] = batch_dist[group_offset[pick]]
+            words[group[pick]] = batch_words[group_offset[pick]]
+
+
+class _PrunedSearch:
+    """Exact nearest words of a codebook with a fraction of the full product's flops.
+
+    Descriptors and centroids are centred and rotated onto the centroids' principal axes.
+    On the first ``h`` axes the squared distance is computed as usual; the remaining axes
+    are bounded by the difference of the two tail norms (reverse triangle inequality)::
+
+        |x - c|^2 >= |x_h - c_h|^2 + (|x_t| - |c_t|)^2
+
+    a product of width h + 1 instead of D. The exact float64 distance is computed only for
+    words whose bound can beat the m-th nearest (``_kernels.pruned_nearest``). Local
+    descriptors concentrate their energy on few axes (RootSIFT with h = 15 leaves about 50
+    of 4096 words to check), so this costs a fraction of faiss's exhaustive search.
+
+    The words are faiss's: a row whose nearest word, or whose set of m nearest, is decided
+    by less than the float32 rounding of faiss's own formula (``_TIE_EPS_PER_SQRT_DIM``) is
+    searched again with faiss, laid out as faiss would have met it (``_faiss_search_rows``). So
+    column 0 and the set of m words of ``search(vecs)`` equal one faiss call on ``vecs``;
+    only columns 1..m-1 may order two words that tie within rounding differently (by their
+    exact distance), which no ASMK result depends on.
+    """
+
+    def __init__(self, centroids: np.ndarray) -> None:
+        c64 = centroids.astype(np.float64)
+        self._centroids = centroids
+        self._mean = c64.mean(axis=0)
+        centred = c64 - self._mean
+        # Principal axes first: they carry most of the distance, so the bound is tight.
+        _, axes = np.linalg.eigh(centred.T @ centred)
+        self._axes = np.ascontiguousarray(axes[:, ::-1])
+        self._rotated = centred @ self._axes
+        self._sq = (self._rotated**2).sum(axis=1)
+        self._sq32 = self._sq.astype(np.float32)
+        self._max_sq = float((c64**2).sum(axis=1).max())
+        self._width: dict[int, int | None] = {}
+        self._tables: dict[int, np.ndarray] = {}
+        self._heads: dict[int, np.ndarray] = {}
+
+    def _table(self, width: int) -> np.ndarray:
+        """float32 [width, K]: the words' first width - 1 coordinates and tail norm."""
+        if width not in self._tables:
+            h = width - 1
+            r = self._rotated
+            self._tables[width] = np.ascontiguousarray(
+                np.vstack([r[:, :h].T, np.linalg.norm(r[:, h:], axis=1)]), dtype=np.float32
+            )
+            self._heads[width] = np.ascontiguousarray(self._axes[:, :h])
+        return self._tables[width]
+
+    def _project(self, vecs: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """(xa float32 [n, width], |x - mean|^2 float64 [n]) for the bound (float64 so that
+        a tail norm near 0 is not lost to cancellation)."""
+        h = width - 1
+        centred = vecs.astype(np.float64) - self._mean
+        x_sq = np.einsum("ij,ij->i", centred, centred)
+        head = centred @ self._axes[:, :h]
+        tail = np.sqrt(np.maximum(x_sq - np.einsum("ij,ij->i", head, head), 0.0))
+        xa = np.empty((len(vecs), width), dtype=np.float32)
+        np.multiply(head, -2.0, out=xa[:, :h], casting="same_kind")
+        xa[:, h] = -2.0 * tail
+        return xa, x_sq
+
+    def _choose_width(self, vecs: np.ndarray, m: int) -> int | None:
+        """The bound width with the least estimated work on a sample of ``vecs``, or None
+        when none beats ``_PRUNE_MAX_COST`` of the full product. Chosen once per m."""
+        if m not in self._width:
+            k, d = self._rotated.shape
+            widths = [w for w in _WIDTH_CHOICES if w < d]
+            sample = vecs[np.linspace(0, len(vecs) - 1, num=min(len(vecs), 256)).astype(np.int64)]
+            checked = np.zeros(len(widths))
+            # 32 rows at a time: float64 [32, K] arrays stay small even at K = 64k.
+            for begin in range(0, len(sample), 32):
+                part = sample[begin : begin + 32]
+                x = (part.astype(np.float64) - self._mean) @ self._axes
+                exact = (x**2).sum(axis=1)[:, None] + self._sq[None] - 2 * x @ self._rotated.T
+                mth = np.partition(exact, m - 1, axis=1)[:, m - 1 : m]
+                for i, width in enumerate(widths):
+                    xa, x_sq = self._project(part, width)
+                    bound = x_sq[:, None] + self._sq[None] + xa.astype(np.float64) @ self._table(width)
+                    checked[i] += (bound <= mth).sum()
+            checked /= len(sample)
+            best, best_cost = None, _PRUNE_MAX_COST * k * d
+            for width, n_checked in zip(widths, checked):
+                # In units of one multiply-add of faiss's product (measured on RootSIFT,
+                # docs/performance.md): the bound product plus a pass over the bounds per
+                # word, the projection, and a float64 distance per checked word at about a
+                # tenth of the product's speed.
+                cost = k * (width + 7) + d * width + 10.0 * n_checked * d
+                if cost < best_cost:
+                    best, best_cost = width, cost
+            self._width[m] = best
+            logger.debug("pruned search m=%d: width %s (estimated cost %.0f of %d)", m, best, best_cost, k * d)
+        return self._width[m]
+
+    def search(self, vecs: np.ndarray, m: int, index, segments: np.ndarray, dist: np.ndarray,
+               words: np.ndarray) -> bool:
+        """Fill ``dist`` float32 [n, m] and ``words`` int64 [n, m] as faiss ``index.search``
+        called once per segment would (``Codebook.quantize``); False, untouched, when
+        pruning would not pay off for these descriptors."""
+        k = self._rotated.shape[0]
+        if m + 1 > k or len(vecs) == 0:
+            return False
+        width = self._choose_width(vecs, m)
+        if width is None:
+            return False
+        ambiguous = np.empty(len(vecs), dtype=np.bool_)
+        scale = np.einsum("ij,ij->i", vecs, vecs, dtype=np.float64) + self._max_sq
+        with _kernels.thread_budget(len(vecs) * k, _kernels.MIN_PARALLEL_MACS):
+            table = self._table(width)
+            _kernels.pruned_nearest(
+                vecs, self._mean, self._heads[width], table, self._sq32, self._centroids,
+                _BOUND_MARGIN * scale, _TIE_EPS_PER_SQRT_DIM * np.sqrt(vecs.shape[1]) * scale,
+                4 * _kernels.numba.get_num_threads(), words, dist, ambiguous,
+            )
+        redo = np.flatnonzero(ambiguous)
+        if redo.size:
+            _faiss_search_rows(index, vecs, redo, m, segments, dist, words)
+        return True
 
 
 def _gpu_available(gpu: int) -> bool:
@@ -72,6 +278,10 @@ class Codebook:
         K.
     dim : int
         D.
+    prune : bool
+        CPU quantization skips words by a lower bound (``_PrunedSearch``, same words as
+        faiss's exhaustive search, several times fewer flops); False searches
+        exhaustively with faiss alone. Default True.
     """
 
     def __init__(self, centroids, *, gpu: int | None = None) -> None:
@@ -81,6 +291,8 @@ class Codebook:
         self._centroids = centroids
         self._gpu = _resolve_gpu(gpu)
         self._index = None
+        self._pruned = None
+        self.prune = True
 
     @property
     def centroids(self) -> np.ndarray:
@@ -154,13 +366,21 @@ class Codebook:
             self._index = index
         return self._index
 
-    def quantize(self, vecs, m: int = 1, *, return_distances: bool = False):
-        """The m nearest words of each descriptor (exact L2, faiss ``IndexFlatL2``).
+    def _pruned_search(self) -> _PrunedSearch | None:
+        if self._gpu is not None or not self.prune or self.size < _PRUNE_MIN_WORDS:
+            return None
+        if self._pruned is None:
+            self._pruned = _PrunedSearch(self._centroids)
+        return self._pruned
 
-        All images are searched in large batches: faiss then computes the distances with a
-        few large BLAS products, about twice as fast as the reference's one call per image
-        (docs/benchmarks.md). The words equal the reference's except where two distances
-        agree to within float32 rounding (faiss's BLAS blocking differs with the batch).
+    def quantize(self, vecs, m: int = 1, *, return_distances: bool = False, segments=None):
+        """The m nearest words of each descriptor (exact L2, as faiss ``IndexFlatL2``).
+
+        On the CPU, words that cannot be nearest are skipped by a lower bound
+        (``_PrunedSearch``); the other rows, or all of them when that would not pay off,
+        are searched by faiss. The result is faiss's in either case: where two distances
+        agree to within float32 rounding, the words come out in the order faiss gives them
+        when called once per segment (faiss's rounding depends on the batch it is given).
 
         Parameters
         ----------
@@ -170,11 +390,17 @@ class Codebook:
             Multiple assignment. With ``m > K`` every word is returned (m is clipped to K).
         return_distances : bool
             Also return the squared distances.
+        segments : int64 [S + 1], optional
+            Row offsets (0 first, N last) of the batches whose faiss call to reproduce at
+            float32 ties: the reference quantizes its database in one call and each query
+            image in its own. Default: one call per 65 536 rows.
 
         Returns
         -------
         words : int64 [N, min(m, K)]
-            Word ids, nearest first (column 0 is the hard assignment).
+            Word ids, nearest first (column 0 is the hard assignment). Columns 1..m-2 may
+            order two words that tie within float32 rounding differently from faiss: only
+            column 0 and the set of m words enter ASMK.
         distances : float32 [N, min(m, K)]
             Only with ``return_distances``.
         """
@@ -183,17 +409,16 @@ class Codebook:
         vecs = check_vecs(vecs, name="vecs", dim=self.dim)
         m = min(int(m), self.size)
         n = vecs.shape[0]
+        segments = _check_segments(segments, n)
         words = np.empty((n, m), dtype=np.int64)
-        dist = np.empty((n if return_distances else 0, m), dtype=np.float32)
+        dist = np.empty((n, m), dtype=np.float32)
         index = self._search_index()
-        # Blocks bound faiss's [rows, m] outputs; faiss itself tiles the distance products.
-        for begin in range(0, n, _QUANTIZE_ROWS):
-            end = min(begin + _QUANTIZE_ROWS, n)
-            with _kernels.faiss_thread_budget((end - begin) * self.size * self.dim):
-                block_dist, block_words = index.search(vecs[begin:end], m)
-            words[begin:end] = block_words
-            if return_distances:
-                dist[begin:end] = block_dist
+        pruned = self._pruned_search()
+        if pruned is None or not pruned.search(vecs, m, index, segments, dist, words):
+            for begin, end in zip(segments[:-1], segments[1:]):
+                if end > begin:
+                    with _kernels.faiss_thread_budget((end - begin) * self.size * self.dim):
+                        dist[begin:end], words[begin:end] = index.search(vecs[begin:end], m)
         return (words, dist) if return_distances else words
 
     def save(self, path: str | os.PathLike) -> None:

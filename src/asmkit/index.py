@@ -330,7 +330,9 @@ class Index:
             rows = desc.order[lo:hi]
             contiguous = hi - lo == 0 or (rows[0] == lo and rows[-1] == hi - 1 and bool(np.all(np.diff(rows) == 1)))
             chunk_vecs = desc.vecs[lo:hi] if contiguous else desc.vecs[rows]
-            assignments = self._codebook.quantize(chunk_vecs, self._params.ma_query)
+            # One faiss call per query image, as the reference quantizes them (float32 ties).
+            assignments = self._codebook.quantize(chunk_vecs, self._params.ma_query,
+                                                  segments=desc.starts[begin : end + 1] - lo)
             queries = aggregate(chunk_vecs, assignments, desc.starts[begin : end + 1] - lo,
                                 np.arange(hi - lo, dtype=np.int64), self._codebook.centroids,
                                 binary=self._params.binary)

@@ -342,7 +342,11 @@ class ASMKMethod:
         codebook = index.codebook
         # prepare_descriptors copies ids into its own arrays: the caller's are untouched.
         desc = prepare_descriptors(qvecs, qimids.astype(np.int64), dim=codebook.dim)
-        assignments = codebook.quantize(desc.vecs, query_params.ma_query)
+        # One faiss call per query image, as the reference makes them (float32 ties), when
+        # the rows come image by image.
+        contiguous = bool(np.all(desc.order == np.arange(len(desc.order))))
+        assignments = codebook.quantize(desc.vecs, query_params.ma_query,
+                                        segments=desc.starts if contiguous else None)
         queries = aggregate_images(codebook, desc, assignments, query_params.binary)
         scores, ids = score_aggregates(index.inverted_file, index.idf, np.sqrt(index.norms), index.ids, queries,
                                        query_params, dim=codebook.dim, k=query_params.topk)
