@@ -217,3 +217,18 @@ def test_bad_segments_are_rejected(segments):
     book = Codebook(_spectral(300, 32, seed=20))
     with pytest.raises(ValueError, match="segments"):
         book.quantize(_spectral(10, 32, seed=21), 1, segments=segments)
+
+
+def test_set_only_assignment_keeps_the_set_of_words():
+    # nearest_first=False (query side): the m words are faiss's as a set.
+    rng = np.random.default_rng(22)
+    centroids = _spectral(700, 64, seed=23)
+    vecs = _spectral(5000, 64, seed=24)
+    near = rng.choice(len(vecs), 800, replace=False)
+    vecs[near] = (0.5 * (centroids[rng.integers(0, 700, 800)] + centroids[rng.integers(0, 700, 800)])).astype(
+        np.float32)
+    book = Codebook(centroids)
+    book._pruned_search()._width[4] = 16
+    expected = book._search_index().search(vecs, 4)[1]
+    words = book.quantize(vecs, 4, nearest_first=False, segments=[0, len(vecs)])
+    np.testing.assert_array_equal(np.sort(words, axis=1), np.sort(expected, axis=1))

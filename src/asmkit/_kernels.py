@@ -772,8 +772,8 @@ def _bound_pair(xa, i, i2, table, sq, out_a, out_b):
 
 
 @njit(cache=True, fastmath=_FAST)
-def _select_row(row, i, row_sq, x, centroids, margin, eps, blk_min, cand, top_v, top_j, reach,
-                words, dist, ambiguous):
+def _select_row(row, i, row_sq, x, centroids, margin, eps, nearest_first, blk_min, cand, top_v, top_j,
+                reach, words, dist, ambiguous):
     """The exact m nearest words of ``x[i]`` given its lower bounds ``row`` (see
     ``pruned_nearest``, ``row_sq`` = |x'|^2); returns the updated ``reach``. ``cand`` is
     int64 [K] scratch."""
@@ -823,14 +823,15 @@ def _select_row(row, i, row_sq, x, centroids, margin, eps, blk_min, cand, top_v,
     for t in range(m):
         words[i, t] = top_j[t]
         dist[i, t] = top_v[t]
-    # Only the nearest word and the set of m words enter ASMK (the hard assignment and the
-    # multiple assignment); the order in between does not.
-    ambiguous[i] = top_v[1] - top_v[0] <= eps[i] or top_v[m] - top_v[m - 1] <= eps[i]
+    # Only the nearest word (hard assignment) and the set of m words (multiple assignment)
+    # enter ASMK; the order in between does not.
+    ambiguous[i] = (nearest_first and top_v[1] - top_v[0] <= eps[i]) or top_v[m] - top_v[m - 1] <= eps[i]
     return 0.75 * reach + 0.25 * (top_v[m - 1] + eps[i] - row_sq + margin[i] - lowest)
 
 
 @njit(cache=True, parallel=True)
-def pruned_nearest(x, mean, axes, table, sq, centroids, margin, eps, n_chunks, words, dist, ambiguous):
+def pruned_nearest(x, mean, axes, table, sq, centroids, margin, eps, nearest_first, n_chunks, words, dist,
+                   ambiguous):
     """Exact m nearest centroids of each row, by lower bounds on the squared distances.
 
     With x' = (x[i] - mean) @ axes and the same for the words (``table`` holds their first
@@ -840,9 +841,10 @@ def pruned_nearest(x, mean, axes, table, sq, centroids, margin, eps, n_chunks, w
     Per row, the K bounds are summarised by block minima (PRUNE_BLOCK words); every word
     whose bound lies below the current m-th exact distance plus ``eps[i]`` has its distance
     computed exactly (float64), widening the threshold until no unseen word can enter.
-    The m + 1 nearest are kept, so a row whose nearest word, or whose m-th and (m + 1)-th,
-    are not more than ``eps[i]`` apart (a tie within float32 rounding, which faiss's own
-    rounding decides) is flagged ``ambiguous`` for the caller.
+    The m + 1 nearest are kept, so a row whose m-th and (m + 1)-th words (or, with
+    ``nearest_first``, whose first and second) are not more than ``eps[i]`` apart (a tie
+    within float32 rounding, which faiss's own rounding decides) is flagged ``ambiguous``
+    for the caller.
 
     Parameters
     ----------
@@ -855,6 +857,8 @@ def pruned_nearest(x, mean, axes, table, sq, centroids, margin, eps, n_chunks, w
         |c'|^2 per word.
     centroids : float32 [K, D]
     margin, eps : float64 [n]
+    nearest_first : bool
+        Whether column 0 must be faiss's too, not only the set of m words.
     n_chunks : int
         Parallel chunks of rows (a few per thread).
     words : int64 [n, m] (output)
@@ -886,8 +890,8 @@ def pruned_nearest(x, mean, axes, table, sq, centroids, margin, eps, n_chunks, w
             x_sq[0] = _project(x, i, mean, axes, head, xa, 0)
             x_sq[1] = _project(x, i2, mean, axes, head, xa, 1)
             _bound_pair(xa, 0, 1, table, sq, bounds_a, bounds_b)
-            reach = _select_row(bounds_a, i, x_sq[0], x, centroids, margin, eps, blk_min, cand, top_v,
-                                top_j, reach, words, dist, ambiguous)
+            reach = _select_row(bounds_a, i, x_sq[0], x, centroids, margin, eps, nearest_first, blk_min,
+                                cand, top_v, top_j, reach, words, dist, ambiguous)
             if i2 != i:
-                reach = _select_row(bounds_b, i2, x_sq[1], x, centroids, margin, eps, blk_min, cand, top_v,
-                                    top_j, reach, words, dist, ambiguous)
+                reach = _select_row(bounds_b, i2, x_sq[1], x, centroids, margin, eps, nearest_first, blk_min,
+                                    cand, top_v, top_j, reach, words, dist, ambiguous)

@@ -130,30 +130,35 @@ class _PrunedSearch:
     """
 
     def __init__(self, centroids: np.ndarray) -> None:
-        c64 = centroids.astype(np.float64)
         self._centroids = centroids
-        self._mean = c64.mean(axis=0)
-        centred = c64 - self._mean
+        self._mean = centroids.mean(axis=0, dtype=np.float64)
         # Principal axes first: they carry most of the distance, so the bound is tight.
+        centred = centroids.astype(np.float64) - self._mean
         _, axes = np.linalg.eigh(centred.T @ centred)
         self._axes = np.ascontiguousarray(axes[:, ::-1])
-        self._rotated = centred @ self._axes
-        self._sq = (self._rotated**2).sum(axis=1)
+        self._sq = np.einsum("ij,ij->i", centred, centred)
         self._sq32 = self._sq.astype(np.float32)
-        self._max_sq = float((c64**2).sum(axis=1).max())
+        self._max_sq = float(np.einsum("ij,ij->i", centroids, centroids, dtype=np.float64).max())
         self._width: dict[int, int | None] = {}
         self._tables: dict[int, np.ndarray] = {}
         self._heads: dict[int, np.ndarray] = {}
 
-    def _table(self, width: int) -> np.ndarray:
+    def _rotated(self) -> np.ndarray:
+        """float32 [K, D]: the centred words on the principal axes (computed when needed,
+        not kept: 32 MiB at K = 64k)."""
+        return ((self._centroids - self._mean) @ self._axes).astype(np.float32)
+
+    @staticmethod
+    def _table_of(rotated: np.ndarray, width: int) -> np.ndarray:
         """float32 [width, K]: the words' first width - 1 coordinates and tail norm."""
+        h = width - 1
+        tail = np.sqrt(np.einsum("ij,ij->i", rotated[:, h:], rotated[:, h:], dtype=np.float64))
+        return np.ascontiguousarray(np.vstack([rotated[:, :h].T, tail]), dtype=np.float32)
+
+    def _table(self, width: int) -> np.ndarray:
         if width not in self._tables:
-            h = width - 1
-            r = self._rotated
-            self._tables[width] = np.ascontiguousarray(
-                np.vstack([r[:, :h].T, np.linalg.norm(r[:, h:], axis=1)]), dtype=np.float32
-            )
-            self._heads[width] = np.ascontiguousarray(self._axes[:, :h])
+            self._tables[width] = self._table_of(self._rotated(), width)
+            self._heads[width] = np.ascontiguousarray(self._axes[:, : width - 1])
         return self._tables[width]
 
     def _project(self, vecs: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -173,19 +178,21 @@ class _PrunedSearch:
         """The bound width with the least estimated work on a sample of ``vecs``, or None
         when none beats ``_PRUNE_MAX_COST`` of the full product. Chosen once per m."""
         if m not in self._width:
-            k, d = self._rotated.shape
+            k, d = self._centroids.shape
             widths = [w for w in _WIDTH_CHOICES if w < d]
+            rotated = self._rotated()
+            tables = [self._table_of(rotated, w) for w in widths]
             sample = vecs[np.linspace(0, len(vecs) - 1, num=min(len(vecs), 256)).astype(np.int64)]
             checked = np.zeros(len(widths))
             # 32 rows at a time: float64 [32, K] arrays stay small even at K = 64k.
             for begin in range(0, len(sample), 32):
                 part = sample[begin : begin + 32]
                 x = (part.astype(np.float64) - self._mean) @ self._axes
-                exact = (x**2).sum(axis=1)[:, None] + self._sq[None] - 2 * x @ self._rotated.T
+                exact = (x**2).sum(axis=1)[:, None] + self._sq[None] - 2 * x @ rotated.T
                 mth = np.partition(exact, m - 1, axis=1)[:, m - 1 : m]
                 for i, width in enumerate(widths):
                     xa, x_sq = self._project(part, width)
-                    bound = x_sq[:, None] + self._sq[None] + xa.astype(np.float64) @ self._table(width)
+                    bound = x_sq[:, None] + self._sq[None] + xa.astype(np.float64) @ tables[i]
                     checked[i] += (bound <= mth).sum()
             checked /= len(sample)
             best, best_cost = None, _PRUNE_MAX_COST * k * d
@@ -197,16 +204,19 @@ class _PrunedSearch:
                 cost = k * (width + 7) + d * width + 10.0 * n_checked * d
                 if cost < best_cost:
                     best, best_cost = width, cost
+            if best is not None:
+                self._tables[best] = tables[widths.index(best)]
+                self._heads[best] = np.ascontiguousarray(self._axes[:, : best - 1])
             self._width[m] = best
             logger.debug("pruned search m=%d: width %s (estimated cost %.0f of %d)", m, best, best_cost, k * d)
         return self._width[m]
 
     def search(self, vecs: np.ndarray, m: int, index, segments: np.ndarray, dist: np.ndarray,
-               words: np.ndarray) -> bool:
+               words: np.ndarray, nearest_first: bool = True) -> bool:
         """Fill ``dist`` float32 [n, m] and ``words`` int64 [n, m] as faiss ``index.search``
         called once per segment would (``Codebook.quantize``); False, untouched, when
         pruning would not pay off for these descriptors."""
-        k = self._rotated.shape[0]
+        k = self._centroids.shape[0]
         if m + 1 > k or len(vecs) == 0:
             return False
         width = self._choose_width(vecs, m)
@@ -214,11 +224,12 @@ class _PrunedSearch:
             return False
         ambiguous = np.empty(len(vecs), dtype=np.bool_)
         scale = np.einsum("ij,ij->i", vecs, vecs, dtype=np.float64) + self._max_sq
-        with _kernels.thread_budget(len(vecs) * k, _kernels.MIN_PARALLEL_MACS):
+        # Budgeted like the faiss search it replaces.
+        with _kernels.thread_budget(len(vecs) * k * vecs.shape[1], _kernels.MIN_PARALLEL_MACS):
             table = self._table(width)
             _kernels.pruned_nearest(
                 vecs, self._mean, self._heads[width], table, self._sq32, self._centroids,
-                _BOUND_MARGIN * scale, _TIE_EPS_PER_SQRT_DIM * np.sqrt(vecs.shape[1]) * scale,
+                _BOUND_MARGIN * scale, _TIE_EPS_PER_SQRT_DIM * np.sqrt(vecs.shape[1]) * scale, nearest_first,
                 4 * _kernels.numba.get_num_threads(), words, dist, ambiguous,
             )
         redo = np.flatnonzero(ambiguous)
@@ -373,7 +384,8 @@ class Codebook:
             self._pruned = _PrunedSearch(self._centroids)
         return self._pruned
 
-    def quantize(self, vecs, m: int = 1, *, return_distances: bool = False, segments=None):
+    def quantize(self, vecs, m: int = 1, *, return_distances: bool = False, segments=None,
+                 nearest_first: bool = True):
         """The m nearest words of each descriptor (exact L2, as faiss ``IndexFlatL2``).
 
         On the CPU, words that cannot be nearest are skipped by a lower bound
@@ -394,6 +406,10 @@ class Codebook:
             Row offsets (0 first, N last) of the batches whose faiss call to reproduce at
             float32 ties: the reference quantizes its database in one call and each query
             image in its own. Default: one call per 65 536 rows.
+        nearest_first : bool
+            False when only the set of m words matters (query-side multiple assignment):
+            column 0 may then hold another of two words tied within float32 rounding with
+            it, which saves re-searching those rows with faiss.
 
         Returns
         -------
@@ -414,7 +430,7 @@ class Codebook:
         dist = np.empty((n, m), dtype=np.float32)
         index = self._search_index()
         pruned = self._pruned_search()
-        if pruned is None or not pruned.search(vecs, m, index, segments, dist, words):
+        if pruned is None or not pruned.search(vecs, m, index, segments, dist, words, nearest_first):
             for begin, end in zip(segments[:-1], segments[1:]):
                 if end > begin:
                     with _kernels.faiss_thread_budget((end - begin) * self.size * self.dim):

@@ -346,7 +346,7 @@ class ASMKMethod:
         # the rows come image by image.
         contiguous = bool(np.all(desc.order == np.arange(len(desc.order))))
         assignments = codebook.quantize(desc.vecs, query_params.ma_query,
-                                        segments=desc.starts if contiguous else None)
+                                        segments=desc.starts if contiguous else None, nearest_first=False)
         queries = aggregate_images(codebook, desc, assignments, query_params.binary)
         scores, ids = score_aggregates(index.inverted_file, index.idf, np.sqrt(index.norms), index.ids, queries,
                                        query_params, dim=codebook.dim, k=query_params.topk)
