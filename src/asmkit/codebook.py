@@ -143,21 +143,22 @@ class _PrunedSearch:
         self._tables: dict[int, np.ndarray] = {}
         self._heads: dict[int, np.ndarray] = {}
 
-    def _rotated(self) -> np.ndarray:
-        """float32 [K, D]: the centred words on the principal axes (computed when needed,
-        not kept: 32 MiB at K = 64k)."""
-        return ((self._centroids - self._mean) @ self._axes).astype(np.float32)
-
-    @staticmethod
-    def _table_of(rotated: np.ndarray, width: int) -> np.ndarray:
-        """float32 [width, K]: the words' first width - 1 coordinates and tail norm."""
+    def _table_of(self, width: int) -> np.ndarray:
+        """float32 [width, K]: the words' first width - 1 coordinates and tail norm,
+        computed in float64 blocks of words (a tail near 0 survives the cancellation)."""
         h = width - 1
-        tail = np.sqrt(np.einsum("ij,ij->i", rotated[:, h:], rotated[:, h:], dtype=np.float64))
-        return np.ascontiguousarray(np.vstack([rotated[:, :h].T, tail]), dtype=np.float32)
+        k = self._centroids.shape[0]
+        table = np.empty((width, k), dtype=np.float32)
+        for begin in range(0, k, 8192):
+            head = (self._centroids[begin : begin + 8192] - self._mean) @ self._axes[:, :h]
+            table[:h, begin : begin + 8192] = head.T
+            table[h, begin : begin + 8192] = np.sqrt(
+                np.maximum(self._sq[begin : begin + 8192] - np.einsum("ij,ij->i", head, head), 0.0))
+        return table
 
     def _table(self, width: int) -> np.ndarray:
         if width not in self._tables:
-            self._tables[width] = self._table_of(self._rotated(), width)
+            self._tables[width] = self._table_of(width)
             self._heads[width] = np.ascontiguousarray(self._axes[:, : width - 1])
         return self._tables[width]
 
@@ -180,20 +181,22 @@ class _PrunedSearch:
         if m not in self._width:
             k, d = self._centroids.shape
             widths = [w for w in _WIDTH_CHOICES if w < d]
-            rotated = self._rotated()
-            tables = [self._table_of(rotated, w) for w in widths]
             sample = vecs[np.linspace(0, len(vecs) - 1, num=min(len(vecs), 256)).astype(np.int64)]
+            # The m-th nearest distance of each sample row (float32 is precise enough for
+            # an estimate), 16 rows at a time so that no [rows, K] array grows large.
+            c_sq = np.einsum("ij,ij->i", self._centroids, self._centroids)
+            mth = np.empty(len(sample))
+            for begin in range(0, len(sample), 16):
+                part = sample[begin : begin + 16]
+                exact = np.einsum("ij,ij->i", part, part)[:, None] + c_sq[None] - 2 * part @ self._centroids.T
+                mth[begin : begin + 16] = np.partition(exact, m - 1, axis=1)[:, m - 1]
             checked = np.zeros(len(widths))
-            # 32 rows at a time: float64 [32, K] arrays stay small even at K = 64k.
-            for begin in range(0, len(sample), 32):
-                part = sample[begin : begin + 32]
-                x = (part.astype(np.float64) - self._mean) @ self._axes
-                exact = (x**2).sum(axis=1)[:, None] + self._sq[None] - 2 * x @ rotated.T
-                mth = np.partition(exact, m - 1, axis=1)[:, m - 1 : m]
-                for i, width in enumerate(widths):
-                    xa, x_sq = self._project(part, width)
-                    bound = x_sq[:, None] + self._sq[None] + xa.astype(np.float64) @ tables[i]
-                    checked[i] += (bound <= mth).sum()
+            for i, width in enumerate(widths):
+                table = self._table_of(width)
+                for begin in range(0, len(sample), 16):
+                    xa, x_sq = self._project(sample[begin : begin + 16], width)
+                    bound = x_sq[:, None] + self._sq[None] + xa @ table
+                    checked[i] += (bound <= mth[begin : begin + 16, None]).sum()
             checked /= len(sample)
             best, best_cost = None, _PRUNE_MAX_COST * k * d
             for width, n_checked in zip(widths, checked):
@@ -204,9 +207,6 @@ class _PrunedSearch:
                 cost = k * (width + 7) + d * width + 10.0 * n_checked * d
                 if cost < best_cost:
                     best, best_cost = width, cost
-            if best is not None:
-                self._tables[best] = tables[widths.index(best)]
-                self._heads[best] = np.ascontiguousarray(self._axes[:, : best - 1])
             self._width[m] = best
             logger.debug("pruned search m=%d: width %s (estimated cost %.0f of %d)", m, best, best_cost, k * d)
         return self._width[m]
@@ -427,14 +427,25 @@ class Codebook:
         n = vecs.shape[0]
         segments = _check_segments(segments, n)
         words = np.empty((n, m), dtype=np.int64)
-        dist = np.empty((n, m), dtype=np.float32)
+        dist = np.empty((n if return_distances else 0, m), dtype=np.float32)
         index = self._search_index()
         pruned = self._pruned_search()
-        if pruned is None or not pruned.search(vecs, m, index, segments, dist, words, nearest_first):
-            for begin, end in zip(segments[:-1], segments[1:]):
-                if end > begin:
-                    with _kernels.faiss_thread_budget((end - begin) * self.size * self.dim):
-                        dist[begin:end], words[begin:end] = index.search(vecs[begin:end], m)
+        # Blocks of whole segments, about _QUANTIZE_ROWS rows each, bound the per-row
+        # temporaries (faiss's outputs, the pruned search's scales and flags).
+        first = 0
+        while first < len(segments) - 1:
+            last = max(first + 1, int(np.searchsorted(segments, segments[first] + _QUANTIZE_ROWS, side="right")) - 1)
+            begin, end = int(segments[first]), int(segments[last])
+            local = segments[first : last + 1] - begin
+            block_words = words[begin:end]
+            block_dist = dist[begin:end] if return_distances else np.empty((end - begin, m), dtype=np.float32)
+            if pruned is None or not pruned.search(vecs[begin:end], m, index, local, block_dist, block_words,
+                                                   nearest_first):
+                for s, e in zip(local[:-1], local[1:]):
+                    if e > s:
+                        with _kernels.faiss_thread_budget((e - s) * self.size * self.dim):
+                            block_dist[s:e], block_words[s:e] = index.search(vecs[begin + s : begin + e], m)
+            first = last
         return (words, dist) if return_distances else words
 
     def save(self, path: str | os.PathLike) -> None:
