@@ -207,9 +207,9 @@ def test_segments_reproduce_one_faiss_call_per_segment():
         expected = np.concatenate([index.search(vecs[s:e], m)[1] for s, e in zip(segments[:-1], segments[1:])])
         book._pruned_search()._width[m] = 16
         _assert_same_assignment(book.quantize(vecs, m, segments=segments), expected)
-        off = Codebook(centroids)
+        off = Codebook(centroids)  # faiss on the whole block, near-ties again per segment
         off.prune = False
-        np.testing.assert_array_equal(off.quantize(vecs, m, segments=segments), expected)
+        _assert_same_assignment(off.quantize(vecs, m, segments=segments), expected)
 
 
 @pytest.mark.parametrize("segments", [[0, 5], [1, 10], [0, 4, 3, 10], [[0, 10]], [0.0, 10.0]])

@@ -303,6 +303,7 @@ class Codebook:
         self._gpu = _resolve_gpu(gpu)
         self._index = None
         self._pruned = None
+        self._max_sq = None
         self.prune = True
 
     @property
@@ -384,6 +385,31 @@ class Codebook:
             self._pruned = _PrunedSearch(self._centroids)
         return self._pruned
 
+    def _faiss_block(self, vecs, m, index, segments, dist, words, nearest_first) -> None:
+        """faiss's exhaustive search of a block of whole segments, as one call per segment.
+
+        The block is searched in one call (large BLAS products, fast), for m + 1 words;
+        only rows whose deciding gap lies within float32 rounding are searched again as
+        their segment's own call would (``_faiss_search_rows``)."""
+        extra = int(m < self.size)
+        with _kernels.faiss_thread_budget(len(vecs) * self.size * self.dim):
+            found_dist, found_words = index.search(vecs, m + extra)
+        dist[:], words[:] = found_dist[:, :m], found_words[:, :m]
+        if len(segments) == 2:
+            return  # the block is the segment: this was its call
+        if self._max_sq is None:
+            self._max_sq = float(np.einsum("ij,ij->i", self._centroids, self._centroids, dtype=np.float64).max())
+        eps = _TIE_EPS_PER_SQRT_DIM * np.sqrt(self.dim) * (
+            np.einsum("ij,ij->i", vecs, vecs, dtype=np.float64) + self._max_sq)
+        ambiguous = np.zeros(len(vecs), dtype=bool)
+        if extra:
+            ambiguous |= found_dist[:, m] - found_dist[:, m - 1] <= eps
+        if nearest_first and found_dist.shape[1] > 1:
+            ambiguous |= found_dist[:, 1] - found_dist[:, 0] <= eps
+        redo = np.flatnonzero(ambiguous)
+        if redo.size:
+            _faiss_search_rows(index, vecs, redo, m, segments, dist, words)
+
     def quantize(self, vecs, m: int = 1, *, return_distances: bool = False, segments=None,
                  nearest_first: bool = True):
         """The m nearest words of each descriptor (exact L2, as faiss ``IndexFlatL2``).
@@ -441,10 +467,7 @@ class Codebook:
             block_dist = dist[begin:end] if return_distances else np.empty((end - begin, m), dtype=np.float32)
             if pruned is None or not pruned.search(vecs[begin:end], m, index, local, block_dist, block_words,
                                                    nearest_first):
-                for s, e in zip(local[:-1], local[1:]):
-                    if e > s:
-                        with _kernels.faiss_thread_budget((e - s) * self.size * self.dim):
-                            block_dist[s:e], block_words[s:e] = index.search(vecs[begin + s : begin + e], m)
+                self._faiss_block(vecs[begin:end], m, index, local, block_dist, block_words, nearest_first)
             first = last
         return (words, dist) if return_distances else words
 
