@@ -391,12 +391,13 @@ class Codebook:
         The block is searched in one call (large BLAS products, fast), for m + 1 words;
         only rows whose deciding gap lies within float32 rounding are searched again as
         their segment's own call would (``_faiss_search_rows``)."""
-        extra = int(m < self.size)
+        # A block that is one segment is that segment's own call: nothing to redo.
+        extra = int(m < self.size and len(segments) > 2)
         with _kernels.faiss_thread_budget(len(vecs) * self.size * self.dim):
             found_dist, found_words = index.search(vecs, m + extra)
         dist[:], words[:] = found_dist[:, :m], found_words[:, :m]
         if len(segments) == 2:
-            return  # the block is the segment: this was its call
+            return
         if self._max_sq is None:
             self._max_sq = float(np.einsum("ij,ij->i", self._centroids, self._centroids, dtype=np.float64).max())
         eps = _TIE_EPS_PER_SQRT_DIM * np.sqrt(self.dim) * (
