@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 #: Descriptors per faiss search call (bounds its [rows, m] outputs: 4 MiB at m = 5).
 _QUANTIZE_ROWS = 1 << 16
 #: Widths (leading principal axes + 1 tail norm) tried for the pruned search's bound.
-_WIDTH_CHOICES = (8, 16, 24, 32, 48, 64)
+_WIDTH_CHOICES = (8, 12, 16, 20, 24, 28, 32, 48, 64)
 #: Below this many words, or when the estimated cost exceeds this share of a full distance
 #: product, faiss's exhaustive search is used as is.
 _PRUNE_MIN_WORDS = 256
@@ -50,7 +50,8 @@ def _check_segments(segments, n: int) -> np.ndarray:
 
 def _faiss_search_rows(index, vecs, rows, m, segments, dist, words) -> None:
     """``dist[rows], words[rows]`` as faiss gives them when called once per segment of
-    ``vecs`` (``segments``: row offsets), without searching the other rows.
+    ``vecs`` (``segments``: row offsets), without searching the other rows (``dist`` may
+    be None).
 
     faiss takes a direct loop when ``n * D < distance_compute_blas_threshold`` (the
     rounding of a row is then its own), and otherwise BLAS products on blocks of
@@ -74,7 +75,9 @@ def _faiss_search_rows(index, vecs, rows, m, segments, dist, words) -> None:
     for begin in range(0, len(small), step):
         pick = small[begin : begin + step]
         with _kernels.faiss_thread_budget(len(pick) * index.ntotal * d):
-            dist[pick], words[pick] = index.search(vecs[pick], m)
+            found_dist, words[pick] = index.search(vecs[pick], m)
+        if dist is not None:
+            dist[pick] = found_dist
     rows, local, seg_size = rows[~direct], (rows - segments[seg])[~direct], seg_size[~direct]
     offset = local % block
     size = np.minimum(block, seg_size - (local - offset))
@@ -103,7 +106,8 @@ def _faiss_search_rows(index, vecs, rows, m, segments, dist, words) -> None:
                     batch_dist, batch_words = index.search(batch, m)
                 finally:
                     faiss.cvar.distance_compute_blas_threshold = threshold
-            dist[group[pick]] = batch_dist[group_offset[pick]]
+            if dist is not None:
+                dist[group[pick]] = batch_dist[group_offset[pick]]
             words[group[pick]] = batch_words[group_offset[pick]]
 
 
@@ -211,17 +215,18 @@ class _PrunedSearch:
             logger.debug("pruned search m=%d: width %s (estimated cost %.0f of %d)", m, best, best_cost, k * d)
         return self._width[m]
 
-    def search(self, vecs: np.ndarray, m: int, index, segments: np.ndarray, dist: np.ndarray,
-               words: np.ndarray, nearest_first: bool = True) -> bool:
-        """Fill ``dist`` float32 [n, m] and ``words`` int64 [n, m] as faiss ``index.search``
-        called once per segment would (``Codebook.quantize``); False, untouched, when
-        pruning would not pay off for these descriptors."""
+    def search(self, vecs: np.ndarray, m: int, dist: np.ndarray, words: np.ndarray,
+               nearest_first: bool = True) -> np.ndarray | None:
+        """Fill ``dist`` float32 [n, m] and ``words`` int64 [n, m] with the exact m nearest
+        words; return the rows (int64) whose deciding gap is within float32 rounding, for
+        faiss to order (``_faiss_search_rows``). None, untouched, when pruning would not pay
+        off for these descriptors."""
         k = self._centroids.shape[0]
         if m + 1 > k or len(vecs) == 0:
-            return False
+            return None
         width = self._choose_width(vecs, m)
         if width is None:
-            return False
+            return None
         ambiguous = np.empty(len(vecs), dtype=np.bool_)
         scale = np.einsum("ij,ij->i", vecs, vecs, dtype=np.float64) + self._max_sq
         # Budgeted like the faiss search it replaces.
@@ -232,10 +237,7 @@ class _PrunedSearch:
                 _BOUND_MARGIN * scale, _TIE_EPS_PER_SQRT_DIM * np.sqrt(vecs.shape[1]) * scale, nearest_first,
                 4 * _kernels.numba.get_num_threads(), words, dist, ambiguous,
             )
-        redo = np.flatnonzero(ambiguous)
-        if redo.size:
-            _faiss_search_rows(index, vecs, redo, m, segments, dist, words)
-        return True
+        return np.flatnonzero(ambiguous)
 
 
 def _gpu_available(gpu: int) -> bool:
@@ -385,19 +387,18 @@ class Codebook:
             self._pruned = _PrunedSearch(self._centroids)
         return self._pruned
 
-    def _faiss_block(self, vecs, m, index, segments, dist, words, nearest_first) -> None:
-        """faiss's exhaustive search of a block of whole segments, as one call per segment.
+    def _faiss_block(self, vecs, m, index, several, dist, words, nearest_first) -> np.ndarray:
+        """faiss's exhaustive search of a block in one call (large BLAS products, fast).
 
-        The block is searched in one call (large BLAS products, fast), for m + 1 words;
-        only rows whose deciding gap lies within float32 rounding are searched again as
-        their segment's own call would (``_faiss_search_rows``)."""
-        # A block that is one segment is that segment's own call: nothing to redo.
-        extra = int(m < self.size and len(segments) > 2)
+        When the block holds ``several`` segments, m + 1 words are searched and the rows
+        whose deciding gap lies within float32 rounding are returned, for a search as their
+        segment's own call would do it (``_faiss_search_rows``)."""
+        extra = int(m < self.size and several)
         with _kernels.faiss_thread_budget(len(vecs) * self.size * self.dim):
             found_dist, found_words = index.search(vecs, m + extra)
         dist[:], words[:] = found_dist[:, :m], found_words[:, :m]
-        if len(segments) == 2:
-            return
+        if not several:
+            return np.zeros(0, dtype=np.int64)  # the block is its segment's own call
         if self._max_sq is None:
             self._max_sq = float(np.einsum("ij,ij->i", self._centroids, self._centroids, dtype=np.float64).max())
         eps = _TIE_EPS_PER_SQRT_DIM * np.sqrt(self.dim) * (
@@ -407,9 +408,7 @@ class Codebook:
             ambiguous |= found_dist[:, m] - found_dist[:, m - 1] <= eps
         if nearest_first and found_dist.shape[1] > 1:
             ambiguous |= found_dist[:, 1] - found_dist[:, 0] <= eps
-        redo = np.flatnonzero(ambiguous)
-        if redo.size:
-            _faiss_search_rows(index, vecs, redo, m, segments, dist, words)
+        return np.flatnonzero(ambiguous)
 
     def quantize(self, vecs, m: int = 1, *, return_distances: bool = False, segments=None,
                  nearest_first: bool = True):
@@ -458,18 +457,26 @@ class Codebook:
         index = self._search_index()
         pruned = self._pruned_search()
         # Blocks of whole segments, about _QUANTIZE_ROWS rows each, bound the per-row
-        # temporaries (faiss's outputs, the pruned search's scales and flags).
+        # temporaries (faiss's outputs, the pruned search's scales and flags). Rows tied
+        # within float32 rounding are searched again once for the whole call, so that rows
+        # of many blocks share faiss's batches.
+        flagged = []
         first = 0
         while first < len(segments) - 1:
             last = max(first + 1, int(np.searchsorted(segments, segments[first] + _QUANTIZE_ROWS, side="right")) - 1)
             begin, end = int(segments[first]), int(segments[last])
-            local = segments[first : last + 1] - begin
             block_words = words[begin:end]
             block_dist = dist[begin:end] if return_distances else np.empty((end - begin, m), dtype=np.float32)
-            if pruned is None or not pruned.search(vecs[begin:end], m, index, local, block_dist, block_words,
-                                                   nearest_first):
-                self._faiss_block(vecs[begin:end], m, index, local, block_dist, block_words, nearest_first)
+            rows = None if pruned is None else pruned.search(vecs[begin:end], m, block_dist, block_words,
+                                                              nearest_first)
+            if rows is None:
+                rows = self._faiss_block(vecs[begin:end], m, index, last - first > 1, block_dist, block_words,
+                                         nearest_first)
+            flagged.append(rows + begin)
             first = last
+        redo = np.concatenate(flagged) if flagged else np.zeros(0, dtype=np.int64)
+        if redo.size:
+            _faiss_search_rows(index, vecs, redo, m, segments, dist if return_distances else None, words)
         return (words, dist) if return_distances else words
 
     def save(self, path: str | os.PathLike) -> None:
