@@ -151,13 +151,14 @@ class _PrunedSearch:
         """float32 [width, K]: the words' first width - 1 coordinates and tail norm,
         computed in float64 blocks of words (a tail near 0 survives the cancellation)."""
         h = width - 1
-        k = self._centroids.shape[0]
+        k, d = self._centroids.shape
         table = np.empty((width, k), dtype=np.float32)
-        for begin in range(0, k, 8192):
-            head = (self._centroids[begin : begin + 8192] - self._mean) @ self._axes[:, :h]
-            table[:h, begin : begin + 8192] = head.T
-            table[h, begin : begin + 8192] = np.sqrt(
-                np.maximum(self._sq[begin : begin + 8192] - np.einsum("ij,ij->i", head, head), 0.0))
+        step = max(256, (1 << 21) // d)  # float64 [step, D] temporaries of 16 MiB at most
+        for begin in range(0, k, step):
+            head = (self._centroids[begin : begin + step] - self._mean) @ self._axes[:, :h]
+            table[:h, begin : begin + step] = head.T
+            table[h, begin : begin + step] = np.sqrt(
+                np.maximum(self._sq[begin : begin + step] - np.einsum("ij,ij->i", head, head), 0.0))
         return table
 
     def _table(self, width: int) -> np.ndarray:
@@ -194,9 +195,14 @@ class _PrunedSearch:
                 part = sample[begin : begin + 16]
                 exact = np.einsum("ij,ij->i", part, part)[:, None] + c_sq[None] - 2 * part @ self._centroids.T
                 mth[begin : begin + 16] = np.partition(exact, m - 1, axis=1)[:, m - 1]
+            # Every width's table from one product at the largest width (float32 is
+            # precise enough for an estimate; the chosen table is built by _table_of).
+            widest = self._table_of(widths[-1])
+            head_sq = np.cumsum(widest[:-1] ** 2, axis=0)
             checked = np.zeros(len(widths))
             for i, width in enumerate(widths):
-                table = self._table_of(width)
+                tail = np.sqrt(np.maximum(self._sq - head_sq[width - 2], 0.0))
+                table = np.vstack([widest[: width - 1], tail[None]]).astype(np.float32)
                 for begin in range(0, len(sample), 16):
                     xa, x_sq = self._project(sample[begin : begin + 16], width)
                     bound = x_sq[:, None] + self._sq[None] + xa @ table
