@@ -205,3 +205,62 @@ def test_malicious_codebook_cache_is_refused(tmp_path):
     with pytest.raises(ValueError, match="refused global"):
         ASMKMethod.initialize_untrained(_params()).train_codebook(None, cache_path=path)
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("binary", [True, False])
+@pytest.mark.parametrize("idf", [False, True])
+def test_reference_ivf_pickle_is_served_without_the_descriptors(data, reference_codebook, tmp_path, binary, idf):
+    # A user with the reference's cached inverted file (cache_path=...pkl) switches the
+    # import and queries it: same ranks and scores as the reference, no descriptors needed.
+    asmk = pytest.importorskip("asmk")
+    vecs, imids, qvecs, qimids = data
+    params = _params(binary=binary, idf=idf)
+    ivf_pkl = tmp_path / "ivf.pkl"
+    ref = asmk.ASMKMethod.initialize_untrained(params).train_codebook(None, cache_path=str(reference_codebook))
+    ref = ref.build_ivf(vecs.copy(), imids.copy(), cache_path=str(ivf_pkl))
+    assert ivf_pkl.is_file()
+    _, ref_images, ref_ranks, ref_scores = ref.query_ivf(qvecs.copy(), qimids.copy())
+
+    ours = ASMKMethod.initialize_untrained(params).train_codebook(None, cache_path=reference_codebook)
+    ours = ours.build_ivf(None, None, cache_path=ivf_pkl)
+    assert "load_time" in ours.metadata["build_ivf"]
+    assert ours.metadata["build_ivf"]["ivf_stats"]["images"] == 24
+    _, images, ranks, scores = ours.query_ivf(qvecs, qimids)
+    np.testing.assert_array_equal(images, ref_images)
+    _tie_aware_agreement(ref_ranks, ref_scores, ranks, scores)
+    # The same index as building from the descriptors.
+    built = ASMKMethod.initialize_untrained(params).train_codebook(None, cache_path=reference_codebook)
+    _, _, ranks2, scores2 = built.build_ivf(vecs, imids).query_ivf(qvecs, qimids)
+    np.testing.assert_array_equal(ranks, ranks2)
+    np.testing.assert_allclose(scores, scores2, atol=1e-7)
+
+
+def test_reference_ivf_pickle_with_other_kernel_is_refused(data, reference_codebook, tmp_path):
+    asmk = pytest.importorskip("asmk")
+    from asmkit.compat import LegacyFormatError
+
+    vecs, imids, _, _ = data
+    ivf_pkl = tmp_path / "ivf.pkl"
+    ref = asmk.ASMKMethod.initialize_untrained(_params(binary=True)).train_codebook(
+        None, cache_path=str(reference_codebook))
+    ref.build_ivf(vecs.copy(), imids.copy(), cache_path=str(ivf_pkl))
+    ours = ASMKMethod.initialize_untrained(_params(binary=False)).train_codebook(None, cache_path=reference_codebook)
+    with pytest.raises(LegacyFormatError, match="ivf.pkl.*binary=False.*binary=True"):
+        ours.build_ivf(None, None, cache_path=ivf_pkl)
+
+
+def test_malicious_ivf_cache_is_refused(data, tmp_path):
+    import os
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    vecs = data[0]
+    path = tmp_path / "ivf.pkl"
+    path.write_bytes(pickle.dumps({"type": "IVF", "params": {"use_idf": False}, "state": {"ivf_vecs": Payload()}}))
+    method = ASMKMethod.initialize_untrained(_params()).train_codebook(vecs)
+    with pytest.raises(ValueError, match="ivf.pkl.*refused global"):
+        method.build_ivf(None, None, cache_path=path)
+    assert not (tmp_path / "pwned").exists()

@@ -2,6 +2,9 @@
 restricted reader for its pickled codebooks and inverted files."""
 
 from .asmk_method import ASMKMethod
-from .legacy import LegacyFormatError, codebook_from_legacy, ivf_from_legacy, load_legacy_pickle
+from .legacy import LegacyFormatError, codebook_from_legacy, index_from_legacy, ivf_from_legacy, load_legacy_pickle
 
-__all__ = ["ASMKMethod", "LegacyFormatError", "load_legacy_pickle", "codebook_from_legacy", "ivf_from_legacy"]
+__all__ = [
+    "ASMKMethod", "LegacyFormatError", "load_legacy_pickle", "codebook_from_legacy", "ivf_from_legacy",
+    "index_from_legacy",
+]

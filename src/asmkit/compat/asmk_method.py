@@ -39,7 +39,7 @@ from asmkit.kernel import prepare_descriptors
 from asmkit.params import Params
 from asmkit.search import aggregate_images, score_aggregates
 
-from .legacy import codebook_from_legacy, load_legacy_pickle
+from .legacy import LegacyFormatError, codebook_from_legacy, index_from_legacy, load_legacy_pickle
 
 __all__ = ["ASMKMethod"]
 
@@ -218,8 +218,10 @@ class ASMKMethod:
         imids : int [N] or None
             Non-negative image id of each row (any order; not modified).
         cache_path : str or path-like, optional
-            An existing asmkit index directory is loaded instead of building; a missing path
-            is built and then written there (with the distractor offset, if any).
+            An existing asmkit index directory is loaded instead of building, and so is an
+            existing file holding the reference's pickled inverted file (restricted loader,
+            ``index_from_legacy``); a missing path is built and then written there as an
+            asmkit directory (with the distractor offset, if any).
         distractors_path : str or path-like, optional
             An asmkit index directory, built with the same codebook and kernel, to start
             from. As in the reference, the new images' ids are shifted by the distractor
@@ -247,11 +249,19 @@ class ASMKMethod:
         params = self._with_step("build_ivf", step_params)
         engine = Params.from_reference(params)
         t0 = time.perf_counter()
-        if cache_path is not None and Path(cache_path).exists():
+        if cache_path is not None and Path(cache_path).is_file():
+            # The reference's pickled inverted file, read by the restricted loader.
+            try:
+                index = index_from_legacy(load_legacy_pickle(cache_path), self.codebook, engine)
+            except LegacyFormatError as exc:
+                raise LegacyFormatError(f"cache_path: {cache_path}: {exc}") from None
+            offset = 0
+            metadata: dict[str, Any] = {"load_time": time.perf_counter() - t0}
+        elif cache_path is not None and Path(cache_path).exists():
             index = Index.load(cache_path, mmap=True)
             self._check_compatible(index, engine, "cache_path", cache_path)
             offset = _read_offset(Path(cache_path))
-            metadata: dict[str, Any] = {"load_time": time.perf_counter() - t0}
+            metadata = {"load_time": time.perf_counter() - t0}
         else:
             vecs = _as_vecs(vecs, "vecs")
             imids = np.asarray(imids)

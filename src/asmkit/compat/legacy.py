@@ -311,3 +311,69 @@ def ivf_from_legacy(state: Any) -> LegacyIVF:
         n_images=n_images - offset,
         use_idf=bool(params.get("use_idf", False)),
     )
+
+
+def index_from_legacy(state: Any, codebook, params=None):
+    """An asmkit ``Index`` holding a reference inverted file (``IVF.state_dict()``).
+
+    The reference stores the aggregated codes per word, which is all an index needs: no
+    descriptor is re-quantized. idf and image norms are recomputed from the posting lists,
+    as the reference computes them for an index built in one call (where it added images in
+    several calls its stored idf is stale, ASMK.md §4; asmkit's is exact).
+
+    Parameters
+    ----------
+    state : dict
+        A reference ``IVF.state_dict()``, e.g. from :func:`load_legacy_pickle`.
+    codebook : asmkit.Codebook
+        The codebook the reference index was built with (``codebook_from_legacy``).
+    params : asmkit.Params or dict, optional
+        Query-side settings (alpha, tau, ma_query, topk). ``binary`` and ``use_idf`` must
+        agree with the state; default: the ``asmk_star`` preset with the state's.
+
+    Returns
+    -------
+    asmkit.Index
+        Image ids ``0 .. n_images - 1`` (the reference's ids minus its ``imid_offset``),
+        keys ``str(id)``.
+
+    Raises
+    ------
+    LegacyFormatError
+        If the state does not fit the codebook or the parameters.
+    """
+    from asmkit.index import Index
+    from asmkit.ivf import InvertedFile
+    from asmkit.kernel import n_code_words
+    from asmkit.params import Params
+    from asmkit.search import as_params
+
+    flat = ivf_from_legacy(state)
+    if params is None:
+        params = Params.preset("asmk_star", binary=flat.binary, use_idf=flat.use_idf)
+    params = as_params(params).replace(codebook_size=codebook.size)
+    if len(flat.counts) != codebook.size:
+        raise LegacyFormatError(f"state: the inverted file has {len(flat.counts)} words, the codebook {codebook.size}")
+    if params.binary != flat.binary or params.use_idf != flat.use_idf:
+        raise LegacyFormatError(
+            f"params: binary={params.binary}, use_idf={params.use_idf}, but the reference inverted file "
+            f"was built with binary={flat.binary}, use_idf={flat.use_idf}"
+        )
+    width = n_code_words(codebook.dim) if flat.binary else codebook.dim
+    if flat.vectors.shape[1] != width or (flat.binary and not codebook.dim <= flat.dim_bits < codebook.dim + 32):
+        raise LegacyFormatError(
+            f"state: posting vectors of width {flat.dim_bits or flat.vectors.shape[1]} do not fit a "
+            f"{codebook.dim}-D codebook"
+        )
+    if flat.image_ids.size and flat.image_ids.min() < 0:
+        raise LegacyFormatError("state: inverted files with distractors (imid_offset > 0) are not supported; "
+                                "rebuild from the descriptors")
+    if flat.image_ids.size and flat.image_ids.max() >= flat.n_images:
+        raise LegacyFormatError(f"state: image ids outside 0 .. {flat.n_images - 1}")
+    offsets = np.zeros(codebook.size + 1, dtype=np.int64)
+    np.cumsum(flat.counts, out=offsets[1:])
+    ivf = InvertedFile(offsets, flat.image_ids.astype(np.int32), np.ascontiguousarray(flat.vectors))
+    index = Index(codebook, params)
+    ids = np.arange(flat.n_images, dtype=np.int64)
+    index._set_state(ivf, ids, np.array([str(i) for i in ids.tolist()], dtype=str))
+    return index
