@@ -58,6 +58,20 @@ def test_aggregate_rows_need_not_be_contiguous(centroids40):
     np.testing.assert_allclose(mixed.data, grouped_real.data, atol=1e-5)
 
 
+@pytest.mark.parametrize("ids", [[3, 3, 7, 7, 7, 9], [7, 3, 9, 7, 3, 7], [5, 5, 5, 5, 5, 5]])
+def test_grouping_of_sorted_and_unsorted_ids(ids):
+    # Sorted ids take a path without sorting; both give the same grouping and labels.
+    ids = np.array(ids)
+    vecs = np.arange(len(ids) * 4, dtype=np.float32).reshape(len(ids), 4)
+    desc = prepare_descriptors(vecs, ids, dim=4)
+    unique = np.unique(ids)
+    assert desc.image_ids.tolist() == unique.tolist()
+    for i, image in enumerate(unique):
+        rows = desc.order[desc.starts[i] : desc.starts[i + 1]]
+        assert rows.tolist() == np.flatnonzero(ids == image).tolist()  # input order kept
+    np.testing.assert_array_equal(desc.labels, np.searchsorted(unique, ids))
+
+
 def test_duplicate_word_in_one_assignment_counts_once(centroids40):
     vecs = np.random.default_rng(4).standard_normal((3, 40)).astype(np.float32)
     assign = np.array([[1, 1], [1, 2], [2, 2]], dtype=np.int64)

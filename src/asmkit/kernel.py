@@ -102,8 +102,6 @@ class Descriptors:
     ----------
     vecs : float32 [N, D]
         All descriptors, C-contiguous.
-    labels : int64 [N]
-        Image label of each row, in ``0 .. len(image_ids) - 1``.
     image_ids : int64 [I]
         User id of each label: ascending unique ids for array input, the given (or
         ``0 .. I-1``) ids in list order for list input.
@@ -112,7 +110,6 @@ class Descriptors:
     """
 
     vecs: np.ndarray
-    labels: np.ndarray
     image_ids: np.ndarray
     starts: np.ndarray
     order: np.ndarray
@@ -120,6 +117,14 @@ class Descriptors:
     @property
     def n_images(self) -> int:
         return int(self.image_ids.shape[0])
+
+    @property
+    def labels(self) -> np.ndarray:
+        """int64 [N]: the image label (``0 .. I - 1``) of each row, computed on demand (the
+        engine works from ``starts`` and ``order``; keeping it would cost 8 bytes a row)."""
+        labels = np.empty(self.order.shape[0], dtype=np.int64)
+        labels[self.order] = np.repeat(np.arange(self.n_images, dtype=np.int64), np.diff(self.starts))
+        return labels
 
 
 def prepare_descriptors(vecs, image_ids=None, *, dim: int | None = None, unique_ids: bool = True) -> Descriptors:
@@ -167,21 +172,26 @@ def prepare_descriptors(vecs, image_ids=None, *, dim: int | None = None, unique_
         counts = np.array([p.shape[0] for p in parts], dtype=np.int64)
         flat = np.concatenate(parts, axis=0) if parts else np.empty((0, width), np.float32)
         flat = np.ascontiguousarray(flat, dtype=np.float32)
-        labels = np.repeat(np.arange(len(parts), dtype=np.int64), counts)
         starts = np.zeros(len(parts) + 1, dtype=np.int64)
         np.cumsum(counts, out=starts[1:])
         order = np.arange(flat.shape[0], dtype=np.int64)
-        return Descriptors(flat, labels, ids, starts, order)
+        return Descriptors(flat, ids, starts, order)
 
     if isinstance(vecs, np.ndarray):
         flat = check_vecs(vecs, name="vecs", dim=dim)
         if image_ids is None:
             raise ValueError("image_ids: required when vecs is one array (one image id per row)")
         ids = _check_ids(image_ids, name="image_ids", length=flat.shape[0])
-        unique, labels = np.unique(ids, return_inverse=True)
-        labels = labels.astype(np.int64, copy=False).reshape(-1)
-        starts, order = _kernels.group_by_label(labels, unique.shape[0])
-        return Descriptors(flat, labels, unique.astype(np.int64), starts, order)
+        if ids.shape[0] and bool(np.all(ids[1:] >= ids[:-1])):
+            # Rows already grouped by ascending id (the usual layout): no sort, no labels.
+            starts = np.concatenate([[0], np.flatnonzero(ids[1:] != ids[:-1]) + 1, [ids.shape[0]]])
+            starts = starts.astype(np.int64)
+            unique = ids[starts[:-1]]
+            order = np.arange(ids.shape[0], dtype=np.int64)
+        else:
+            unique, labels = np.unique(ids, return_inverse=True)
+            starts, order = _kernels.group_by_label(labels.astype(np.int64, copy=False).reshape(-1), unique.shape[0])
+        return Descriptors(flat, unique.astype(np.int64), starts, order)
 
     raise TypeError(f"vecs: expected a float32 array [N, D] or a list of them, got {type(vecs).__name__}")
 
