@@ -234,3 +234,27 @@ def test_set_only_assignment_keeps_the_set_of_words():
     expected = book._search_index().search(vecs, 4)[1]
     words = book.quantize(vecs, 4, nearest_first=False, segments=[0, len(vecs)])
     np.testing.assert_array_equal(np.sort(words, axis=1), np.sort(expected, axis=1))
+
+
+def test_concurrent_quantize_leaves_faiss_settings_alone():
+    # Several threads re-searching short BLAS blocks at once: same words as alone, and
+    # faiss's process-wide BLAS threshold restored afterwards.
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(25)
+    centroids = _spectral(600, 128, seed=26)
+    sizes = [1100, 1300, 1500]  # BLAS segments (>= 1000 rows at D = 128)
+    vecs = _spectral(sum(sizes), 128, seed=27)
+    near = rng.choice(len(vecs), 500, replace=False)
+    vecs[near] = (0.5 * (centroids[rng.integers(0, 600, 500)] + centroids[rng.integers(0, 600, 500)])).astype(
+        np.float32)
+    segments = np.concatenate([[0], np.cumsum(sizes)])
+    book = Codebook(centroids)
+    book._pruned_search()._width[5] = 16
+    expected = book.quantize(vecs, 5, segments=segments, nearest_first=False)
+    before = faiss.cvar.distance_compute_blas_threshold
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: book.quantize(vecs, 5, segments=segments, nearest_first=False), range(8)))
+    assert faiss.cvar.distance_compute_blas_threshold == before
+    for words in results:
+        np.testing.assert_array_equal(np.sort(words, axis=1), np.sort(expected, axis=1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import warnings
 
 import faiss
@@ -48,7 +49,17 @@ def _check_segments(segments, n: int) -> np.ndarray:
     return segments.astype(np.int64)
 
 
+#: Serialises ``_faiss_search_rows``: it may change faiss's process-wide BLAS threshold for
+#: one call, and two threads doing so at once could leave the wrong value behind.
+_FAISS_SETTINGS = threading.Lock()
+
+
 def _faiss_search_rows(index, vecs, rows, m, segments, dist, words) -> None:
+    with _FAISS_SETTINGS:
+        _faiss_search_rows_locked(index, vecs, rows, m, segments, dist, words)
+
+
+def _faiss_search_rows_locked(index, vecs, rows, m, segments, dist, words) -> None:
     """``dist[rows], words[rows]`` as faiss gives them when called once per segment of
     ``vecs`` (``segments``: row offsets), without searching the other rows (``dist`` may
     be None).
