@@ -50,7 +50,7 @@ def _search(pruned, book, vecs, m, segments=None):
     dist = np.empty((len(vecs), m), np.float32)
     words = np.empty((len(vecs), m), np.int64)
     segments = codebook_mod._check_segments(segments, len(vecs))
-    flagged = pruned.search(vecs, m, dist, words)
+    flagged = pruned.search(vecs, m, book._tie_scale(vecs), dist, words)
     if flagged is None:
         return None
     codebook_mod._faiss_search_rows(book._search_index(), vecs, flagged, m, segments, dist, words)

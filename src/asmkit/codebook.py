@@ -38,6 +38,11 @@ _TIE_EPS_PER_SQRT_DIM = 4e-7
 _BOUND_MARGIN = 1e-4
 
 
+def _tie_eps(scale: np.ndarray, dim: int) -> np.ndarray:
+    """float64 [n]: the gap below which faiss's rounding decides (``_TIE_EPS_PER_SQRT_DIM``)."""
+    return _TIE_EPS_PER_SQRT_DIM * np.sqrt(dim) * scale
+
+
 def _check_segments(segments, n: int) -> np.ndarray:
     """int64 [S + 1] batch offsets: ``segments`` validated, or one batch per 65 536 rows."""
     if segments is None:
@@ -153,7 +158,6 @@ class _PrunedSearch:
         self._axes = np.ascontiguousarray(axes[:, ::-1])
         self._sq = np.einsum("ij,ij->i", centred, centred)
         self._sq32 = self._sq.astype(np.float32)
-        self._max_sq = float(np.einsum("ij,ij->i", centroids, centroids, dtype=np.float64).max())
         self._width: dict[int, int | None] = {}
         self._tables: dict[int, np.ndarray] = {}
         self._heads: dict[int, np.ndarray] = {}
@@ -178,19 +182,6 @@ class _PrunedSearch:
             self._heads[width] = np.ascontiguousarray(self._axes[:, : width - 1])
         return self._tables[width]
 
-    def _project(self, vecs: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-        """(xa float32 [n, width], |x - mean|^2 float64 [n]) for the bound (float64 so that
-        a tail norm near 0 is not lost to cancellation)."""
-        h = width - 1
-        centred = vecs.astype(np.float64) - self._mean
-        x_sq = np.einsum("ij,ij->i", centred, centred)
-        head = centred @ self._axes[:, :h]
-        tail = np.sqrt(np.maximum(x_sq - np.einsum("ij,ij->i", head, head), 0.0))
-        xa = np.empty((len(vecs), width), dtype=np.float32)
-        np.multiply(head, -2.0, out=xa[:, :h], casting="same_kind")
-        xa[:, h] = -2.0 * tail
-        return xa, x_sq
-
     def _choose_width(self, vecs: np.ndarray, m: int) -> int | None:
         """The bound width with the least estimated work on a sample of ``vecs``, or None
         when none beats ``_PRUNE_MAX_COST`` of the full product. Chosen once per m."""
@@ -206,6 +197,9 @@ class _PrunedSearch:
                 part = sample[begin : begin + 16]
                 exact = np.einsum("ij,ij->i", part, part)[:, None] + c_sq[None] - 2 * part @ self._centroids.T
                 mth[begin : begin + 16] = np.partition(exact, m - 1, axis=1)[:, m - 1]
+            # The sample on the principal axes ([256, D], cheap to rotate whole).
+            x = (sample.astype(np.float64) - self._mean) @ self._axes
+            x_sq = np.einsum("ij,ij->i", x, x)
             # Every width's table from one product at the largest width (float32 is
             # precise enough for an estimate; the chosen table is built by _table_of).
             widest = self._table_of(widths[-1])
@@ -214,9 +208,10 @@ class _PrunedSearch:
             for i, width in enumerate(widths):
                 tail = np.sqrt(np.maximum(self._sq - head_sq[width - 2], 0.0))
                 table = np.vstack([widest[: width - 1], tail[None]]).astype(np.float32)
+                xa = np.hstack([x[:, : width - 1], np.linalg.norm(x[:, width - 1 :], axis=1)[:, None]])
+                xa = (-2.0 * xa).astype(np.float32)
                 for begin in range(0, len(sample), 16):
-                    xa, x_sq = self._project(sample[begin : begin + 16], width)
-                    bound = x_sq[:, None] + self._sq[None] + xa @ table
+                    bound = x_sq[begin : begin + 16, None] + self._sq[None] + xa[begin : begin + 16] @ table
                     checked[i] += (bound <= mth[begin : begin + 16, None]).sum()
             checked /= len(sample)
             best, best_cost = None, _PRUNE_MAX_COST * k * d
@@ -232,12 +227,13 @@ class _PrunedSearch:
             logger.debug("pruned search m=%d: width %s (estimated cost %.0f of %d)", m, best, best_cost, k * d)
         return self._width[m]
 
-    def search(self, vecs: np.ndarray, m: int, dist: np.ndarray, words: np.ndarray,
+    def search(self, vecs: np.ndarray, m: int, scale: np.ndarray, dist: np.ndarray, words: np.ndarray,
                nearest_first: bool = True) -> np.ndarray | None:
         """Fill ``dist`` float32 [n, m] and ``words`` int64 [n, m] with the exact m nearest
         words; return the rows (int64) whose deciding gap is within float32 rounding, for
-        faiss to order (``_faiss_search_rows``). None, untouched, when pruning would not pay
-        off for these descriptors."""
+        faiss to order (``_faiss_search_rows``). ``scale`` float64 [n] is |x|^2 + max|c|^2
+        (``Codebook._tie_scale``). None, untouched, when pruning would not pay off for these
+        descriptors."""
         k = self._centroids.shape[0]
         if m + 1 > k or len(vecs) == 0:
             return None
@@ -245,13 +241,12 @@ class _PrunedSearch:
         if width is None:
             return None
         ambiguous = np.empty(len(vecs), dtype=np.bool_)
-        scale = np.einsum("ij,ij->i", vecs, vecs, dtype=np.float64) + self._max_sq
         # Budgeted like the faiss search it replaces.
         with _kernels.thread_budget(len(vecs) * k * vecs.shape[1], _kernels.MIN_PARALLEL_MACS):
             table = self._table(width)
             _kernels.pruned_nearest(
                 vecs, self._mean, self._heads[width], table, self._sq32, self._centroids,
-                _BOUND_MARGIN * scale, _TIE_EPS_PER_SQRT_DIM * np.sqrt(vecs.shape[1]) * scale, nearest_first,
+                _BOUND_MARGIN * scale, _tie_eps(scale, vecs.shape[1]), nearest_first,
                 4 * _kernels.numba.get_num_threads(), words, dist, ambiguous,
             )
         return np.flatnonzero(ambiguous)
@@ -404,6 +399,12 @@ class Codebook:
             self._pruned = _PrunedSearch(self._centroids)
         return self._pruned
 
+    def _tie_scale(self, vecs: np.ndarray) -> np.ndarray:
+        """float64 [n]: |x|^2 + max |c|^2, the scale of faiss's float32 rounding error."""
+        if self._max_sq is None:
+            self._max_sq = float(np.einsum("ij,ij->i", self._centroids, self._centroids, dtype=np.float64).max())
+        return np.einsum("ij,ij->i", vecs, vecs, dtype=np.float64) + self._max_sq
+
     def _faiss_block(self, vecs, m, index, several, dist, words, nearest_first) -> np.ndarray:
         """faiss's exhaustive search of a block in one call (large BLAS products, fast).
 
@@ -416,10 +417,7 @@ class Codebook:
         dist[:], words[:] = found_dist[:, :m], found_words[:, :m]
         if not several:
             return np.zeros(0, dtype=np.int64)  # the block is its segment's own call
-        if self._max_sq is None:
-            self._max_sq = float(np.einsum("ij,ij->i", self._centroids, self._centroids, dtype=np.float64).max())
-        eps = _TIE_EPS_PER_SQRT_DIM * np.sqrt(self.dim) * (
-            np.einsum("ij,ij->i", vecs, vecs, dtype=np.float64) + self._max_sq)
+        eps = _tie_eps(self._tie_scale(vecs), self.dim)
         ambiguous = np.zeros(len(vecs), dtype=bool)
         if extra:
             ambiguous |= found_dist[:, m] - found_dist[:, m - 1] <= eps
@@ -484,8 +482,8 @@ class Codebook:
             begin, end = int(segments[first]), int(segments[last])
             block_words = words[begin:end]
             block_dist = dist[begin:end] if return_distances else np.empty((end - begin, m), dtype=np.float32)
-            rows = None if pruned is None else pruned.search(vecs[begin:end], m, block_dist, block_words,
-                                                              nearest_first)
+            rows = None if pruned is None else pruned.search(
+                vecs[begin:end], m, self._tie_scale(vecs[begin:end]), block_dist, block_words, nearest_first)
             if rows is None:
                 rows = self._faiss_block(vecs[begin:end], m, index, last - first > 1, block_dist, block_words,
                                          nearest_first)

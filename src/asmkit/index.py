@@ -330,11 +330,12 @@ class Index:
             rows = desc.order[lo:hi]
             contiguous = hi - lo == 0 or (rows[0] == lo and rows[-1] == hi - 1 and bool(np.all(np.diff(rows) == 1)))
             chunk_vecs = desc.vecs[lo:hi] if contiguous else desc.vecs[rows]
+            starts = desc.starts[begin : end + 1] - lo
             # One faiss call per query image, as the reference quantizes them (float32 ties);
             # a query image aggregates over the set of its words, column 0 plays no part.
-            assignments = self._codebook.quantize(chunk_vecs, self._params.ma_query,
-                                                  segments=desc.starts[begin : end + 1] - lo, nearest_first=False)
-            queries = aggregate(chunk_vecs, assignments, desc.starts[begin : end + 1] - lo,
+            assignments = self._codebook.quantize(chunk_vecs, self._params.ma_query, segments=starts,
+                                                  nearest_first=False)
+            queries = aggregate(chunk_vecs, assignments, starts,
                                 np.arange(hi - lo, dtype=np.int64), self._codebook.centroids,
                                 binary=self._params.binary)
             scores[begin:end], ids[begin:end] = score_aggregates(
