@@ -50,7 +50,7 @@ def _search(pruned, book, vecs, m, segments=None):
     dist = np.empty((len(vecs), m), np.float32)
     words = np.empty((len(vecs), m), np.int64)
     segments = codebook_mod._check_segments(segments, len(vecs))
-    flagged = pruned.search(vecs, m, book._tie_scale(vecs), dist, words)
+    flagged = pruned.search(vecs, m, dist, words)
     if flagged is None:
         return None
     codebook_mod._faiss_search_rows(book._search_index(), vecs, flagged, m, segments, dist, words)
@@ -111,6 +111,23 @@ def test_pruned_matches_the_plain_loop_twin():
     pruned._width[3] = 16  # force the path on this small sample
     _, words = _search(pruned, book, vecs, 3)
     np.testing.assert_array_equal(words, ref.quantize(vecs, centroids, 3))
+
+
+@pytest.mark.parametrize("m", [1, 5])
+def test_partial_word_tiles_and_row_groups(m):
+    # K = 1500: a full tile of 1024 words and a zero-padded one of 476, words in 94 blocks
+    # of which the last holds 12; 1003 rows: groups of four rows with 3 left over.
+    vecs = _spectral(1003, 96, seed=21)
+    centroids = _spectral(1500, 96, seed=22)
+    book, pruned = _pruned(centroids)
+    pruned._width[m] = 24
+    _, words = _search(pruned, book, vecs, m)
+    _assert_same_assignment(words, _faiss_words(vecs, centroids, m))
+    brute_dist, brute = _brute(vecs, centroids, m)
+    gaps = np.diff(np.take_along_axis(brute_dist, brute, axis=1), axis=1)
+    clear = (gaps > _eps(vecs) * _scale(vecs, centroids)[:, None]).all(axis=1)
+    assert clear.mean() > 0.9
+    np.testing.assert_array_equal(np.sort(words[clear], axis=1), np.sort(brute[clear, :m], axis=1))
 
 
 def test_exact_ties_are_flagged_and_resolved_by_faiss():

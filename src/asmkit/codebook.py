@@ -20,8 +20,12 @@ logger = logging.getLogger(__name__)
 
 #: Descriptors per faiss search call (bounds its [rows, m] outputs: 4 MiB at m = 5).
 _QUANTIZE_ROWS = 1 << 16
-#: Widths (leading principal axes + 1 tail norm) tried for the pruned search's bound.
-_WIDTH_CHOICES = (8, 12, 16, 20, 24, 28, 32, 48, 64)
+#: Widths (leading principal axes + 1 tail norm) tried for the pruned search's bound;
+#: multiples of 8, the kernel's sweep (``_kernels._bound_quad``).
+_WIDTH_CHOICES = (8, 16, 24, 32, 40, 48, 64)
+#: Words per tile of the bound table: four rows' bounds and the tile's table
+#: (w x 1024 float32, 64-256 KiB) stay in the L2 cache at any codebook size.
+_BOUND_TILE = 1024
 #: Below this many words, or when the estimated cost exceeds this share of a full distance
 #: product, faiss's exhaustive search is used as is.
 _PRUNE_MIN_WORDS = 256
@@ -149,8 +153,9 @@ class _PrunedSearch:
     exact distance), which no ASMK result depends on.
     """
 
-    def __init__(self, centroids: np.ndarray) -> None:
+    def __init__(self, centroids: np.ndarray, max_sq: float) -> None:
         self._centroids = centroids
+        self._max_sq = max_sq  # max |c|^2: with |x|^2, the scale of the rounding tolerances
         self._mean = centroids.mean(axis=0, dtype=np.float64)
         # Principal axes first: they carry most of the distance, so the bound is tight.
         centred = centroids.astype(np.float64) - self._mean
@@ -177,9 +182,16 @@ class _PrunedSearch:
         return table
 
     def _table(self, width: int) -> np.ndarray:
+        """float32 [n_tiles, width, tile]: ``_table_of`` cut into tiles of words, the last
+        one padded with zeros."""
         if width not in self._tables:
-            self._tables[width] = self._table_of(width)
-            self._heads[width] = np.ascontiguousarray(self._axes[:, : width - 1])
+            k = self._centroids.shape[0]
+            tile = min(_BOUND_TILE, k)
+            n_tiles = -(-k // tile)
+            tiles = np.zeros((width, n_tiles * tile), dtype=np.float32)
+            tiles[:, :k] = self._table_of(width)
+            self._tables[width] = np.ascontiguousarray(tiles.reshape(width, n_tiles, tile).transpose(1, 0, 2))
+            self._heads[width] = np.ascontiguousarray(self._axes[:, : width - 1].T)
         return self._tables[width]
 
     def _choose_width(self, vecs: np.ndarray, m: int) -> int | None:
@@ -227,13 +239,12 @@ class _PrunedSearch:
             logger.debug("pruned search m=%d: width %s (estimated cost %.0f of %d)", m, best, best_cost, k * d)
         return self._width[m]
 
-    def search(self, vecs: np.ndarray, m: int, scale: np.ndarray, dist: np.ndarray, words: np.ndarray,
+    def search(self, vecs: np.ndarray, m: int, dist: np.ndarray, words: np.ndarray,
                nearest_first: bool = True) -> np.ndarray | None:
         """Fill ``dist`` float32 [n, m] and ``words`` int64 [n, m] with the exact m nearest
         words; return the rows (int64) whose deciding gap is within float32 rounding, for
-        faiss to order (``_faiss_search_rows``). ``scale`` float64 [n] is |x|^2 + max|c|^2
-        (``Codebook._tie_scale``). None, untouched, when pruning would not pay off for these
-        descriptors."""
+        faiss to order (``_faiss_search_rows``). None, untouched, when pruning would not
+        pay off for these descriptors."""
         k = self._centroids.shape[0]
         if m + 1 > k or len(vecs) == 0:
             return None
@@ -245,8 +256,8 @@ class _PrunedSearch:
         with _kernels.thread_budget(len(vecs) * k * vecs.shape[1], _kernels.MIN_PARALLEL_MACS):
             table = self._table(width)
             _kernels.pruned_nearest(
-                vecs, self._mean, self._heads[width], table, self._sq32, self._centroids,
-                _BOUND_MARGIN * scale, _tie_eps(scale, vecs.shape[1]), nearest_first,
+                vecs, self._mean, self._heads[width], table, self._sq32, self._centroids, self._max_sq,
+                _BOUND_MARGIN, _tie_eps(1.0, vecs.shape[1]), nearest_first,
                 4 * _kernels.numba.get_num_threads(), words, dist, ambiguous,
             )
         return np.flatnonzero(ambiguous)
@@ -396,14 +407,17 @@ class Codebook:
         if self._gpu is not None or not self.prune or self.size < _PRUNE_MIN_WORDS:
             return None
         if self._pruned is None:
-            self._pruned = _PrunedSearch(self._centroids)
+            self._pruned = _PrunedSearch(self._centroids, self._max_c_sq())
         return self._pruned
+
+    def _max_c_sq(self) -> float:
+        if self._max_sq is None:
+            self._max_sq = float(np.einsum("ij,ij->i", self._centroids, self._centroids, dtype=np.float64).max())
+        return self._max_sq
 
     def _tie_scale(self, vecs: np.ndarray) -> np.ndarray:
         """float64 [n]: |x|^2 + max |c|^2, the scale of faiss's float32 rounding error."""
-        if self._max_sq is None:
-            self._max_sq = float(np.einsum("ij,ij->i", self._centroids, self._centroids, dtype=np.float64).max())
-        return np.einsum("ij,ij->i", vecs, vecs, dtype=np.float64) + self._max_sq
+        return np.einsum("ij,ij->i", vecs, vecs, dtype=np.float64) + self._max_c_sq()
 
     def _faiss_block(self, vecs, m, index, several, dist, words, nearest_first) -> np.ndarray:
         """faiss's exhaustive search of a block in one call (large BLAS products, fast).
@@ -482,8 +496,7 @@ class Codebook:
             begin, end = int(segments[first]), int(segments[last])
             block_words = words[begin:end]
             block_dist = dist[begin:end] if return_distances else np.empty((end - begin, m), dtype=np.float32)
-            rows = None if pruned is None else pruned.search(
-                vecs[begin:end], m, self._tie_scale(vecs[begin:end]), block_dist, block_words, nearest_first)
+            rows = None if pruned is None else pruned.search(vecs[begin:end], m, block_dist, block_words, nearest_first)
             if rows is None:
                 rows = self._faiss_block(vecs[begin:end], m, index, last - first > 1, block_dist, block_words,
                                          nearest_first)
