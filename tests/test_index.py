@@ -192,3 +192,41 @@ def test_search_in_chunks_equals_one_pass(monkeypatch, centroids40):
     parts = index.search(images, k=None)
     np.testing.assert_array_equal(parts[0], whole[0])
     np.testing.assert_array_equal(parts[1], whole[1])
+
+
+@pytest.mark.parametrize("chunk_rows, unsettled_rows", [(1 << 14, 1 << 10), (700, 5)])
+def test_tied_query_rows_take_faiss_words_per_image(monkeypatch, chunk_rows, unsettled_rows):
+    # Rows half-way between two words are tied within float32 rounding: their nearest word
+    # is the one faiss's call on their own image gives (BLAS for images of >= 1000 rows at
+    # D = 128, a direct loop below). Search holds them back over chunks, settles them in
+    # shared faiss batches and searches again the images whose words changed.
+    import faiss
+
+    import asmkit.index as index_module
+
+    rng = np.random.default_rng(81)
+    basis, _ = np.linalg.qr(rng.standard_normal((128, 128)))
+    spread = 0.85 ** np.arange(128)
+    centroids = ((rng.standard_normal((600, 128)) * spread) @ basis.T).astype(np.float32)
+    sizes = [1200, 300, 1000, 40]
+    vecs = ((rng.standard_normal((sum(sizes), 128)) * spread) @ basis.T).astype(np.float32)
+    near = rng.choice(len(vecs), 900, replace=False)
+    a, b = rng.integers(0, 600, 900), rng.integers(0, 600, 900)
+    vecs[near] = 0.5 * (centroids[a] + centroids[b])
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    book = Codebook(centroids)
+    params = Params(binary=True, use_idf=True, ma_query=1, ma_database=1)
+    index = Index(book, params)
+    index.add(vecs, labels)
+    flat = faiss.IndexFlatL2(128)
+    flat.add(centroids)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    words = np.concatenate([flat.search(vecs[s:e], 1)[1] for s, e in zip(starts[:-1], starts[1:])])
+    provisional, _, tied = book._quantize_unsettled(vecs, 1, starts, nearest_first=False)
+    assert tied.size and np.any(provisional[tied] != words[tied])  # the settling has work to do
+    expected = index._score_chunk(vecs, words, starts, 3)
+    monkeypatch.setattr(index_module, "_SEARCH_CHUNK_ROWS", chunk_rows)
+    monkeypatch.setattr(index_module, "_UNSETTLED_ROWS", unsettled_rows)
+    got = index.search(vecs, labels, k=3)
+    np.testing.assert_array_equal(got[1], expected[1])
+    np.testing.assert_array_equal(got[0], expected[0])

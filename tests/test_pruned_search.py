@@ -53,7 +53,10 @@ def _search(pruned, book, vecs, m, segments=None):
     flagged = pruned.search(vecs, m, dist, words)
     if flagged is None:
         return None
-    codebook_mod._faiss_search_rows(book._search_index(), vecs, flagged, m, segments, dist, words)
+    if flagged.size:
+        seg = np.searchsorted(segments, flagged, side="right") - 1
+        dist[flagged], words[flagged] = book._settle(vecs[flagged], flagged - segments[seg],
+                                                     segments[seg + 1] - segments[seg], m)
     return dist, words
 
 
@@ -200,10 +203,8 @@ def test_rows_redone_by_faiss_round_as_in_the_full_call():
     index = book._search_index()
     expected = index.search(base, 2)[1]
     rows = np.sort(at)
-    dist = np.zeros((len(base), 2), np.float32)
-    words = np.zeros((len(base), 2), np.int64)
-    codebook_mod._faiss_search_rows(index, base, rows, 2, np.array([0, len(base)]), dist, words)
-    np.testing.assert_array_equal(words[rows], expected[rows])
+    _, words = codebook_mod._faiss_search_rows(index, base[rows], rows, np.full(len(rows), len(base)), 2)
+    np.testing.assert_array_equal(words, expected[rows])
     pruned._width[1] = pruned._width[2] = 16
     for m in (1, 2):
         _assert_same_assignment(_search(pruned, book, base, m)[1], index.search(base, m)[1])

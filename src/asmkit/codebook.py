@@ -63,15 +63,17 @@ def _check_segments(segments, n: int) -> np.ndarray:
 _FAISS_SETTINGS = threading.Lock()
 
 
-def _faiss_search_rows(index, vecs, rows, m, segments, dist, words) -> None:
+def _faiss_search_rows(index, vecs, local, seg_size, m):
+    """faiss's (dist float32 [t, m], words int64 [t, m]) for rows ``vecs`` float32 [t, D]
+    as faiss gives them when called once on each row's segment, the row being at offset
+    ``local`` int64 [t] of its segment of ``seg_size`` int64 [t] rows, without searching
+    the rest of the segments."""
     with _FAISS_SETTINGS:
-        _faiss_search_rows_locked(index, vecs, rows, m, segments, dist, words)
+        return _faiss_search_rows_locked(index, vecs, local, seg_size, m)
 
 
-def _faiss_search_rows_locked(index, vecs, rows, m, segments, dist, words) -> None:
-    """``dist[rows], words[rows]`` as faiss gives them when called once per segment of
-    ``vecs`` (``segments``: row offsets), without searching the other rows (``dist`` may
-    be None).
+def _faiss_search_rows_locked(index, vecs, local, seg_size, m):
+    """See ``_faiss_search_rows``.
 
     faiss takes a direct loop when ``n * D < distance_compute_blas_threshold`` (the
     rounding of a row is then its own), and otherwise BLAS products on blocks of
@@ -86,19 +88,17 @@ def _faiss_search_rows_locked(index, vecs, rows, m, segments, dist, words) -> No
 
     block = max(1, int(faiss.cvar.distance_compute_blas_query_bs))
     threshold = int(faiss.cvar.distance_compute_blas_threshold)
-    d = vecs.shape[1]
-    seg = np.searchsorted(segments, rows, side="right") - 1
-    seg_size = segments[seg + 1] - segments[seg]
+    t, d = vecs.shape
+    dist = np.empty((t, m), dtype=np.float32)
+    words = np.empty((t, m), dtype=np.int64)
     direct = seg_size * d < threshold
-    small = rows[direct]
+    small = np.flatnonzero(direct)
     step = max(1, (threshold - 1) // d)
     for begin in range(0, len(small), step):
         pick = small[begin : begin + step]
         with _kernels.faiss_thread_budget(len(pick) * index.ntotal * d):
-            found_dist, words[pick] = index.search(vecs[pick], m)
-        if dist is not None:
-            dist[pick] = found_dist
-    rows, local, seg_size = rows[~direct], (rows - segments[seg])[~direct], seg_size[~direct]
+            dist[pick], words[pick] = index.search(vecs[pick], m)
+    rows, local, seg_size = np.flatnonzero(~direct), local[~direct], seg_size[~direct]
     offset = local % block
     size = np.minimum(block, seg_size - (local - offset))
     # The BLAS tiling also depends on the thread count: each batch gets the threads that
@@ -126,9 +126,9 @@ def _faiss_search_rows_locked(index, vecs, rows, m, segments, dist, words) -> No
                     batch_dist, batch_words = index.search(batch, m)
                 finally:
                     faiss.cvar.distance_compute_blas_threshold = threshold
-            if dist is not None:
-                dist[group[pick]] = batch_dist[group_offset[pick]]
+            dist[group[pick]] = batch_dist[group_offset[pick]]
             words[group[pick]] = batch_words[group_offset[pick]]
+    return dist, words
 
 
 class _PrunedSearch:
@@ -479,16 +479,30 @@ class Codebook:
             raise ValueError(f"m: expected a positive int, got {m!r}")
         vecs = check_vecs(vecs, name="vecs", dim=self.dim)
         m = min(int(m), self.size)
+        segments = _check_segments(segments, vecs.shape[0])
+        words, dist, redo = self._quantize_unsettled(vecs, m, segments, nearest_first, return_distances)
+        if redo.size:
+            seg = np.searchsorted(segments, redo, side="right") - 1
+            dist_redo, words[redo] = self._settle(vecs[redo], redo - segments[seg], segments[seg + 1] - segments[seg], m)
+            if return_distances:
+                dist[redo] = dist_redo
+        return (words, dist) if return_distances else words
+
+    def _quantize_unsettled(self, vecs, m, segments, nearest_first, return_distances=False):
+        """``quantize`` without its last step: (words int64 [N, m], dist float32 [N or 0, m],
+        rows int64 [t]) where the listed rows' words are provisional, tied within float32
+        rounding; ``_settle`` gives faiss's. ``vecs`` and ``segments`` are checked by the
+        caller; m is clipped to K as in ``quantize``."""
+        m = min(int(m), self.size)
         n = vecs.shape[0]
-        segments = _check_segments(segments, n)
         words = np.empty((n, m), dtype=np.int64)
         dist = np.empty((n if return_distances else 0, m), dtype=np.float32)
         index = self._search_index()
         pruned = self._pruned_search()
         # Blocks of whole segments, about _QUANTIZE_ROWS rows each, bound the per-row
-        # temporaries (faiss's outputs, the pruned search's scales and flags). Rows tied
-        # within float32 rounding are searched again once for the whole call, so that rows
-        # of many blocks share faiss's batches.
+        # temporaries (faiss's outputs, the pruned search's flags). Rows tied within float32
+        # rounding are left for one _settle call over the whole call (or several calls), so
+        # that rows of many blocks share faiss's batches.
         flagged = []
         first = 0
         while first < len(segments) - 1:
@@ -503,9 +517,13 @@ class Codebook:
             flagged.append(rows + begin)
             first = last
         redo = np.concatenate(flagged) if flagged else np.zeros(0, dtype=np.int64)
-        if redo.size:
-            _faiss_search_rows(index, vecs, redo, m, segments, dist if return_distances else None, words)
-        return (words, dist) if return_distances else words
+        return words, dist, redo
+
+    def _settle(self, vecs, local, seg_size, m):
+        """faiss's (dist float32 [t, m], words int64 [t, m]) for descriptors ``vecs`` float32
+        [t, D], each at offset ``local`` of a segment of ``seg_size`` rows (int64 [t]) that
+        faiss searches in one call (``quantize``'s segments)."""
+        return _faiss_search_rows(self._search_index(), vecs, local, seg_size, m)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the centroids as an asmkit directory (kind ``"codebook"``)."""

@@ -37,6 +37,33 @@ _KIND = "index"
 #: Query descriptors per search chunk (8 MiB of 128-D float32 and, at m = 5, 1.3 MiB of
 #: words): big enough that BLAS runs at full speed, small enough to bound peak memory.
 _SEARCH_CHUNK_ROWS = 1 << 14
+#: Tied query rows held back for one faiss pass (``Index._settle_ties``; 2 MiB at 128-D),
+#: so that faiss's batches are shared by the rows of many chunks: on UKBench (2170 tied
+#: rows in 2000 query images) 2.9 -> 2.2 ms per query, peak memory +1.2 -> +1.3 MB.
+_UNSETTLED_ROWS = 1 << 12
+
+
+class _Unsettled:
+    """Query rows whose words are provisional (tied within float32 rounding), gathered
+    over search chunks: their query image, offset in it and its size, the row and its
+    provisional words."""
+
+    def __init__(self) -> None:
+        self._parts: list[tuple[np.ndarray, ...]] = []
+        self.rows = 0
+
+    def add(self, vecs, assignments, starts, tied, first_image) -> None:
+        if not tied.size:
+            return
+        seg = np.searchsorted(starts, tied, side="right") - 1
+        self._parts.append((seg + first_image, tied - starts[seg], (starts[seg + 1] - starts[seg]),
+                            vecs[tied], assignments[tied]))
+        self.rows += tied.size
+
+    def take(self) -> tuple[np.ndarray, ...]:
+        parts = [np.concatenate(column) for column in zip(*self._parts)]
+        self._parts, self.rows = [], 0
+        return tuple(parts)
 
 
 class Index:
@@ -291,6 +318,32 @@ class Index:
         assignments = self._codebook.quantize(desc.vecs, self._params.ma_query)
         return desc, assignments
 
+    def _score_chunk(self, vecs, assignments, starts, k):
+        """(scores, ids) of the query images whose rows ``vecs`` start at ``starts``."""
+        queries = aggregate(vecs, assignments, starts, np.arange(len(vecs), dtype=np.int64),
+                            self._codebook.centroids, binary=self._params.binary)
+        return score_aggregates(self._ivf, self._idf, self._sqrt_norms_array(), self._ids, queries,
+                                self._params, dim=self._codebook.dim, k=k)
+
+    def _settle_ties(self, desc, unsettled, k, scores, ids) -> None:
+        """Search again, with faiss's words, the query images where a row tied within float32
+        rounding has other words in faiss's call than provisionally (a few in a thousand)."""
+        if not unsettled.rows:
+            return
+        images, local, size, vecs, provisional = unsettled.take()
+        words = self._codebook._settle(vecs, local, size, provisional.shape[1])[1]
+        changed = np.any(np.sort(words, axis=1) != np.sort(provisional, axis=1), axis=1)
+        redo = np.unique(images[changed])
+        if not redo.size:
+            return
+        sizes = desc.starts[redo + 1] - desc.starts[redo]
+        rows = desc.order[np.concatenate([np.arange(desc.starts[i], desc.starts[i + 1]) for i in redo])]
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        chunk_vecs = desc.vecs[rows]
+        assignments = self._codebook.quantize(chunk_vecs, self._params.ma_query, segments=starts,
+                                              nearest_first=False)
+        scores[redo], ids[redo] = self._score_chunk(chunk_vecs, assignments, starts, k)
+
     def search(self, vecs, image_ids=None, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Rank the database images for each query image.
 
@@ -322,6 +375,7 @@ class Index:
         # Query images go through quantize -> aggregate -> score in chunks of about
         # _SEARCH_CHUNK_ROWS descriptors: peak memory stays that of one chunk's words and
         # aggregates, whatever the number of queries.
+        unsettled = _Unsettled()
         begin = 0
         while begin < n:
             end = int(np.searchsorted(desc.starts, desc.starts[begin] + _SEARCH_CHUNK_ROWS, side="right")) - 1
@@ -333,15 +387,16 @@ class Index:
             starts = desc.starts[begin : end + 1] - lo
             # One faiss call per query image, as the reference quantizes them (float32 ties);
             # a query image aggregates over the set of its words, column 0 plays no part.
-            assignments = self._codebook.quantize(chunk_vecs, self._params.ma_query, segments=starts,
-                                                  nearest_first=False)
-            queries = aggregate(chunk_vecs, assignments, starts,
-                                np.arange(hi - lo, dtype=np.int64), self._codebook.centroids,
-                                binary=self._params.binary)
-            scores[begin:end], ids[begin:end] = score_aggregates(
-                self._ivf, self._idf, self._sqrt_norms_array(), self._ids, queries, self._params,
-                dim=self._codebook.dim, k=k)
+            # Rows tied within float32 rounding keep provisional words until _settle_ties.
+            assignments, dist, tied = self._codebook._quantize_unsettled(
+                chunk_vecs, self._params.ma_query, starts, nearest_first=False)
+            del dist
+            scores[begin:end], ids[begin:end] = self._score_chunk(chunk_vecs, assignments, starts, k)
+            unsettled.add(chunk_vecs, assignments, starts, tied, begin)
+            if unsettled.rows >= _UNSETTLED_ROWS:
+                self._settle_ties(desc, unsettled, k, scores, ids)
             begin = end
+        self._settle_ties(desc, unsettled, k, scores, ids)
         return scores, ids
 
     def similarity_matrix(self, vecs, image_ids=None, *, k: int | None = None, chunk: int = 256):
