@@ -388,9 +388,8 @@ class Index:
             # One faiss call per query image, as the reference quantizes them (float32 ties);
             # a query image aggregates over the set of its words, column 0 plays no part.
             # Rows tied within float32 rounding keep provisional words until _settle_ties.
-            assignments, dist, tied = self._codebook._quantize_unsettled(
+            assignments, _, tied = self._codebook._quantize_unsettled(
                 chunk_vecs, self._params.ma_query, starts, nearest_first=False)
-            del dist
             scores[begin:end], ids[begin:end] = self._score_chunk(chunk_vecs, assignments, starts, k)
             unsettled.add(chunk_vecs, assignments, starts, tied, begin)
             if unsettled.rows >= _UNSETTLED_ROWS:
