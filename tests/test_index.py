@@ -135,6 +135,9 @@ def test_save_load_roundtrip(tmp_path, centroids40, data, binary):
     for mmap in (True, False):
         loaded = Index.load(tmp_path / "db.asmkit", mmap=mmap)
         assert loaded.params == index.params and loaded.keys == index.keys and len(loaded) == 14
+        # The codebook is read into memory even from a mapped file: the kernels then need
+        # no second, read-only compilation for the first query.
+        assert loaded.codebook.centroids.flags.writeable
         for got, want in zip(loaded.search(queries, k=5), index.search(queries, k=5)):
             np.testing.assert_array_equal(got, want)
     # A loaded (memory-mapped) index can still change: new arrays are built in memory.

@@ -324,6 +324,11 @@ class Codebook:
         centroids = check_vecs(centroids, name="centroids")
         if centroids.shape[0] == 0:
             raise ValueError("centroids: a codebook needs at least one centroid")
+        if not centroids.flags.writeable:
+            # A memory-mapped codebook is read-only; numba compiles every kernel once more
+            # for read-only arrays (the pruned search: 3 s), so it is read into memory
+            # (at most a few tens of MB; the inverted file stays mapped).
+            centroids = centroids.copy()
         self._centroids = centroids
         self._gpu = _resolve_gpu(gpu)
         self._index = None
