@@ -58,8 +58,12 @@ def _check_segments(segments, n: int) -> np.ndarray:
     return segments.astype(np.int64)
 
 
-#: Serialises ``_faiss_search_rows``: it may change faiss's process-wide BLAS threshold for
-#: one call, and two threads doing so at once could leave the wrong value behind.
+#: Query rows per BLAS block of faiss's batched searches whose rounding does not matter
+#: (``Codebook._faiss_block``): its [rows, 1024] float32 distance buffer is 2 MiB.
+_BATCH_QUERY_BS = 512
+#: Serialises the calls that change faiss's process-wide BLAS settings for one call
+#: (``_faiss_search_rows``, ``Codebook._faiss_block``): two threads doing so at once could
+#: leave the wrong value behind.
 _FAISS_SETTINGS = threading.Lock()
 
 
@@ -431,8 +435,21 @@ class Codebook:
         whose deciding gap lies within float32 rounding are returned, for a search as their
         segment's own call would do it (``_faiss_search_rows``)."""
         extra = int(m < self.size and several)
-        with _kernels.faiss_thread_budget(len(vecs) * self.size * self.dim):
-            found_dist, found_words = index.search(vecs, m + extra)
+        if several and self._gpu is None:
+            # Rows whose order this call's rounding decides are searched again per segment,
+            # so the layout is free: faiss's BLAS blocks of _BATCH_QUERY_BS rows instead of
+            # 4096 keep its distance buffer at 2 MiB instead of 16 (a process-wide setting,
+            # restored right after, under the lock that serialises such overrides).
+            with _FAISS_SETTINGS, _kernels.faiss_thread_budget(len(vecs) * self.size * self.dim):
+                default = faiss.cvar.distance_compute_blas_query_bs
+                faiss.cvar.distance_compute_blas_query_bs = min(default, _BATCH_QUERY_BS)
+                try:
+                    found_dist, found_words = index.search(vecs, m + extra)
+                finally:
+                    faiss.cvar.distance_compute_blas_query_bs = default
+        else:
+            with _kernels.faiss_thread_budget(len(vecs) * self.size * self.dim):
+                found_dist, found_words = index.search(vecs, m + extra)
         dist[:], words[:] = found_dist[:, :m], found_words[:, :m]
         if not several:
             return np.zeros(0, dtype=np.int64)  # the block is its segment's own call
