@@ -695,9 +695,9 @@ def search_kernel_word_major(
 
 # --- exact nearest words by lower-bound pruning (asmkit.codebook._PrunedSearch) ----------
 
-#: Lower bounds are scanned in blocks of this many words, each with its minimum kept, so a
-#: pass over the bounds reads K / 16 minima and then only the blocks that can hold a
-#: candidate.
+#: Lower bounds are scanned in blocks of this many words (block b: words b, b + K/16, ...),
+#: each with its minimum kept, so a pass over the bounds reads K / 16 minima and then only
+#: the blocks that can hold a candidate.
 PRUNE_BLOCK = 16
 _BIG = 1e300
 _FAST = {"nnan", "nsz", "reassoc", "contract"}
@@ -845,7 +845,7 @@ def _select_row(row, i, row_sq, x, centroids, margin, eps, nearest_first, blk_mi
     done = -_BIG
     limit = np.float64(lowest) + reach
     while True:
-        # Collect first, then compute: the distance loop runs without branches in between.
+        # Collect first, then compute: the scan over the blocks stays a tight loop.
         n_cand = 0
         for b in range(n_blk):
             if blk_min[b] <= limit:
