@@ -500,7 +500,12 @@ class Codebook:
         if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
             raise ValueError(f"m: expected a positive int, got {m!r}")
         vecs = check_vecs(vecs, name="vecs", dim=self.dim)
-        m = min(int(m), self.size)
+        return self._quantize(vecs, int(m), segments, nearest_first, return_distances)
+
+    def _quantize(self, vecs, m, segments=None, nearest_first=True, return_distances=False):
+        """``quantize`` for descriptors already checked (``check_vecs``): engine callers
+        that validated them once (``prepare_descriptors``) skip a second pass over them."""
+        m = min(m, self.size)
         segments = _check_segments(segments, vecs.shape[0])
         words, dist, redo = self._quantize_unsettled(vecs, m, segments, nearest_first, return_distances)
         if redo.size:

@@ -214,7 +214,7 @@ class Index:
         if desc.n_images == 0:
             return new_ids
 
-        assignments = self._codebook.quantize(desc.vecs, self._params.ma_database)
+        assignments = self._codebook._quantize(desc.vecs, self._params.ma_database)
         aggregates = aggregate_images(self._codebook, desc, assignments, self._params.binary)
         del assignments
         n_old = len(self)
@@ -318,7 +318,7 @@ class Index:
 
     def _query_aggregates(self, vecs, image_ids):
         desc = prepare_descriptors(vecs, image_ids, dim=self._codebook.dim, unique_ids=False)
-        assignments = self._codebook.quantize(desc.vecs, self._params.ma_query)
+        assignments = self._codebook._quantize(desc.vecs, self._params.ma_query)
         return desc, assignments
 
     def _score_chunk(self, vecs, assignments, starts, k):
@@ -343,8 +343,7 @@ class Index:
         rows = desc.order[np.concatenate([np.arange(desc.starts[i], desc.starts[i + 1]) for i in redo])]
         starts = np.concatenate([[0], np.cumsum(sizes)])
         chunk_vecs = desc.vecs[rows]
-        assignments = self._codebook.quantize(chunk_vecs, self._params.ma_query, segments=starts,
-                                              nearest_first=False)
+        assignments = self._codebook._quantize(chunk_vecs, self._params.ma_query, starts, nearest_first=False)
         scores[redo], ids[redo] = self._score_chunk(chunk_vecs, assignments, starts, k)
 
     def search(self, vecs, image_ids=None, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
