@@ -382,11 +382,8 @@ class Index:
         while begin < n:
             end = int(np.searchsorted(desc.starts, desc.starts[begin] + _SEARCH_CHUNK_ROWS, side="right")) - 1
             end = min(max(end, begin + 1), n)
-            lo, hi = int(desc.starts[begin]), int(desc.starts[end])
-            rows = desc.order[lo:hi]
-            contiguous = hi - lo == 0 or (rows[0] == lo and rows[-1] == hi - 1 and bool(np.all(np.diff(rows) == 1)))
-            chunk_vecs = desc.vecs[lo:hi] if contiguous else desc.vecs[rows]
-            starts = desc.starts[begin : end + 1] - lo
+            chunk_vecs = desc.vecs[desc.image_rows(begin, end)]
+            starts = desc.starts[begin : end + 1] - desc.starts[begin]
             # One faiss call per query image, as the reference quantizes them (float32 ties);
             # a query image aggregates over the set of its words, column 0 plays no part.
             # Rows tied within float32 rounding keep provisional words until _settle_ties.

@@ -126,6 +126,15 @@ class Descriptors:
         labels[self.order] = np.repeat(np.arange(self.n_images, dtype=np.int64), np.diff(self.starts))
         return labels
 
+    def image_rows(self, begin: int, end: int) -> slice | np.ndarray:
+        """Rows of images ``begin .. end - 1``, grouped by image: a slice when they lie in
+        place in ``vecs`` (indexing then copies nothing), else int64 row indices."""
+        lo, hi = int(self.starts[begin]), int(self.starts[end])
+        rows = self.order[lo:hi]
+        if hi == lo or (rows[0] == lo and rows[-1] == hi - 1 and bool(np.all(np.diff(rows) == 1))):
+            return slice(lo, hi)
+        return rows
+
 
 def prepare_descriptors(vecs, image_ids=None, *, dim: int | None = None, unique_ids: bool = True) -> Descriptors:
     """Validate descriptor input in either accepted layout.

@@ -16,7 +16,9 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from . import _kernels
-from .codebook import Codebook
+# Rows per quantize call in similarity_matrix (bounds its int64 word temporaries): the
+# codebook's own block size, so that the pieces are the segments one call would use.
+from .codebook import _QUANTIZE_ROWS, Codebook
 from .ivf import InvertedFile, compute_idf, image_norms
 from .kernel import Aggregates, Descriptors, aggregate, n_hamming_bits, prepare_descriptors
 from .params import Params
@@ -41,8 +43,6 @@ TILE_BYTES = 1 << 23
 MIN_WORD_MAJOR_GROUP = 8
 MIN_WORD_MAJOR_IVF_BYTES = 1 << 24
 _ORDERS = ("auto", "query", "word")
-#: Rows quantized per call in ``similarity_matrix`` (bounds its int64 word temporaries).
-_QUANTIZE_ROWS = 1 << 16
 
 
 def as_params(params) -> Params:
@@ -233,7 +233,7 @@ def _quantize_compact(codebook: Codebook, vecs: np.ndarray, m: int) -> np.ndarra
     dtype = np.uint16 if codebook.size <= 1 << 16 else np.int32
     out = np.empty((vecs.shape[0], min(m, codebook.size)), dtype=dtype)
     for begin in range(0, vecs.shape[0], _QUANTIZE_ROWS):
-        out[begin : begin + _QUANTIZE_ROWS] = codebook.quantize(vecs[begin : begin + _QUANTIZE_ROWS], m)
+        out[begin : begin + _QUANTIZE_ROWS] = codebook._quantize(vecs[begin : begin + _QUANTIZE_ROWS], m)
     return out
 
 
@@ -299,13 +299,11 @@ def similarity_matrix(
         end = min(begin + chunk, n)
         # Only this chunk's rows get int64 words (and, if the chunk's rows are scattered
         # in the input, a gathered copy of their descriptors).
-        lo, hi = int(desc.starts[begin]), int(desc.starts[end])
-        rows = desc.order[lo:hi]
-        in_place = hi == lo or (rows[0] == lo and rows[-1] == hi - 1 and bool(np.all(np.diff(rows) == 1)))
-        chunk_vecs = desc.vecs[lo:hi] if in_place else desc.vecs[rows]
-        chunk_words = (words[lo:hi] if in_place else words[rows])[:, : params.ma_query].astype(np.int64)
-        queries = aggregate(chunk_vecs, chunk_words, desc.starts[begin : end + 1] - lo,
-                            np.arange(hi - lo, dtype=np.int64), codebook.centroids, binary=params.binary)
+        rows = desc.image_rows(begin, end)
+        chunk_vecs = desc.vecs[rows]
+        chunk_words = words[rows][:, : params.ma_query].astype(np.int64)
+        queries = aggregate(chunk_vecs, chunk_words, desc.starts[begin : end + 1] - desc.starts[begin],
+                            np.arange(len(chunk_vecs), dtype=np.int64), codebook.centroids, binary=params.binary)
         if k is None:
             score_aggregates(ivf, idf, sqrt_norms, desc.image_ids, queries, params, dim=codebook.dim,
                              dense_out=result[begin:end], order=order)
