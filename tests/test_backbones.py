@@ -262,3 +262,20 @@ def test_mast3r_checkpoint_errors(tmp_path):
     torch.save({"weights": 1}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="not a MASt3R retrieval checkpoint"):
         B.load_mast3r_checkpoint(tmp_path / "other.pth", backbone=_TokenEncoder())
+
+
+@pytest.mark.parametrize("cls, package", [(B.TorchvisionBackbone, "torchvision"), (B.TimmBackbone, "timm")])
+def test_torchvision_and_timm_adapters_load_local_weights(tmp_path, cls, package):
+    # Neither package installs beside this project's pinned torch; the GPU machine has both.
+    pytest.importorskip(package)
+    first = cls("resnet18", None)
+    path = tmp_path / "resnet18.pth"
+    torch.save(first.module.state_dict(), path)
+    loaded = cls("resnet18", path)
+    assert loaded.out_dim == 256  # layer3 of a ResNet-18
+    assert B.build_backbone(loaded.config()).out_dim == 256
+    x = torch.rand(1, 3, 64, 96)
+    with torch.inference_mode():
+        a, b = first.train(False)(x), loaded.train(False)(x)
+    assert a.shape == (1, 256, 4, 6)
+    torch.testing.assert_close(a, b)

@@ -47,6 +47,19 @@ def _tie_eps(scale: np.ndarray, dim: int) -> np.ndarray:
     return _TIE_EPS_PER_SQRT_DIM * np.sqrt(dim) * scale
 
 
+def _tied(found_dist, m: int, eps, nearest_first: bool):
+    """bool [n] (numpy or torch, as ``found_dist``): the rows of a search's ``found_dist``
+    [n, m or m + 1] whose set of m words (needs the m + 1-th) or, with ``nearest_first``,
+    whose nearest word is decided by a gap within ``eps`` [n]; None when neither can be."""
+    tied = None
+    if found_dist.shape[1] > m:
+        tied = found_dist[:, m] - found_dist[:, m - 1] <= eps
+    if nearest_first and found_dist.shape[1] > 1:
+        first = found_dist[:, 1] - found_dist[:, 0] <= eps
+        tied = first if tied is None else tied | first
+    return tied
+
+
 def _check_segments(segments, n: int) -> np.ndarray:
     """int64 [S + 1] batch offsets: ``segments`` validated, or one batch per 65 536 rows."""
     if segments is None:
@@ -267,25 +280,31 @@ class _PrunedSearch:
         return np.flatnonzero(ambiguous)
 
 
-def _gpu_available(gpu: int) -> bool:
+def _faiss_gpu_count() -> int:
     if not hasattr(faiss, "StandardGpuResources") or not hasattr(faiss, "get_num_gpus"):
-        return False
+        return 0
     try:
-        return 0 <= gpu < faiss.get_num_gpus()
+        return int(faiss.get_num_gpus())
     except RuntimeError:
-        return False
+        return 0
 
 
-def _resolve_gpu(gpu) -> int | None:
-    """The GPU id to use, or None (CPU), warning once when a requested GPU is unavailable."""
+def _resolve_gpu(gpu) -> tuple[str, int] | None:
+    """Where to quantize: ("faiss", id) with faiss-gpu, else ("torch", id) with a CUDA
+    build of torch, else None (CPU) with one warning when a GPU was requested."""
     if gpu is None:
         return None
     if isinstance(gpu, bool) or not isinstance(gpu, (int, np.integer)) or gpu < 0:
         raise ValueError(f"gpu: expected None or a non-negative GPU id, got {gpu!r}")
-    if _gpu_available(int(gpu)):
-        return int(gpu)
+    gpu = int(gpu)
+    if gpu < _faiss_gpu_count():
+        return ("faiss", gpu)
+    from .gpu import cuda_device_count
+
+    if gpu < cuda_device_count():
+        return ("torch", gpu)
     warnings.warn(
-        f"gpu: faiss has no GPU {gpu} available (faiss-cpu build or no device); using the CPU",
+        f"gpu: no GPU {gpu} available to faiss or torch (CPU builds or no device); using the CPU",
         RuntimeWarning,
         stacklevel=3,
     )
@@ -308,8 +327,9 @@ class Codebook:
     centroids : float32 [K, D]
         The visual words; float64/integer input is converted.
     gpu : int, optional
-        faiss GPU id for quantization; falls back to the CPU with a warning when faiss has
-        no such GPU.
+        GPU id for quantization: faiss-gpu's when faiss has that GPU, else CUDA through
+        torch (``asmkit.gpu``, the CPU reference's words); the CPU with one warning when
+        neither has it.
 
     Attributes
     ----------
@@ -334,8 +354,9 @@ class Codebook:
             # (at most a few tens of MB; the inverted file stays mapped).
             centroids = centroids.copy()
         self._centroids = centroids
-        self._gpu = _resolve_gpu(gpu)
+        self._device = _resolve_gpu(gpu)
         self._index = None
+        self._torch = None
         self._pruned = None
         self._max_sq = None
         self.prune = True
@@ -370,7 +391,8 @@ class Codebook:
         seed : int
             faiss k-means seed (faiss and the reference default to 1234).
         gpu : int, optional
-            faiss GPU id; CPU (with one warning) if unavailable.
+            GPU id: k-means on faiss-gpu's device when faiss has it (otherwise on the CPU);
+            quantization as for ``Codebook(..., gpu=...)``.
 
         Returns
         -------
@@ -390,34 +412,49 @@ class Codebook:
             raise ValueError(f"seed: expected an int, got {seed!r}")
         if vecs.shape[0] < k:
             raise ValueError(f"vecs: {vecs.shape[0]} training vectors cannot make {k} clusters (size)")
-        gpu_id = _resolve_gpu(gpu)
+        device = _resolve_gpu(gpu)
         dim = vecs.shape[1]
         clustering = faiss.Clustering(dim, k)
         clustering.verbose = False
         clustering.niter = int(iters)
         # faiss keeps the seed in an int32 field.
         clustering.seed = int(seed) % (2**31)
-        index = _flat_index(dim, gpu_id)
+        index = _flat_index(dim, device[1] if device and device[0] == "faiss" else None)
         logger.info("k-means: %d vectors of dim %d into %d words, %d iterations", vecs.shape[0], dim, k, iters)
         clustering.train(vecs, index)
         centroids = faiss.vector_float_to_array(clustering.centroids).reshape(k, dim)
         book = cls(centroids)
-        book._gpu = gpu_id
+        book._device = device
         return book
 
     def _search_index(self):
         if self._index is None:
-            index = _flat_index(self.dim, self._gpu)
+            index = _flat_index(self.dim, self._faiss_gpu)
             index.add(self._centroids)
             self._index = index
         return self._index
 
     def _pruned_search(self) -> _PrunedSearch | None:
-        if self._gpu is not None or not self.prune or self.size < _PRUNE_MIN_WORDS:
+        if self._device is not None or not self.prune or self.size < _PRUNE_MIN_WORDS:
             return None
         if self._pruned is None:
             self._pruned = _PrunedSearch(self._centroids, self._max_c_sq())
         return self._pruned
+
+    @property
+    def _faiss_gpu(self) -> int | None:
+        return self._device[1] if self._device and self._device[0] == "faiss" else None
+
+    def _torch_search(self):
+        """The CUDA quantizer (``asmkit.gpu.TorchQuantizer``) when the codebook runs on a
+        GPU through torch, else None."""
+        if self._device is None or self._device[0] != "torch":
+            return None
+        if self._torch is None:
+            from .gpu import TorchQuantizer
+
+            self._torch = TorchQuantizer(self._centroids, f"cuda:{self._device[1]}", _tie_eps(1.0, self.dim))
+        return self._torch
 
     def _max_c_sq(self) -> float:
         if self._max_sq is None:
@@ -435,7 +472,7 @@ class Codebook:
         whose deciding gap lies within float32 rounding are returned, for a search as their
         segment's own call would do it (``_faiss_search_rows``)."""
         extra = int(m < self.size and several)
-        if several and self._gpu is None:
+        if several and self._faiss_gpu is None:
             # Rows whose order this call's rounding decides are searched again per segment,
             # so the layout is free: faiss's BLAS blocks of _BATCH_QUERY_BS rows instead of
             # 4096 keep its distance buffer at 2 MiB instead of 16 (a process-wide setting,
@@ -453,13 +490,8 @@ class Codebook:
         dist[:], words[:] = found_dist[:, :m], found_words[:, :m]
         if not several:
             return np.zeros(0, dtype=np.int64)  # the block is its segment's own call
-        eps = _tie_eps(self._tie_scale(vecs), self.dim)
-        ambiguous = np.zeros(len(vecs), dtype=bool)
-        if extra:
-            ambiguous |= found_dist[:, m] - found_dist[:, m - 1] <= eps
-        if nearest_first and found_dist.shape[1] > 1:
-            ambiguous |= found_dist[:, 1] - found_dist[:, 0] <= eps
-        return np.flatnonzero(ambiguous)
+        tied = _tied(found_dist, m, _tie_eps(self._tie_scale(vecs), self.dim), nearest_first)
+        return np.zeros(0, dtype=np.int64) if tied is None else np.flatnonzero(tied)
 
     def quantize(self, vecs, m: int = 1, *, return_distances: bool = False, segments=None,
                  nearest_first: bool = True):
@@ -526,6 +558,7 @@ class Codebook:
         dist = np.empty((n if return_distances else 0, m), dtype=np.float32)
         index = self._search_index()
         pruned = self._pruned_search()
+        on_torch = self._torch_search()
         # Blocks of whole segments, about _QUANTIZE_ROWS rows each, bound the per-row
         # temporaries (faiss's outputs, the pruned search's flags). Rows tied within float32
         # rounding are left for one _settle call over the whole call (or several calls), so
@@ -537,7 +570,12 @@ class Codebook:
             begin, end = int(segments[first]), int(segments[last])
             block_words = words[begin:end]
             block_dist = dist[begin:end] if return_distances else np.empty((end - begin, m), dtype=np.float32)
-            rows = None if pruned is None else pruned.search(vecs[begin:end], m, block_dist, block_words, nearest_first)
+            if on_torch is not None:
+                # Its float32 rounding is never faiss's: its tied rows are always settled.
+                rows = on_torch.search(vecs[begin:end], m, block_dist, block_words, nearest_first)
+            else:
+                rows = None if pruned is None else pruned.search(vecs[begin:end], m, block_dist, block_words,
+                                                                 nearest_first)
             if rows is None:
                 rows = self._faiss_block(vecs[begin:end], m, index, last - first > 1, block_dist, block_words,
                                          nearest_first)

@@ -414,6 +414,8 @@ class DeepExtractor:
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device: {device!r} requested but CUDA is not available")
+        if self.device.type == "cuda" and (self.device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"device: {device!r} requested, but CUDA has {torch.cuda.device_count()} device(s)")
         if self.device.type == "cpu":
             if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1):
                 raise ValueError(f"num_threads: expected a positive int, got {num_threads!r}")
