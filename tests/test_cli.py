@@ -160,3 +160,33 @@ def test_report_from_index(workspace, demo, tmp_path, capsys):
                  "--out", str(out), "--top", "3"]) == 0
     html = out.read_text()
     assert html.count('class="result') >= 6
+
+
+def _has_gpu():
+    from asmkit.codebook import _faiss_gpu_count
+    from asmkit.gpu import cuda_device_count
+
+    return bool(_faiss_gpu_count() or cuda_device_count())
+
+
+def test_device_flag_gives_the_cpu_scores(demo, tmp_path, capsys):
+    # With a GPU the codebook quantizes there; without one it warns and stays on the CPU.
+    # Either way the matrix is the CPU's.
+    cache = str(tmp_path / "c")
+    run_json(capsys, ["-q", "scores", str(demo / "images"), "--out", str(tmp_path / "cpu.npy"), "--cache", cache,
+                      *SMALL, "--json"])
+    argv = ["-q", "scores", str(demo / "images"), "--out", str(tmp_path / "gpu.npy"), "--cache", cache, *SMALL,
+            "--json", "--device", "cuda"]
+    if _has_gpu():
+        run_json(capsys, argv)
+    else:
+        with pytest.warns(RuntimeWarning, match="gpu: no GPU 0"):
+            run_json(capsys, argv)
+    np.testing.assert_array_equal(np.load(tmp_path / "gpu.npy"), np.load(tmp_path / "cpu.npy"))
+
+
+def test_bad_device_is_a_one_line_error(demo, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["index", str(demo / "images"), "--out", str(tmp_path / "ws"), *SMALL, "--device", "gpu0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--device" in err and "gpu0" in err

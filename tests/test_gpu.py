@@ -155,3 +155,21 @@ def test_cuda_compat_method_equals_cpu():
         found.append(method.build_ivf(vecs, imids).query_ivf(vecs[:3000], imids[:3000]))
     np.testing.assert_array_equal(found[0][2], found[1][2])
     np.testing.assert_allclose(found[0][3], found[1][3], atol=1e-6)
+
+
+def test_index_load_on_a_gpu_searches_as_on_the_cpu(tmp_path):
+    from asmkit import Index
+
+    centroids, vecs = _data(9, 6000, k=300, dim=64, ties=200)
+    ids = np.repeat(np.arange(12), 500)
+    index = Index(Codebook(centroids))
+    index.add(vecs, ids)
+    index.save(tmp_path / "i.asmkit")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = Index.load(tmp_path / "i.asmkit", gpu=0)
+    gpu_seen = bool(cuda_device_count() or codebook_mod._faiss_gpu_count())
+    assert sum("gpu" in str(w.message) for w in caught) == (0 if gpu_seen else 1)
+    assert (loaded.codebook._device is not None) == gpu_seen
+    for a, b in zip(loaded.search(vecs[:1500], ids[:1500], k=5), index.search(vecs[:1500], ids[:1500], k=5)):
+        np.testing.assert_array_equal(a, b)

@@ -38,6 +38,12 @@ def _add_pipeline_flags(p: argparse.ArgumentParser, *, model: bool = True) -> No
     if model:
         p.add_argument("--model", help="MASt3R retrieval checkpoint (mast3r preset)")
     p.add_argument("--workers", type=int, help="image decoding threads")
+    _add_device_flag(p)
+
+
+def _add_device_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default), cuda or cuda:N: deep features and quantization on that GPU")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="query image files")
     p.add_argument("--top", type=int, default=10, help="results per query (default 10)")
     p.add_argument("--model", help="MASt3R retrieval checkpoint (mast3r indexes)")
+    _add_device_flag(p)
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("scores", help="N x N similarity matrix of an image set (row = query)")
@@ -138,7 +145,7 @@ def _run(args: argparse.Namespace) -> int:
         summary = pipeline.build_index(
             args.images, out=args.out, preset=args.preset, config=args.config, codebook=args.codebook,
             codebook_size=args.codebook_size, train=args.train, model=args.model, add=args.add,
-            workers=args.workers)
+            workers=args.workers, device=args.device)
         t = summary["timings"]
         _print(summary, args.json,
                f"{'added' if args.add else 'indexed'} {summary['added']} images into {summary['index']} "
@@ -148,7 +155,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "query":
-        res = pipeline.query_index(args.index, args.images, top=args.top, model=args.model)
+        res = pipeline.query_index(args.index, args.images, top=args.top, model=args.model, device=args.device)
         lines = []
         for q in res["results"]:
             lines.append(q["query"])
@@ -159,7 +166,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "scores":
         res = pipeline.compute_scores(
             args.images, out=args.out, preset=args.preset, config=args.config, model=args.model,
-            codebook=args.codebook, codebook_size=args.codebook_size, cache=args.cache, workers=args.workers)
+            codebook=args.codebook, codebook_size=args.codebook_size, cache=args.cache, workers=args.workers,
+            device=args.device)
         t = res["timings"]
         _print(res, args.json,
                f"wrote {res['images']}x{res['images']} scores to {res['scores']} (names: {res['names']}); "
@@ -171,7 +179,7 @@ def _run(args: argparse.Namespace) -> int:
         res = pipeline.make_pairs(
             args.images, out=args.out, graph=args.graph, top=args.top, scores=args.scores,
             preset=args.preset, config=args.config, model=args.model, codebook=args.codebook,
-            codebook_size=args.codebook_size, cache=args.cache, workers=args.workers)
+            codebook_size=args.codebook_size, cache=args.cache, workers=args.workers, device=args.device)
         _print(res, args.json, f"wrote {res['n_pairs']} pairs ({res['graph']}) among {res['images']} images to {res['pairs']}")
         return 0
 
@@ -179,7 +187,7 @@ def _run(args: argparse.Namespace) -> int:
         res = pipeline.evaluate_dataset(
             args.data, preset=args.preset, config=args.config, codebook=args.codebook,
             codebook_size=args.codebook_size, model=args.model, cache=args.cache, workers=args.workers,
-            report=args.report, top=args.top)
+            report=args.report, top=args.top, device=args.device)
         text = (f"{res['dataset']} ({res['preset']}): mAP {res['map']:.4f}, "
                 f"mP@1/5/10 {res['mp']['1']:.4f}/{res['mp']['5']:.4f}/{res['mp']['10']:.4f}")
         if "ns_score" in res:

@@ -498,7 +498,8 @@ class Index:
         storage.save_arrays(path, arrays, meta, kind=_KIND)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, mmap: bool = True, verify: bool = True) -> "Index":
+    def load(cls, path: str | os.PathLike, *, mmap: bool = True, verify: bool = True,
+             gpu: int | None = None) -> "Index":
         """Open an index written by ``save``.
 
         Parameters
@@ -509,6 +510,8 @@ class Index:
             still work: they build new in-memory arrays.
         verify : bool
             Check the SHA-256 of every file (reads every byte once).
+        gpu : int, optional
+            Quantize on this GPU (``Codebook(..., gpu=...)``).
 
         Raises
         ------
@@ -527,7 +530,7 @@ class Index:
         except (KeyError, TypeError, ValueError) as exc:
             raise storage.StorageError(f"{path}/{storage.MANIFEST}: invalid params ({exc})") from None
         a = arrays
-        index = cls(Codebook(np.asarray(a["centroids"])), params)
+        index = cls(Codebook(np.asarray(a["centroids"]), gpu=gpu), params)
         n_words, n_images = index._codebook.size, a["ids"].shape[0]
         width = n_code_words(index._codebook.dim) if params.binary else index._codebook.dim
         expected = {

@@ -89,7 +89,7 @@ def _sift_extractor(opts: dict[str, Any], folder: Path | None, sample: Sequence[
     return SiftExtractor(**opts, whitening=whitening)
 
 
-def _deep_extractor(opts: dict[str, Any], folder: Path | None, sample: Sequence[Path], seed: int):
+def _deep_extractor(opts: dict[str, Any], folder: Path | None, sample: Sequence[Path], seed: int, device: str):
     try:
         from .features.backbones import EfficientNetLite0
         from .features.deep import DeepExtractor
@@ -98,7 +98,7 @@ def _deep_extractor(opts: dict[str, Any], folder: Path | None, sample: Sequence[
     opts = dict(opts)
     saved = folder / "extractor.pt" if folder is not None else None
     if saved is not None and saved.is_file():
-        return DeepExtractor.load(saved)
+        return DeepExtractor.load(saved, device=device)
     backbone_name = opts.pop("backbone", "efficientnet_lite0")
     if backbone_name != "efficientnet_lite0":
         raise ValueError(f"features.backbone: only 'efficientnet_lite0' is built in, got {backbone_name!r}")
@@ -108,7 +108,7 @@ def _deep_extractor(opts: dict[str, Any], folder: Path | None, sample: Sequence[
     opts.pop("whitening_images", None)
     if "scales" in opts:
         opts["scales"] = tuple(opts["scales"])
-    extractor = DeepExtractor(backbone, **opts)
+    extractor = DeepExtractor(backbone, **{"device": device, **opts})
     images = _sample_images(_sample(sample, _WHITENING_SAMPLE, seed), extractor.max_size)
     extractor.learn_whitening(images, dim=dim, shrinkage=shrinkage)
     if saved is not None:
@@ -122,6 +122,7 @@ def make_extractor(
     folder: Path | None = None,
     sample: Sequence[Path] = (),
     model: str | os.PathLike | None = None,
+    device: str = "cpu",
 ):
     """The local-feature extractor of a preset.
 
@@ -134,19 +135,23 @@ def make_extractor(
         Images to learn whitening from (no labels needed), when one must be learned.
     model : path, optional
         MASt3R retrieval checkpoint (``mast3r`` preset).
+    device : str
+        ``"cpu"``, ``"cuda"`` or ``"cuda:N"``: where deep features are computed (SIFT runs
+        on the CPU; a ``device`` in the config's features wins).
 
     Returns
     -------
     extractor, codebook or None
         The codebook comes with a MASt3R checkpoint (its ``<name>_codebook.pkl``).
     """
+    gpu_of(device)  # a bad value fails before any work
     opts = {k: v for k, v in config.features.items() if k != "type"}
     kind = config.features.get("type", "sift")
     seed = config.params.seed
     if kind == "sift":
         return _sift_extractor(opts, folder, sample, seed), None
     if kind == "deep":
-        return _deep_extractor(opts, folder, sample, seed), None
+        return _deep_extractor(opts, folder, sample, seed, device), None
     if kind == "mast3r":
         if model is None:
             raise ValueError("--model: the mast3r preset needs a MASt3R retrieval checkpoint")
@@ -157,7 +162,7 @@ def make_extractor(
             raise ImportError(f"the mast3r preset needs torch: pip install 'asmkit[deep]' ({exc})") from None
         loaded = load_mast3r_checkpoint(model)
         extractor = DeepExtractor(loaded.backbone, loaded.head, nfeat=loaded.head.nfeat, max_size=loaded.imsize,
-                                  name="mast3r")
+                                  name="mast3r", device=device)
         codebook = Codebook(loaded.codebook) if loaded.codebook is not None else None
         return extractor, codebook
     raise ValueError(f"features.type: expected sift, deep or mast3r, got {kind!r}")
@@ -182,6 +187,25 @@ def _extract_into(paths, root, extractor, store_path: Path, workers) -> tuple[Fe
     failed = {name for name, _ in result.failed}
     names = [n for n in image_names(paths, root) if n not in failed and store.has(n)]
     return store, names, result.failed
+
+
+def gpu_of(device: str) -> int | None:
+    """The GPU id of a ``--device`` value: None for ``"cpu"``, N for ``"cuda"`` (0) or
+    ``"cuda:N"``."""
+    if device == "cpu":
+        return None
+    if device == "cuda":
+        return 0
+    head, _, index = str(device).partition(":")
+    if head == "cuda" and index.isdigit():
+        return int(index)
+    raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {device!r}")
+
+
+def _on_device(cb: Codebook, device: str) -> Codebook:
+    """``cb`` quantizing on ``device``'s GPU (``Codebook(..., gpu=N)``), or ``cb`` on the CPU."""
+    gpu = gpu_of(device)
+    return cb if gpu is None else Codebook(cb.centroids, gpu=gpu)
 
 
 def _train_codebook(vecs: np.ndarray, config: PipelineConfig) -> Codebook:
@@ -231,6 +255,7 @@ def build_index(
     model: str | os.PathLike | None = None,
     add: bool = False,
     workers: int | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Extract, train the codebook, build the inverted file and save the workspace ``out``.
 
@@ -255,7 +280,7 @@ def build_index(
     out.mkdir(parents=True, exist_ok=True)
     train_paths = list_images(train) if train is not None else paths
     t0 = time.perf_counter()
-    extractor, cb = make_extractor(cfg, folder=out, sample=train_paths, model=model)
+    extractor, cb = make_extractor(cfg, folder=out, sample=train_paths, model=model, device=device)
     store, names, failed = _extract_into(paths, root, extractor, out / "features.h5", workers)
     timings["extract_s"] = time.perf_counter() - t0
     if not names:
@@ -263,7 +288,7 @@ def build_index(
 
     t0 = time.perf_counter()
     if add:
-        index = Index.load(out / "index.asmkit", mmap=False)
+        index = Index.load(out / "index.asmkit", mmap=False, gpu=gpu_of(device))
         known = set(index.keys)
         names = [n for n in names if n not in known]
         cb = index.codebook
@@ -283,7 +308,7 @@ def build_index(
                 tvecs, _ = store.stack(names)
             cb = _train_codebook(tvecs, cfg)
             cb.save(out / "codebook.asmkit")
-        index = Index(cb, cfg.params)
+        index = Index(_on_device(cb, device), cfg.params)
     timings["codebook_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -325,6 +350,7 @@ def query_index(
     *,
     top: int = 10,
     model: str | os.PathLike | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Query a saved index with image files.
 
@@ -335,8 +361,8 @@ def query_index(
         "failed": [...]}``.
     """
     folder, cfg, root = _open_workspace(index)
-    idx = Index.load(folder / "index.asmkit", mmap=True)
-    extractor, _ = make_extractor(cfg, folder=folder, model=model)
+    idx = Index.load(folder / "index.asmkit", mmap=True, gpu=gpu_of(device))
+    extractor, _ = make_extractor(cfg, folder=folder, model=model, device=device)
     paths = [Path(p) for p in images]
     if not paths:
         raise ValueError("images: no query image given")
@@ -363,14 +389,14 @@ def query_index(
 # ------------------------------------------------------------------------------ scores / pairs
 
 
-def _features_for(paths, root, cfg: PipelineConfig, model, workers, cache: Path | None):
+def _features_for(paths, root, cfg: PipelineConfig, model, workers, cache: Path | None, device: str):
     """Extract (or reuse cached) features; returns extractor codebook, store, names, failed."""
     folder = cache
     if folder is None:
         folder = _cache_dir("features", {"images": [str(p) for p in paths[:5]], "n": len(paths),
                                          "root": str(Path(root).resolve()), "features": cfg.features, "model": str(model)})
     folder.mkdir(parents=True, exist_ok=True)
-    extractor, cb = make_extractor(cfg, folder=folder, sample=paths, model=model)
+    extractor, cb = make_extractor(cfg, folder=folder, sample=paths, model=model, device=device)
     store, names, failed = _extract_into(paths, root, extractor, folder / "features.h5", workers)
     return cb, store, names, failed, folder
 
@@ -387,6 +413,7 @@ def compute_scores(
     cache: str | os.PathLike | None = None,
     workers: int | None = None,
     chunk: int = 256,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """The all-vs-all N x N similarity matrix of an image set (row = query, list order).
 
@@ -400,7 +427,8 @@ def compute_scores(
     paths, root = _images(images)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    cb, store, names, failed, folder = _features_for(paths, root, cfg, model, workers, Path(cache) if cache else None)
+    cb, store, names, failed, folder = _features_for(paths, root, cfg, model, workers, Path(cache) if cache else None,
+                                                     device)
     timings["extract_s"] = time.perf_counter() - t0
     if not names:
         raise ValueError(f"{images}: no image could be read ({len(failed)} failed)")
@@ -413,7 +441,7 @@ def compute_scores(
         cb = _train_codebook(vecs, cfg)
     timings["codebook_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    matrix = similarity_matrix(cb, vecs, ids, cfg.params, chunk=chunk)
+    matrix = similarity_matrix(_on_device(cb, device), vecs, ids, cfg.params, chunk=chunk)
     timings["scores_s"] = time.perf_counter() - t0
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.npy")
@@ -476,6 +504,7 @@ def evaluate_dataset(
     workers: int | None = None,
     report: str | os.PathLike | None = None,
     top: int = 10,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """mAP (and N-S, E/M/H when the ground truth has them) of a preset on a data set.
 
@@ -494,7 +523,7 @@ def evaluate_dataset(
     t0 = time.perf_counter()
     cache_folder = Path(cache) if cache else _cache_dir(
         "eval", {"data": str(root.resolve()), "features": cfg.features, "model": str(model)})
-    cb, store, names, failed, _ = _features_for(paths, root, cfg, model, workers, cache_folder)
+    cb, store, names, failed, _ = _features_for(paths, root, cfg, model, workers, cache_folder, device)
     timings["extract_s"] = time.perf_counter() - t0
     have = set(names)
     # An unreadable image stays in the ranking with no descriptors (it scores 0), so that
@@ -524,6 +553,7 @@ def evaluate_dataset(
     timings["codebook_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    cb = _on_device(cb, device)
     if gt.queries == gt.images:
         matrix = similarity_matrix(cb, db, params=cfg.params)
     else:
