@@ -462,8 +462,11 @@ class Codebook:
         return self._max_sq
 
     def _tie_scale(self, vecs: np.ndarray) -> np.ndarray:
-        """float64 [n]: |x|^2 + max |c|^2, the scale of faiss's float32 rounding error."""
-        return np.einsum("ij,ij->i", vecs, vecs, dtype=np.float64) + self._max_c_sq()
+        """float64 [n]: |x|^2 + max |c|^2, the scale of faiss's float32 rounding error.
+
+        |x|^2 is summed in float32, a fifth of the time of a float64 einsum (which casts
+        every element): a tolerance's scale needs no more precision."""
+        return np.einsum("ij,ij->i", vecs, vecs).astype(np.float64) + self._max_c_sq()
 
     def _faiss_block(self, vecs, m, index, several, dist, words, nearest_first) -> np.ndarray:
         """faiss's exhaustive search of a block in one call (large BLAS products, fast).
