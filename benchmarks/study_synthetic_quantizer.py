@@ -94,17 +94,19 @@ def main(argv=None):
 
     def product():
         for b in range(0, len(vecs), 512):
-            np.matmul(vecs[b : b + 512], ct, out=buf)
+            block = vecs[b : b + 512]
+            np.matmul(block, ct, out=buf[: len(block)])
 
     fixed = vecs[:512] @ ct
 
     def select():
-        for b in range(0, len(vecs), 512):
+        for b in range(0, len(vecs) - 511, 512):
             _select(fixed, x_sq[:512], c_sq, b, out_d, out_w)
 
     def both():
         for b in range(0, len(vecs), 512):
-            _select(np.matmul(vecs[b : b + 512], ct, out=buf), x_sq[b : b + 512], c_sq, b, out_d, out_w)
+            block = vecs[b : b + 512]
+            _select(np.matmul(block, ct, out=buf[: len(block)]), x_sq[b : b + 512], c_sq, b, out_d, out_w)
 
     print(f"numpy product alone: {_best(product, args.repeat):.3f} s")
     print(f"numba top-6 alone: {_best(select, args.repeat):.3f} s")
