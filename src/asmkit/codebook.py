@@ -311,6 +311,11 @@ def _resolve_gpu(gpu) -> tuple[str, int] | None:
     return None
 
 
+def _faiss_gpu_of(device: tuple[str, int] | None) -> int | None:
+    """The faiss GPU id of a ``_resolve_gpu`` result, None unless faiss-gpu runs it."""
+    return device[1] if device is not None and device[0] == "faiss" else None
+
+
 def _flat_index(dim: int, gpu: int | None):
     if gpu is None:
         return faiss.IndexFlatL2(dim)
@@ -419,7 +424,7 @@ class Codebook:
         clustering.niter = int(iters)
         # faiss keeps the seed in an int32 field.
         clustering.seed = int(seed) % (2**31)
-        index = _flat_index(dim, device[1] if device and device[0] == "faiss" else None)
+        index = _flat_index(dim, _faiss_gpu_of(device))
         logger.info("k-means: %d vectors of dim %d into %d words, %d iterations", vecs.shape[0], dim, k, iters)
         clustering.train(vecs, index)
         centroids = faiss.vector_float_to_array(clustering.centroids).reshape(k, dim)
@@ -429,7 +434,7 @@ class Codebook:
 
     def _search_index(self):
         if self._index is None:
-            index = _flat_index(self.dim, self._faiss_gpu)
+            index = _flat_index(self.dim, _faiss_gpu_of(self._device))
             index.add(self._centroids)
             self._index = index
         return self._index
@@ -440,10 +445,6 @@ class Codebook:
         if self._pruned is None:
             self._pruned = _PrunedSearch(self._centroids, self._max_c_sq())
         return self._pruned
-
-    @property
-    def _faiss_gpu(self) -> int | None:
-        return self._device[1] if self._device and self._device[0] == "faiss" else None
 
     def _torch_search(self):
         """The CUDA quantizer (``asmkit.gpu.TorchQuantizer``) when the codebook runs on a
@@ -475,7 +476,7 @@ class Codebook:
         whose deciding gap lies within float32 rounding are returned, for a search as their
         segment's own call would do it (``_faiss_search_rows``)."""
         extra = int(m < self.size and several)
-        if several and self._faiss_gpu is None:
+        if several and _faiss_gpu_of(self._device) is None:
             # Rows whose order this call's rounding decides are searched again per segment,
             # so the layout is free: faiss's BLAS blocks of _BATCH_QUERY_BS rows instead of
             # 4096 keep its distance buffer at 2 MiB instead of 16 (a process-wide setting,
