@@ -20,7 +20,7 @@ from .codebook import _tied
 __all__ = ["TorchQuantizer", "cuda_device_count"]
 
 #: Bytes of the float32 [rows, K] distance block on the device (rows scale with 1/K:
-#: 4096 rows at K = 65 536).
+#: 4096 rows at K = 65 536); torch.topk needs about as much again.
 _BLOCK_BYTES = 1 << 30
 #: Serialises the switch of torch's process-wide float32 matmul precision.
 _PRECISION = threading.Lock()
@@ -84,7 +84,11 @@ class TorchQuantizer:
                     block = vecs[begin : begin + self._rows]
                     x = torch.from_numpy(np.ascontiguousarray(block)).to(self.device)
                     x_sq = (x * x).sum(dim=1)
-                    d = torch.addmm(x_sq[:, None] + self._c_sq[None], x, self._centroids.T, beta=1.0, alpha=-2.0)
+                    # |c|^2 - 2 x.c, then + |x|^2 in place: one [rows, K] block on the
+                    # device, not two (faiss adds |x|^2 + |c|^2 first: another rounding,
+                    # of the size the tie tolerance allows for).
+                    d = torch.addmm(self._c_sq[None], x, self._centroids.T, beta=1.0, alpha=-2.0)
+                    d += x_sq[:, None]
                     found_dist, found_words = torch.topk(d, m + extra, dim=1, largest=False, sorted=True)
                     # The tolerance's scale needs no float64: it is a bound, not a distance.
                     tied = _tied(found_dist, m, self._tie_eps * (x_sq + self._max_sq), nearest_first)
