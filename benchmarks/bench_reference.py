@@ -28,6 +28,9 @@ Stages (both sides):
   is not charged to the timed stages.
 - save / load (memory-mapped for asmkit, pickle for the reference) and the first query's
   latency after loading.
+- ``--gpu N``: asmkit quantizes on GPU N (``Codebook(..., gpu=N)``), the reference on the
+  CPU; asmkit's RSS then includes torch and its CUDA context.
+  ``benchmarks/gpu_check.sh`` (``REFERENCE=1``) runs this on a lent GPU machine.
 """
 
 from __future__ import annotations
@@ -272,7 +275,7 @@ def warm_up_asmkit(work: Path, cfg: dict) -> float:
                              index.params, dim=cfg["dim"], k=5, order="word")
     # The pruned quantizer, which a 16-word codebook does not use: the benchmark's own
     # codebook (written by the reference worker) on the first 2000 descriptors.
-    book = Codebook(np.load(work / "centroids.npy"))
+    book = Codebook(np.load(work / "centroids.npy"), gpu=cfg.get("gpu"))
     rows = np.array(np.load(work / "vecs.npy", mmap_mode="r")[:2000])  # writable, as Index.add gets it
     for m in (1, cfg["ma_query"]):
         book.quantize(rows, m, segments=np.array([0, len(rows)]), nearest_first=m == 1)
@@ -300,7 +303,7 @@ def worker_asmkit(work: Path, cfg: dict) -> dict:
     t = time.perf_counter()
     Codebook.train(train, cfg["codebook_size"], iters=10, seed=cfg["seed"])
     out["codebook_s"] = time.perf_counter() - t
-    cb = Codebook(np.load(work / "centroids.npy"))
+    cb = Codebook(np.load(work / "centroids.npy"), gpu=cfg.get("gpu"))
 
     index = Index(cb, params)
     with StagePeak() as peak:
@@ -463,7 +466,7 @@ def ns_score(full_or_ids: np.ndarray, queries: np.ndarray, group_size: int, from
     return float(((top // group_size) == (queries[:, None] // group_size)).sum(axis=1).mean())
 
 
-def machine() -> dict:
+def machine(gpu: int | None = None) -> dict:
     model = platform.processor()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -486,7 +489,18 @@ def machine() -> dict:
             "affinity_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "faiss_threads": faiss.omp_get_max_threads(), "python": platform.python_version(),
             "numpy": np.__version__, "faiss": faiss.__version__, "numba": numba.__version__,
-            "asmk": asmk_version, "gpu": "not available in this session; GPU paths not measured"}
+            "asmk": asmk_version, "cuda_devices": _cuda_names() if gpu is not None else "not asked (--gpu)"}
+
+
+def _cuda_names() -> list[str]:
+    """Names of the CUDA devices torch sees (empty without a CUDA build of torch)."""
+    from asmkit.gpu import cuda_device_count
+
+    if not cuda_device_count():
+        return []
+    import torch
+
+    return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
 
 
 RATIO_KEYS = ["codebook_s", "build_quantize_s", "build_aggregate_s", "build_ivf_s", "build_s",
@@ -526,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default="/tmp", help="folder for cached UKBench descriptors")
     parser.add_argument("--out", help="write the full result as JSON here")
+    parser.add_argument("--gpu", type=int, default=None,
+                        help="asmkit quantizes on this GPU (Codebook(..., gpu=N)); the reference stays on the CPU")
     parser.add_argument("--load-test", type=int, metavar="N_IMAGES",
                         help="asmkit only: time loading a saved synthetic index of N images")
     parser.add_argument("--worker", choices=["reference", "asmkit"], help=argparse.SUPPRESS)
@@ -552,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         inputs = prepare_inputs(args, work)
         cfg = {"codebook_size": args.codebook_size, "binary": args.binary, "idf": args.idf,
                "alpha": args.alpha, "tau": args.tau, "ma_query": args.ma_query, "seed": args.seed,
-               **inputs}
+               "gpu": args.gpu, **inputs}
         (work / "config.json").write_text(json.dumps(cfg))
         ref = run_side("reference", work, cfg)
         ours = run_side("asmkit", work, cfg)
@@ -570,13 +586,14 @@ def main(argv: list[str] | None = None) -> int:
         (ref["query_aggregate_ms"] + ref["query_search_ms"])
         / max(ours["query_aggregate_ms"] + ours["query_search_ms"], 1e-9))
     result = {"command": " ".join([sys.executable.split("/")[-1], *sys.argv]), "config": cfg,
-              "machine": machine(), "reference": ref, "asmkit": ours,
+              "machine": machine(args.gpu), "reference": ref, "asmkit": ours,
               "speedup_reference_over_asmkit": ratios, "agreement": agreement}
 
     print(f"# {cfg['source']}; K={cfg['codebook_size']}, {'binary' if cfg['binary'] else 'real'}, "
           f"idf={'on' if cfg['idf'] else 'off'}, {cfg['n_descriptors']} descriptors")
     print(f"# machine: {result['machine']['cpu_model']}, {result['machine']['cores']} cores, "
-          f"faiss threads {result['machine']['faiss_threads']}; GPU not measured")
+          f"faiss threads {result['machine']['faiss_threads']}; "
+          + ("GPU not measured" if args.gpu is None else f"asmkit on GPU {args.gpu}, the reference on the CPU"))
     print(f"# reference timed on {ref['queries_timed']} queries, asmkit on {ours['queries_timed']}")
     print(f"{'stage':<28}{'reference':>14}{'asmkit':>14}{'ratio':>10}")
     for key in RATIO_KEYS:

