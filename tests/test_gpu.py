@@ -173,3 +173,17 @@ def test_index_load_on_a_gpu_searches_as_on_the_cpu(tmp_path):
     assert (loaded.codebook._device is not None) == gpu_seen
     for a, b in zip(loaded.search(vecs[:1500], ids[:1500], k=5), index.search(vecs[:1500], ids[:1500], k=5)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_small_codebooks_and_m_beyond_k():
+    rng = np.random.default_rng(10)
+    centroids = rng.standard_normal((3, 16)).astype(np.float32)
+    vecs = rng.standard_normal((50, 16)).astype(np.float32)
+    book = _on_torch(centroids)
+    words = book.quantize(vecs, 5)  # m clipped to K = 3: every word, nearest first
+    assert words.shape == (50, 3)
+    np.testing.assert_array_equal(np.sort(words, axis=1), np.tile(np.arange(3), (50, 1)))
+    np.testing.assert_array_equal(words[:, 0], Codebook(centroids).quantize(vecs, 1)[:, 0])
+    assert book.quantize(vecs[:0], 2).shape == (0, 2)
+    one = _on_torch(centroids[:1])
+    np.testing.assert_array_equal(one.quantize(vecs, 1), np.zeros((50, 1), np.int64))
