@@ -23,6 +23,8 @@ import time
 import numpy as np
 from numba import njit, prange
 
+from asmkit._kernels import _insert_sorted
+
 
 def _best(fn, repeat):
     best = float("inf")
@@ -31,20 +33,6 @@ def _best(fn, repeat):
         fn()
         best = min(best, time.perf_counter() - start)
     return best
-
-
-@njit(inline="always")
-def _insert(values, ids, v, j):
-    last = values.shape[0] - 1
-    if v >= values[last]:
-        return
-    t = last
-    while t > 0 and values[t - 1] > v:
-        values[t] = values[t - 1]
-        ids[t] = ids[t - 1]
-        t -= 1
-    values[t] = v
-    ids[t] = j
 
 
 @njit(parallel=True)
@@ -60,7 +48,7 @@ def _select(ip, x_sq, c_sq, begin, out_d, out_w):
         for j in range(k):
             d = x_sq[i] + c_sq[j] - np.float32(2) * ip[i, j]
             if d < values[m - 1]:
-                _insert(values, ids, d, j)
+                _insert_sorted(values, ids, d, j)
 
 
 def main(argv=None):
