@@ -294,8 +294,9 @@ def test_cuda_extractor_agrees_with_cpu():
     from asmkit.features.deep import lite0_extractor
 
     images = [skimage_data.chelsea(), skimage_data.astronaut(), skimage_data.coffee()]
-    cpu = lite0_extractor(max_size=320).extract_batch(images)
-    exact = lite0_extractor(max_size=320, device="cuda", amp=False).extract_batch(images)
+    on_cpu, on_cuda = lite0_extractor(max_size=320), lite0_extractor(max_size=320, device="cuda", amp=False)
+    assert on_cuda.batched and not on_cpu.batched  # extract_features batches on the GPU only
+    cpu, exact = on_cpu.extract_batch(images), on_cuda.extract_batch(images)
     half = lite0_extractor(max_size=320, device="cuda").extract_batch(images)  # float16 autocast
     for a, b, c in zip(cpu, exact, half):
         assert a.descriptors.shape == b.descriptors.shape == c.descriptors.shape

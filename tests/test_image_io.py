@@ -270,3 +270,43 @@ def test_extract_hundred_broken_files(tmp_path):
     result = extract_features(tmp_path, MeanColour(), workers=3, progress=False)
     assert sorted(result.extracted) == sorted(folder.good)
     assert {name for name, _ in result.failed} == set(folder.bad)
+
+
+class BatchedMeanColour(MeanColour):
+    """MeanColour that asks for batches, records them, and fails a batch holding a
+    portrait image (extract alone fails on it too)."""
+
+    batched = True
+    batch_size = 3
+
+    def __init__(self):
+        self.batches = []
+
+    def extract(self, image):
+        if image.shape[0] > image.shape[1]:
+            raise RuntimeError("portrait not supported")
+        return super().extract(image)
+
+    def extract_batch(self, images):
+        self.batches.append(len(images))
+        return [self.extract(image) for image in images]
+
+
+def test_batched_extractors_get_batches_and_one_bad_image_costs_only_itself(tmp_path):
+    folder = make_broken_folder(tmp_path / "imgs", n_good=7, seed=5)
+    batched = BatchedMeanColour()
+    result = extract_features(tmp_path / "imgs", batched, workers=2, progress=False)
+
+    class Single(BatchedMeanColour):
+        batched = False
+
+    single = Single()
+    expected = extract_features(tmp_path / "imgs", single, workers=2, progress=False)
+    assert single.batches == []  # not batched: extract() per image
+    assert max(batched.batches) == 3 and sum(batched.batches) >= len(folder.good)
+    # Same images extracted, failed (load errors and the portrait one), order and features.
+    assert result.extracted == expected.extracted
+    assert dict(result.failed) == dict(expected.failed)
+    assert "exif_rotated.jpg" in dict(result.failed) and set(folder.bad) < set(dict(result.failed))
+    for name in result.extracted:
+        np.testing.assert_array_equal(result.features[name].descriptors, expected.features[name].descriptors)

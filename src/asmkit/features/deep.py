@@ -435,6 +435,13 @@ class DeepExtractor:
 
     # -- interface ------------------------------------------------------------------------
 
+    @property
+    def batched(self) -> bool:
+        """Whether ``extract_features`` should hand over several images per call: on a
+        GPU, where a forward pass of ``batch_size`` equal-sized images costs little more
+        than one (on the CPU it does not pay, docs/deep.md)."""
+        return self.device.type == "cuda"
+
     def config(self) -> dict[str, Any]:
         """JSON-able settings, including a fingerprint of the head's weights."""
         backbone_config = self.backbone.config() if hasattr(self.backbone, "config") else {

@@ -10,7 +10,11 @@ An *extractor* is any object with
   side is at most this (``None``: full resolution);
 - optionally ``thread_safe: bool`` — True when ``extract`` may run in several threads at
   once (OpenCV and NumPy release the GIL); such extractors run in the worker threads,
-  others run in the calling thread while the workers decode the next images.
+  others run in the calling thread while the workers decode the next images;
+- optionally ``batched: bool`` with ``batch_size: int`` and
+  ``extract_batch(images) -> list[ImageFeatures]`` — True when several images per call
+  are faster (a network on a GPU); the calling thread then hands it up to ``batch_size``
+  decoded images at a time.
 """
 
 from __future__ import annotations
@@ -267,6 +271,9 @@ def extract_features(
         )
     max_size = getattr(extractor, "max_size", None)
     in_workers = bool(getattr(extractor, "thread_safe", False))
+    group = 1
+    if not in_workers and getattr(extractor, "batched", False) and callable(getattr(extractor, "extract_batch", None)):
+        group = max(1, int(getattr(extractor, "batch_size", 1)))
 
     result = ExtractionResult()
     todo = []
@@ -288,20 +295,28 @@ def extract_features(
 
     start = time.perf_counter()
     # A bounded window of pending futures keeps memory flat and results in input order.
-    window = 2 * workers
+    window = max(2 * workers, 2 * group)
     with _single_threaded_libraries(in_workers and workers > 1), ThreadPoolExecutor(
         max_workers=workers, thread_name_prefix="asmkit-extract"
     ) as pool, tqdm(total=len(todo), disable=not progress, unit="img", desc=f"extract {extractor.name}") as bar:
         pending: deque = deque()
+
+        def finish_next() -> None:
+            if group == 1:
+                _finish(pending.popleft(), extractor, in_workers, store, keep, result)
+                bar.update(1)
+            else:
+                items = [pending.popleft() for _ in range(min(group, len(pending)))]
+                _finish_group(items, extractor, store, keep, result)
+                bar.update(len(items))
+
         try:
             for name, path in todo:
                 pending.append((name, path, pool.submit(task, path)))
                 if len(pending) >= window:
-                    _finish(pending.popleft(), extractor, in_workers, store, keep, result)
-                    bar.update(1)
+                    finish_next()
             while pending:
-                _finish(pending.popleft(), extractor, in_workers, store, keep, result)
-                bar.update(1)
+                finish_next()
         except BaseException:
             for _, _, future in pending:
                 future.cancel()
@@ -330,15 +345,52 @@ def _finish(item, extractor, in_workers: bool, store, keep: bool, result: Extrac
     try:
         output = future.result()
         feats = output if in_workers else extractor.extract(output)
-    except ImageLoadError as error:
-        logger.warning("skipping %s: %s", path, error.reason)
-        result.failed.append((name, error.reason))
-        return
     except Exception as error:  # one bad image must not abort a long run
+        _skip(name, path, error, result)
+        return
+    _record(name, feats, extractor, store, keep, result)
+
+
+def _finish_group(items, extractor, store, keep: bool, result: ExtractionResult) -> None:
+    """``_finish`` for consecutive images decoded in the workers, extracted in one
+    ``extract_batch`` call; if that call fails, one at a time, so that only the image at
+    fault is skipped."""
+    loaded = []
+    for name, path, future in items:
+        try:
+            loaded.append((name, path, future.result()))
+        except Exception as error:
+            _skip(name, path, error, result)
+    try:
+        batch = extractor.extract_batch([image for _, _, image in loaded])
+    except Exception as error:
+        logger.debug("a batch of %d images failed (%s); extracting them one by one", len(loaded), error)
+        batch = None
+    for i, (name, path, image) in enumerate(loaded):
+        if batch is not None:
+            _record(name, batch[i], extractor, store, keep, result)
+            continue
+        try:
+            feats = extractor.extract(image)
+        except Exception as error:
+            _skip(name, path, error, result)
+            continue
+        _record(name, feats, extractor, store, keep, result)
+
+
+def _skip(name: str, path, error: Exception, result: ExtractionResult) -> None:
+    """Log and list an image that could not be loaded or whose extraction raised."""
+    if isinstance(error, ImageLoadError):
+        reason = error.reason
+        logger.warning("skipping %s: %s", path, reason)
+    else:
         reason = f"feature extraction failed ({type(error).__name__}: {error})"
         logger.warning("skipping %s: %s", path, reason, exc_info=logger.isEnabledFor(logging.DEBUG))
-        result.failed.append((name, reason))
-        return
+    result.failed.append((name, reason))
+
+
+def _record(name: str, feats, extractor, store, keep: bool, result: ExtractionResult) -> None:
+    """Store and list one image's features."""
     if not isinstance(feats, ImageFeatures):
         raise TypeError(
             f"extractor {extractor.name!r} returned {type(feats).__name__}, expected ImageFeatures"
