@@ -1,9 +1,10 @@
 """Quantization on a CUDA device through torch, for machines whose faiss has no GPU.
 
-faiss-gpu is rarely installable (no PyPI wheel), while a CUDA build of torch usually is:
-the deep feature extractor needs one anyway. ``TorchQuantizer`` computes the squared
-distances to every word on the device as faiss does (|x|^2 + |c|^2 - 2 x.c, a float32
-matrix product, TF32 off) and keeps the m + 1 nearest. The words are the CPU reference's:
+faiss-gpu wheels are built for one CUDA version and replace faiss-cpu's module, while a
+CUDA build of torch is usually there already: the deep feature extractor needs one.
+``TorchQuantizer`` computes the squared distances to every word on the device with faiss's
+expansion (|x|^2 + |c|^2 - 2 x.c, a float32 matrix product, TF32 off) and keeps the m + 1
+nearest. The words are the CPU reference's:
 a row whose deciding gap lies within float32 rounding is returned to the caller, which
 asks faiss on the CPU for it as the reference's own call would meet it
 (``Codebook._settle``), exactly as for faiss's own batched searches.
@@ -22,7 +23,8 @@ __all__ = ["TorchQuantizer", "cuda_device_count"]
 #: Bytes of the float32 [rows, K] distance block on the device (rows scale with 1/K:
 #: 4096 rows at K = 65 536); torch.topk needs about as much again.
 _BLOCK_BYTES = 1 << 30
-#: Serialises the switch of torch's process-wide float32 matmul precision.
+#: Serialises the switch of torch's process-wide float32 matmul precision (and so the
+#: quantizations through torch of one process).
 _PRECISION = threading.Lock()
 
 
