@@ -97,7 +97,7 @@ def test_pruned_equals_faiss_and_brute_force(m, scale):
 
 
 def test_quantize_uses_the_pruned_path_and_agrees_with_prune_off():
-    vecs = _spectral(2000, 128, seed=3)
+    vecs = _spectral(5000, 128, seed=3)  # more than one faiss BLAS block (4096 rows)
     centroids = _spectral(512, 128, seed=4)
     on = Codebook(centroids)
     off = Codebook(centroids)
@@ -105,6 +105,25 @@ def test_quantize_uses_the_pruned_path_and_agrees_with_prune_off():
     for m in (1, 3, 5):
         _assert_same_assignment(on.quantize(vecs, m), off.quantize(vecs, m))
     assert on._pruned is not None and off._pruned is None
+
+
+def test_one_blas_block_goes_to_faiss_directly():
+    # A single segment that faiss searches as one BLAS block (an image of >= 1000 rows at
+    # D = 128, searched alone): faiss's own call, no bound (its tied rows would cost that
+    # call again). Shorter segments (faiss's direct loop) and several segments are pruned.
+    centroids = _spectral(512, 128, seed=30)
+    index = faiss.IndexFlatL2(128)
+    index.add(centroids)
+    block = _spectral(1500, 128, seed=31)
+    book = Codebook(centroids)
+    np.testing.assert_array_equal(book.quantize(block, 5, segments=[0, 1500]), index.search(block, 5)[1])
+    assert book._pruned is None
+    _assert_same_assignment(book.quantize(block[:900], 5, segments=[0, 900]), index.search(block[:900], 5)[1])
+    assert book._pruned is not None
+    two = Codebook(centroids)
+    expected = np.concatenate([index.search(block[:700], 5)[1], index.search(block[700:], 5)[1]])
+    _assert_same_assignment(two.quantize(block, 5, segments=[0, 700, 1500]), expected)
+    assert two._pruned is not None
 
 
 def test_pruned_matches_the_plain_loop_twin():
