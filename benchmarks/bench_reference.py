@@ -274,9 +274,10 @@ def warm_up_asmkit(work: Path, cfg: dict) -> float:
     asearch.score_aggregates(index.inverted_file, index.idf, np.sqrt(index.norms), index.ids, queries,
                              index.params, dim=cfg["dim"], k=5, order="word")
     # The pruned quantizer, which a 16-word codebook does not use: the benchmark's own
-    # codebook (written by the reference worker) on the first 2000 descriptors.
+    # codebook (written by the reference worker) on the first 5000 descriptors (more than
+    # one faiss BLAS block, which Codebook would hand to faiss directly).
     book = Codebook(np.load(work / "centroids.npy"), gpu=cfg.get("gpu"))
-    rows = np.array(np.load(work / "vecs.npy", mmap_mode="r")[:2000])  # writable, as Index.add gets it
+    rows = np.array(np.load(work / "vecs.npy", mmap_mode="r")[:5000])  # writable, as Index.add gets it
     for m in (1, cfg["ma_query"]):
         book.quantize(rows, m, segments=np.array([0, len(rows)]), nearest_first=m == 1)
     return time.perf_counter() - t
