@@ -187,3 +187,17 @@ def test_small_codebooks_and_m_beyond_k():
     assert book.quantize(vecs[:0], 2).shape == (0, 2)
     one = _on_torch(centroids[:1])
     np.testing.assert_array_equal(one.quantize(vecs, 1), np.zeros((50, 1), np.int64))
+
+
+def test_a_torch_that_fails_to_load_counts_no_device(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def broken(name, *args, **kwargs):
+        if name == "torch":
+            raise OSError("libcudart.so: cannot open shared object file")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", broken)
+    assert cuda_device_count() == 0

@@ -29,10 +29,11 @@ _PRECISION = threading.Lock()
 
 
 def cuda_device_count() -> int:
-    """CUDA devices torch can use; 0 when torch is not installed or is a CPU build."""
+    """CUDA devices torch can use; 0 when torch is not installed, is a CPU build, or fails
+    to load (a broken CUDA library raises OSError at import)."""
     try:
         import torch
-    except ImportError:
+    except (ImportError, OSError):
         return 0
     try:
         return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
