@@ -96,6 +96,7 @@ def _deep_extractor(opts: dict[str, Any], folder: Path | None, sample: Sequence[
     except ImportError as exc:
         raise ImportError(f"the deep preset needs torch: pip install 'asmkit[deep]' ({exc})") from None
     opts = dict(opts)
+    device = opts.pop("device", device)  # a config's features.device wins over --device
     saved = folder / "extractor.pt" if folder is not None else None
     if saved is not None and saved.is_file():
         return DeepExtractor.load(saved, device=device)
@@ -108,7 +109,7 @@ def _deep_extractor(opts: dict[str, Any], folder: Path | None, sample: Sequence[
     opts.pop("whitening_images", None)
     if "scales" in opts:
         opts["scales"] = tuple(opts["scales"])
-    extractor = DeepExtractor(backbone, **{"device": device, **opts})
+    extractor = DeepExtractor(backbone, device=device, **opts)
     images = _sample_images(_sample(sample, _WHITENING_SAMPLE, seed), extractor.max_size)
     extractor.learn_whitening(images, dim=dim, shrinkage=shrinkage)
     if saved is not None:
