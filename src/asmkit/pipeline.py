@@ -362,8 +362,8 @@ def query_index(
         "failed": [...]}``.
     """
     folder, cfg, root = _open_workspace(index)
-    idx = Index.load(folder / "index.asmkit", mmap=True, gpu=gpu_of(device))
     extractor, _ = make_extractor(cfg, folder=folder, model=model, device=device)
+    idx = Index.load(folder / "index.asmkit", mmap=True, gpu=gpu_of(device))
     paths = [Path(p) for p in images]
     if not paths:
         raise ValueError("images: no query image given")
