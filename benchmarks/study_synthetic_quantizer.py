@@ -18,21 +18,12 @@ Prints one line per measurement (best of ``--repeat``)::
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 from numba import njit, prange
 
 from asmkit._kernels import _insert_sorted
-
-
-def _best(fn, repeat):
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+from bench_engine import best  # benchmarks/ is on sys.path when this script runs
 
 
 @njit(parallel=True)
@@ -70,7 +61,7 @@ def main(argv=None):
     index.add(c)
     faiss.cvar.distance_compute_blas_query_bs = 512
     for k in (1, 6):
-        print(f"faiss k={k}: {_best(lambda: index.search(vecs, k), args.repeat):.3f} s")
+        print(f"faiss k={k}: {best(lambda: index.search(vecs, k), args.repeat)[0]:.3f} s")
 
     ct = np.ascontiguousarray(c.T)
     c_sq = np.einsum("ij,ij->i", c, c)
@@ -96,9 +87,9 @@ def main(argv=None):
             block = vecs[b : b + 512]
             _select(np.matmul(block, ct, out=buf[: len(block)]), x_sq[b : b + 512], c_sq, b, out_d, out_w)
 
-    print(f"numpy product alone: {_best(product, args.repeat):.3f} s")
-    print(f"numba top-6 alone: {_best(select, args.repeat):.3f} s")
-    print(f"product + top-6 alternated: {_best(both, 1):.3f} s")
+    print(f"numpy product alone: {best(product, args.repeat)[0]:.3f} s")
+    print(f"numba top-6 alone: {best(select, args.repeat)[0]:.3f} s")
+    print(f"product + top-6 alternated: {best(both, 1)[0]:.3f} s")
 
     engine = Index(book, Params(codebook_size=1024))
     engine.add(vecs, ids)
@@ -107,7 +98,7 @@ def main(argv=None):
         if width is not None:
             pruned._width[5] = width
         engine.search(vecs[:5000], ids[:5000], k=100)  # compiles the kernel for this width's shapes
-        t = _best(lambda: engine.search(vecs, ids, k=100), args.repeat)
+        t = best(lambda: engine.search(vecs, ids, k=100), args.repeat)[0]
         print(f"Index.search, 1000 queries, bound width {width or 'auto (faiss)'}: {t:.3f} s")
 
 

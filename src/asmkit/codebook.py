@@ -101,8 +101,6 @@ def _faiss_search_rows_locked(index, vecs, local, seg_size, m):
     row of a BLAS segment at its own offset, in a batch of its original block's size (the
     other slots hold copies of one of its rows).
     """
-    import faiss
-
     block = max(1, int(faiss.cvar.distance_compute_blas_query_bs))
     threshold = int(faiss.cvar.distance_compute_blas_threshold)
     t, d = vecs.shape
