@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-__all__ = ["Params", "PRESETS", "parse_size"]
+__all__ = ["Params", "PRESETS", "as_params", "parse_size"]
 
 _SIZE_SUFFIX = {"k": 1024, "K": 1024, "M": 1024**2}
 
@@ -212,3 +212,22 @@ PRESETS: dict[str, Params] = {
     "mast3r": Params(codebook_size=65536, binary=True, use_idf=False, ma_database=1, ma_query=5),
     "sift": Params(codebook_size=4096, binary=True, use_idf=False, ma_database=1, ma_query=5),
 }
+
+
+def as_params(params: Any) -> Params:
+    """``Params`` from None (defaults), a preset name, a flat dict, or a ``Params``.
+
+    Raises
+    ------
+    ValueError
+        Unknown preset or parameter names (naming them), or anything else.
+    """
+    if params is None:
+        return Params()
+    if isinstance(params, Params):
+        return params
+    if isinstance(params, str):
+        return Params.preset(params)
+    if isinstance(params, Mapping):
+        return Params.from_dict(params)
+    raise ValueError(f"params: expected Params, a preset name or a dict, got {type(params).__name__}")
