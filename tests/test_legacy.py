@@ -205,3 +205,22 @@ def test_state_validation():
         ivf_from_legacy({"type": "IVF", "params": {}, "state": {
             "ivf_vecs": [None], "ivf_image_ids": [None, None], "counts": np.zeros(1),
             "idf": np.ones(1), "n_images": 0}})
+
+
+def test_errors_are_file_format_errors_naming_the_file(tmp_path):
+    from asmkit._validation import AsmkitError, FileFormatError
+
+    path = tmp_path / "junk.pkl"
+    path.write_bytes(b"not a pickle at all")
+    with pytest.raises(FileFormatError) as info:
+        load_legacy_pickle(path)
+    assert isinstance(info.value, (LegacyFormatError, AsmkitError, ValueError))
+    assert info.value.path == str(path)
+    # A state read from a file names that file; one passed alone is called "state".
+    state = {"type": "Codebook", "params": {"size": 4}, "state": {"centroids": None}}
+    with pytest.raises(LegacyFormatError, match=r"^.*cb\.pkl: the reference codebook was never trained") as info:
+        codebook_from_legacy(state, path=tmp_path / "cb.pkl")
+    assert info.value.path == str(tmp_path / "cb.pkl")
+    with pytest.raises(LegacyFormatError, match="^state: holds a 'Codebook', expected a 'IVF'") as info:
+        ivf_from_legacy(state)
+    assert info.value.path == "state"

@@ -22,6 +22,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from asmkit._validation import FileFormatError
+
 __all__ = [
     "LegacyFormatError",
     "LegacyIVF",
@@ -31,8 +33,14 @@ __all__ = [
     "pack_uint32_codes",
 ]
 
-class LegacyFormatError(ValueError):
-    """A legacy pickle is malformed, or names a global outside the allow-list."""
+class LegacyFormatError(FileFormatError):
+    """A legacy pickle is malformed, names a global outside the allow-list, or holds a state
+    that does not fit.
+
+    A ``FileFormatError`` (so also an ``AsmkitError`` and a ``ValueError``): the message
+    starts with ``path``, the pickle file, or ``"state"`` for a state passed in memory
+    without its file.
+    """
 
 
 def _allowed_globals() -> dict[tuple[str, str], Any]:
@@ -94,12 +102,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return self._allowed[(module, name)]
         except KeyError:
             raise LegacyFormatError(
-                f"{self._path}: refused global {module}.{name} (only numpy arrays, numpy "
-                "scalars/dtypes and plain containers are allowed in legacy pickles)"
+                self._path,
+                f"refused global {module}.{name} (only numpy arrays, numpy scalars/dtypes and plain "
+                "containers are allowed in legacy pickles)",
             ) from None
 
     def persistent_load(self, pid: Any) -> Any:
-        raise LegacyFormatError(f"{self._path}: persistent ids are not allowed in legacy pickles")
+        raise LegacyFormatError(self._path, "persistent ids are not allowed in legacy pickles")
 
 
 def load_legacy_pickle(path: str | os.PathLike) -> Any:
@@ -122,7 +131,7 @@ def load_legacy_pickle(path: str | os.PathLike) -> Any:
     FileNotFoundError
         If ``path`` does not exist.
     LegacyFormatError
-        (a ``ValueError``) naming the path if the pickle names any other global (nothing it
+        (a ``FileFormatError``) naming the path if the pickle names any other global (nothing it
         names is called), or is truncated or malformed.
     """
     path = Path(path)
@@ -135,23 +144,27 @@ def load_legacy_pickle(path: str | os.PathLike) -> Any:
             raise
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
                 KeyError, MemoryError) as exc:
-            raise LegacyFormatError(f"{path}: not a readable legacy pickle ({type(exc).__name__}: {exc})") from None
+            raise LegacyFormatError(path, f"not a readable legacy pickle ({type(exc).__name__}: {exc})") from None
 
 
-def _state_of(state: Any, expected_type: str) -> Mapping[str, Any]:
+def _source(path: str | os.PathLike | None) -> str | os.PathLike:
+    return "state" if path is None else path
+
+
+def _state_of(state: Any, expected_type: str, path) -> Mapping[str, Any]:
     if not isinstance(state, Mapping) or "state" not in state or "type" not in state:
         raise LegacyFormatError(
-            f"state: expected a reference state_dict with 'type' and 'state', got {type(state).__name__}"
+            _source(path), f"expected a reference state_dict with 'type' and 'state', got {type(state).__name__}"
         )
     if state["type"] != expected_type:
-        raise LegacyFormatError(f"state: holds a {state['type']!r}, expected a {expected_type!r}")
+        raise LegacyFormatError(_source(path), f"holds a {state['type']!r}, expected a {expected_type!r}")
     inner = state["state"]
     if not isinstance(inner, Mapping):
-        raise LegacyFormatError("state['state']: expected a dict")
+        raise LegacyFormatError(_source(path), "state['state']: expected a dict")
     return inner
 
 
-def codebook_from_legacy(state: Any):
+def codebook_from_legacy(state: Any, *, path: str | os.PathLike | None = None):
     """Build an :class:`asmkit.Codebook` from a reference ``Codebook.state_dict()``.
 
     Parameters
@@ -159,6 +172,8 @@ def codebook_from_legacy(state: Any):
     state : dict
         ``{"type": "Codebook", "params": {"size": ...}, "state": {"centroids": float32 [K, D]}}``
         as returned by :func:`load_legacy_pickle`.
+    path : str or path-like, optional
+        The file ``state`` was read from, named in errors.
 
     Returns
     -------
@@ -169,12 +184,13 @@ def codebook_from_legacy(state: Any):
     LegacyFormatError
         If ``state`` is not a trained reference codebook state.
     """
-    inner = _state_of(state, "Codebook")
+    inner = _state_of(state, "Codebook", path)
     centroids = inner.get("centroids")
     if centroids is None:
-        raise LegacyFormatError("state: the reference codebook was never trained (centroids is None)")
+        raise LegacyFormatError(_source(path), "the reference codebook was never trained (centroids is None)")
     if not isinstance(centroids, np.ndarray) or centroids.ndim != 2 or centroids.dtype.kind != "f":
         raise LegacyFormatError(
+            _source(path),
             "state['state']['centroids']: expected a 2-D float array, got "
             f"{getattr(centroids, 'dtype', type(centroids).__name__)} {getattr(centroids, 'shape', '')}"
         )
@@ -242,7 +258,7 @@ class LegacyIVF:
         self.use_idf = use_idf
 
 
-def ivf_from_legacy(state: Any) -> LegacyIVF:
+def ivf_from_legacy(state: Any, *, path: str | os.PathLike | None = None) -> LegacyIVF:
     """Flatten a reference ``IVF.state_dict()`` into word-major arrays.
 
     Parameters
@@ -252,6 +268,8 @@ def ivf_from_legacy(state: Any) -> LegacyIVF:
         or None, "ivf_image_ids": list of K arrays or None, "counts": int [K], "idf": [K],
         "n_images": int, "imid_offset": int, ...}}`` as returned by :func:`load_legacy_pickle`.
         Each word's arrays are over-allocated; only the first ``counts[c]`` rows are used.
+    path : str or path-like, optional
+        The file ``state`` was read from, named in errors.
 
     Returns
     -------
@@ -262,7 +280,7 @@ def ivf_from_legacy(state: Any) -> LegacyIVF:
     LegacyFormatError
         If the state is not a consistent reference IVF state.
     """
-    inner = _state_of(state, "IVF")
+    inner = _state_of(state, "IVF", path)
     params = state.get("params") or {}
     try:
         ivf_vecs = list(inner["ivf_vecs"])
@@ -272,11 +290,12 @@ def ivf_from_legacy(state: Any) -> LegacyIVF:
         n_images = int(inner["n_images"])
         offset = int(inner.get("imid_offset", 0))
     except (KeyError, TypeError, ValueError) as exc:
-        raise LegacyFormatError(f"state: malformed reference IVF state ({exc})") from None
+        raise LegacyFormatError(_source(path), f"malformed reference IVF state ({exc})") from None
     k = len(ivf_vecs)
     if len(ivf_ids) != k or counts.shape != (k,) or idf.shape != (k,):
         raise LegacyFormatError(
-            f"state: inconsistent IVF sizes (ivf_vecs {k}, ivf_image_ids {len(ivf_ids)}, "
+            _source(path),
+            f"inconsistent IVF sizes (ivf_vecs {k}, ivf_image_ids {len(ivf_ids)}, "
             f"counts {counts.shape}, idf {idf.shape})"
         )
     used = [c for c in range(k) if counts[c] > 0]
@@ -284,13 +303,13 @@ def ivf_from_legacy(state: Any) -> LegacyIVF:
         vecs, ids = ivf_vecs[c], ivf_ids[c]
         if (not isinstance(vecs, np.ndarray) or not isinstance(ids, np.ndarray) or vecs.ndim != 2
                 or len(vecs) < counts[c] or len(ids) < counts[c]):
-            raise LegacyFormatError(f"state: posting list of word {c} is shorter than counts[{c}]")
+            raise LegacyFormatError(_source(path), f"posting list of word {c} is shorter than counts[{c}]")
     if not used:
-        raise LegacyFormatError("state: the reference IVF is empty")
+        raise LegacyFormatError(_source(path), "the reference IVF is empty")
     sample = ivf_vecs[used[0]]
     binary = sample.dtype == np.uint32
     if not binary and sample.dtype.kind != "f":
-        raise LegacyFormatError(f"state: unexpected posting vector dtype {sample.dtype}")
+        raise LegacyFormatError(_source(path), f"unexpected posting vector dtype {sample.dtype}")
     words = np.repeat(np.arange(k, dtype=np.int64), counts)
     image_ids = np.concatenate([np.asarray(ivf_ids[c][: counts[c]], np.int64) for c in used]) - offset
     vectors = np.concatenate([ivf_vecs[c][: counts[c]] for c in used])
@@ -313,7 +332,7 @@ def ivf_from_legacy(state: Any) -> LegacyIVF:
     )
 
 
-def index_from_legacy(state: Any, codebook, params=None):
+def index_from_legacy(state: Any, codebook, params=None, *, path: str | os.PathLike | None = None):
     """An asmkit ``Index`` holding a reference inverted file (``IVF.state_dict()``).
 
     The reference stores the aggregated codes per word, which is all an index needs: no
@@ -330,6 +349,8 @@ def index_from_legacy(state: Any, codebook, params=None):
     params : asmkit.Params or dict, optional
         Query-side settings (alpha, tau, ma_query, topk). ``binary`` and ``use_idf`` must
         agree with the state; default: the ``asmk_star`` preset with the state's.
+    path : str or path-like, optional
+        The file ``state`` was read from, named in errors.
 
     Returns
     -------
@@ -346,30 +367,32 @@ def index_from_legacy(state: Any, codebook, params=None):
     from asmkit.ivf import InvertedFile
     from asmkit.kernel import n_code_words
     from asmkit.params import Params
-    from asmkit.search import as_params
+    from asmkit.params import as_params
 
-    flat = ivf_from_legacy(state)
+    flat = ivf_from_legacy(state, path=path)
     if params is None:
         params = Params.preset("asmk_star", binary=flat.binary, use_idf=flat.use_idf)
     params = as_params(params).replace(codebook_size=codebook.size)
     if len(flat.counts) != codebook.size:
-        raise LegacyFormatError(f"state: the inverted file has {len(flat.counts)} words, the codebook {codebook.size}")
+        raise LegacyFormatError(_source(path), f"the inverted file has {len(flat.counts)} words, the codebook {codebook.size}")
     if params.binary != flat.binary or params.use_idf != flat.use_idf:
         raise LegacyFormatError(
+            _source(path),
             f"params: binary={params.binary}, use_idf={params.use_idf}, but the reference inverted file "
             f"was built with binary={flat.binary}, use_idf={flat.use_idf}"
         )
     width = n_code_words(codebook.dim) if flat.binary else codebook.dim
     if flat.vectors.shape[1] != width or (flat.binary and not codebook.dim <= flat.dim_bits < codebook.dim + 32):
         raise LegacyFormatError(
-            f"state: posting vectors of width {flat.dim_bits or flat.vectors.shape[1]} do not fit a "
+            _source(path),
+            f"posting vectors of width {flat.dim_bits or flat.vectors.shape[1]} do not fit a "
             f"{codebook.dim}-D codebook"
         )
     if flat.image_ids.size and flat.image_ids.min() < 0:
-        raise LegacyFormatError("state: inverted files with distractors (imid_offset > 0) are not supported; "
+        raise LegacyFormatError(_source(path), "inverted files with distractors (imid_offset > 0) are not supported; "
                                 "rebuild from the descriptors")
     if flat.image_ids.size and flat.image_ids.max() >= flat.n_images:
-        raise LegacyFormatError(f"state: image ids outside 0 .. {flat.n_images - 1}")
+        raise LegacyFormatError(_source(path), f"image ids outside 0 .. {flat.n_images - 1}")
     offsets = np.zeros(codebook.size + 1, dtype=np.int64)
     np.cumsum(flat.counts, out=offsets[1:])
     ivf = InvertedFile(offsets, flat.image_ids.astype(np.int32), np.ascontiguousarray(flat.vectors))
