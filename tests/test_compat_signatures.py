@@ -292,3 +292,27 @@ def test_demo_how_flow_matches_the_reference(data, tmp_path):
         results[name] = (ranks_t.T, scores)
     if "asmk" in results:
         _tie_aware_agreement(results["asmk"][0], results["asmk"][1], *results["asmkit"])
+
+
+def test_distractors_from_reference_pickles(data, tmp_path):
+    # build_ivf(..., distractors_path=<the reference's IVF pickle>), and a cached reference
+    # IVF pickle that was built after distractors, give the reference's ranks.
+    reference = _reference()
+    train, vecs, imids, qvecs, qimids = data
+    cb, distractors, both = (str(tmp_path / n) for n in ("cb.pkl", "distractors.pkl", "both.pkl"))
+    first, rest = imids < 8, imids >= 8
+    ref = reference.initialize_untrained(_params()).train_codebook(train.copy(), cache_path=cb)
+    ref.build_ivf(vecs[first], imids[first], cache_path=distractors)
+    ref_both = ref.build_ivf(vecs[rest], imids[rest] - 8, distractors_path=distractors, cache_path=both)
+    _, ref_images, ref_ranks, ref_scores = ref_both.query_ivf(qvecs.copy(), qimids.copy())
+    assert ref_ranks.min() < 0  # distractors come out negative
+
+    ours = ASMKMethod.initialize_untrained(_params()).train_codebook(cache_path=cb)
+    built = ours.build_ivf(vecs[rest], imids[rest] - 8, distractors_path=distractors)
+    cached = ours.build_ivf(cache_path=both)
+    assert built.imid_offset == cached.imid_offset == 8
+    for method in (built, cached):
+        _, images, ranks, scores = method.query_ivf(qvecs, qimids)
+        np.testing.assert_array_equal(images, ref_images)
+        # Ids -8 .. 15 index the helper's 24 columns one to one (negatives from the end).
+        _tie_aware_agreement(ref_ranks, ref_scores, ranks, scores)

@@ -164,7 +164,18 @@ def _check_compatible(index: Index, codebook: Codebook, kernel: Params, name: st
 def _load_index(path: Path, codebook: Codebook, kernel: Params, name: str) -> IVF:
     """An inverted file from a reference IVF pickle (a file) or an asmkit index directory."""
     if path.is_file():
-        return IVF(index_from_legacy(load_legacy_pickle(path), codebook, kernel, path=path))
+        state = load_legacy_pickle(path)
+        inner = state.get("state") if isinstance(state, Mapping) else None
+        offset = inner.get("imid_offset", 0) if isinstance(inner, Mapping) else 0
+        try:
+            offset = check_int(offset, "imid_offset", min=0)
+        except ArgumentError as exc:
+            raise FileFormatError(path, str(exc)) from None
+        if offset:
+            # A reference inverted file built after distractors: its stored ids are
+            # non-negative, the offset applies to what searches report, as in IVF here.
+            state = {**state, "state": {**inner, "imid_offset": 0}}
+        return IVF(index_from_legacy(state, codebook, kernel, path=path), offset)
     index = Index.load(path, mmap=True)
     _check_compatible(index, codebook, kernel, name, path)
     return IVF(index, _read_offset(path))
