@@ -5,11 +5,12 @@ docstrings and examples, and the same metadata keys at every step and cache bran
 from __future__ import annotations
 
 import inspect
+import itertools
 
 import numpy as np
 import pytest
 
-import asmkit.compat as compat
+from asmkit import compat
 from asmkit._synthetic import clustered_descriptors
 from asmkit._validation import ArgumentError
 from asmkit.compat import ASMKMethod
@@ -168,7 +169,7 @@ def test_train_codebook_call_shapes(data, tmp_path):
 def _image_chunks(imids, n):
     """Row slices of about len(imids) / n rows that never split an image."""
     bounds = np.searchsorted(imids, np.linspace(imids.min(), imids.max() + 1, n + 1).astype(int))
-    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    return [slice(a, b) for a, b in itertools.pairwise(bounds) if b > a]
 
 
 def test_build_ivf_call_shapes(data, tmp_path):
@@ -210,7 +211,9 @@ def test_query_ivf_call_shapes(data):
     assert ranks.shape == scores.shape == (6, 7)
     _, images2, ranks2, scores2 = method.query_ivf(qvecs, qimids, step_params=_params(topk=7)["query_ivf"],
                                                    progress=2)
+    np.testing.assert_array_equal(images2, images)
     np.testing.assert_array_equal(ranks2, ranks)
+    np.testing.assert_array_equal(scores2, scores)
     # The reference's static helper, with the method's own objects.
     images3, ranks3, scores3 = ASMKMethod.accumulate_scores(method.codebook, method.kernel, method.inverted_file,
                                                             qvecs, qimids, params=method.params["query_ivf"])

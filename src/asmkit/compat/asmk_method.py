@@ -74,6 +74,12 @@ def _index_class(gpu: int | None) -> str:
     return "FaissGpuL2Index" if gpu < max(faiss_gpus, cuda_device_count()) else "FaissL2Index"
 
 
+def _ready(codebook: Codebook) -> None:
+    # The reference builds its faiss index when it trains or loads a codebook, and times it;
+    # asmkit builds its search structures on the first quantize, so one is made here.
+    codebook.quantize(codebook.centroids[:1], 1)
+
+
 def _columns(columns: tuple, names: tuple[str, ...], step: str) -> tuple:
     """The positional columns of a step, or ArgumentError naming the first missing one."""
     if len(columns) > len(names):
@@ -607,8 +613,3 @@ class ASMKMethod:
             ranks = np.where(ranks >= 0, ranks - ivf.imid_offset, ranks)
         return images, ranks, scores
 
-
-def _ready(codebook: Codebook) -> None:
-    # The reference builds its faiss index when it trains or loads a codebook, and times it;
-    # asmkit builds its search structures on the first quantize, so one is made here.
-    codebook.quantize(codebook.centroids[:1], 1)

@@ -366,8 +366,7 @@ def index_from_legacy(state: Any, codebook, params=None, *, path: str | os.PathL
     from asmkit.index import Index
     from asmkit.ivf import InvertedFile
     from asmkit.kernel import n_code_words
-    from asmkit.params import Params
-    from asmkit.params import as_params
+    from asmkit.params import Params, as_params
 
     flat = ivf_from_legacy(state, path=path)
     if params is None:
