@@ -105,7 +105,7 @@ def stage_search(args, data, record) -> None:
     from asmkit import Index
     from asmkit import kernel as akernel
     from asmkit import search as asearch
-    from asmkit.ivf import InvertedFile, image_norms
+    from asmkit.ivf import image_norms
 
     book = train_codebook(args, data, record)
     params = params_of(args, book)
@@ -124,14 +124,7 @@ def stage_search(args, data, record) -> None:
     ivf = index.inverted_file
     record("database posting entries", ivf.n_entries)
     record("build (Index.add)", t_build, "s")
-    d_all = akernel.prepare_descriptors(vecs, image_ids, dim=book.dim)
-    t, a1 = best_of(lambda: book.quantize(d_all.vecs, 1), 1)
-    record("  build: quantize", t, "s")
-    t, ag = best_of(lambda: asearch.aggregate_images(book, d_all, a1, params.binary), 1)
-    record("  build: aggregate", t, "s")
-    t, _ = best_of(lambda: InvertedFile.from_aggregates(ag, np.arange(d_all.n_images), book.size), 1)
-    record("  build: inverted file", t, "s")
-    del d_all, a1, ag
+    build_split(book, params, vecs, image_ids, record)
 
     t, _ = best_of(lambda: index.search(qv, qi, k=100), args.repeat)
     record(f"query (Index.search, {nq} images batched)", 1e3 * t / nq, "ms/query")
@@ -156,6 +149,21 @@ def stage_search(args, data, record) -> None:
            traced_peak_mib(lambda: _built(Index, book, params, vecs, image_ids)), "MiB")
     if args.reference:
         search_reference(args, book, vecs, image_ids, q_ids, record)
+
+
+def build_split(book, params, vecs, image_ids, record) -> None:
+    """The build's stages one at a time, through the building blocks ``Index.add`` uses."""
+    from asmkit import kernel as akernel
+    from asmkit import search as asearch
+    from asmkit.ivf import InvertedFile
+
+    d_all = akernel.prepare_descriptors(vecs, image_ids, dim=book.dim)
+    t, a1 = best_of(lambda: book.quantize(d_all.vecs, 1), 1)
+    record("  build: quantize", t, "s")
+    t, ag = best_of(lambda: asearch.aggregate_images(book, d_all, a1, params.binary), 1)
+    record("  build: aggregate", t, "s")
+    t, _ = best_of(lambda: InvertedFile.from_aggregates(ag, np.arange(d_all.n_images), book.size), 1)
+    record("  build: inverted file", t, "s")
 
 
 def _built(index_cls, book, params, vecs, image_ids):
@@ -250,9 +258,7 @@ def scores_kernels(args, book, params, vecs, ids, matrix, record) -> dict:
     idf = compute_idf(ivf.counts, desc.n_images, params.use_idf)
     sqrt_norms = np.sqrt(image_norms(ivf, idf, desc.n_images))
     record("stage: build (aggregate + inverted file)", time.perf_counter() - t, "s")
-    del aggs, db
     q_assign = np.ascontiguousarray(assign[:, : params.ma_query])
-    del assign
     agg = timed(lambda: asearch.aggregate_images(book, desc, q_assign, params.binary), args.repeat)
     queries = agg.result
     record("stage: query aggregation (all images)", agg.best, "s")
