@@ -41,9 +41,24 @@ import time
 
 import numpy as np
 
-from benchmarks._common import (Recorder, StagePeak, add_data_args, add_run_args, best_of, command_line,
-                                evenly_spaced, load_data, machine_info, machine_line, reference_codebook,
-                                sample_rows, status_mib, timed, traced_peak_mib, write_json)
+from benchmarks._common import (
+    Recorder,
+    StagePeak,
+    add_data_args,
+    add_run_args,
+    best_of,
+    command_line,
+    evenly_spaced,
+    load_data,
+    machine_info,
+    machine_line,
+    reference_codebook,
+    sample_rows,
+    status_mib,
+    timed,
+    traced_peak_mib,
+    write_json,
+)
 
 
 def train_codebook(args, data, record):

@@ -32,8 +32,16 @@ import time
 
 import numpy as np
 
-from benchmarks._common import (add_data_args, add_run_args, best_of, command_line, load_data, machine_info,
-                                sample_rows, write_json)
+from benchmarks._common import (
+    add_data_args,
+    add_run_args,
+    best_of,
+    command_line,
+    load_data,
+    machine_info,
+    sample_rows,
+    write_json,
+)
 
 
 def _timed(fn, *args, repeat=1, sync=None, **kwargs):

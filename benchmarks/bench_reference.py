@@ -50,9 +50,20 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks._common import (StagePeak, add_data_args, add_run_args, command_line, evenly_spaced, load_data,
-                                machine_info, max_rss_mib, reference_codebook, sample_rows, status_mib,
-                                write_json)
+from benchmarks._common import (
+    StagePeak,
+    add_data_args,
+    add_run_args,
+    command_line,
+    evenly_spaced,
+    load_data,
+    machine_info,
+    max_rss_mib,
+    reference_codebook,
+    sample_rows,
+    status_mib,
+    write_json,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,7 +98,10 @@ def _select_rows(image_ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
 
 
 def worker_reference(work: Path, cfg: dict) -> dict:
-    from asmk import codebook as cdb_pkg, index as idx_pkg, inverted_file as ivf_pkg, kernel as kern_pkg
+    from asmk import codebook as cdb_pkg
+    from asmk import index as idx_pkg
+    from asmk import inverted_file as ivf_pkg
+    from asmk import kernel as kern_pkg
 
     imports_mb = status_mib("VmRSS")
     vecs = np.load(work / "vecs.npy")
@@ -180,10 +194,9 @@ def warm_up_asmkit(work: Path, cfg: dict) -> float:
     """Run every code path once on tiny data, so numba compilation (cached on disk after the
     first run ever) is not charged to the timed stages. Returns the seconds it took."""
     from asmkit import Codebook, Index, Params
-    from asmkit._synthetic import clustered_descriptors
-
     from asmkit import kernel as akernel
     from asmkit import search as asearch
+    from asmkit._synthetic import clustered_descriptors
 
     t = time.perf_counter()
     vecs, ids, _ = clustered_descriptors(8, 40, cfg["dim"], seed=1)
