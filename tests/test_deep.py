@@ -254,6 +254,16 @@ def test_extractor_validation(kwargs, match):
         DeepExtractor(_Pool(), **kwargs)
 
 
+def test_extractor_leaves_the_process_thread_count_alone():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        DeepExtractor(_Pool(), nfeat=4).extract(_image(3))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_extractor_rejects_bad_images():
     ex = DeepExtractor(_Pool(), nfeat=4)
     with pytest.raises(ValueError, match="uint8"):
