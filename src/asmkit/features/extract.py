@@ -29,17 +29,14 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Protocol, runtime_checkable
+from typing import Any, Iterable, Protocol, runtime_checkable
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from .io import ImageLoadError, list_images, load_image
 
-if TYPE_CHECKING:
-    from .store import FeatureStore
-
-__all__ = ["ExtractionResult", "Extractor", "ImageFeatures", "extract_features", "image_names"]
+__all__ = ["ExtractionResult", "Extractor", "FeatureSink", "ImageFeatures", "extract_features", "image_names"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +102,21 @@ class Extractor(Protocol):
     def config(self) -> dict: ...
 
     def extract(self, image: np.ndarray) -> ImageFeatures: ...
+
+
+class FeatureSink(Protocol):
+    """Where ``extract_features`` writes features: :class:`asmkit.features.store.FeatureStore`
+    is one (named by protocol, so that this module does not import the store, which imports
+    :class:`ImageFeatures` from here)."""
+
+    path: Path
+
+    @property
+    def config(self) -> dict: ...
+
+    def has(self, name: str) -> bool: ...
+
+    def put(self, name: str, feats: ImageFeatures) -> None: ...
 
 
 @dataclass
@@ -207,7 +219,7 @@ def extract_features(
     extractor: Extractor,
     *,
     root: str | os.PathLike | None = None,
-    store: FeatureStore | None = None,
+    store: FeatureSink | None = None,
     workers: int | None = None,
     progress: bool = True,
     keep: bool | None = None,
