@@ -22,6 +22,7 @@ from asmkit.features import (  # noqa: E402
     list_images,
     load_image,
 )
+from asmkit._validation import ArgumentError, FileFormatError  # noqa: E402
 
 
 def save(path: Path, image: Image.Image, fmt: str | None = None, **kwargs) -> Path:
@@ -123,6 +124,8 @@ def test_bad_files_raise_with_reason(tmp_path, rgb):
         assert info.value.path == path
         assert reason in info.value.reason
         assert str(path) in str(info.value)
+        # A user error for the command line, like any other file that is not what it should be.
+        assert isinstance(info.value, FileFormatError)
 
 
 def test_tiny_image_is_rejected(tmp_path):
@@ -152,7 +155,7 @@ def test_decompression_bomb_header_rejected_without_decoding(tmp_path):
 
 def test_invalid_arguments(tmp_path):
     for kwargs in ({"max_size": 0}, {"max_size": 1.5}, {"max_pixels": -1}, {"min_side": True}):
-        with pytest.raises(ValueError, match=next(iter(kwargs))):
+        with pytest.raises(ArgumentError, match=next(iter(kwargs))):
             load_image(tmp_path / "x.png", **kwargs)
 
 
@@ -178,15 +181,22 @@ def test_list_images_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         list_images(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no images found"):
+    with pytest.raises(FileFormatError, match="empty: no images found"):
         list_images(tmp_path / "empty")
     listing = tmp_path / "list.txt"
     listing.write_text("# only comments\n\n")
-    with pytest.raises(ValueError, match="names no images"):
+    with pytest.raises(FileFormatError, match="list.txt: not an image list: it names no images"):
         list_images(listing)
     listing.write_text("a.jpg\na.jpg\n")
-    with pytest.raises(ValueError, match="line 2"):
+    with pytest.raises(FileFormatError, match="list.txt: line 2"):
         list_images(listing)
+    listing.write_bytes(b"\x80\x81 binary")
+    with pytest.raises(FileFormatError, match="list.txt: not an image list: not a UTF-8 text file"):
+        list_images(listing)
+    # A single image is not a list, even when its bytes happen to be valid UTF-8.
+    (tmp_path / "photo.jpg").write_text("a.jpg\n")
+    with pytest.raises(FileFormatError, match="photo.jpg: is an image, not a folder"):
+        list_images(tmp_path / "photo.jpg")
 
 
 def test_image_names(tmp_path):
