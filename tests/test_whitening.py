@@ -123,7 +123,7 @@ def test_load_names_a_file_that_is_not_a_whitening(tmp_path, content):
         path.write_bytes(path.read_bytes()[:200])
     else:
         path.write_bytes(content)
-    with pytest.raises(FileFormatError, match="whitening.npz: not a whitening .npz file"):
+    with pytest.raises(FileFormatError, match="whitening.npz: not a whitening file"):
         PCAWhitening.load(path)
 
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import zipfile
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
+from .._io import load_npz
 from .._validation import ArgumentError, FileFormatError, check_float, check_int
 
 __all__ = ["PCAWhitening"]
@@ -187,15 +187,11 @@ class PCAWhitening:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"whitening file not found: {path}")
+        arrays = load_npz(path, "a whitening file")
         try:
-            data = np.load(path, allow_pickle=False)
-            if not isinstance(data, np.lib.npyio.NpzFile):
-                raise ValueError("it holds a single .npy array")
-            with data:
-                arrays = {key: data[key] for key in data.files}
             return cls.from_arrays(arrays)
-        except (ValueError, EOFError, zipfile.BadZipFile) as error:
-            raise FileFormatError(path, f"not a whitening .npz file ({error})") from None
+        except ValueError as error:
+            raise FileFormatError(path, f"not a whitening file ({error})") from None
 
     def config(self) -> dict:
         """A small JSON-able summary, used in extractor configs for cache invalidation."""
