@@ -16,10 +16,29 @@ from ._validation import FileFormatError
 
 __all__ = ["write_text_atomic", "load_npy", "load_npz", "read_lines", "read_json"]
 
-# What np.load raises on a file that is not a .npy / .npz: a wrong magic or header
-# (ValueError, pickled content included since allow_pickle=False), an empty or short file
-# (EOFError, or ValueError from a short read), a damaged zip archive (BadZipFile).
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGIC = b"PK\x03\x04"
+# What np.load raises on a damaged file of the right magic: a bad header (ValueError), a
+# short file (EOFError, or ValueError from a short read), a damaged zip archive (BadZipFile).
 _NUMPY_FORMAT_ERRORS = (ValueError, EOFError, zipfile.BadZipFile)
+
+
+def _load_numpy(path: str | os.PathLike, what: str, magic: bytes, kind: str):
+    """The array of a ``.npy`` file, or the arrays of a ``.npz`` archive by name."""
+    with open(path, "rb") as fh:
+        # np.load takes any other file for a pickle, and its error then suggests
+        # allow_pickle=True: never the advice to give about a file of unknown origin.
+        if fh.read(len(magic)) != magic:
+            raise FileFormatError(path, f"not {what} (not a {kind} file)")
+        fh.seek(0)
+        try:
+            data = np.load(fh, allow_pickle=False)
+            if isinstance(data, np.lib.npyio.NpzFile):
+                with data:
+                    return {key: data[key] for key in data.files}
+            return data
+        except _NUMPY_FORMAT_ERRORS as exc:
+            raise FileFormatError(path, f"not {what} (a damaged {kind} file: {exc})") from None
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -55,14 +74,7 @@ def load_npy(path: str | os.PathLike, what: str) -> np.ndarray:
     asmkit.FileFormatError
         Not a ``.npy`` file (another format, empty, truncated, pickled objects).
     """
-    with open(path, "rb") as fh:
-        try:
-            data = np.load(fh, allow_pickle=False)
-        except _NUMPY_FORMAT_ERRORS as exc:
-            raise FileFormatError(path, f"not {what} (.npy): {exc}") from None
-    if not isinstance(data, np.ndarray):
-        raise FileFormatError(path, f"not {what} (.npy): it is a .npz archive")
-    return data
+    return _load_numpy(path, what, _NPY_MAGIC, ".npy")
 
 
 def load_npz(path: str | os.PathLike, what: str, required: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
@@ -73,25 +85,13 @@ def load_npz(path: str | os.PathLike, what: str, required: tuple[str, ...] = ())
     OSError
         The file cannot be opened.
     asmkit.FileFormatError
-        Not a ``.npz`` archive (another format, a lone ``.npy``, damaged or truncated,
-        pickled objects), or one of ``required`` is missing.
+        Not a ``.npz`` archive (another format, damaged or truncated, pickled objects), or
+        one of ``required`` is missing.
     """
-    with open(path, "rb") as fh:
-        try:
-            data = np.load(fh, allow_pickle=False)
-        except _NUMPY_FORMAT_ERRORS as exc:
-            raise FileFormatError(path, f"not {what} (.npz): {exc}") from None
-        if not isinstance(data, np.lib.npyio.NpzFile):
-            raise FileFormatError(path, f"not {what} (.npz): it holds a single .npy array")
-        try:
-            with data:
-                arrays = {key: data[key] for key in data.files}
-        except _NUMPY_FORMAT_ERRORS as exc:
-            # A member cut short or damaged shows only when it is read.
-            raise FileFormatError(path, f"not {what} (.npz): {exc}") from None
+    arrays = _load_numpy(path, what, _ZIP_MAGIC, ".npz")
     missing = [key for key in required if key not in arrays]
     if missing:
-        raise FileFormatError(path, f"not {what} (.npz): no array {', '.join(map(repr, missing))}")
+        raise FileFormatError(path, f"not {what} (no array {', '.join(map(repr, missing))})")
     return arrays
 
 
@@ -110,7 +110,7 @@ def read_lines(path: str | os.PathLike, what: str) -> list[str]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise FileFormatError(path, f"not {what}: not a UTF-8 text file") from None
+        raise FileFormatError(path, f"not {what} (not UTF-8 text)") from None
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
@@ -129,4 +129,4 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
     try:
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FileFormatError(path, f"not {what}: not a JSON file ({exc})") from None
+        raise FileFormatError(path, f"not {what} (invalid JSON: {exc})") from None
