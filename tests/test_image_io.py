@@ -14,6 +14,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from broken_files import make_broken_folder, png_header_only, textured_image  # noqa: E402
 
+from asmkit._validation import ArgumentError, FileFormatError  # noqa: E402
 from asmkit.features import (  # noqa: E402
     ImageFeatures,
     ImageLoadError,
@@ -22,7 +23,6 @@ from asmkit.features import (  # noqa: E402
     list_images,
     load_image,
 )
-from asmkit._validation import ArgumentError, FileFormatError  # noqa: E402
 
 
 def save(path: Path, image: Image.Image, fmt: str | None = None, **kwargs) -> Path:

@@ -14,8 +14,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from broken_files import textured_image  # noqa: E402
 
-from asmkit.features import PCAWhitening, SiftExtractor, extract_features, root_sift  # noqa: E402
 from asmkit._validation import ArgumentError  # noqa: E402
+from asmkit.features import PCAWhitening, SiftExtractor, extract_features, root_sift  # noqa: E402
 
 UKBENCH = Path("/work/shared/datasets/ukbench2000")
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from ._validation import FileFormatError
 
-__all__ = ["write_text_atomic", "load_npy", "load_npz", "read_lines", "read_json"]
+__all__ = ["load_npy", "load_npz", "read_json", "read_lines", "write_text_atomic"]
 
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGIC = b"PK\x03\x04"
