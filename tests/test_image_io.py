@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import pickle
 import sys
 from pathlib import Path
 
@@ -126,6 +127,14 @@ def test_bad_files_raise_with_reason(tmp_path, rgb):
         assert str(path) in str(info.value)
         # A user error for the command line, like any other file that is not what it should be.
         assert isinstance(info.value, FileFormatError)
+
+
+def test_image_load_error_survives_pickling(tmp_path):
+    # Worker processes send it back pickled; its two-argument constructor must round-trip.
+    error = pickle.loads(pickle.dumps(ImageLoadError(tmp_path / "a.jpg", "truncated image data")))
+    assert isinstance(error, ImageLoadError) and isinstance(error, FileFormatError)
+    assert error.path == tmp_path / "a.jpg" and error.reason == "truncated image data"
+    assert str(error) == f"{tmp_path / 'a.jpg'}: truncated image data"
 
 
 def test_tiny_image_is_rejected(tmp_path):
