@@ -208,9 +208,15 @@ def _get_codebook(
 def _load_codebook(path: str | os.PathLike) -> Codebook:
     path = Path(path)
     if path.suffix == ".pkl":
-        from .compat.legacy import codebook_from_legacy, load_legacy_pickle
+        from ._validation import FileFormatError
+        from .compat.legacy import LegacyFormatError, codebook_from_legacy, load_legacy_pickle
 
-        return codebook_from_legacy(load_legacy_pickle(path))
+        state = load_legacy_pickle(path)
+        try:
+            return codebook_from_legacy(state)
+        except LegacyFormatError as exc:
+            # The state's own message does not know which file it came from.
+            raise FileFormatError(path, f"not a reference ASMK codebook pickle ({exc})") from None
     return Codebook.load(path)
 
 
@@ -280,7 +286,7 @@ def build_index(
     if add:
         if not (out / _PIPELINE).is_file():
             raise FileNotFoundError(f"--add: no asmkit index at {out} (missing {_PIPELINE})")
-        cfg = PipelineConfig.from_dict(json.loads((out / _PIPELINE).read_text(encoding="utf-8"))["config"])
+        cfg = _open_workspace(out)[1]
     else:
         cfg = load_config(preset, config, codebook_size=codebook_size)
     paths, root = _images(images)
@@ -341,10 +347,17 @@ def _open_workspace(index: str | os.PathLike) -> tuple[Path, PipelineConfig, Pat
     manifest = folder / _PIPELINE
     if not folder.exists():
         raise FileNotFoundError(f"index not found: {folder}")
+    if not folder.is_dir():
+        raise StorageError(f"{folder}: not an asmkit index workspace (a file, not a folder)")
     if not manifest.is_file():
         raise StorageError(f"{folder}: not an asmkit index workspace (missing {_PIPELINE})")
-    data = json.loads(manifest.read_text(encoding="utf-8"))
-    return folder, PipelineConfig.from_dict(data["config"]), Path(data["image_root"])
+    from ._io import read_json
+
+    data = read_json(manifest, f"an asmkit {_PIPELINE}")
+    try:
+        return folder, PipelineConfig.from_dict(data["config"]), Path(data["image_root"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StorageError(f"{manifest}: not an asmkit {_PIPELINE} ({type(exc).__name__}: {exc})") from None
 
 
 def query_index(
@@ -470,8 +483,10 @@ def make_pairs(
     names_path = scores.with_name(scores.name + ".names.txt")
     if not names_path.is_file():
         raise FileNotFoundError(f"--scores: names file not found: {names_path}")
-    names = [line for line in names_path.read_text(encoding="utf-8").splitlines() if line]
-    matrix = np.load(scores, allow_pickle=False)
+    from ._io import load_npy, read_lines
+
+    names = read_lines(names_path, "a names file")
+    matrix = load_npy(scores, "a scores matrix")
     graph = graph or f"knn-{top}"
     pairs = pairs_from_scores(matrix, names, graph)
     write_pairs(out, pairs)
