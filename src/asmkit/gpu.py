@@ -55,9 +55,13 @@ class TorchQuantizer:
         (``asmkit.quantizer.tie_eps(1.0, D)``).
     gpu : int, optional
         The GPU id ``device`` stands for (``Codebook.gpu``); None for a CPU device.
+    block_rows : int, optional
+        Rows per float32 [rows, K] distance block on the device (default: as many as fit
+        in ``_BLOCK_BYTES``, at least 256).
     """
 
-    def __init__(self, centroids: np.ndarray, device, tie_eps: float, *, gpu: int | None = None) -> None:
+    def __init__(self, centroids: np.ndarray, device, tie_eps: float, *, gpu: int | None = None,
+                 block_rows: int | None = None) -> None:
         import torch
 
         self._torch = torch
@@ -69,7 +73,7 @@ class TorchQuantizer:
         self._max_sq = float(np.einsum("ij,ij->i", centroids, centroids, dtype=np.float64).max())
         self._tie_eps = float(tie_eps)
         k = centroids.shape[0]
-        self._rows = max(256, _BLOCK_BYTES // (4 * k))
+        self._rows = max(256, _BLOCK_BYTES // (4 * k)) if block_rows is None else block_rows
 
     def search(self, vecs: np.ndarray, m: int, dist: np.ndarray, words: np.ndarray, *,
                nearest_first: bool, one_segment: bool) -> np.ndarray:

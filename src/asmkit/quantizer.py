@@ -252,12 +252,18 @@ class PrunedQuantizer:
     centroids : float32 [K, D]
     max_sq : float
         max |c|^2 over the centroids.
-    fallback : FaissQuantizer
-        The exhaustive search over the same centroids.
+    fallback : Quantizer
+        The exhaustive search over the same centroids (``FaissQuantizer``).
+    width : int, optional
+        The bound's width (leading axes + 1 tail norm, a multiple of 8 below D) for every
+        m and every block, even where it does not pay off; None chooses one per m from a
+        sample of the first block (or the fallback when none pays off).
     """
 
-    def __init__(self, centroids: np.ndarray, max_sq: float, fallback: FaissQuantizer) -> None:
+    def __init__(self, centroids: np.ndarray, max_sq: float, fallback: Quantizer, *,
+                 width: int | None = None) -> None:
         self._fallback = fallback
+        self._fixed_width = width
         self._centroids = centroids
         self._max_sq = max_sq  # max |c|^2: with |x|^2, the scale of the rounding tolerances
         self._mean = centroids.mean(axis=0, dtype=np.float64)
@@ -301,6 +307,8 @@ class PrunedQuantizer:
     def _choose_width(self, vecs: np.ndarray, m: int) -> int | None:
         """The bound width with the least estimated work on a sample of ``vecs``, or None
         when none beats ``_PRUNE_MAX_COST`` of the full product. Chosen once per m."""
+        if self._fixed_width is not None:
+            return self._fixed_width
         if m not in self._width:
             k, d = self._centroids.shape
             widths = [w for w in _WIDTH_CHOICES if w < d]
@@ -349,7 +357,9 @@ class PrunedQuantizer:
         deciding gap is within float32 rounding returned as tied."""
         k = self._centroids.shape[0]
         width = None
-        if k >= _PRUNE_MIN_WORDS and m + 1 <= k and len(vecs) and not (one_segment and self._one_blas_block(vecs)):
+        worth_trying = self._fixed_width is not None or (
+            k >= _PRUNE_MIN_WORDS and not (one_segment and self._one_blas_block(vecs)))
+        if m + 1 <= k and len(vecs) and worth_trying:
             width = self._choose_width(vecs, m)
         if width is None:
             return self._fallback.search(vecs, m, dist, words, nearest_first=nearest_first, one_segment=one_segment)
