@@ -235,8 +235,8 @@ class PrunedQuantizer:
 
     a product of width h + 1 instead of D. The exact float64 distance is computed only for
     words whose bound can beat the m-th nearest (``_kernels.pruned_nearest``). Local
-    descriptors concentrate their energy on few axes (RootSIFT with h = 15 leaves about 50
-    of 4096 words to check), so this costs a fraction of faiss's exhaustive search.
+    descriptors concentrate their energy on few axes, so few words are left to check and
+    this costs a fraction of faiss's exhaustive search.
 
     A row whose nearest word, or whose set of m nearest, is decided by less than the
     float32 rounding of faiss's own formula (``TIE_EPS_PER_SQRT_DIM``) is returned as tied,
@@ -340,10 +340,10 @@ class PrunedQuantizer:
             checked /= len(sample)
             best, best_cost = None, _PRUNE_MAX_COST * k * d
             for width, n_checked in zip(widths, checked):
-                # In units of one multiply-add of faiss's product (measured on RootSIFT,
-                # docs/performance.md): the bound product plus a pass over the bounds per
-                # word, the projection, and a float64 distance per checked word at about a
-                # tenth of the product's speed.
+                # In units of one multiply-add of faiss's product (docs/performance.md
+                # fits the weights): the bound product plus a pass over the bounds per word,
+                # the projection, and a float64 distance per checked word, ten times the
+                # cost of a multiply-add of the product.
                 cost = k * (width + 7) + d * width + 10.0 * n_checked * d
                 if cost < best_cost:
                     best, best_cost = width, cost

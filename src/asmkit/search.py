@@ -321,12 +321,12 @@ def score_queries(
         settled = joined.settle()
         # A query image aggregates over the set of its words: column order plays no part.
         changed = np.any(np.sort(settled, axis=1) != np.sort(provisional, axis=1), axis=1)
-        redo = np.unique(images[changed])
-        if redo.size:
-            vecs, starts = image_block(redo)
+        rescore = np.unique(images[changed])
+        if rescore.size:
+            vecs, starts = image_block(rescore)
             words = codebook.assign(vecs, params.ma_query, segments=starts, nearest_first=False,
                                     check_finite=False).settle()
-            score(redo, vecs, words, starts)
+            score(rescore, vecs, words, starts)
 
     begin = 0
     held = 0
