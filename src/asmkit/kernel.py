@@ -1,5 +1,9 @@
 """Aggregation of residuals per (image, visual word) and binarisation (ASMK.md §2-3).
 
+``aggregate`` aggregates descriptors whose words are known; ``aggregate_images`` quantizes
+and aggregates images as the index does on either side, for callers that aggregate apart
+from the index (``Index.add_aggregates``).
+
 Also the validation of descriptor input shared by the index and search entry points:
 ``prepare_descriptors`` turns either ``(vecs [N, D], image_ids [N])`` or a list of per-image
 arrays into one float32 matrix with dense image labels.

@@ -101,12 +101,8 @@ class Quantizer(Protocol):
         ...
 
 
-#: Query rows per BLAS block of faiss's batched searches whose rounding does not matter
-#: (``FaissQuantizer.search``): its [rows, 1024] float32 distance buffer is 2 MiB.
-_BATCH_QUERY_BS = 512
 #: Serialises the calls that change faiss's process-wide BLAS settings for one call
-#: (``settle_rows``, ``FaissQuantizer.search``): two threads doing so at once could
-#: leave the wrong value behind.
+#: (``settle_rows``): two threads doing so at once could leave the wrong value behind.
 _FAISS_SETTINGS = threading.Lock()
 
 
@@ -208,21 +204,10 @@ class FaissQuantizer:
         deciding gap lies within float32 rounding can be returned as tied."""
         k, d = self.index.ntotal, self.index.d
         extra = int(m < k and not one_segment)
-        if not one_segment and self.gpu is None:
-            # Tied rows are settled per segment, so the layout is free: faiss's BLAS
-            # blocks of _BATCH_QUERY_BS rows instead of 4096 keep its distance buffer small
-            # (a process-wide setting, restored right after, under the lock that
-            # serialises such overrides).
-            with _FAISS_SETTINGS, _kernels.faiss_thread_budget(len(vecs) * k * d):
-                default = faiss.cvar.distance_compute_blas_query_bs
-                faiss.cvar.distance_compute_blas_query_bs = min(default, _BATCH_QUERY_BS)
-                try:
-                    found_dist, found_words = self.index.search(vecs, m + extra)
-                finally:
-                    faiss.cvar.distance_compute_blas_query_bs = default
-        else:
-            with _kernels.faiss_thread_budget(len(vecs) * k * d):
-                found_dist, found_words = self.index.search(vecs, m + extra)
+        # faiss's default BLAS blocks: smaller ones would shrink its distance buffer
+        # (16 MiB) but slow the products down several times.
+        with _kernels.faiss_thread_budget(len(vecs) * k * d):
+            found_dist, found_words = self.index.search(vecs, m + extra)
         dist[:], words[:] = found_dist[:, :m], found_words[:, :m]
         if one_segment:
             return np.zeros(0, dtype=np.int64)
