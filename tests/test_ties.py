@@ -141,3 +141,20 @@ def test_ranks_equal_the_reference_package(tied, ma_query):
     full = np.zeros_like(ref_scores)
     np.put_along_axis(full, ref_ranks, ref_scores, axis=1)
     np.testing.assert_array_equal(ids, _ranks(full.astype(np.float32)))
+
+
+@pytest.mark.parametrize("ma_database", [1, 2])
+def test_similarity_matrix_equals_the_index_on_shuffled_rows(tied, ma_database):
+    # Rows of the images interleaved: the database call meets a tied row at another offset
+    # than its image's call does.
+    centroids, vecs, labels = tied
+    perm = np.random.default_rng(7).permutation(len(vecs))
+    vecs, labels = vecs[perm], labels[perm]
+    params = Params(binary=False, ma_database=ma_database, ma_query=3)
+    book = Codebook(centroids)
+    index = Index(book, params)
+    index.add(vecs, labels)
+    expected = index.similarity_matrix(vecs, labels)
+    np.testing.assert_array_equal(similarity_matrix(book, vecs, labels, params), expected)
+    scores, ids = similarity_matrix(book, vecs, labels, params, k=4, chunk=2)
+    np.testing.assert_array_equal(ids, _ranks(expected)[:, :4])

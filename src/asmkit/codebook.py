@@ -289,10 +289,27 @@ class Codebook:
             self._flat = FaissQuantizer(index, self._centroids)
         return self._flat
 
-    def _settle(self, vecs, local, seg_size, m):
-        """faiss's (dist float32 [t, m], words int64 [t, m]) for descriptors ``vecs`` float32
-        [t, D], each at offset ``local`` of a segment of ``seg_size`` rows (int64 [t]) that
-        faiss searches in one call."""
+    def settle_rows(self, vecs: np.ndarray, local: np.ndarray, seg_size: np.ndarray,
+                    m: int) -> tuple[np.ndarray, np.ndarray]:
+        """faiss's m nearest words of rows tied within float32 rounding, as faiss's call on
+        each row's segment gives them (what ``Assignment.settle`` runs).
+
+        Parameters
+        ----------
+        vecs : float32 [t, D]
+            The rows (checked descriptors).
+        local : int64 [t]
+            Each row's offset in its segment.
+        seg_size : int64 [t]
+            The size of each row's segment (the rows of one faiss call).
+        m : int
+            1 <= m <= K.
+
+        Returns
+        -------
+        dist : float32 [t, m]
+        words : int64 [t, m]
+        """
         return settle_rows(self._faiss().index, vecs, local, seg_size, m)
 
     def assign(self, vecs, m: int = 1, *, segments=None, nearest_first: bool = True,
@@ -394,7 +411,7 @@ class Codebook:
         tied = np.concatenate(tied) if tied else np.zeros(0, dtype=np.int64)
         seg = np.searchsorted(segments, tied, side="right") - 1
         return Assignment(words, tied, dist, vecs[tied], tied - segments[seg], segments[seg + 1] - segments[seg],
-                          self._settle)
+                          self.settle_rows)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the centroids as an asmkit directory (kind ``"codebook"``)."""

@@ -22,7 +22,7 @@ import numpy as np
 
 from . import _kernels
 from ._validation import ArgumentError, check_choice, check_int
-from .codebook import Assignment, Codebook
+from .codebook import QUANTIZE_ROWS, Assignment, Codebook
 from .ivf import InvertedFile, compute_idf, image_norms
 from .kernel import Aggregates, Descriptors, aggregate, n_hamming_bits, prepare_descriptors
 from .params import Params, as_params
@@ -231,6 +231,7 @@ def score_queries(
     chunk_images: int | None = None,
     chunk_rows: int = QUERY_CHUNK_ROWS,
     order: str = "auto",
+    words: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray] | np.ndarray:
     """The query path: quantize, aggregate and score query images against a database.
 
@@ -263,6 +264,11 @@ def score_queries(
         Query descriptors per chunk, about (a larger image makes a chunk alone).
     order : {"auto", "query", "word"}
         Scoring loop order (``score_aggregates``); results are identical.
+    words : integer [N, >= ma_query], optional
+        The settled words of every row of ``queries.vecs``, quantized as this path would
+        (each image its own segment; the first ``ma_query`` columns are used): the path
+        then only aggregates and scores (``similarity_matrix`` quantizes both sides at
+        once).
 
     Returns
     -------
@@ -299,8 +305,9 @@ def score_queries(
             block = np.zeros((len(images), database.n_images), dtype=np.float32)
             dense_out[images] = score_aggregates(*args, dim=codebook.dim, dense_out=block, order=order)
 
-    def image_block(images: np.ndarray | slice) -> tuple[np.ndarray, np.ndarray]:
-        """The rows of some query images, grouped by image, and their segment offsets."""
+    def image_block(images: np.ndarray | slice) -> tuple[np.ndarray, np.ndarray, np.ndarray | slice]:
+        """The descriptors of some query images, grouped by image, their segment offsets
+        and their rows in ``queries.vecs``."""
         if isinstance(images, slice):
             rows = queries.image_rows(images.start, images.stop)
             sizes = np.diff(queries.starts[images.start : images.stop + 1])
@@ -309,7 +316,7 @@ def score_queries(
             rows = queries.order[np.concatenate([np.arange(queries.starts[i], queries.starts[i + 1]) for i in images])]
         starts = np.zeros(len(sizes) + 1, dtype=np.int64)
         np.cumsum(sizes, out=starts[1:])
-        return queries.vecs[rows], starts
+        return queries.vecs[rows], starts, rows
 
     pending: list[Assignment] = []
     pending_images: list[np.ndarray] = []
@@ -328,7 +335,7 @@ def score_queries(
         changed = np.any(np.sort(settled, axis=1) != np.sort(provisional, axis=1), axis=1)
         rescore = np.unique(images[changed])
         if rescore.size:
-            vecs, starts = image_block(rescore)
+            vecs, starts, _ = image_block(rescore)
             words = codebook.assign(vecs, params.ma_query, segments=starts, nearest_first=False,
                                     check_finite=False).settle()
             score(rescore, vecs, words, starts)
@@ -338,7 +345,11 @@ def score_queries(
     while begin < n:
         end = int(np.searchsorted(queries.starts, queries.starts[begin] + chunk_rows, side="right")) - 1
         end = min(max(end, begin + 1), n if chunk_images is None else begin + chunk_images, n)
-        vecs, starts = image_block(slice(begin, end))
+        vecs, starts, rows = image_block(slice(begin, end))
+        if words is not None:
+            score(slice(begin, end), vecs, words[rows, : params.ma_query].astype(np.int64), starts)
+            begin = end
+            continue
         assignment = codebook.assign(vecs, params.ma_query, segments=starts, nearest_first=False,
                                      check_finite=False)
         score(slice(begin, end), vecs, assignment.words, starts)
@@ -354,6 +365,45 @@ def score_queries(
     return dense_out if dense else (scores, ids)
 
 
+def _words_of_both_sides(codebook: Codebook, desc: Descriptors, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """Database words at ma_database = 1 and query words at ma_query = m from one
+    quantization, both as the reference's calls give them, in ``desc.vecs`` row order.
+
+    Each image is quantized as its own segment (the query side), nearest word first, so
+    the rows whose nearest word or set of m words float32 rounding decides are known. The
+    other rows' nearest word is the database call's too; the tied ones are searched again
+    as the database call (one call over all rows, ``QUANTIZE_ROWS`` at a time) meets them.
+
+    Returns
+    -------
+    database : int64 [N, 1]
+    query : uint16 [N, min(m, K)] (K <= 65536) or int32
+        2 (or 4) bytes per word: int64 words exist for one block of images at a time.
+    """
+    n_rows = desc.vecs.shape[0]
+    database = np.empty((n_rows, 1), dtype=np.int64)
+    query = np.empty((n_rows, min(m, codebook.size)), dtype=np.uint16 if codebook.size <= 1 << 16 else np.int32)
+    begin = 0
+    while begin < desc.n_images:
+        end = int(np.searchsorted(desc.starts, desc.starts[begin] + QUANTIZE_ROWS, side="right")) - 1
+        end = min(max(end, begin + 1), desc.n_images)
+        rows = desc.image_rows(begin, end)
+        vecs = desc.vecs[rows]
+        assignment = codebook.assign(vecs, m, segments=desc.starts[begin : end + 1] - desc.starts[begin],
+                                     check_finite=False)
+        tied = assignment.tied
+        words = assignment.settle()
+        query[rows] = words
+        database[rows] = words[:, :1]
+        if tied.size:
+            position = rows.start + tied if isinstance(rows, slice) else rows[tied]
+            local = position % QUANTIZE_ROWS
+            size = np.minimum(QUANTIZE_ROWS, n_rows - (position - local))
+            database[position] = codebook.settle_rows(vecs[tied], local, size, 1)[1]
+        begin = end
+    return database, query
+
+
 def similarity_matrix(
     codebook: Codebook,
     vecs,
@@ -366,15 +416,17 @@ def similarity_matrix(
 ):
     """All-vs-all ASMK scores of one image set, without building an ``Index``.
 
-    The database side quantizes all descriptors with ``ma_database`` in one call, as
-    ``Index.add`` does, and builds the inverted file; the query side goes through
-    ``score_queries``, as ``Index.similarity_matrix`` does, so the two give the same
-    scores.
+    The database side is quantized as ``Index.add`` does (one call over all rows, with
+    ``ma_database``), the query side as ``Index.search`` does (each image its own call,
+    with ``ma_query``), and the queries are scored by ``score_queries``: the scores equal
+    ``Index.similarity_matrix``'s on an index of the same images. With ``ma_database`` 1
+    every descriptor is quantized once, for both sides: only the rows tied within float32
+    rounding are searched again, as the database call meets them.
 
     Memory beyond the result and the input: the grouping of rows by image (16 bytes per
-    descriptor), the database words (8 bytes per word) while the inverted file is built,
-    the inverted file (about 20 bytes per posting entry, binary, D <= 128), and per chunk
-    the chunk's words, aggregates and score tiles.
+    descriptor), the words of every descriptor (2 bytes per word for K <= 65536), the
+    database's inverted file (about 20 bytes per posting entry, binary, D <= 128), and
+    per chunk the chunk's int64 words, aggregates and score tiles.
 
     Parameters
     ----------
@@ -402,10 +454,14 @@ def similarity_matrix(
     chunk = check_int(chunk, "chunk", min=1)
     check_choice(order, "order", _ORDERS)
     desc = prepare_descriptors(vecs, image_ids, dim=codebook.dim)
-    words = codebook.assign(desc.vecs, params.ma_database, check_finite=False).settle()
-    aggregates = aggregate(desc.vecs, words, desc.starts, desc.order, codebook.centroids,
+    if params.ma_database == 1:
+        database_words, query_words = _words_of_both_sides(codebook, desc, params.ma_query)
+    else:
+        database_words = codebook.assign(desc.vecs, params.ma_database, check_finite=False).settle()
+        query_words = None
+    aggregates = aggregate(desc.vecs, database_words, desc.starts, desc.order, codebook.centroids,
                            binary=params.binary)
-    del words
+    del database_words
     n = desc.n_images
     ivf = InvertedFile.from_aggregates(aggregates, np.arange(n, dtype=np.int64), codebook.size)
     del aggregates
@@ -413,7 +469,8 @@ def similarity_matrix(
     database = Database(ivf, idf, np.sqrt(image_norms(ivf, idf, n)), desc.image_ids)
     logger.debug("similarity matrix: %d images, %d posting entries, %d-image query chunks", n, ivf.n_entries, chunk)
     dense_out = np.zeros((n, n), dtype=np.float32) if k is None else None
-    return score_queries(codebook, desc, database, params, k=k, dense_out=dense_out, chunk_images=chunk, order=order)
+    return score_queries(codebook, desc, database, params, k=k, dense_out=dense_out, chunk_images=chunk, order=order,
+                         words=query_words)
 
 
 def merge_topk(results: Sequence[tuple[np.ndarray, np.ndarray]], k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
