@@ -2,8 +2,8 @@ import warnings
 
 import numpy as np
 import pytest
-
 import reference_numpy as ref
+
 from asmkit import Codebook
 from asmkit._validation import ArgumentError
 from asmkit.storage import StorageError
@@ -183,7 +183,7 @@ def test_quantize_ties_go_to_the_lower_word_id():
 
 def test_quantize_blocks_and_threads_do_not_change_the_result(monkeypatch, centroids40):
     import asmkit._kernels as kernels
-    import asmkit.codebook as codebook
+    from asmkit import codebook
 
     vecs = np.random.default_rng(8).standard_normal((700, 40)).astype(np.float32)
     expected = Codebook(centroids40).quantize(vecs, 3)

@@ -2,9 +2,9 @@ import json
 
 import numpy as np
 import pytest
-
 import reference_numpy as ref
 from reference_numpy import flatten, make_images
+
 from asmkit import Codebook, Index, Params, merge_topk
 from asmkit._validation import ArgumentError
 from asmkit.kernel import aggregate_images, prepare_descriptors

@@ -3,10 +3,15 @@ against faiss's exhaustive search and a float64 brute force."""
 
 import numpy as np
 import pytest
-
 import reference_numpy as ref
+
 from asmkit import Codebook
-from asmkit.quantizer import TIE_EPS_PER_SQRT_DIM, FaissQuantizer, PrunedQuantizer, settle_rows
+from asmkit.quantizer import (
+    TIE_EPS_PER_SQRT_DIM,
+    FaissQuantizer,
+    PrunedQuantizer,
+    settle_rows,
+)
 
 faiss = pytest.importorskip("faiss")
 

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
-
 import reference_numpy as ref
 from reference_numpy import flatten, make_images
+
 from asmkit import Codebook, Index, Params, merge_topk, similarity_matrix
 from asmkit.kernel import aggregate_images
 
@@ -209,11 +209,10 @@ def test_parallel_kernels_equal_serial(monkeypatch, centroids40, binary):
 @pytest.mark.parametrize("fixture", ["centroids40", "centroids100"])
 def test_word_major_kernel_equals_query_major_and_twin(request, monkeypatch, fixture, binary, use_idf, tau,
                                                        tile_bytes):
-    import asmkit.search as search
-
     # D = 100 takes the kernel's two-code-word group loop, D = 40 its row-by-row loop.
     # tile_bytes sets the queries per block: 1, 3 (blocks not dividing 11 queries), all.
     import asmkit._kernels as kernels
+    from asmkit import search
 
     centroids = request.getfixturevalue(fixture)
     dim = centroids.shape[1]

@@ -10,8 +10,7 @@ asmkit path must give those words, hence the reference's scores and ranks.
 import numpy as np
 import pytest
 
-import asmkit.search as search
-from asmkit import Codebook, Index, Params, similarity_matrix
+from asmkit import Codebook, Index, Params, search, similarity_matrix
 from asmkit.kernel import aggregate, aggregate_images, prepare_descriptors
 
 faiss = pytest.importorskip("faiss")
@@ -156,5 +155,5 @@ def test_similarity_matrix_equals_the_index_on_shuffled_rows(tied, ma_database):
     index.add(vecs, labels)
     expected = index.similarity_matrix(vecs, labels)
     np.testing.assert_array_equal(similarity_matrix(book, vecs, labels, params), expected)
-    scores, ids = similarity_matrix(book, vecs, labels, params, k=4, chunk=2)
+    _, ids = similarity_matrix(book, vecs, labels, params, k=4, chunk=2)
     np.testing.assert_array_equal(ids, _ranks(expected)[:, :4])

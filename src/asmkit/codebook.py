@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import faiss
 import numpy as np
@@ -21,7 +21,7 @@ from ._validation import ArgumentError, check_bool, check_int, check_vecs
 from .params import parse_size
 from .quantizer import FaissQuantizer, PrunedQuantizer, Quantizer, settle_rows, tie_eps
 
-__all__ = ["Codebook", "Assignment"]
+__all__ = ["Assignment", "Codebook"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class Assignment:
             self.tied = np.zeros(0, dtype=np.int64)
         return self.words
 
-    def tied_part(self) -> "Assignment":
+    def tied_part(self) -> Assignment:
         """An ``Assignment`` of the tied rows alone (their provisional words, copied), to
         settle later, possibly joined with others (``Assignment.concatenate``) so that
         rows of many calls share faiss's batches."""
@@ -96,7 +96,7 @@ class Assignment:
                           self._tied_vecs, self._local, self._seg_size, self._settle)
 
     @staticmethod
-    def concatenate(parts: Sequence["Assignment"]) -> "Assignment":
+    def concatenate(parts: Sequence[Assignment]) -> Assignment:
         """The rows of several assignments of one codebook and one m, in order."""
         if not parts:
             raise ArgumentError("parts: need at least one Assignment")
@@ -233,7 +233,7 @@ class Codebook:
         return f"Codebook(size={self.size}, dim={self.dim})"
 
     @classmethod
-    def train(cls, vecs, size, *, iters: int = 10, seed: int = 1234, gpu: int | None = None) -> "Codebook":
+    def train(cls, vecs, size, *, iters: int = 10, seed: int = 1234, gpu: int | None = None) -> Codebook:
         """k-means on training descriptors with faiss, as the reference trains its codebook.
 
         Parameters
@@ -418,7 +418,7 @@ class Codebook:
         storage.save_arrays(path, {"centroids": self._centroids}, {"size": self.size, "dim": self.dim}, kind="codebook")
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, verify: bool = True, gpu: int | None = None) -> "Codebook":
+    def load(cls, path: str | os.PathLike, *, verify: bool = True, gpu: int | None = None) -> Codebook:
         """Read a codebook written by ``save``.
 
         Raises

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -403,7 +403,7 @@ class Index:
 
     # -- shards -----------------------------------------------------------------------------
 
-    def split(self, n_shards: int) -> list["Index"]:
+    def split(self, n_shards: int) -> list[Index]:
         """Split by image into read-only shards of near-equal image counts.
 
         Each shard keeps the whole index's idf, N and image norms, so searching every
@@ -462,7 +462,7 @@ class Index:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, mmap: bool = True, verify: bool = True,
-             gpu: int | None = None) -> "Index":
+             gpu: int | None = None) -> Index:
         """Open an index written by ``save``.
 
         Parameters

@@ -20,17 +20,17 @@ from ._validation import ArgumentError, check_choice, check_ids, check_vecs
 from .params import as_params
 
 __all__ = [
-    "Descriptors",
     "Aggregates",
-    "prepare_descriptors",
-    "aggregate_images",
+    "Descriptors",
     "aggregate",
-    "pack_bits",
-    "unpack_bits",
+    "aggregate_images",
     "hamming_similarity",
     "n_code_words",
     "n_hamming_bits",
     "normalize_l2",
+    "pack_bits",
+    "prepare_descriptors",
+    "unpack_bits",
 ]
 
 

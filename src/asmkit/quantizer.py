@@ -28,7 +28,7 @@ import numpy as np
 
 from . import _kernels
 
-__all__ = ["Quantizer", "FaissQuantizer", "PrunedQuantizer", "max_sq_norm", "tie_eps", "tie_scale", "tied_rows", "settle_rows"]
+__all__ = ["FaissQuantizer", "PrunedQuantizer", "Quantizer", "max_sq_norm", "settle_rows", "tie_eps", "tie_scale", "tied_rows"]
 
 logger = logging.getLogger(__name__)
 

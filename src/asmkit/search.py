@@ -15,8 +15,8 @@ the whole index's list.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -24,11 +24,25 @@ from . import _kernels
 from ._validation import ArgumentError, check_choice, check_int
 from .codebook import QUANTIZE_ROWS, Assignment, Codebook
 from .ivf import InvertedFile, compute_idf, image_norms
-from .kernel import Aggregates, Descriptors, aggregate, n_hamming_bits, prepare_descriptors
+from .kernel import (
+    Aggregates,
+    Descriptors,
+    aggregate,
+    n_hamming_bits,
+    prepare_descriptors,
+)
 from .params import Params, as_params
 
-__all__ = ["Database", "score_queries", "score_aggregates", "aggregate_images", "similarity_matrix", "merge_topk",
-           "QUERY_CHUNK_ROWS", "TIED_BATCH_ROWS"]
+__all__ = [
+    "QUERY_CHUNK_ROWS",
+    "TIED_BATCH_ROWS",
+    "Database",
+    "aggregate_images",
+    "merge_topk",
+    "score_aggregates",
+    "score_queries",
+    "similarity_matrix",
+]
 
 logger = logging.getLogger(__name__)
 
