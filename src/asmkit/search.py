@@ -37,7 +37,6 @@ __all__ = [
     "QUERY_CHUNK_ROWS",
     "TIED_BATCH_ROWS",
     "Database",
-    "aggregate_images",
     "merge_topk",
     "score_aggregates",
     "score_queries",
@@ -70,26 +69,6 @@ def _readonly(array: np.ndarray) -> np.ndarray:
     view = np.ascontiguousarray(np.asarray(array)).view()
     view.flags.writeable = False
     return view
-
-
-def aggregate_images(codebook: Codebook, desc: Descriptors, assignments: np.ndarray, binary: bool,
-                     begin: int = 0, end: int | None = None) -> Aggregates:
-    """Aggregate images ``begin .. end - 1`` of ``desc`` given all rows' assignments
-    (``asmkit.kernel.aggregate_images`` quantizes too, as the index does).
-
-    Parameters
-    ----------
-    codebook : Codebook
-    desc : Descriptors
-    assignments : int64 [N, m]
-        Words of every row of ``desc.vecs``.
-    binary : bool
-    begin, end : int
-        Image label range (default: all images).
-    """
-    end = desc.n_images if end is None else end
-    return aggregate(desc.vecs, assignments, desc.starts[begin : end + 1], desc.order, codebook.centroids,
-                     binary=binary)
 
 
 def score_aggregates(
