@@ -1,0 +1,233 @@
+"""Building an index on a Ray cluster: workers extract, quantize and aggregate batches of
+images, and send back the compact aggregates, never the raw descriptors.
+
+Each worker is an actor that builds its extractor once (from a picklable factory) and its
+codebook once, then handles batches of image paths. A worker that dies (killed, out of
+memory, node lost) is restarted and its batches are retried by Ray; the driver adds the
+images only when every batch has come back, so the index is the same as that of a run
+without faults, and a failed run writes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .._validation import ArgumentError, check_choice, check_int
+from ..codebook import Codebook
+from ..features import extract_features, image_names
+from ..index import Index
+from ..params import as_params
+from ._ray import gather, require_ray
+
+__all__ = ["IndexBuild", "build_index", "sample_descriptors"]
+
+_DEVICES = ("cpu", "cuda")
+
+
+@dataclass
+class IndexBuild:
+    """Outcome of :func:`build_index`.
+
+    Attributes
+    ----------
+    index : Index
+        Image ``i`` of the readable images (input order) has id ``start + i`` and its
+        name (the path relative to ``root``) as key.
+    failed : list of (str, str)
+        ``(name, reason)`` of the images that could not be read or extracted.
+    codebook_trained : bool
+        True when the codebook was trained on a sample in this call.
+    """
+
+    index: Index
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    codebook_trained: bool = False
+
+
+class _Worker:
+    """One extraction worker (``ray.remote`` is applied on first use)."""
+
+    def __init__(self, extractor_factory: Callable[[], Any], centroids: np.ndarray | None, params,
+                 device: str) -> None:
+        self.extractor = extractor_factory()
+        # Ray gives a GPU actor its GPU as device 0 (CUDA_VISIBLE_DEVICES).
+        gpu = 0 if device == "cuda" else None
+        self.codebook = None if centroids is None else Codebook(centroids, gpu=gpu)
+        self.params = params
+
+    def extract(self, paths: list[str], root: str) -> tuple[list[str], list[tuple[str, str]], list[np.ndarray]]:
+        """(extracted names, failed (name, reason), float32 [n_i, D] descriptors) of a batch."""
+        result = extract_features(paths, self.extractor, root=root, workers=1, progress=False, keep=True)
+        return result.extracted, result.failed, [result.features[n].descriptors for n in result.extracted]
+
+    def aggregate(self, paths: list[str], root: str):
+        """(extracted names, failed (name, reason), database-side payload) of a batch."""
+        names, failed, descriptors = self.extract(paths, root)
+        return names, failed, _payload(self.codebook, self.params, descriptors)
+
+
+def _payload(codebook: Codebook, params, descriptors: list[np.ndarray]):
+    """What a worker sends back for a batch's images."""
+    return descriptors
+
+
+def _add(index: Index, payloads: list, ids: np.ndarray, keys: list[str]) -> None:
+    """Add the images of every batch's payload, in batch order, with ``ids`` and ``keys``."""
+    index.add([vecs for payload in payloads for vecs in payload], ids, keys=keys)
+
+
+def _pool(extractor_factory, centroids, params, device: str, workers: int | None, max_retries: int) -> list:
+    ray = require_ray()
+    resources = ray.cluster_resources()
+    if device == "cuda":
+        n_gpus = int(resources.get("GPU", 0))
+        if n_gpus < 1:
+            raise ArgumentError("device: cuda, but the Ray cluster has no GPU")
+        workers = n_gpus if workers is None else workers
+        options = {"num_cpus": 1, "num_gpus": 1}
+    else:
+        workers = max(int(resources.get("CPU", 1)), 1) if workers is None else workers
+        options = {"num_cpus": 1}
+    actor = ray.remote(max_restarts=max_retries, max_task_retries=max_retries, **options)(_Worker)
+    return [actor.remote(extractor_factory, centroids, params, device) for _ in range(workers)]
+
+
+def _run(pool: list, method: str, paths: Sequence[Path], root: Path, batch_size: int, desc: str,
+         progress: bool) -> list:
+    """``method`` of the workers over batches of ``paths``, round robin; results in batch
+    order."""
+    batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+    refs = [getattr(pool[j % len(pool)], method).remote([str(p) for p in batch], str(root))
+            for j, batch in enumerate(batches)]
+    return gather(refs, desc=desc, weights=[len(b) for b in batches], progress=progress)
+
+
+def _check_common(paths, extractor_factory, root, batch_size, workers, device, max_retries):
+    if isinstance(paths, (str, os.PathLike)):
+        raise ArgumentError("paths: expected a sequence of image paths (use asmkit.features.list_images for a folder)")
+    paths = [Path(p).resolve() for p in paths]
+    if not paths:
+        raise ArgumentError("paths: no images")
+    if not callable(extractor_factory):
+        raise ArgumentError("extractor_factory: expected a picklable callable that returns an extractor")
+    root = Path(os.path.commonpath([str(p.parent) for p in paths])) if root is None else Path(root).resolve()
+    image_names(paths, root)  # names must be distinct and below root: fail before any work
+    return (paths, root, check_int(batch_size, "batch_size", min=1), check_int(workers, "workers", min=1, none=True),
+            check_choice(device, "device", _DEVICES), check_int(max_retries, "max_retries", min=0))
+
+
+def sample_descriptors(paths: Sequence[str | os.PathLike], extractor_factory: Callable[[], Any], *,
+                       root: str | os.PathLike | None = None, batch_size: int = 16, workers: int | None = None,
+                       device: str = "cpu", progress: bool = True, max_retries: int = 3) -> np.ndarray:
+    """Descriptors of (a sample of) images, extracted on the workers, to train a codebook.
+
+    Parameters
+    ----------
+    paths : sequence of path-like
+        The sample's images (the caller picks the sample).
+    extractor_factory, root, batch_size, workers, device, progress, max_retries
+        As for :func:`build_index`.
+
+    Returns
+    -------
+    float32 [N, D]
+        All descriptors of the readable images, image after image in ``paths`` order.
+    """
+    paths, root, batch_size, workers, device, max_retries = _check_common(
+        paths, extractor_factory, root, batch_size, workers, device, max_retries)
+    ray = require_ray()
+    pool = _pool(extractor_factory, None, None, device, workers, max_retries)
+    try:
+        results = _run(pool, "extract", paths, root, batch_size, "extract sample", progress)
+    finally:
+        for actor in pool:
+            ray.kill(actor)
+    parts = [vecs for _, _, descriptors in results for vecs in descriptors]
+    if not parts:
+        raise ArgumentError("paths: no descriptor in any sample image")
+    return np.concatenate(parts).astype(np.float32, copy=False)
+
+
+def build_index(paths: Sequence[str | os.PathLike], extractor_factory: Callable[[], Any],
+                codebook: Codebook | None, params=None, *, root: str | os.PathLike | None = None,
+                start: int = 0, sample: int = 200, seed: int = 0, batch_size: int = 16,
+                workers: int | None = None, device: str = "cpu", progress: bool = True,
+                max_retries: int = 3, out: str | os.PathLike | None = None) -> IndexBuild:
+    """Index images on the connected Ray cluster (see :func:`asmkit.distributed.connect`).
+
+    Parameters
+    ----------
+    paths : sequence of path-like
+        The images, in id order.
+    extractor_factory : callable() -> extractor
+        Picklable (a class, a ``functools.partial``, a module-level function); each worker
+        calls it once. The extractor follows ``asmkit.features.Extractor``.
+    codebook : Codebook or None
+        None: trained first (``Codebook.train`` with ``params.codebook_size``,
+        ``kmeans_iters`` and ``seed``) on the descriptors of ``sample`` images drawn
+        from ``paths`` with ``seed``.
+    params : Params, preset name, dict or None
+    root : path-like, optional
+        Keys are the paths relative to it (default: their deepest common folder).
+    start : int
+        Id of the first image.
+    sample, seed : int
+        Images for the codebook, and the seed that draws them.
+    batch_size : int
+        Images per task.
+    workers : int, optional
+        Worker actors (default: one per cluster CPU, or per GPU with ``device="cuda"``).
+    device : {"cpu", "cuda"}
+        ``"cuda"``: one actor per GPU, quantizing on it (``Codebook(gpu=0)`` there); the
+        extractor factory should build a CUDA extractor.
+    progress : bool
+        One progress bar on the driver, advanced as batches finish anywhere.
+    max_retries : int
+        Times a dead worker is restarted and its batches rerun.
+    out : str or path-like, optional
+        Also save the index there (``Index.save``, atomic).
+
+    Returns
+    -------
+    IndexBuild
+
+    Raises
+    ------
+    ArgumentError
+        Bad arguments, or no image could be read.
+    """
+    paths, root, batch_size, workers, device, max_retries = _check_common(
+        paths, extractor_factory, root, batch_size, workers, device, max_retries)
+    params = as_params(params)
+    start = check_int(start, "start", min=0)
+    trained = codebook is None
+    if trained:
+        rng = np.random.default_rng(check_int(seed, "seed"))
+        chosen = np.sort(rng.choice(len(paths), size=min(check_int(sample, "sample", min=1), len(paths)),
+                                    replace=False))
+        vecs = sample_descriptors([paths[i] for i in chosen], extractor_factory, root=root, batch_size=batch_size,
+                                  workers=workers, device=device, progress=progress, max_retries=max_retries)
+        codebook = Codebook.train(vecs, params.codebook_size, iters=params.kmeans_iters, seed=params.seed)
+    elif not isinstance(codebook, Codebook):
+        raise ArgumentError(f"codebook: expected an asmkit Codebook or None, got {type(codebook).__name__}")
+    index = Index(codebook, params)
+    ray = require_ray()
+    pool = _pool(extractor_factory, codebook.centroids, index.params, device, workers, max_retries)
+    try:
+        results = _run(pool, "aggregate", paths, root, batch_size, "index", progress)
+    finally:
+        for actor in pool:
+            ray.kill(actor)
+    keys = [name for names, _, _ in results for name in names]
+    failed = [item for _, batch_failed, _ in results for item in batch_failed]
+    if not keys:
+        raise ArgumentError(f"paths: no image could be read ({len(failed)} failed)")
+    _add(index, [payload for _, _, payload in results], start + np.arange(len(keys), dtype=np.int64), keys)
+    if out is not None:
+        index.save(out)
+    return IndexBuild(index, failed, trained)
