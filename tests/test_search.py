@@ -4,6 +4,7 @@ import pytest
 import reference_numpy as ref
 from reference_numpy import flatten, make_images
 from asmkit import Codebook, Index, Params, merge_topk, similarity_matrix
+from asmkit.kernel import aggregate_images
 
 
 def assert_same_ranking(scores, ids, expected_scores_by_id, atol):
@@ -225,10 +226,9 @@ def test_word_major_kernel_equals_query_major_and_twin(request, monkeypatch, fix
     index = Index(Codebook(centroids), params)
     index.add(db_images)
     # Every query in one call, so that the kernels see all 11 queries at once.
-    desc = search.prepare_descriptors(q_images, None, dim=dim)
-    assign = index.codebook.quantize(desc.vecs, 3)
-    queries = search.aggregate_images(index.codebook, desc, assign, binary)
-    args = (index.inverted_file, index.idf, index._sqrt_norms_array(), index.ids, queries, params)
+    queries = aggregate_images(index.codebook, q_images, None, params, side="query")
+    database = index.database
+    args = (database.ivf, database.idf, database.sqrt_norms, database.ids, queries, params)
     got = {}
     for order in ("query", "word"):
         dense = np.zeros((11, 14), dtype=np.float32)
