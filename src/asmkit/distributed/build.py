@@ -1,5 +1,6 @@
 """Building an index on a Ray cluster: workers extract, quantize and aggregate batches of
-images, and send back the compact aggregates, never the raw descriptors.
+images, and send back the compact aggregates (``asmkit.kernel.aggregate_images``), never
+the raw descriptors; the driver adds them with ``Index.add_aggregates``.
 
 Each worker is an actor that builds its extractor once (from a picklable factory) and its
 codebook once, then handles batches of image paths. A worker that dies (killed, out of
@@ -11,6 +12,7 @@ without faults, and a failed run writes nothing.
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -21,6 +23,7 @@ from .._validation import ArgumentError, check_choice, check_int
 from ..codebook import Codebook
 from ..features import extract_features, image_names
 from ..index import Index
+from ..kernel import Aggregates, aggregate_images
 from ..params import as_params
 from ._ray import gather, require_ray
 
@@ -52,36 +55,51 @@ class IndexBuild:
 class _Worker:
     """One extraction worker (``ray.remote`` is applied on first use)."""
 
-    def __init__(self, extractor_factory: Callable[[], Any], centroids: np.ndarray | None, params,
-                 device: str) -> None:
+    def __init__(self, extractor_factory: Callable[[], Any], params, device: str) -> None:
         self.extractor = extractor_factory()
-        # Ray gives a GPU actor its GPU as device 0 (CUDA_VISIBLE_DEVICES).
-        gpu = 0 if device == "cuda" else None
-        self.codebook = None if centroids is None else Codebook(centroids, gpu=gpu)
         self.params = params
+        # Ray gives a GPU actor its GPU as device 0 (CUDA_VISIBLE_DEVICES).
+        self.gpu = 0 if device == "cuda" else None
+        self.codebook: Codebook | None = None
+        self.codebook_token: str | None = None
 
     def extract(self, paths: list[str], root: str) -> tuple[list[str], list[tuple[str, str]], list[np.ndarray]]:
         """(extracted names, failed (name, reason), float32 [n_i, D] descriptors) of a batch."""
         result = extract_features(paths, self.extractor, root=root, workers=1, progress=False, keep=True)
         return result.extracted, result.failed, [result.features[n].descriptors for n in result.extracted]
 
-    def aggregate(self, paths: list[str], root: str):
-        """(extracted names, failed (name, reason), database-side payload) of a batch."""
+    def aggregate(self, paths: list[str], root: str, token: str, centroids: np.ndarray):
+        """(extracted names, failed (name, reason), database-side payload) of a batch.
+
+        ``centroids`` float32 [K, D] come with every batch (one object in the store, read
+        without a copy), so that a worker restarted after the codebook was trained has
+        it; ``token`` names the codebook, which is built once per worker."""
+        if token != self.codebook_token:
+            self.codebook, self.codebook_token = Codebook(centroids, gpu=self.gpu), token
         names, failed, descriptors = self.extract(paths, root)
         return names, failed, _payload(self.codebook, self.params, descriptors)
 
 
-def _payload(codebook: Codebook, params, descriptors: list[np.ndarray]):
-    """What a worker sends back for a batch's images."""
-    return descriptors
+def _payload(codebook: Codebook, params, descriptors: list[np.ndarray]) -> Aggregates:
+    """What a worker sends back for a batch's images: their database-side aggregates
+    (one row per image and word: binary codes of D / 8 bytes for ASMK*), which
+    ``Index.add_aggregates`` turns into the index ``Index.add`` would build."""
+    return aggregate_images(codebook, descriptors, None, params, side="database")
 
 
-def _add(index: Index, payloads: list, ids: np.ndarray, keys: list[str]) -> None:
+def _concat(parts: list[Aggregates]) -> Aggregates:
+    """The aggregates of several batches, one after the other."""
+    bases = np.cumsum([0] + [p.words.shape[0] for p in parts[:-1]])
+    offsets = np.concatenate([[0]] + [p.offsets[1:] + base for p, base in zip(parts, bases)]).astype(np.int64)
+    return Aggregates(offsets, np.concatenate([p.words for p in parts]), np.concatenate([p.data for p in parts]))
+
+
+def _add(index: Index, payloads: list[Aggregates], ids: np.ndarray, keys: list[str]) -> None:
     """Add the images of every batch's payload, in batch order, with ``ids`` and ``keys``."""
-    index.add([vecs for payload in payloads for vecs in payload], ids, keys=keys)
+    index.add_aggregates(_concat(payloads), ids, keys=keys)
 
 
-def _pool(extractor_factory, centroids, params, device: str, workers: int | None, max_retries: int) -> list:
+def _pool(extractor_factory, params, device: str, workers: int | None, max_retries: int) -> list:
     ray = require_ray()
     resources = ray.cluster_resources()
     if device == "cuda":
@@ -94,15 +112,21 @@ def _pool(extractor_factory, centroids, params, device: str, workers: int | None
         workers = max(int(resources.get("CPU", 1)), 1) if workers is None else workers
         options = {"num_cpus": 1}
     actor = ray.remote(max_restarts=max_retries, max_task_retries=max_retries, **options)(_Worker)
-    return [actor.remote(extractor_factory, centroids, params, device) for _ in range(workers)]
+    return [actor.remote(extractor_factory, params, device) for _ in range(workers)]
+
+
+def _stop(pool: list) -> None:
+    ray = require_ray()
+    for actor in pool:
+        ray.kill(actor)
 
 
 def _run(pool: list, method: str, paths: Sequence[Path], root: Path, batch_size: int, desc: str,
-         progress: bool) -> list:
-    """``method`` of the workers over batches of ``paths``, round robin; results in batch
-    order."""
+         progress: bool, *args: Any) -> list:
+    """``method(batch, root, *args)`` of the workers over batches of ``paths``, round
+    robin; results in batch order."""
     batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
-    refs = [getattr(pool[j % len(pool)], method).remote([str(p) for p in batch], str(root))
+    refs = [getattr(pool[j % len(pool)], method).remote([str(p) for p in batch], str(root), *args)
             for j, batch in enumerate(batches)]
     return gather(refs, desc=desc, weights=[len(b) for b in batches], progress=progress)
 
@@ -140,13 +164,15 @@ def sample_descriptors(paths: Sequence[str | os.PathLike], extractor_factory: Ca
     """
     paths, root, batch_size, workers, device, max_retries = _check_common(
         paths, extractor_factory, root, batch_size, workers, device, max_retries)
-    ray = require_ray()
-    pool = _pool(extractor_factory, None, None, device, workers, max_retries)
+    pool = _pool(extractor_factory, None, device, workers, max_retries)
     try:
-        results = _run(pool, "extract", paths, root, batch_size, "extract sample", progress)
+        return _sample(pool, paths, root, batch_size, progress)
     finally:
-        for actor in pool:
-            ray.kill(actor)
+        _stop(pool)
+
+
+def _sample(pool: list, paths: Sequence[Path], root: Path, batch_size: int, progress: bool) -> np.ndarray:
+    results = _run(pool, "extract", paths, root, batch_size, "extract sample", progress)
     parts = [vecs for _, _, descriptors in results for vecs in descriptors]
     if not parts:
         raise ArgumentError("paths: no descriptor in any sample image")
@@ -206,23 +232,25 @@ def build_index(paths: Sequence[str | os.PathLike], extractor_factory: Callable[
     params = as_params(params)
     start = check_int(start, "start", min=0)
     trained = codebook is None
+    if not trained and not isinstance(codebook, Codebook):
+        raise ArgumentError(f"codebook: expected an asmkit Codebook or None, got {type(codebook).__name__}")
     if trained:
         rng = np.random.default_rng(check_int(seed, "seed"))
         chosen = np.sort(rng.choice(len(paths), size=min(check_int(sample, "sample", min=1), len(paths)),
                                     replace=False))
-        vecs = sample_descriptors([paths[i] for i in chosen], extractor_factory, root=root, batch_size=batch_size,
-                                  workers=workers, device=device, progress=progress, max_retries=max_retries)
-        codebook = Codebook.train(vecs, params.codebook_size, iters=params.kmeans_iters, seed=params.seed)
-    elif not isinstance(codebook, Codebook):
-        raise ArgumentError(f"codebook: expected an asmkit Codebook or None, got {type(codebook).__name__}")
-    index = Index(codebook, params)
     ray = require_ray()
-    pool = _pool(extractor_factory, codebook.centroids, index.params, device, workers, max_retries)
+    # One pool for the sample and the index: each worker builds its extractor once.
+    pool = _pool(extractor_factory, params, device, workers, max_retries)
     try:
-        results = _run(pool, "aggregate", paths, root, batch_size, "index", progress)
+        if trained:
+            vecs = _sample(pool, [paths[i] for i in chosen], root, batch_size, progress)
+            codebook = Codebook.train(vecs, params.codebook_size, iters=params.kmeans_iters, seed=params.seed)
+            del vecs
+        index = Index(codebook, params)
+        results = _run(pool, "aggregate", paths, root, batch_size, "index", progress,
+                       uuid.uuid4().hex, ray.put(codebook.centroids))
     finally:
-        for actor in pool:
-            ray.kill(actor)
+        _stop(pool)
     keys = [name for names, _, _ in results for name in names]
     failed = [item for _, batch_failed, _ in results for item in batch_failed]
     if not keys:
