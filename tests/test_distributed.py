@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -23,10 +22,10 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from asmkit import Codebook, Index, Params  # noqa: E402
-from asmkit import distributed  # noqa: E402
-from asmkit._validation import ArgumentError, AsmkitError  # noqa: E402
-from asmkit.distributed import (  # noqa: E402
+from asmkit import Codebook, Index, Params, similarity_matrix
+from asmkit import distributed
+from asmkit._validation import ArgumentError, AsmkitError
+from asmkit.distributed import (
     ClusterUnreachableError,
     RayNotInstalledError,
     ShardedIndex,
@@ -35,8 +34,9 @@ from asmkit.distributed import (  # noqa: E402
     save_shards,
     scores_topk,
 )
-from asmkit.features import SiftExtractor, extract_features  # noqa: E402
-from asmkit.storage import StorageError  # noqa: E402
+from asmkit.features import SiftExtractor, extract_features
+from asmkit.kernel import aggregate_images
+from asmkit.storage import StorageError
 
 PARAMS = Params(use_idf=True, ma_query=3, topk=None)
 N_IMAGES = 24
@@ -145,9 +145,17 @@ def test_scores_topk_equals_index_search(cluster, data, index, tmp_path):
     with np.load(out) as saved:
         _assert_same_result((saved["scores"], saved["ids"]), expected)
 
+    # Query-side aggregates (what build_index(..., queries=True) sends back) give the same.
+    aggregates = aggregate_images(index.codebook, vecs, ids, PARAMS, side="query")
+    _assert_same_result(scores_topk(index, aggregates, None, 5, block=9, progress=False), expected)
+
+    # Each block on each shard actor, merged with merge_topk.
     save_shards(index, tmp_path / "sharded", 2)
-    _assert_same_result(scores_topk(tmp_path / "sharded", vecs, ids, 5, block=25, progress=False), expected)
+    _assert_same_result(scores_topk(tmp_path / "sharded", aggregates, None, 5, block=25, progress=False), expected)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index", "sharded", "topk.npz"]
+
+    # The same top-k as the all-vs-all matrix of the scores command.
+    _assert_same_result(similarity_matrix(index.codebook, vecs, ids, PARAMS, k=5), expected)
 
     whole = index.search(vecs, ids, k=None)
     got = scores_topk(index, vecs, ids, None, block=50, progress=False)
@@ -183,11 +191,14 @@ def _sift():
 
 
 def _single_process(paths, root, codebook, start=0):
+    """The index of ``paths`` built in this process, the failed images, and the
+    descriptors of the indexed ones."""
     result = extract_features(paths, _sift(), root=root, progress=False)
     names = result.extracted
+    vecs = [result.features[n].descriptors for n in names]
     index = Index(codebook, PARAMS)
-    index.add([result.features[n].descriptors for n in names], start + np.arange(len(names)), keys=names)
-    return index, result.failed
+    index.add(vecs, start + np.arange(len(names)), keys=names)
+    return index, result.failed, vecs
 
 
 def _assert_same_index(got: Index, expected: Index):
@@ -208,15 +219,21 @@ def codebook(images):
     return Codebook.train(vecs, 32, seed=5)
 
 
-def test_build_index_equals_single_process(cluster, images, codebook, tmp_path):
+def test_build_index_equals_single_process(cluster, images, codebook, tmp_path, capsys):
     root, paths = images
-    expected, failed = _single_process(paths, root, codebook, start=100)
-    build = build_index(paths, _sift, codebook, PARAMS, root=root, start=100, batch_size=5, progress=False,
-                        out=tmp_path / "index")
+    expected, failed, vecs = _single_process(paths, root, codebook, start=100)
+    build = build_index(paths, _sift, codebook, PARAMS, root=root, start=100, batch_size=5, progress=True,
+                        out=tmp_path / "index", queries=True)
+    # One bar on the driver, counting images as the batches come back.
+    err = capsys.readouterr().err
+    assert "index: 100%" in err and f"{len(paths)}/{len(paths)}" in err
     assert build.failed == failed and [name for name, _ in failed] == ["a/broken.jpg"]
     assert not build.codebook_trained
     _assert_same_index(build.index, expected)
     _assert_same_index(Index.load(tmp_path / "index"), expected)
+    # All-vs-all from the aggregates the workers sent back, without a second extraction.
+    _assert_same_result(scores_topk(build.index, build.queries, None, 6, progress=False),
+                        expected.search(vecs, None, k=6))
 
 
 def test_build_index_trains_codebook_on_sample(cluster, images):
@@ -232,6 +249,7 @@ def test_build_index_trains_codebook_on_sample(cluster, images):
     trained = Codebook.train(vecs, 16, iters=PARAMS.kmeans_iters, seed=PARAMS.seed)
     np.testing.assert_array_equal(build.index.codebook.centroids, trained.centroids)
     _assert_same_index(build.index, _single_process(paths, root, trained)[0])
+    assert build.queries is None
 
 
 # -- faults ----------------------------------------------------------------------------------
@@ -269,7 +287,7 @@ def test_killed_worker_is_retried_and_the_index_is_identical(cluster, images, co
     build = build_index(paths, _DyingFactory(str(marker)), codebook, PARAMS, root=root, batch_size=6,
                         progress=False, max_retries=2, out=tmp_path / "index")
     assert marker.exists()  # a worker did die
-    expected, failed = _single_process(paths, root, codebook)
+    expected, failed, _ = _single_process(paths, root, codebook)
     assert build.failed == failed
     _assert_same_index(build.index, expected)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index", "killed-once"]
@@ -291,7 +309,7 @@ def test_unreachable_cluster_fails_within_the_timeout():
     code = ("from asmkit.distributed import connect\n"
             "connect('127.0.0.1:1', timeout=2)\n")
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60,
                           env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
     elapsed = time.perf_counter() - start
     assert proc.returncode == 1

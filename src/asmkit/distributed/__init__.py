@@ -18,7 +18,7 @@ The engine never imports this package, and this package imports Ray only when ca
 """
 
 from ._ray import INSTALL, ClusterUnreachableError, Connection, RayNotInstalledError, connect, require_ray
-from .build import IndexBuild, build_index, sample_descriptors
+from .build import IndexBuild, build_index, concat_aggregates, sample_descriptors
 from .shards import SHARDS_MANIFEST, ShardedIndex, is_sharded, read_manifest, save_shards, scores_topk
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "RayNotInstalledError",
     "ShardedIndex",
     "build_index",
+    "concat_aggregates",
     "connect",
     "is_sharded",
     "read_manifest",

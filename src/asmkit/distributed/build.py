@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .._validation import ArgumentError, check_choice, check_int
+from .._validation import ArgumentError, check_bool, check_choice, check_int
 from ..codebook import Codebook
 from ..features import extract_features, image_names
 from ..index import Index
@@ -27,7 +27,7 @@ from ..kernel import Aggregates, aggregate_images
 from ..params import as_params
 from ._ray import gather, require_ray
 
-__all__ = ["IndexBuild", "build_index", "sample_descriptors"]
+__all__ = ["IndexBuild", "build_index", "concat_aggregates", "sample_descriptors"]
 
 _DEVICES = ("cpu", "cuda")
 
@@ -45,11 +45,16 @@ class IndexBuild:
         ``(name, reason)`` of the images that could not be read or extracted.
     codebook_trained : bool
         True when the codebook was trained on a sample in this call.
+    queries : Aggregates or None
+        With ``build_index(..., queries=True)``: the query-side aggregates of the indexed
+        images (``aggregate_images(..., side="query")``), in ``index.ids`` order, for
+        :func:`asmkit.distributed.scores_topk` (all-vs-all without a second extraction).
     """
 
     index: Index
     failed: list[tuple[str, str]] = field(default_factory=list)
     codebook_trained: bool = False
+    queries: Aggregates | None = None
 
 
 class _Worker:
@@ -68,8 +73,9 @@ class _Worker:
         result = extract_features(paths, self.extractor, root=root, workers=1, progress=False, keep=True)
         return result.extracted, result.failed, [result.features[n].descriptors for n in result.extracted]
 
-    def aggregate(self, paths: list[str], root: str, token: str, centroids: np.ndarray):
-        """(extracted names, failed (name, reason), database-side payload) of a batch.
+    def aggregate(self, paths: list[str], root: str, token: str, centroids: np.ndarray, queries: bool):
+        """(extracted names, failed (name, reason), database-side aggregates, query-side
+        aggregates or None) of a batch.
 
         ``centroids`` float32 [K, D] come with every batch (one object in the store, read
         without a copy), so that a worker restarted after the codebook was trained has
@@ -77,26 +83,29 @@ class _Worker:
         if token != self.codebook_token:
             self.codebook, self.codebook_token = Codebook(centroids, gpu=self.gpu), token
         names, failed, descriptors = self.extract(paths, root)
-        return names, failed, _payload(self.codebook, self.params, descriptors)
+        # One row per image and word (binary codes of D / 8 bytes for ASMK*), which
+        # Index.add_aggregates turns into the index Index.add would build.
+        database_side = aggregate_images(self.codebook, descriptors, None, self.params, side="database")
+        query_side = aggregate_images(self.codebook, descriptors, None, self.params, side="query") if queries else None
+        return names, failed, database_side, query_side
 
 
-def _payload(codebook: Codebook, params, descriptors: list[np.ndarray]) -> Aggregates:
-    """What a worker sends back for a batch's images: their database-side aggregates
-    (one row per image and word: binary codes of D / 8 bytes for ASMK*), which
-    ``Index.add_aggregates`` turns into the index ``Index.add`` would build."""
-    return aggregate_images(codebook, descriptors, None, params, side="database")
+def concat_aggregates(parts: Sequence[Aggregates]) -> Aggregates:
+    """The aggregates of several batches of images, one batch after the other.
 
+    Parameters
+    ----------
+    parts : sequence of Aggregates
+        At least one; all binary or all real, of one dimension.
 
-def _concat(parts: list[Aggregates]) -> Aggregates:
-    """The aggregates of several batches, one after the other."""
+    Returns
+    -------
+    Aggregates
+        ``sum(I_j)`` images.
+    """
     bases = np.cumsum([0] + [p.words.shape[0] for p in parts[:-1]])
     offsets = np.concatenate([[0]] + [p.offsets[1:] + base for p, base in zip(parts, bases)]).astype(np.int64)
     return Aggregates(offsets, np.concatenate([p.words for p in parts]), np.concatenate([p.data for p in parts]))
-
-
-def _add(index: Index, payloads: list[Aggregates], ids: np.ndarray, keys: list[str]) -> None:
-    """Add the images of every batch's payload, in batch order, with ``ids`` and ``keys``."""
-    index.add_aggregates(_concat(payloads), ids, keys=keys)
 
 
 def _pool(extractor_factory, params, device: str, workers: int | None, max_retries: int) -> list:
@@ -183,7 +192,7 @@ def build_index(paths: Sequence[str | os.PathLike], extractor_factory: Callable[
                 codebook: Codebook | None, params=None, *, root: str | os.PathLike | None = None,
                 start: int = 0, sample: int = 200, seed: int = 0, batch_size: int = 16,
                 workers: int | None = None, device: str = "cpu", progress: bool = True,
-                max_retries: int = 3, out: str | os.PathLike | None = None) -> IndexBuild:
+                max_retries: int = 3, out: str | os.PathLike | None = None, queries: bool = False) -> IndexBuild:
     """Index images on the connected Ray cluster (see :func:`asmkit.distributed.connect`).
 
     Parameters
@@ -217,6 +226,10 @@ def build_index(paths: Sequence[str | os.PathLike], extractor_factory: Callable[
         Times a dead worker is restarted and its batches rerun.
     out : str or path-like, optional
         Also save the index there (``Index.save``, atomic).
+    queries : bool
+        Also send back the images' query-side aggregates (``IndexBuild.queries``), for an
+        all-vs-all top-k: larger than the database side (``ma_query`` words per
+        descriptor), still far smaller than the descriptors.
 
     Returns
     -------
@@ -231,6 +244,7 @@ def build_index(paths: Sequence[str | os.PathLike], extractor_factory: Callable[
         paths, extractor_factory, root, batch_size, workers, device, max_retries)
     params = as_params(params)
     start = check_int(start, "start", min=0)
+    queries = check_bool(queries, "queries")
     trained = codebook is None
     if not trained and not isinstance(codebook, Codebook):
         raise ArgumentError(f"codebook: expected an asmkit Codebook or None, got {type(codebook).__name__}")
@@ -248,14 +262,16 @@ def build_index(paths: Sequence[str | os.PathLike], extractor_factory: Callable[
             del vecs
         index = Index(codebook, params)
         results = _run(pool, "aggregate", paths, root, batch_size, "index", progress,
-                       uuid.uuid4().hex, ray.put(codebook.centroids))
+                       uuid.uuid4().hex, ray.put(codebook.centroids), queries)
     finally:
         _stop(pool)
-    keys = [name for names, _, _ in results for name in names]
-    failed = [item for _, batch_failed, _ in results for item in batch_failed]
+    keys = [name for names, _, _, _ in results for name in names]
+    failed = [item for _, batch_failed, _, _ in results for item in batch_failed]
     if not keys:
         raise ArgumentError(f"paths: no image could be read ({len(failed)} failed)")
-    _add(index, [payload for _, _, payload in results], start + np.arange(len(keys), dtype=np.int64), keys)
+    index.add_aggregates(concat_aggregates([database_side for _, _, database_side, _ in results]),
+                         start + np.arange(len(keys), dtype=np.int64), keys=keys)
     if out is not None:
         index.save(out)
-    return IndexBuild(index, failed, trained)
+    query_side = concat_aggregates([q for _, _, _, q in results]) if queries else None
+    return IndexBuild(index, failed, trained, query_side)

@@ -30,10 +30,10 @@ import numpy as np
 
 from .._validation import ArgumentError, check_int
 from ..index import Index
-from ..kernel import prepare_descriptors
-from ..search import merge_topk
+from ..kernel import Aggregates, prepare_descriptors
+from ..search import merge_topk, score_aggregates
 from ..storage import StorageError
-from ._ray import gather, require_ray, unwrap
+from ._ray import gather, require_ray
 
 __all__ = ["SHARDS_MANIFEST", "ShardedIndex", "is_sharded", "read_manifest", "save_shards", "scores_topk"]
 
@@ -176,6 +176,9 @@ class _Shard:
     def search(self, vecs, image_ids, k: int):
         return self.index.search(vecs, image_ids, k=k)
 
+    def search_block(self, block, k: int):
+        return _search(self.index, block, k)
+
     def save(self, path: str) -> None:
         self.index.save(path)
 
@@ -187,18 +190,43 @@ def _actor_class(num_cpus: float, num_gpus: float):
     return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=1, max_task_retries=1)(_Shard)
 
 
-def _query_blocks(vecs, image_ids, block: int) -> tuple[list[tuple[list[np.ndarray], np.ndarray]], int]:
-    """Query images in blocks of ``block`` images, each as (list of float32 [n_i, D], ids
-    int64 [b]), in the order of ``Index.search``'s result rows, rows within an image in
-    the order the engine aggregates them; and the number of query images."""
-    desc = prepare_descriptors(vecs, image_ids, unique_ids=False)
+def _search(index: Index, block, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of a query block: (list of float32 [n_i, D], ids int64 [b]) descriptors,
+    searched as ``Index.search`` does, or query-side ``Aggregates``, scored against the
+    index's posting lists (``aggregate_images(..., side="query")`` has the words
+    ``Index.search`` would use, so the scores are the same)."""
+    if isinstance(block, Aggregates):
+        db = index.database
+        return score_aggregates(db.ivf, db.idf, db.sqrt_norms, db.ids, block, index.params, dim=index.codebook.dim,
+                                k=k)
+    images, ids = block
+    return index.search(images, ids, k=k)
+
+
+def _block_size(block) -> int:
+    return block.offsets.shape[0] - 1 if isinstance(block, Aggregates) else len(block[0])
+
+
+def _query_blocks(queries, image_ids, block: int) -> list:
+    """Query images in blocks of ``block`` images, in the order of ``Index.search``'s
+    result rows: slices of ``Aggregates``, or (list of float32 [n_i, D], ids int64 [b])
+    with the rows of an image in the order the engine aggregates them."""
+    if isinstance(queries, Aggregates):
+        n = queries.offsets.shape[0] - 1
+        blocks = []
+        for begin in range(0, n, block):
+            offsets = queries.offsets[begin:min(begin + block, n) + 1]
+            rows = slice(int(offsets[0]), int(offsets[-1]))
+            blocks.append(Aggregates(offsets - offsets[0], queries.words[rows], queries.data[rows]))
+        return blocks
+    desc = prepare_descriptors(queries, image_ids, unique_ids=False)
     n = desc.n_images
     blocks = []
     for begin in range(0, n, block):
         end = min(begin + block, n)
         images = [desc.vecs[desc.order[desc.starts[i]:desc.starts[i + 1]]] for i in range(begin, end)]
         blocks.append((images, desc.image_ids[begin:end]))
-    return blocks, n
+    return blocks
 
 
 def _empty_result(k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -266,7 +294,7 @@ class ShardedIndex:
         entries = read_manifest(folder)
         actor = _actor_class(num_cpus, num_gpus)
         actors = [actor.remote(str(folder / e["dir"]), mmap, verify) for e in entries]
-        self = cls(actors, entries, None)
+        sharded = cls(actors, entries, None)
         try:
             found = gather([a.describe.remote() for a in actors], desc="load shards", progress=False)
             for entry, (got, _) in zip(entries, found):
@@ -275,11 +303,11 @@ class ShardedIndex:
                     raise StorageError(f"{folder / entry['dir']}: holds {got['images']} images (ids "
                                        f"{got['first_id']}..{got['last_id']}), the manifest lists {entry['images']} "
                                        f"(ids {entry['first_id']}..{entry['last_id']})")
-            self.params = found[0][1]
+            sharded.params = found[0][1]
         except BaseException:
-            self.close()
+            sharded.close()
             raise
-        return self
+        return sharded
 
     @property
     def n_shards(self) -> int:
@@ -294,8 +322,8 @@ class ShardedIndex:
     def _k(self, k: int | None) -> int:
         k = check_int(k, "k", min=1, none=True)
         k = self.params.topk if k is None else k
-        # None ranks every image, as Index.search does; at least one column so that
-        # shards of an empty index still answer.
+        # None ranks every image, as Index.search does (an empty index gives one padding
+        # column here, none there: a shard answers k >= 1 only).
         return max(len(self), 1) if k is None else k
 
     def search(self, vecs, image_ids=None, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -319,22 +347,21 @@ class ShardedIndex:
         refs = [actor.search.remote(query_vecs, query_ids, k) for actor in self._actors]
         return merge_topk(gather(refs, desc="search shards", progress=False), k)
 
-    def search_blocks(self, blocks: Sequence[tuple[list[np.ndarray], np.ndarray]], k: int, *,
-                      progress: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
+    def search_blocks(self, blocks: Sequence, k: int, *, progress: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
         """``search`` of several query blocks at once (all blocks are sent to all shards
-        before any result is awaited), each as (list of float32 [n_i, D], ids int64 [b]).
+        before any result is awaited), each a query-side ``Aggregates`` or (list of
+        float32 [n_i, D], ids int64 [b]).
 
         Returns
         -------
         list of (scores float32 [b, k], ids int64 [b, k])
         """
         refs, weights = [], []
-        for images, ids in blocks:
+        for block in blocks:
             for actor in self._actors:
-                refs.append(actor.search.remote(images, ids, k))
-                weights.append(len(images))
-        parts = gather(refs, desc="top-k", total=sum(len(b[0]) for b in blocks) * self.n_shards, weights=weights,
-                       progress=progress)
+                refs.append(actor.search_block.remote(block, k))
+                weights.append(_block_size(block))
+        parts = gather(refs, desc="top-k", weights=weights, progress=progress)
         n = self.n_shards
         return [merge_topk(parts[j * n:(j + 1) * n], k) for j in range(len(blocks))]
 
@@ -366,14 +393,14 @@ class ShardedIndex:
 _LOADED: dict[str, Index] = {}
 
 
-def _search_block(source: Any, images: list[np.ndarray], ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _search_block(source: Any, block, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of one query block against a whole index (an Index, or the path of one)."""
     if isinstance(source, str):
         if source not in _LOADED:
             _LOADED.clear()
             _LOADED[source] = Index.load(source, mmap=True, verify=True)
         source = _LOADED[source]
-    return source.search(images, ids, k=k)
+    return _search(source, block, k)
 
 
 def _write_result(out: Path, scores: np.ndarray, ids: np.ndarray) -> None:
@@ -387,7 +414,7 @@ def _write_result(out: Path, scores: np.ndarray, ids: np.ndarray) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def scores_topk(index, vecs, image_ids=None, k: int | None = None, *, block: int = 256,
+def scores_topk(index, queries, image_ids=None, k: int | None = None, *, block: int = 256,
                 out: str | os.PathLike | None = None, progress: bool = True, num_cpus: float = 1,
                 max_retries: int = 3) -> tuple[np.ndarray, np.ndarray]:
     """The top-k database images of every query image, as query-block tasks.
@@ -402,9 +429,12 @@ def scores_topk(index, vecs, image_ids=None, k: int | None = None, *, block: int
         saved index (each worker loads it, memory-mapped), a sharded directory (loaded
         into shard actors for this call), or a ShardedIndex (every block is searched on
         every shard and merged with ``merge_topk``).
-    vecs : float32 [N, D] or list of float32 [n_i, D]
-        Query descriptors, as for ``Index.search``.
-    image_ids : int64 [N] for array input; ignored labels for list input
+    queries : float32 [N, D], list of float32 [n_i, D], or Aggregates
+        Query descriptors, as for ``Index.search``; or the query-side aggregates of
+        ``build_index(..., queries=True)`` (``IndexBuild.queries``), one row of the
+        result per aggregated image.
+    image_ids : int64 [N] for array input; ignored labels for list input; unused with
+        aggregates
     k : int, optional
         Results per query (default ``params.topk``; None there ranks the whole index).
     block : int
@@ -423,16 +453,16 @@ def scores_topk(index, vecs, image_ids=None, k: int | None = None, *, block: int
     -------
     scores : float32 [Q, k]
     ids : int64 [Q, k]
-        Equal to ``Index.search(vecs, image_ids, k)`` of the (whole) index: rows follow
-        ``np.unique(image_ids)``, or the list order.
+        Equal to ``Index.search(queries, image_ids, k)`` of the (whole) index: rows follow
+        ``np.unique(image_ids)``, the list order, or the aggregates' order.
     """
     ray = require_ray()
     block = check_int(block, "block", min=1)
     max_retries = check_int(max_retries, "max_retries", min=0)
     if isinstance(index, (str, os.PathLike)) and is_sharded(index):
         with ShardedIndex.load(index, num_cpus=num_cpus) as sharded:
-            return scores_topk(sharded, vecs, image_ids, k, block=block, out=out, progress=progress)
-    blocks, n = _query_blocks(vecs, image_ids, block)
+            return scores_topk(sharded, queries, image_ids, k, block=block, out=out, progress=progress)
+    blocks = _query_blocks(queries, image_ids, block)
     if isinstance(index, ShardedIndex):
         k = index._k(k)
         parts = index.search_blocks(blocks, k, progress=progress)
@@ -451,8 +481,8 @@ def scores_topk(index, vecs, image_ids=None, k: int | None = None, *, block: int
         k = params.topk if k is None else k
         k = max(size, 1) if k is None else k
         task = ray.remote(num_cpus=num_cpus, max_retries=max_retries)(_search_block)
-        refs = [task.remote(source, images, ids, k) for images, ids in blocks]
-        parts = gather(refs, desc="top-k", weights=[len(images) for images, _ in blocks], progress=progress)
+        refs = [task.remote(source, b, k) for b in blocks]
+        parts = gather(refs, desc="top-k", weights=[_block_size(b) for b in blocks], progress=progress)
     scores, ids = (np.concatenate([p[i] for p in parts]) for i in (0, 1)) if parts else _empty_result(k)
     if out is not None:
         _write_result(Path(out), scores, ids)
