@@ -248,12 +248,16 @@ class ShardedIndex:
     entries : list of dict
         Per shard: ``images``, ``first_id``, ``last_id``.
     params : asmkit.Params
+    sources : list of ray.ObjectRef, optional
+        The shards in the object store (``from_index``), kept referenced so that a
+        restarted actor can read its shard again.
     """
 
-    def __init__(self, actors: list, entries: list[dict[str, Any]], params) -> None:
+    def __init__(self, actors: list, entries: list[dict[str, Any]], params, sources: list | None = None) -> None:
         self._actors = actors
         self._entries = entries
         self.params = params
+        self._sources = sources or []
 
     @classmethod
     def from_index(cls, index: Index, n_shards: int, *, num_cpus: float = 1, num_gpus: float = 0) -> "ShardedIndex":
@@ -272,8 +276,9 @@ class ShardedIndex:
         ray = require_ray()
         shards = index.split(n_shards)
         actor = _actor_class(num_cpus, num_gpus)
-        actors = [actor.remote(ray.put(shard), True, False) for shard in shards]
-        return cls(actors, [_entry(shard, i) for i, shard in enumerate(shards)], index.params)
+        sources = [ray.put(shard) for shard in shards]
+        actors = [actor.remote(source, True, False) for source in sources]
+        return cls(actors, [_entry(shard, i) for i, shard in enumerate(shards)], index.params, sources)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, mmap: bool = True, verify: bool = True, num_cpus: float = 1,
@@ -379,7 +384,7 @@ class ShardedIndex:
         ray = require_ray()
         for actor in self._actors:
             ray.kill(actor)
-        self._actors = []
+        self._actors, self._sources = [], []
 
     def __enter__(self) -> "ShardedIndex":
         return self
