@@ -51,15 +51,11 @@ def _flat(centroids):
     return index
 
 
-def _max_sq(centroids):
-    return float((centroids.astype(np.float64) ** 2).sum(1).max())
-
-
 class _Fallback:
     """faiss's exhaustive quantizer, counting the blocks the pruned one hands it."""
 
     def __init__(self, centroids):
-        self.inner = FaissQuantizer(_flat(centroids), _max_sq(centroids))
+        self.inner = FaissQuantizer(_flat(centroids), centroids)
         self.calls = 0
 
     def search(self, *args, **kwargs):
@@ -70,7 +66,7 @@ class _Fallback:
 def _pruned(centroids, width=None):
     """A PrunedQuantizer of ``centroids`` and its counting fallback."""
     fallback = _Fallback(centroids)
-    return PrunedQuantizer(centroids, _max_sq(centroids), fallback, width=width), fallback
+    return PrunedQuantizer(centroids, fallback, width=width), fallback
 
 
 def _search(pruned, centroids, vecs, m):

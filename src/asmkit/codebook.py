@@ -129,7 +129,7 @@ def _flat_index(dim: int, gpu: int | None):
     return faiss.GpuIndexFlatL2(faiss.StandardGpuResources(), dim, config)
 
 
-def _gpu_quantizer(centroids: np.ndarray, max_sq: float, gpu: int | None) -> Quantizer | None:
+def _gpu_quantizer(centroids: np.ndarray, gpu: int | None) -> Quantizer | None:
     """The quantizer of GPU ``gpu``: faiss-gpu's when faiss has it, else CUDA through torch
     (``asmkit.gpu.TorchQuantizer``); None for the CPU, with one warning when a GPU was
     requested that neither has."""
@@ -139,7 +139,7 @@ def _gpu_quantizer(centroids: np.ndarray, max_sq: float, gpu: int | None) -> Qua
     if gpu < _faiss_gpu_count():
         index = _flat_index(centroids.shape[1], gpu)
         index.add(centroids)
-        return FaissQuantizer(index, max_sq, gpu=gpu)
+        return FaissQuantizer(index, centroids, gpu=gpu)
     from .gpu import TorchQuantizer, cuda_device_count
 
     if gpu < cuda_device_count():
@@ -192,10 +192,9 @@ class Codebook:
             # the inverted file stays mapped).
             centroids = centroids.copy()
         self._centroids = centroids
-        self._max_sq = float(np.einsum("ij,ij->i", centroids, centroids, dtype=np.float64).max())
         self._flat: FaissQuantizer | None = None
         self._pruned: PrunedQuantizer | None = None
-        self._chosen = _gpu_quantizer(centroids, self._max_sq, gpu)
+        self._chosen = _gpu_quantizer(centroids, gpu)
         self.prune = True
 
     @property
@@ -220,7 +219,7 @@ class Codebook:
             return self._chosen
         if self.prune:
             if self._pruned is None:
-                self._pruned = PrunedQuantizer(self._centroids, self._max_sq, self._faiss())
+                self._pruned = PrunedQuantizer(self._centroids, self._faiss())
             return self._pruned
         return self._faiss()
 
@@ -287,7 +286,7 @@ class Codebook:
         if self._flat is None:
             index = _flat_index(self.dim, None)
             index.add(self._centroids)
-            self._flat = FaissQuantizer(index, self._max_sq)
+            self._flat = FaissQuantizer(index, self._centroids)
         return self._flat
 
     def _settle(self, vecs, local, seg_size, m):

@@ -16,7 +16,7 @@ import threading
 
 import numpy as np
 
-from .quantizer import tied_rows
+from .quantizer import max_sq_norm, tied_rows
 
 __all__ = ["TorchQuantizer", "cuda_device_count"]
 
@@ -70,7 +70,7 @@ class TorchQuantizer:
         self._centroids = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)).to(self.device)
         # faiss's own |c|^2 (float32 sums), and the float64 max for the tolerance scale.
         self._c_sq = (self._centroids * self._centroids).sum(dim=1)
-        self._max_sq = float(np.einsum("ij,ij->i", centroids, centroids, dtype=np.float64).max())
+        self._max_sq = max_sq_norm(centroids)
         self._tie_eps = float(tie_eps)
         k = centroids.shape[0]
         self._rows = max(256, _BLOCK_BYTES // (4 * k)) if block_rows is None else block_rows

@@ -28,7 +28,7 @@ import numpy as np
 
 from . import _kernels
 
-__all__ = ["Quantizer", "FaissQuantizer", "PrunedQuantizer", "tie_eps", "tied_rows", "settle_rows"]
+__all__ = ["Quantizer", "FaissQuantizer", "PrunedQuantizer", "max_sq_norm", "tie_eps", "tie_scale", "tied_rows", "settle_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,11 @@ def tied_rows(found_dist, m: int, eps, nearest_first: bool):
         first = found_dist[:, 1] - found_dist[:, 0] <= eps
         tied = first if tied is None else tied | first
     return tied
+
+
+def max_sq_norm(centroids: np.ndarray) -> float:
+    """max |c|^2 over ``centroids`` float32 [K, D], summed in float64."""
+    return float(np.einsum("ij,ij->i", centroids, centroids, dtype=np.float64).max())
 
 
 def tie_scale(vecs: np.ndarray, max_sq: float) -> np.ndarray:
@@ -177,9 +182,9 @@ class FaissQuantizer:
     Parameters
     ----------
     index : faiss index
-        A flat L2 index holding the K centroids.
-    max_sq : float
-        max |c|^2 over the centroids (the scale of the tie tolerance).
+        A flat L2 index holding ``centroids``.
+    centroids : float32 [K, D]
+        The centroids (their largest norm scales the tie tolerance).
     gpu : int, optional
         The faiss-gpu device of ``index``; None for faiss's CPU index (whose BLAS
         settings can then be tuned per call).
@@ -190,10 +195,11 @@ class FaissQuantizer:
     gpu : int or None
     """
 
-    def __init__(self, index, max_sq: float, *, gpu: int | None = None) -> None:
+    def __init__(self, index, centroids: np.ndarray, *, gpu: int | None = None) -> None:
         self.index = index
         self.gpu = gpu
-        self._max_sq = float(max_sq)
+        self._centroids = centroids
+        self._max_sq: float | None = None
 
     def search(self, vecs: np.ndarray, m: int, dist: np.ndarray, words: np.ndarray, *,
                nearest_first: bool, one_segment: bool) -> np.ndarray:
@@ -220,6 +226,8 @@ class FaissQuantizer:
         dist[:], words[:] = found_dist[:, :m], found_words[:, :m]
         if one_segment:
             return np.zeros(0, dtype=np.int64)
+        if self._max_sq is None:
+            self._max_sq = max_sq_norm(self._centroids)
         tied = tied_rows(found_dist, m, tie_eps(tie_scale(vecs, self._max_sq), d), nearest_first)
         return np.zeros(0, dtype=np.int64) if tied is None else np.flatnonzero(tied)
 
@@ -235,8 +243,8 @@ class PrunedQuantizer:
 
     a product of width h + 1 instead of D. The exact float64 distance is computed only for
     words whose bound can beat the m-th nearest (``_kernels.pruned_nearest``). Local
-    descriptors concentrate their energy on few axes (RootSIFT with h = 15 leaves about 50
-    of 4096 words to check), so this costs a fraction of faiss's exhaustive search.
+    descriptors concentrate their energy on few axes, so few words are left to check and
+    this costs a fraction of faiss's exhaustive search.
 
     A row whose nearest word, or whose set of m nearest, is decided by less than the
     float32 rounding of faiss's own formula (``TIE_EPS_PER_SQRT_DIM``) is returned as tied,
@@ -250,8 +258,6 @@ class PrunedQuantizer:
     Parameters
     ----------
     centroids : float32 [K, D]
-    max_sq : float
-        max |c|^2 over the centroids.
     fallback : Quantizer
         The exhaustive search over the same centroids (``FaissQuantizer``).
     width : int, optional
@@ -260,12 +266,20 @@ class PrunedQuantizer:
         sample of the first block (or the fallback when none pays off).
     """
 
-    def __init__(self, centroids: np.ndarray, max_sq: float, fallback: Quantizer, *,
-                 width: int | None = None) -> None:
+    def __init__(self, centroids: np.ndarray, fallback: Quantizer, *, width: int | None = None) -> None:
         self._fallback = fallback
         self._fixed_width = width
         self._centroids = centroids
-        self._max_sq = max_sq  # max |c|^2: with |x|^2, the scale of the rounding tolerances
+        # The rotation and norms are computed on the first block pruning is tried on
+        # (``_prepare``): a codebook whose calls all go to the fallback never pays for them.
+        self._prepared = False
+        self._width: dict[int, int | None] = {}
+        self._tables: dict[int, np.ndarray] = {}
+        self._heads: dict[int, np.ndarray] = {}
+
+    def _prepare(self) -> None:
+        centroids = self._centroids
+        self._max_sq = max_sq_norm(centroids)  # with |x|^2, the scale of the rounding tolerances
         self._mean = centroids.mean(axis=0, dtype=np.float64)
         # Principal axes first: they carry most of the distance, so the bound is tight.
         centred = centroids.astype(np.float64) - self._mean
@@ -273,9 +287,7 @@ class PrunedQuantizer:
         self._axes = np.ascontiguousarray(axes[:, ::-1])
         self._sq = np.einsum("ij,ij->i", centred, centred)
         self._sq32 = self._sq.astype(np.float32)
-        self._width: dict[int, int | None] = {}
-        self._tables: dict[int, np.ndarray] = {}
-        self._heads: dict[int, np.ndarray] = {}
+        self._prepared = True
 
     def _table_of(self, width: int) -> np.ndarray:
         """float32 [width, K]: the words' first width - 1 coordinates and tail norm,
@@ -340,10 +352,10 @@ class PrunedQuantizer:
             checked /= len(sample)
             best, best_cost = None, _PRUNE_MAX_COST * k * d
             for width, n_checked in zip(widths, checked):
-                # In units of one multiply-add of faiss's product (measured on RootSIFT,
-                # docs/performance.md): the bound product plus a pass over the bounds per
-                # word, the projection, and a float64 distance per checked word at about a
-                # tenth of the product's speed.
+                # In units of one multiply-add of faiss's product (docs/performance.md
+                # fits the weights): the bound product plus a pass over the bounds per word,
+                # the projection, and a float64 distance per checked word, ten times the
+                # cost of a multiply-add of the product.
                 cost = k * (width + 7) + d * width + 10.0 * n_checked * d
                 if cost < best_cost:
                     best, best_cost = width, cost
@@ -360,6 +372,8 @@ class PrunedQuantizer:
         worth_trying = self._fixed_width is not None or (
             k >= _PRUNE_MIN_WORDS and not (one_segment and self._one_blas_block(vecs)))
         if m + 1 <= k and len(vecs) and worth_trying:
+            if not self._prepared:
+                self._prepare()
             width = self._choose_width(vecs, m)
         if width is None:
             return self._fallback.search(vecs, m, dist, words, nearest_first=nearest_first, one_segment=one_segment)

@@ -1,5 +1,9 @@
 """Selective match kernel scoring, top-k, and the all-vs-all similarity matrix (ASMK.md §3-4).
 
+``score_queries`` is the one query path: every entry point that scores query images
+(``Index.search``, ``Index.similarity_matrix``, ``similarity_matrix``, ``asmkit.compat``)
+quantizes, aggregates and scores them there, against a ``Database``.
+
 Scores follow the reference's ``IVF.search`` arithmetic (see ``_kernels.search_kernel``),
 with two documented differences where the reference divides by zero: a query without
 descriptors, or whose idf-weighted word count n_q is 0, scores 0 against every image, and
@@ -56,7 +60,8 @@ def _readonly(array: np.ndarray) -> np.ndarray:
 
 def aggregate_images(codebook: Codebook, desc: Descriptors, assignments: np.ndarray, binary: bool,
                      begin: int = 0, end: int | None = None) -> Aggregates:
-    """Aggregate images ``begin .. end - 1`` of ``desc`` given all rows' assignments.
+    """Aggregate images ``begin .. end - 1`` of ``desc`` given all rows' assignments
+    (``asmkit.kernel.aggregate_images`` quantizes too, as the index does).
 
     Parameters
     ----------
@@ -321,12 +326,12 @@ def score_queries(
         settled = joined.settle()
         # A query image aggregates over the set of its words: column order plays no part.
         changed = np.any(np.sort(settled, axis=1) != np.sort(provisional, axis=1), axis=1)
-        redo = np.unique(images[changed])
-        if redo.size:
-            vecs, starts = image_block(redo)
+        rescore = np.unique(images[changed])
+        if rescore.size:
+            vecs, starts = image_block(rescore)
             words = codebook.assign(vecs, params.ma_query, segments=starts, nearest_first=False,
                                     check_finite=False).settle()
-            score(redo, vecs, words, starts)
+            score(rescore, vecs, words, starts)
 
     begin = 0
     held = 0
