@@ -6,8 +6,8 @@ UKBench RootSIFT (``MODEL``; refit with ``--refit``), with random 128-bit codes.
 added through ``Index.add_aggregates`` in batches of ``--batch`` images, into index parts
 of at most ``--part`` images: with ``use_idf`` off (the ASMK* default) idf is 1 and
 every image's norm depends on that image alone, so the parts searched one after another
-and merged by ``merge_topk`` give exactly one whole index's result (checked at the first
-size), while the build peak stays that of one part.
+and merged by ``merge_topk`` give exactly one whole index's result (tests/test_scale.py),
+while the build peak stays that of one part.
 
 Each size runs in its own process (so its peak resident memory is its own) and reports:
 build rate, peak and final resident memory, bytes per image on disk (``Index.save``),
@@ -412,13 +412,17 @@ def time_quantize() -> dict:
     """One query's quantization: 500 random descriptors, m = 5, against K random words."""
     codebook = random_codebook()
     vecs = np.random.default_rng(SEED).standard_normal((QUERY_DESCRIPTORS, DIM)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
     codebook.quantize(vecs, 5)
-    times = []
+    times, cpu = [], []
     for _ in range(5):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         codebook.quantize(vecs, 5)
         times.append(time.perf_counter() - t0)
-    return {"quantize_500x5_ms": round(1e3 * float(np.median(times)), 1), "threads": numba.get_num_threads()}
+        cpu.append(time.process_time() - c0)
+    return {"quantize_500x5_ms": round(1e3 * float(np.median(times)), 1),
+            "cpu_ms": round(1e3 * float(np.median(cpu)), 1), "threads": numba.get_num_threads(),
+            "load_avg": round(os.getloadavg()[0], 1)}
 
 
 def main() -> None:
