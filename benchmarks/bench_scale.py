@@ -47,7 +47,6 @@ from numba import njit, prange
 
 from asmkit import Codebook, Index
 from asmkit import _kernels
-from asmkit.ivf import InvertedFile
 from asmkit.kernel import Aggregates, n_hamming_bits
 from asmkit.search import merge_topk, score_aggregates
 
@@ -150,19 +149,6 @@ def rss_gb() -> float:
     return psutil.Process().memory_info().rss / 2**30
 
 
-def add_aggregates(index: Index, images: Aggregates, ids: np.ndarray) -> None:
-    """``Index.add_aggregates`` (the engine branch's entry); until it is merged, the same
-    steps through the index's internals: posting lists of the new images appended, idf
-    and norms recomputed."""
-    if hasattr(index, "add_aggregates"):
-        index.add_aggregates(images, ids)
-        return
-    n_old = len(index)
-    added = InvertedFile.from_aggregates(images, n_old + np.arange(ids.shape[0], dtype=np.int64), WORDS)
-    keys = np.concatenate([np.asarray(index.keys, dtype=str), ids.astype(str)])
-    index._set_state(index.inverted_file.append(added), np.concatenate([index.ids, ids]), keys)
-
-
 def build_parts(model: WordModel, n_images: int, part: int, batch: int, folder: Path) -> dict:
     """Build and save the index parts of ``n_images`` images; time the adds alone."""
     codebook = random_codebook()
@@ -175,7 +161,7 @@ def build_parts(model: WordModel, n_images: int, part: int, batch: int, folder: 
             t0 = time.perf_counter()
             images = model.images(end - begin, SEED + begin, DISTINCT_MEAN)
             t1 = time.perf_counter()
-            add_aggregates(index, images, np.arange(begin, end, dtype=np.int64))
+            index.add_aggregates(images, np.arange(begin, end, dtype=np.int64))
             t2 = time.perf_counter()
             gen_s, add_s = gen_s + t1 - t0, add_s + t2 - t1
             del images
