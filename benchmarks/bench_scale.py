@@ -45,8 +45,7 @@ import numpy as np
 import psutil
 from numba import njit, prange
 
-from asmkit import Codebook, Index
-from asmkit import _kernels
+from asmkit import Codebook, Index, _kernels
 from asmkit.kernel import Aggregates, n_hamming_bits
 from asmkit.search import merge_topk, score_aggregates
 
@@ -55,9 +54,10 @@ DIM = 128
 K_RESULTS = 100
 #: Fitted by ``--refit`` (the command in docs/scale.md): document frequency by rank
 #: df(r) ∝ (r / K + offset)^-shape, the spread of distinct words per database image
-#: (coefficient of variation), and the distinct words of a 500-descriptor m = 5 query
-#: over those of a database image. The mean of distinct words per database image is the
-#: issue's (the UKBench images, at most 1000 RootSIFT each, give more).
+#: (coefficient of variation), and the distinct words of a query (``QUERY_DESCRIPTORS``
+#: descriptors, multiple assignment as ``Params.ma_query``) over those of a database
+#: image. ``DISTINCT_MEAN`` is the issue's figure (the UKBench images, with the sift
+#: preset's descriptor cap, give more).
 MODEL = {"shape": 3.271, "offset": 1.2177, "distinct_cv": 0.566, "query_ratio": 3.278}
 DISTINCT_MEAN = 384
 QUERY_DESCRIPTORS = 500
@@ -335,7 +335,7 @@ def run_size(n_images: int, args) -> dict:
         out["split"] = latencies(lambda q: search_all(parts, q, split=threads), queries)
         for fraction in args.prune:
             stop = np.zeros(WORDS, dtype=bool)
-            stop[np.argsort(counts)[::-1][: int(round(fraction * WORDS))]] = True
+            stop[np.argsort(counts)[::-1][: round(fraction * WORDS)]] = True
             pruned = [prune_query(q, stop) for q in queries]
             kept = np.mean([int(counts[q.words].sum()) / max(e, 1) for q, e in zip(pruned, entries)])
             out[f"prune{fraction}"] = {**latencies(lambda q: search_all(parts, q, split=threads), pruned),

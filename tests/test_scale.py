@@ -4,8 +4,8 @@ merged by ``merge_topk``, exactly the result of one index holding every image.""
 
 import numpy as np
 import pytest
-
 from reference_numpy import make_images
+
 from asmkit import Codebook, Index, Params, merge_topk
 
 
