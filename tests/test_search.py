@@ -248,3 +248,77 @@ def test_score_order_is_validated(centroids40):
     images = make_images(3, 5, 40, seed=3, centroids=centroids40)
     with pytest.raises(ValueError, match="order"):
         similarity_matrix(Codebook(centroids40), images, order="random")
+
+
+@pytest.mark.parametrize("binary,use_idf,tau", [(True, False, 0.0), (True, True, -0.5), (False, True, 0.2)])
+@pytest.mark.parametrize("fixture", ["centroids40", "centroids100"])
+def test_slot_split_kernel_equals_query_major_and_twin(request, monkeypatch, fixture, binary, use_idf, tau):
+    import asmkit._kernels as kernels
+    from asmkit import search
+
+    centroids = request.getfixturevalue(fixture)
+    dim = centroids.shape[1]
+    monkeypatch.setattr(kernels, "MIN_PARALLEL_ENTRIES", 0)
+    params = Params(binary=binary, use_idf=use_idf, tau=tau, ma_database=1, ma_query=3)
+    db_images = make_images(14, 12, dim, seed=93, centroids=centroids)
+    q_images = make_images(3, 12, dim, seed=94, centroids=centroids, empty=(1,))
+    index = Index(Codebook(centroids), params)
+    index.add(db_images)
+    queries = aggregate_images(index.codebook, q_images, None, params, side="query")
+    database = index.database
+    assert database.ivf.slots_ascend
+    args = (database.ivf, database.idf, database.sqrt_norms, database.ids, queries, params)
+    got = {}
+    for order in ("query", "slots"):
+        dense = np.zeros((3, 14), dtype=np.float32)
+        search.score_aggregates(*args, dim=dim, dense_out=dense, order=order)
+        got[order] = dense, search.score_aggregates(*args, dim=dim, k=5, order=order)
+    np.testing.assert_array_equal(got["slots"][0], got["query"][0])
+    np.testing.assert_array_equal(got["slots"][1][0], got["query"][1][0])
+    np.testing.assert_array_equal(got["slots"][1][1], got["query"][1][1])
+    twin = ref.Database(list(enumerate(db_images)), centroids, binary=binary, use_idf=use_idf)
+    for q, qvecs in enumerate(q_images):
+        expected = twin.score(qvecs, m=3, alpha=3.0, tau=tau)
+        np.testing.assert_allclose(got["slots"][0][q], [expected[i] for i in range(14)], rtol=0, atol=1e-6)
+    assert np.all(got["slots"][0][1] == 0)
+    # Any number of parts, more than the slots included: the parts' top-k merge exactly.
+    sigma = np.nan_to_num(kernels.sigma_table(32 * -(-dim // 32), 3.0, True, np.float32(tau)), nan=0.0)
+    codes, real = (database.ivf.data, np.empty((0, 0), np.float32)) if binary else \
+        (np.empty((0, 0), np.uint64), database.ivf.data)
+    q_codes, q_real = (queries.data, np.empty((0, 0), np.float32)) if binary else \
+        (np.empty((0, 0), np.uint64), queries.data)
+    for n_parts in (1, 3, 20):
+        for k in (1, 5, 14):
+            scores = np.full((3, k), -np.inf, dtype=np.float32)
+            ids = np.full((3, k), -1, dtype=np.int64)
+            kernels.search_kernel_slots(queries.offsets, queries.words, q_codes, q_real, database.ivf.offsets,
+                                        database.ivf.slots, codes, real, database.idf, 1.0 / database.sqrt_norms,
+                                        database.ids, binary, sigma, 3.0, True, np.float32(tau), k, False, n_parts,
+                                        scores, ids)
+            expected_scores, expected_ids = search.score_aggregates(*args, dim=dim, k=k, order="query")
+            np.testing.assert_array_equal(scores, expected_scores)
+            np.testing.assert_array_equal(ids, expected_ids)
+
+
+def test_slot_split_needs_ascending_slots(monkeypatch, centroids40):
+    import asmkit._kernels as kernels
+    from asmkit import search
+
+    monkeypatch.setattr(kernels, "MIN_PARALLEL_ENTRIES", 0)
+    params = Params(ma_query=3)
+    db_images = make_images(10, 12, 40, seed=95, centroids=centroids40)
+    q_images = make_images(1, 12, 40, seed=96, centroids=centroids40)
+    index = Index(Codebook(centroids40), params)
+    # Ids below the index's last one renumber the slots: lists no longer ascend.
+    index.add(db_images[5:], np.arange(5, 10))
+    index.add(db_images[:5], np.arange(5))
+    database = index.database
+    assert not database.ivf.slots_ascend
+    queries = aggregate_images(index.codebook, q_images, None, params, side="query")
+    args = (database.ivf, database.idf, database.sqrt_norms, database.ids, queries, params)
+    with pytest.raises(ValueError, match="slots"):
+        search.score_aggregates(*args, dim=40, k=3, order="slots")
+    auto = search.score_aggregates(*args, dim=40, k=3)
+    query = search.score_aggregates(*args, dim=40, k=3, order="query")
+    np.testing.assert_array_equal(auto[0], query[0])
+    np.testing.assert_array_equal(auto[1], query[1])

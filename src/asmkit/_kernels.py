@@ -34,7 +34,9 @@ __all__ = [
     "pack_rows",
     "popcount64",
     "search_kernel",
+    "search_kernel_slots",
     "search_kernel_word_major",
+    "slots_ascend",
     "sigma_table",
     "pruned_nearest",
 ]
@@ -486,18 +488,18 @@ def _accumulate_real(q_offsets, q_words, q_real, q, offsets, entry_slot, real, i
 
 
 @njit(cache=True)
-def _emit(q, score, q_norm, slot_ids, k, dense, heap_s, heap_i, out_scores, out_ids):
-    """Write query ``q``'s dense row or sorted top-k from ``score``, and reset ``score``."""
-    n_slots = score.shape[0]
-    q_scale = np.float64(np.float32(math.sqrt(np.float64(q_norm))))
+def _query_scale(q_norm):
+    """float64 of float32(√n_q): the divisor of a query's scores (0 scores everything 0)."""
+    return np.float64(np.float32(math.sqrt(np.float64(q_norm))))
+
+
+@njit(cache=True)
+def _top_range(score, q_scale, lo, hi, slot_ids, k, heap_s, heap_i):
+    """Sorted top-k of slots ``lo .. hi - 1`` of ``score`` into ``heap_s``/``heap_i`` (best
+    first, ties by ascending id); resets those slots of ``score``. Returns the count kept."""
     valid = q_scale > 0.0
-    if dense:
-        for slot in range(n_slots):
-            out_scores[q, slot] = np.float32(score[slot] / q_scale) if valid else np.float32(0.0)
-            score[slot] = 0.0
-        return
     size = 0
-    for slot in range(n_slots):
+    for slot in range(lo, hi):
         final = np.float32(score[slot] / q_scale) if valid else np.float32(0.0)
         score[slot] = 0.0
         # Once the heap is full, most slots lose to its root: test that before the call.
@@ -508,6 +510,27 @@ def _emit(q, score, q_norm, slot_ids, k, dense, heap_s, heap_i, out_scores, out_
         heap_s[0], heap_s[end] = heap_s[end], heap_s[0]
         heap_i[0], heap_i[end] = heap_i[end], heap_i[0]
         _sift_down(heap_s, heap_i, end, 0)
+    return size
+
+
+@njit(cache=True)
+def _dense_range(q, score, q_scale, lo, hi, out_scores):
+    """Write slots ``lo .. hi - 1`` of query ``q``'s dense row from ``score``, and reset them."""
+    valid = q_scale > 0.0
+    for slot in range(lo, hi):
+        out_scores[q, slot] = np.float32(score[slot] / q_scale) if valid else np.float32(0.0)
+        score[slot] = 0.0
+
+
+@njit(cache=True)
+def _emit(q, score, q_norm, slot_ids, k, dense, heap_s, heap_i, out_scores, out_ids):
+    """Write query ``q``'s dense row or sorted top-k from ``score``, and reset ``score``."""
+    n_slots = score.shape[0]
+    q_scale = _query_scale(q_norm)
+    if dense:
+        _dense_range(q, score, q_scale, 0, n_slots, out_scores)
+        return
+    size = _top_range(score, q_scale, 0, n_slots, slot_ids, k, heap_s, heap_i)
     for j in range(size):
         out_scores[q, j] = heap_s[j]
         out_ids[q, j] = heap_i[j]
@@ -690,6 +713,109 @@ def search_kernel_word_major(
         _score_block(q0, q1, q_offsets, q_words, q_codes, q_real, offsets, entry_slot, codes, real, idf,
                      inv_sqrt_norms, slot_ids, binary, weight_of_h, alpha, alpha_is_int, tau, k, dense,
                      out_scores, out_ids)
+
+
+@njit(cache=True, parallel=True)
+def slots_ascend(offsets, entry_slot):
+    """Whether the slots ascend (non-strictly) within every posting list, the premise of
+    ``search_kernel_slots``.
+
+    Parameters
+    ----------
+    offsets : int64 [K + 1]
+    entry_slot : int32 [E]
+    """
+    n_words = offsets.shape[0] - 1
+    bad = 0
+    for c in prange(n_words):
+        for e in range(offsets[c] + 1, offsets[c + 1]):
+            if entry_slot[e] < entry_slot[e - 1]:
+                bad += 1
+                break
+    return bad == 0
+
+
+@njit(cache=True)
+def _scan_slot_range(q_offsets, q_words, q_codes, q_real, q, lo, hi, offsets, entry_slot, codes, real, idf,
+                     inv_sqrt_norms, binary, weight_of_h, alpha, alpha_is_int, tau, score):
+    """Add query ``q``'s contributions to slots ``lo .. hi - 1`` of ``score``: the entries of
+    those slots are found in each (slot-ascending) posting list by bisection.
+
+    Each slot receives the same float64 additions in the same order (ascending query
+    word) as in ``search_kernel``. Kept out of the parallel loop, like
+    ``_accumulate_binary``.
+    """
+    for r in range(np.uint64(q_offsets[q]), np.uint64(q_offsets[q + 1])):
+        word = np.uint64(q_words[r])
+        first = offsets[word]
+        last = offsets[word + np.uint64(1)]
+        entries = entry_slot[first:last]
+        begin = np.uint64(first + np.searchsorted(entries, lo))
+        end = np.uint64(first + np.searchsorted(entries, hi))
+        if binary:
+            _scan_binary(q_codes, r, begin, end, entry_slot, codes, idf[word], inv_sqrt_norms, weight_of_h, score)
+        else:
+            _scan_real(q_real, r, begin, end, entry_slot, real, idf[word], inv_sqrt_norms, alpha, alpha_is_int,
+                       tau, score)
+
+
+@njit(cache=True, parallel=True)
+def search_kernel_slots(
+    q_offsets, q_words, q_codes, q_real,
+    offsets, entry_slot, codes, real,
+    idf, inv_sqrt_norms, slot_ids,
+    binary, weight_of_h, alpha, alpha_is_int, tau,
+    k, dense, n_parts, out_scores, out_ids,
+):
+    """``search_kernel`` for a few queries: each query's posting lists split by slot range.
+
+    Same arguments and results (bit-identical) as ``search_kernel``, except ``n_parts``
+    (>= 1) in place of ``n_blocks``, and the posting lists' slots must ascend within each
+    list (``slots_ascend``). Queries are scored one after another; part ``t`` of a query
+    (in parallel) owns slots ``S·t/n_parts .. S·(t+1)/n_parts - 1`` of the shared float64
+    [S] score row, adds their entries of every posting list (``_scan_slot_range``) and
+    keeps their top-k; the parts' sorted lists are then merged. A query's entries are
+    then divided among threads, which ``search_kernel`` cannot do for fewer queries than
+    threads.
+    """
+    n_queries = q_offsets.shape[0] - 1
+    n_slots = inv_sqrt_norms.shape[0]
+    width = max(k, 1)
+    score = np.zeros(n_slots, dtype=np.float64)
+    part_s = np.empty((n_parts, width), dtype=np.float32)
+    part_i = np.empty((n_parts, width), dtype=np.int64)
+    part_size = np.zeros(n_parts, dtype=np.int64)
+    head = np.zeros(n_parts, dtype=np.int64)
+    for q in range(n_queries):
+        q_norm = np.float32(0.0)
+        for r in range(q_offsets[q], q_offsets[q + 1]):
+            q_norm += idf[q_words[r]]
+        q_scale = _query_scale(q_norm)
+        for t in prange(n_parts):
+            lo = (n_slots * t) // n_parts
+            hi = (n_slots * (t + 1)) // n_parts
+            _scan_slot_range(q_offsets, q_words, q_codes, q_real, q, np.int32(lo), np.int32(hi), offsets,
+                             entry_slot, codes, real, idf, inv_sqrt_norms, binary, weight_of_h, alpha,
+                             alpha_is_int, tau, score)
+            if dense:
+                _dense_range(q, score, q_scale, lo, hi, out_scores)
+            else:
+                part_size[t] = _top_range(score, q_scale, lo, hi, slot_ids, k, part_s[t], part_i[t])
+        if dense:
+            continue
+        # k-way merge of the parts' sorted lists, in the ranking's order.
+        head[:] = 0
+        for j in range(k):
+            best = -1
+            for t in range(n_parts):
+                if head[t] < part_size[t] and (best < 0 or _worse(part_s[best, head[best]], part_i[best, head[best]],
+                                                                   part_s[t, head[t]], part_i[t, head[t]])):
+                    best = t
+            if best < 0:
+                break
+            out_scores[q, j] = part_s[best, head[best]]
+            out_ids[q, j] = part_i[best, head[best]]
+            head[best] += 1
 
 
 

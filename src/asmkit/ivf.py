@@ -15,9 +15,11 @@ after removals and for sparse ids.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
+from . import _kernels
 from .kernel import Aggregates
 
 __all__ = ["InvertedFile", "compute_idf", "image_norms", "ivf_stats"]
@@ -57,6 +59,13 @@ class InvertedFile:
     @property
     def binary(self) -> bool:
         return self.data.dtype == np.uint64
+
+    @cached_property
+    def slots_ascend(self) -> bool:
+        """Whether slots ascend within every posting list (``search_kernel_slots`` bisects
+        them). Computed on first use (one pass over the slots) and kept: the arrays of an
+        ``InvertedFile`` are not modified in place."""
+        return bool(_kernels.slots_ascend(self.offsets, self.slots))
 
     def words_of_entries(self) -> np.ndarray:
         """int64 [E]: the word of each entry."""

@@ -60,7 +60,7 @@ TILE_BYTES = 1 << 23
 #: faster (docs/performance.md, "All-vs-all scores").
 MIN_WORD_MAJOR_GROUP = 8
 MIN_WORD_MAJOR_IVF_BYTES = 1 << 24
-_ORDERS = ("auto", "query", "word")
+_ORDERS = ("auto", "query", "word", "slots")
 
 
 def _readonly(array: np.ndarray) -> np.ndarray:
@@ -105,7 +105,7 @@ def score_aggregates(
         Results per query; None ranks all S images.
     dense_out : float32 [Q, S], optional
         Zero-filled C-contiguous array: write every slot's score there instead.
-    order : {"auto", "query", "word"}
+    order : {"auto", "query", "word", "slots"}
         Loop order of the scoring kernel; all give bit-identical results. ``"query"``
         scores one query at a time over its posting lists (``_kernels.search_kernel``);
         ``"word"`` scores blocks of up to ``WORD_MAJOR_BLOCK`` queries word by word into a
@@ -113,7 +113,12 @@ def score_aggregates(
         per block (``_kernels.search_kernel_word_major``); ``"auto"`` picks ``"word"``
         for binary codes of D in 65 .. 128 when the posting data exceeds
         ``MIN_WORD_MAJOR_IVF_BYTES`` (outgrows the cache) and a block's queries share
-        each posting list ``MIN_WORD_MAJOR_GROUP`` times or more on average.
+        each posting list ``MIN_WORD_MAJOR_GROUP`` times or more on average; ``"slots"``
+        scores one query at a time, its posting lists divided among the threads by slot
+        range (``_kernels.search_kernel_slots``; the slots must ascend within every
+        posting list, ``InvertedFile.slots_ascend``), and ``"auto"`` picks it when there
+        are fewer queries than threads (which the work, ``MIN_PARALLEL_ENTRIES`` or more,
+        gets) and the slots ascend.
 
     Returns
     -------
@@ -153,15 +158,24 @@ def score_aggregates(
     # Work estimate: posting entries the queries touch, plus the per-query pass over slots.
     work = int(np.diff(ivf.offsets)[queries.words].sum()) + n_queries * n_slots
     block = max(1, min(WORD_MAJOR_BLOCK, TILE_BYTES // (8 * n_slots)))
-    if order == "auto":
+    auto = order == "auto"
+    if auto:
         # The word-major kernel's entry-by-group loop exists for two-word binary codes
         # (D in 65 .. 128); elsewhere it scans row by row and gains nothing.
         two_words = binary and queries.data.shape[1] == 2
         large = ivf.data.nbytes + ivf.slots.nbytes > MIN_WORD_MAJOR_IVF_BYTES
         group = min(block, n_queries) * queries.words.shape[0] / (n_queries * max(ivf.offsets.shape[0] - 1, 1))
         order = "word" if two_words and large and group >= MIN_WORD_MAJOR_GROUP else "query"
+    if order == "slots" and not ivf.slots_ascend:
+        raise ArgumentError('order: "slots" needs slots ascending within every posting list')
     with _kernels.thread_budget(work, _kernels.MIN_PARALLEL_ENTRIES) as threads:
-        if order == "word":
+        # A query-major block is one query: below one query per thread, divide each
+        # query's posting lists instead.
+        if auto and order == "query" and n_queries < threads and ivf.slots_ascend:
+            order = "slots"
+        if order == "slots":
+            kernel, blocking = _kernels.search_kernel_slots, threads
+        elif order == "word":
             # At least one block per thread, even when that shrinks the blocks.
             blocking = max(1, min(block, -(-n_queries // threads)))
             kernel = _kernels.search_kernel_word_major
@@ -255,7 +269,7 @@ def score_queries(
         Query images per chunk at most (bounds the memory of their aggregates).
     chunk_rows : int
         Query descriptors per chunk, about (a larger image makes a chunk alone).
-    order : {"auto", "query", "word"}
+    order : {"auto", "query", "word", "slots"}
         Scoring loop order (``score_aggregates``); results are identical.
     words : integer [N, >= ma_query], optional
         The settled words of every row of ``queries.vecs``, quantized as this path would
@@ -432,7 +446,7 @@ def similarity_matrix(
         Return the top-k per row instead of the dense matrix.
     chunk : int
         Query images scored per batch.
-    order : {"auto", "query", "word"}
+    order : {"auto", "query", "word", "slots"}
         Scoring loop order (see ``score_aggregates``); results are identical.
 
     Returns
