@@ -231,8 +231,6 @@ def test_deep_preset_query(deep_workspace, demo, capsys):
     assert res["results"][0]["results"][0]["name"] == Path(query).name
 
 
-@pytest.mark.xfail(strict=False, reason="features/deep.py raises a plain ValueError for an unavailable CUDA "
-                                        "device; it must be an ArgumentError")
 def test_deep_preset_on_missing_cuda_is_one_line(deep_workspace, demo, capsys):
     if _has_gpu():
         pytest.skip("a GPU is present")

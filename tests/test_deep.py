@@ -11,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
+from asmkit._validation import ArgumentError, FileFormatError  # noqa: E402
 from asmkit.features import ImageFeatures, PCAWhitening, extract_features  # noqa: E402
 from asmkit.features.backbones import ModuleBackbone  # noqa: E402
 from asmkit.features.deep import (  # noqa: E402
@@ -124,6 +125,17 @@ def test_head_residual_projector_and_save_load(tmp_path):
     assert again.config() == head.config()
     assert again.fingerprint() == head.fingerprint()
     assert head.forward_local(x)[0].shape == (2, 6, 8)
+
+
+@pytest.mark.parametrize("content", [b"a text file, not a head\n", b"", b"PK\x03\x04damaged zip"],
+                         ids=["text", "empty", "damaged_zip"])
+def test_head_load_of_a_foreign_file_names_it(tmp_path, content):
+    # torch.load raises an IndexError for a text file; the user must get the file's name.
+    path = tmp_path / "head.pt"
+    path.write_bytes(content)
+    with pytest.raises(FileFormatError, match="head.pt: not an") as info:
+        RetrievalHead.load(path)
+    assert "weights_only" not in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -266,13 +278,13 @@ def test_extractor_leaves_the_process_thread_count_alone():
 
 def test_extractor_rejects_bad_images():
     ex = DeepExtractor(_Pool(), nfeat=4)
-    with pytest.raises(ValueError, match="uint8"):
+    with pytest.raises(ArgumentError, match="uint8"):
         ex.extract(np.zeros((8, 8, 3), np.float32))
-    with pytest.raises(ValueError, match="uint8"):
+    with pytest.raises(ArgumentError, match="uint8"):
         ex.extract(np.zeros((8, 8), np.uint8))
-    with pytest.raises(TypeError, match="numpy array"):
+    with pytest.raises(ArgumentError, match="numpy array"):
         ex.extract([[0]])
-    with pytest.raises(ValueError, match="head: built for 5-D"):
+    with pytest.raises(ArgumentError, match="head: built for 5-D"):
         DeepExtractor(_Pool(), RetrievalHead(5))
 
 

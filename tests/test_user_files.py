@@ -94,13 +94,7 @@ def _xfail_unless(condition: bool, reason: str):
 
 # -- --model --------------------------------------------------------------------------------
 
-_MODEL_PENDING = ("load_mast3r_checkpoint (features/backbones.py) lets torch.load's errors through; on the pipeline "
-                  "branch features/mast3r.py catches them, but not the IndexError of a text file")
-
-
-@pytest.mark.parametrize("kind", [
-    pytest.param(k, marks=_xfail_unless(k != "directory", _MODEL_PENDING)) for k in KINDS
-])
+@pytest.mark.parametrize("kind", KINDS)
 def test_model(kind, images, tmp_path, capsys):
     pytest.importorskip("torch")
     path = wrong_file(kind, tmp_path, "" if kind.endswith("pkl") or kind == "directory" else ".pth")
@@ -108,7 +102,6 @@ def test_model(kind, images, tmp_path, capsys):
                                "--model", str(path)], path)
 
 
-@pytest.mark.xfail(strict=False, reason=_MODEL_PENDING)
 def test_model_codebook_pickle_in_a_real_process(images, tmp_path):
     # The case of the issue, as a new user meets it: the console script, not main().
     pytest.importorskip("torch")
