@@ -246,13 +246,10 @@ def test_image_list_naming_a_file_twice(images, tmp_path, capsys):
 
 # -- eval DATA ------------------------------------------------------------------------------
 
-_GT_PENDING = "evaluate.load_ground_truth raises plain ValueErrors; they must be FileFormatErrors"
-
-
 @pytest.mark.parametrize("content", [
-    pytest.param(b"\x89PNG\r\n\x1a\n\0\0", id="png", marks=pytest.mark.xfail(strict=False, reason=_GT_PENDING)),
-    pytest.param(b"{not json", id="text", marks=pytest.mark.xfail(strict=False, reason=_GT_PENDING)),
-    pytest.param(b'{"queries": []}', id="missing_keys", marks=pytest.mark.xfail(strict=False, reason=_GT_PENDING)),
+    pytest.param(b"\x89PNG\r\n\x1a\n\0\0", id="png"),
+    pytest.param(b"{not json", id="text"),
+    pytest.param(b'{"queries": []}', id="missing_keys"),
     pytest.param(None, id="no_gt_json"),
 ])
 def test_eval_data(content, tmp_path, capsys):
