@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from asmkit import pipeline
+from asmkit.codebook import Codebook
 from asmkit._validation import ArgumentError, FileFormatError
 from asmkit.cli import main
 
@@ -144,6 +145,17 @@ def test_codebook_that_is_another_asmkit_folder_or_damaged(part, images, workspa
                                       str(cache), "--codebook", str(path)], path)
     if part in ("truncated", "garbage_npy"):
         assert "centroids.npy" in line
+
+
+@pytest.mark.parametrize("command", ["index", "scores"])
+def test_codebook_of_another_dimension(command, images, cache, tmp_path, capsys):
+    # A valid codebook for other features (SIFT is 128-D): the error names the file and both sizes.
+    path = tmp_path / "codebook16.asmkit"
+    Codebook(np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)).save(path)
+    out = ["--out", str(tmp_path / ("ws" if command == "index" else "s.npy"))]
+    extra = [] if command == "index" else ["--cache", str(cache)]
+    line = assert_user_error(capsys, ["-q", command, str(images), *out, *extra, "--codebook", str(path)], path)
+    assert "codebook of dimension 16, the features have 128" in line
 
 
 # -- --config -------------------------------------------------------------------------------
