@@ -160,14 +160,7 @@ def test_codebook_of_another_dimension(command, images, cache, tmp_path, capsys)
 
 # -- --config -------------------------------------------------------------------------------
 
-_CONFIG_PENDING = ("config.py's reader raises a plain ValueError (invalid TOML) or lets UnicodeDecodeError "
-                   "through; FileFormatError on the pipeline branch")
-
-
-@pytest.mark.parametrize("kind", [
-    pytest.param(k, marks=_xfail_unless(k != "directory", _CONFIG_PENDING))
-    for k in KINDS if k != "empty"  # an empty TOML file is a valid config: no overrides
-])
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "empty"])  # an empty TOML file is a valid config
 def test_config(kind, images, tmp_path, capsys):
     path = wrong_file(kind, tmp_path, ".toml")
     assert_user_error(capsys, ["-q", "scores", str(images), "--out", str(tmp_path / "s.npy"), "--config", str(path)],
@@ -384,3 +377,24 @@ def test_a_bug_in_a_real_process_exits_1_with_its_traceback(tmp_path):
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 1
     assert "Traceback" in proc.stderr and "TypeError: a bug inside asmkit" in proc.stderr
+
+
+# -- missing optional packages ----------------------------------------------------------------
+
+
+def test_yaml_config_without_pyyaml(images, tmp_path, monkeypatch, capsys):
+    path = tmp_path / "config.yaml"
+    path.write_text("asmk:\n  codebook_size: 16\n")
+    monkeypatch.setitem(sys.modules, "yaml", None)  # `import yaml` now raises ImportError
+    line = assert_user_error(capsys, ["-q", "index", str(images), "--out", str(tmp_path / "ws"),
+                                      "--config", str(path)], path)
+    assert "pip install pyyaml" in line
+
+
+def test_deep_preset_without_torch(images, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "asmkit.features.deep", None)  # as when torch is missing
+    capsys.readouterr()
+    assert main(["-q", "index", str(images), "--out", str(tmp_path / "ws"), "--preset", "deep"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "the deep preset needs torch: pip install 'asmkit[deep]'" in err
