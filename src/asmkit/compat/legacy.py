@@ -338,7 +338,7 @@ def index_from_legacy(state: Any, codebook, params=None, *, path: str | os.PathL
     The reference stores the aggregated codes per word, which is all an index needs: no
     descriptor is re-quantized. idf and image norms are recomputed from the posting lists,
     as the reference computes them for an index built in one call (where it added images in
-    several calls its stored idf is stale, ASMK.md §4; asmkit's is exact).
+    several calls its stored idf is stale, docs/math.md §4; asmkit's is exact).
 
     Parameters
     ----------
