@@ -89,10 +89,6 @@ def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
-def _xfail_unless(condition: bool, reason: str):
-    return [pytest.mark.xfail(strict=False, reason=reason)] if condition else []
-
-
 # -- --model --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -232,11 +228,7 @@ def test_damaged_workspace_with_add(workspace, images, tmp_path, capsys):
 # -- the image list -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", [
-    pytest.param(k, marks=_xfail_unless(k == "text", "pipeline.py raises a plain ValueError when no listed image "
-                                                     "can be read (an ArgumentError on the pipeline branch)"))
-    for k in KINDS
-])
+@pytest.mark.parametrize("kind", KINDS)
 def test_image_list(kind, tmp_path, capsys):
     path = wrong_file(kind, tmp_path)
     assert_user_error(capsys, ["-q", "index", str(path), "--out", str(tmp_path / "ws")], path)
