@@ -331,3 +331,13 @@ def test_cuda_extractor_agrees_with_cpu():
         # float16: the same image vector, and mostly the same selected features.
         assert float(a.global_descriptor @ c.global_descriptor) > 0.99
         assert len(on_cpu.keys() & _by_position(c).keys()) >= 0.9 * len(on_cpu)
+
+
+@pytest.mark.parametrize("module", ["asmkit.features.deep", "asmkit.features.mast3r"])
+def test_import_without_torch_is_a_dependency_error(module):
+    # In a fresh interpreter where `import torch` fails, as on an install without [deep].
+    code = (f"import sys; sys.modules['torch'] = None\n"
+            f"from asmkit._validation import DependencyError\n"
+            f"try:\n    import {module}\nexcept DependencyError as exc:\n    print('OK', exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.startswith("OK") and "pip install 'asmkit[deep]'" in out.stdout, out.stdout + out.stderr

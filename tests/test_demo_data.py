@@ -11,8 +11,8 @@ from PIL import Image
 
 pytest.importorskip("skimage")
 
-from asmkit._validation import ArgumentError, DependencyError  # noqa: E402
 from asmkit import demo  # noqa: E402
+from asmkit._validation import ArgumentError, DependencyError  # noqa: E402
 from asmkit.demo import DEMO_PHOTOS, build_demo_set  # noqa: E402
 from asmkit.evaluate import evaluate, load_ground_truth  # noqa: E402
 

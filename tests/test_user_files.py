@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 
 from asmkit import pipeline
-from asmkit.codebook import Codebook
 from asmkit._validation import ArgumentError, FileFormatError
 from asmkit.cli import main
+from asmkit.codebook import Codebook
 
 from .broken_files import textured_image
 

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from PIL import Image, ImageEnhance
 
 from ._io import write_text_atomic
 from ._validation import ArgumentError, DependencyError
-from PIL import Image, ImageEnhance
 
 __all__ = ["DEMO_PHOTOS", "build_demo_set"]
 

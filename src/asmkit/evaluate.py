@@ -195,7 +195,7 @@ def load_ground_truth(folder: str | Path) -> GroundTruth:
         raise FileNotFoundError(f"ground truth not found: {path}")
     data = read_json(path, "a ground-truth file")
     if not isinstance(data, dict):
-        raise FileFormatError(path, f"expected a JSON object at the top level")
+        raise FileFormatError(path, "expected a JSON object at the top level")
     for key in ("images", "queries", "positives", "junk"):
         if key not in data:
             raise FileFormatError(path, f"missing key {key!r}")
@@ -204,9 +204,9 @@ def load_ground_truth(folder: str | Path) -> GroundTruth:
         if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
             raise FileFormatError(path, f"key {key!r} must be a list of image names")
     if len(set(images)) != len(images):
-        raise FileFormatError(path, f"key 'images' lists an image more than once")
+        raise FileFormatError(path, "key 'images' lists an image more than once")
     if len(set(queries)) != len(queries):
-        raise FileFormatError(path, f"key 'queries' lists a query more than once")
+        raise FileFormatError(path, "key 'queries' lists a query more than once")
     index = {n: i for i, n in enumerate(images)}
 
     def lists(key: str) -> list[np.ndarray]:
@@ -218,7 +218,7 @@ def load_ground_truth(folder: str | Path) -> GroundTruth:
     positives, junk = lists("positives"), lists("junk")
     easy = hard = None
     if ("easy" in data) != ("hard" in data):
-        raise FileFormatError(path, f"keys 'easy' and 'hard' must be given together")
+        raise FileFormatError(path, "keys 'easy' and 'hard' must be given together")
     if "easy" in data:
         easy, hard = lists("easy"), lists("hard")
 
@@ -226,7 +226,7 @@ def load_ground_truth(folder: str | Path) -> GroundTruth:
     if "groups" in data:
         raw = data["groups"]
         if not isinstance(raw, list):
-            raise FileFormatError(path, f"key 'groups' must be a list of lists of image names")
+            raise FileFormatError(path, "key 'groups' must be a list of lists of image names")
         groups = [_indices(g, index, path, f"groups[{i}]") for i, g in enumerate(raw)]
         group_of: dict[str, int] = {}
         for gi, g in enumerate(raw):

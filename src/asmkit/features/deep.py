@@ -34,6 +34,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .._validation import ArgumentError, DependencyError, FileFormatError
+
 try:
     import torch
     import torch.nn.functional as F
@@ -43,7 +45,6 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
         "asmkit.features.deep needs PyTorch; install it with: pip install 'asmkit[deep]'"
     ) from exc
 
-from .._validation import ArgumentError, DependencyError, FileFormatError
 from .extract import ImageFeatures
 from .io import load_image
 from .whitening import PCAWhitening

@@ -19,9 +19,8 @@ import numpy as np
 
 from .._validation import ArgumentError, DependencyError, FileFormatError
 from ..compat.legacy import load_legacy_pickle
-from .backbones import Normalize
-from .deep import RetrievalHead
 
+# Before the imports of .backbones and .deep, which need torch too.
 try:
     import torch
     from torch import nn
@@ -29,6 +28,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
     raise DependencyError(
         "asmkit.features.mast3r needs PyTorch; install it with: pip install 'asmkit[deep]'"
     ) from exc
+
+from .backbones import Normalize  # noqa: E402
+from .deep import RetrievalHead  # noqa: E402
 
 __all__ = ["Mast3rCheckpoint", "load_mast3r_checkpoint"]
 
