@@ -13,10 +13,11 @@ Each size runs in its own process (so its peak resident memory is its own) and r
 build rate, peak and final resident memory, bytes per image on disk (``Index.save``),
 load time with mmap (``verify`` off and on, warm page cache), and the latency of one
 query per call, k = 100, on the numba threads of this machine (``score_aggregates`` on the
-loaded parts), p50 and p99. Levers measured on the same index and queries:
+loaded parts, ``order="auto"``: one query's posting lists split by slot range over the
+threads), p50 and p99. Measured on the same index and queries:
 
-- ``split``: one query's posting-list scan split by slot range over the threads
-  (``split_scan`` below; identical results, checked);
+- ``one_thread``: ``order="query"``, each query on one thread (identical results, checked
+  on the first ``--check`` queries);
 - ``prune``: the query's words among the ``--prune`` most frequent ones skipped (stop
   words; this changes results, its mAP cost is measured on UKBench in docs/scale.md).
 
@@ -43,10 +44,10 @@ from pathlib import Path
 import numba
 import numpy as np
 import psutil
-from numba import njit, prange
+from numba import njit
 
-from asmkit import Codebook, Index, _kernels
-from asmkit.kernel import Aggregates, n_hamming_bits
+from asmkit import Codebook, Index
+from asmkit.kernel import Aggregates
 from asmkit.search import merge_topk, score_aggregates
 
 WORDS = 65536
@@ -173,68 +174,6 @@ def build_parts(model: WordModel, n_images: int, part: int, batch: int, folder: 
     return {"paths": paths, "add_s": add_s, "gen_s": gen_s, "rss_built_gb": rss_built, "disk": disk}
 
 
-@njit(cache=True, parallel=True)
-def split_scan(q_words, q_codes, offsets, entry_slot, codes, idf, inv_sqrt_norms, slot_ids, weight_of_h, k,
-               n_parts, score, out_scores, out_ids):
-    """One query's binary (two-word code) scores, its posting lists split by slot range.
-
-    Part ``t`` of ``n_parts`` (in parallel) owns slots ``S·t/n .. S·(t+1)/n - 1``: in each
-    posting list (slots ascending) it finds its entries by bisection, adds them to
-    ``score`` in the same float64 order as ``_kernels.search_kernel``, then keeps its top-k
-    (ties: ascending id) and resets its slots. Merging the parts' rows with ``merge_topk``
-    gives ``score_aggregates``'s result exactly.
-
-    Parameters
-    ----------
-    q_words : int64 [R]; q_codes : uint64 [R, 2]
-        The query's words (ascending) and codes.
-    offsets : int64 [K + 1]; entry_slot : int32 [E]; codes : uint64 [E, 2]
-        The inverted file.
-    idf : float32 [K]; inv_sqrt_norms : float64 [S]; slot_ids : int64 [S]
-    weight_of_h : float32 [B + 1]
-        σ by Hamming distance, 0 below τ.
-    k : int
-    n_parts : int
-    score : float64 [S]
-        Zeros; left zero.
-    out_scores : float32 [n_parts, k]; out_ids : int64 [n_parts, k]
-        -inf / -1 filled; each part's top-k, best first.
-    """
-    n_slots = score.shape[0]
-    q_norm = np.float32(0.0)
-    for r in range(q_words.shape[0]):
-        q_norm += idf[q_words[r]]
-    q_scale = np.float64(np.float32(np.sqrt(np.float64(q_norm))))
-    for t in prange(n_parts):
-        lo = np.int32((n_slots * t) // n_parts)
-        hi = np.int32((n_slots * (t + 1)) // n_parts)
-        for r in range(q_words.shape[0]):
-            word = q_words[r]
-            w_idf = idf[word]
-            list_slots = entry_slot[offsets[word] : offsets[word + 1]]
-            begin = np.uint64(offsets[word] + np.searchsorted(list_slots, lo))
-            end = np.uint64(offsets[word] + np.searchsorted(list_slots, hi))
-            a0 = q_codes[r, 0]
-            a1 = q_codes[r, 1]
-            for e in range(begin, end):
-                h = _kernels.popcount64(a0 ^ codes[e, 0]) + _kernels.popcount64(a1 ^ codes[e, 1])
-                weighted = np.float32(weight_of_h[h] * w_idf)
-                slot = np.uint64(entry_slot[e])
-                score[slot] += np.float64(np.float32(np.float64(weighted) * inv_sqrt_norms[slot]))
-        heap_s = out_scores[t]
-        heap_i = out_ids[t]
-        size = 0
-        for slot in range(lo, hi):
-            final = np.float32(score[slot] / q_scale) if q_scale > 0.0 else np.float32(0.0)
-            score[slot] = 0.0
-            if size < k or _kernels._worse(heap_s[0], heap_i[0], final, slot_ids[slot]):
-                size = _kernels._heap_offer(heap_s, heap_i, size, k, final, slot_ids[slot])
-        for last in range(size - 1, 0, -1):
-            heap_s[0], heap_s[last] = heap_s[last], heap_s[0]
-            heap_i[0], heap_i[last] = heap_i[last], heap_i[0]
-            _kernels._sift_down(heap_s, heap_i, last, 0)
-
-
 class Part:
     """One loaded index part, with the arrays a search reads (taken once, not per query)."""
 
@@ -244,33 +183,15 @@ class Part:
         self.idf = self.index.idf
         self.sqrt_norms = np.sqrt(self.index.norms)
         self.ids = self.index.ids
-        with np.errstate(divide="ignore"):
-            self.inv_sqrt_norms = np.where(self.sqrt_norms > 0, 1.0 / self.sqrt_norms, 0.0)
-        params = self.index.params
-        self.weight_of_h = np.nan_to_num(_kernels.sigma_table(n_hamming_bits(DIM), float(params.alpha),
-                                                              float(params.alpha).is_integer(),
-                                                              np.float32(params.tau)), nan=0.0)
-        self.score = np.zeros(len(self.ids), dtype=np.float64)
 
-    def search(self, query: Aggregates) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, query: Aggregates, order: str = "auto") -> tuple[np.ndarray, np.ndarray]:
         return score_aggregates(self.ivf, self.idf, self.sqrt_norms, self.ids, query, self.index.params, dim=DIM,
-                                k=K_RESULTS)
-
-    def search_split(self, query: Aggregates, n_parts: int) -> tuple[np.ndarray, np.ndarray]:
-        out_scores = np.full((n_parts, K_RESULTS), -np.inf, dtype=np.float32)
-        out_ids = np.full((n_parts, K_RESULTS), -1, dtype=np.int64)
-        split_scan(query.words, query.data, self.ivf.offsets, self.ivf.slots, self.ivf.data, self.idf,
-                   self.inv_sqrt_norms, self.ids, self.weight_of_h, min(K_RESULTS, len(self.ids)), n_parts,
-                   self.score, out_scores, out_ids)
-        return merge_topk([(out_scores[t : t + 1], out_ids[t : t + 1]) for t in range(n_parts)], K_RESULTS)
+                                k=K_RESULTS, order=order)
 
 
-def search_all(parts: list[Part], query: Aggregates, split: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def search_all(parts: list[Part], query: Aggregates, order: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """The whole database's top-k: every part searched, the results merged."""
-    if split:
-        results = [p.search_split(query, split) for p in parts]
-    else:
-        results = [p.search(query) for p in parts]
+    results = [p.search(query, order) for p in parts]
     return results[0] if len(results) == 1 else merge_topk(results, K_RESULTS)
 
 
@@ -330,15 +251,15 @@ def run_size(n_images: int, args) -> dict:
         threads = numba.get_num_threads()
         if args.check:
             for q in queries[: args.check]:
-                plain, split = search_all(parts, q), search_all(parts, q, split=threads)
+                split, plain = search_all(parts, q), search_all(parts, q, "query")
                 assert np.array_equal(plain[1], split[1]) and np.array_equal(plain[0], split[0]), "split differs"
-        out["split"] = latencies(lambda q: search_all(parts, q, split=threads), queries)
+        out["one_thread"] = latencies(lambda q: search_all(parts, q, "query"), queries)
         for fraction in args.prune:
             stop = np.zeros(WORDS, dtype=bool)
             stop[np.argsort(counts)[::-1][: round(fraction * WORDS)]] = True
             pruned = [prune_query(q, stop) for q in queries]
             kept = np.mean([int(counts[q.words].sum()) / max(e, 1) for q, e in zip(pruned, entries)])
-            out[f"prune{fraction}"] = {**latencies(lambda q: search_all(parts, q, split=threads), pruned),
+            out[f"prune{fraction}"] = {**latencies(lambda q: search_all(parts, q), pruned),
                                        "entries_kept": round(float(kept), 3)}
         out["rss_after_queries_gb"] = round(rss_gb(), 2)
         out["peak_rss_gb"] = round(peak_rss_gb(), 2)
@@ -418,7 +339,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=50000, help="images per add_aggregates call")
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--prune", type=float, nargs="*", default=[0.01], help="stop-word fractions of K")
-    parser.add_argument("--check", type=int, default=20, help="queries whose split results are compared")
+    parser.add_argument("--check", type=int, default=20, help="queries whose split and one-thread results are compared")
     parser.add_argument("--tmp", default=None, help="folder for the saved parts")
     parser.add_argument("--quantize", action="store_true")
     parser.add_argument("--refit", metavar="DATASET", help="fit MODEL on this UKBench folder and print it")

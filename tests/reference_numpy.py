@@ -174,3 +174,27 @@ def flatten(images, ids=None):
     vecs = np.concatenate(images).astype(np.float32)
     labels = np.concatenate([np.full(len(v), i, dtype=np.int64) for v, i in zip(images, ids)])
     return vecs, labels
+
+
+# -- inverted-file merge ------------------------------------------------------------------
+
+
+def append_posting_lists(offsets, slots, data, other_offsets, other_slots, other_data):
+    """CSR lists of ``other`` after the same lists of the first: (offsets, slots, data),
+    each entry scattered to its destination by vectorised index arithmetic."""
+    counts, other_counts = np.diff(offsets), np.diff(other_offsets)
+    words = np.repeat(np.arange(len(counts)), counts)
+    other_words = np.repeat(np.arange(len(other_counts)), other_counts)
+    dest = np.arange(len(slots)) + other_offsets[words]
+    other_dest = np.arange(len(other_slots)) + offsets[other_words + 1]
+    out_slots = np.empty(len(slots) + len(other_slots), dtype=slots.dtype)
+    out_slots[dest], out_slots[other_dest] = slots, other_slots
+    out_data = np.empty((len(out_slots),) + data.shape[1:], dtype=data.dtype)
+    out_data[dest], out_data[other_dest] = data, other_data
+    return offsets + other_offsets, out_slots, out_data
+
+
+def image_norms(offsets, slots, idf, n_slots):
+    """n_d per slot: idf of each entry's word, float64, summed in entry (= word) order."""
+    words = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    return np.bincount(slots, weights=idf.astype(np.float64)[words], minlength=n_slots)

@@ -29,6 +29,8 @@ __all__ = [
     "thread_budget",
     "faiss_thread_budget",
     "group_by_label",
+    "image_norms",
+    "merge_posting_lists",
     "aggregate_count",
     "aggregate_fill",
     "pack_rows",
@@ -817,6 +819,66 @@ def search_kernel_slots(
             out_ids[q, j] = part_i[best, head[best]]
             head[best] += 1
 
+
+@njit(cache=True)
+def merge_posting_lists(offsets, new_offsets, slots, data, new_slots, new_data):
+    """Merge posting lists in place: each list of the new entries goes after the same list
+    of the old ones.
+
+    The old lists fill the first ``offsets[-1]`` rows of ``slots`` and ``data``, which are
+    already grown to the merged size. List ``c`` ends at ``offsets[c + 1] +
+    new_offsets[c + 1]``; its old entries only move right, so the lists are moved from the
+    last word to the first, each from its last entry to its first, and no entry is
+    overwritten before it is read.
+
+    Parameters
+    ----------
+    offsets, new_offsets : int64 [K + 1]
+        CSR offsets of the old and of the new lists.
+    slots : int32 [E + E']
+    data : uint64 or float32 [E + E', W]
+    new_slots : int32 [E']
+    new_data : [E', W], the dtype of ``data``
+    """
+    width = data.shape[1]
+    for c in range(offsets.shape[0] - 2, -1, -1):
+        shift = new_offsets[c]
+        begin = offsets[c]
+        n_old = offsets[c + 1] - begin
+        if shift > 0:
+            for e in range(begin + n_old - 1, begin - 1, -1):
+                slots[e + shift] = slots[e]
+                for t in range(width):
+                    data[e + shift, t] = data[e, t]
+        tail = begin + shift + n_old
+        for e in range(new_offsets[c], new_offsets[c + 1]):
+            slots[tail] = new_slots[e]
+            for t in range(width):
+                data[tail, t] = new_data[e, t]
+            tail += 1
+
+
+@njit(cache=True)
+def image_norms(offsets, entry_slot, idf, n_slots):
+    """n_d = Σ idf[c] over each slot's words, in float64, words ascending.
+
+    Parameters
+    ----------
+    offsets : int64 [K + 1]
+    entry_slot : int32 [E]
+    idf : float32 [K]
+    n_slots : int
+
+    Returns
+    -------
+    float64 [S]
+    """
+    norms = np.zeros(n_slots, dtype=np.float64)
+    for c in range(offsets.shape[0] - 1):
+        weight = np.float64(idf[c])
+        for e in range(offsets[c], offsets[c + 1]):
+            norms[entry_slot[e]] += weight
+    return norms
 
 
 # --- exact nearest words by lower-bound pruning (asmkit.quantizer.PrunedQuantizer) -------

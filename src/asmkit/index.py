@@ -37,6 +37,18 @@ logger = logging.getLogger(__name__)
 _KIND = "index"
 
 
+def _shared(ivf: InvertedFile) -> InvertedFile:
+    """``ivf`` with read-only views of its arrays, to hand out: a view references its base
+    array, so ``InvertedFile.append(in_place=True)`` copies rather than grows an array
+    that someone still reads."""
+    views = []
+    for array in (ivf.offsets, ivf.slots, ivf.data):
+        view = array.view()
+        view.flags.writeable = False
+        views.append(view)
+    return InvertedFile(*views)
+
+
 class Index:
     """ASMK / ASMK* image index over a fixed codebook.
 
@@ -105,8 +117,9 @@ class Index:
 
     @property
     def inverted_file(self) -> InvertedFile:
-        """The CSR posting lists (slot ``s`` is image ``ids[s]``)."""
-        return self._ivf
+        """The CSR posting lists (slot ``s`` is image ``ids[s]``), as read-only views: while
+        they are held, ``add`` copies the lists instead of growing them in place."""
+        return _shared(self._ivf)
 
     @property
     def is_shard(self) -> bool:
@@ -249,10 +262,12 @@ class Index:
         n_old = len(self)
         added = InvertedFile.from_aggregates(aggregates, n_old + np.arange(new_ids.shape[0], dtype=np.int64),
                                              self._codebook.size)
-        ivf = self._ivf.append(added)
         ids = np.concatenate([self._ids, new_ids])
         width = max(self._keys.dtype.itemsize, new_keys.dtype.itemsize) // 4
         keys_all = np.concatenate([self._keys.astype(f"<U{width}"), new_keys.astype(f"<U{width}")])
+        # The cached database's views would keep the posting arrays from growing in place.
+        self._database = None
+        ivf = self._ivf.append(added, in_place=True)
         if n_old and new_ids.min() < self._ids[-1] or not np.all(np.diff(new_ids) > 0):
             # Keep slots in ascending id order: renumber the slots of the merged lists.
             order = np.argsort(ids, kind="stable")
@@ -342,7 +357,7 @@ class Index:
         """What queries are scored against (``asmkit.search.score_queries``): the posting
         lists, idf, √n_d and ids, shared with the index (not copies)."""
         if self._database is None:
-            self._database = Database(self._ivf, self._idf, np.sqrt(self._norms), self._ids)
+            self._database = Database(_shared(self._ivf), self._idf, np.sqrt(self._norms), self._ids)
         return self._database
 
     def search(self, vecs, image_ids=None, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:

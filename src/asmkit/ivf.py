@@ -63,8 +63,8 @@ class InvertedFile:
     @cached_property
     def slots_ascend(self) -> bool:
         """Whether slots ascend within every posting list (``search_kernel_slots`` bisects
-        them). Computed on first use (one pass over the slots) and kept: the arrays of an
-        ``InvertedFile`` are not modified in place."""
+        them). Computed on first use (one pass over the slots) and kept (``append`` with
+        ``in_place`` returns a new ``InvertedFile``)."""
         return bool(_kernels.slots_ascend(self.offsets, self.slots))
 
     def words_of_entries(self) -> np.ndarray:
@@ -101,21 +101,41 @@ class InvertedFile:
         np.cumsum(np.bincount(words, minlength=n_words), out=offsets[1:])
         return cls(offsets, slots[order], aggregates.data[order])
 
-    def append(self, other: "InvertedFile") -> "InvertedFile":
-        """Merge: each posting list of ``other`` goes after the same list of ``self``."""
+    def append(self, other: "InvertedFile", *, in_place: bool = False) -> "InvertedFile":
+        """Merge: each posting list of ``other`` goes after the same list of ``self``.
+
+        With ``in_place``, ``self``'s ``slots`` and ``data`` are grown (``ndarray.resize``:
+        a large block is extended, not copied) and the lists moved within them
+        (``_kernels.merge_posting_lists``), so the merge holds the merged index and
+        ``other``, not the old index besides; ``self`` is invalid afterwards. Arrays that
+        are not their own (memory-mapped, views) or are referenced elsewhere cannot grow
+        and are copied first.
+        """
         if other.n_entries == 0:
             return self
-        offsets = self.offsets + other.offsets
-        dest_self = np.arange(self.n_entries, dtype=np.int64) + other.offsets[self.words_of_entries()]
-        dest_other = np.arange(other.n_entries, dtype=np.int64) + self.offsets[other.words_of_entries() + 1]
-        n_total = self.n_entries + other.n_entries
-        slots = np.empty(n_total, dtype=np.int32)
-        slots[dest_self] = self.slots
-        slots[dest_other] = other.slots
-        data = np.empty((n_total,) + self.data.shape[1:], dtype=self.data.dtype)
-        data[dest_self] = self.data
-        data[dest_other] = other.data
-        return InvertedFile(offsets, slots, data)
+        n_old = self.n_entries
+        n_total = n_old + other.n_entries
+        shape = (n_total,) + self.data.shape[1:]
+        slots = data = None
+        if in_place:
+            try:
+                self.slots.resize(n_total, refcheck=True)
+                slots = self.slots
+            except ValueError:
+                pass
+            try:
+                self.data.resize(shape, refcheck=True)
+                data = self.data
+            except ValueError:
+                pass
+        if slots is None:
+            slots = np.empty(n_total, dtype=np.int32)
+            slots[:n_old] = self.slots
+        if data is None:
+            data = np.empty(shape, dtype=self.data.dtype)
+            data[:n_old] = self.data
+        _kernels.merge_posting_lists(self.offsets, other.offsets, slots, data, other.slots, other.data)
+        return InvertedFile(self.offsets + other.offsets, slots, data)
 
     def select_slots(self, keep: np.ndarray, new_slot: np.ndarray) -> "InvertedFile":
         """Keep only the entries of some slots and renumber them.
@@ -158,14 +178,14 @@ def compute_idf(counts: np.ndarray, n_images: int, use_idf: bool) -> np.ndarray:
 
 
 def image_norms(ivf: InvertedFile, idf: np.ndarray, n_slots: int) -> np.ndarray:
-    """n_d = Σ idf[c] over each image's words, summed in float64 in ascending word order.
+    """n_d = Σ idf[c] over each image's words, summed in float64 in ascending word order
+    (``_kernels.image_norms``: no per-entry temporary).
 
     Returns
     -------
     float64 [S]
     """
-    weights = idf.astype(np.float64)[ivf.words_of_entries()]
-    return np.bincount(ivf.slots, weights=weights, minlength=n_slots).astype(np.float64)
+    return _kernels.image_norms(ivf.offsets, ivf.slots, np.ascontiguousarray(idf), n_slots)
 
 
 def ivf_stats(counts: np.ndarray, n_images: int) -> dict:
