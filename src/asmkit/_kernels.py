@@ -762,6 +762,26 @@ def _scan_slot_range(q_offsets, q_words, q_codes, q_real, q, lo, hi, offsets, en
 
 
 @njit(cache=True, parallel=True)
+def _score_parts(q_offsets, q_words, q_codes, q_real, q, q_scale, offsets, entry_slot, codes, real, idf,
+                 inv_sqrt_norms, slot_ids, binary, weight_of_h, alpha, alpha_is_int, tau, k, dense, score, part_s,
+                 part_i, part_size, out_scores):
+    """Query ``q``'s slot parts in parallel (``search_kernel_slots``). Holds the parallel
+    loop alone: numba turns array expressions of a parallel function (allocations,
+    fills) into parallel regions of their own, each a wake-up of the threads."""
+    n_slots = score.shape[0]
+    n_parts = part_size.shape[0]
+    for t in prange(n_parts):
+        lo = (n_slots * t) // n_parts
+        hi = (n_slots * (t + 1)) // n_parts
+        _scan_slot_range(q_offsets, q_words, q_codes, q_real, q, np.int32(lo), np.int32(hi), offsets, entry_slot,
+                         codes, real, idf, inv_sqrt_norms, binary, weight_of_h, alpha, alpha_is_int, tau, score)
+        if dense:
+            _dense_range(q, score, q_scale, lo, hi, out_scores)
+        else:
+            part_size[t] = _top_range(score, q_scale, lo, hi, slot_ids, k, part_s[t], part_i[t])
+
+
+@njit(cache=True)
 def search_kernel_slots(
     q_offsets, q_words, q_codes, q_real,
     offsets, entry_slot, codes, real,
@@ -774,11 +794,11 @@ def search_kernel_slots(
     Same arguments and results (bit-identical) as ``search_kernel``, except ``n_parts``
     (>= 1) in place of ``n_blocks``, and the posting lists' slots must ascend within each
     list (``slots_ascend``). Queries are scored one after another; part ``t`` of a query
-    (in parallel) owns slots ``S·t/n_parts .. S·(t+1)/n_parts - 1`` of the shared float64
-    [S] score row, adds their entries of every posting list (``_scan_slot_range``) and
-    keeps their top-k; the parts' sorted lists are then merged. A query's entries are
-    then divided among threads, which ``search_kernel`` cannot do for fewer queries than
-    threads.
+    (in parallel, ``_score_parts``) owns slots ``S·t/n_parts .. S·(t+1)/n_parts - 1`` of
+    the shared float64 [S] score row, adds their entries of every posting list
+    (``_scan_slot_range``) and keeps their top-k; the parts' sorted lists are then
+    merged. A query's entries are so divided among threads, which ``search_kernel``
+    cannot do for fewer queries than threads.
     """
     n_queries = q_offsets.shape[0] - 1
     n_slots = inv_sqrt_norms.shape[0]
@@ -792,21 +812,14 @@ def search_kernel_slots(
         q_norm = np.float32(0.0)
         for r in range(q_offsets[q], q_offsets[q + 1]):
             q_norm += idf[q_words[r]]
-        q_scale = _query_scale(q_norm)
-        for t in prange(n_parts):
-            lo = (n_slots * t) // n_parts
-            hi = (n_slots * (t + 1)) // n_parts
-            _scan_slot_range(q_offsets, q_words, q_codes, q_real, q, np.int32(lo), np.int32(hi), offsets,
-                             entry_slot, codes, real, idf, inv_sqrt_norms, binary, weight_of_h, alpha,
-                             alpha_is_int, tau, score)
-            if dense:
-                _dense_range(q, score, q_scale, lo, hi, out_scores)
-            else:
-                part_size[t] = _top_range(score, q_scale, lo, hi, slot_ids, k, part_s[t], part_i[t])
+        _score_parts(q_offsets, q_words, q_codes, q_real, q, _query_scale(q_norm), offsets, entry_slot, codes, real,
+                     idf, inv_sqrt_norms, slot_ids, binary, weight_of_h, alpha, alpha_is_int, tau, k, dense, score,
+                     part_s, part_i, part_size, out_scores)
         if dense:
             continue
         # k-way merge of the parts' sorted lists, in the ranking's order.
-        head[:] = 0
+        for t in range(n_parts):
+            head[t] = 0
         for j in range(k):
             best = -1
             for t in range(n_parts):
