@@ -8,6 +8,7 @@ pairs      :func:`asmkit.pipeline.make_pairs`
 eval       :func:`asmkit.pipeline.evaluate_dataset`
 report     :func:`asmkit.report.main`
 demo       :func:`asmkit.pipeline.run_demo`
+serve      :func:`asmkit.serve.serve`
 =========  =====================================================
 
 Errors a user can fix (a missing file, a bad flag, a corrupt index) print one line on
@@ -114,6 +115,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
+    p = sub.add_parser("serve", help="search an index over HTTP (a web page and a JSON API); needs asmkit[serve]")
+    p.add_argument("index", help="index workspace folder (from `asmkit index`)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--token-file", help="file holding a bearer token that adds and removes require")
+    p.add_argument("--token-reads", action="store_true", help="searches, stats and metrics require the token too")
+    p.add_argument("--workers", type=int, default=4, help="threads for searches, features and updates (default 4)")
+    _add_device_flag(p)
+
     sub.add_parser("presets", help="list the presets")
     return parser
 
@@ -201,6 +211,16 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "report":
         return _report(args)
+
+    if args.command == "serve":
+        try:
+            from .serve import Settings, read_token_file, serve
+        except ImportError as exc:
+            raise ImportError(f"asmkit serve needs its extra: pip install 'asmkit[serve]' ({exc})") from None
+        token = read_token_file(args.token_file) if args.token_file else None
+        serve(args.index, Settings(host=args.host, port=args.port, token=token, token_reads=args.token_reads,
+                                   workers=args.workers, device=args.device))
+        return 0
 
     if args.command == "demo":
         res = pipeline.run_demo(args.out, seed=args.seed)

@@ -113,27 +113,35 @@ class _LimitBody:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
             return await _send_json(send, 413, f"request body larger than {self.limit} bytes")
-        seen = 0
-        started = False
+        seen, exceeded, started = 0, False, False
+        too_large = f"request body larger than {self.limit} bytes"
 
         async def limited_receive():
-            nonlocal seen
+            nonlocal seen, exceeded
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
+                exceeded = True
                 raise _BodyTooLarge
             return message
 
-        async def tracking_send(message):
+        async def guarded_send(message):
+            # The app may turn the interrupted read into an error of its own (a form
+            # parser's 400): the answer is 413 all the same.
             nonlocal started
+            if exceeded:
+                if not started:
+                    started = True
+                    await _send_json(send, 413, too_large)
+                return
             started = started or message["type"] == "http.response.start"
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await self.app(scope, limited_receive, guarded_send)
         except _BodyTooLarge:
             if not started:
-                await _send_json(send, 413, f"request body larger than {self.limit} bytes")
+                await _send_json(send, 413, too_large)
 
 
 async def _send_json(send, status: int, detail: str) -> None:
