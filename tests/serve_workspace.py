@@ -1,9 +1,17 @@
-"""A small index workspace for the ``asmkit serve`` tests, and images to upload."""
+"""For the ``asmkit serve`` tests: a small index workspace, images to upload, and the
+server as a real process on 127.0.0.1."""
 
 from __future__ import annotations
 
 import io
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +20,9 @@ from PIL import Image
 from asmkit.pipeline import build_index
 from broken_files import textured_image
 
-__all__ = ["copy_workspace", "jpeg", "make_workspace"]
+__all__ = ["Server", "copy_workspace", "free_port", "jpeg", "make_workspace"]
+
+SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def jpeg(seed: int, width: int = 160, height: int = 120) -> bytes:
@@ -37,3 +47,44 @@ def copy_workspace(source: Path, target: Path) -> Path:
     """A copy of a workspace that a test may change (its image root stays the source's)."""
     shutil.copytree(source, target)
     return target
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``python -m asmkit.cli serve WORKSPACE`` on a free port of 127.0.0.1."""
+
+    def __init__(self, workspace: Path, *flags: str) -> None:
+        import httpx
+
+        # A file, not a pipe: a pipe nobody reads could fill and stall the server.
+        self.log = tempfile.TemporaryFile()
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "asmkit.cli", "-q", "serve", str(workspace), "--port", str(self.port),
+             *flags],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                raise AssertionError(f"server exited: {self.log.read().decode(errors='replace')[-3000:]}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.proc.kill()
+        raise AssertionError("server did not answer /healthz within 120 s")
+
+    def terminate(self) -> None:
+        """SIGTERM: uvicorn shuts down (the app folds the log), then re-raises the signal."""
+        self.proc.send_signal(signal.SIGTERM)
+        assert self.proc.wait(timeout=60) in (0, -signal.SIGTERM)

@@ -3,11 +3,6 @@ stream of adds, restarted, every acknowledged add is there; SIGTERM folds the lo
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,47 +14,10 @@ pytest.importorskip("fastapi")
 
 from asmkit.index import Index  # noqa: E402
 from asmkit.serve.wal import WriteAheadLog  # noqa: E402
-from serve_workspace import jpeg, make_workspace  # noqa: E402
+from serve_workspace import Server, jpeg, make_workspace  # noqa: E402
 
 TOKEN = "crash-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-SRC = Path(__file__).resolve().parents[1] / "src"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """``python -m asmkit.cli serve WORKSPACE`` on a free port of 127.0.0.1."""
-
-    def __init__(self, workspace: Path, token_file: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "asmkit.cli", "-q", "serve", str(workspace), "--port", str(self.port),
-             "--token-file", str(token_file)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited: {self.proc.stdout.read().decode(errors='replace')[-3000:]}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.proc.kill()
-        raise AssertionError("server did not answer /healthz within 120 s")
-
-    def terminate(self) -> None:
-        """SIGTERM: uvicorn shuts down (the app folds the log), then re-raises the signal."""
-        self.proc.send_signal(signal.SIGTERM)
-        assert self.proc.wait(timeout=60) in (0, -signal.SIGTERM)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +40,7 @@ def top_key(client: httpx.Client, url: str, image: bytes) -> str | None:
 
 
 def test_every_acknowledged_add_survives_kill_9(workspace, token_file):
-    server = Server(workspace, token_file)
+    server = Server(workspace, "--token-file", str(token_file))
     acknowledged: list[str] = []
     sent: list[str] = []
     stop = threading.Event()
@@ -117,7 +75,7 @@ def test_every_acknowledged_add_survives_kill_9(workspace, token_file):
     assert len(acknowledged) >= 12
     assert WriteAheadLog(workspace / "serve-wal").segments(), "the adds were logged, not folded"
 
-    restarted = Server(workspace, token_file)
+    restarted = Server(workspace, "--token-file", str(token_file))
     try:
         with httpx.Client(timeout=60) as client:
             images = client.get(restarted.url + "/stats").json()["images"]
@@ -138,7 +96,7 @@ def test_every_acknowledged_add_survives_kill_9(workspace, token_file):
 
 
 def test_sigterm_folds_the_log_into_the_saved_index(workspace, token_file):
-    server = Server(workspace, token_file)
+    server = Server(workspace, "--token-file", str(token_file))
     try:
         with httpx.Client(timeout=30) as client:
             response = client.post(server.url + "/images", headers=AUTH, data={"key": "term"},
