@@ -30,4 +30,6 @@ def serve(index, settings: Settings | None = None) -> None:
 
     settings = settings or Settings()
     app = create_app(ServedIndex(index, settings), settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
+    # h11, not httptools even where installed: with asyncio's event loop, httptools spent
+    # several times longer outside the handler on descriptor uploads (docs/serve.md).
+    uvicorn.run(app, host=settings.host, port=settings.port, http="h11", log_level="warning", access_log=False)
