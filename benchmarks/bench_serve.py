@@ -9,7 +9,7 @@ soon as the last one is answered, for ``--duration`` seconds per (kind, clients)
 Query kinds: ``descriptors`` (the query image's RootSIFT as ``.npy``, float32) and
 ``image`` (the JPEG: the server extracts the features).
 
-    python benchmarks/bench_serve.py --index /tmp/ukb_index \\
+    python -m benchmarks.bench_serve --index ukb_index \\
         --images ../shared/datasets/ukbench2000/images --clients 8 32 --duration 60
 """
 
@@ -97,12 +97,13 @@ def ceiling(index_dir: Path, vecs: list[np.ndarray], k: int, seconds: float, thr
 
 
 class ServerProcess:
-    def __init__(self, index_dir: Path, workers: int) -> None:
+    def __init__(self, index_dir: Path, workers: int, max_batch: int) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
         self.proc = subprocess.Popen([sys.executable, "-m", "asmkit.cli", "-q", "serve", str(index_dir),
-                                      "--port", str(self.port), "--workers", str(workers)], env=env)
+                                      "--port", str(self.port), "--workers", str(workers),
+                                      "--max-batch", str(max_batch)], env=env)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -185,6 +186,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ceiling-seconds", type=float, default=10.0)
     parser.add_argument("--queries", type=int, default=100, help="distinct query images")
     parser.add_argument("--workers", type=int, default=4, help="the server's --workers")
+    parser.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
@@ -208,7 +210,7 @@ def main(argv=None) -> int:
 
     bodies = {"descriptors": [multipart("descriptors", "q.npy", npy_bytes(v)) for v in vecs],
               "image": [multipart("image", "q.jpg", data) for data in images]}
-    server = ServerProcess(args.index, args.workers)
+    server = ServerProcess(args.index, args.workers, args.max_batch)
     results = []
     try:
         idle_rss = server.rss()
@@ -232,6 +234,7 @@ def main(argv=None) -> int:
         "mean_descriptors": float(n_desc.mean()),
         "duration_s": args.duration,
         "server_workers": args.workers,
+        "server_max_batch": args.max_batch,
         "ceiling_qps": {str(t): q for t, q in ceilings.items()},
         "server_rss_idle_mb": idle_rss / 2**20,
         "server_rss_peak_mb": peak_rss / 2**20,

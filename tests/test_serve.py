@@ -194,6 +194,36 @@ def test_searches_see_an_update_whole_or_not_at_all(workspace):
         served.close()
 
 
+def test_concurrent_searches_batched_equal_searches_one_by_one(workspace):
+    rng = np.random.default_rng(8)
+    queries = [rng.standard_normal((int(rng.integers(0, 400)), 128)).astype(np.float32) for _ in range(24)]
+    ks = [int(rng.integers(1, 15)) for _ in queries]
+    index = Index.load(workspace / "index.asmkit")
+    keys = np.asarray(index.keys)
+    expected = []
+    for vecs, k in zip(queries, ks):
+        scores, ids = index.search([vecs], k=k)
+        found = ids[0] >= 0
+        expected.append((keys[np.searchsorted(index.ids, ids[0][found])].tolist(), scores[0][found].tolist()))
+    served = ServedIndex(workspace, Settings(max_batch=8))
+    try:
+        results = [None] * len(queries)
+        barrier = threading.Barrier(len(queries))
+
+        def run(i):
+            barrier.wait()  # all at once, so that the searcher thread batches them
+            results[i] = served.search(queries[i], ks[i])
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(queries))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        served.close()
+    assert results == expected
+
+
 def test_one_server_per_workspace(workspace):
     served = ServedIndex(workspace)
     try:

@@ -122,6 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", help="file holding a bearer token that adds and removes require")
     p.add_argument("--token-reads", action="store_true", help="searches, stats and metrics require the token too")
     p.add_argument("--workers", type=int, default=4, help="threads for searches, features and updates (default 4)")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="most concurrent searches run as one Index.search call (default 16; 1: one call each)")
     _add_device_flag(p)
 
     sub.add_parser("presets", help="list the presets")
@@ -219,7 +221,7 @@ def _run(args: argparse.Namespace) -> int:
             raise ImportError(f"asmkit serve needs its extra: pip install 'asmkit[serve]' ({exc})") from None
         token = read_token_file(args.token_file) if args.token_file else None
         serve(args.index, Settings(host=args.host, port=args.port, token=token, token_reads=args.token_reads,
-                                   workers=args.workers, device=args.device))
+                                   workers=args.workers, max_batch=args.max_batch, device=args.device))
         return 0
 
     if args.command == "demo":

@@ -20,9 +20,11 @@ import io
 import json
 import logging
 import os
+import queue
 import tempfile
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -120,6 +122,56 @@ def _open_extractor(folder: Path, device: str) -> tuple[PipelineConfig, Path, Ca
     return cfg, root, featurize, getattr(extractor, "max_size", None), bool(getattr(extractor, "thread_safe", False))
 
 
+class _Batcher:
+    """Runs the searches of concurrent requests as one ``Index.search`` call.
+
+    A search waits in a queue while the searcher thread works on the previous batch; the
+    thread then takes every waiting query (up to ``max_batch``) at once. A lone query
+    waits for nothing. Several queries per call share the quantizer's and the scoring
+    kernels' passes (word-major scoring), and the kernels already use every core, so one
+    thread loses nothing to running searches one batch at a time.
+    """
+
+    def __init__(self, run: Callable[[list[np.ndarray], int], list], max_batch: int) -> None:
+        self._run = run
+        self._max_batch = max_batch
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="asmkit-search", daemon=True)
+        self._thread.start()
+
+    def search(self, vecs: np.ndarray, k: int):
+        """The result of ``run([vecs], K)[0]`` trimmed to ``k`` (blocks until done)."""
+        done: Future = Future()
+        self._queue.put((vecs, k, done))
+        return done.result()
+
+    def _loop(self) -> None:
+        while (first := self._queue.get()) is not None:
+            batch = [first]
+            while len(batch) < self._max_batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)  # stop after this batch
+                    break
+                batch.append(item)
+            # Top-k lists are prefixes of the top-K list (a total order: score, then id).
+            try:
+                results = self._run([vecs for vecs, _, _ in batch], max(k for _, k, _ in batch))
+            except Exception as exc:  # handed to the waiting requests, which raise it
+                for _, _, done in batch:
+                    done.set_exception(exc)
+                continue
+            for (_, k, done), (keys, scores) in zip(batch, results):
+                done.set_result((keys[:k], scores[:k]))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+
 class ServedIndex:
     """An index workspace (from ``asmkit index``) opened for serving.
 
@@ -177,6 +229,7 @@ class ServedIndex:
             logger.info("replayed %d logged updates onto %s", len(replayed), self.folder / _INDEX)
         # One search now compiles (or loads) the kernels, so the first request is not slow.
         self._snapshot.index.search([np.zeros((1, self.dim), np.float32)], k=1)
+        self._batcher = _Batcher(self._search_batch, self.settings.max_batch)
         self.last_fold = time.time()
         segment = self._wal.rotate()
         if replayed:
@@ -217,17 +270,9 @@ class ServedIndex:
         return self._snapshot.index.codebook.dim
 
     @property
-    def version(self) -> int:
-        """Increases with every installed update."""
-        return self._snapshot.version
-
-    @property
     def pending(self) -> tuple[int, int]:
         """(records, bytes) in the log that are not yet folded into the saved index."""
         return self._wal.records, self._wal.bytes
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._snapshot
 
     def featurize(self, data: bytes) -> np.ndarray:
         """float32 [n, D]: the local features of an encoded image, extracted as the index's
@@ -272,12 +317,19 @@ class ServedIndex:
         ArgumentError
             ``vecs`` is not a finite 2-D numeric array of the codebook's dimension.
         """
+        vecs = check_vecs(vecs, name="descriptors", dim=self.dim)
+        return self._batcher.search(vecs, k)
+
+    def _search_batch(self, queries: list[np.ndarray], k: int) -> list[tuple[list[str], list[float]]]:
+        """One ``Index.search`` call, on one snapshot, for the queries of a batch."""
         snap = self._snapshot
-        vecs = check_vecs(vecs, name="descriptors", dim=snap.index.codebook.dim)
-        scores, ids = snap.index.search([vecs], k=k)
-        found = ids[0] >= 0
-        slots = np.searchsorted(snap.ids, ids[0][found])
-        return snap.keys[slots].tolist(), scores[0][found].astype(float).tolist()
+        scores, ids = snap.index.search(queries, k=k)
+        out = []
+        for srow, irow in zip(scores, ids):
+            found = irow >= 0
+            slots = np.searchsorted(snap.ids, irow[found])
+            out.append((snap.keys[slots].tolist(), srow[found].astype(float).tolist()))
+        return out
 
     def stats(self) -> dict:
         """Counts for ``GET /stats``."""
@@ -409,6 +461,7 @@ class ServedIndex:
         """Fold what the log holds and release the workspace."""
         if self._lock_fd is None:
             return
+        self._batcher.close()
         self.fold()
         self._wal.close()
         os.close(self._lock_fd)

@@ -38,6 +38,8 @@ class Settings:
         Uploaded images whose header claims more pixels get 422 before decoding.
     max_k : int
         Largest ``k`` a search may ask for.
+    max_batch : int
+        Most concurrent searches run as one ``Index.search`` call (1: one call each).
     max_key_length : int
         Characters in an image key.
     fold_interval_s : float
@@ -56,6 +58,7 @@ class Settings:
     max_request_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 50_000_000
     max_k: int = 1000
+    max_batch: int = 16
     max_key_length: int = 256
     fold_interval_s: float = 300.0
     fold_bytes: int = 256 * 1024 * 1024
@@ -74,6 +77,7 @@ class Settings:
         check_int(self.max_request_bytes, "max_request_bytes", min=1)
         check_int(self.max_pixels, "max_pixels", min=1)
         check_int(self.max_k, "max_k", min=1)
+        check_int(self.max_batch, "max_batch", min=1)
         # A key travels in the log with a 16-bit byte length (at most 4 bytes a character).
         check_int(self.max_key_length, "max_key_length", min=1, max=16383)
         check_float(self.fold_interval_s, "fold_interval_s", min=0.0, min_open=True)
