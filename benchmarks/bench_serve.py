@@ -75,20 +75,18 @@ def prepare(index_dir: Path, n_queries: int) -> tuple[list[bytes], list[np.ndarr
     return images, vecs
 
 
-def ceiling(index_dir: Path, vecs: list[np.ndarray], k: int, seconds: float, threads: int) -> float:
-    """Queries per second of ``Index.search`` (one query a call, as the server makes them)
-    in ``threads`` threads."""
-    index = Index.load(index_dir / "index.asmkit", mmap=False)
-    index.search([vecs[0]], k=k)
+def ceiling(index: Index, vecs: list[np.ndarray], k: int, seconds: float, threads: int, batch: int) -> float:
+    """Queries per second of ``Index.search`` in ``threads`` threads, ``batch`` queries a
+    call."""
     done = [0] * threads
     deadline = time.perf_counter() + seconds
 
     def loop(t: int) -> None:
-        i = t
+        i = t * batch
         while time.perf_counter() < deadline:
-            index.search([vecs[i % len(vecs)]], k=k)
-            done[t] += 1
-            i += threads
+            index.search([vecs[(i + j) % len(vecs)] for j in range(batch)], k=k)
+            done[t] += batch
+            i += threads * batch
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
@@ -135,43 +133,101 @@ class ServerProcess:
         self.proc.wait(timeout=120)
 
 
-async def drive(url: str, bodies: list[bytes], clients: int, seconds: float, k: int, warmup: float) -> dict:
+class RawConnection:
+    """HTTP/1.1 keep-alive on one asyncio stream, requests encoded once: a client that
+    costs almost no CPU, to tell the server's limits from httpx's."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def send(self, request: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        try:
+            self.writer.write(request)
+            await self.writer.drain()
+            status = int((await self.reader.readline()).split()[1])
+            length = 0
+            while (line := await self.reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            return status, await self.reader.readexactly(length)
+        except (OSError, asyncio.IncompleteReadError, IndexError, ValueError):
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.reader = self.writer = None
+
+
+async def drive(url: str, bodies: list[bytes], clients: int, seconds: float, k: int, warmup: float,
+                client_kind: str) -> dict:
     """``clients`` closed-loop clients for ``warmup + seconds``; statistics over the last
     ``seconds``."""
-    headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+    host, port = url.rsplit("/", 1)[1].split(":")
+    content_type = f"multipart/form-data; boundary={BOUNDARY}"
     latencies: list[float] = []
     errors: list[str] = []
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     start = time.perf_counter()
     measure_from, deadline = start + warmup, start + warmup + seconds
+    cpu0 = time.process_time()
 
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
-        async def one_client(c: int) -> None:
-            i = c
-            while (now := time.perf_counter()) < deadline:
-                t0 = now
-                try:
-                    response = await client.post(f"/search?k={k}", content=bodies[i % len(bodies)], headers=headers)
-                    ok = response.status_code == 200
-                    reason = f"{response.status_code} {response.text[:200]}"
-                except httpx.HTTPError as exc:
-                    ok, reason = False, repr(exc)
-                t1 = time.perf_counter()
-                if t0 >= measure_from and t1 <= deadline:
-                    latencies.append(t1 - t0)
-                    if not ok:
-                        errors.append(reason)
-                i += clients
+    if client_kind == "httpx":
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        shared = httpx.AsyncClient(base_url=url, limits=limits, timeout=60)
 
-        await asyncio.gather(*(one_client(c) for c in range(clients)))
+        def connect():
+            async def send(body: bytes) -> tuple[int, bytes]:
+                response = await shared.post(f"/search?k={k}", content=body, headers={"Content-Type": content_type})
+                return response.status_code, response.content
+            return send, None
+    else:
+        shared = None
+        requests = {id(body): (f"POST /search?k={k} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                               f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+                    for body in bodies}
+
+        def connect():
+            connection = RawConnection(host, int(port))
+            return (lambda body: connection.send(requests[id(body)])), connection
+
+    async def one_client(c: int) -> None:
+        send, connection = connect()
+        i = c
+        while (now := time.perf_counter()) < deadline:
+            t0 = now
+            try:
+                status, content = await send(bodies[i % len(bodies)])
+                ok, reason = status == 200, f"{status} {content[:200]!r}"
+            except (httpx.HTTPError, OSError, asyncio.IncompleteReadError, IndexError, ValueError) as exc:
+                ok, reason = False, repr(exc)
+            t1 = time.perf_counter()
+            if t0 >= measure_from and t1 <= deadline:
+                latencies.append(t1 - t0)
+                if not ok:
+                    errors.append(reason)
+            i += clients
+        if connection is not None:
+            connection.close()
+
+    await asyncio.gather(*(one_client(c) for c in range(clients)))
+    if shared is not None:
+        await shared.aclose()
     lat = np.asarray(latencies) * 1000.0
     return {
+        "client": client_kind,
         "requests": len(latencies),
         "throughput": len(latencies) / seconds,
         "p50_ms": float(np.percentile(lat, 50)) if lat.size else None,
         "p99_ms": float(np.percentile(lat, 99)) if lat.size else None,
         "errors": len(errors),
         "first_errors": errors[:3],
+        "client_cpu_ms_per_request": 1000.0 * (time.process_time() - cpu0) / max(len(latencies), 1),
     }
 
 
@@ -187,6 +243,8 @@ def main(argv=None) -> int:
     parser.add_argument("--queries", type=int, default=100, help="distinct query images")
     parser.add_argument("--workers", type=int, default=4, help="the server's --workers")
     parser.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
+    parser.add_argument("--client", nargs="+", default=["httpx"], choices=["httpx", "raw"],
+                        help="httpx.AsyncClient, and/or raw asyncio streams (requests encoded once)")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
@@ -202,11 +260,15 @@ def main(argv=None) -> int:
     n_desc = np.array([len(v) for v in vecs])
     print(f"{len(vecs)} queries, {n_desc.mean():.0f} descriptors each on average "
           f"({np.mean([len(npy_bytes(v)) for v in vecs]) / 1e6:.2f} MB as .npy)", flush=True)
-    ceilings = {threads: ceiling(args.index, vecs, args.k, args.ceiling_seconds, threads)
-                for threads in sorted({1, args.workers})}
+    index = Index.load(args.index / "index.asmkit", mmap=False)
+    index.search(vecs[:2], k=args.k)
+    ceilings = {f"{threads} threads x {batch} queries a call": ceiling(index, vecs, args.k, args.ceiling_seconds,
+                                                                       threads, batch)
+                for threads, batch in sorted({(1, 1), (args.workers, 1), (1, 8)})}
+    del index
     best = max(ceilings.values())
-    print("in-process Index.search ceiling: " + ", ".join(f"{q:.1f} q/s ({t} thread{'s' * (t > 1)})"
-                                                          for t, q in ceilings.items()), flush=True)
+    print("in-process Index.search ceiling: " + ", ".join(f"{q:.1f} q/s ({name})" for name, q in ceilings.items()),
+          flush=True)
 
     bodies = {"descriptors": [multipart("descriptors", "q.npy", npy_bytes(v)) for v in vecs],
               "image": [multipart("image", "q.jpg", data) for data in images]}
@@ -216,26 +278,30 @@ def main(argv=None) -> int:
         idle_rss = server.rss()
         for kind in args.kinds:
             for clients in args.clients:
-                run = asyncio.run(drive(server.url, bodies[kind], clients, args.duration, args.k, args.warmup))
-                run.update(kind=kind, clients=clients, server_rss_mb=server.rss() / 2**20,
-                           ratio_to_ceiling=run["throughput"] / best)
-                results.append(run)
-                print(f"{kind:11s} {clients:3d} clients: {run['throughput']:7.1f} q/s, p50 {run['p50_ms']:.1f} ms, "
-                      f"p99 {run['p99_ms']:.1f} ms, errors {run['errors']}, server RSS {run['server_rss_mb']:.0f} MB, "
-                      f"{100 * run['ratio_to_ceiling']:.0f}% of the ceiling", flush=True)
+                for client in args.client:
+                    run = asyncio.run(drive(server.url, bodies[kind], clients, args.duration, args.k, args.warmup,
+                                            client))
+                    run.update(kind=kind, clients=clients, server_rss_mb=server.rss() / 2**20,
+                               ratio_to_ceiling=run["throughput"] / best)
+                    results.append(run)
+                    print(f"{kind:11s} {clients:3d} clients ({client:5s}): {run['throughput']:7.1f} q/s, "
+                          f"p50 {run['p50_ms']:.1f} ms, p99 {run['p99_ms']:.1f} ms, errors {run['errors']}, "
+                          f"server RSS {run['server_rss_mb']:.0f} MB, client CPU "
+                          f"{run['client_cpu_ms_per_request']:.2f} ms/request, "
+                          f"{100 * run['ratio_to_ceiling']:.0f}% of the ceiling", flush=True)
         peak_rss = server.peak_rss
     finally:
         server.stop()
 
     report = {
         "index": str(args.index),
-        "images": len(Index.load(args.index / "index.asmkit")),
+        "images": len(Index.load(args.index / "index.asmkit", mmap=True)),
         "queries": len(vecs),
         "mean_descriptors": float(n_desc.mean()),
         "duration_s": args.duration,
         "server_workers": args.workers,
         "server_max_batch": args.max_batch,
-        "ceiling_qps": {str(t): q for t, q in ceilings.items()},
+        "ceiling_qps": ceilings,
         "server_rss_idle_mb": idle_rss / 2**20,
         "server_rss_peak_mb": peak_rss / 2**20,
         "cpus": os.cpu_count(),

@@ -253,11 +253,12 @@ def create_app(index: ServedIndex, settings: Settings | None = None) -> FastAPI:
         if not hmac.compare_digest(given.encode(), settings.token.encode()):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
-    def require_write(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+    # async: FastAPI would run a plain function in the thread pool, a hand-off per request.
+    async def require_write(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
         if settings.token is not None:
             check_token(credentials)
 
-    def require_read(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+    async def require_read(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
         if settings.token_reads:
             check_token(credentials)
 
@@ -324,7 +325,8 @@ def create_app(index: ServedIndex, settings: Settings | None = None) -> FastAPI:
             vecs = await blocking(index.featurize, data)
             timings["features_ms"] = _ms(time.perf_counter() - t1)
         t1 = time.perf_counter()
-        keys, scores = await blocking(index.search, vecs, k)
+        # Awaited on the event loop: the searcher thread answers, no pool thread waits.
+        keys, scores = await asyncio.wrap_future(index.submit_search(vecs, k))
         timings["search_ms"] = _ms(time.perf_counter() - t1)
         timings["total_ms"] = _ms(time.perf_counter() - t0)
         return SearchResponse(keys=keys, scores=scores, descriptors=len(vecs), timings=Timings(**timings))

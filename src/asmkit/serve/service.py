@@ -139,11 +139,11 @@ class _Batcher:
         self._thread = threading.Thread(target=self._loop, name="asmkit-search", daemon=True)
         self._thread.start()
 
-    def search(self, vecs: np.ndarray, k: int):
-        """The result of ``run([vecs], K)[0]`` trimmed to ``k`` (blocks until done)."""
+    def submit(self, vecs: np.ndarray, k: int) -> Future:
+        """A future of ``run([vecs], K)[0]`` trimmed to ``k``."""
         done: Future = Future()
         self._queue.put((vecs, k, done))
-        return done.result()
+        return done
 
     def _loop(self) -> None:
         while (first := self._queue.get()) is not None:
@@ -317,8 +317,20 @@ class ServedIndex:
         ArgumentError
             ``vecs`` is not a finite 2-D numeric array of the codebook's dimension.
         """
+        return self.submit_search(vecs, k).result()
+
+    def submit_search(self, vecs: np.ndarray, k: int) -> Future:
+        """``search`` without waiting: the future's result is ``search``'s.
+
+        An event loop awaits it (``asyncio.wrap_future``) without tying up a thread.
+
+        Raises
+        ------
+        ArgumentError
+            At once, for the reasons ``search`` gives.
+        """
         vecs = check_vecs(vecs, name="descriptors", dim=self.dim)
-        return self._batcher.search(vecs, k)
+        return self._batcher.submit(vecs, k)
 
     def _search_batch(self, queries: list[np.ndarray], k: int) -> list[tuple[list[str], list[float]]]:
         """One ``Index.search`` call, on one snapshot, for the queries of a batch."""
