@@ -224,7 +224,7 @@ def _run(args: argparse.Namespace) -> int:
         try:
             from .serve import Settings, read_token_file, serve
         except ImportError as exc:
-            raise ImportError(f"asmkit serve needs its extra: pip install 'asmkit[serve]' ({exc})") from None
+            raise AsmkitError(f"serve: needs its extra: pip install 'asmkit[serve]' ({exc})") from None
         token = read_token_file(args.token_file) if args.token_file else None
         serve(args.index, Settings(host=args.host, port=args.port, token=token, token_reads=args.token_reads,
                                    workers=args.workers, max_batch=args.max_batch, device=args.device))

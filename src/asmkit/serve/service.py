@@ -37,7 +37,8 @@ from .._validation import ArgumentError, check_vecs
 from ..config import PipelineConfig
 from ..features import ImageLoadError, load_image
 from ..index import Index
-from ..pipeline import gpu_of, make_extractor
+from ..features.factory import build_extractor, feature_options
+from ..pipeline import gpu_of
 from .settings import Settings, check_key
 from .wal import Record, WriteAheadLog, final_updates
 
@@ -108,18 +109,22 @@ class _Snapshot:
 
 def _open_extractor(folder: Path, device: str) -> tuple[PipelineConfig, Path, Callable[[np.ndarray], np.ndarray], int | None, bool]:
     """The workspace's config, image root and feature extractor, built as ``asmkit query``
-    builds it: (config, image_root, image -> float32 [n, D], max_size, thread_safe)."""
+    builds it (the extractor factory, the workspace's learned whitening): (config,
+    image_root, image -> float32 [n, D] ready for quantization, max_size, thread_safe)."""
     try:
         data = json.loads((folder / _PIPELINE).read_text(encoding="utf-8"))
         cfg, root = PipelineConfig.from_dict(data["config"]), Path(data["image_root"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ArgumentError(f"index: {folder} is not an asmkit index workspace ({_PIPELINE}: {exc})") from None
-    extractor, _ = make_extractor(cfg, folder=folder, device=device)
+    # Where `asmkit index` keeps what it learned: the deep head, or the SIFT whitening.
+    saved = folder / ("extractor.pt" if feature_options(cfg.features)["type"] == "deep" else "whitening.npz")
+    feats = build_extractor(cfg.features, saved=saved, device=device, seed=cfg.params.seed)
 
     def featurize(image: np.ndarray) -> np.ndarray:
-        return extractor.extract(image).descriptors
+        return feats.descriptors(feats.extractor.extract(image).descriptors)
 
-    return cfg, root, featurize, getattr(extractor, "max_size", None), bool(getattr(extractor, "thread_safe", False))
+    return (cfg, root, featurize, getattr(feats.extractor, "max_size", None),
+            bool(getattr(feats.extractor, "thread_safe", False)))
 
 
 class _Batcher:
