@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from broken_files import textured_image
 from PIL import Image
 
 from asmkit.pipeline import build_index
-from broken_files import textured_image
 
 __all__ = ["Server", "copy_workspace", "free_port", "jpeg", "make_workspace"]
 
@@ -62,7 +62,7 @@ class Server:
         import httpx
 
         # A file, not a pipe: a pipe nobody reads could fill and stall the server.
-        self.log = tempfile.TemporaryFile()
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - open as long as the server runs
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}

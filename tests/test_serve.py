@@ -14,14 +14,14 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
-from fastapi.testclient import TestClient  # noqa: E402
+from broken_files import make_broken_folder, png_header_only
+from fastapi.testclient import TestClient
+from serve_workspace import copy_workspace, jpeg, make_workspace
 
-from asmkit._validation import ArgumentError, FileFormatError  # noqa: E402
-from asmkit.index import Index  # noqa: E402
-from asmkit.serve import ServedIndex, Settings, check_key, create_app  # noqa: E402
-from asmkit.serve.wal import Record, WriteAheadLog, final_updates  # noqa: E402
-from broken_files import make_broken_folder, png_header_only  # noqa: E402
-from serve_workspace import copy_workspace, jpeg, make_workspace  # noqa: E402
+from asmkit._validation import ArgumentError, FileFormatError
+from asmkit.index import Index
+from asmkit.serve import ServedIndex, Settings, check_key, create_app
+from asmkit.serve.wal import Record, WriteAheadLog, final_updates
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -176,7 +176,7 @@ def test_searches_see_an_update_whole_or_not_at_all(workspace):
                 while not stop.is_set():
                     keys, scores = served.search(query, 13)
                     seen.add((tuple(keys), tuple(scores)))
-            except Exception as exc:  # reported below: a thread cannot fail the test itself
+            except Exception as exc:  # noqa: BLE001 - reported below: a thread cannot fail the test itself
                 errors.append(exc)
 
         threads = [threading.Thread(target=searcher) for _ in range(3)]

@@ -12,9 +12,10 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-from asmkit.index import Index  # noqa: E402
-from asmkit.serve.wal import WriteAheadLog  # noqa: E402
-from serve_workspace import Server, jpeg, make_workspace  # noqa: E402
+from serve_workspace import Server, jpeg, make_workspace
+
+from asmkit.index import Index
+from asmkit.serve.wal import WriteAheadLog
 
 TOKEN = "crash-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -24,11 +24,11 @@ import queue
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -36,8 +36,8 @@ from PIL import Image
 from .._validation import ArgumentError, check_vecs
 from ..config import PipelineConfig
 from ..features import ImageLoadError, load_image
-from ..index import Index
 from ..features.factory import build_extractor, feature_options
+from ..index import Index
 from ..pipeline import gpu_of
 from .settings import Settings, check_key
 from .wal import Record, WriteAheadLog, final_updates
@@ -77,7 +77,7 @@ def read_npy(data: bytes, name: str) -> np.ndarray:
     try:
         version = np.lib.format.read_magic(buffer)
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read_header(buffer)
+        shape, _fortran, dtype = read_header(buffer)
     except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:
         raise ArgumentError(f"{name}: not a .npy file ({exc})") from None
     if dtype.hasobject or dtype.fields is not None:
@@ -165,7 +165,7 @@ class _Batcher:
             # Top-k lists are prefixes of the top-K list (a total order: score, then id).
             try:
                 results = self._run([vecs for vecs, _, _ in batch], max(k for _, k, _ in batch))
-            except Exception as exc:  # handed to the waiting requests, which raise it
+            except Exception as exc:  # noqa: BLE001 - handed to the waiting requests, which raise it
                 for _, _, done in batch:
                     done.set_exception(exc)
                 continue
