@@ -1,9 +1,9 @@
 """The HTTP service: ``create_app(index, settings)`` returns a FastAPI application.
 
 Every error is JSON ``{"detail": ...}`` with a 4xx status: bad input never reaches a 5xx
-or stops the server. Blocking work (decoding, feature extraction, searches, updates, log
-folds) runs in a thread pool of ``settings.workers`` threads; the event loop only parses
-requests.
+or stops the server. Blocking work (decoding, feature extraction, updates, log folds)
+runs in a thread pool of ``settings.workers`` threads, searches in the index's searcher
+thread (``ServedIndex.submit_search``); the event loop only parses requests.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations, which
@@ -143,7 +143,7 @@ class _LimitBody:
 
         async def guarded_send(message):
             # The app may turn the interrupted read into an error of its own (a form
-            # parser's 400): the answer is 413 all the same.
+            # parser's "bad request"): the answer is "too large" all the same.
             nonlocal started
             if exceeded:
                 if not started:

@@ -1,7 +1,9 @@
 """``ServedIndex``: an index workspace kept in memory, searched concurrently, updated durably.
 
-Concurrency: searches read ``ServedIndex._snapshot``, an immutable ``_Snapshot`` (the
-``Index`` and its key table). An update builds a new ``Index`` from a shallow copy of the
+Concurrency: searches go to one searcher thread that runs the queries waiting at that
+moment as one ``Index.search`` call (``_Batcher``). A batch reads
+``ServedIndex._snapshot``, an immutable ``_Snapshot`` (the ``Index`` and its key table).
+An update builds a new ``Index`` from a shallow copy of the
 current one (``Index.add`` / ``Index.remove`` build new arrays rather than change them),
 writes the update to the log, then replaces the snapshot reference in one assignment: a
 search sees the index before or after an update, never part of one. Updates are
@@ -95,7 +97,7 @@ class _Snapshot:
     """One version of the index: searches hold it for their whole duration."""
 
     index: Index
-    ids: np.ndarray  # int64 [S], ascending, as index.ids
+    ids: np.ndarray  # int64 [S] ascending, as index.ids
     keys: np.ndarray  # str [S], in ids order
     version: int
 
@@ -189,7 +191,7 @@ class ServedIndex:
     folder : path-like
         The workspace.
     settings : Settings, optional
-        ``device`` and ``max_pixels`` are used here.
+        ``device``, ``max_pixels``, ``max_key_length`` and ``max_batch`` are used here.
 
     Raises
     ------

@@ -78,7 +78,8 @@ class Settings:
         check_int(self.max_pixels, "max_pixels", min=1)
         check_int(self.max_k, "max_k", min=1)
         check_int(self.max_batch, "max_batch", min=1)
-        # A key travels in the log with a 16-bit byte length (at most 4 bytes a character).
+        # A key travels in the log with an unsigned short byte length, and UTF-8 takes up
+        # to four bytes a character.
         check_int(self.max_key_length, "max_key_length", min=1, max=16383)
         check_float(self.fold_interval_s, "fold_interval_s", min=0.0, min_open=True)
         check_int(self.fold_bytes, "fold_bytes", min=1)
