@@ -127,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--token-file", help="file holding a bearer token that adds and removes require")
     p.add_argument("--token-reads", action="store_true", help="searches, stats and metrics require the token too")
-    p.add_argument("--workers", type=int, default=4, help="threads for searches, features and updates (default 4)")
+    p.add_argument("--workers", type=int, default=4, help="threads for image decoding, features and updates (default 4)")
     p.add_argument("--max-batch", type=int, default=16,
                    help="most concurrent searches run as one Index.search call (default 16; 1: one call each)")
     _add_device_flag(p)
