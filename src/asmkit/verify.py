@@ -1,0 +1,414 @@
+"""Spatial verification: re-rank the top of a ranking, and verify image pairs for SfM.
+
+ASMK ranks database images by visual-word similarity alone. Verification fits a robust
+geometric model (OpenCV's USAC estimators) to the *tentative correspondences* of a query
+and a candidate, and takes the number of correspondences that agree with it, the
+*inliers*, as evidence that both images show the same object.
+
+Tentative correspondences
+    ``word_matches``: features of the two images that share a visual word, at most
+    ``max_per_word`` features of each side per word (a burst of repeated texture would
+    otherwise give ``n * n`` pairs). ``mutual_nn_matches``: mutual nearest neighbours of
+    the descriptors, for image pairs whose descriptors are at hand (SfM).
+Models
+    ``"homography"`` (``cv2.findHomography`` with ``USAC_MAGSAC``), ``"affine"``
+    (``cv2.estimateAffine2D`` with USAC parameters, MAGSAC scoring), ``"similarity"``
+    (``cv2.estimateAffinePartial2D``) for re-ranking; ``"fundamental"``
+    (``cv2.findFundamentalMat`` with ``USAC_MAGSAC``) for SfM pairs.
+Re-ranking
+    ``rerank``: the top ``R`` of each ranking, reordered by inliers for candidates with at
+    least ``min_inliers`` of them (ties broken by the ASMK score); the others keep their
+    ASMK order below them. Images never leave the top ``R``; scores are not changed.
+
+Candidates are verified in threads: OpenCV and the numba matcher release the GIL.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from ._kernels import word_matches as _word_matches_kernel
+from ._validation import ArgumentError, check_choice, check_float, check_int
+from .geometry import GeometryStore, sort_by_word
+
+__all__ = [
+    "MODELS",
+    "Fit",
+    "Reranked",
+    "VerifyOptions",
+    "fit_model",
+    "mutual_nn_matches",
+    "rerank",
+    "word_matches",
+]
+
+logger = logging.getLogger(__name__)
+
+MODELS = ("homography", "affine", "similarity", "fundamental")
+#: Correspondences a model needs at the least (its minimal sample).
+_MIN_SAMPLE = {"homography": 4, "affine": 3, "similarity": 2, "fundamental": 8}
+#: A fitted homography or affine map that scales areas by more than this factor (or its
+#: inverse), or mirrors the image, is a degenerate fit (points on a line, one blob), not a
+#: view of the same object.
+_MAX_AREA_RATIO = 100.0
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    """Settings of spatial verification.
+
+    Attributes
+    ----------
+    model : str
+        One of ``MODELS``.
+    threshold : float
+        Inlier threshold in pixels (reprojection error; Sampson distance for
+        ``"fundamental"``).
+    max_per_word : int
+        Features per side and word in ``word_matches``.
+    min_inliers : int
+        Fewer inliers count as not verified (re-ranking) or drop the pair (SfM).
+    max_iters : int
+        Most USAC iterations per fit.
+    confidence : float
+        USAC's stopping confidence, in (0, 1).
+    threads : int or None
+        Threads verifying candidates (default: the CPU count).
+    """
+
+    model: str = "affine"
+    threshold: float = 8.0
+    max_per_word: int = 5
+    min_inliers: int = 8
+    max_iters: int = 1000
+    confidence: float = 0.999
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        check_choice(self.model, "model", MODELS)
+        check_float(self.threshold, "threshold", min=0.0, min_open=True)
+        check_int(self.max_per_word, "max_per_word", min=1)
+        check_int(self.min_inliers, "min_inliers", min=0)
+        check_int(self.max_iters, "max_iters", min=1)
+        check_float(self.confidence, "confidence", min=0.0, max=1.0, min_open=True)
+        check_int(self.threads, "threads", min=1, none=True)
+
+    @property
+    def n_threads(self) -> int:
+        return self.threads if self.threads is not None else max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class Fit:
+    """One robust fit.
+
+    Attributes
+    ----------
+    inliers : int
+        Correspondences that agree with the model, counted once per feature: the smaller
+        of the numbers of distinct query and candidate features among them (0 when no
+        model was found).
+    matrix : float64 [3, 3] or None
+        The model mapping query points to candidate points (the fundamental matrix with
+        ``x_db^T F x_query = 0``); None when the fit failed or was degenerate.
+    mask : bool [M]
+        Which correspondences are inliers (all False when ``matrix`` is None).
+    """
+
+    inliers: int
+    matrix: np.ndarray | None
+    mask: np.ndarray
+
+
+@dataclass(frozen=True)
+class Reranked:
+    """Rankings after re-ranking.
+
+    Attributes
+    ----------
+    scores : float32 [Q, k]
+        The ASMK scores, moved with their images (never changed).
+    ids : int64 [Q, k]
+        Database image ids; within the first ``R`` columns, verified images (at least
+        ``min_inliers`` inliers) come first by decreasing inliers, then the others in their
+        ASMK order.
+    inliers : int32 [Q, k]
+        Inliers of each image; -1 where nothing was verified (beyond ``R``, padding, a
+        query without keypoints).
+    """
+
+    scores: np.ndarray
+    ids: np.ndarray
+    inliers: np.ndarray
+
+
+# ------------------------------------------------------------------------------ matching
+
+
+def word_matches(query_words, db_words, *, max_per_word: int = 5) -> np.ndarray:
+    """Tentative correspondences: feature pairs that share a visual word.
+
+    Parameters
+    ----------
+    query_words, db_words : int [n], int [m]
+        Each image's words, ascending (``asmkit.geometry.sort_by_word``).
+    max_per_word : int
+        At most this many features of each image per word (the first ones).
+
+    Returns
+    -------
+    int32 [M, 2]
+        (query feature, database feature) positions.
+    """
+    cap = check_int(max_per_word, "max_per_word", min=1)
+    q = _sorted_words(query_words, "query_words")
+    d = _sorted_words(db_words, "db_words")
+    _, pairs = _word_matches_kernel(q, d, np.array([0, d.shape[0]], np.int64), np.zeros(1, np.int64), cap)
+    return pairs
+
+
+def _sorted_words(words, name: str) -> np.ndarray:
+    w = np.asarray(words)
+    if w.dtype.kind not in "iu" or w.ndim != 1:
+        raise ArgumentError(f"{name}: expected a 1-D integer array, got {w.dtype} {w.shape}")
+    w = w.astype(np.int32)
+    if np.any(np.diff(w) < 0):
+        raise ArgumentError(f"{name}: must be ascending (see asmkit.geometry.sort_by_word)")
+    return w
+
+
+def mutual_nn_matches(query_descriptors, db_descriptors, *, ratio: float | None = None) -> np.ndarray:
+    """Tentative correspondences: mutual nearest neighbours of two images' descriptors.
+
+    Parameters
+    ----------
+    query_descriptors, db_descriptors : float32 [n, D], float32 [m, D]
+        L2-normalised descriptors (RootSIFT, whitened deep features).
+    ratio : float, optional
+        Also require Lowe's ratio test: nearest distance below ``ratio`` times the second
+        nearest (in both directions' first image).
+
+    Returns
+    -------
+    int32 [M, 2]
+        (query feature, database feature) indices.
+    """
+    a = np.ascontiguousarray(query_descriptors, dtype=np.float32)
+    b = np.ascontiguousarray(db_descriptors, dtype=np.float32)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ArgumentError(f"db_descriptors: expected [n, D] and [m, D] arrays, got {a.shape} and {b.shape}")
+    ratio = check_float(ratio, "ratio", min=0.0, max=1.0, min_open=True, none=True)
+    if a.shape[0] == 0 or b.shape[0] == 0:
+        return np.empty((0, 2), np.int32)
+    sim = a @ b.T
+    nn_ab = np.argmax(sim, axis=1)
+    nn_ba = np.argmax(sim, axis=0)
+    rows = np.arange(a.shape[0])
+    keep = nn_ba[nn_ab] == rows
+    if ratio is not None and b.shape[0] > 1:
+        # Unit vectors: squared distance = 2 - 2 * similarity.
+        top2 = -np.partition(-sim, 1, axis=1)[:, :2]
+        d2 = np.maximum(2.0 - 2.0 * top2, 0.0)
+        keep &= d2[:, 0] < (ratio * ratio) * d2[:, 1]
+    return np.stack([rows[keep], nn_ab[keep]], axis=1).astype(np.int32)
+
+
+# ------------------------------------------------------------------------------ fitting
+
+
+def fit_model(query_points, db_points, model: str = "affine", *, threshold: float = 8.0, max_iters: int = 1000,
+              confidence: float = 0.999, pairs=None) -> Fit:
+    """Fit a geometric model robustly (OpenCV USAC) to tentative correspondences.
+
+    Never raises for hard geometry: no more correspondences than the model's minimal
+    sample (which any model fits exactly), points on a line, a RANSAC that finds nothing
+    or a degenerate model give ``Fit(0, None, all False)``.
+
+    Parameters
+    ----------
+    query_points, db_points : float [M, 2]
+        Matched point positions (x, y) in the query and the database image.
+    model : str
+        One of ``MODELS``.
+    threshold : float
+        Inlier threshold in pixels.
+    max_iters : int
+    confidence : float
+    pairs : int [M, 2], optional
+        The features behind the correspondences; inliers then count distinct features
+        (a feature matched twice counts once). Without it every inlier counts.
+
+    Returns
+    -------
+    Fit
+    """
+    check_choice(model, "model", MODELS)
+    src = np.ascontiguousarray(query_points, dtype=np.float32)
+    dst = np.ascontiguousarray(db_points, dtype=np.float32)
+    if src.ndim != 2 or src.shape[1:] != (2,) or dst.shape != src.shape:
+        raise ArgumentError(f"db_points: expected two [M, 2] arrays, got {src.shape} and {dst.shape}")
+    return _fit(src, dst, model, float(threshold), int(max_iters), float(confidence),
+                None if pairs is None else np.asarray(pairs))
+
+
+def _fit(src, dst, model, threshold, max_iters, confidence, pairs) -> Fit:
+    n = src.shape[0]
+    failed = Fit(0, None, np.zeros(n, dtype=bool))
+    # A minimal sample fits exactly whatever the points: it is no evidence.
+    if n <= _MIN_SAMPLE[model] or not (np.isfinite(src).all() and np.isfinite(dst).all()):
+        return failed
+    try:
+        matrix, mask = _estimate(src, dst, model, threshold, max_iters, confidence)
+    except cv2.error as exc:
+        logger.debug("%s fit failed on %d correspondences: %s", model, n, exc)
+        return failed
+    if matrix is None or mask is None or not np.isfinite(matrix).all():
+        return failed
+    if model != "fundamental" and not _plausible(matrix):
+        return failed
+    mask = mask.ravel().astype(bool)
+    if pairs is None:
+        count = int(mask.sum())
+    else:
+        count = min(np.unique(pairs[mask, 0]).shape[0], np.unique(pairs[mask, 1]).shape[0])
+    return Fit(count, matrix, mask)
+
+
+def _estimate(src, dst, model, threshold, max_iters, confidence):
+    if model == "homography":
+        return cv2.findHomography(src, dst, cv2.USAC_MAGSAC, threshold, maxIters=max_iters, confidence=confidence)
+    if model == "fundamental":
+        matrix, mask = cv2.findFundamentalMat(src, dst, cv2.USAC_MAGSAC, threshold, confidence, max_iters)
+        # Degenerate input can give several stacked 3x3 solutions; none of them is trusted.
+        return (matrix, mask) if matrix is not None and matrix.shape == (3, 3) else (None, None)
+    if model == "affine":
+        params = cv2.UsacParams()
+        params.threshold = threshold
+        params.maxIterations = max_iters
+        params.confidence = confidence
+        params.score = cv2.SCORE_METHOD_MAGSAC
+        matrix, mask = cv2.estimateAffine2D(src, dst, params=params)
+    else:
+        matrix, mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=threshold,
+                                                   maxIters=max_iters, confidence=confidence)
+    if matrix is None:
+        return None, None
+    return np.vstack([matrix, [0.0, 0.0, 1.0]]), mask
+
+
+def _plausible(matrix: np.ndarray) -> bool:
+    """Whether a homography / affine map keeps orientation and a sane area ratio."""
+    if matrix[2, 2] == 0:
+        return False
+    m = matrix / matrix[2, 2]
+    det = m[0, 0] * m[1, 1] - m[0, 1] * m[1, 0]
+    return 1.0 / _MAX_AREA_RATIO < det < _MAX_AREA_RATIO
+
+
+# ------------------------------------------------------------------------------ re-ranking
+
+
+def _verify_block(store: GeometryStore, q_kp, q_words, slots, opts: VerifyOptions) -> np.ndarray:
+    """Inliers (int32 [R]) of one query against the store images at ``slots``."""
+    offsets, pairs = _word_matches_kernel(q_words, store.words, store.offsets, slots, opts.max_per_word)
+    inliers = np.zeros(slots.shape[0], dtype=np.int32)
+    db_offsets, db_kp = store.offsets, store.keypoints
+    need = max(opts.min_inliers, _MIN_SAMPLE[opts.model] + 1)
+    for c in range(slots.shape[0]):
+        own = pairs[offsets[c] : offsets[c + 1]]
+        # Fewer correspondences than min_inliers can never verify: skip the fit.
+        if own.shape[0] < need:
+            continue
+        src = q_kp[own[:, 0], :2]
+        dst = db_kp[db_offsets[slots[c]] + own[:, 1], :2]
+        inliers[c] = _fit(src, dst, opts.model, opts.threshold, opts.max_iters, opts.confidence, own).inliers
+    return inliers
+
+
+def rerank(store: GeometryStore, query_keypoints: Sequence, query_words: Sequence, ids, scores, *,
+           top: int = 100, options: VerifyOptions | None = None) -> Reranked:
+    """Re-rank the top of rankings by spatial verification.
+
+    Parameters
+    ----------
+    store : GeometryStore
+        Keypoints and words of the database images (ids as in ``ids``).
+    query_keypoints : sequence of float32 [n_q, 4] (or [n_q, 2]) or None, one per query
+        None or an empty array: that query is not verified (a warning is logged).
+    query_words : sequence of int [n_q], one per query
+        Each query feature's word (one word per feature: column 0 of its quantization).
+    ids : int64 [Q, k]
+        Rankings (``Index.search``); -1 padding is allowed.
+    scores : float32 [Q, k]
+        Their ASMK scores.
+    top : int
+        R: how many leading entries of each ranking are verified and reordered.
+    options : VerifyOptions, optional
+
+    Returns
+    -------
+    Reranked
+    """
+    opts = options if options is not None else VerifyOptions()
+    if not isinstance(opts, VerifyOptions):
+        raise ArgumentError(f"options: expected VerifyOptions, got {type(opts).__name__}")
+    if not isinstance(store, GeometryStore):
+        raise ArgumentError(f"store: expected a GeometryStore, got {type(store).__name__}")
+    top = check_int(top, "top", min=0)
+    ids = np.asarray(ids)
+    scores = np.asarray(scores)
+    if ids.ndim != 2 or ids.dtype.kind not in "iu" or scores.shape != ids.shape:
+        raise ArgumentError(f"ids: expected int [Q, k] with scores of the same shape, got {ids.shape} and "
+                            f"{scores.shape}")
+    query_keypoints, query_words = list(query_keypoints), list(query_words)
+    if len(query_keypoints) != ids.shape[0] or len(query_words) != ids.shape[0]:
+        raise ArgumentError(f"query_keypoints: got {len(query_keypoints)} keypoint and {len(query_words)} word "
+                            f"arrays for {ids.shape[0]} rankings")
+    n_q, k = ids.shape
+    r = min(top, k)
+    inliers = np.full((n_q, k), -1, dtype=np.int32)
+    tasks = []
+    threads = opts.n_threads
+    for q in range(n_q):
+        kp = query_keypoints[q]
+        if kp is None or len(kp) == 0:
+            logger.warning("query %d has no keypoints: not verified", q)
+            continue
+        q_kp, q_words = sort_by_word(kp, query_words[q], name=f"query_keypoints[{q}]")
+        slots = store.slots_of(ids[q, :r], missing=-1)
+        # Few queries: split each ranking so that every thread gets candidates.
+        n_blocks = max(1, min(r, threads // max(n_q, 1)))
+        bounds = np.linspace(0, r, n_blocks + 1).astype(int)
+        tasks += [(q, b, e, q_kp, q_words, slots[b:e]) for b, e in zip(bounds[:-1], bounds[1:]) if e > b]
+
+    def work(task):
+        q, b, e, q_kp, q_words, slots = task
+        inliers[q, b:e] = _verify_block(store, q_kp, q_words, slots, opts)
+
+    if threads > 1 and len(tasks) > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(work, tasks))
+    else:
+        for task in tasks:
+            work(task)
+    inliers[:, :r][ids[:, :r] < 0] = -1
+    order = _rerank_order(inliers[:, :r], opts.min_inliers)
+    out_ids, out_scores, out_inliers = ids.astype(np.int64, copy=True), scores.astype(np.float32, copy=True), inliers
+    for array in (out_ids, out_scores, out_inliers):
+        array[:, :r] = np.take_along_axis(array[:, :r], order, axis=1)
+    return Reranked(out_scores, out_ids, out_inliers)
+
+
+def _rerank_order(inliers: np.ndarray, min_inliers: int) -> np.ndarray:
+    """Permutation (int64 [Q, R]) of each row: verified entries first by decreasing
+    inliers, then the others; ties keep their position (the ASMK order)."""
+    verified = inliers >= max(min_inliers, 1)
+    key = np.where(verified, -inliers.astype(np.int64), 1)
+    return np.argsort(key, axis=1, kind="stable")
