@@ -19,6 +19,9 @@ Re-ranking
     ``rerank``: the top ``R`` of each ranking, reordered by inliers for candidates with at
     least ``min_inliers`` of them (ties broken by the ASMK score); the others keep their
     ASMK order below them. Images never leave the top ``R``; scores are not changed.
+SfM pairs
+    ``verify_pairs``: mutual nearest neighbours and a fundamental matrix per pair;
+    ``asmkit.colmap`` writes the result into a COLMAP database.
 
 Candidates are verified in threads: OpenCV and the numba matcher release the GIL.
 """
@@ -41,11 +44,14 @@ from .geometry import GeometryStore, sort_by_word
 __all__ = [
     "MODELS",
     "Fit",
+    "PairGeometry",
     "Reranked",
     "VerifyOptions",
     "fit_model",
     "mutual_nn_matches",
+    "order_by_inliers",
     "rerank",
+    "verify_pairs",
     "word_matches",
 ]
 
@@ -213,10 +219,11 @@ def mutual_nn_matches(query_descriptors, db_descriptors, *, ratio: float | None 
     rows = np.arange(a.shape[0])
     keep = nn_ba[nn_ab] == rows
     if ratio is not None and b.shape[0] > 1:
+        best = sim[rows, nn_ab]
+        sim[rows, nn_ab] = -np.inf
+        second = sim.max(axis=1)
         # Unit vectors: squared distance = 2 - 2 * similarity.
-        top2 = -np.partition(-sim, 1, axis=1)[:, :2]
-        d2 = np.maximum(2.0 - 2.0 * top2, 0.0)
-        keep &= d2[:, 0] < (ratio * ratio) * d2[:, 1]
+        keep &= np.maximum(2.0 - 2.0 * best, 0.0) < (ratio * ratio) * np.maximum(2.0 - 2.0 * second, 0.0)
     return np.stack([rows[keep], nn_ab[keep]], axis=1).astype(np.int32)
 
 
@@ -399,16 +406,111 @@ def rerank(store: GeometryStore, query_keypoints: Sequence, query_words: Sequenc
         for task in tasks:
             work(task)
     inliers[:, :r][ids[:, :r] < 0] = -1
-    order = _rerank_order(inliers[:, :r], opts.min_inliers)
+    order = order_by_inliers(inliers[:, :r], opts.min_inliers)
     out_ids, out_scores, out_inliers = ids.astype(np.int64, copy=True), scores.astype(np.float32, copy=True), inliers
     for array in (out_ids, out_scores, out_inliers):
         array[:, :r] = np.take_along_axis(array[:, :r], order, axis=1)
     return Reranked(out_scores, out_ids, out_inliers)
 
 
-def _rerank_order(inliers: np.ndarray, min_inliers: int) -> np.ndarray:
-    """Permutation (int64 [Q, R]) of each row: verified entries first by decreasing
-    inliers, then the others; ties keep their position (the ASMK order)."""
+def order_by_inliers(inliers, min_inliers: int) -> np.ndarray:
+    """The re-ranking rule: a permutation of each row of a ranking's inliers.
+
+    Parameters
+    ----------
+    inliers : int [Q, R]
+        Inliers of each ranked candidate, in ASMK order (-1: not verified).
+    min_inliers : int
+        Fewer (and at least one) inliers count as not verified.
+
+    Returns
+    -------
+    int64 [Q, R]
+        Verified entries first by decreasing inliers, then the others; ties keep their
+        position (the ASMK order).
+    """
+    inliers = np.asarray(inliers)
     verified = inliers >= max(min_inliers, 1)
     key = np.where(verified, -inliers.astype(np.int64), 1)
     return np.argsort(key, axis=1, kind="stable")
+
+
+# ------------------------------------------------------------------------------ SfM pairs
+
+
+@dataclass(frozen=True)
+class PairGeometry:
+    """A verified image pair.
+
+    Attributes
+    ----------
+    name_a, name_b : str
+    matches : int32 [M, 2]
+        Tentative correspondences: indices into ``a``'s and ``b``'s keypoints as given.
+    mask : bool [M]
+        The inliers among them.
+    inliers : int
+        ``Fit.inliers`` (distinct features agreeing with the model).
+    matrix : float64 [3, 3] or None
+        The model, mapping ``a`` to ``b`` (``x_b^T F x_a = 0`` for ``"fundamental"``).
+    """
+
+    name_a: str
+    name_b: str
+    matches: np.ndarray
+    mask: np.ndarray
+    inliers: int
+    matrix: np.ndarray | None
+
+
+def verify_pairs(pairs: Sequence[tuple[str, str]], features, *, options: VerifyOptions | None = None,
+                 ratio: float | None = 0.9) -> list[PairGeometry]:
+    """Geometric verification of image pairs (for SfM): mutual nearest neighbours of the
+    descriptors, then a robust fit (by default a fundamental matrix).
+
+    Parameters
+    ----------
+    pairs : sequence of (str, str)
+    features : mapping of str to ImageFeatures
+        Each image's descriptors float32 [n, D] and keypoints float32 [n, 4]
+        (``asmkit.features.FeatureStore`` serves as one).
+    options : VerifyOptions, optional
+        Default ``VerifyOptions(model="fundamental", threshold=4.0, min_inliers=15)``.
+    ratio : float or None
+        Lowe's ratio test on top of mutual nearest neighbours.
+
+    Returns
+    -------
+    list of PairGeometry
+        One per pair, in order; an image without keypoints, or too few correspondences,
+        gives 0 inliers (and ``matrix`` None).
+    """
+    opts = options if options is not None else VerifyOptions(model="fundamental", threshold=4.0, min_inliers=15)
+    if not isinstance(opts, VerifyOptions):
+        raise ArgumentError(f"options: expected VerifyOptions, got {type(opts).__name__}")
+    pairs = [(str(a), str(b)) for a, b in pairs]
+    names = sorted({n for pair in pairs for n in pair})
+    cache = {}
+    for name in names:
+        try:
+            cache[name] = features[name]
+        except KeyError:
+            raise ArgumentError(f"features: no features for image {name!r}") from None
+
+    def one(pair):
+        a, b = (cache[n] for n in pair)
+        if a.keypoints is None or b.keypoints is None:
+            logger.warning("pair %s %s: no keypoints, not verified", *pair)
+            matches = np.empty((0, 2), np.int32)
+        else:
+            matches = mutual_nn_matches(a.descriptors, b.descriptors, ratio=ratio)
+        if matches.shape[0] == 0:
+            return PairGeometry(pair[0], pair[1], matches, np.zeros(0, bool), 0, None)
+        fit = _fit(a.keypoints[matches[:, 0], :2], b.keypoints[matches[:, 1], :2], opts.model, opts.threshold,
+                   opts.max_iters, opts.confidence, matches)
+        return PairGeometry(pair[0], pair[1], matches, fit.mask, fit.inliers, fit.matrix)
+
+    if opts.n_threads > 1 and len(pairs) > 1:
+        with ThreadPoolExecutor(opts.n_threads) as pool:
+            return list(pool.map(one, pairs))
+    return [one(pair) for pair in pairs]

@@ -1,0 +1,136 @@
+"""Spatial verification on UKBench-2000: mAP before / after re-ranking and ms per query.
+
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_verify.py --cache ~/.cache/asmkit/eval/<key> \
+        [--queries 2000] [--top 100] [--model affine] [--threshold 8] [--matcher words|mnn]
+
+``--cache`` is the folder ``asmkit eval`` filled (features.h5, codebook-*.asmkit): run
+``asmkit eval /work/shared/datasets/ukbench2000 --preset sift`` once first. Prints one JSON
+line: the settings, mAP / N-S before and after on the chosen queries (evenly spaced), the
+verification time per query, and the geometry store's bytes per image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from asmkit import Codebook, Index
+from asmkit.config import load_config
+from asmkit.evaluate import evaluate, load_ground_truth
+from asmkit.features import FeatureStore
+from asmkit.geometry import GeometryStore
+from asmkit.verify import VerifyOptions, fit_model, mutual_nn_matches, order_by_inliers, rerank
+
+
+def words_of(codebook: Codebook, store: FeatureStore, names: list[str], cache: Path) -> list[np.ndarray]:
+    """Column 0 of each image's quantization (cached in ``cache``: quantizing takes a minute)."""
+    path = cache / f"words-{codebook.size}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as data:
+            flat, counts = data["words"], data["counts"]
+    else:
+        vecs, image_ids = store.stack(names)
+        flat = codebook.quantize(vecs, 1)[:, 0].astype(np.int32)
+        counts = np.bincount(image_ids, minlength=len(names))
+        np.savez(path, words=flat, counts=counts)
+    return np.split(flat, np.cumsum(counts)[:-1])
+
+
+def mnn_inliers(feats, queries, ids, top, opts: VerifyOptions) -> np.ndarray:
+    """Inliers with mutual-nearest-neighbour correspondences (needs every descriptor)."""
+    out = np.full((len(queries), top), -1, np.int32)
+
+    def one(row):
+        q = queries[row]
+        for c in range(top):
+            d = int(ids[row, c])
+            pairs = mutual_nn_matches(feats[q].descriptors, feats[d].descriptors)
+            if pairs.shape[0] < opts.min_inliers:
+                out[row, c] = 0
+                continue
+            fit = fit_model(feats[q].keypoints[pairs[:, 0], :2], feats[d].keypoints[pairs[:, 1], :2], opts.model,
+                            threshold=opts.threshold, max_iters=opts.max_iters, confidence=opts.confidence, pairs=pairs)
+            out[row, c] = fit.inliers
+
+    with ThreadPoolExecutor(opts.n_threads) as pool:
+        list(pool.map(one, range(len(queries))))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="/work/shared/datasets/ukbench2000")
+    parser.add_argument("--cache", required=True)
+    parser.add_argument("--preset", default="sift")
+    parser.add_argument("--queries", type=int, default=2000)
+    parser.add_argument("--top", type=int, default=100)
+    parser.add_argument("--model", default="affine")
+    parser.add_argument("--threshold", type=float, default=8.0)
+    parser.add_argument("--max-per-word", type=int, default=5)
+    parser.add_argument("--min-inliers", type=int, default=8)
+    parser.add_argument("--max-iters", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--matcher", default="words", choices=["words", "mnn"])
+    parser.add_argument("--save", help="write the inliers and ASMK rankings of the queries here (.npz)")
+    args = parser.parse_args()
+
+    cache = Path(args.cache).expanduser()
+    gt = load_ground_truth(args.data)
+    names = gt.images
+    feature_store = FeatureStore(cache / "features.h5", None)
+    feats = {i: feature_store.get(n) for i, n in enumerate(names)}
+    codebook = Codebook.load(next(cache.glob("codebook-*.asmkit")))
+    params = load_config(args.preset).params
+    words = words_of(codebook, feature_store, names, cache)
+
+    geometry = GeometryStore()
+    geometry.add(np.arange(len(names)), [feats[i].keypoints for i in range(len(names))], words)
+
+    queries = np.linspace(0, len(names) - 1, args.queries).round().astype(int)
+    index = Index(codebook, params)
+    index.add([feats[i].descriptors for i in range(len(names))])
+    scores, ids = index.search([feats[int(q)].descriptors for q in queries], k=len(names))
+    opts = VerifyOptions(model=args.model, threshold=args.threshold, max_per_word=args.max_per_word,
+                         min_inliers=args.min_inliers, max_iters=args.max_iters, threads=args.threads)
+    t0 = time.perf_counter()
+    if args.matcher == "words":
+        out = rerank(geometry, [feats[int(q)].keypoints for q in queries], [words[int(q)] for q in queries], ids,
+                     scores, top=args.top, options=opts)
+        reranked = out.ids
+        seconds = time.perf_counter() - t0
+        # Back to ASMK order, for offline study of the ordering rule.
+        inliers = np.full((len(queries), args.top), -1, np.int32)
+        for row in range(len(queries)):
+            position = {int(i): c for c, i in enumerate(ids[row, : args.top])}
+            for c, i in enumerate(out.ids[row, : args.top]):
+                inliers[row, position[int(i)]] = out.inliers[row, c]
+    else:
+        inliers = mnn_inliers(feats, [int(q) for q in queries], ids, args.top, opts)
+        seconds = time.perf_counter() - t0
+        reranked = ids.copy()
+        order = order_by_inliers(inliers, opts.min_inliers)
+        reranked[:, : args.top] = np.take_along_axis(ids[:, : args.top], order, axis=1)
+    before = evaluate(ids, gt, query_indices=queries)
+    after = evaluate(reranked, gt, query_indices=queries)
+    result = {
+        "queries": len(queries), "top": args.top, "matcher": args.matcher, "model": args.model,
+        "threshold": args.threshold, "max_per_word": args.max_per_word, "min_inliers": args.min_inliers,
+        "max_iters": args.max_iters, "threads": opts.n_threads, "cpus": os.cpu_count(),
+        "map_before": before["map"], "ns_before": before.get("ns_score"),
+        "map_after": after["map"], "ns_after": after.get("ns_score"),
+        "ms_per_query": 1e3 * seconds / len(queries), "geometry_bytes_per_image": geometry.bytes_per_image,
+    }
+    if args.save:
+        np.savez(args.save, queries=queries, ids=ids[:, : args.top], scores=scores[:, : args.top],
+                 inliers=inliers)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
