@@ -25,7 +25,7 @@ test: install
 	$(BIN)/python -m pytest -q tests
 
 bench: install
-	$(BIN)/python benchmarks/bench_reference.py --synthetic 1000
+	$(BIN)/python -m benchmarks.bench_reference --synthetic 1000
 
 clean:
 	rm -rf $(VENV) demo_output

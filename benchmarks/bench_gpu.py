@@ -11,32 +11,41 @@ Times, on synthetic clustered descriptors (``asmkit._synthetic``):
 - optionally (``--deep``) the EfficientNet-Lite0 extractor on the CPU and on CUDA
   (float16 autocast): images per second, and the cosine of the global descriptors.
 
-Needs a CUDA build of torch; faiss may be faiss-cpu (the GPU path then goes through
-torch). Prints a table and writes JSON (``--out``)::
+- ``--profile``: where the time of ``Codebook(..., gpu=0).quantize`` goes (cProfile, the
+  top entries), for the database (MA 1) and the query images (MA 5).
 
-    python benchmarks/bench_gpu.py --images 2000 --features 1000 --codebook-size 4096 \
-        --big-codebook 65536 --deep --out gpu.json
+Needs a CUDA build of torch; faiss may be faiss-cpu (the GPU path then goes through
+torch). Without a GPU, ``Codebook(gpu=0)`` warns and runs on the CPU, and the results say
+so (``gpu_active``: false): a smoke run only. Prints JSON lines, writes JSON (``--out``)::
+
+    python -m benchmarks.bench_gpu --synthetic 2000 --per-image 1000 --codebook-size 4096 \
+        --big-codebook 65536 --deep
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
-import os
+import pstats
 import time
 
 import numpy as np
 
+from benchmarks._common import (
+    add_data_args,
+    add_run_args,
+    best_of,
+    command_line,
+    load_data,
+    machine_info,
+    sample_rows,
+    write_json,
+)
+
 
 def _timed(fn, *args, repeat=1, sync=None, **kwargs):
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        out = fn(*args, **kwargs)
-        if sync is not None:
-            sync()
-        best = min(best, time.perf_counter() - start)
-    return best, out
+    return best_of(lambda: fn(*args, **kwargs), repeat, sync=sync)
 
 
 def _differing(words, expected):
@@ -55,7 +64,6 @@ def quantization(vecs, ids, centroids, query_images, label, out):
     flat = faiss.IndexFlatL2(centroids.shape[1])
     flat.add(centroids)
     cpu, gpu = Codebook(centroids), Codebook(centroids, gpu=0)
-    assert gpu._device is not None, "gpu=0 fell back to the CPU"
     gpu.quantize(vecs[:4096], 5)  # warm-up: CUDA context, cuBLAS handles, the codebook's upload
     cpu.quantize(vecs[:4096], 5)
     t_faiss, ref_db = _timed(lambda: flat.search(vecs, 1)[1])
@@ -129,69 +137,93 @@ def deep(out, n_images=64):
         images.append(np.ascontiguousarray(np.roll(img, 7 * i, axis=1)))  # distinct inputs
     res = {}
     feats = {}
-    for device in ("cpu", "cuda"):
+    for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
         ex = lite0_extractor(device=device, batch_size=16)
         ex.extract_batch(images[:16])  # warm-up (cuDNN autotuning, allocations)
         sync = torch.cuda.synchronize if device == "cuda" else None
         t, got = _timed(ex.extract_batch, images, sync=sync, repeat=2)
         res[f"{device}_images_per_s"] = n_images / t
         feats[device] = got
+    res["torch_threads_cpu"] = torch.get_num_threads()
+    out["deep"] = res
+    if "cuda" not in feats:
+        return
     g_cpu = np.stack([f.global_descriptor for f in feats["cpu"]])
     g_gpu = np.stack([f.global_descriptor for f in feats["cuda"]])
     cos = np.sum(g_cpu * g_gpu, 1) / (np.linalg.norm(g_cpu, axis=1) * np.linalg.norm(g_gpu, axis=1))
     res["global_cosine_min"] = float(cos.min())
     res["local_counts_equal"] = all(len(a.descriptors) == len(b.descriptors) for a, b in zip(feats["cpu"], feats["cuda"]))
-    res["torch_threads_cpu"] = torch.get_num_threads()
-    out["deep"] = res
+
+
+def profile(vecs, starts, centroids, out, top=12):
+    """cProfile of ``Codebook(centroids, gpu=0).quantize``: database (MA 1), queries (MA 5)."""
+    from asmkit import Codebook
+
+    book = Codebook(centroids, gpu=0)
+    book.quantize(vecs[:4096], 5)  # warm-up
+    res = {}
+    for m, segments in ((1, None), (5, starts)):
+        prof = cProfile.Profile()
+        start = time.perf_counter()
+        prof.enable()
+        book.quantize(vecs, m, segments=segments, nearest_first=m == 1)
+        prof.disable()
+        res[f"m{m}_s"] = time.perf_counter() - start
+        print(f"quantize m = {m}: {res[f'm{m}_s']:.3f} s")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+    out["profile"] = res
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=2000)
-    parser.add_argument("--features", type=int, default=1000)
+    add_data_args(parser, synthetic=2000, per_image=1000)
+    add_run_args(parser, repeat=None)
     parser.add_argument("--codebook-size", type=int, default=4096)
     parser.add_argument("--big-codebook", type=int, default=0, help="also time quantization alone with K words")
     parser.add_argument("--query-images", type=int, default=200, help="query images timed for faiss per call")
     parser.add_argument("--engine-queries", type=int, default=500)
-    parser.add_argument("--deep", action="store_true")
-    parser.add_argument("--out")
+    parser.add_argument("--deep", action="store_true", help="also the EfficientNet-Lite0 extractor, CPU vs CUDA")
+    parser.add_argument("--profile", action="store_true", help="only cProfile the GPU quantizer")
     args = parser.parse_args(argv)
 
-    import faiss
     import torch
 
-    from asmkit._synthetic import clustered_descriptors
+    from asmkit import Codebook
+    from asmkit.gpu import cuda_device_count
 
     out = {
+        "command": command_line(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "cpu_threads": os.cpu_count(),
-        "faiss_threads": faiss.omp_get_max_threads(),
+        "gpu_active": bool(cuda_device_count()),
         "torch": torch.__version__,
+        "machine": machine_info(),
     }
-    vecs, ids, _ = clustered_descriptors(args.images, args.features, 128, seed=3)
-    rng = np.random.default_rng(0)
-    sample = vecs[rng.choice(len(vecs), min(len(vecs), 100 * args.codebook_size // 4), replace=False)]
+    data = load_data(args)
+    vecs, ids, starts = data.vecs, data.image_ids, data.starts()
+    out["source"] = data.source
+    sample = sample_rows(vecs, 100 * args.codebook_size // 4, 0)
     t_train = time.perf_counter()
-    from asmkit import Codebook
-
     centroids = Codebook.train(sample, args.codebook_size, iters=10).centroids
     out["codebook_train_cpu_s"] = time.perf_counter() - t_train
+    if args.profile:
+        profile(vecs, starts, centroids, out)
+        write_json(args.out, out)
+        return
     quantization(vecs, ids, centroids, args.query_images, "quantize", out)
     print(json.dumps(out["quantize"]), flush=True)
     engine(vecs, ids, centroids, args.engine_queries, out)
     print(json.dumps(out["engine"]), flush=True)
     if args.big_codebook:
         # Descriptors as words: the quantization cost does not depend on how they were made.
+        rng = np.random.default_rng(0)
         big = vecs[rng.choice(len(vecs), args.big_codebook, replace=False)] + np.float32(1e-3)
-        quantization(vecs[: 200 * args.features], ids[: 200 * args.features], big, 20, "quantize_big", out)
+        rows = int(starts[min(200, len(starts) - 1)])  # the first 200 images
+        quantization(vecs[:rows], ids[:rows], big, 20, "quantize_big", out)
         print(json.dumps(out["quantize_big"]), flush=True)
     if args.deep:
         deep(out)
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    print(json.dumps(out, indent=1))
+    write_json(args.out, out)
 
 
 if __name__ == "__main__":

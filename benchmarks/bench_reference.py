@@ -4,12 +4,13 @@ Each side runs in its own subprocess, so each side's peak RSS (``ru_maxrss``) is
 the input descriptors are loaded by both, and the RSS right after loading them is printed
 too, so the pipeline's own share is the difference.
 
-Usage::
+Usage (from the repository root)::
 
-    nice -n 10 python benchmarks/bench_reference.py --synthetic 1000 --features-per-image 500 \
-        --codebook-size 1024 --out /tmp/bench_synth.json
-    nice -n 10 python benchmarks/bench_reference.py --data /work/shared/datasets/ukbench2000 \
-        --codebook-size 4096 --ref-queries 200 --out /tmp/bench_ukb.json
+    python -m benchmarks.bench_reference --synthetic 1000 --per-image 500 --codebook-size 1024 \
+        --ref-queries 250
+    python -m benchmarks.bench_reference --data ../shared/datasets/ukbench2000 --per-image 1000 \
+        --codebook-size 4096 --ref-queries 200
+    python -m benchmarks.bench_reference --load-test 5000
 
 Stages (both sides):
 - codebook: k-means (10 iterations) on ``--train-sample`` descriptors. Each side trains its
@@ -30,17 +31,16 @@ Stages (both sides):
   latency after loading.
 - ``--gpu N``: asmkit quantizes on GPU N (``Codebook(..., gpu=N)``), the reference on the
   CPU; asmkit's RSS then includes torch and its CUDA context.
-  ``benchmarks/gpu_check.sh`` (``REFERENCE=1``) runs this on a lent GPU machine.
+  ``benchmarks/gpu_check.sh`` (``REFERENCE=1``) runs this on a GPU machine.
+- ``--load-test N``: asmkit only; a saved synthetic index of N images is opened in a fresh
+  process (``Index.load``, memory-mapped, with and without checksums) and queried twice.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import pickle
-import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -50,106 +50,43 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve()
+from benchmarks._common import (
+    StagePeak,
+    add_data_args,
+    add_run_args,
+    command_line,
+    evenly_spaced,
+    load_data,
+    machine_info,
+    max_rss_mib,
+    reference_codebook,
+    sample_rows,
+    status_mib,
+    write_json,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # -- inputs -----------------------------------------------------------------------------------
 
 
-def rootsift_ukbench(data: Path, cache: Path, nfeatures: int) -> tuple[np.ndarray, np.ndarray]:
-    """OpenCV SIFT (at most ``nfeatures`` per image) + RootSIFT of every image, cached."""
-    cache_file = cache / f"ukbench_rootsift_{data.name}_{nfeatures}.npz"
-    if cache_file.exists():
-        with np.load(cache_file, allow_pickle=False) as npz:
-            return npz["vecs"], npz["image_ids"]
-    import cv2
-
-    gt = json.loads((data / "gt.json").read_text())
-    sift = cv2.SIFT_create(nfeatures=nfeatures)
-    parts, ids = [], []
-    t0 = time.perf_counter()
-    for i, rel in enumerate(gt["images"]):
-        img = cv2.imread(str(data / rel), cv2.IMREAD_GRAYSCALE)
-        if img is None:
-            raise FileNotFoundError(f"{data / rel}: unreadable image")
-        _, des = sift.detectAndCompute(img, None)
-        if des is None:
-            continue
-        des = des.astype(np.float32)
-        # RootSIFT (Arandjelovic & Zisserman 2012): L1-normalise, then square root.
-        des /= des.sum(axis=1, keepdims=True) + 1e-12
-        parts.append(np.sqrt(des))
-        ids.append(np.full(len(des), i, dtype=np.int64))
-    vecs = np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
-    image_ids = np.concatenate(ids)
-    print(f"extracted {len(vecs)} RootSIFT descriptors of {len(gt['images'])} images in "
-          f"{time.perf_counter() - t0:.1f} s -> {cache_file}", file=sys.stderr)
-    cache.mkdir(parents=True, exist_ok=True)
-    np.savez(cache_file, vecs=vecs, image_ids=image_ids)
-    return vecs, image_ids
-
-
 def prepare_inputs(args, work: Path) -> dict:
-    if args.data:
-        vecs, image_ids = rootsift_ukbench(Path(args.data), Path(args.cache), args.features_per_image)
-        source = f"UKBench RootSIFT ({args.data}, OpenCV SIFT nfeatures={args.features_per_image})"
-        group_size = 4
-    else:
-        sys.path.insert(0, str(HERE.parents[1] / "src"))
-        from asmkit._synthetic import clustered_descriptors
-
-        vecs, image_ids, _ = clustered_descriptors(
-            args.synthetic, args.features_per_image, args.dim, images_per_group=4, seed=args.seed)
-        source = (f"synthetic clustered (asmkit._synthetic), {args.synthetic} images x "
-                  f"{args.features_per_image} x {args.dim}-D, groups of 4")
-        group_size = 4
-    rng = np.random.default_rng(args.seed)
-    n_train = min(args.train_sample, len(vecs))
-    train = np.sort(rng.choice(len(vecs), n_train, replace=False))
+    data = load_data(args)
+    vecs, image_ids = data.vecs, data.image_ids
     n_images = int(image_ids.max()) + 1
-    n_ref_q = n_images if args.ref_queries is None else min(args.ref_queries, n_images)
-    ref_queries = np.unique(np.linspace(0, n_images - 1, n_ref_q).round().astype(np.int64))
+    ref_queries = evenly_spaced(np.arange(n_images, dtype=np.int64), args.ref_queries)
+    train = sample_rows(vecs, args.train_sample, args.seed)
     np.save(work / "vecs.npy", vecs)
     np.save(work / "image_ids.npy", image_ids)
-    np.save(work / "train.npy", vecs[train])
+    np.save(work / "train.npy", train)
     np.save(work / "ref_queries.npy", ref_queries)
-    return {"source": source, "n_descriptors": int(len(vecs)), "n_images": n_images,
-            "dim": int(vecs.shape[1]), "train_sample": int(n_train), "group_size": group_size,
+    return {"source": data.source, "n_descriptors": int(len(vecs)), "n_images": n_images,
+            "dim": int(vecs.shape[1]), "train_sample": int(len(train)), "group_size": data.group_size,
             "ref_queries": int(len(ref_queries))}
 
 
 # -- workers (one per side, in a subprocess) -------------------------------------------------
-
-
-def _rss_mb() -> float:
-    """Peak RSS of this process so far (ru_maxrss, never reset), MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
-
-
-def _status_mb(field: str) -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return float("nan")
-
-
-class StagePeak:
-    """Peak RSS above the RSS at entry, for one stage (Linux: VmHWM reset via clear_refs)."""
-
-    def __enter__(self):
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        except OSError:
-            pass
-        self.start = _status_mb("VmRSS")
-        return self
-
-    def __exit__(self, *exc):
-        self.extra_mb = _status_mb("VmHWM") - self.start
-        return False
 
 
 def _dir_bytes(path: Path) -> int:
@@ -161,14 +98,17 @@ def _select_rows(image_ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
 
 
 def worker_reference(work: Path, cfg: dict) -> dict:
-    from asmk import codebook as cdb_pkg, index as idx_pkg, inverted_file as ivf_pkg, kernel as kern_pkg
+    from asmk import codebook as cdb_pkg
+    from asmk import index as idx_pkg
+    from asmk import inverted_file as ivf_pkg
+    from asmk import kernel as kern_pkg
 
-    imports_mb = _status_mb("VmRSS")
+    imports_mb = status_mib("VmRSS")
     vecs = np.load(work / "vecs.npy")
     image_ids = np.load(work / "image_ids.npy")
     train = np.load(work / "train.npy")
     ref_queries = np.load(work / "ref_queries.npy")
-    out: dict = {"rss_after_imports_mb": imports_mb, "rss_after_inputs_mb": _status_mb("VmRSS")}
+    out: dict = {"rss_after_imports_mb": imports_mb, "rss_after_inputs_mb": status_mib("VmRSS")}
     k = cfg["codebook_size"]
 
     t = time.perf_counter()
@@ -178,8 +118,7 @@ def worker_reference(work: Path, cfg: dict) -> dict:
     np.save(work / "centroids.npy", trained.centroids)
     del trained
 
-    cdb = cdb_pkg.Codebook(idx_pkg.FaissL2Index(), size=k)
-    cdb.index(np.load(work / "centroids.npy"))
+    cdb = reference_codebook(np.load(work / "centroids.npy"))
     kern = kern_pkg.ASMKKernel(cdb, binary=cfg["binary"])
     ivf = ivf_pkg.IVF.initialize_empty(codebook_size=k, use_idf=cfg["idf"])
 
@@ -247,7 +186,7 @@ def worker_reference(work: Path, cfg: dict) -> dict:
     _, qw = cdb.quantize(qv, multiple_assignment=cfg["ma_query"])[:2]
     loaded.search(*kern.aggregate_image(qv, qw), similarity_func=similarity, topk=None)
     out["first_query_after_load_ms"] = 1e3 * (time.perf_counter() - t)
-    out["peak_rss_mb"] = _rss_mb()
+    out["peak_rss_mb"] = max_rss_mib()
     return out
 
 
@@ -255,10 +194,9 @@ def warm_up_asmkit(work: Path, cfg: dict) -> float:
     """Run every code path once on tiny data, so numba compilation (cached on disk after the
     first run ever) is not charged to the timed stages. Returns the seconds it took."""
     from asmkit import Codebook, Index, Params
-    from asmkit._synthetic import clustered_descriptors
-
     from asmkit import kernel as akernel
     from asmkit import search as asearch
+    from asmkit._synthetic import clustered_descriptors
 
     t = time.perf_counter()
     vecs, ids, _ = clustered_descriptors(8, 40, cfg["dim"], seed=1)
@@ -290,14 +228,14 @@ def worker_asmkit(work: Path, cfg: dict) -> dict:
     from asmkit import search as asearch
     from asmkit.ivf import InvertedFile, compute_idf, image_norms
 
-    out: dict = {"version": asmkit.__version__, "rss_after_imports_mb": _status_mb("VmRSS")}
+    out: dict = {"version": asmkit.__version__, "rss_after_imports_mb": status_mib("VmRSS")}
     out["warmup_s"] = warm_up_asmkit(work, cfg)
-    out["rss_after_warmup_mb"] = _status_mb("VmRSS")
+    out["rss_after_warmup_mb"] = status_mib("VmRSS")
     vecs = np.load(work / "vecs.npy")
     image_ids = np.load(work / "image_ids.npy")
     train = np.load(work / "train.npy")
     ref_queries = np.load(work / "ref_queries.npy")
-    out["rss_after_inputs_mb"] = _status_mb("VmRSS")
+    out["rss_after_inputs_mb"] = status_mib("VmRSS")
     params = Params(codebook_size=cfg["codebook_size"], binary=cfg["binary"], use_idf=cfg["idf"],
                     alpha=cfg["alpha"], tau=cfg["tau"], ma_database=1, ma_query=cfg["ma_query"])
 
@@ -381,7 +319,7 @@ def worker_asmkit(work: Path, cfg: dict) -> dict:
     t = time.perf_counter()
     loaded.search(vecs[first], image_ids[first], k=100)
     out["first_query_after_load_ms"] = 1e3 * (time.perf_counter() - t)
-    out["peak_rss_mb"] = _rss_mb()
+    out["peak_rss_mb"] = max_rss_mib()
     return out
 
 
@@ -389,19 +327,18 @@ def load_test(n_images: int, args) -> dict:
     """asmkit only: build an ``n_images`` index in chunks, save it, and time ``Index.load``
     (memory-mapped, with and without checksum verification) and the first query in a fresh
     process, as a user opening a saved index would."""
-    sys.path.insert(0, str(HERE.parents[1] / "src"))
     from asmkit import Codebook, Index, Params
     from asmkit._synthetic import clustered_descriptors
 
     work = Path(tempfile.mkdtemp(prefix="asmkit_loadtest_"))
     try:
         chunk = 500
-        first, _, _ = clustered_descriptors(chunk, args.features_per_image, args.dim, seed=args.seed)
+        first, _, _ = clustered_descriptors(chunk, args.per_image, args.dim, seed=args.seed)
         cb = Codebook.train(first[:: max(1, len(first) // args.train_sample)], args.codebook_size, iters=10)
         index = Index(cb, Params(codebook_size=args.codebook_size, binary=args.binary, use_idf=args.idf))
         t = time.perf_counter()
         for begin in range(0, n_images, chunk):
-            vecs, ids, _ = clustered_descriptors(min(chunk, n_images - begin), args.features_per_image,
+            vecs, ids, _ = clustered_descriptors(min(chunk, n_images - begin), args.per_image,
                                                  args.dim, seed=args.seed + begin)
             index.add(vecs, ids + begin)
         build_s = time.perf_counter() - t
@@ -410,7 +347,6 @@ def load_test(n_images: int, args) -> dict:
         np.save(work / "query.npy", vecs[ids == ids[0]])
         code = (
             "import sys, time, json, numpy as np\n"
-            f"sys.path.insert(0, {str(HERE.parents[1] / 'src')!r})\n"
             "t0 = time.perf_counter(); from asmkit import Index; imp = time.perf_counter() - t0\n"
             "res = {'import_s': imp}\n"
             "for verify in (True, False):\n"
@@ -424,10 +360,10 @@ def load_test(n_images: int, args) -> dict:
             "print(json.dumps(res))\n"
         )
         proc = subprocess.run([sys.executable, "-c", code, str(path), str(work / "query.npy")],
-                              capture_output=True, text=True, check=True)
+                              capture_output=True, text=True, check=True, cwd=ROOT)
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         result.update(images=len(index), build_s=build_s, index_bytes=_dir_bytes(path),
-                      features_per_image=args.features_per_image, codebook_size=args.codebook_size)
+                      features_per_image=args.per_image, codebook_size=args.codebook_size)
         return result
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -467,43 +403,6 @@ def ns_score(full_or_ids: np.ndarray, queries: np.ndarray, group_size: int, from
     return float(((top // group_size) == (queries[:, None] // group_size)).sum(axis=1).mean())
 
 
-def machine(gpu: int | None = None) -> dict:
-    model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import faiss
-    import numba
-
-    try:
-        import asmk  # noqa: F401
-        from importlib.metadata import version
-
-        asmk_version = version("asmk")
-    except Exception:  # noqa: BLE001 - report only
-        asmk_version = "unavailable"
-    return {"cpu_model": model, "cores": os.cpu_count(),
-            "affinity_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "faiss_threads": faiss.omp_get_max_threads(), "python": platform.python_version(),
-            "numpy": np.__version__, "faiss": faiss.__version__, "numba": numba.__version__,
-            "asmk": asmk_version, "cuda_devices": _cuda_names() if gpu is not None else "not asked (--gpu)"}
-
-
-def _cuda_names() -> list[str]:
-    """Names of the CUDA devices torch sees (empty without a CUDA build of torch)."""
-    from asmkit.gpu import cuda_device_count
-
-    if not cuda_device_count():
-        return []
-    import torch
-
-    return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-
-
 RATIO_KEYS = ["codebook_s", "build_quantize_s", "build_aggregate_s", "build_ivf_s", "build_s",
               "query_quantize_ms", "query_aggregate_ms", "query_search_ms", "query_ms",
               "query_single_ms",
@@ -512,8 +411,9 @@ RATIO_KEYS = ["codebook_s", "build_quantize_s", "build_aggregate_s", "build_ivf_
 
 
 def run_side(side: str, work: Path, cfg: dict) -> dict:
-    cmd = [sys.executable, str(HERE), "--worker", side, "--work", str(work)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # The worker runs this module again (cwd: the repository root, so that ``benchmarks`` imports).
+    cmd = [sys.executable, "-m", "benchmarks.bench_reference", "--worker", side, "--work", str(work)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"{side} worker failed:\n{proc.stderr[-4000:]}")
     return json.loads((work / f"{side}.json").read_text())
@@ -521,15 +421,12 @@ def run_side(side: str, work: Path, cfg: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    src = parser.add_mutually_exclusive_group()
-    src.add_argument("--synthetic", type=int, metavar="N_IMAGES", help="clustered synthetic images")
-    src.add_argument("--data", help="UKBench-style folder with gt.json and images/")
+    add_data_args(parser, synthetic=1000, per_image=500)
+    add_run_args(parser, repeat=None)
     parser.add_argument("--codebook-size", type=int, default=1024)
-    parser.add_argument("--features-per-image", type=int, default=500)
-    parser.add_argument("--dim", type=int, default=128, help="synthetic descriptor dimension")
     kind = parser.add_mutually_exclusive_group()
-    kind.add_argument("--binary", dest="binary", action="store_true", default=True)
-    kind.add_argument("--real", dest="binary", action="store_false")
+    kind.add_argument("--binary", dest="binary", action="store_true", default=True, help="ASMK* (default)")
+    kind.add_argument("--real", dest="binary", action="store_false", help="real-valued ASMK")
     parser.add_argument("--idf", action="store_true")
     parser.add_argument("--alpha", type=float, default=3.0)
     parser.add_argument("--tau", type=float, default=0.0)
@@ -538,9 +435,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="descriptors sampled for k-means (both sides)")
     parser.add_argument("--ref-queries", type=int, default=None,
                         help="time the reference (and compare ranks) on this many queries only")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache", default="/tmp", help="folder for cached UKBench descriptors")
-    parser.add_argument("--out", help="write the full result as JSON here")
     parser.add_argument("--gpu", type=int, default=None,
                         help="asmkit quantizes on this GPU (Codebook(..., gpu=N)); the reference stays on the CPU")
     parser.add_argument("--load-test", type=int, metavar="N_IMAGES",
@@ -558,11 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.load_test:
         result = load_test(args.load_test, args)
         print(json.dumps(result, indent=1))
-        if args.out:
-            Path(args.out).write_text(json.dumps(result, indent=1))
+        write_json(args.out, {"command": command_line(), "machine": machine_info(), **result})
         return 0
-    if not args.synthetic and not args.data:
-        args.synthetic = 1000
 
     work = Path(tempfile.mkdtemp(prefix="asmkit_bench_"))
     try:
@@ -586,8 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     ratios["aggregate_plus_search_query"] = (
         (ref["query_aggregate_ms"] + ref["query_search_ms"])
         / max(ours["query_aggregate_ms"] + ours["query_search_ms"], 1e-9))
-    result = {"command": " ".join([sys.executable.split("/")[-1], *sys.argv]), "config": cfg,
-              "machine": machine(args.gpu), "reference": ref, "asmkit": ours,
+    result = {"command": command_line(), "config": cfg,
+              "machine": machine_info(gpu=args.gpu is not None), "reference": ref, "asmkit": ours,
               "speedup_reference_over_asmkit": ratios, "agreement": agreement}
 
     print(f"# {cfg['source']}; K={cfg['codebook_size']}, {'binary' if cfg['binary'] else 'real'}, "
@@ -604,8 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'aggregate+search per query':<28}{'':>14}{'':>14}{ratios['aggregate_plus_search_query']:>9.1f}x")
     for key, value in agreement.items():
         print(f"{key}: {value}")
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+    write_json(args.out, result)
     return 0
 
 

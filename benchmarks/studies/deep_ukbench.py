@@ -3,7 +3,7 @@
 Two phases, so that the expensive one runs once:
 
 1. ``extract``: raw (un-whitened) top-attention backbone features of all 2000 images, for a
-   given stage and set of scales, cached in ``--cache`` (float16, default /tmp).
+   given stage and set of scales, cached in ``--cache`` (float16).
 2. ``eval``: from a cache, for each combination of the levers (features per image, whitening
    dim and shrinkage, codebook size): learn the whitening on the same images' features (no
    labels), L2-normalise, train a codebook on a sample of them, ASMK* all-vs-all (every image
@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-DATA = Path("/work/shared/datasets/ukbench2000")
+from benchmarks._common import DEFAULT_CACHE
+
 log = logging.getLogger("study_deep")
 
 
@@ -46,7 +47,7 @@ def extract(args) -> None:
     from asmkit.features.backbones import EfficientNetLite0
     from asmkit.features.deep import DeepExtractor, RetrievalHead
 
-    gt = load_ground_truth(DATA)
+    gt = load_ground_truth(args.data)
     paths = gt.image_paths()[: args.limit]
     backbone = EfficientNetLite0(args.stage)
     # Raw features: no whitening, no normalisation, so that eval can whiten many ways.
@@ -75,47 +76,24 @@ def extract(args) -> None:
 
 
 def _rank_asmk(vecs, ids, n_images, codebook_size, seed, kernels=((3.0, 0.0, 5),)):
-    """All-vs-all ASMK* ranks [n, n] for each (alpha, tau, ma_query) in ``kernels`` (one
-    codebook), with the asmkit engine, else the reference package (reference kernel only)."""
-    try:
-        from asmkit import Codebook, Index, Params
-    except ImportError:
-        Index = None
+    """All-vs-all ASMK* ranks [n, n] for each (alpha, tau, ma_query) in ``kernels``, one
+    codebook trained on a sample of ``vecs``; (ranks, engine, codebook s, index + search s)."""
+    from asmkit import Codebook, Index, Params
+
     sample = vecs
     rng = np.random.default_rng(seed)
     if len(vecs) > args_sample:
         sample = vecs[rng.choice(len(vecs), args_sample, replace=False)]
     t0 = time.perf_counter()
-    if Index is not None:
-        cb = Codebook.train(sample, codebook_size, iters=10, seed=Params().seed)
-        t1 = time.perf_counter()
-        ranks = []
-        for alpha, tau, ma_query in kernels:
-            params = Params.preset("asmk_star", codebook_size=codebook_size, alpha=alpha, tau=tau,
-                                   ma_query=ma_query)
-            index = Index(cb, params)
-            index.add(vecs, ids)
-            ranks.append(index.search(vecs, ids, k=n_images)[1])
-        engine = "asmkit"
-    else:
-        from asmk import asmk_method
-
-        params = {
-            "index": {"gpu_id": None},
-            "train_codebook": {"codebook": {"size": codebook_size}},
-            "build_ivf": {"kernel": {"binary": True}, "ivf": {"use_idf": False},
-                          "quantize": {"multiple_assignment": 1}, "aggregate": {}},
-            "query_ivf": {"quantize": {"multiple_assignment": 5}, "aggregate": {},
-                          "search": {"topk": None},
-                          "similarity": {"similarity_threshold": 0.0, "alpha": 3.0}},
-        }
-        method = asmk_method.ASMKMethod.initialize_untrained(params).train_codebook(sample)
-        t1 = time.perf_counter()
-        built = method.build_ivf(vecs, ids)
-        _, qids, ranks, _ = built.query_ivf(vecs, ids)
-        ranks = [ranks[np.argsort(qids)]]
-        engine = "asmk-reference"
-    return [np.asarray(r) for r in ranks], engine, t1 - t0, time.perf_counter() - t1
+    cb = Codebook.train(sample, codebook_size, iters=10, seed=Params().seed)
+    t1 = time.perf_counter()
+    ranks = []
+    for alpha, tau, ma_query in kernels:
+        params = Params.preset("asmk_star", codebook_size=codebook_size, alpha=alpha, tau=tau, ma_query=ma_query)
+        index = Index(cb, params)
+        index.add(vecs, ids)
+        ranks.append(index.search(vecs, ids, k=n_images)[1])
+    return [np.asarray(r) for r in ranks], "asmkit", t1 - t0, time.perf_counter() - t1
 
 
 args_sample = 150_000
@@ -125,7 +103,7 @@ def evaluate(args) -> None:
     from asmkit.evaluate import load_ground_truth, mean_average_precision, ns_score
     from asmkit.features.whitening import PCAWhitening
 
-    gt = load_ground_truth(DATA)
+    gt = load_ground_truth(args.data)
     source = args.limit if args.source_limit is None else (args.source_limit or None)
     data = np.load(cache_file(args.cache, args.stage, args.scales, args.smoothing, source))
     desc_all, attn_all, counts = data["desc"], data["attn"], data["counts"]
@@ -177,7 +155,8 @@ def main() -> None:
     parser.add_argument("--stage", default="stride16")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0])
     parser.add_argument("--smoothing", type=int, default=0)
-    parser.add_argument("--cache", type=Path, default=Path("/tmp/asmkit_study_deep"))
+    parser.add_argument("--data", type=Path, required=True, help="UKBench-style folder (gt.json, images/)")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE / "deep_study", help="feature caches")
     parser.add_argument("--keep", type=int, default=1000, help="features cached per image (extract)")
     parser.add_argument("--limit", type=int, default=None, help="first N images only")
     parser.add_argument("--source-limit", type=int, default=None,

@@ -19,10 +19,13 @@ import time
 
 import numpy as np
 
+from benchmarks._common import add_data_args, add_run_args, load_data, sample_rows
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--descriptors", required=True)
+    add_data_args(parser, synthetic=None, per_image=1000)
+    add_run_args(parser, repeat=None)
     parser.add_argument("--codebook-size", type=int, default=4096)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--query-images", type=int, default=600)
@@ -34,12 +37,9 @@ def main(argv=None):
     from asmkit import codebook as codebook_mod
     from asmkit.gpu import TorchQuantizer
 
-    data = np.load(args.descriptors)
-    vecs = np.ascontiguousarray(data["vecs"], np.float32)
-    ids = data["image_ids"].astype(np.int64)
-    rng = np.random.default_rng(0)
-    centroids = Codebook.train(vecs[rng.choice(len(vecs), 100_000, replace=False)], args.codebook_size,
-                               seed=0).centroids
+    data = load_data(args)
+    vecs, starts = data.vecs, data.starts()
+    centroids = Codebook.train(sample_rows(vecs, 100_000, args.seed), args.codebook_size, seed=args.seed).centroids
     book = Codebook(centroids)
     book._device = ("torch", 0)
     book._torch = TorchQuantizer(centroids, args.device, codebook_mod._tie_eps(1.0, vecs.shape[1]))
@@ -54,7 +54,7 @@ def main(argv=None):
           f"{len(flagged)} settled by faiss, "
           f"{int((words[:, 0] != index.search(vecs, 1)[1][:, 0]).sum())} differ from faiss")
 
-    starts = np.searchsorted(ids, np.arange(ids.max() + 2))[: args.query_images + 1]
+    starts = starts[: args.query_images + 1]
     rows = int(starts[-1])
     words = book.quantize(vecs[:rows], 5, segments=starts, nearest_first=False)
     expected = np.concatenate([index.search(vecs[a:b], 5)[1] for a, b in zip(starts[:-1], starts[1:])])

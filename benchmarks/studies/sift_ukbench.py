@@ -1,17 +1,18 @@
 """UKBench-2000 study of RootSIFT + ASMK* settings (codebook size, features per image, idf, whitening).
 
-    nice -n 10 .venv/bin/python benchmarks/study_sift.py [--configs base,idf,...] [--engine auto]
+    python -m benchmarks.studies.sift_ukbench --data ../shared/datasets/ukbench2000 [--configs base,idf,...]
 
-Protocol (BENCHMARKS.md): every image is a query and junk in its own ranking; mAP over the 3
+Protocol (docs/math.md §7): every image is a query and junk in its own ranking; mAP over the 3
 other images of its group; N-S = group members (query included) in the top 4. The codebook is
 trained (faiss k-means, 10 iterations) on a random sample of the same images' descriptors.
-RootSIFT descriptors are cached per features-per-image setting in HDF5 stores under --cache,
-so reruns only pay for codebook, indexing and search.
+RootSIFT descriptors (``asmkit.features``) are cached per features-per-image setting in HDF5
+stores under --cache, with the codebooks, so reruns only pay for indexing and search.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import time
@@ -20,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from asmkit import Params
-from asmkit.codebook import Codebook
+from asmkit import Codebook, Params
 from asmkit.evaluate import average_precision, ns_score
 from asmkit.features import FeatureStore, PCAWhitening, SiftExtractor, extract_features, list_images
+from benchmarks._common import DEFAULT_CACHE
 
 logger = logging.getLogger("study_sift")
 
@@ -98,16 +99,19 @@ def rank_with_reference(setting: Setting, codebook, vecs, image_ids, n_images: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="/work/shared/datasets/ukbench2000")
-    parser.add_argument("--cache", default="/tmp/asmkit_study")
+    parser.add_argument("--data", required=True, help="UKBench-style folder (gt.json, images/)")
+    parser.add_argument("--cache", default=str(DEFAULT_CACHE / "sift_study"), help="feature stores and codebooks")
     parser.add_argument("--configs", default="base,idf,pw128_s05,real,real_idf,mf2000_real_idf,real_pw128_s05,real_idf_pw128_s05")
     parser.add_argument("--train-sample", type=int, default=500_000, help="descriptors sampled for k-means")
-    parser.add_argument("--engine", choices=["auto", "asmkit", "reference"], default="auto")
+    parser.add_argument("--engine", choices=["asmkit", "reference"], default="asmkit",
+                        help="rank with asmkit.Index or with the reference asmk (same codebook)")
+    parser.add_argument("--codebook-size", type=int, default=None, help="override every setting's K")
     parser.add_argument("--out", default=None, help="append one JSON line per setting here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     data, cache = Path(args.data), Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
     gt = json.loads((data / "gt.json").read_text())
     names = [Path(p).relative_to("images").as_posix() for p in gt["images"]]
     assert [p.name for p in list_images(data / "images")] == names
@@ -117,18 +121,16 @@ def main() -> None:
     n_images = len(names)
 
     index_cls = None
-    if args.engine in ("auto", "asmkit"):
-        try:
-            from asmkit.index import Index as index_cls
-        except ImportError:
-            if args.engine == "asmkit":
-                raise
+    if args.engine == "asmkit":
+        from asmkit import Index as index_cls
     engine = "asmkit" if index_cls is not None else "reference asmk 0.1.1"
     logger.info("engine: %s", engine)
 
     rows = []
     for key in args.configs.split(","):
         setting = SETTINGS[key]
+        if args.codebook_size:
+            setting = dataclasses.replace(setting, codebook_size=args.codebook_size)
         vecs, image_ids = load_descriptors(data / "images", cache, setting.max_features, names)
         rng = np.random.default_rng(0)
         sample = vecs[np.sort(rng.choice(len(vecs), min(args.train_sample, len(vecs)), replace=False))]

@@ -1,18 +1,19 @@
-"""Why synthetic queries stay near 13x: the exact quantizer's options on isotropic data.
+"""The exact quantizer's options on isotropic data (why synthetic queries stay near 13x).
 
-On `asmkit._synthetic` descriptors (1000 images x 500 x 128-D, K = 1024 trained on a
-100k sample), times per 500k rows:
+On clustered synthetic descriptors (default 1000 images x 500 x 128-D, K = 1024 trained
+on a 100k sample), times for all rows:
 
 - faiss ``IndexFlatL2.search`` with k = 1 and k = 6 (the query side's m + 1), BLAS
   blocks of 512 rows as ``Codebook._faiss_block`` runs it;
 - numpy's float32 product alone, a numba top-6 selection alone, and the two alternated
   per 512-row block (a BLAS + numba quantizer);
-- ``Index.search`` of all 1000 images with the default quantizer, and with the pruned
+- ``Index.search`` of all images with the default quantizer, and with the pruned
   kernel forced to wider bounds (``--widths``).
 
-Prints one line per measurement (best of ``--repeat``)::
+Prints one line per measurement (best of ``--repeat``). Uses internals: the pruned
+search's width table (``Codebook._pruned_search``) and ``asmkit._kernels._insert_sorted``::
 
-    python benchmarks/study_synthetic_quantizer.py --widths 64 120
+    python -m benchmarks.studies.quantizer_synthetic --widths 120 --repeat 2
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 from numba import njit, prange
 
 from asmkit._kernels import _insert_sorted
-from bench_engine import best  # benchmarks/ is on sys.path when this script runs
+from benchmarks._common import add_data_args, add_run_args, best_of, load_data, sample_rows
 
 
 @njit(parallel=True)
@@ -44,24 +45,25 @@ def _select(ip, x_sq, c_sq, begin, out_d, out_w):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_data_args(parser, synthetic=1000, per_image=500)
+    add_run_args(parser, repeat=3)
+    parser.add_argument("--codebook-size", type=int, default=1024)
     parser.add_argument("--widths", type=int, nargs="*", default=[64, 120])
-    parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args(argv)
 
     import faiss
 
     from asmkit import Codebook, Index, Params
-    from asmkit._synthetic import clustered_descriptors
 
-    vecs, ids, _ = clustered_descriptors(1000, 500, 128, seed=0)
-    rng = np.random.default_rng(0)
-    book = Codebook.train(vecs[rng.choice(len(vecs), 100_000, replace=False)], 1024, seed=0)
+    data = load_data(args)
+    vecs, ids = data.vecs, data.image_ids
+    book = Codebook.train(sample_rows(vecs, 100_000, args.seed), args.codebook_size, seed=args.seed)
     c = book.centroids
-    index = faiss.IndexFlatL2(128)
+    index = faiss.IndexFlatL2(book.dim)
     index.add(c)
     faiss.cvar.distance_compute_blas_query_bs = 512
     for k in (1, 6):
-        print(f"faiss k={k}: {best(lambda: index.search(vecs, k), args.repeat)[0]:.3f} s")
+        print(f"faiss k={k}: {best_of(lambda: index.search(vecs, k), args.repeat)[0]:.3f} s")
 
     ct = np.ascontiguousarray(c.T)
     c_sq = np.einsum("ij,ij->i", c, c)
@@ -87,19 +89,19 @@ def main(argv=None):
             block = vecs[b : b + 512]
             _select(np.matmul(block, ct, out=buf[: len(block)]), x_sq[b : b + 512], c_sq, b, out_d, out_w)
 
-    print(f"numpy product alone: {best(product, args.repeat)[0]:.3f} s")
-    print(f"numba top-6 alone: {best(select, args.repeat)[0]:.3f} s")
-    print(f"product + top-6 alternated: {best(both, 1)[0]:.3f} s")
+    print(f"numpy product alone: {best_of(product, args.repeat)[0]:.3f} s")
+    print(f"numba top-6 alone: {best_of(select, args.repeat)[0]:.3f} s")
+    print(f"product + top-6 alternated: {best_of(both, 1)[0]:.3f} s")
 
-    engine = Index(book, Params(codebook_size=1024))
+    engine = Index(book, Params(codebook_size=book.size))
     engine.add(vecs, ids)
     pruned = book._pruned_search()
     for width in [None, *args.widths]:
         if width is not None:
             pruned._width[5] = width
         engine.search(vecs[:5000], ids[:5000], k=100)  # compiles the kernel for this width's shapes
-        t = best(lambda: engine.search(vecs, ids, k=100), args.repeat)[0]
-        print(f"Index.search, 1000 queries, bound width {width or 'auto (faiss)'}: {t:.3f} s")
+        t = best_of(lambda: engine.search(vecs, ids, k=100), args.repeat)[0]
+        print(f"Index.search, {data.n_images} queries, bound width {width or 'auto (faiss)'}: {t:.3f} s")
 
 
 if __name__ == "__main__":
