@@ -23,8 +23,8 @@ def filled(rng, ids=(4, 1, 9), sizes=(5, 0, 7)):
 
 
 def same_features(store, image_id, part):
-    kp, words = store.get(image_id)
-    want_kp, want_words = sort_by_word(*part)
+    kp, words, _ = store.get(image_id)
+    want_kp, want_words, _ = sort_by_word(*part)
     np.testing.assert_array_equal(kp, want_kp)
     np.testing.assert_array_equal(words, want_words)
 
@@ -53,6 +53,22 @@ def test_remove_keeps_the_other_images():
         store.remove([4])
     with pytest.raises(ArgumentError, match="already in the geometry store"):
         store.add([9], [np.zeros((1, 4))], [[0]])
+
+
+def test_signatures_follow_their_features(tmp_path):
+    rng = np.random.default_rng(4)
+    kp, words = image(rng, 6)
+    sigs = rng.integers(0, 2**63, (6, 2), dtype=np.uint64)
+    store = GeometryStore()
+    store.add([7, 2], [kp, kp[:2]], [words, words[:2]], [sigs, sigs[:2]])
+    order = np.argsort(words, kind="stable")
+    np.testing.assert_array_equal(store.get(7)[2], sigs[order])
+    store.remove([2])
+    store.save(tmp_path / "geo")
+    np.testing.assert_array_equal(GeometryStore.load(tmp_path / "geo").get(7)[2], sigs[order])
+    assert store.nbytes == 6 * (16 + 4 + 16) + 8 + 2 * 8
+    with pytest.raises(ArgumentError, match="signatures"):
+        store.add([3], [kp[:1]], [words[:1]], [np.zeros((1, 3), np.uint64)])
 
 
 def test_bytes_per_image_is_what_the_arrays_hold():
@@ -102,6 +118,7 @@ def test_bad_input_names_the_argument():
 
 
 def test_two_column_keypoints_get_unit_scale_and_zero_angle():
-    kp, words = sort_by_word(np.array([[5.0, 6.0], [1.0, 2.0]]), np.array([9, 3]))
+    kp, words, sigs = sort_by_word(np.array([[5.0, 6.0], [1.0, 2.0]]), np.array([9, 3]))
+    assert sigs.shape == (2, 0)
     np.testing.assert_array_equal(kp, [[1, 2, 1, 0], [5, 6, 1, 0]])
     np.testing.assert_array_equal(words, [3, 9])

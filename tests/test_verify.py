@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from asmkit._validation import ArgumentError
-from asmkit.geometry import GeometryStore, sort_by_word
+from asmkit import Codebook
+from asmkit.geometry import GeometryStore, feature_words, sort_by_word
 from asmkit.verify import (
     VerifyOptions,
     fit_model,
@@ -47,13 +48,17 @@ def homography_pair(rng, n_true=150, n_noise=300, n_words=4096, noise_px=0.5, h=
 # ------------------------------------------------------------------------------ matching
 
 
-def numpy_word_matches(q_words, d_words, cap):
+def numpy_word_matches(q_words, d_words, cap, q_sigs=None, d_sigs=None, max_hamming=0):
     """Plain-loop twin of asmkit._kernels.word_matches for one candidate."""
     out = []
     for w in np.intersect1d(q_words, d_words):
-        qi = np.flatnonzero(q_words == w)[:cap]
-        di = np.flatnonzero(d_words == w)[:cap]
-        out += [(i, j) for i in qi for j in di]
+        found = 0
+        for i in np.flatnonzero(q_words == w):
+            for j in np.flatnonzero(d_words == w):
+                bits = 0 if q_sigs is None else sum(bin(int(a) ^ int(b)).count("1") for a, b in zip(q_sigs[i], d_sigs[j]))
+                if found < cap * cap and bits <= max_hamming:
+                    out.append((i, j))
+                    found += 1
     return np.array(out, dtype=np.int32).reshape(-1, 2)
 
 
@@ -65,6 +70,26 @@ def test_word_matches_equal_the_numpy_twin(cap):
     got = word_matches(q, d, max_per_word=cap)
     np.testing.assert_array_equal(got, numpy_word_matches(q, d, cap))
     assert (q[got[:, 0]] == d[got[:, 1]]).all()
+    q_sigs = rng.integers(0, 2**63, (300, 2), dtype=np.uint64)
+    d_sigs = rng.integers(0, 2**63, (200, 2), dtype=np.uint64)
+    got = word_matches(q, d, query_signatures=q_sigs, db_signatures=d_sigs, max_per_word=cap, max_hamming=60)
+    np.testing.assert_array_equal(got, numpy_word_matches(q, d, cap, q_sigs, d_sigs, 60))
+    assert got.shape[0] > 0
+    assert word_matches(q, d, query_signatures=q_sigs, db_signatures=d_sigs, max_hamming=0).shape == (0, 2)
+
+
+def test_signatures_keep_the_features_of_similar_descriptors():
+    codebook = Codebook(np.eye(4, dtype=np.float32))
+    base = np.array([[0.9, 0.1, 0.3, 0.2], [0.1, 0.8, 0.2, 0.3]], np.float32)
+    near = base + 0.01
+    far = np.array([[0.9, -0.1, -0.3, -0.2], [-0.1, 0.8, -0.2, -0.3]], np.float32)
+    (w_q, w_near, w_far), (s_q, s_near, s_far) = feature_words(codebook, [base, near, far])
+    np.testing.assert_array_equal(w_q, [0, 1])
+    np.testing.assert_array_equal(w_near, w_q)
+    np.testing.assert_array_equal(w_far, w_q)
+    same = word_matches(w_q, w_near, query_signatures=s_q, db_signatures=s_near, max_hamming=0)
+    np.testing.assert_array_equal(same, [[0, 0], [1, 1]])
+    assert word_matches(w_q, w_far, query_signatures=s_q, db_signatures=s_far, max_hamming=1).shape == (0, 2)
 
 
 def test_word_matches_cap_bounds_a_burst():
@@ -95,8 +120,8 @@ def test_mutual_nn_matches_find_the_shuffled_copy():
 def test_known_model_gives_its_inliers_and_is_recovered(model, truth):
     rng = np.random.default_rng(1)
     (kp_a, w_a), (kp_b, w_b) = homography_pair(rng, h=truth)
-    kp_a, w_a = sort_by_word(kp_a, w_a)
-    kp_b, w_b = sort_by_word(kp_b, w_b)
+    kp_a, w_a, _ = sort_by_word(kp_a, w_a)
+    kp_b, w_b, _ = sort_by_word(kp_b, w_b)
     pairs = word_matches(w_a, w_b)
     fit = fit_model(kp_a[pairs[:, 0], :2], kp_b[pairs[:, 1], :2], model, threshold=3.0, pairs=pairs)
     assert 140 <= fit.inliers <= 160
@@ -108,8 +133,8 @@ def test_shuffled_correspondences_give_about_no_inliers():
     rng = np.random.default_rng(2)
     (kp_a, w_a), (kp_b, w_b) = homography_pair(rng)
     kp_b = kp_b[rng.permutation(len(kp_b))]
-    kp_a, w_a = sort_by_word(kp_a, w_a)
-    kp_b, w_b = sort_by_word(kp_b, w_b)
+    kp_a, w_a, _ = sort_by_word(kp_a, w_a)
+    kp_b, w_b, _ = sort_by_word(kp_b, w_b)
     pairs = word_matches(w_a, w_b)
     for model in ("homography", "affine"):
         fit = fit_model(kp_a[pairs[:, 0], :2], kp_b[pairs[:, 1], :2], model, threshold=3.0, pairs=pairs)

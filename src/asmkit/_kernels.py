@@ -955,11 +955,19 @@ def pruned_nearest(x, mean, axes, table, sq, centroids, max_sq, margin_rate, eps
 # -- spatial verification: tentative correspondences by shared visual words ------------------
 
 
+@njit(cache=True, inline="always")
+def _hamming(a, i, b, j):
+    dist = 0
+    for t in range(a.shape[1]):
+        dist += popcount64(a[i, t] ^ b[j, t])
+    return dist
+
+
 @njit(cache=True, nogil=True)
-def _merge_words(q_words, d_words, begin, end, cap, out, pos, fill):
-    """Pairs ``(i, j - begin)`` with ``q_words[i] == d_words[j]``, both ascending, at most
-    ``cap`` features of each side per word (the first ones); written at ``out[pos:]`` when
-    ``fill``. Returns the number of pairs."""
+def _merge_words(q_words, q_sigs, d_words, d_sigs, begin, end, cap, max_hamming, out, pos, fill):
+    """Pairs ``(i, j - begin)`` with ``q_words[i] == d_words[j]`` (both ascending) whose
+    signatures differ in at most ``max_hamming`` bits, at most ``cap * cap`` per word (the
+    first found); written at ``out[pos:]`` when ``fill``. Returns the number of pairs."""
     n_q = q_words.shape[0]
     i = 0
     j = begin
@@ -978,35 +986,37 @@ def _merge_words(q_words, d_words, begin, end, cap, out, pos, fill):
             j_end = j
             while j_end < end and d_words[j_end] == a:
                 j_end += 1
-            n_i = min(i_end - i, cap)
-            n_j = min(j_end - j, cap)
-            if fill:
-                for x in range(n_i):
-                    for y in range(n_j):
-                        out[pos + count, 0] = i + x
-                        out[pos + count, 1] = j + y - begin
+            found = 0
+            for x in range(i, i_end):
+                for y in range(j, j_end):
+                    if found < cap * cap and _hamming(q_sigs, x, d_sigs, y) <= max_hamming:
+                        if fill:
+                            out[pos + count, 0] = x
+                            out[pos + count, 1] = y - begin
                         count += 1
-            else:
-                count += n_i * n_j
+                        found += 1
             i = i_end
             j = j_end
     return count
 
 
 @njit(cache=True, nogil=True)
-def word_matches(q_words, d_words, d_offsets, slots, cap):
+def word_matches(q_words, q_sigs, d_words, d_sigs, d_offsets, slots, cap, max_hamming):
     """Tentative correspondences of one query image with several database images.
 
     Parameters
     ----------
-    q_words : int32 [n], ascending
-        The query features' words.
-    d_words : int32 [F], ascending within each image; d_offsets : int64 [S + 1]
-        The database images' words (``asmkit.geometry.GeometryStore``).
+    q_words : int32 [n], ascending; q_sigs : uint64 [n, W]
+        The query features' words and binary signatures.
+    d_words : int32 [F], ascending within each image; d_sigs : uint64 [F, W];
+    d_offsets : int64 [S + 1]
+        The database images' features (``asmkit.geometry.GeometryStore``).
     slots : int64 [R]
         The candidate images (positions in the store; negative: no features).
     cap : int
-        At most ``cap`` features per side and word (``cap * cap`` pairs), against bursts.
+        At most ``cap * cap`` pairs per word, against bursts.
+    max_hamming : int
+        Pairs whose signatures differ in more bits are no correspondence.
 
     Returns
     -------
@@ -1022,11 +1032,13 @@ def word_matches(q_words, d_words, d_offsets, slots, cap):
         s = slots[c]
         found = 0
         if s >= 0:
-            found = _merge_words(q_words, d_words, d_offsets[s], d_offsets[s + 1], cap, none, 0, False)
+            found = _merge_words(q_words, q_sigs, d_words, d_sigs, d_offsets[s], d_offsets[s + 1], cap, max_hamming,
+                                 none, 0, False)
         offsets[c + 1] = offsets[c] + found
     pairs = np.empty((offsets[n], 2), np.int32)
     for c in range(n):
         s = slots[c]
         if s >= 0:
-            _merge_words(q_words, d_words, d_offsets[s], d_offsets[s + 1], cap, pairs, offsets[c], True)
+            _merge_words(q_words, q_sigs, d_words, d_sigs, d_offsets[s], d_offsets[s + 1], cap, max_hamming,
+                         pairs, offsets[c], True)
     return offsets, pairs

@@ -39,7 +39,8 @@ import numpy as np
 
 from ._kernels import word_matches as _word_matches_kernel
 from ._validation import ArgumentError, check_choice, check_float, check_int
-from .geometry import GeometryStore, sort_by_word
+from .codebook import Codebook
+from .geometry import GeometryStore, feature_words, sort_by_word
 
 __all__ = [
     "MODELS",
@@ -51,6 +52,7 @@ __all__ = [
     "mutual_nn_matches",
     "order_by_inliers",
     "rerank",
+    "rerank_features",
     "verify_pairs",
     "word_matches",
 ]
@@ -78,7 +80,9 @@ class VerifyOptions:
         Inlier threshold in pixels (reprojection error; Sampson distance for
         ``"fundamental"``).
     max_per_word : int
-        Features per side and word in ``word_matches``.
+        At most ``max_per_word ** 2`` correspondences per word in ``word_matches``.
+    max_hamming : int
+        Features of one word whose signatures differ in more bits are no correspondence.
     min_inliers : int
         Fewer inliers count as not verified (re-ranking) or drop the pair (SfM).
     max_iters : int
@@ -92,6 +96,7 @@ class VerifyOptions:
     model: str = "affine"
     threshold: float = 8.0
     max_per_word: int = 5
+    max_hamming: int = 40
     min_inliers: int = 8
     max_iters: int = 1000
     confidence: float = 0.999
@@ -101,6 +106,7 @@ class VerifyOptions:
         check_choice(self.model, "model", MODELS)
         check_float(self.threshold, "threshold", min=0.0, min_open=True)
         check_int(self.max_per_word, "max_per_word", min=1)
+        check_int(self.max_hamming, "max_hamming", min=0)
         check_int(self.min_inliers, "min_inliers", min=0)
         check_int(self.max_iters, "max_iters", min=1)
         check_float(self.confidence, "confidence", min=0.0, max=1.0, min_open=True)
@@ -158,15 +164,21 @@ class Reranked:
 # ------------------------------------------------------------------------------ matching
 
 
-def word_matches(query_words, db_words, *, max_per_word: int = 5) -> np.ndarray:
-    """Tentative correspondences: feature pairs that share a visual word.
+def word_matches(query_words, db_words, *, query_signatures=None, db_signatures=None, max_per_word: int = 5,
+                 max_hamming: int = 40) -> np.ndarray:
+    """Tentative correspondences: feature pairs that share a visual word and, with
+    signatures, differ in at most ``max_hamming`` signature bits.
 
     Parameters
     ----------
     query_words, db_words : int [n], int [m]
         Each image's words, ascending (``asmkit.geometry.sort_by_word``).
+    query_signatures, db_signatures : uint64 [n, W], uint64 [m, W], optional
+        Binary signatures (``asmkit.geometry.feature_words``); without them words alone
+        decide.
     max_per_word : int
-        At most this many features of each image per word (the first ones).
+        At most ``max_per_word ** 2`` pairs per word (the first found).
+    max_hamming : int
 
     Returns
     -------
@@ -174,10 +186,25 @@ def word_matches(query_words, db_words, *, max_per_word: int = 5) -> np.ndarray:
         (query feature, database feature) positions.
     """
     cap = check_int(max_per_word, "max_per_word", min=1)
+    max_hamming = check_int(max_hamming, "max_hamming", min=0)
     q = _sorted_words(query_words, "query_words")
     d = _sorted_words(db_words, "db_words")
-    _, pairs = _word_matches_kernel(q, d, np.array([0, d.shape[0]], np.int64), np.zeros(1, np.int64), cap)
+    q_sig, d_sig = _signature_pair(query_signatures, db_signatures, q.shape[0], d.shape[0])
+    _, pairs = _word_matches_kernel(q, q_sig, d, d_sig, np.array([0, d.shape[0]], np.int64), np.zeros(1, np.int64),
+                                    cap, max_hamming)
     return pairs
+
+
+def _signature_pair(q_sig, d_sig, n_q: int, n_d: int) -> tuple[np.ndarray, np.ndarray]:
+    """Both signature arrays with one width; width 0 (no check) when either is missing."""
+    if q_sig is None or d_sig is None or np.shape(q_sig)[1] == 0 or np.shape(d_sig)[1] == 0:
+        return np.empty((n_q, 0), np.uint64), np.empty((n_d, 0), np.uint64)
+    q_sig = np.ascontiguousarray(q_sig, dtype=np.uint64)
+    d_sig = np.ascontiguousarray(d_sig, dtype=np.uint64)
+    if q_sig.ndim != 2 or d_sig.ndim != 2 or q_sig.shape != (n_q, d_sig.shape[1]) or d_sig.shape[0] != n_d:
+        raise ArgumentError(f"query_signatures: expected [{n_q}, W] and [{n_d}, W] signatures, got {q_sig.shape} "
+                            f"and {d_sig.shape}")
+    return q_sig, d_sig
 
 
 def _sorted_words(words, name: str) -> np.ndarray:
@@ -322,9 +349,13 @@ def _plausible(matrix: np.ndarray) -> bool:
 # ------------------------------------------------------------------------------ re-ranking
 
 
-def _verify_block(store: GeometryStore, q_kp, q_words, slots, opts: VerifyOptions) -> np.ndarray:
+def _verify_block(store: GeometryStore, q_kp, q_words, q_sigs, slots, opts: VerifyOptions) -> np.ndarray:
     """Inliers (int32 [R]) of one query against the store images at ``slots``."""
-    offsets, pairs = _word_matches_kernel(q_words, store.words, store.offsets, slots, opts.max_per_word)
+    d_sigs = store.signatures
+    if q_sigs.shape[1] == 0 or d_sigs.shape[1] == 0:
+        q_sigs, d_sigs = q_sigs[:, :0], np.empty((store.words.shape[0], 0), np.uint64)
+    offsets, pairs = _word_matches_kernel(q_words, q_sigs, store.words, d_sigs, store.offsets, slots,
+                                          opts.max_per_word, opts.max_hamming)
     inliers = np.zeros(slots.shape[0], dtype=np.int32)
     db_offsets, db_kp = store.offsets, store.keypoints
     need = max(opts.min_inliers, _MIN_SAMPLE[opts.model] + 1)
@@ -340,7 +371,8 @@ def _verify_block(store: GeometryStore, q_kp, q_words, slots, opts: VerifyOption
 
 
 def rerank(store: GeometryStore, query_keypoints: Sequence, query_words: Sequence, ids, scores, *,
-           top: int = 100, options: VerifyOptions | None = None) -> Reranked:
+           query_signatures: Sequence | None = None, top: int = 100,
+           options: VerifyOptions | None = None) -> Reranked:
     """Re-rank the top of rankings by spatial verification.
 
     Parameters
@@ -351,6 +383,9 @@ def rerank(store: GeometryStore, query_keypoints: Sequence, query_words: Sequenc
         None or an empty array: that query is not verified (a warning is logged).
     query_words : sequence of int [n_q], one per query
         Each query feature's word (one word per feature: column 0 of its quantization).
+    query_signatures : sequence of uint64 [n_q, W], optional
+        Each query feature's signature (``asmkit.geometry.feature_words``); without them
+        (or a store without signatures) words alone make the correspondences.
     ids : int64 [Q, k]
         Rankings (``Index.search``); -1 padding is allowed.
     scores : float32 [Q, k]
@@ -375,7 +410,8 @@ def rerank(store: GeometryStore, query_keypoints: Sequence, query_words: Sequenc
         raise ArgumentError(f"ids: expected int [Q, k] with scores of the same shape, got {ids.shape} and "
                             f"{scores.shape}")
     query_keypoints, query_words = list(query_keypoints), list(query_words)
-    if len(query_keypoints) != ids.shape[0] or len(query_words) != ids.shape[0]:
+    query_signatures = [None] * len(query_words) if query_signatures is None else list(query_signatures)
+    if not len(query_keypoints) == len(query_words) == len(query_signatures) == ids.shape[0]:
         raise ArgumentError(f"query_keypoints: got {len(query_keypoints)} keypoint and {len(query_words)} word "
                             f"arrays for {ids.shape[0]} rankings")
     n_q, k = ids.shape
@@ -388,16 +424,19 @@ def rerank(store: GeometryStore, query_keypoints: Sequence, query_words: Sequenc
         if kp is None or len(kp) == 0:
             logger.warning("query %d has no keypoints: not verified", q)
             continue
-        q_kp, q_words = sort_by_word(kp, query_words[q], name=f"query_keypoints[{q}]")
+        q_kp, q_words, q_sigs = sort_by_word(kp, query_words[q], query_signatures[q], name=f"query_keypoints[{q}]")
+        if q_sigs.shape[1] and store.signatures.shape[1] and q_sigs.shape[1] != store.signatures.shape[1]:
+            raise ArgumentError(f"query_signatures[{q}]: {q_sigs.shape[1]} words wide, the store's "
+                                f"{store.signatures.shape[1]}")
         slots = store.slots_of(ids[q, :r], missing=-1)
         # Few queries: split each ranking so that every thread gets candidates.
         n_blocks = max(1, min(r, threads // max(n_q, 1)))
         bounds = np.linspace(0, r, n_blocks + 1).astype(int)
-        tasks += [(q, b, e, q_kp, q_words, slots[b:e]) for b, e in zip(bounds[:-1], bounds[1:]) if e > b]
+        tasks += [(q, b, e, q_kp, q_words, q_sigs, slots[b:e]) for b, e in zip(bounds[:-1], bounds[1:]) if e > b]
 
     def work(task):
-        q, b, e, q_kp, q_words, slots = task
-        inliers[q, b:e] = _verify_block(store, q_kp, q_words, slots, opts)
+        q, b, e, q_kp, q_words, q_sigs, slots = task
+        inliers[q, b:e] = _verify_block(store, q_kp, q_words, q_sigs, slots, opts)
 
     if threads > 1 and len(tasks) > 1:
         with ThreadPoolExecutor(threads) as pool:
@@ -411,6 +450,47 @@ def rerank(store: GeometryStore, query_keypoints: Sequence, query_words: Sequenc
     for array in (out_ids, out_scores, out_inliers):
         array[:, :r] = np.take_along_axis(array[:, :r], order, axis=1)
     return Reranked(out_scores, out_ids, out_inliers)
+
+
+def rerank_features(codebook: Codebook, database: Sequence, queries: Sequence, ranks, scores, *,
+                    top: int = 100, options: VerifyOptions | None = None) -> Reranked:
+    """``rerank`` for rankings over a list of images whose features are at hand
+    (evaluation, all-vs-all scores): the geometry is built from the features.
+
+    Parameters
+    ----------
+    codebook : Codebook
+        Gives every feature its word (``asmkit.geometry.feature_words``).
+    database, queries : sequence of ImageFeatures or None
+        None, or features without keypoints: an image that cannot be verified.
+    ranks : int [Q, k]
+        Positions in ``database``, per query (-1 padding).
+    scores : float [Q, k]
+
+    Returns
+    -------
+    Reranked
+        ``ids`` are positions in ``database``.
+    """
+    def parts(features):
+        kp = [f.keypoints if f is not None and f.keypoints is not None else np.empty((0, 4), np.float32)
+              for f in features]
+        desc = [f.descriptors if f is not None and f.keypoints is not None else np.empty((0, codebook.dim), np.float32)
+                for f in features]
+        return kp, desc
+
+    db_kp, db_desc = parts(database)
+    store = GeometryStore()
+    db_words, db_sigs = feature_words(codebook, db_desc)
+    store.add(np.arange(len(database)), db_kp, db_words, db_sigs)
+    if queries is database:
+        # Every image a query (UKBench): its words are the database's.
+        q_kp, q_words, q_sigs = zip(*(store.get(i) for i in range(len(database)))) if len(database) else ((), (), ())
+    else:
+        q_kp, q_desc = parts(queries)
+        q_words, q_sigs = feature_words(codebook, q_desc)
+    q_kp = [kp if len(kp) else None for kp in q_kp]
+    return rerank(store, q_kp, q_words, ranks, scores, query_signatures=q_sigs, top=top, options=options)
 
 
 def order_by_inliers(inliers, min_inliers: int) -> np.ndarray:
