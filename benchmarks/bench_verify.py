@@ -81,6 +81,8 @@ def main() -> None:
     parser.add_argument("--matcher", default="words", choices=["words", "mnn"])
     parser.add_argument("--words-cache", help="folder for the database words (default /tmp)")
     parser.add_argument("--configs", nargs="+", help="several MODEL:THRESHOLD:MAX_HAMMING runs on one ranking")
+    parser.add_argument("--ranking", help="reuse the ASMK ranking saved by an earlier --save (same queries)")
+    parser.add_argument("--query-m", type=int, default=1, help="words per query feature")
     parser.add_argument("--save", help="write the inliers and ASMK rankings of the queries here (.npz)")
     args = parser.parse_args()
 
@@ -100,9 +102,19 @@ def main() -> None:
     geometry.add(np.arange(len(names)), [feats[i].keypoints for i in range(len(names))], words, sigs)
 
     queries = np.linspace(0, len(names) - 1, args.queries or len(names)).round().astype(int)
-    index = Index(codebook, params)
-    index.add([feats[i].descriptors for i in range(len(names))])
-    scores, ids = index.search([feats[int(q)].descriptors for q in queries], k=len(names))
+    if args.ranking:
+        with np.load(args.ranking, allow_pickle=False) as data:
+            if not np.array_equal(data["queries"], queries):
+                raise SystemExit(f"--ranking: {args.ranking} holds other queries")
+            scores, ids = data["scores"], data["ids"]
+    else:
+        index = Index(codebook, params)
+        index.add([feats[i].descriptors for i in range(len(names))])
+        scores, ids = index.search([feats[int(q)].descriptors for q in queries], k=len(names))
+    if args.query_m > 1:
+        q_words, q_sigs = feature_words(codebook, [feats[int(q)].descriptors for q in queries], m=args.query_m)
+    else:
+        q_words, q_sigs = [words[int(q)] for q in queries], [sigs[int(q)] for q in queries]
     before = evaluate(ids, gt, query_indices=queries)
     configs = args.configs or [f"{args.model}:{args.threshold}:{args.max_hamming}"]
     saved = {"queries": queries, "ids": ids[:, : args.top], "scores": scores[:, : args.top]}
@@ -111,12 +123,12 @@ def main() -> None:
         opts = VerifyOptions(model=model, threshold=float(threshold), max_per_word=args.max_per_word,
                              min_inliers=args.min_inliers, max_iters=args.max_iters, threads=args.threads,
                              max_hamming=max(int(max_hamming), 0))
-        q_sigs = None if sigs is None or int(max_hamming) < 0 else [sigs[int(q)] for q in queries]
+        use_sigs = None if sigs is None or int(max_hamming) < 0 else q_sigs
         t0 = time.perf_counter()
         c0 = time.process_time()
         if args.matcher == "words":
-            out = rerank(geometry, [feats[int(q)].keypoints for q in queries], [words[int(q)] for q in queries], ids,
-                         scores, query_signatures=q_sigs, top=args.top, options=opts)
+            out = rerank(geometry, [feats[int(q)].keypoints for q in queries], q_words, ids,
+                         scores, query_signatures=use_sigs, top=args.top, options=opts)
             seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
             reranked = out.ids
             # Back to ASMK order, for offline study of the ordering rule.
@@ -134,7 +146,7 @@ def main() -> None:
         after = evaluate(reranked, gt, query_indices=queries)
         saved[f"inliers:{config}"] = inliers
         print(json.dumps({
-            "images": len(names), "queries": len(queries), "top": args.top, "matcher": args.matcher, "config": config,
+            "images": len(names), "queries": len(queries), "top": args.top, "matcher": args.matcher, "config": config, "query_m": args.query_m,
             "max_per_word": args.max_per_word, "min_inliers": args.min_inliers, "max_iters": args.max_iters,
             "threads": opts.n_threads, "cpus": os.cpu_count(),
             "map_before": before["map"], "ns_before": before.get("ns_score"),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 
 import cv2
 import numpy as np
@@ -254,3 +256,63 @@ def test_rerank_refuses_bad_arguments():
         rerank(store, [], [], ids, ids.astype(np.float32))
     with pytest.raises(ArgumentError, match="model"):
         VerifyOptions(model="projective")
+
+
+# ------------------------------------------------------------------------------ command line
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    pytest.importorskip("skimage")
+    from asmkit.demo import build_demo_set
+
+    root = tmp_path_factory.mktemp("demo")
+    return build_demo_set(root / "data", seed=1, photos=["astronaut", "coffee", "chelsea", "rocket"], max_size=320)
+
+
+def run_json(capsys, argv):
+    from asmkit.cli import main
+
+    capsys.readouterr()
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return json.loads(captured.out)
+
+
+def test_index_keeps_geometry_and_query_reranks(demo, tmp_path, capsys):
+    gt = json.loads((demo / "gt.json").read_text())
+    out = tmp_path / "ws"
+    images = sorted(p.name for p in (demo / "images").iterdir())
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in images[:-3]:
+        shutil.copy(demo / "images" / name, folder / name)
+    run_json(capsys, ["-q", "index", str(folder), "--out", str(out), "--codebook-size", "64", "--json"])
+    first = GeometryStore.load(out / "geometry.asmkit")
+    # --add grows the geometry store with the index.
+    for name in images[-3:]:
+        shutil.copy(demo / "images" / name, folder / name)
+    run_json(capsys, ["-q", "index", str(folder), "--out", str(out), "--add", "--json"])
+    geometry = GeometryStore.load(out / "geometry.asmkit")
+    assert len(first) == len(images) - 3 and len(geometry) == len(images)
+    assert geometry.signatures.shape[1] == 2 and geometry.bytes_per_image > 0
+
+    query = str(demo / gt["queries"][0])
+    plain = run_json(capsys, ["-q", "query", str(out), query, "--top", "8", "--json"])["results"][0]["results"]
+    ranked = run_json(capsys, ["-q", "query", str(out), query, "--top", "8", "--rerank", "8", "--json"])
+    hits = ranked["results"][0]["results"]
+    assert sorted(h["name"] for h in hits) == sorted(h["name"] for h in plain)
+    assert all("inliers" in h for h in hits)
+    counts = [h["inliers"] for h in hits if h["inliers"] >= VerifyOptions().min_inliers]
+    assert counts and counts == sorted(counts, reverse=True) == [h["inliers"] for h in hits[: len(counts)]]
+    by_name = {h["name"]: h["score"] for h in plain}
+    assert all(by_name[h["name"]] == h["score"] for h in hits)
+
+
+def test_eval_reports_before_and_after(demo, tmp_path, capsys):
+    res = run_json(capsys, ["-q", "eval", str(demo), "--codebook-size", "64", "--rerank", "10",
+                            "--cache", str(tmp_path / "cache"), "--json"])
+    assert set(res["before_rerank"]) >= {"map", "mp"}
+    assert res["rerank"]["top"] == 10 and res["rerank"]["seconds"] >= 0
+    assert res["map"] >= res["before_rerank"]["map"] - 0.05

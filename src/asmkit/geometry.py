@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from . import storage
-from ._validation import ArgumentError, FileFormatError, check_ids
+from ._validation import ArgumentError, FileFormatError, check_ids, check_int
 from .codebook import Codebook
 from .kernel import pack_bits
 
@@ -79,27 +79,34 @@ def sort_by_word(keypoints, words, signatures=None, *,
     return np.ascontiguousarray(full[order]), w[order].astype(np.int32), np.ascontiguousarray(sig[order])
 
 
-def feature_words(codebook: Codebook, descriptors: Sequence) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def feature_words(codebook: Codebook, descriptors: Sequence, m: int = 1) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Each image's words and signatures for verification: the nearest word of every
-    descriptor (column 0 of the database quantization) and the signs of its residual.
+    descriptor (column 0 of the database quantization; the ``m`` nearest for queries) and
+    the signs of its residual to each of them.
 
     Parameters
     ----------
     codebook : Codebook
     descriptors : sequence of float32 [n_i, D]
+    m : int
+        Words per descriptor.
 
     Returns
     -------
-    words : list of int32 [n_i]
-    signatures : list of uint64 [n_i, ceil(D / 64)]
+    words : list of int32 [n_i] (m = 1) or [n_i, m]
+    signatures : list of uint64 [n_i, W] (m = 1) or [n_i, m, W], W = ceil(D / 64)
     """
     if not isinstance(codebook, Codebook):
         raise ArgumentError(f"codebook: expected an asmkit Codebook, got {type(codebook).__name__}")
+    m = check_int(m, "m", min=1)
     arrays = [np.asarray(d, dtype=np.float32).reshape(-1, codebook.dim) for d in descriptors]
     counts = np.array([a.shape[0] for a in arrays], dtype=np.int64)
     vecs = np.concatenate(arrays) if arrays else np.empty((0, codebook.dim), np.float32)
-    words = codebook.quantize(vecs, 1)[:, 0].astype(np.int32) if vecs.shape[0] else np.empty(0, np.int32)
-    signatures = pack_bits(vecs > codebook.centroids[words])
+    words = codebook.quantize(vecs, m).astype(np.int32) if vecs.shape[0] else np.empty((0, m), np.int32)
+    signatures = pack_bits((vecs[:, None, :] > codebook.centroids[words]).reshape(-1, codebook.dim))
+    signatures = signatures.reshape(vecs.shape[0], m, -1)
+    if m == 1:
+        words, signatures = words[:, 0], signatures[:, 0]
     cuts = np.cumsum(counts)[:-1]
     return np.split(words, cuts), np.split(signatures, cuts)
 
@@ -165,6 +172,30 @@ class GeometryStore:
 
     def __repr__(self) -> str:
         return f"GeometryStore(images={len(self)}, features={self._words.shape[0]}, bytes/image={self.bytes_per_image:.0f})"
+
+    @classmethod
+    def from_features(cls, codebook: Codebook, descriptors: Sequence, keypoints: Sequence,
+                      image_ids=None) -> "GeometryStore":
+        """A store of images whose features are at hand (``feature_words`` gives the words).
+
+        Parameters
+        ----------
+        codebook : Codebook
+        descriptors : sequence of float32 [n_i, D]
+        keypoints : sequence of float32 [n_i, 4] or None
+            None: an image without keypoints (stored without features).
+        image_ids : int64 [I], optional
+            Default ``0 .. I - 1``.
+        """
+        descriptors, keypoints = list(descriptors), list(keypoints)
+        if len(descriptors) != len(keypoints):
+            raise ArgumentError(f"keypoints: {len(keypoints)} arrays for {len(descriptors)} images")
+        kp = [np.empty((0, 4), np.float32) if k is None else k for k in keypoints]
+        words, sigs = feature_words(codebook, [d if k is not None else np.asarray(d)[:0]
+                                               for d, k in zip(descriptors, keypoints)])
+        store = cls()
+        store.add(np.arange(len(kp)) if image_ids is None else image_ids, kp, words, sigs)
+        return store
 
     # -- lookup -------------------------------------------------------------------------------
 

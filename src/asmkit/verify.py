@@ -39,8 +39,7 @@ import numpy as np
 
 from ._kernels import word_matches as _word_matches_kernel
 from ._validation import ArgumentError, check_choice, check_float, check_int
-from .codebook import Codebook
-from .geometry import GeometryStore, feature_words, sort_by_word
+from .geometry import GeometryStore, sort_by_word
 
 __all__ = [
     "MODELS",
@@ -52,7 +51,6 @@ __all__ = [
     "mutual_nn_matches",
     "order_by_inliers",
     "rerank",
-    "rerank_features",
     "verify_pairs",
     "word_matches",
 ]
@@ -349,8 +347,9 @@ def _plausible(matrix: np.ndarray) -> bool:
 # ------------------------------------------------------------------------------ re-ranking
 
 
-def _verify_block(store: GeometryStore, q_kp, q_words, q_sigs, slots, opts: VerifyOptions) -> np.ndarray:
-    """Inliers (int32 [R]) of one query against the store images at ``slots``."""
+def _verify_block(store: GeometryStore, q_kp, q_words, q_sigs, q_feature, slots, opts: VerifyOptions) -> np.ndarray:
+    """Inliers (int32 [R]) of one query against the store images at ``slots``; query row
+    ``r`` (one per feature and word) is feature ``q_feature[r]``."""
     d_sigs = store.signatures
     if q_sigs.shape[1] == 0 or d_sigs.shape[1] == 0:
         q_sigs, d_sigs = q_sigs[:, :0], np.empty((store.words.shape[0], 0), np.uint64)
@@ -366,7 +365,8 @@ def _verify_block(store: GeometryStore, q_kp, q_words, q_sigs, slots, opts: Veri
             continue
         src = q_kp[own[:, 0], :2]
         dst = db_kp[db_offsets[slots[c]] + own[:, 1], :2]
-        inliers[c] = _fit(src, dst, opts.model, opts.threshold, opts.max_iters, opts.confidence, own).inliers
+        features = np.stack([q_feature[own[:, 0]], own[:, 1]], axis=1)
+        inliers[c] = _fit(src, dst, opts.model, opts.threshold, opts.max_iters, opts.confidence, features).inliers
     return inliers
 
 
@@ -381,9 +381,10 @@ def rerank(store: GeometryStore, query_keypoints: Sequence, query_words: Sequenc
         Keypoints and words of the database images (ids as in ``ids``).
     query_keypoints : sequence of float32 [n_q, 4] (or [n_q, 2]) or None, one per query
         None or an empty array: that query is not verified (a warning is logged).
-    query_words : sequence of int [n_q], one per query
-        Each query feature's word (one word per feature: column 0 of its quantization).
-    query_signatures : sequence of uint64 [n_q, W], optional
+    query_words : sequence of int [n_q] or [n_q, m], one per query
+        Each query feature's word, or its ``m`` words (``asmkit.geometry.feature_words``
+        with ``m``): a feature then corresponds with the database features of any of them.
+    query_signatures : sequence of uint64 [n_q, W] or [n_q, m, W], optional
         Each query feature's signature (``asmkit.geometry.feature_words``); without them
         (or a store without signatures) words alone make the correspondences.
     ids : int64 [Q, k]
@@ -424,7 +425,7 @@ def rerank(store: GeometryStore, query_keypoints: Sequence, query_words: Sequenc
         if kp is None or len(kp) == 0:
             logger.warning("query %d has no keypoints: not verified", q)
             continue
-        q_kp, q_words, q_sigs = sort_by_word(kp, query_words[q], query_signatures[q], name=f"query_keypoints[{q}]")
+        q_kp, q_words, q_sigs, q_feature = _query_rows(kp, query_words[q], query_signatures[q], q)
         if q_sigs.shape[1] and store.signatures.shape[1] and q_sigs.shape[1] != store.signatures.shape[1]:
             raise ArgumentError(f"query_signatures[{q}]: {q_sigs.shape[1]} words wide, the store's "
                                 f"{store.signatures.shape[1]}")
@@ -432,11 +433,12 @@ def rerank(store: GeometryStore, query_keypoints: Sequence, query_words: Sequenc
         # Few queries: split each ranking so that every thread gets candidates.
         n_blocks = max(1, min(r, threads // max(n_q, 1)))
         bounds = np.linspace(0, r, n_blocks + 1).astype(int)
-        tasks += [(q, b, e, q_kp, q_words, q_sigs, slots[b:e]) for b, e in zip(bounds[:-1], bounds[1:]) if e > b]
+        tasks += [(q, b, e, q_kp, q_words, q_sigs, q_feature, slots[b:e])
+                  for b, e in zip(bounds[:-1], bounds[1:]) if e > b]
 
     def work(task):
-        q, b, e, q_kp, q_words, q_sigs, slots = task
-        inliers[q, b:e] = _verify_block(store, q_kp, q_words, q_sigs, slots, opts)
+        q, b, e, q_kp, q_words, q_sigs, q_feature, slots = task
+        inliers[q, b:e] = _verify_block(store, q_kp, q_words, q_sigs, q_feature, slots, opts)
 
     if threads > 1 and len(tasks) > 1:
         with ThreadPoolExecutor(threads) as pool:
@@ -452,45 +454,23 @@ def rerank(store: GeometryStore, query_keypoints: Sequence, query_words: Sequenc
     return Reranked(out_scores, out_ids, out_inliers)
 
 
-def rerank_features(codebook: Codebook, database: Sequence, queries: Sequence, ranks, scores, *,
-                    top: int = 100, options: VerifyOptions | None = None) -> Reranked:
-    """``rerank`` for rankings over a list of images whose features are at hand
-    (evaluation, all-vs-all scores): the geometry is built from the features.
-
-    Parameters
-    ----------
-    codebook : Codebook
-        Gives every feature its word (``asmkit.geometry.feature_words``).
-    database, queries : sequence of ImageFeatures or None
-        None, or features without keypoints: an image that cannot be verified.
-    ranks : int [Q, k]
-        Positions in ``database``, per query (-1 padding).
-    scores : float [Q, k]
-
-    Returns
-    -------
-    Reranked
-        ``ids`` are positions in ``database``.
-    """
-    def parts(features):
-        kp = [f.keypoints if f is not None and f.keypoints is not None else np.empty((0, 4), np.float32)
-              for f in features]
-        desc = [f.descriptors if f is not None and f.keypoints is not None else np.empty((0, codebook.dim), np.float32)
-                for f in features]
-        return kp, desc
-
-    db_kp, db_desc = parts(database)
-    store = GeometryStore()
-    db_words, db_sigs = feature_words(codebook, db_desc)
-    store.add(np.arange(len(database)), db_kp, db_words, db_sigs)
-    if queries is database:
-        # Every image a query (UKBench): its words are the database's.
-        q_kp, q_words, q_sigs = zip(*(store.get(i) for i in range(len(database)))) if len(database) else ((), (), ())
+def _query_rows(keypoints, words, signatures, q: int):
+    """One query's rows, one per feature and word, sorted by word: keypoints, words,
+    signatures and the feature of each row (int64)."""
+    words = np.asarray(words)
+    kp = np.asarray(keypoints)
+    if words.ndim == 2:
+        if words.shape[0] != kp.shape[0]:
+            raise ArgumentError(f"query_words[{q}]: {words.shape[0]} rows for {kp.shape[0]} keypoints")
+        m = words.shape[1]
+        rows = np.repeat(np.arange(kp.shape[0]), m)
+        kp, words = kp[rows], words.reshape(-1)
+        if signatures is not None:
+            signatures = np.asarray(signatures).reshape(rows.shape[0], -1)
     else:
-        q_kp, q_desc = parts(queries)
-        q_words, q_sigs = feature_words(codebook, q_desc)
-    q_kp = [kp if len(kp) else None for kp in q_kp]
-    return rerank(store, q_kp, q_words, ranks, scores, query_signatures=q_sigs, top=top, options=options)
+        rows = np.arange(kp.shape[0])
+    q_kp, q_words, q_sigs = sort_by_word(kp, words, signatures, name=f"query_keypoints[{q}]")
+    return q_kp, q_words, q_sigs, rows[np.argsort(words, kind="stable")]
 
 
 def order_by_inliers(inliers, min_inliers: int) -> np.ndarray:
@@ -551,9 +531,9 @@ def verify_pairs(pairs: Sequence[tuple[str, str]], features, *, options: VerifyO
     Parameters
     ----------
     pairs : sequence of (str, str)
-    features : mapping of str to ImageFeatures
-        Each image's descriptors float32 [n, D] and keypoints float32 [n, 4]
-        (``asmkit.features.FeatureStore`` serves as one).
+    features : mapping of str to ImageFeatures, or an ``asmkit.features.FeatureStore``
+        Each image's descriptors float32 [n, D] and keypoints float32 [n, 4] (read once
+        per image, through ``features.get``).
     options : VerifyOptions, optional
         Default ``VerifyOptions(model="fundamental", threshold=4.0, min_inliers=15)``.
     ratio : float or None
@@ -573,9 +553,11 @@ def verify_pairs(pairs: Sequence[tuple[str, str]], features, *, options: VerifyO
     cache = {}
     for name in names:
         try:
-            cache[name] = features[name]
+            cache[name] = features.get(name)
         except KeyError:
-            raise ArgumentError(f"features: no features for image {name!r}") from None
+            cache[name] = None
+        if cache[name] is None:
+            raise ArgumentError(f"features: no features for image {name!r}")
 
     def one(pair):
         a, b = (cache[n] for n in pair)
