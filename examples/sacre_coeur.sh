@@ -9,6 +9,7 @@ images=${1:-../shared/datasets/sacre_coeur/images}
 out=${2:-sacre_coeur_sfm}
 mkdir -p "$out"
 asmkit pairs "$images" --out "$out/pairs.txt" --graph complete --verify --min-inliers 15 \
+    --config "$(dirname "$0")/sacre_coeur.toml" \
     --colmap-db "$out/database.db" --cache "$out/cache"
 python - "$out/database.db" "$images" "$out/models" <<'PY'
 import sys

@@ -78,10 +78,11 @@ def test_sacre_coeur_registers_its_images(tmp_path, capsys):
 
     db = tmp_path / "database.db"
     status = main(["-q", "pairs", str(SACRE_COEUR), "--out", str(tmp_path / "pairs.txt"), "--graph", "complete",
-                   "--verify", "--colmap-db", str(db), "--cache", str(tmp_path / "cache"), "--json"])
+                   "--verify", "--colmap-db", str(db), "--cache", str(tmp_path / "cache"), "--json",
+                   "--config", str(_REPO / "examples" / "sacre_coeur.toml")])
     assert status == 0
     inliers = (tmp_path / "pairs.txt.inliers.txt").read_text().split("\n")
     assert len([line for line in inliers if line]) == 45
     result = reconstruct(db, SACRE_COEUR, tmp_path / "models")
     assert result["registered"] >= 8
-    assert result["points"] > 1000
+    assert result["points"] > 500

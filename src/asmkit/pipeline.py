@@ -427,15 +427,16 @@ def query_index(
 def _rerank_queries(path: Path, idx: Index, feats, scores, ids, top: int):
     """``(scores, ids, inliers)`` after re-ranking the top ``top`` by spatial verification."""
     from .geometry import GeometryStore, feature_words
-    from .verify import rerank
+    from .verify import VerifyOptions, rerank
 
     if not path.is_dir():
         raise FileNotFoundError(f"--rerank: the index has no geometry store ({path}); rebuild it with `asmkit index`")
     geometry = GeometryStore.load(path, mmap=True, verify=False)
+    options = VerifyOptions()
     kp = [f.keypoints for f in feats]
     words, sigs = feature_words(idx.codebook, [f.descriptors if k is not None else f.descriptors[:0]
-                                               for f, k in zip(feats, kp)])
-    out = rerank(geometry, kp, words, ids, scores, query_signatures=sigs, top=top)
+                                               for f, k in zip(feats, kp)], m=options.query_m)
+    out = rerank(geometry, kp, words, ids, scores, query_signatures=sigs, top=top, options=options)
     return out.scores, out.ids, out.inliers
 
 
@@ -697,31 +698,32 @@ def evaluate_dataset(
 def _rerank_ranks(cb: Codebook, store: FeatureStore, have: set, gt, db, matrix, ranks, top: int):
     """Evaluation rankings with their top ``top`` re-ranked by spatial verification, and
     a summary (settings, seconds to build the geometry and to verify, verified candidates)."""
-    from .geometry import GeometryStore
+    from .geometry import GeometryStore, feature_words
     from .verify import VerifyOptions, rerank
 
     def keypoints(names):
         return [store.get(n).keypoints if n in have else None for n in names]
 
-    t0 = time.perf_counter()
-    geometry = GeometryStore.from_features(cb, db, keypoints(gt.images))
-    if gt.queries == gt.images:
-        queries = geometry
-    else:
-        queries = GeometryStore.from_features(
-            cb, [store.get(n).descriptors if n in have else db[0][:0] for n in gt.queries], keypoints(gt.queries))
-    geometry_s = time.perf_counter() - t0
-    q_kp, q_words, q_sigs = zip(*(queries.get(i) for i in range(len(gt.queries))))
     options = VerifyOptions()
+    t0 = time.perf_counter()
+    db_kp = keypoints(gt.images)
+    geometry = GeometryStore.from_features(cb, db, db_kp)
+    same = gt.queries == gt.images
+    q_kp = db_kp if same else keypoints(gt.queries)
+    q_desc = db if same else [store.get(n).descriptors if n in have else db[0][:0] for n in gt.queries]
+    q_words, q_sigs = feature_words(cb, [d if k is not None else d[:0] for d, k in zip(q_desc, q_kp)],
+                                    m=options.query_m)
+    geometry_s = time.perf_counter() - t0
     k = min(top, ranks.shape[1])
     t0 = time.perf_counter()
-    out = rerank(geometry, [kp if len(kp) else None for kp in q_kp], q_words, ranks[:, :k],
-                 np.take_along_axis(matrix, ranks[:, :k], 1), query_signatures=q_sigs, top=k, options=options)
+    out = rerank(geometry, q_kp, q_words, ranks[:, :k], np.take_along_axis(matrix, ranks[:, :k], 1),
+                 query_signatures=q_sigs, top=k, options=options)
     seconds = time.perf_counter() - t0
     ranks = ranks.copy()
     ranks[:, :k] = out.ids
     info = {"top": k, "model": options.model, "threshold_px": options.threshold, "max_hamming": options.max_hamming,
-            "min_inliers": options.min_inliers, "threads": options.n_threads, "geometry_s": geometry_s,
+            "min_inliers": options.min_inliers, "query_m": options.query_m, "threads": options.n_threads,
+            "geometry_s": geometry_s,
             "seconds": seconds, "ms_per_query": 1e3 * seconds / max(len(ranks), 1),
             "geometry_bytes_per_image": geometry.bytes_per_image,
             "verified_per_query": float((out.inliers >= options.min_inliers).sum() / max(len(ranks), 1))}

@@ -81,6 +81,10 @@ class VerifyOptions:
         At most ``max_per_word ** 2`` correspondences per word in ``word_matches``.
     max_hamming : int
         Features of one word whose signatures differ in more bits are no correspondence.
+    query_m : int
+        Words per query feature (``asmkit.geometry.feature_words(..., m=query_m)``), for
+        the callers that make the query words: a feature then corresponds with the
+        database features of any of its ``query_m`` nearest words.
     min_inliers : int
         Fewer inliers count as not verified (re-ranking) or drop the pair (SfM).
     max_iters : int
@@ -94,8 +98,9 @@ class VerifyOptions:
     model: str = "affine"
     threshold: float = 8.0
     max_per_word: int = 5
-    max_hamming: int = 40
-    min_inliers: int = 8
+    max_hamming: int = 48
+    query_m: int = 3
+    min_inliers: int = 15
     max_iters: int = 1000
     confidence: float = 0.999
     threads: int | None = None
@@ -105,6 +110,7 @@ class VerifyOptions:
         check_float(self.threshold, "threshold", min=0.0, min_open=True)
         check_int(self.max_per_word, "max_per_word", min=1)
         check_int(self.max_hamming, "max_hamming", min=0)
+        check_int(self.query_m, "query_m", min=1)
         check_int(self.min_inliers, "min_inliers", min=0)
         check_int(self.max_iters, "max_iters", min=1)
         check_float(self.confidence, "confidence", min=0.0, max=1.0, min_open=True)
