@@ -26,7 +26,13 @@ from asmkit.config import load_config
 from asmkit.evaluate import evaluate, load_ground_truth
 from asmkit.features import FeatureStore
 from asmkit.geometry import GeometryStore, feature_words
-from asmkit.verify import VerifyOptions, fit_model, mutual_nn_matches, order_by_inliers, rerank
+from asmkit.verify import (
+    VerifyOptions,
+    fit_model,
+    mutual_nn_matches,
+    order_by_inliers,
+    rerank,
+)
 
 
 def words_of(codebook: Codebook, feats: dict, path: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:

@@ -10,8 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
-from asmkit._validation import ArgumentError
 from asmkit import Codebook
+from asmkit._validation import ArgumentError
 from asmkit.geometry import GeometryStore, feature_words, sort_by_word
 from asmkit.verify import (
     VerifyOptions,
@@ -57,7 +57,7 @@ def numpy_word_matches(q_words, d_words, cap, q_sigs=None, d_sigs=None, max_hamm
         found = 0
         for i in np.flatnonzero(q_words == w):
             for j in np.flatnonzero(d_words == w):
-                bits = 0 if q_sigs is None else sum(bin(int(a) ^ int(b)).count("1") for a, b in zip(q_sigs[i], d_sigs[j]))
+                bits = 0 if q_sigs is None else sum((int(a) ^ int(b)).bit_count() for a, b in zip(q_sigs[i], d_sigs[j]))
                 if found < cap * cap and bits <= max_hamming:
                     out.append((i, j))
                     found += 1
@@ -153,7 +153,7 @@ def test_fundamental_matrix_of_two_views():
     xy_a, xy_b = a[:, :2] / a[:, 2:], b[:, :2] / b[:, 2:]
     fit = fit_model(xy_a, xy_b, "fundamental", threshold=1.0)
     assert fit.inliers >= 190
-    homog = lambda p: np.c_[p, np.ones(len(p))]  # noqa: E731
+    homog = lambda p: np.c_[p, np.ones(len(p))]
     residual = np.abs(np.sum(homog(xy_b) @ fit.matrix * homog(xy_a), axis=1))
     assert np.median(residual) < 1e-2
 

@@ -21,7 +21,7 @@ feature instead of 4 D (see docs/verify.md for what each choice measured). Saved
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -175,7 +175,7 @@ class GeometryStore:
 
     @classmethod
     def from_features(cls, codebook: Codebook, descriptors: Sequence, keypoints: Sequence,
-                      image_ids=None) -> "GeometryStore":
+                      image_ids=None) -> GeometryStore:
         """A store of images whose features are at hand (``feature_words`` gives the words).
 
         Parameters
@@ -325,7 +325,7 @@ class GeometryStore:
         storage.save_arrays(path, arrays, {"images": len(self), "features": int(self._words.shape[0])}, kind=_KIND)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, mmap: bool = True, verify: bool = True) -> "GeometryStore":
+    def load(cls, path: str | os.PathLike, *, mmap: bool = True, verify: bool = True) -> GeometryStore:
         """Open a store written by ``save`` (memory-mapped read-only by default).
 
         ``add`` and ``remove`` still work on a memory-mapped store: they build new

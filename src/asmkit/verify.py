@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence
+from itertools import pairwise
 
 import cv2
 import numpy as np
@@ -440,7 +441,7 @@ def rerank(store: GeometryStore, query_keypoints: Sequence, query_words: Sequenc
         n_blocks = max(1, min(r, threads // max(n_q, 1)))
         bounds = np.linspace(0, r, n_blocks + 1).astype(int)
         tasks += [(q, b, e, q_kp, q_words, q_sigs, q_feature, slots[b:e])
-                  for b, e in zip(bounds[:-1], bounds[1:]) if e > b]
+                  for b, e in pairwise(bounds) if e > b]
 
     def work(task):
         q, b, e, q_kp, q_words, q_sigs, q_feature, slots = task
