@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ._validation import ArgumentError
+from ._validation import ArgumentError, DependencyError
 from .verify import PairGeometry
 
 __all__ = ["reconstruct", "write_database"]
@@ -36,7 +36,7 @@ def _pycolmap():
     try:
         import pycolmap
     except ImportError as exc:
-        raise ImportError(f"COLMAP output needs pycolmap: pip install 'asmkit[sfm]' ({exc})") from None
+        raise DependencyError(f"COLMAP output needs pycolmap: pip install 'asmkit[sfm]' ({exc})") from None
     return pycolmap
 
 

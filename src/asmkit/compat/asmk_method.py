@@ -48,7 +48,7 @@ from asmkit.gpu import cuda_device_count
 from asmkit.index import Index
 from asmkit.kernel import prepare_descriptors
 from asmkit.params import Params
-from asmkit.search import aggregate_images, score_aggregates
+from asmkit.search import score_queries
 
 from .legacy import codebook_from_legacy, index_from_legacy, load_legacy_pickle
 
@@ -306,16 +306,8 @@ def _search_queries(index: Index, qvecs: np.ndarray, qimids: np.ndarray,
         Index image ids by decreasing score (ties: ascending id); n = topk, or all images.
     scores : float32 [Q, n]
     """
-    codebook = index.codebook
-    desc = prepare_descriptors(qvecs, qimids, dim=codebook.dim)
-    # One faiss call per query image, as the reference makes them (float32 ties), when the
-    # rows come image by image.
-    contiguous = bool(np.all(desc.order == np.arange(len(desc.order))))
-    assignments = codebook.quantize(desc.vecs, query_params.ma_query,
-                                    segments=desc.starts if contiguous else None, nearest_first=False)
-    queries = aggregate_images(codebook, desc, assignments, query_params.binary)
-    scores, ids = score_aggregates(index.inverted_file, index.idf, np.sqrt(index.norms), index.ids, queries,
-                                   query_params, dim=codebook.dim, k=query_params.topk)
+    desc = prepare_descriptors(qvecs, qimids, dim=index.codebook.dim)
+    scores, ids = score_queries(index.codebook, desc, index.database, query_params, k=query_params.topk)
     return desc.image_ids, ids, scores
 
 
