@@ -12,7 +12,7 @@ from asmkit.verify import PairGeometry
 
 pycolmap = pytest.importorskip("pycolmap")
 
-from asmkit.colmap import reconstruct, write_database
+from asmkit.colmap import reconstruct, write_database  # noqa: E402  (after the pycolmap skip)
 
 _REPO = Path(__file__).resolve().parents[1]
 SACRE_COEUR = next((p for p in (_REPO.parent / "shared", _REPO.parents[1] / "shared")

@@ -153,7 +153,10 @@ def test_fundamental_matrix_of_two_views():
     xy_a, xy_b = a[:, :2] / a[:, 2:], b[:, :2] / b[:, 2:]
     fit = fit_model(xy_a, xy_b, "fundamental", threshold=1.0)
     assert fit.inliers >= 190
-    homog = lambda p: np.c_[p, np.ones(len(p))]
+
+    def homog(p):
+        return np.c_[p, np.ones(len(p))]
+
     residual = np.abs(np.sum(homog(xy_b) @ fit.matrix * homog(xy_a), axis=1))
     assert np.median(residual) < 1e-2
 

@@ -1,4 +1,4 @@
-"""Selective match kernel scoring, top-k, and the all-vs-all similarity matrix (ASMK.md §3-4).
+"""Selective match kernel scoring, top-k, and the all-vs-all similarity matrix (docs/math.md §3-4).
 
 ``score_queries`` is the one query path: every entry point that scores query images
 (``Index.search``, ``Index.similarity_matrix``, ``similarity_matrix``, ``asmkit.compat``)
@@ -49,7 +49,7 @@ _EMPTY_CODES = np.empty((0, 0), dtype=np.uint64)
 _EMPTY_REAL = np.empty((0, 0), dtype=np.float32)
 
 #: Word-major scoring: queries per block (each posting list is read once per block; 64
-#: gave the best times on 2000- and 10 000-image databases, docs/performance.md), and the
+#: gave the best times, docs/performance.md "All-vs-all scores"), and the
 #: largest float64 [S, block] score tile per thread, which shrinks blocks for large S.
 WORD_MAJOR_BLOCK = 64
 TILE_BYTES = 1 << 23

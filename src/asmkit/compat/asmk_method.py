@@ -39,12 +39,10 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-import faiss
 import numpy as np
 
 from asmkit._validation import ArgumentError, FileFormatError, check_ids, check_int, check_vecs
 from asmkit.codebook import Codebook
-from asmkit.gpu import cuda_device_count
 from asmkit.index import Index
 from asmkit.kernel import prepare_descriptors
 from asmkit.params import Params
@@ -66,12 +64,9 @@ def _gpu_id(params: Mapping[str, Any]) -> int | None:
     return check_int(index.get("gpu_id"), "params['index']['gpu_id']", min=0, none=True)
 
 
-def _index_class(gpu: int | None) -> str:
-    """The reference's name for the quantizer a codebook with ``gpu`` runs on."""
-    if gpu is None:
-        return "FaissL2Index"
-    faiss_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-    return "FaissGpuL2Index" if gpu < max(faiss_gpus, cuda_device_count()) else "FaissL2Index"
+def _index_class(codebook: Codebook) -> str:
+    """The reference's name for the quantizer ``codebook`` runs on."""
+    return "FaissL2Index" if codebook.gpu is None else "FaissGpuL2Index"
 
 
 def _ready(codebook: Codebook) -> None:
@@ -435,7 +430,7 @@ class ASMKMethod:
             if cache_path is not None:
                 codebook.save(cache_path)
                 logger.info("codebook cached as an asmkit directory at %s", cache_path)
-        metadata["index_class"] = _index_class(self._gpu)
+        metadata["index_class"] = _index_class(codebook)
         return type(self)(params, {**self.metadata, "train_codebook": metadata}, codebook=codebook)
 
     def build_ivf(self, *columns, distractors_path: str | os.PathLike | None = None,
