@@ -13,7 +13,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[deep,demo,test,bench,ray]"
+	$(BIN)/pip install -q -e ".[deep,demo,test,bench,ray,sfm]"
 	touch $@
 
 install: $(VENV)/.installed
