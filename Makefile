@@ -13,7 +13,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[deep,demo,test,bench,ray,sfm]"
+	$(BIN)/pip install -q -e ".[deep,demo,test,bench,ray,sfm,serve]"
 	touch $@
 
 install: $(VENV)/.installed
