@@ -4,10 +4,10 @@ The images are synthetic aggregates (issue 13, section 2): ``WORDS`` = 65 536 vi
 each image a set of distinct words drawn from a skewed word-frequency model fitted on
 UKBench RootSIFT (``MODEL``; refit with ``--refit``), with random 128-bit codes. They are
 added through ``Index.add_aggregates`` in batches of ``--batch`` images, into index parts
-of at most ``--part`` images: with ``use_idf`` off (the ASMK* default) idf is 1 and
-every image's norm depends on that image alone, so the parts searched one after another
-and merged by ``merge_topk`` give exactly one whole index's result (tests/test_scale.py),
-while the build peak stays that of one part.
+of at most ``--part`` images (``--part 1000000``: one index): with ``use_idf`` off (the
+ASMK* default) idf is 1 and every image's norm depends on that image alone, so the parts
+searched one after another and merged by ``merge_topk`` give exactly one whole index's
+result (tests/test_scale.py); smaller parts keep each query's score row in the cache.
 
 Each size runs in its own process (so its peak resident memory is its own) and reports:
 build rate, peak and final resident memory, bytes per image on disk (``Index.save``),
@@ -24,6 +24,7 @@ threads), p50 and p99. Measured on the same index and queries:
 Usage::
 
     PYTHONPATH=src python benchmarks/bench_scale.py --sizes 10000 100000 1000000
+    PYTHONPATH=src python benchmarks/bench_scale.py --one 1000000 --part 1000000 --queries 50 --check 3 --prune
     PYTHONPATH=src python benchmarks/bench_scale.py --quantize
     PYTHONPATH=src python benchmarks/bench_scale.py --refit ../shared/datasets/ukbench2000 --train-stride 5 --fit-words 8192
 """
