@@ -36,12 +36,14 @@ import numpy as np
 
 from . import _kernels
 from ._validation import ArgumentError, FileFormatError, check_int
-from .kernel import Aggregates, n_code_words, normalize_l2
+from .kernel import Aggregates, n_code_words, normalize_l2, prepare_descriptors
+from .search import as_params
 
 __all__ = [
     "Regions",
     "regions_from_boxes",
     "aggregate_regions",
+    "regional_aggregates",
     "grid_boxes",
     "propose_boxes",
     "read_box_file",
@@ -277,6 +279,36 @@ def aggregate_regions(vecs: np.ndarray, assignments: np.ndarray, starts: np.ndar
         _kernels.region_aggregate_fill(vecs, centroids, assignments, order, starts, region_starts, member_starts,
                                        members, offsets, binary, n_blocks, words, codes, real, used)
     return Aggregates(offsets, words, codes if binary else normalize_l2(real))
+
+
+def regional_aggregates(codebook, vecs, regions: Regions, image_ids=None, params=None) -> Aggregates:
+    """Quantize and aggregate database images with their regions (R-ASMK / R-ASMK*).
+
+    The counterpart of ASMK's database-side aggregation: all rows are quantized in one
+    call with ``params.ma_database``, then ``aggregate_regions``. The result goes to
+    ``Index.add_aggregates`` like ASMK's aggregates.
+
+    Parameters
+    ----------
+    codebook : asmkit.Codebook
+    vecs : float32 [N, D] or list of float32 [n_i, D]
+        Descriptors (see ``asmkit.kernel.prepare_descriptors``).
+    regions : Regions
+        One entry per image, in the order of the distinct ids (ascending for array input,
+        list order for list input); members index the image's rows in input order.
+    image_ids : int64 [N], or None / int64 [len(vecs)] for list input
+    params : Params, preset name, dict or None
+        ``binary`` and ``ma_database`` are used.
+
+    Returns
+    -------
+    asmkit.kernel.Aggregates
+    """
+    params = as_params(params)
+    desc = prepare_descriptors(vecs, image_ids, dim=codebook.dim)
+    words = codebook.quantize(desc.vecs, params.ma_database)
+    return aggregate_regions(desc.vecs, words, desc.starts, desc.order, codebook.centroids, regions,
+                             binary=params.binary)
 
 
 # -- region sources -----------------------------------------------------------------------------
