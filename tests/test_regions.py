@@ -20,6 +20,7 @@ from asmkit.regions import (
     propose_boxes,
     read_box_file,
     region_boxes,
+    regions_for_features,
     regions_from_boxes,
 )
 
@@ -246,3 +247,18 @@ def test_in_box_and_region_sources_by_name():
     assert grid[1][:, 2:].max() <= 12.0
     proposals = region_boxes("proposals", ["a"], [points], [(640, 480)])
     assert proposals[0].shape[1] == 4
+
+
+def test_regions_for_features_uses_keypoints_and_refuses_features_without():
+    from asmkit.features import ImageFeatures
+
+    rng = np.random.default_rng(1)
+    with_kp = ImageFeatures(descriptors=rng.random((30, 8), dtype=np.float32),
+                            keypoints=np.column_stack([rng.random((30, 2)) * 100, np.ones((30, 2))]).astype(np.float32),
+                            attention=rng.random(30, dtype=np.float32))
+    regions = regions_for_features("grid", ["a.jpg"], [with_kp], [(100, 100)])
+    assert regions.n_boxes == len(grid_boxes(100, 100)) and regions.n_images == 1
+    assert regions.member_starts[1] == 30
+    without = ImageFeatures(descriptors=rng.random((3, 8), dtype=np.float32))
+    with pytest.raises(ArgumentError, match="'b.jpg' has no keypoints"):
+        regions_for_features("grid", ["b.jpg"], [without])

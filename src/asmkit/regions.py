@@ -48,6 +48,7 @@ __all__ = [
     "propose_boxes",
     "read_box_file",
     "region_boxes",
+    "regions_for_features",
     "in_box",
     "REGION_SOURCES",
 ]
@@ -570,3 +571,34 @@ def region_boxes(source: str | os.PathLike | Mapping[str, np.ndarray], names: Se
         logger.warning("%d box entries name no image (first: %s)", len(unknown), unknown[0])
     empty = np.empty((0, 4), dtype=np.float64)
     return [np.asarray(table.get(name, empty), dtype=np.float64).reshape(-1, 4) for name in wanted]
+
+
+def regions_for_features(source, names: Sequence[str], features: Sequence, sizes: Sequence | None = None, *,
+                         whole_image: bool = True) -> Regions:
+    """Regions of images from their local features and a region source (the command line's
+    ``--regions``).
+
+    Parameters
+    ----------
+    source : "grid", "proposals", a box file path, or a mapping name -> boxes [R, 4]
+    names : list of str
+        Image names as the box file names them.
+    features : list of asmkit.features.ImageFeatures
+        With keypoints (x, y first); ``attention`` weighs the proposals when present.
+    sizes : list of (width, height), optional
+    whole_image : bool
+
+    Raises
+    ------
+    asmkit._validation.ArgumentError
+        An image without keypoints.
+    """
+    keypoints, weights = [], []
+    for name, feats in zip(names, features):
+        if feats.keypoints is None:
+            raise ArgumentError(f"regions: image {name!r} has no keypoints, regions need them")
+        keypoints.append(feats.keypoints)
+        weights.append(feats.attention)
+    use_weights = None if any(w is None for w in weights) else weights
+    boxes = region_boxes(source, names, keypoints, sizes, weights=use_weights)
+    return regions_from_boxes(keypoints, boxes, sizes, whole_image=whole_image)
