@@ -37,7 +37,7 @@ import numpy as np
 from asmkit import Codebook, Index
 from asmkit.evaluate import average_precision
 from asmkit.features import SiftExtractor, load_image
-from asmkit.regions import region_boxes, regional_aggregates, regions_from_boxes
+from asmkit.regions import region_boxes, regions_from_boxes
 from benchmarks._common import DEFAULT_CACHE, Recorder, add_run_args, command_line, machine_info, machine_line, \
     sample_rows, write_json
 
@@ -144,8 +144,7 @@ def build(codebook: Codebook, desc: list, boxes: list | None, kp: list, sizes: l
     if boxes is None:
         index.add(desc, ids)
     else:
-        regions = regions_from_boxes(kp, boxes, sizes, whole_image=whole_image)
-        index.add_aggregates(regional_aggregates(codebook, desc, regions, ids, index.params), ids)
+        index.add(desc, ids, regions=regions_from_boxes(kp, boxes, sizes, whole_image=whole_image))
     return index, time.perf_counter() - t0
 
 

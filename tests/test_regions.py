@@ -262,3 +262,19 @@ def test_regions_for_features_uses_keypoints_and_refuses_features_without():
     without = ImageFeatures(descriptors=rng.random((3, 8), dtype=np.float32))
     with pytest.raises(ArgumentError, match="'b.jpg' has no keypoints"):
         regions_for_features("grid", ["b.jpg"], [without])
+
+
+def test_index_with_whole_image_regions_searches_as_asmk_star(centroids40):
+    from asmkit import Index
+
+    images, points = _images(centroids40, n_images=8, per_image=60, seed=5)
+    plain = Index(Codebook(centroids40), "asmk_star")
+    plain.add(images)
+    regional = Index(Codebook(centroids40), "asmk_star")
+    regional.add(images, regions=regions_from_boxes(points, [[] for _ in images]))
+    queries = images[:3]
+    for a, b in zip(plain.search(queries, k=None), regional.search(queries, k=None)):
+        np.testing.assert_array_equal(a, b)
+    boxed = Index(Codebook(centroids40), "asmk_star")
+    boxed.add(images, regions=regions_from_boxes(points, [[[0, 0, 40, 40]] for _ in images], whole_image=False))
+    assert boxed.inverted_file.n_entries < plain.inverted_file.n_entries
