@@ -27,7 +27,6 @@ from .codebook import Codebook
 from .ivf import InvertedFile, compute_idf, image_norms, ivf_stats
 from .kernel import aggregate, n_code_words, prepare_descriptors
 from .params import Params
-from .regions import Regions, aggregate_regions
 from .search import aggregate_images, as_params, check_k, score_aggregates
 
 __all__ = ["Index"]
@@ -179,8 +178,7 @@ class Index:
         if self.is_shard:
             raise ValueError("index: a shard made by split() is read-only; modify the whole index and split again")
 
-    def add(self, vecs, image_ids=None, keys: Iterable[str] | None = None, *,
-            regions: Regions | None = None) -> np.ndarray:
+    def add(self, vecs, image_ids=None, keys: Iterable[str] | None = None) -> np.ndarray:
         """Add images.
 
         Parameters
@@ -194,9 +192,6 @@ class Index:
         keys : sequence of str, optional
             Names of the new images, in ascending id order for array input, list order for
             list input (default ``str(id)``). Keys must be new and distinct.
-        regions : asmkit.regions.Regions, optional
-            Regions of the new images, in ``keys`` order: R-ASMK(*) aggregation
-            (``asmkit.regions.aggregate_regions``, docs/regions.md) instead of ASMK's.
 
         Returns
         -------
@@ -220,11 +215,7 @@ class Index:
             return new_ids
 
         assignments = self._codebook._quantize(desc.vecs, self._params.ma_database)
-        if regions is None:
-            aggregates = aggregate_images(self._codebook, desc, assignments, self._params.binary)
-        else:
-            aggregates = aggregate_regions(desc.vecs, assignments, desc.starts, desc.order, self._codebook.centroids,
-                                           regions, binary=self._params.binary)
+        aggregates = aggregate_images(self._codebook, desc, assignments, self._params.binary)
         del assignments
         n_old = len(self)
         added = InvertedFile.from_aggregates(aggregates, n_old + np.arange(desc.n_images, dtype=np.int64),
