@@ -13,7 +13,9 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
+from asmkit._validation import FileFormatError  # noqa: E402
 from asmkit.features import backbones as B  # noqa: E402
+from asmkit.features.mast3r import load_mast3r_checkpoint  # noqa: E402
 
 
 def _has_lite0_weights() -> bool:
@@ -44,9 +46,9 @@ def test_lite0_classifies_a_cat():
 
 @needs_weights
 def test_lite0_preset_extractor():
-    from asmkit.features.deep import lite0_extractor
+    from asmkit.features.factory import deep_extractor
 
-    ex = lite0_extractor(nfeat=20, max_size=64)
+    ex = deep_extractor(nfeat=20, max_size=64)
     image = np.random.default_rng(0).integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
     out = ex.extract(image)
     # 64x48 at stride 16 is a 4x3 map: all 12 tokens, 112-D, unit length.
@@ -229,7 +231,7 @@ def test_mast3r_checkpoint_loads_and_matches_reference(tmp_path):
         pickle.dump({"type": "Codebook", "params": {"size": 4}, "state": {"centroids": centroids}}, fh)
 
     encoder = _TokenEncoder()
-    loaded = B.load_mast3r_checkpoint(path, backbone=encoder)
+    loaded = load_mast3r_checkpoint(path, backbone=encoder)
     assert loaded.imsize == 64 and loaded.args["nclusters"] == 4
     np.testing.assert_array_equal(loaded.codebook, centroids)
     head = loaded.head
@@ -253,15 +255,38 @@ def test_mast3r_checkpoint_errors(tmp_path):
     state["projector.9.weight"] = torch.zeros(2)
     path = _write_checkpoint(tmp_path, state)
     with pytest.raises(ValueError, match="unexpected projector.9.weight"):
-        B.load_mast3r_checkpoint(path, backbone=_TokenEncoder())
+        load_mast3r_checkpoint(path, backbone=_TokenEncoder())
     path = _write_checkpoint(tmp_path, _mast3r_state(rng), featweights="softplus")
     with pytest.raises(ValueError, match="featweights"):
-        B.load_mast3r_checkpoint(path, backbone=_TokenEncoder())
+        load_mast3r_checkpoint(path, backbone=_TokenEncoder())
     with pytest.raises(FileNotFoundError, match="missing.pth"):
-        B.load_mast3r_checkpoint(tmp_path / "missing.pth", backbone=_TokenEncoder())
+        load_mast3r_checkpoint(tmp_path / "missing.pth", backbone=_TokenEncoder())
     torch.save({"weights": 1}, tmp_path / "other.pth")
-    with pytest.raises(ValueError, match="not a MASt3R retrieval checkpoint"):
-        B.load_mast3r_checkpoint(tmp_path / "other.pth", backbone=_TokenEncoder())
+    with pytest.raises(FileFormatError, match="not a MASt3R retrieval checkpoint"):
+        load_mast3r_checkpoint(tmp_path / "other.pth", backbone=_TokenEncoder())
+
+
+def _pickled_codebook(path):
+    with open(path, "wb") as fh:
+        pickle.dump({"type": "Codebook", "state": {"centroids": np.zeros((4, 10), np.float32)}}, fh)
+    return path
+
+
+@pytest.mark.parametrize("make, what", [
+    (lambda d: _pickled_codebook(d / "tiny_codebook.pkl"), "a pickle"),
+    (lambda d: _pickled_codebook(d / "renamed.pth"), "not a torch weights file"),
+    (lambda d: (d / "notes.pth").write_text("not weights\n") and d / "notes.pth", "not a torch weights file"),
+    (lambda d: (d / "empty.pth").write_bytes(b"") or d / "empty.pth", "not a torch weights file"),
+    (lambda d: torch.save(torch.zeros(3), d / "tensor.pth") or d / "tensor.pth", "without 'args' and 'model'"),
+])
+def test_mast3r_checkpoint_refuses_other_files(tmp_path, make, what):
+    path = make(tmp_path)
+    with pytest.raises(FileFormatError) as info:
+        load_mast3r_checkpoint(path, backbone=_TokenEncoder())
+    message = str(info.value)
+    assert message.startswith(f"{path}: not a MASt3R retrieval checkpoint") and what in message
+    assert "\n" not in message and "weights_only" not in message
+    assert info.value.__cause__ is None and (info.value.__context__ is None or info.value.__suppress_context__)
 
 
 @pytest.mark.parametrize("cls, package", [(B.TorchvisionBackbone, "torchvision"), (B.TimmBackbone, "timm")])

@@ -1,11 +1,17 @@
-"""Bad input is refused at the boundary with an exception naming the argument, or gives a
-documented result; it never reaches numba or faiss."""
+"""Bad input is refused at the boundary with an ArgumentError naming the argument (a wrong
+type and a wrong value alike), or gives a documented result; it never reaches numba or faiss."""
 
 import numpy as np
 import pytest
 
 from asmkit import Codebook, Index, Params, similarity_matrix
+from asmkit._validation import ArgumentError
 from reference_numpy import make_images
+
+# Remove after merging the engine branch (index.py, search.py: ArgumentError) and the
+# pipeline branch (params.py: ArgumentError); this branch alone still raises TypeError.
+PENDING = pytest.mark.xfail(strict=False, reason="index/search/params raise ArgumentError only on the engine and "
+                                                 "pipeline branches")
 
 
 @pytest.fixture(scope="module")
@@ -19,38 +25,39 @@ GOOD = np.zeros((3, 40), np.float32)
 IDS = np.zeros(3, np.int64)
 
 
+@PENDING
 @pytest.mark.parametrize(
-    "vecs,ids,exc,match",
+    "vecs,ids,match",
     [
-        (np.full((3, 40), "a"), IDS, TypeError, "vecs"),
-        (np.empty((3, 40), dtype=object), IDS, TypeError, "vecs"),
-        (np.zeros((3, 40), np.complex64), IDS, TypeError, "vecs"),
-        (np.zeros(40, np.float32), IDS[:1], ValueError, "vecs"),
-        (np.zeros((3, 40, 1), np.float32), IDS, ValueError, "vecs"),
-        (np.zeros((3, 39), np.float32), IDS, ValueError, "vecs"),
-        (np.where(np.eye(3, 40) > 0, np.nan, 0).astype(np.float32), IDS, ValueError, "NaN"),
-        (np.full((3, 40), np.inf, np.float32), IDS, ValueError, "vecs"),
-        (np.full((3, 40), 1e300), IDS, ValueError, "vecs"),  # overflows float32
-        ("not an array", IDS, TypeError, "vecs"),
-        (GOOD, None, ValueError, "image_ids"),
-        (GOOD, IDS[:2], ValueError, "image_ids"),
-        (GOOD, np.zeros(3, np.float64), TypeError, "image_ids"),
-        (GOOD, np.zeros((3, 1), np.int64), ValueError, "image_ids"),
-        (GOOD, np.array([0, -1, 2]), ValueError, "image_ids"),
-        (GOOD, "abc", TypeError, "image_ids"),
-        ([GOOD, np.zeros((2, 41), np.float32)], None, ValueError, r"vecs\[1\]"),
-        ([GOOD, GOOD], [5], ValueError, "image_ids"),
-        ([GOOD, GOOD], [5, 5], ValueError, "image_ids"),
-        ([GOOD, np.full((2, 40), "x")], None, TypeError, r"vecs\[1\]"),
+        (np.full((3, 40), "a"), IDS, "vecs"),
+        (np.empty((3, 40), dtype=object), IDS, "vecs"),
+        (np.zeros((3, 40), np.complex64), IDS, "vecs"),
+        (np.zeros(40, np.float32), IDS[:1], "vecs"),
+        (np.zeros((3, 40, 1), np.float32), IDS, "vecs"),
+        (np.zeros((3, 39), np.float32), IDS, "vecs"),
+        (np.where(np.eye(3, 40) > 0, np.nan, 0).astype(np.float32), IDS, "NaN"),
+        (np.full((3, 40), np.inf, np.float32), IDS, "vecs"),
+        (np.full((3, 40), 1e300), IDS, "vecs"),  # overflows float32
+        ("not an array", IDS, "vecs"),
+        (GOOD, None, "image_ids"),
+        (GOOD, IDS[:2], "image_ids"),
+        (GOOD, np.zeros(3, np.float64), "image_ids"),
+        (GOOD, np.zeros((3, 1), np.int64), "image_ids"),
+        (GOOD, np.array([0, -1, 2]), "image_ids"),
+        (GOOD, "abc", "image_ids"),
+        ([GOOD, np.zeros((2, 41), np.float32)], None, r"vecs\[1\]"),
+        ([GOOD, GOOD], [5], "image_ids"),
+        ([GOOD, GOOD], [5, 5], "image_ids"),
+        ([GOOD, np.full((2, 40), "x")], None, r"vecs\[1\]"),
     ],
 )
-def test_add_and_search_reject_bad_descriptors(centroids40, index, vecs, ids, exc, match):
+def test_add_and_search_reject_bad_descriptors(centroids40, index, vecs, ids, match):
     fresh = Index(Codebook(centroids40))
-    with pytest.raises(exc, match=match):
+    with pytest.raises(ArgumentError, match=match):
         fresh.add(vecs, ids)
     assert len(fresh) == 0
     if not (isinstance(vecs, list) and ids is not None and len(set(ids)) < len(ids)):
-        with pytest.raises(exc, match=match):
+        with pytest.raises(ArgumentError, match=match):
             index.search(vecs, ids, k=2)
 
 
@@ -65,10 +72,10 @@ def test_float64_and_int_input_are_converted(centroids40):
     assert len(ints) == 1
 
 
-@pytest.mark.parametrize("k,exc", [(0, ValueError), (-3, ValueError), (True, TypeError), (2.5, TypeError),
-                                   ("5", TypeError)])
-def test_search_rejects_bad_k(index, k, exc):
-    with pytest.raises(exc, match="k"):
+@PENDING
+@pytest.mark.parametrize("k", [0, -3, True, 2.5, "5"])
+def test_search_rejects_bad_k(index, k):
+    with pytest.raises(ArgumentError, match="k"):
         index.search(GOOD, IDS, k=k)
 
 
@@ -94,31 +101,33 @@ def test_zero_query_norm_scores_zero(centroids40):
     assert scores.tolist() == [[0.0, 0.0]] and ids.tolist() == [[0, 1]]
 
 
+@PENDING
 def test_params_and_codebook_arguments(centroids40):
-    with pytest.raises(ValueError, match="unknown preset"):
+    with pytest.raises(ArgumentError, match="unknown preset"):
         Index(Codebook(centroids40), "no_such_preset")
-    with pytest.raises(ValueError, match="bogus"):
+    with pytest.raises(ArgumentError, match="bogus"):
         Index(Codebook(centroids40), {"bogus": 1})
-    with pytest.raises(TypeError, match="params"):
+    with pytest.raises(ArgumentError, match="params"):
         Index(Codebook(centroids40), 3)
-    with pytest.raises(TypeError, match="codebook"):
+    with pytest.raises(ArgumentError, match="codebook"):
         Index(centroids40)
-    with pytest.raises(ValueError, match="chunk"):
+    with pytest.raises(ArgumentError, match="chunk"):
         similarity_matrix(Codebook(centroids40), [GOOD], chunk=0)
 
 
+@PENDING
 def test_remove_and_keys_arguments(centroids40):
     idx = Index(Codebook(centroids40))
     idx.add([GOOD, GOOD])
-    with pytest.raises(TypeError, match="ids_or_keys"):
+    with pytest.raises(ArgumentError, match="ids_or_keys"):
         idx.remove([1.5])
-    with pytest.raises(ValueError, match="ids_or_keys"):
+    with pytest.raises(ArgumentError, match="ids_or_keys"):
         idx.remove(["missing"])
-    with pytest.raises(TypeError, match="keys"):
+    with pytest.raises(ArgumentError, match="keys"):
         idx.add([GOOD], image_ids=[9], keys="abc")
-    with pytest.raises(ValueError, match="keys"):
+    with pytest.raises(ArgumentError, match="keys"):
         idx.add([GOOD, GOOD], image_ids=[9, 10], keys=["a"])
-    with pytest.raises(ValueError, match="keys"):
+    with pytest.raises(ArgumentError, match="keys"):
         idx.add([GOOD, GOOD], image_ids=[9, 10], keys=["a", "a"])
     assert len(idx) == 2
 

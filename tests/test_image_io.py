@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import pickle
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from broken_files import make_broken_folder, png_header_only, textured_image  # noqa: E402
 
+from asmkit._validation import ArgumentError, FileFormatError  # noqa: E402
 from asmkit.features import (  # noqa: E402
     ImageFeatures,
     ImageLoadError,
@@ -123,6 +125,16 @@ def test_bad_files_raise_with_reason(tmp_path, rgb):
         assert info.value.path == path
         assert reason in info.value.reason
         assert str(path) in str(info.value)
+        # A user error for the command line, like any other file that is not what it should be.
+        assert isinstance(info.value, FileFormatError)
+
+
+def test_image_load_error_survives_pickling(tmp_path):
+    # Worker processes send it back pickled; its two-argument constructor must round-trip.
+    error = pickle.loads(pickle.dumps(ImageLoadError(tmp_path / "a.jpg", "truncated image data")))
+    assert isinstance(error, ImageLoadError) and isinstance(error, FileFormatError)
+    assert error.path == tmp_path / "a.jpg" and error.reason == "truncated image data"
+    assert str(error) == f"{tmp_path / 'a.jpg'}: truncated image data"
 
 
 def test_tiny_image_is_rejected(tmp_path):
@@ -152,7 +164,7 @@ def test_decompression_bomb_header_rejected_without_decoding(tmp_path):
 
 def test_invalid_arguments(tmp_path):
     for kwargs in ({"max_size": 0}, {"max_size": 1.5}, {"max_pixels": -1}, {"min_side": True}):
-        with pytest.raises(ValueError, match=next(iter(kwargs))):
+        with pytest.raises(ArgumentError, match=next(iter(kwargs))):
             load_image(tmp_path / "x.png", **kwargs)
 
 
@@ -178,15 +190,22 @@ def test_list_images_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         list_images(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no images found"):
+    with pytest.raises(FileFormatError, match="empty: no images found"):
         list_images(tmp_path / "empty")
     listing = tmp_path / "list.txt"
     listing.write_text("# only comments\n\n")
-    with pytest.raises(ValueError, match="names no images"):
+    with pytest.raises(FileFormatError, match="list.txt: not an image list: it names no images"):
         list_images(listing)
     listing.write_text("a.jpg\na.jpg\n")
-    with pytest.raises(ValueError, match="line 2"):
+    with pytest.raises(FileFormatError, match="list.txt: line 2"):
         list_images(listing)
+    listing.write_bytes(b"\x80\x81 binary")
+    with pytest.raises(FileFormatError, match="list.txt: not an image list: not a UTF-8 text file"):
+        list_images(listing)
+    # A single image is not a list, even when its bytes happen to be valid UTF-8.
+    (tmp_path / "photo.jpg").write_text("a.jpg\n")
+    with pytest.raises(FileFormatError, match="photo.jpg: is an image, not a folder"):
+        list_images(tmp_path / "photo.jpg")
 
 
 def test_image_names(tmp_path):

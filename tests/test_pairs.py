@@ -9,7 +9,6 @@ import pytest
 
 from asmkit.pairs import (
     GraphSpec,
-    main,
     pair_indices,
     pairs_from_scores,
     parse_graph,
@@ -206,20 +205,15 @@ def test_validation_errors():
         pairs_from_scores(s, names, "star-3")
 
 
-def test_write_pairs_and_main(tmp_path):
+def test_write_pairs(tmp_path):
     s = random_scores(6)
     names = [f"dir/img{i}.jpg" for i in range(6)]
-    np.save(tmp_path / "scores.npy", s)
-    (tmp_path / "names.txt").write_text("\n".join(names) + "\n")
     out = tmp_path / "sub" / "pairs.txt"
-    pairs = main(scores=tmp_path / "scores.npy", names=tmp_path / "names.txt", output=out,
-                 graph="knn-2")
-    assert pairs == pairs_from_scores(s, names, "knn-2")
+    pairs = pairs_from_scores(s, names, "knn-2")
+    write_pairs(out, pairs)
     lines = out.read_text().splitlines()
     assert [tuple(line.split(" ")) for line in lines] == pairs
     assert not [p for p in out.parent.iterdir() if p.name != "pairs.txt"]  # no temp left
     with pytest.raises(ValueError, match="whitespace"):
         write_pairs(tmp_path / "bad.txt", [("a b", "c")])
     assert not (tmp_path / "bad.txt").exists()
-    with pytest.raises(FileNotFoundError, match="scores"):
-        main(scores=tmp_path / "nope.npy", names=names, output=out)

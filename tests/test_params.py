@@ -1,6 +1,7 @@
 import pytest
 
 from asmkit import PRESETS, Params, parse_size
+from asmkit._validation import ArgumentError
 from asmkit.config import PipelineConfig, load_config, preset_names
 
 
@@ -11,7 +12,7 @@ def test_parse_size(text, value):
 
 @pytest.mark.parametrize("bad", ["", "k", "12x", 0, -5, 3.5, True, None])
 def test_parse_size_rejects(bad):
-    with pytest.raises(ValueError, match="codebook_size"):
+    with pytest.raises(ArgumentError, match="codebook_size"):
         parse_size(bad)
 
 
@@ -23,9 +24,10 @@ def test_defaults_match_reference_defaults():
 
 @pytest.mark.parametrize("field,value", [
     ("alpha", -1.0), ("alpha", float("nan")), ("tau", 2.0), ("ma_query", 0),
-    ("binary", "yes"), ("topk", 0), ("kmeans_iters", 1.5)])
+    ("binary", "yes"), ("binary", 1), ("topk", 0), ("kmeans_iters", 1.5), ("ma_query", 2.5), ("seed", "1"),
+    ("codebook_size", 2.5), ("use_idf", None)])
 def test_validation_names_the_field(field, value):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ArgumentError, match=f"^{field}: "):
         Params(**{field: value})
 
 

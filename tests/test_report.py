@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from asmkit._validation import ArgumentError
 from asmkit.evaluate import evaluate, load_ground_truth
 from asmkit.report import main, precision_recall_curve, write_report
 
@@ -95,7 +96,7 @@ def test_summary_matches_evaluate(dataset, tmp_path):
                         metrics=full).read_text()
     assert "<th>mAP</th><td>0.1235</td>" in page and "of the full ranking" in page
     assert "N-S" not in page
-    with pytest.raises(ValueError, match="metrics"):
+    with pytest.raises(ArgumentError, match="metrics"):
         write_report(tmp_path / "r3.html", names=names, image_root=root, ranks=ranks,
                      scores=scores, query_names=gt.queries, metrics={"map": 1.0})
 
@@ -178,10 +179,11 @@ def test_validation_errors(dataset, tmp_path):
         ({"ranks": ranks + 10}, r"ranks: ids must lie in \[-1, 8\)"),
         ({"query_names": gt.queries[:1]}, "query_names: 1 names for 2 rows"),
         ({"top_k": 0}, "top_k"),
+        ({"top_k": 2.5}, "top_k"),
         ({"thumb_size": 4}, "thumb_size"),
         ({"gt": {"images": []}}, "gt: expected a GroundTruth"),
     ]:
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(ArgumentError, match=message):
             write_report(tmp_path / "x.html", **{**kw, **change})
     assert not (tmp_path / "x.html").exists()
 
@@ -193,8 +195,8 @@ def test_main_with_results_file_and_gt_folder(dataset, tmp_path):
     page = out.read_text()
     assert page.count('<img class="result"') == 6
     assert "mAP" in page
-    with pytest.raises(ValueError, match="image_root"):
+    with pytest.raises(ArgumentError, match="image_root"):
         main(output=tmp_path / "n.html", ranks=ranks, scores=scores, names=names,
              query_names=gt.queries)
-    with pytest.raises(ValueError, match="scores"):
+    with pytest.raises(ArgumentError, match="scores"):
         main(output=tmp_path / "n.html", ranks=ranks, gt=root)

@@ -14,6 +14,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from broken_files import textured_image  # noqa: E402
 
+from asmkit._validation import ArgumentError  # noqa: E402
 from asmkit.features import PCAWhitening, SiftExtractor, extract_features, root_sift  # noqa: E402
 
 UKBENCH = Path("/work/shared/datasets/ukbench2000")
@@ -112,17 +113,20 @@ def test_config_is_json_and_reflects_settings():
 
 
 def test_validation(image):
-    for kwargs in ({"max_features": 0}, {"max_size": -1}, {"root": 1}, {"contrast_threshold": -1}, {"sigma": 0}):
-        with pytest.raises(ValueError, match=next(iter(kwargs))):
+    # A wrong type and a wrong value raise the same ArgumentError, naming the argument.
+    for kwargs in ({"max_features": 0}, {"max_features": 2.5}, {"max_size": -1}, {"root": 1},
+                   {"contrast_threshold": -1}, {"edge_threshold": 0}, {"sigma": 0}, {"sigma": float("nan")},
+                   {"sigma": "1.6"}, {"n_octave_layers": True}):
+        with pytest.raises(ArgumentError, match=next(iter(kwargs))):
             SiftExtractor(**kwargs)
-    with pytest.raises(TypeError, match="whitening"):
+    with pytest.raises(ArgumentError, match="whitening"):
         SiftExtractor(whitening=np.eye(128))
-    with pytest.raises(ValueError, match="128"):
+    with pytest.raises(ArgumentError, match="128"):
         SiftExtractor(whitening=PCAWhitening.learn(np.random.default_rng(0).normal(size=(50, 16))))
     extractor = SiftExtractor()
-    with pytest.raises(ValueError, match="uint8"):
+    with pytest.raises(ArgumentError, match="uint8"):
         extractor.extract(image.astype(np.float32))
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ArgumentError, match="shape"):
         extractor.extract(image[:, :, :2])
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from asmkit import storage
+from asmkit._validation import ArgumentError, AsmkitError
 from asmkit.storage import StorageError, load_arrays, save_arrays
 
 
@@ -89,8 +90,14 @@ def test_plain_file_is_refused(tmp_path):
     (tmp_path / "f").write_text("hello")
     with pytest.raises(StorageError, match="is a file"):
         load_arrays(tmp_path / "f", kind="index")
-    with pytest.raises(ValueError, match="not an asmkit directory"):
+    with pytest.raises(StorageError, match="f: exists and is not an asmkit directory"):
         save_arrays(tmp_path / "f", {}, {}, kind="index")
+
+
+def test_storage_error_is_a_user_error():
+    # The command line reports AsmkitError subclasses in one line; ValueError keeps older
+    # `except ValueError` handlers working.
+    assert issubclass(StorageError, AsmkitError) and issubclass(StorageError, ValueError)
 
 
 def test_wrong_kind(tmp_path):
@@ -150,6 +157,19 @@ def test_truncated_file_with_matching_manifest_size(tmp_path):
         load_arrays(target, kind="index", verify=False)
 
 
+@pytest.mark.parametrize("content", [b"", b"garbage!" * 20, b"\x93NUMPY\x09\x00" + b"x" * 150])
+def test_array_file_that_is_not_npy(tmp_path, content):
+    # Same size as in the manifest, so that only the header read can catch it.
+    target = tmp_path / "x"
+    save_arrays(target, {"a": np.arange(10, dtype=np.float64)}, {}, kind="index")
+    (target / "a.npy").write_bytes(content)
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["arrays"]["a"]["nbytes"] = len(content)
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StorageError, match=r"a\.npy: not a readable \.npy file"):
+        load_arrays(target, kind="index", verify=False)
+
+
 def test_flipped_byte_is_detected_only_with_verify(tmp_path):
     target = tmp_path / "x"
     array = np.arange(100, dtype=np.float32)
@@ -184,9 +204,9 @@ def test_path_traversal_in_manifest_is_refused(tmp_path):
 
 
 def test_object_arrays_refused_on_save(tmp_path):
-    with pytest.raises(ValueError, match=r"arrays\['o'\]: dtype object"):
+    with pytest.raises(ArgumentError, match=r"arrays\['o'\]: dtype object"):
         save_arrays(tmp_path / "x", {"o": np.array([1, "a"], dtype=object)}, {}, kind="index")
-    with pytest.raises(ValueError, match="not storable"):
+    with pytest.raises(ArgumentError, match="not storable"):
         save_arrays(tmp_path / "x", {"s": np.zeros(2, dtype=[("a", "i4")])}, {}, kind="index")
     assert not (tmp_path / "x").exists()
 
@@ -204,13 +224,13 @@ def test_object_arrays_refused_on_load(tmp_path):
 
 
 def test_bad_inputs_on_save(tmp_path):
-    with pytest.raises(TypeError, match=r"arrays\['a'\]: expected a numpy array"):
+    with pytest.raises(ArgumentError, match=r"arrays\['a'\]: expected a numpy array"):
         save_arrays(tmp_path / "x", {"a": [1, 2]}, {}, kind="index")
-    with pytest.raises(ValueError, match="invalid array name"):
+    with pytest.raises(ArgumentError, match="invalid array name"):
         save_arrays(tmp_path / "x", {"../evil": np.zeros(1)}, {}, kind="index")
-    with pytest.raises(ValueError, match="meta: not JSON-serialisable"):
+    with pytest.raises(ArgumentError, match="meta: not JSON-serialisable"):
         save_arrays(tmp_path / "x", {}, {"x": object()}, kind="index")
-    with pytest.raises(ValueError, match="kind"):
+    with pytest.raises(ArgumentError, match="kind"):
         save_arrays(tmp_path / "x", {}, {}, kind="")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from asmkit._validation import ArgumentError, FileFormatError
 from asmkit.features import PCAWhitening
 
 
@@ -102,26 +103,43 @@ def test_save_load_and_arrays_round_trip(tmp_path):
 def test_load_refuses_pickles_and_bad_files(tmp_path):
     path = tmp_path / "bad.npz"
     np.savez(path, mean=np.zeros(3), projection=np.array([object()], dtype=object), eigenvalues=np.ones(3), shrinkage=1.0)
-    with pytest.raises(ValueError, match="bad.npz"):
+    with pytest.raises(FileFormatError, match="bad.npz"):
         PCAWhitening.load(path)
     np.savez(path, mean=np.zeros(3))
-    with pytest.raises(ValueError, match="missing eigenvalues, projection, shrinkage"):
+    with pytest.raises(FileFormatError, match="bad.npz: .*missing eigenvalues, projection, shrinkage"):
         PCAWhitening.load(path)
     with pytest.raises(FileNotFoundError, match="nope.npz"):
         PCAWhitening.load(tmp_path / "nope.npz")
 
 
+@pytest.mark.parametrize("content", [b"", b"hello\n", b"PK\x03\x04" + b"\0" * 40, "npy", "truncated"])
+def test_load_names_a_file_that_is_not_a_whitening(tmp_path, content):
+    path = tmp_path / "whitening.npz"
+    if content == "npy":
+        with open(path, "wb") as fh:
+            np.save(fh, np.zeros(3))
+    elif content == "truncated":
+        PCAWhitening.learn(correlated()).save(path)
+        path.write_bytes(path.read_bytes()[:200])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(FileFormatError, match="whitening.npz: not a whitening file"):
+        PCAWhitening.load(path)
+
+
 def test_input_validation():
     train = correlated()
-    with pytest.raises(ValueError, match="vecs"):
+    with pytest.raises(ArgumentError, match="vecs"):
         PCAWhitening.learn(train[0])
-    with pytest.raises(ValueError, match="at least 2"):
+    with pytest.raises(ArgumentError, match="at least 2"):
         PCAWhitening.learn(train[:1])
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(ArgumentError, match="NaN"):
         PCAWhitening.learn(np.full((4, 2), np.nan))
-    with pytest.raises(ValueError, match="dim"):
+    with pytest.raises(ArgumentError, match="dim"):
         PCAWhitening.learn(train, dim=9)
-    with pytest.raises(ValueError, match="shrinkage"):
+    with pytest.raises(ArgumentError, match="dim"):
+        PCAWhitening.learn(train, dim=2.0)
+    with pytest.raises(ArgumentError, match="shrinkage"):
         PCAWhitening.learn(train, shrinkage=1.5)
-    with pytest.raises(ValueError, match=r"\[N, 8\]"):
+    with pytest.raises(ArgumentError, match=r"\[N, 8\]"):
         PCAWhitening.learn(train).apply(np.zeros((2, 7)))

@@ -6,6 +6,10 @@ The rule: anything a user can get wrong raises a subclass of ``AsmkitError``.
   that ``check_int(2.5)`` and ``Params(ma_query=2.5)`` fail alike.
 - ``FileFormatError`` (also a ``ValueError``): a file that exists but is not what it
   should be. Its message starts with the file's path and says what the file is not.
+- ``DependencyError`` (also an ``ImportError``): an optional package a feature needs is
+  not installed; the message says what to install.
+A missing or unreadable file is the ``OSError`` that ``open`` raises (``FileNotFoundError``,
+``PermissionError``, ...), its message naming the file.
 Everything else (``TypeError``, ``AttributeError``, ...) is a bug, and the command line
 shows its traceback.
 
@@ -24,6 +28,7 @@ __all__ = [
     "AsmkitError",
     "ArgumentError",
     "FileFormatError",
+    "DependencyError",
     "check_int",
     "check_float",
     "check_bool",
@@ -47,6 +52,10 @@ class FileFormatError(AsmkitError, ValueError):
     def __init__(self, path: str | os.PathLike, what: str) -> None:
         super().__init__(f"{os.fspath(path)}: {what}")
         self.path = os.fspath(path)
+
+
+class DependencyError(AsmkitError, ImportError):
+    """An optional package is not installed; the message says what to install."""
 
 
 def _is_int(value: Any) -> bool:

@@ -10,8 +10,11 @@ report     :func:`asmkit.report.main`
 demo       :func:`asmkit.pipeline.run_demo`
 =========  =====================================================
 
-Errors a user can fix (a missing file, a bad flag, a corrupt index) print one line on
-stderr and exit with status 2; ``-v`` shows the traceback as well.
+Errors a user can fix print one line on stderr, ``asmkit COMMAND: error: ...``, and exit
+with status 2; ``-v`` shows the traceback as well. Those are the :class:`AsmkitError`
+subclasses (a bad flag value, a file that is not what it should be, a missing optional
+package) and the ``OSError`` of a file that cannot be opened. Anything else is a bug in
+asmkit: its traceback is shown and the status is 1.
 """
 
 from __future__ import annotations
@@ -24,10 +27,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import __version__
+from ._validation import ArgumentError, AsmkitError
 
 logger = logging.getLogger("asmkit")
 
-_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError, OSError)
+# OSError: a file that cannot be opened (missing, a folder, no permission); its message
+# names the file.
+_USER_ERRORS = (AsmkitError, OSError)
 
 
 def _add_pipeline_flags(p: argparse.ArgumentParser, *, model: bool = True) -> None:
@@ -224,7 +230,7 @@ def _report(args: argparse.Namespace) -> int:
 
         res = pipeline.query_index(args.index, args.queries, top=args.top)
         if not res["results"]:
-            raise ValueError("--queries: no query image could be read")
+            raise ArgumentError("--queries: no query image could be read")
         names = sorted({r["name"] for q in res["results"] for r in q["results"]})
         pos = {n: i for i, n in enumerate(names)}
         k = max(len(q["results"]) for q in res["results"])
@@ -242,7 +248,7 @@ def _report(args: argparse.Namespace) -> int:
         path = write_report(args.out, names=[str((root / n).resolve()) for n in names], image_root="/",
                             ranks=ids, scores=scores, query_names=query_names, top_k=args.top)
     else:
-        raise ValueError("report: give INDEX with --queries, or --results")
+        raise ArgumentError("report: give INDEX with --queries, or --results")
     print(f"wrote {path}")
     return 0
 

@@ -11,11 +11,12 @@ import copy
 import json
 import sys
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
-from .params import Params
+from ._validation import ArgumentError, FileFormatError
+from .features.factory import feature_options
+from .params import Params, preset_names, preset_table
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -27,31 +28,44 @@ __all__ = ["PipelineConfig", "load_config", "preset_names"]
 _SECTIONS = {"description", "features", "asmk"}
 
 
-def preset_names() -> list[str]:
-    """Names of the presets shipped with the package (``sift``, ``deep``, ``mast3r``)."""
-    folder = resources.files("asmkit") / "presets"
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
-
-
 def _read_file(path: Path) -> dict[str, Any]:
+    """A config file's top-level table (TOML, or YAML / JSON by suffix)."""
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise FileFormatError(path, "not a text file (expected TOML, YAML or JSON)") from None
     if path.suffix in (".yml", ".yaml"):
         try:
             import yaml
         except ImportError:
             raise ImportError(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or use TOML") from None
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise FileFormatError(path, f"invalid YAML: {str(exc).splitlines()[0]}") from None
     elif path.suffix == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise FileFormatError(path, f"invalid JSON: {exc}") from None
     else:
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"{path}: invalid TOML: {exc}") from None
+            raise FileFormatError(path, f"invalid TOML: {exc}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a table at the top level")
+        raise FileFormatError(path, f"expected a table at the top level, got {type(data).__name__}")
+    unknown = sorted(set(data) - _SECTIONS)
+    if unknown:
+        raise FileFormatError(path, f"unknown section(s) {', '.join(map(str, unknown))}; "
+                                    "expected features, asmk, description")
+    for section in ("features", "asmk"):
+        if section in data and not isinstance(data[section], dict):
+            raise FileFormatError(path, f"[{section}] must be a table, got {type(data[section]).__name__}")
+    if not isinstance(data.get("description", ""), str):
+        raise FileFormatError(path, "description must be a string")
     return data
 
 
@@ -79,12 +93,17 @@ class PipelineConfig:
         ASMK parameters.
     description : str
         One line for humans.
+    codebook_size_chosen : bool
+        Whether the user chose ``params.codebook_size`` (a config file or an override);
+        otherwise it is the preset's, and a codebook trained on fewer descriptors than it
+        needs is made smaller.
     """
 
     name: str
     features: dict[str, Any]
     params: Params
     description: str = ""
+    codebook_size_chosen: bool = field(default=False, compare=False)
     source: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -127,26 +146,28 @@ def load_config(
 
     Raises
     ------
-    ValueError
-        Unknown preset, unknown section or unknown ASMK parameter, naming it.
+    ArgumentError
+        Unknown preset or bad override, naming it.
+    FileFormatError
+        A config file that is not TOML/YAML/JSON, has unknown sections or options, or
+        values of the wrong type; the message names the file.
     """
     data: dict[str, Any] = {}
     name = "custom"
     if preset is not None:
-        names = preset_names()
-        if preset not in names:
-            raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(names)}")
-        text = (resources.files("asmkit") / "presets" / f"{preset}.toml").read_text(encoding="utf-8")
-        data = tomllib.loads(text)
+        data = preset_table(preset)
         name = preset
+    chosen = asmk_overrides.get("codebook_size") is not None
     if config_file is not None:
-        user = _read_file(Path(config_file))
-        unknown = sorted(set(user) - _SECTIONS)
-        if unknown:
-            raise ValueError(
-                f"{config_file}: unknown section(s) {', '.join(unknown)}; expected features, asmk, description"
-            )
+        path = Path(config_file)
+        user = _read_file(path)
         data = _overlay(data, user)
+        chosen = chosen or "codebook_size" in user.get("asmk", {})
+        try:
+            feature_options(data.get("features", {}))
+            Params.from_dict(data.get("asmk", {}))
+        except ArgumentError as exc:
+            raise FileFormatError(path, str(exc)) from None
     asmk = dict(data.get("asmk", {}))
     asmk.update({k: v for k, v in asmk_overrides.items() if v is not None})
     return PipelineConfig(
@@ -154,5 +175,6 @@ def load_config(
         features=dict(data.get("features", {})),
         params=Params.from_dict(asmk),
         description=str(data.get("description", "")),
+        codebook_size_chosen=chosen,
         source=data,
     )

@@ -22,7 +22,7 @@ import numpy as np
 from ._io import write_text_atomic
 from PIL import Image, ImageEnhance
 
-__all__ = ["DEMO_PHOTOS", "build_demo_set", "main"]
+__all__ = ["DEMO_PHOTOS", "build_demo_set"]
 
 logger = logging.getLogger(__name__)
 
@@ -211,18 +211,3 @@ def build_demo_set(
     _write_json_atomic(out / "gt.json", gt)
     logger.info("demo: %d images of %d photos in %s", len(images), len(chosen), out)
     return out
-
-
-def main(
-    *,
-    output: str | Path,
-    seed: int = 0,
-    n_variants: int = 4,
-    max_size: int = 480,
-    photos: Sequence[str] | None = None,
-) -> Path:
-    """Build the demo set; the keyword arguments mirror ``asmkit demo`` flags.
-
-    See :func:`build_demo_set`.
-    """
-    return build_demo_set(output, seed=seed, n_variants=n_variants, max_size=max_size, photos=photos)

@@ -32,7 +32,6 @@ __all__ = [
     "mean_average_precision",
     "ns_score",
     "evaluate",
-    "main",
     "KAPPAS",
     "PROTOCOLS",
 ]
@@ -492,66 +491,4 @@ def evaluate(ranks: Any, gt: GroundTruth, *, query_indices: Any = None) -> dict[
     if gt.has_protocols:
         for protocol in PROTOCOLS:
             result[protocol] = one(protocol)
-    return result
-
-
-def _nan_to_none(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _nan_to_none(v) for k, v in value.items()}
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
-
-
-def _load_ranks(path: Path) -> np.ndarray:
-    """Rankings from ``.npy`` (an id array) or ``.npz`` (key ``ids``, else ``ranks``)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"ranks file not found: {path}")
-    loaded = np.load(path, allow_pickle=False)
-    if isinstance(loaded, np.lib.npyio.NpzFile):
-        with loaded:
-            for key in ("ids", "ranks"):
-                if key in loaded.files:
-                    return loaded[key]
-        raise ValueError(f"{path}: expected an array named 'ids' or 'ranks'")
-    return loaded
-
-
-def main(
-    *,
-    gt: str | Path | GroundTruth,
-    ranks: str | Path | Any,
-    query_indices: Any = None,
-    output: str | Path | None = None,
-) -> dict[str, Any]:
-    """Evaluate rankings; the keyword arguments mirror ``asmkit evaluate`` flags.
-
-    Parameters
-    ----------
-    gt : str, Path or GroundTruth
-        The data-set folder (or gt.json), or loaded ground truth.
-    ranks : str, Path or array_like of int, shape [Q, N]
-        Rankings, or a ``.npy`` / ``.npz`` (``ids``) file holding them.
-    query_indices : array_like of int, optional
-        The query of each row.
-    output : str or Path, optional
-        Where to write the metrics as JSON.
-
-    Returns
-    -------
-    dict
-        The result of :func:`evaluate`.
-    """
-    truth = gt if isinstance(gt, GroundTruth) else load_ground_truth(gt)
-    arr = _load_ranks(Path(ranks)) if isinstance(ranks, (str, Path)) else ranks
-    result = evaluate(arr, truth, query_indices=query_indices)
-    logger.info("%s: mAP %.4f over %d queries", truth.name, result["map"], result["n_queries"])
-    if output is not None:
-        out = Path(output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        # NaN (no query with positives) is not JSON: write null instead.
-        text = json.dumps(_nan_to_none(result), indent=2, allow_nan=False)
-        tmp.write_text(text + "\n", encoding="utf-8")
-        tmp.replace(out)
     return result

@@ -38,7 +38,6 @@ __all__ = [
     "pairs_from_scores",
     "select_anchors",
     "write_pairs",
-    "main",
 ]
 
 logger = logging.getLogger(__name__)
@@ -305,45 +304,3 @@ def write_pairs(path: str | Path, pairs: Iterable[tuple[str, str]]) -> Path:
                 raise ValueError(f"pairs: name {name!r} is empty or contains whitespace")
         lines.append(f"{a} {b}\n")
     return write_text_atomic(out, "".join(lines))
-
-
-def _read_names(path: Path) -> list[str]:
-    if not path.is_file():
-        raise FileNotFoundError(f"names file not found: {path}")
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def main(
-    *,
-    scores: str | Path | Any,
-    names: str | Path | Sequence[str],
-    output: str | Path,
-    graph: str = "retrieval-20-10",
-) -> list[tuple[str, str]]:
-    """Write SfM pairs; the keyword arguments mirror ``asmkit pairs`` flags.
-
-    Parameters
-    ----------
-    scores : str, Path or array_like, shape [N, N]
-        The similarity matrix, or a ``.npy`` file holding it.
-    names : str, Path or sequence of str
-        Image names in matrix order, or a text file with one per line.
-    output : str or Path
-        The pairs file to write.
-    graph : str
-        The scene graph.
-
-    Returns
-    -------
-    list of (str, str)
-        The pairs written.
-    """
-    if isinstance(scores, (str, Path)):
-        if not Path(scores).is_file():
-            raise FileNotFoundError(f"scores file not found: {scores}")
-        scores = np.load(scores, allow_pickle=False)
-    if isinstance(names, (str, Path)):
-        names = _read_names(Path(names))
-    pairs = pairs_from_scores(scores, names, graph)
-    write_pairs(output, pairs)
-    return pairs

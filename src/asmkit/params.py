@@ -1,17 +1,31 @@
-"""Typed, validated ASMK parameters with named presets.
+"""Typed, validated ASMK parameters, and the presets they come from.
 
 One flat, frozen object instead of the reference's nested dicts; ``to_reference`` and
 ``from_reference`` translate to and from that layout (see ``asmkit.compat``).
+
+The presets are the TOML files of ``asmkit/presets``: each names a feature extractor
+(``[features]``, read by :mod:`asmkit.config`) and ASMK parameters (``[asmk]``, read here).
+``Params.preset(name)`` and ``PRESETS[name]`` are the ``[asmk]`` table of that file, so
+that the Python API and ``--preset`` share one set of names and values.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import sys
 from dataclasses import dataclass
+from importlib import resources
+from types import MappingProxyType
 from typing import Any, Mapping
 
-__all__ = ["Params", "PRESETS", "as_params", "parse_size"]
+from ._validation import ArgumentError, check_bool, check_float, check_int
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+__all__ = ["Params", "PRESETS", "as_params", "parse_size", "preset_names", "preset_table"]
 
 _SIZE_SUFFIX = {"k": 1024, "K": 1024, "M": 1024**2}
 
@@ -21,11 +35,11 @@ def parse_size(size: int | str) -> int:
 
     Raises
     ------
-    ValueError
+    ArgumentError
         If the value is not a positive integer or such a string.
     """
     if isinstance(size, bool):
-        raise ValueError(f"codebook_size: expected an int or a string like '64k', got {size!r}")
+        raise ArgumentError(f"codebook_size: expected an int or a string like '64k', got {size!r}")
     if isinstance(size, int):
         value = size
     elif isinstance(size, str):
@@ -36,13 +50,13 @@ def parse_size(size: int | str) -> int:
             else:
                 value = int(text)
         except ValueError:
-            raise ValueError(
+            raise ArgumentError(
                 f"codebook_size: expected an int or a string like '64k', got {size!r}"
             ) from None
     else:
-        raise ValueError(f"codebook_size: expected an int or a string like '64k', got {size!r}")
+        raise ArgumentError(f"codebook_size: expected an int or a string like '64k', got {size!r}")
     if value < 1:
-        raise ValueError(f"codebook_size: must be positive, got {size!r}")
+        raise ArgumentError(f"codebook_size: must be positive, got {size!r}")
     return value
 
 
@@ -86,49 +100,44 @@ class Params:
     topk: int | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "codebook_size", parse_size(self.codebook_size))
-        for name in ("binary", "use_idf"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
-        for name in ("alpha", "tau"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name}: expected a finite number, got {value!r}")
-            object.__setattr__(self, name, float(value))
-        if self.alpha <= 0:
-            raise ValueError(f"alpha: must be positive, got {self.alpha!r}")
-        if not -1.0 <= self.tau <= 1.0:
-            raise ValueError(f"tau: must lie in [-1, 1], got {self.tau!r}")
+        set_ = object.__setattr__  # the dataclass is frozen; checks store the coerced values
+        set_(self, "codebook_size", parse_size(self.codebook_size))
+        set_(self, "binary", check_bool(self.binary, "binary"))
+        set_(self, "use_idf", check_bool(self.use_idf, "use_idf"))
+        set_(self, "alpha", check_float(self.alpha, "alpha", min=0.0, min_open=True))
+        set_(self, "tau", check_float(self.tau, "tau", min=-1.0, max=1.0))
         for name in ("ma_database", "ma_query", "kmeans_iters"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed: expected an int, got {self.seed!r}")
-        if self.topk is not None and (
-            isinstance(self.topk, bool) or not isinstance(self.topk, int) or self.topk < 1
-        ):
-            raise ValueError(f"topk: expected a positive int or None, got {self.topk!r}")
+            set_(self, name, check_int(getattr(self, name), name, min=1))
+        set_(self, "seed", check_int(self.seed, "seed"))
+        set_(self, "topk", check_int(self.topk, "topk", min=1, none=True))
 
     # -- construction ---------------------------------------------------------------------
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "Params":
-        """Build from a flat mapping; unknown keys raise ``ValueError`` naming them."""
+        """Build from a flat mapping; unknown keys raise ``ArgumentError`` naming them."""
+        if not isinstance(values, Mapping):
+            raise ArgumentError(f"params: expected a mapping of parameters, got {type(values).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(
+            raise ArgumentError(
                 f"unknown parameter(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}"
             )
         return cls(**dict(values))
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "Params":
-        """A named preset (see ``PRESETS``) with optional overrides."""
+        """The ``[asmk]`` table of a preset (see :func:`preset_names`), with optional overrides.
+
+        Raises
+        ------
+        ArgumentError
+            Unknown preset (the message lists them) or a bad override.
+        """
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(sorted(PRESETS))}")
-        return dataclasses.replace(PRESETS[name], **overrides) if overrides else PRESETS[name]
+            raise ArgumentError(f"preset: unknown preset {name!r}; expected one of {', '.join(sorted(PRESETS))}")
+        return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
 
     def replace(self, **changes: Any) -> "Params":
         """A copy with some fields changed (validated again)."""
@@ -163,7 +172,7 @@ class Params:
     def from_reference(cls, params: Mapping[str, Any]) -> "Params":
         """Translate the reference's nested params dict; missing sections take defaults.
 
-        Raises ``ValueError`` naming any key this engine does not understand.
+        Raises ``ArgumentError`` naming any key this engine does not understand.
         """
         allowed = {
             "index": {"gpu_id"},
@@ -176,10 +185,10 @@ class Params:
                 # The reference's example YAMLs carry experiment settings beside the steps.
                 continue
             if not isinstance(value, Mapping):
-                raise ValueError(f"params[{section!r}]: expected a dict, got {type(value).__name__}")
+                raise ArgumentError(f"params[{section!r}]: expected a dict, got {type(value).__name__}")
             extra = sorted(set(value) - allowed[section])
             if extra:
-                raise ValueError(f"params[{section!r}]: unknown key(s) {', '.join(extra)}")
+                raise ArgumentError(f"params[{section!r}]: unknown key(s) {', '.join(extra)}")
 
         def get(path: tuple[str, ...], default: Any) -> Any:
             node: Any = params
@@ -203,15 +212,30 @@ class Params:
         )
 
 
-#: Named presets. ``asmk_star`` is the reference default (HOW, ECCV'20); ``mast3r`` is what
-#: MASt3R retrieval uses; ``sift`` suits RootSIFT at a few thousand descriptors per image.
-PRESETS: dict[str, Params] = {
-    "asmk_star": Params(),
-    "asmk": Params(binary=False),
-    "how": Params(codebook_size=65536, binary=True, use_idf=False),
-    "mast3r": Params(codebook_size=65536, binary=True, use_idf=False, ma_database=1, ma_query=5),
-    "sift": Params(codebook_size=4096, binary=True, use_idf=False, ma_database=1, ma_query=5),
-}
+def preset_names() -> list[str]:
+    """Names of the presets shipped with the package (one TOML file each)."""
+    folder = resources.files("asmkit") / "presets"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def preset_table(name: str) -> dict[str, Any]:
+    """The parsed TOML of a shipped preset: ``description``, ``[features]``, ``[asmk]``.
+
+    Raises
+    ------
+    ArgumentError
+        Unknown preset (the message lists them).
+    """
+    names = preset_names()
+    if name not in names:
+        raise ArgumentError(f"preset: unknown preset {name!r}; expected one of {', '.join(names)}")
+    return tomllib.loads((resources.files("asmkit") / "presets" / f"{name}.toml").read_text(encoding="utf-8"))
+
+
+#: The ASMK parameters of every shipped preset, by name (read-only). ``asmk_star`` is the
+#: reference default (HOW, ECCV'20), equal to ``Params()``.
+PRESETS: Mapping[str, Params] = MappingProxyType(
+    {name: Params.from_dict(preset_table(name).get("asmk", {})) for name in preset_names()})
 
 
 def as_params(params: Any) -> Params:
@@ -219,7 +243,7 @@ def as_params(params: Any) -> Params:
 
     Raises
     ------
-    ValueError
+    ArgumentError
         Unknown preset or parameter names (naming them), or anything else.
     """
     if params is None:
@@ -230,4 +254,4 @@ def as_params(params: Any) -> Params:
         return Params.preset(params)
     if isinstance(params, Mapping):
         return Params.from_dict(params)
-    raise ValueError(f"params: expected Params, a preset name or a dict, got {type(params).__name__}")
+    raise ArgumentError(f"params: expected Params, a preset name or a dict, got {type(params).__name__}")

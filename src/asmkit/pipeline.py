@@ -27,11 +27,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ._io import write_text_atomic
+from ._validation import ArgumentError
 from .codebook import Codebook
 from .config import PipelineConfig, load_config
-from .features import FeatureStore, PCAWhitening, SiftExtractor, extract_features, image_names, list_images, load_image
-from .features.io import ImageLoadError
-from ._io import write_text_atomic
+from .features import FeatureStore, extract_features, image_names, list_images
+from .features.factory import Features, build_extractor, extraction_settings, feature_options
 from .index import Index
 from .storage import StorageError
 
@@ -41,132 +42,51 @@ __all__ = [
     "build_index",
     "compute_scores",
     "evaluate_dataset",
-    "make_extractor",
+    "fit_codebook_size",
     "make_pairs",
     "query_index",
     "run_demo",
 ]
 
 _PIPELINE = "pipeline.json"
-_WHITENING_SAMPLE = 200  # images used to learn whitening without labels
 
 
 # ------------------------------------------------------------------------------ extractors
 
 
-def _sample(paths: Sequence[Path], n: int, seed: int) -> list[Path]:
-    if len(paths) <= n:
-        return list(paths)
-    rng = np.random.default_rng(seed)
-    return [paths[i] for i in sorted(rng.choice(len(paths), n, replace=False))]
-
-
-def _sample_images(paths: Sequence[Path], max_size: int | None):
-    """Decoded sample images; broken files are skipped (they are reported at extraction)."""
+def _image_set_key(paths: Sequence[Path]) -> str:
+    """SHA-256 of every image's path and size: two image sets never share a learned whitening."""
+    digest = hashlib.sha256()
     for path in paths:
         try:
-            yield load_image(path, max_size=max_size)
-        except ImageLoadError:
-            continue
+            size = os.stat(path).st_size
+        except OSError:
+            size = -1  # unreadable now; extraction reports it
+        digest.update(f"{path}\0{size}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
 
 
-def _sift_extractor(opts: dict[str, Any], folder: Path | None, sample: Sequence[Path], seed: int) -> SiftExtractor:
-    opts = dict(opts)
-    dim = opts.pop("whitening_dim", None)
-    shrinkage = opts.pop("whitening_shrinkage", 1.0)
-    if dim is None:
-        return SiftExtractor(**opts)
-    saved = folder / "whitening.npz" if folder is not None else None
-    if saved is not None and saved.is_file():
-        return SiftExtractor(**opts, whitening=PCAWhitening.load(saved))
-    raw = SiftExtractor(**opts)
-    vecs = [raw.extract(img).descriptors for img in _sample_images(_sample(sample, _WHITENING_SAMPLE, seed), raw.max_size)]
-    if not vecs:
-        raise ValueError("images: no readable image to learn the whitening from")
-    whitening = PCAWhitening.learn(np.concatenate(vecs), dim=dim, shrinkage=shrinkage)
-    if saved is not None:
-        whitening.save(saved)
-    return SiftExtractor(**opts, whitening=whitening)
+def _whitening_key(cfg: PipelineConfig, image_set: str) -> str | None:
+    """What a learned whitening depends on, hashed; None when the preset learns none."""
+    options = feature_options(cfg.features)
+    if options.get("whitening_dim") is None and options["type"] != "deep":
+        return None
+    return _digest({"features": options, "images": image_set, "seed": cfg.params.seed})
 
 
-def _deep_extractor(opts: dict[str, Any], folder: Path | None, sample: Sequence[Path], seed: int, device: str):
-    try:
-        from .features.backbones import EfficientNetLite0
-        from .features.deep import DeepExtractor
-    except ImportError as exc:
-        raise ImportError(f"the deep preset needs torch: pip install 'asmkit[deep]' ({exc})") from None
-    opts = dict(opts)
-    device = opts.pop("device", device)  # a config's features.device wins over --device
-    saved = folder / "extractor.pt" if folder is not None else None
-    if saved is not None and saved.is_file():
-        return DeepExtractor.load(saved, device=device)
-    backbone_name = opts.pop("backbone", "efficientnet_lite0")
-    if backbone_name != "efficientnet_lite0":
-        raise ValueError(f"features.backbone: only 'efficientnet_lite0' is built in, got {backbone_name!r}")
-    backbone = EfficientNetLite0(stage=opts.pop("stage", "stride16"))
-    dim = opts.pop("whitening_dim", 128)
-    shrinkage = opts.pop("whitening_shrinkage", 1.0)
-    opts.pop("whitening_images", None)
-    if "scales" in opts:
-        opts["scales"] = tuple(opts["scales"])
-    extractor = DeepExtractor(backbone, device=device, **opts)
-    images = _sample_images(_sample(sample, _WHITENING_SAMPLE, seed), extractor.max_size)
-    extractor.learn_whitening(images, dim=dim, shrinkage=shrinkage)
-    if saved is not None:
-        extractor.save(saved)
-    return extractor
+def _digest(key: Any) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def make_extractor(
-    config: PipelineConfig,
-    *,
-    folder: Path | None = None,
-    sample: Sequence[Path] = (),
-    model: str | os.PathLike | None = None,
-    device: str = "cpu",
-):
-    """The local-feature extractor of a preset.
-
-    Parameters
-    ----------
-    config : PipelineConfig
-    folder : Path, optional
-        Workspace: a learned whitening / head saved there is reused, a new one is saved.
-    sample : sequence of Path
-        Images to learn whitening from (no labels needed), when one must be learned.
-    model : path, optional
-        MASt3R retrieval checkpoint (``mast3r`` preset).
-    device : str
-        ``"cpu"``, ``"cuda"`` or ``"cuda:N"``: where deep features are computed (SIFT runs
-        on the CPU; a ``device`` in the config's features wins).
-
-    Returns
-    -------
-    extractor, codebook or None
-        The codebook comes with a MASt3R checkpoint (its ``<name>_codebook.pkl``).
-    """
+def _build_extractor(cfg: PipelineConfig, *, saved: Path | None, sample: Sequence[Path] = (),
+                     model: str | os.PathLike | None = None, device: str = "cpu") -> Features:
     gpu_of(device)  # a bad value fails before any work
-    opts = {k: v for k, v in config.features.items() if k != "type"}
-    kind = config.features.get("type", "sift")
-    seed = config.params.seed
-    if kind == "sift":
-        return _sift_extractor(opts, folder, sample, seed), None
-    if kind == "deep":
-        return _deep_extractor(opts, folder, sample, seed, device), None
-    if kind == "mast3r":
-        if model is None:
-            raise ValueError("--model: the mast3r preset needs a MASt3R retrieval checkpoint")
-        try:
-            from .features.backbones import load_mast3r_checkpoint
-            from .features.deep import DeepExtractor
-        except ImportError as exc:
-            raise ImportError(f"the mast3r preset needs torch: pip install 'asmkit[deep]' ({exc})") from None
-        loaded = load_mast3r_checkpoint(model)
-        extractor = DeepExtractor(loaded.backbone, loaded.head, nfeat=loaded.head.nfeat, max_size=loaded.imsize,
-                                  name="mast3r", device=device)
-        codebook = Codebook(loaded.codebook) if loaded.codebook is not None else None
-        return extractor, codebook
-    raise ValueError(f"features.type: expected sift, deep or mast3r, got {kind!r}")
+    return build_extractor(cfg.features, sample=sample, saved=saved, model=model, device=device,
+                           seed=cfg.params.seed)
+
+
+def _workspace_whitening(cfg: PipelineConfig, folder: Path) -> Path:
+    return folder / ("extractor.pt" if feature_options(cfg.features)["type"] == "deep" else "whitening.npz")
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -200,7 +120,7 @@ def gpu_of(device: str) -> int | None:
     head, _, index = str(device).partition(":")
     if head == "cuda" and index.isdigit():
         return int(index)
-    raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {device!r}")
+    raise ArgumentError(f"--device: expected cpu, cuda or cuda:N, got {device!r}")
 
 
 def _on_device(cb: Codebook, device: str) -> Codebook:
@@ -209,23 +129,94 @@ def _on_device(cb: Codebook, device: str) -> Codebook:
     return cb if gpu is None else Codebook(cb.centroids, gpu=gpu)
 
 
-def _train_codebook(vecs: np.ndarray, config: PipelineConfig) -> Codebook:
-    p = config.params
+#: faiss asks for at least this many training points per word (fewer leave words that
+#: stand for one or two descriptors); a size not chosen by the user is fitted to it.
+MIN_POINTS_PER_WORD = 39
+#: k-means trains on at most this many descriptors per word, sampled (the reference
+#: also trains on a sample; faiss suggests 39 to 256 per word).
+TRAIN_POINTS_PER_WORD = 128
+
+
+def fit_codebook_size(n_descriptors: int, size: int) -> int:
+    """The codebook size used when the user chose none: ``size`` (the preset's), or the
+    largest power of two that leaves at least ``MIN_POINTS_PER_WORD`` training
+    descriptors per word, whichever is smaller (at least 1)."""
+    fit = 1
+    while fit * 2 <= size and fit * 2 * MIN_POINTS_PER_WORD <= n_descriptors:
+        fit *= 2
+    return size if size * MIN_POINTS_PER_WORD <= n_descriptors else fit
+
+
+def _training_sample(parts: Sequence[np.ndarray], n: int, seed: int) -> np.ndarray:
+    """``n`` rows drawn without replacement from the row-wise concatenation of ``parts``
+    (float32 ``[N_i, D]`` each), without building that concatenation; float32 ``[n, D]``."""
+    counts = np.array([len(p) for p in parts], dtype=np.int64)
+    total = int(counts.sum())
+    if n >= total:
+        return np.concatenate(parts) if len(parts) > 1 else np.ascontiguousarray(parts[0])
+    rows = np.sort(np.random.default_rng(seed).choice(total, n, replace=False))
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    part = np.searchsorted(offsets, rows, side="right") - 1
+    out = np.empty((n, parts[0].shape[1]), dtype=np.float32)
+    for k in np.unique(part):
+        mask = part == k
+        out[mask] = parts[k][rows[mask] - offsets[k]]
+    return out
+
+
+def _get_codebook(
+    cfg: PipelineConfig,
+    *,
+    given: str | os.PathLike | None = None,
+    model_codebook: np.ndarray | None = None,
+    saved: Path | None = None,
+    training: Any = None,
+) -> tuple[Codebook, str]:
+    """The codebook of a run, and where it came from, in this order: ``given`` (--codebook),
+    the model's, one ``saved`` before, or k-means on a sample of ``training()`` (a list of
+    float32 ``[N_i, D]`` descriptor arrays), then saved to ``saved``."""
+    if given is not None:
+        return _load_codebook(given), f"given ({given})"
+    if model_codebook is not None:
+        return Codebook(model_codebook), "the model's codebook"
+    if saved is not None and saved.exists():
+        return Codebook.load(saved), f"saved ({saved})"
+    parts = [p for p in training() if len(p)]
+    n = sum(len(p) for p in parts)
+    p = cfg.params
     size = p.codebook_size
-    if size > len(vecs):
-        raise ValueError(
-            f"--codebook-size: {size} words but only {len(vecs)} training descriptors; use a smaller codebook"
-        )
-    logger.info("training a %d-word codebook on %d descriptors", size, len(vecs))
-    return Codebook.train(vecs, size, iters=p.kmeans_iters, seed=p.seed)
+    if not cfg.codebook_size_chosen:
+        size = fit_codebook_size(n, size)
+        if size < p.codebook_size:
+            logger.info("codebook: %d words instead of the preset's %d, for %d training descriptors "
+                        "(%d per word at least; --codebook-size overrides)", size, p.codebook_size, n,
+                        MIN_POINTS_PER_WORD)
+    if size > n:
+        raise ArgumentError(
+            f"--codebook-size: {size} words but only {n} training descriptors; use a smaller codebook")
+    if size * MIN_POINTS_PER_WORD > n:
+        logger.warning("codebook: %d words from %d descriptors, fewer than %d per word", size, n,
+                       MIN_POINTS_PER_WORD)
+    vecs = _training_sample(parts, min(n, TRAIN_POINTS_PER_WORD * size), p.seed)
+    logger.info("training a %d-word codebook on %d of %d descriptors", size, len(vecs), n)
+    cb = Codebook.train(vecs, size, iters=p.kmeans_iters, seed=p.seed)
+    if saved is not None:
+        cb.save(saved)
+    return cb, f"{len(vecs)} of {n} descriptors"
 
 
 def _load_codebook(path: str | os.PathLike) -> Codebook:
     path = Path(path)
     if path.suffix == ".pkl":
-        from .compat.legacy import codebook_from_legacy, load_legacy_pickle
+        from ._validation import FileFormatError
+        from .compat.legacy import LegacyFormatError, codebook_from_legacy, load_legacy_pickle
 
-        return codebook_from_legacy(load_legacy_pickle(path))
+        state = load_legacy_pickle(path)
+        try:
+            return codebook_from_legacy(state)
+        except LegacyFormatError as exc:
+            # The state's own message does not know which file it came from.
+            raise FileFormatError(path, f"not a reference ASMK codebook pickle ({exc})") from None
     return Codebook.load(path)
 
 
@@ -235,10 +226,31 @@ def _write_json(path: Path, data: Any) -> None:
 
 def _cache_dir(kind: str, key: dict[str, Any]) -> Path:
     base = Path(os.environ.get("ASMKIT_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "asmkit"))
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    folder = base / kind / digest
+    folder = base / kind / _digest(key)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def _features_for(paths: list[Path], root: Path, cfg: PipelineConfig, model, workers, cache: Path | None,
+                  device: str) -> tuple[Features, FeatureStore, list[str], list, Path]:
+    """Extract (or reuse cached) features of ``paths``.
+
+    The cache folder is keyed on the image root and the extraction settings alone, so that
+    presets which differ in whitening or ASMK settings share the stored features; a learned
+    whitening is kept beside them under a key of every image's path and size.
+    """
+    folder = cache if cache is not None else _cache_dir(
+        "features", {"root": str(Path(root).resolve()), "extraction": extraction_settings(cfg.features),
+                     "model": None if model is None else str(Path(model).resolve())})
+    folder.mkdir(parents=True, exist_ok=True)
+    wkey = _whitening_key(cfg, _image_set_key(paths))
+    deep = feature_options(cfg.features)["type"] == "deep"
+    saved = None if wkey is None else folder / (f"extractor-{wkey}.pt" if deep else f"whitening-{wkey}.npz")
+    feats = _build_extractor(cfg, saved=saved, sample=paths, model=model, device=device)
+    # A deep head's whitening is part of its features: each one gets its own store.
+    store_name = f"features-{wkey}.h5" if deep else "features.h5"
+    store, names, failed = _extract_into(paths, root, feats.extractor, folder / store_name, workers)
+    return feats, store, names, failed, folder
 
 
 # ------------------------------------------------------------------------------ index / query
@@ -274,18 +286,19 @@ def build_index(
     if add:
         if not (out / _PIPELINE).is_file():
             raise FileNotFoundError(f"--add: no asmkit index at {out} (missing {_PIPELINE})")
-        cfg = PipelineConfig.from_dict(json.loads((out / _PIPELINE).read_text(encoding="utf-8"))["config"])
+        cfg = _open_workspace(out)[1]
     else:
         cfg = load_config(preset, config, codebook_size=codebook_size)
     paths, root = _images(images)
     out.mkdir(parents=True, exist_ok=True)
     train_paths = list_images(train) if train is not None else paths
     t0 = time.perf_counter()
-    extractor, cb = make_extractor(cfg, folder=out, sample=train_paths, model=model, device=device)
-    store, names, failed = _extract_into(paths, root, extractor, out / "features.h5", workers)
+    feats = _build_extractor(cfg, saved=_workspace_whitening(cfg, out), sample=train_paths, model=model,
+                             device=device)
+    store, names, failed = _extract_into(paths, root, feats.extractor, out / "features.h5", workers)
     timings["extract_s"] = time.perf_counter() - t0
     if not names:
-        raise ValueError(f"{images}: no image could be read ({len(failed)} failed)")
+        raise ArgumentError(f"{images}: no image could be read ({len(failed)} failed)")
 
     t0 = time.perf_counter()
     if add:
@@ -294,21 +307,16 @@ def build_index(
         names = [n for n in names if n not in known]
         cb = index.codebook
     else:
-        index = None
-        if codebook is not None:
-            cb = _load_codebook(codebook)
-        elif cb is None and (out / "codebook.asmkit").exists():
-            cb = Codebook.load(out / "codebook.asmkit")
-        if cb is None:
-            if train is not None:
-                tstore, tnames, _ = _extract_into(train_paths, Path(train) if Path(train).is_dir() else Path(train).parent,
-                                                  extractor, out / "train_features.h5", workers)
-                tvecs, _ = tstore.stack(tnames)
-                tstore.close()
-            else:
-                tvecs, _ = store.stack(names)
-            cb = _train_codebook(tvecs, cfg)
-            cb.save(out / "codebook.asmkit")
+        def training() -> list[np.ndarray]:
+            if train is None:
+                return [feats.descriptors(store.get(n).descriptors) for n in names]
+            tstore, tnames, _ = _extract_into(train_paths, Path(train) if Path(train).is_dir() else Path(train).parent,
+                                              feats.extractor, out / "train_features.h5", workers)
+            with tstore:
+                return [feats.descriptors(tstore.get(n).descriptors) for n in tnames]
+
+        cb, _ = _get_codebook(cfg, given=codebook, model_codebook=feats.codebook, saved=out / "codebook.asmkit",
+                              training=training)
         index = Index(_on_device(cb, device), cfg.params)
     timings["codebook_s"] = time.perf_counter() - t0
 
@@ -316,7 +324,7 @@ def build_index(
     if names:
         vecs, ids = store.stack(names)
         start = int(index.ids.max()) + 1 if len(index) else 0
-        index.add(vecs, ids + start, keys=names)
+        index.add(feats.descriptors(vecs), ids + start, keys=names)
     store.close()
     index.save(out / "index.asmkit")
     _write_json(out / _PIPELINE, {"config": cfg.to_dict(), "image_root": str(root.resolve())})
@@ -339,10 +347,17 @@ def _open_workspace(index: str | os.PathLike) -> tuple[Path, PipelineConfig, Pat
     manifest = folder / _PIPELINE
     if not folder.exists():
         raise FileNotFoundError(f"index not found: {folder}")
+    if not folder.is_dir():
+        raise StorageError(f"{folder}: not an asmkit index workspace (a file, not a folder)")
     if not manifest.is_file():
         raise StorageError(f"{folder}: not an asmkit index workspace (missing {_PIPELINE})")
-    data = json.loads(manifest.read_text(encoding="utf-8"))
-    return folder, PipelineConfig.from_dict(data["config"]), Path(data["image_root"])
+    from ._io import read_json
+
+    data = read_json(manifest, f"an asmkit {_PIPELINE}")
+    try:
+        return folder, PipelineConfig.from_dict(data["config"]), Path(data["image_root"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StorageError(f"{manifest}: not an asmkit {_PIPELINE} ({type(exc).__name__}: {exc})") from None
 
 
 def query_index(
@@ -362,18 +377,18 @@ def query_index(
         "failed": [...]}``.
     """
     folder, cfg, root = _open_workspace(index)
-    extractor, _ = make_extractor(cfg, folder=folder, model=model, device=device)
+    feats = _build_extractor(cfg, saved=_workspace_whitening(cfg, folder), model=model, device=device)
     idx = Index.load(folder / "index.asmkit", mmap=True, gpu=gpu_of(device))
     paths = [Path(p) for p in images]
     if not paths:
-        raise ValueError("images: no query image given")
+        raise ArgumentError("images: no query image given")
     common = Path(os.path.commonpath([p.resolve().parent for p in paths]))
     names = image_names([p.resolve() for p in paths], common)
-    result = extract_features([p.resolve() for p in paths], extractor, root=common, progress=False, keep=True)
+    result = extract_features([p.resolve() for p in paths], feats.extractor, root=common, progress=False, keep=True)
     queries = [(str(p), n) for p, n in zip(paths, names) if n in result.features]
     out = []
     if queries:
-        scores, ids = idx.search([result.features[n].descriptors for _, n in queries], k=top)
+        scores, ids = idx.search([feats.descriptors(result.features[n].descriptors) for _, n in queries], k=top)
         keys = idx.keys
         position = {int(i): p for p, i in enumerate(idx.ids)}
         for (shown, _), srow, irow in zip(queries, scores, ids):
@@ -388,18 +403,6 @@ def query_index(
 
 
 # ------------------------------------------------------------------------------ scores / pairs
-
-
-def _features_for(paths, root, cfg: PipelineConfig, model, workers, cache: Path | None, device: str):
-    """Extract (or reuse cached) features; returns extractor codebook, store, names, failed."""
-    folder = cache
-    if folder is None:
-        folder = _cache_dir("features", {"images": [str(p) for p in paths[:5]], "n": len(paths),
-                                         "root": str(Path(root).resolve()), "features": cfg.features, "model": str(model)})
-    folder.mkdir(parents=True, exist_ok=True)
-    extractor, cb = make_extractor(cfg, folder=folder, sample=paths, model=model, device=device)
-    store, names, failed = _extract_into(paths, root, extractor, folder / "features.h5", workers)
-    return cb, store, names, failed, folder
 
 
 def compute_scores(
@@ -428,18 +431,16 @@ def compute_scores(
     paths, root = _images(images)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    cb, store, names, failed, folder = _features_for(paths, root, cfg, model, workers, Path(cache) if cache else None,
-                                                     device)
+    feats, store, names, failed, _ = _features_for(paths, root, cfg, model, workers, Path(cache) if cache else None,
+                                                   device)
     timings["extract_s"] = time.perf_counter() - t0
     if not names:
-        raise ValueError(f"{images}: no image could be read ({len(failed)} failed)")
+        raise ArgumentError(f"{images}: no image could be read ({len(failed)} failed)")
     vecs, ids = store.stack(names)
     store.close()
+    vecs = feats.descriptors(vecs)
     t0 = time.perf_counter()
-    if codebook is not None:
-        cb = _load_codebook(codebook)
-    if cb is None:
-        cb = _train_codebook(vecs, cfg)
+    cb, _ = _get_codebook(cfg, given=codebook, model_codebook=feats.codebook, training=lambda: [vecs])
     timings["codebook_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     matrix = similarity_matrix(_on_device(cb, device), vecs, ids, cfg.params, chunk=chunk)
@@ -472,7 +473,7 @@ def make_pairs(
 
     if scores is None:
         if images is None:
-            raise ValueError("images: give an image folder / list, or --scores")
+            raise ArgumentError("images: give an image folder / list, or --scores")
         out_path = Path(out)
         scores = out_path.with_name(out_path.stem + ".scores.npy")
         compute_scores(images, out=scores, **score_options)
@@ -482,8 +483,10 @@ def make_pairs(
     names_path = scores.with_name(scores.name + ".names.txt")
     if not names_path.is_file():
         raise FileNotFoundError(f"--scores: names file not found: {names_path}")
-    names = [line for line in names_path.read_text(encoding="utf-8").splitlines() if line]
-    matrix = np.load(scores, allow_pickle=False)
+    from ._io import load_npy, read_lines
+
+    names = read_lines(names_path, "a names file")
+    matrix = load_npy(scores, "a scores matrix")
     graph = graph or f"knn-{top}"
     pairs = pairs_from_scores(matrix, names, graph)
     write_pairs(out, pairs)
@@ -522,35 +525,31 @@ def evaluate_dataset(
     paths = [root / n for n in all_names]
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    cache_folder = Path(cache) if cache else _cache_dir(
-        "eval", {"data": str(root.resolve()), "features": cfg.features, "model": str(model)})
-    cb, store, names, failed, _ = _features_for(paths, root, cfg, model, workers, cache_folder, device)
+    feats, store, names, failed, cache_folder = _features_for(paths, root, cfg, model, workers,
+                                                              Path(cache) if cache else None, device)
     timings["extract_s"] = time.perf_counter() - t0
     have = set(names)
+    if not names:
+        raise ArgumentError(f"{data}: no image could be read")
     # An unreadable image stays in the ranking with no descriptors (it scores 0), so that
     # the metrics keep their meaning.
-    empty = np.zeros((0, store.get(names[0]).descriptors.shape[1]), np.float32) if names else None
-    if empty is None:
-        raise ValueError(f"{data}: no image could be read")
-    db = [store.get(n).descriptors if n in have else empty for n in gt.images]
+    empty = np.zeros((0, feats.descriptors(store.get(names[0]).descriptors).shape[1]), np.float32)
+
+    def descriptors(image_names: Sequence[str]) -> list[np.ndarray]:
+        return [feats.descriptors(store.get(n).descriptors) if n in have else empty for n in image_names]
+
+    db = descriptors(gt.images)
 
     t0 = time.perf_counter()
-    if codebook is not None:
-        cb = _load_codebook(codebook)
-        trained_on = f"given ({codebook})"
-    elif cb is not None:
-        trained_on = "the model's codebook"
-    else:
-        p = cfg.params
-        cached = cache_folder / f"codebook-{p.codebook_size}-seed{p.seed}-iter{p.kmeans_iters}.asmkit"
-        if cached.exists():
-            cb = Codebook.load(cached)
-        else:
-            # The stacked copy (620 MB for UKBench RootSIFT) lives only while k-means runs.
-            cb = _train_codebook(np.concatenate(db), cfg)
-            cb.save(cached)
+    saved = cache_folder / "codebook-{}.asmkit".format(_digest({
+        "images": _image_set_key([root / n for n in gt.images]), "features": feature_options(cfg.features),
+        "whitening": _whitening_key(cfg, _image_set_key(paths)), "params": cfg.params.to_dict(),
+        "chosen": cfg.codebook_size_chosen, "train_points_per_word": TRAIN_POINTS_PER_WORD}))
+    cb, source = _get_codebook(cfg, given=codebook, model_codebook=feats.codebook, saved=saved, training=lambda: db)
+    if codebook is None and feats.codebook is None:
         n_desc = sum(len(d) for d in db)
-        trained_on = f"the evaluated images' descriptors ({n_desc} from {len(gt.images)} images)"
+        source = f"the evaluated images' descriptors ({n_desc} from {len(gt.images)} images; {source})"
+    trained_on = source
     timings["codebook_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -560,7 +559,7 @@ def evaluate_dataset(
     else:
         index = Index(cb, cfg.params)
         index.add(db)
-        queries = [store.get(n).descriptors if n in have else empty for n in gt.queries]
+        queries = descriptors(gt.queries)
         matrix = index.similarity_matrix(queries)
     store.close()
     # Stable sort: exact ties keep database order, so results are reproducible.
@@ -600,10 +599,9 @@ def run_demo(out: str | os.PathLike = "asmkit_demo", *, seed: int = 0) -> dict[s
 
     out = Path(out)
     data = build_demo_set(out / "data", seed=seed)
-    # A small codebook suits the few tens of thousands of descriptors of the demo set.
-    res = evaluate_dataset(data, preset="sift", codebook_size=512, cache=out / "cache",
-                           report=out / "report.html")
-    build_index(data / "images", out=out / "index", preset="sift", codebook_size=512)
+    # The codebook size follows the data (fit_codebook_size): the demo set is small.
+    res = evaluate_dataset(data, preset="sift", cache=out / "cache", report=out / "report.html")
+    build_index(data / "images", out=out / "index", preset="sift")
     return {
         "images": len(list((data / "images").iterdir())),
         "queries": res["n_queries"],

@@ -37,7 +37,7 @@ import numpy as np
 from . import _kernels
 from ._validation import ArgumentError, FileFormatError, check_int
 from .kernel import Aggregates, n_code_words, normalize_l2, prepare_descriptors
-from .search import as_params
+from .params import as_params
 
 __all__ = [
     "Regions",

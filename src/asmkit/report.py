@@ -19,7 +19,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
-from ._io import write_text_atomic
+from ._io import load_npz, read_lines, write_text_atomic
+from ._validation import ArgumentError, check_int
 from .evaluate import GroundTruth, evaluate, load_ground_truth
 
 __all__ = ["write_report", "precision_recall_curve", "main"]
@@ -314,36 +315,34 @@ def write_report(
 
     Raises
     ------
-    ValueError
-        For inconsistent shapes or out-of-range ids, naming the argument.
+    asmkit.ArgumentError
+        For inconsistent shapes, out-of-range ids or a bad argument, naming the argument.
     """
     names = [str(n) for n in names]
     query_names = [str(n) for n in query_names]
     ids = np.asarray(ranks)
     vals = np.asarray(scores)
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"ranks: expected a 2-D integer array [Q, K], got {ids.dtype} {ids.shape}")
+        raise ArgumentError(f"ranks: expected a 2-D integer array [Q, K], got {ids.dtype} {ids.shape}")
     if vals.shape != ids.shape:
-        raise ValueError(f"scores: shape {vals.shape} differs from ranks {ids.shape}")
+        raise ArgumentError(f"scores: shape {vals.shape} differs from ranks {ids.shape}")
     if len(query_names) != ids.shape[0]:
-        raise ValueError(f"query_names: {len(query_names)} names for {ids.shape[0]} rows of ranks")
+        raise ArgumentError(f"query_names: {len(query_names)} names for {ids.shape[0]} rows of ranks")
     if ids.size and (ids.min() < -1 or ids.max() >= len(names)):
-        raise ValueError(f"ranks: ids must lie in [-1, {len(names)}) (len(names))")
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
-        raise ValueError(f"top_k: expected a positive integer, got {top_k!r}")
-    if isinstance(thumb_size, bool) or not isinstance(thumb_size, (int, np.integer)) or thumb_size < 16:
-        raise ValueError(f"thumb_size: expected an integer >= 16, got {thumb_size!r}")
+        raise ArgumentError(f"ranks: ids must lie in [-1, {len(names)}) (len(names))")
+    top_k = check_int(top_k, "top_k", min=1)
+    thumb_size = check_int(thumb_size, "thumb_size", min=16)
     if gt is not None and not isinstance(gt, GroundTruth):
-        raise ValueError(f"gt: expected a GroundTruth or None, got {type(gt).__name__}")
+        raise ArgumentError(f"gt: expected a GroundTruth or None, got {type(gt).__name__}")
     root = Path(image_root)
     if not root.is_dir():
         logger.warning("report: image_root %s is not a folder; thumbnails will be placeholders", root)
 
-    thumbs = _Thumbnails(root, int(thumb_size))
+    thumbs = _Thumbnails(root, thumb_size)
     if metrics is not None and (
         not isinstance(metrics, dict) or not {"map", "mp", "n_queries"} <= set(metrics)
     ):
-        raise ValueError("metrics: expected the dict returned by asmkit.evaluate.evaluate")
+        raise ArgumentError("metrics: expected the dict returned by asmkit.evaluate.evaluate")
     local = known = None
     scope = "of the full ranking"
     pr_block = ""
@@ -459,35 +458,30 @@ def main(
         path = Path(ranks)
         if not path.is_file():
             raise FileNotFoundError(f"results file not found: {path}")
-        data = np.load(path, allow_pickle=False)
-        if not isinstance(data, np.lib.npyio.NpzFile):
-            raise ValueError(f"{path}: expected a .npz file with arrays 'ids' and 'scores'")
-        with data:
-            if "ids" not in data.files:
-                raise ValueError(f"{path}: expected a .npz file with arrays 'ids' and 'scores'")
-            ranks = data["ids"]
-            if scores is None and "scores" in data.files:
-                scores = data["scores"]
+        data = load_npz(path, "a results file with arrays 'ids' and 'scores'", required=("ids",))
+        ranks = data["ids"]
+        if scores is None:
+            scores = data.get("scores")
     if scores is None:
-        raise ValueError("scores: required (or give a .npz results file holding them)")
+        raise ArgumentError("scores: required (or give a .npz results file holding them)")
 
     def name_list(value: Any, default: list[str] | None, arg: str) -> list[str]:
         if value is None:
             if default is None:
-                raise ValueError(f"{arg}: required when no ground truth is given")
+                raise ArgumentError(f"{arg}: required when no ground truth is given")
             return default
         if isinstance(value, (str, Path)):
             p = Path(value)
             if not p.is_file():
                 raise FileNotFoundError(f"{arg} file not found: {p}")
-            return [s.strip() for s in p.read_text(encoding="utf-8").splitlines() if s.strip()]
+            return read_lines(p, "a names file (one image name per line)")
         return list(value)
 
     db = name_list(names, truth.images if truth else None, "names")
     queries = name_list(query_names, truth.queries if truth else None, "query_names")
     if image_root is None:
         if truth is None or truth.root is None:
-            raise ValueError("image_root: required when no ground truth is given")
+            raise ArgumentError("image_root: required when no ground truth is given")
         image_root = truth.root
     return write_report(
         output,

@@ -27,6 +27,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ._validation import ArgumentError, AsmkitError
+
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "StorageError", "save_arrays", "load_arrays"]
 
 logger = logging.getLogger(__name__)
@@ -40,8 +42,11 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _HASH_CHUNK = 1 << 22
 
 
-class StorageError(ValueError):
-    """A stored asmkit directory is invalid, of the wrong kind, truncated or corrupted."""
+class StorageError(AsmkitError, ValueError):
+    """A stored asmkit directory is invalid, of the wrong kind, truncated or corrupted.
+
+    Its message starts with the offending file or directory.
+    """
 
 
 def _sha256(path: Path) -> str:
@@ -68,11 +73,11 @@ def _fsync_dir(path: Path) -> None:
 
 def _check_array(name: str, array: Any) -> np.ndarray:
     if not isinstance(name, str) or not _NAME_RE.match(name) or name == Path(MANIFEST).stem:
-        raise ValueError(f"arrays: invalid array name {name!r} (letters, digits, '_', '.', '-')")
+        raise ArgumentError(f"arrays: invalid array name {name!r} (letters, digits, '_', '.', '-')")
     if not isinstance(array, np.ndarray):
-        raise TypeError(f"arrays[{name!r}]: expected a numpy array, got {type(array).__name__}")
+        raise ArgumentError(f"arrays[{name!r}]: expected a numpy array, got {type(array).__name__}")
     if array.dtype.hasobject or array.dtype.fields is not None:
-        raise ValueError(
+        raise ArgumentError(
             f"arrays[{name!r}]: dtype {array.dtype} is not storable (object/structured dtypes "
             "would need pickle)"
         )
@@ -111,22 +116,22 @@ def save_arrays(
 
     Raises
     ------
-    ValueError
-        On an invalid name, an object/structured dtype, non-JSON metadata, or a target that
-        is not an asmkit directory.
-    TypeError
-        If a value of ``arrays`` is not a numpy array.
+    asmkit.ArgumentError
+        On an invalid name, a value of ``arrays`` that is not a numpy array, an
+        object/structured dtype, or non-JSON metadata.
+    StorageError
+        If the target exists and is not an asmkit directory.
     """
     if not isinstance(kind, str) or not kind:
-        raise ValueError(f"kind: expected a non-empty string, got {kind!r}")
+        raise ArgumentError(f"kind: expected a non-empty string, got {kind!r}")
     checked = {name: _check_array(name, array) for name, array in arrays.items()}
     target = Path(path)
     if target.exists() and not (target.is_dir() and (target / MANIFEST).is_file()):
-        raise ValueError(f"path: {target} exists and is not an asmkit directory; refusing to replace it")
+        raise StorageError(f"{target}: exists and is not an asmkit directory; refusing to replace it")
     try:
         meta_json = json.loads(json.dumps(dict(meta), allow_nan=False))
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"meta: not JSON-serialisable ({exc})") from None
+        raise ArgumentError(f"meta: not JSON-serialisable ({exc})") from None
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
@@ -200,14 +205,15 @@ def _read_manifest(target: Path) -> dict[str, Any]:
 
 def _expected_npy_size(dtype: np.dtype, shape: tuple[int, ...], file_path: Path) -> tuple[int, int]:
     """(header length, data bytes) as read from the .npy header."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
     with open(file_path, "rb") as fh:
-        version = np.lib.format.read_magic(fh)
-        if version == (1, 0):
-            file_shape, fortran, file_dtype = np.lib.format.read_array_header_1_0(fh)
-        elif version == (2, 0):
-            file_shape, fortran, file_dtype = np.lib.format.read_array_header_2_0(fh)
-        else:
-            raise StorageError(f"{file_path}: unsupported .npy version {version}")
+        try:
+            version = np.lib.format.read_magic(fh)
+            if version not in readers:
+                raise ValueError(f"unsupported .npy version {version}")
+            file_shape, _, file_dtype = readers[version](fh)
+        except (ValueError, EOFError) as exc:
+            raise StorageError(f"{file_path}: not a readable .npy file ({exc})") from None
         header_len = fh.tell()
     if file_dtype.hasobject:
         raise StorageError(f"{file_path}: object dtype refused (would need pickle)")

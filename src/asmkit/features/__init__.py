@@ -5,6 +5,7 @@ The extractor interface, shared by SIFT and the deep extractors, is described in
 """
 
 from .extract import ExtractionResult, Extractor, ImageFeatures, extract_features, image_names
+from .factory import FEATURE_TYPES, Features, build_extractor, deep_extractor
 from .io import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, MIN_SIDE, ImageLoadError, list_images, load_image
 from .sift import SiftExtractor, root_sift
 from .store import FeatureStore
@@ -14,6 +15,8 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "ExtractionResult",
     "Extractor",
+    "FEATURE_TYPES",
+    "Features",
     "FeatureStore",
     "IMAGE_EXTENSIONS",
     "ImageFeatures",
@@ -21,6 +24,8 @@ __all__ = [
     "MIN_SIDE",
     "PCAWhitening",
     "SiftExtractor",
+    "build_extractor",
+    "deep_extractor",
     "extract_features",
     "image_names",
     "list_images",

@@ -17,23 +17,18 @@ Provided:
 - :class:`TorchvisionBackbone` and :class:`TimmBackbone`: ``ModuleBackbone`` over a
   torchvision / timm architecture with weights from a local file (those packages are optional
   and imported only when used).
-- :func:`load_mast3r_checkpoint`: the MASt3R retrieval checkpoint format (``args`` + ``model``
-  + ``<name>_codebook.pkl``).
+
+MASt3R retrieval checkpoints are read by :mod:`asmkit.features.mast3r`.
 
 torch is imported when this module is imported; ``asmkit.features`` itself never imports it.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
-
-import numpy as np
 
 try:
     import torch
@@ -52,19 +47,17 @@ __all__ = [
     "ModuleBackbone",
     "TorchvisionBackbone",
     "TimmBackbone",
-    "Mast3rCheckpoint",
-    "load_mast3r_checkpoint",
+    "Normalize",
     "build_backbone",
     "lite0_weights_path",
 ]
 
-logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class _Normalize(nn.Module):
+class Normalize(nn.Module):
     """Per-channel ``(x - mean) / std`` on ``[B, 3, H, W]`` images in ``[0, 1]``."""
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
@@ -204,7 +197,7 @@ class EfficientNetLite0(nn.Module):
         super().__init__()
         self.stage_index = self._parse_stage(stage)
         self.stage = stage
-        self.normalize = _Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        self.normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD)
         self._conv_stem = _SameConv2d(3, 32, 3, stride=2, bias=False)
         self._bn0 = nn.BatchNorm2d(32, eps=_BN_EPS)
         blocks, channels, strides = [], [], []
@@ -335,7 +328,7 @@ class ModuleBackbone(nn.Module):
             raise ValueError("mean/std: give both or neither")
         self.module = module
         self.output = output
-        self.normalize = _Normalize(mean, std) if mean is not None else nn.Identity()
+        self.normalize = Normalize(mean, std) if mean is not None else nn.Identity()
         self.mean, self.std = mean, std
         self.patch_size = patch_size
         self.name = name
@@ -493,177 +486,3 @@ def build_backbone(config: Mapping[str, Any]) -> nn.Module:
     if isinstance(name, str) and name.startswith("timm."):
         return TimmBackbone(config["arch"], config.get("weights"), config["output"])
     raise ValueError(f"backbone: cannot rebuild backbone {name!r} from its config; pass the backbone module")
-
-
-# --------------------------------------------------------------------------------------------
-# MASt3R retrieval checkpoints
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Mast3rCheckpoint:
-    """What a MASt3R retrieval checkpoint holds, loaded.
-
-    Attributes
-    ----------
-    head : asmkit.features.deep.RetrievalHead
-        The head (pre-whitening, projector, post-whitening) with the checkpoint's weights.
-    backbone : torch.nn.Module
-        The encoder (given by the user, or built by mast3r).
-    args : dict
-        The checkpoint's ``args`` namespace as a dict.
-    codebook : numpy.ndarray or None
-        float32 ``[K, D]`` centroids from ``<name>_codebook.pkl``, when that file exists.
-    imsize : int
-        Image size the model expects (``args.imsize``; the long side).
-    """
-
-    head: Any
-    backbone: nn.Module
-    args: dict[str, Any]
-    codebook: np.ndarray | None
-    imsize: int
-
-
-def _codebook_path(checkpoint: Path) -> Path:
-    # MASt3R names the codebook after the checkpoint minus its last "_"-separated part:
-    # "foo_trainingfree.pth" -> "foo_codebook.pkl".
-    parts = checkpoint.name.split("_")
-    stem = "_".join(parts[:-1]) if len(parts) > 1 else checkpoint.stem
-    return checkpoint.with_name(stem + "_codebook.pkl")
-
-
-def _codebook_centroids(obj: Any, path: Path) -> np.ndarray:
-    """Centroids from a reference ``Codebook.state_dict()``: ``{"state": {"centroids": [K, D]}}``."""
-    node = obj.get("state", obj) if isinstance(obj, Mapping) else obj
-    node = node.get("centroids") if isinstance(node, Mapping) else node
-    if not isinstance(node, np.ndarray) or node.ndim != 2 or node.dtype.kind != "f":
-        raise ValueError(f"codebook: {str(path)!r} holds no [K, D] float centroid array")
-    return np.ascontiguousarray(node, dtype=np.float32)
-
-
-def load_mast3r_checkpoint(
-    path: str | os.PathLike,
-    backbone: nn.Module | None = None,
-    *,
-    device: str = "cpu",
-    codebook: bool = True,
-) -> Mast3rCheckpoint:
-    """Load a MASt3R retrieval checkpoint (``args`` + ``model``) and its codebook.
-
-    Parameters
-    ----------
-    path : str or Path
-        The ``.pth`` file: a dict with ``args`` (an ``argparse.Namespace`` with ``pretrained``,
-        ``hdims`` like ``"1024"`` or ``"1024_1024"``, ``residual``, ``prewhiten``,
-        ``postwhiten``, ``featweights``, ``nfeat``, ``imsize``, ``nclusters``) and ``model``
-        (the head's state dict, backbone excluded). Loaded with ``weights_only=True``.
-    backbone : torch.nn.Module, optional
-        The encoder producing ``[B, N, C]`` tokens (or a ``[B, C, h, w]`` map); when omitted,
-        ``mast3r`` must be importable and ``args.pretrained`` is loaded with it.
-    device : str
-        Where to put the head.
-    codebook : bool
-        Also read ``<name>_codebook.pkl`` beside it (reference pickle format, through the
-        restricted loader) when present.
-
-    Raises
-    ------
-    FileNotFoundError
-        If ``path`` does not exist.
-    ValueError
-        If the file is not in that format, or its weights do not fit the head.
-    ImportError
-        If no backbone is given and mast3r is not importable.
-    """
-    from .deep import RetrievalHead
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"path: no such checkpoint {str(path)!r}")
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, Mapping) or "args" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"path: {str(path)!r} is not a MASt3R retrieval checkpoint (needs 'args' and 'model')")
-    args = ckpt["args"]
-    args = dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args)
-    state = dict(ckpt["model"])
-    featweights = args.get("featweights", "l2norm")
-    if featweights != "l2norm":
-        raise ValueError(f"path: featweights {featweights!r} not supported (only 'l2norm')")
-
-    if backbone is None:
-        try:
-            from mast3r.model import AsymmetricMASt3R  # type: ignore[import-not-found]
-        except ImportError as exc:
-            raise ImportError(
-                "backbone: not given and mast3r is not importable; pass the encoder module"
-            ) from exc
-        backbone = _Mast3rEncoder(AsymmetricMASt3R.from_pretrained(args["pretrained"]))
-
-    hdims_arg = args.get("hdims", "")
-    if isinstance(hdims_arg, str):
-        hdims = [int(h) for h in hdims_arg.split("_")] if hdims_arg else []
-    else:
-        hdims = [int(h) for h in hdims_arg]
-    # The backbone width is the pre-whitening's or the first Linear's input size.
-    if "prewhiten.m" in state:
-        dim = int(state["prewhiten.m"].shape[-1])
-    elif "projector.0.weight" in state:
-        dim = int(state["projector.0.weight"].shape[1])
-    else:
-        dim = int(getattr(backbone, "out_dim", getattr(backbone, "enc_embed_dim", 0)))
-        if dim <= 0:
-            raise ValueError("backbone: cannot tell its width; give it an out_dim attribute")
-    head = RetrievalHead(
-        dim,
-        hdims=hdims,
-        residual=bool(args.get("residual", False)),
-        prewhiten=args.get("prewhiten") is not None,
-        postwhiten=args.get("postwhiten") is not None,
-        nfeat=args.get("nfeat", 300),
-        # MASt3R's codebook was trained on un-normalised post-whitened features.
-        normalize=False,
-    )
-    unknown = sorted(k for k in state if not k.startswith("backbone.") and k not in head.state_dict())
-    if unknown:
-        raise ValueError(f"path: checkpoint weights do not fit the head: unexpected {', '.join(unknown)}")
-    head_state = {k: v for k, v in state.items() if not k.startswith("backbone.")}
-    missing = sorted(set(head.state_dict()) - set(head_state))
-    if missing:
-        raise ValueError(f"path: checkpoint lacks head weights {', '.join(missing)}")
-    head.load_state_dict(head_state, strict=True)
-    head.to(device).train(False)
-
-    centroids = None
-    cb_path = _codebook_path(path)
-    if codebook and cb_path.is_file():
-        from ..compat.legacy import load_legacy_pickle
-
-        centroids = _codebook_centroids(load_legacy_pickle(cb_path), cb_path)
-        logger.info("loaded codebook %s: %d words x %d dims", cb_path, *centroids.shape)
-    elif codebook:
-        logger.info("no codebook beside the checkpoint (%s)", cb_path)
-    return Mast3rCheckpoint(head=head, backbone=backbone, args=args, codebook=centroids,
-                           imsize=int(args.get("imsize", 512)))
-
-
-class _Mast3rEncoder(nn.Module):  # pragma: no cover - needs mast3r
-    """MASt3R's ViT encoder as a token backbone (``_encode_image`` on normalised input)."""
-
-    name = "mast3r"
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self.out_dim = int(model.enc_embed_dim)
-        self.patch_size = int(model.patch_embed.patch_size[0])
-        # dust3r normalises images to [-1, 1].
-        self.normalize = _Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = torch.tensor(x.shape[-2:], device=x.device).expand(x.shape[0], 2)
-        return self.model._encode_image(self.normalize(x), true_shape=shape)[0]
-
-    def config(self) -> dict[str, Any]:
-        return {"name": self.name, "patch_size": self.patch_size, "out_dim": self.out_dim}

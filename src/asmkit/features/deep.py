@@ -17,7 +17,8 @@ shrinkage, :meth:`DeepExtractor.learn_whitening`) -> L2 normalisation.
 :class:`DeepExtractor` implements the extractor interface of :mod:`asmkit.features.extract`
 with multi-scale inference as in HOW: the image is downscaled to ``max_size``, run at each
 scale, attention is normalised by its maximum over all scales, and the top ``nfeat`` over all
-scales are kept. Keypoints are token centres in the input image's pixels.
+scales are kept. Keypoints are token centres in the input image's pixels. The ``deep``
+preset's extractor is built by :func:`asmkit.features.factory.deep_extractor`.
 
 torch is imported when this module is imported; ``asmkit.features`` itself never imports it.
 """
@@ -52,7 +53,6 @@ __all__ = [
     "how_select_local",
     "weighted_spoc",
     "resolve_nfeat",
-    "lite0_extractor",
 ]
 
 logger = logging.getLogger(__name__)
@@ -367,8 +367,6 @@ class DeepExtractor:
         For the default head: HOW's k x k average smoothing of the map (3 in HOW).
     batch_size : int, default 8
         Images per forward pass in :meth:`extract_batch` (images of equal size only).
-    num_threads : int, optional
-        CPU threads for torch (``torch.set_num_threads``; default all cores).
     """
 
     thread_safe = False
@@ -386,7 +384,6 @@ class DeepExtractor:
         amp: bool = True,
         smoothing: int = 0,
         batch_size: int = 8,
-        num_threads: int | None = None,
         name: str = "deep",
     ):
         if not isinstance(backbone, nn.Module):
@@ -416,10 +413,6 @@ class DeepExtractor:
             raise ValueError(f"device: {device!r} requested but CUDA is not available")
         if self.device.type == "cuda" and (self.device.index or 0) >= torch.cuda.device_count():
             raise ValueError(f"device: {device!r} requested, but CUDA has {torch.cuda.device_count()} device(s)")
-        if self.device.type == "cpu":
-            if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1):
-                raise ValueError(f"num_threads: expected a positive int, got {num_threads!r}")
-            torch.set_num_threads(num_threads or os.cpu_count() or 1)
         self.backbone = backbone.to(self.device).train(False)
         self.head = head.to(self.device).train(False)
         self.nfeat = nfeat
@@ -647,30 +640,6 @@ class DeepExtractor:
             ImageFeatures(descriptors=feat[i], keypoints=kpts[i], attention=attn[i], global_descriptor=glob[i])
             for i in range(len(images))
         ]
-
-
-def lite0_extractor(
-    *,
-    stage: str | int = "stride16",
-    nfeat: float = 500,
-    scales: Sequence[float] = (1.0,),
-    smoothing: int = 0,
-    whitening: PCAWhitening | str | os.PathLike | None = None,
-    **kwargs: Any,
-) -> DeepExtractor:
-    """The deep preset: EfficientNet-Lite0 (offline ImageNet weights) + training-free head.
-
-    Defaults follow the UKBench study in docs/deep.md: the last 112-channel block (stride 16),
-    500 features per image, single scale. Learn the whitening with
-    :meth:`DeepExtractor.learn_whitening` (``shrinkage=0.5`` was best there; dim 128 is
-    clipped to the 112 channels) or pass one.
-    Other keyword arguments go to :class:`DeepExtractor`.
-    """
-    from .backbones import EfficientNetLite0
-
-    kwargs.setdefault("name", "effnet_lite0")
-    return DeepExtractor(EfficientNetLite0(stage), nfeat=nfeat, scales=scales, smoothing=smoothing,
-                         whitening=whitening, **kwargs)
 
 
 def _check_image(image: Any, name: str) -> np.ndarray:

@@ -29,17 +29,14 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Protocol, runtime_checkable
+from typing import Any, Iterable, Protocol, runtime_checkable
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from .io import ImageLoadError, list_images, load_image
 
-if TYPE_CHECKING:
-    from .store import FeatureStore
-
-__all__ = ["ExtractionResult", "Extractor", "ImageFeatures", "extract_features", "image_names"]
+__all__ = ["ExtractionResult", "Extractor", "FeatureSink", "ImageFeatures", "extract_features", "image_names"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +102,21 @@ class Extractor(Protocol):
     def config(self) -> dict: ...
 
     def extract(self, image: np.ndarray) -> ImageFeatures: ...
+
+
+class FeatureSink(Protocol):
+    """Where ``extract_features`` writes features: :class:`asmkit.features.store.FeatureStore`
+    is one (named by protocol, so that this module does not import the store, which imports
+    :class:`ImageFeatures` from here)."""
+
+    path: Path
+
+    @property
+    def config(self) -> dict: ...
+
+    def has(self, name: str) -> bool: ...
+
+    def put(self, name: str, feats: ImageFeatures) -> None: ...
 
 
 @dataclass
@@ -207,7 +219,7 @@ def extract_features(
     extractor: Extractor,
     *,
     root: str | os.PathLike | None = None,
-    store: FeatureStore | None = None,
+    store: FeatureSink | None = None,
     workers: int | None = None,
     progress: bool = True,
     keep: bool | None = None,
@@ -233,7 +245,8 @@ def extract_features(
     workers : int, optional
         Worker threads. Default: ``min(4, os.cpu_count())``.
     progress : bool
-        Show a tqdm progress bar.
+        Show progress: a tqdm bar when stderr is a terminal, otherwise (CI logs, ``2>file``)
+        an INFO log line every 30 s, so that a log stays a few lines long.
     keep : bool, optional
         Keep the features in ``result.features``. Default: True without a store, False
         with one (the store holds them; read them back with ``store.get``).
@@ -298,7 +311,7 @@ def extract_features(
     window = max(2 * workers, 2 * group)
     with _single_threaded_libraries(in_workers and workers > 1), ThreadPoolExecutor(
         max_workers=workers, thread_name_prefix="asmkit-extract"
-    ) as pool, tqdm(total=len(todo), disable=not progress, unit="img", desc=f"extract {extractor.name}") as bar:
+    ) as pool, _progress(len(todo), f"extract {extractor.name}", progress) as bar:
         pending: deque = deque()
 
         def finish_next() -> None:
@@ -337,6 +350,39 @@ def extract_features(
         more = f" (and {len(result.failed) - 10} more)" if len(result.failed) > 10 else ""
         logger.warning("%d images skipped: %s%s", len(result.failed), shown, more)
     return result
+
+
+class _LogProgress:
+    """A tqdm stand-in for non-terminal stderr: one log line per ``every`` seconds."""
+
+    def __init__(self, total: int, desc: str, every: float) -> None:
+        self.total, self.desc, self.every = total, desc, every
+        self.done = 0
+        self.last = time.perf_counter()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if now - self.last >= self.every and self.done < self.total:
+            self.last = now
+            logger.info("%s: %d of %d images", self.desc, self.done, self.total)
+
+    def __enter__(self) -> "_LogProgress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+_LOG_PROGRESS_EVERY_S = 30.0
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    """A progress bar on a terminal; log lines elsewhere (a bar redrawn into a file is one
+    line per update); nothing when not ``enabled``."""
+    if enabled and not sys.stderr.isatty():
+        return _LogProgress(total, desc, _LOG_PROGRESS_EVERY_S)
+    return tqdm(total=total, disable=not enabled, unit="img", desc=desc)
 
 
 def _finish(item, extractor, in_workers: bool, store, keep: bool, result: ExtractionResult) -> None:

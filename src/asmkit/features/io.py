@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from .._validation import FileFormatError, check_int
+
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
@@ -37,8 +39,8 @@ DEFAULT_MAX_PIXELS = 100_000_000
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
-class ImageLoadError(Exception):
-    """An image file that cannot be used.
+class ImageLoadError(FileFormatError):
+    """An image file that cannot be used (a :class:`asmkit.FileFormatError`, so a user error).
 
     Attributes
     ----------
@@ -49,20 +51,13 @@ class ImageLoadError(Exception):
     """
 
     def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        super().__init__(path, reason)
         self.path = Path(path)
         self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
 
     def __reduce__(self):
         # Keep the two-argument constructor working across process boundaries.
         return (type(self), (self.path, self.reason))
-
-
-def _check_positive_int(value, name: str, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name}: expected a positive int{' or None' if allow_none else ''}, got {value!r}")
 
 
 def _scaled_size(width: int, height: int, max_size: int | None) -> tuple[int, int]:
@@ -139,12 +134,12 @@ def load_image(
     ------
     ImageLoadError
         If the file is missing, empty, not an image, truncated, too large or too small.
-    ValueError
+    asmkit.ArgumentError
         If ``max_size``, ``max_pixels`` or ``min_side`` is not a positive int.
     """
-    _check_positive_int(max_size, "max_size")
-    _check_positive_int(max_pixels, "max_pixels", allow_none=False)
-    _check_positive_int(min_side, "min_side", allow_none=False)
+    check_int(max_size, "max_size", min=1, none=True)
+    check_int(max_pixels, "max_pixels", min=1)
+    check_int(min_side, "min_side", min=1)
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -229,8 +224,9 @@ def list_images(source: str | os.PathLike) -> list[Path]:
     ------
     FileNotFoundError
         If ``source`` does not exist.
-    ValueError
-        If it yields no image, or a list file names the same path twice.
+    asmkit.FileFormatError
+        If it yields no image, is not a UTF-8 text file (an image file included), or a list
+        file names the same path twice; the message starts with ``source``.
     """
     source = Path(source)
     if not source.exists():
@@ -245,15 +241,17 @@ def list_images(source: str | os.PathLike) -> list[Path]:
                     found.append(candidate)
         images = sorted(found, key=lambda p: p.relative_to(source).as_posix())
         if not images:
-            raise ValueError(
-                f"no images found in folder {source} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
+            raise FileFormatError(
+                source, f"no images found in this folder (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
             )
         return images
 
+    if _is_image_name(source):
+        raise FileFormatError(source, "is an image, not a folder of images or a list file (one path per line)")
     try:
         text = source.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise ValueError(f"image list {source} is not a UTF-8 text file") from None
+        raise FileFormatError(source, "not an image list: not a UTF-8 text file") from None
     images, seen = [], set()
     for number, line in enumerate(text.splitlines(), start=1):
         entry = line.strip()
@@ -263,9 +261,9 @@ def list_images(source: str | os.PathLike) -> list[Path]:
         if not path.is_absolute():
             path = source.parent / path
         if path in seen:
-            raise ValueError(f"image list {source}, line {number}: {entry!r} is listed twice")
+            raise FileFormatError(source, f"line {number}: {entry!r} is listed twice")
         seen.add(path)
         images.append(path)
     if not images:
-        raise ValueError(f"image list {source} names no images")
+        raise FileFormatError(source, "not an image list: it names no images")
     return images

@@ -8,12 +8,12 @@ normalisation is needed.
 
 from __future__ import annotations
 
-import math
 import threading
 
 import cv2
 import numpy as np
 
+from .._validation import ArgumentError, check_bool, check_float, check_int
 from .extract import ImageFeatures
 from .whitening import PCAWhitening
 
@@ -38,20 +38,11 @@ def root_sift(descriptors: np.ndarray) -> np.ndarray:
     """
     descriptors = np.asarray(descriptors, dtype=np.float32)
     if descriptors.ndim != 2:
-        raise ValueError(f"descriptors: expected a 2-D array [n, D], got shape {descriptors.shape}")
+        raise ArgumentError(f"descriptors: expected a 2-D array [n, D], got shape {descriptors.shape}")
     # OpenCV never returns negative bins, but clipping keeps sqrt defined for any input.
     descriptors = np.maximum(descriptors, 0.0)
     l1 = descriptors.sum(axis=1, keepdims=True)
     return np.sqrt(descriptors / np.maximum(l1, 1e-12)).astype(np.float32, copy=False)
-
-
-def _check_number(value, name: str, low: float, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{name}: expected a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or value < low or (value == low and not allow_zero):
-        raise ValueError(f"{name}: expected a finite number {'>=' if allow_zero else '>'} {low}, got {value!r}")
-    return value
 
 
 class SiftExtractor:
@@ -101,26 +92,19 @@ class SiftExtractor:
         n_octave_layers: int = 3,
         sigma: float = 1.6,
     ) -> None:
-        for name, value in (("max_features", max_features), ("max_size", max_size)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
-                raise ValueError(f"{name}: expected a positive int or None, got {value!r}")
-        if not isinstance(root, bool):
-            raise ValueError(f"root: expected True or False, got {root!r}")
         if whitening is not None:
             if not isinstance(whitening, PCAWhitening):
-                raise TypeError(f"whitening: expected a PCAWhitening or None, got {type(whitening).__name__}")
+                raise ArgumentError(f"whitening: expected a PCAWhitening or None, got {type(whitening).__name__}")
             if whitening.input_dim != SIFT_DIM:
-                raise ValueError(f"whitening: expects {whitening.input_dim}-D input, SIFT gives {SIFT_DIM}-D")
-        if isinstance(n_octave_layers, bool) or not isinstance(n_octave_layers, (int, np.integer)) or n_octave_layers < 1:
-            raise ValueError(f"n_octave_layers: expected a positive int, got {n_octave_layers!r}")
-        self.max_features = None if max_features is None else int(max_features)
-        self.root = root
+                raise ArgumentError(f"whitening: expects {whitening.input_dim}-D input, SIFT gives {SIFT_DIM}-D")
+        self.max_features = check_int(max_features, "max_features", min=1, none=True)
+        self.root = check_bool(root, "root")
         self.whitening = whitening
-        self.max_size = None if max_size is None else int(max_size)
-        self.contrast_threshold = _check_number(contrast_threshold, "contrast_threshold", 0.0, allow_zero=True)
-        self.edge_threshold = _check_number(edge_threshold, "edge_threshold", 0.0)
-        self.n_octave_layers = int(n_octave_layers)
-        self.sigma = _check_number(sigma, "sigma", 0.0)
+        self.max_size = check_int(max_size, "max_size", min=1, none=True)
+        self.contrast_threshold = check_float(contrast_threshold, "contrast_threshold", min=0.0)
+        self.edge_threshold = check_float(edge_threshold, "edge_threshold", min=0.0, min_open=True)
+        self.n_octave_layers = check_int(n_octave_layers, "n_octave_layers", min=1)
+        self.sigma = check_float(sigma, "sigma", min=0.0, min_open=True)
         self.name = "rootsift" if root else "sift"
         self._local = threading.local()
 
@@ -174,13 +158,13 @@ class SiftExtractor:
         """
         image = np.asarray(image)
         if image.dtype != np.uint8:
-            raise ValueError(f"image: expected dtype uint8, got {image.dtype}")
+            raise ArgumentError(f"image: expected dtype uint8, got {image.dtype}")
         if image.ndim == 3 and image.shape[2] == 3:
             gray = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
         elif image.ndim == 2:
             gray = np.ascontiguousarray(image)
         else:
-            raise ValueError(f"image: expected shape [H, W, 3] or [H, W], got {image.shape}")
+            raise ArgumentError(f"image: expected shape [H, W, 3] or [H, W], got {image.shape}")
 
         keypoints, descriptors = self._detector().detectAndCompute(gray, None)
         if not keypoints:

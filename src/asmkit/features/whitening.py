@@ -10,12 +10,14 @@ its first ``d`` rows. Applying it maps ``x ↦ (x − m) Pᵀ`` and L2-normalise
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+
+from .._io import load_npz
+from .._validation import ArgumentError, FileFormatError, check_float, check_int
 
 __all__ = ["PCAWhitening"]
 
@@ -52,15 +54,15 @@ class PCAWhitening:
         projection = np.asarray(projection, dtype=np.float64)
         eigenvalues = np.asarray(eigenvalues, dtype=np.float64)
         if mean.ndim != 1:
-            raise ValueError(f"mean: expected a 1-D array, got shape {mean.shape}")
+            raise ArgumentError(f"mean: expected a 1-D array, got shape {mean.shape}")
         dim = mean.shape[0]
         if projection.ndim != 2 or projection.shape[1] != dim or not 1 <= projection.shape[0] <= dim:
-            raise ValueError(f"projection: expected shape (d, {dim}) with 1 <= d <= {dim}, got {projection.shape}")
+            raise ArgumentError(f"projection: expected shape (d, {dim}) with 1 <= d <= {dim}, got {projection.shape}")
         if eigenvalues.shape != (dim,):
-            raise ValueError(f"eigenvalues: expected shape ({dim},), got {eigenvalues.shape}")
+            raise ArgumentError(f"eigenvalues: expected shape ({dim},), got {eigenvalues.shape}")
         for name, array in (("mean", mean), ("projection", projection), ("eigenvalues", eigenvalues)):
             if not np.all(np.isfinite(array)):
-                raise ValueError(f"{name}: contains NaN or infinite values")
+                raise ArgumentError(f"{name}: contains NaN or infinite values")
         self.mean_ = mean
         self.projection_ = projection
         self.eigenvalues_ = eigenvalues
@@ -95,22 +97,20 @@ class PCAWhitening:
 
         Raises
         ------
-        ValueError
-            On a wrong shape, non-finite values, too few rows, or ``dim``/``shrinkage`` out of range.
+        asmkit.ArgumentError
+            On a wrong shape, non-finite values, too few rows, or ``dim``/``shrinkage`` of the
+            wrong type or out of range.
         """
         vecs = np.asarray(vecs)
         if vecs.ndim != 2 or vecs.shape[1] < 1:
-            raise ValueError(f"vecs: expected a 2-D array [N, D], got shape {vecs.shape}")
+            raise ArgumentError(f"vecs: expected a 2-D array [N, D], got shape {vecs.shape}")
         if vecs.shape[0] < 2:
-            raise ValueError(f"vecs: need at least 2 descriptors to learn whitening, got {vecs.shape[0]}")
+            raise ArgumentError(f"vecs: need at least 2 descriptors to learn whitening, got {vecs.shape[0]}")
         x = vecs.astype(np.float64)
         if not np.all(np.isfinite(x)):
-            raise ValueError("vecs: contains NaN or infinite values")
+            raise ArgumentError("vecs: contains NaN or infinite values")
         full_dim = x.shape[1]
-        if dim is None:
-            dim = full_dim
-        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 1 <= dim <= full_dim:
-            raise ValueError(f"dim: expected an int in [1, {full_dim}] or None, got {dim!r}")
+        dim = full_dim if dim is None else check_int(dim, "dim", min=1, max=full_dim)
         shrinkage = _check_shrinkage(shrinkage)
 
         mean = x.mean(axis=0)
@@ -122,7 +122,7 @@ class PCAWhitening:
         eigenvalues = np.maximum(eigenvalues[order], EIGENVALUE_FLOOR)
         eigenvectors = eigenvectors[:, order]
         projection = (eigenvalues ** (-shrinkage / 2))[:, None] * eigenvectors.T
-        return cls(mean, projection[: int(dim)], eigenvalues, shrinkage)
+        return cls(mean, projection[:dim], eigenvalues, shrinkage)
 
     def apply(self, vecs: np.ndarray, *, normalize: bool = True) -> np.ndarray:
         """Whiten descriptors.
@@ -142,7 +142,7 @@ class PCAWhitening:
         """
         vecs = np.asarray(vecs)
         if vecs.ndim != 2 or vecs.shape[1] != self.input_dim:
-            raise ValueError(f"vecs: expected shape [N, {self.input_dim}], got {vecs.shape}")
+            raise ArgumentError(f"vecs: expected shape [N, {self.input_dim}], got {vecs.shape}")
         projected = (vecs.astype(np.float64) - self.mean_) @ self.projection_.T
         if normalize:
             projected = _l2_normalize(projected)
@@ -159,13 +159,13 @@ class PCAWhitening:
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> "PCAWhitening":
-        """Inverse of :meth:`to_arrays`; raises ``ValueError`` on a missing key or bad shape."""
+        """Inverse of :meth:`to_arrays`; raises ``asmkit.ArgumentError`` on a missing key or bad shape."""
         missing = sorted({"mean", "projection", "eigenvalues", "shrinkage"} - set(arrays))
         if missing:
-            raise ValueError(f"whitening arrays: missing {', '.join(missing)}")
+            raise ArgumentError(f"whitening arrays: missing {', '.join(missing)}")
         shrinkage = np.asarray(arrays["shrinkage"])
         if shrinkage.size != 1:
-            raise ValueError(f"whitening arrays: shrinkage must be a scalar, got shape {shrinkage.shape}")
+            raise ArgumentError(f"whitening arrays: shrinkage must be a scalar, got shape {shrinkage.shape}")
         return cls(arrays["mean"], arrays["projection"], arrays["eigenvalues"], float(shrinkage.reshape(())))
 
     def save(self, path: str | os.PathLike) -> None:
@@ -174,19 +174,24 @@ class PCAWhitening:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PCAWhitening":
-        """Read a file written by :meth:`save` (pickled content is refused)."""
+        """Read a file written by :meth:`save` (pickled content is refused).
+
+        Raises
+        ------
+        FileNotFoundError
+            If ``path`` is not a file.
+        asmkit.FileFormatError
+            If it is not a whitening ``.npz`` (another format, truncated, pickled content,
+            missing or malformed arrays).
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"whitening file not found: {path}")
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {key: data[key] for key in data.files}
-        except ValueError as error:
-            raise ValueError(f"{path}: not a valid whitening file ({error})") from None
+        arrays = load_npz(path, "a whitening file")
         try:
             return cls.from_arrays(arrays)
         except ValueError as error:
-            raise ValueError(f"{path}: {error}") from None
+            raise FileFormatError(path, f"not a whitening file ({error})") from None
 
     def config(self) -> dict:
         """A small JSON-able summary, used in extractor configs for cache invalidation."""
@@ -205,9 +210,4 @@ class PCAWhitening:
 
 
 def _check_shrinkage(shrinkage) -> float:
-    if isinstance(shrinkage, bool) or not isinstance(shrinkage, (int, float, np.floating)):
-        raise ValueError(f"shrinkage: expected a number in [0, 1], got {shrinkage!r}")
-    shrinkage = float(shrinkage)
-    if not math.isfinite(shrinkage) or not 0.0 <= shrinkage <= 1.0:
-        raise ValueError(f"shrinkage: expected a number in [0, 1], got {shrinkage!r}")
-    return shrinkage
+    return check_float(shrinkage, "shrinkage", min=0.0, max=1.0)
