@@ -278,3 +278,18 @@ def test_index_with_whole_image_regions_searches_as_asmk_star(centroids40):
     boxed = Index(Codebook(centroids40), "asmk_star")
     boxed.add(images, regions=regions_from_boxes(points, [[[0, 0, 40, 40]] for _ in images], whole_image=False))
     assert boxed.inverted_file.n_entries < plain.inverted_file.n_entries
+
+
+def test_similarity_matrix_with_regions(centroids40):
+    from asmkit import Index, similarity_matrix
+
+    images, points = _images(centroids40, n_images=6, per_image=50, seed=9)
+    codebook = Codebook(centroids40)
+    whole = regions_from_boxes(points, [[] for _ in images])
+    np.testing.assert_array_equal(similarity_matrix(codebook, images, params="asmk_star", regions=whole),
+                                  similarity_matrix(codebook, images, params="asmk_star"))
+    boxed = regions_from_boxes(points, [[[10, 10, 60, 60]] for _ in images])
+    index = Index(codebook, "asmk_star")
+    index.add(images, regions=boxed)
+    np.testing.assert_array_equal(similarity_matrix(codebook, images, params="asmk_star", regions=boxed),
+                                  index.similarity_matrix(images))
