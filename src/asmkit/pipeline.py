@@ -31,9 +31,10 @@ from ._io import write_text_atomic
 from ._validation import ArgumentError
 from .codebook import Codebook
 from .config import PipelineConfig, load_config
-from .features import FeatureStore, extract_features, image_names, list_images
+from .features import FeatureStore, ImageFeatures, extract_features, image_names, list_images
 from .features.factory import Features, build_extractor, extraction_settings, feature_options
 from .index import Index
+from .regions import Regions, in_box, regions_for_features
 from .storage import StorageError
 
 logger = logging.getLogger(__name__)
@@ -256,6 +257,20 @@ def _features_for(paths: list[Path], root: Path, cfg: PipelineConfig, model, wor
 # ------------------------------------------------------------------------------ index / query
 
 
+def _regions(source: str | os.PathLike | None, names: Sequence[str], store: FeatureStore) -> Regions | None:
+    """R-ASMK regions (``--regions``: "grid", "proposals" or a box file) of the named images
+    from their stored keypoints; the image sizes are not stored, so the grid and the
+    proposals cover each image's keypoint extent. An image not in the store (unreadable)
+    has no region. None without a source."""
+    if source is None:
+        return None
+    none = ImageFeatures(descriptors=np.zeros((0, 1), np.float32), keypoints=np.zeros((0, 4), np.float32))
+    regions = regions_for_features(source, names, [store.get(n) if store.has(n) else none for n in names])
+    logger.info("regions: %d kept over %d images (%d boxes, %d clipped, %d outside, %d empty)", regions.n_regions,
+                regions.n_images, regions.n_boxes, regions.n_clipped, regions.n_outside, regions.n_empty)
+    return regions
+
+
 def build_index(
     images: str | os.PathLike,
     *,
@@ -269,8 +284,12 @@ def build_index(
     add: bool = False,
     workers: int | None = None,
     device: str = "cpu",
+    regions: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Extract, train the codebook, build the inverted file and save the workspace ``out``.
+
+    ``regions`` ("grid", "proposals" or a box file, docs/regions.md) indexes the images by
+    R-ASMK(*).
 
     Rerunning resumes: features already in the store are not extracted again and a trained
     codebook is reused. With ``add=True`` the images not yet indexed are added to the
@@ -324,7 +343,7 @@ def build_index(
     if names:
         vecs, ids = store.stack(names)
         start = int(index.ids.max()) + 1 if len(index) else 0
-        index.add(feats.descriptors(vecs), ids + start, keys=names)
+        index.add(feats.descriptors(vecs), ids + start, keys=names, regions=_regions(regions, names, store))
     store.close()
     index.save(out / "index.asmkit")
     _write_json(out / _PIPELINE, {"config": cfg.to_dict(), "image_root": str(root.resolve())})
@@ -367,8 +386,12 @@ def query_index(
     top: int = 10,
     model: str | os.PathLike | None = None,
     device: str = "cpu",
+    box: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Query a saved index with image files.
+
+    ``box`` (x0, y0, x1, y1 in the pixels of the image as loaded) aggregates each query
+    from the features inside it only.
 
     Returns
     -------
@@ -388,7 +411,13 @@ def query_index(
     queries = [(str(p), n) for p, n in zip(paths, names) if n in result.features]
     out = []
     if queries:
-        scores, ids = idx.search([feats.descriptors(result.features[n].descriptors) for _, n in queries], k=top)
+        kept = [result.features[n] for _, n in queries]
+        if box is not None:
+            kept = [f.descriptors[in_box(f.keypoints, box)] if f.keypoints is not None else f.descriptors
+                    for f in kept]
+        else:
+            kept = [f.descriptors for f in kept]
+        scores, ids = idx.search([feats.descriptors(d) for d in kept], k=top)
         keys = idx.keys
         position = {int(i): p for p, i in enumerate(idx.ids)}
         for (shown, _), srow, irow in zip(queries, scores, ids):
@@ -418,8 +447,11 @@ def compute_scores(
     workers: int | None = None,
     chunk: int = 256,
     device: str = "cpu",
+    regions: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """The all-vs-all N x N similarity matrix of an image set (row = query, list order).
+
+    ``regions`` ("grid", "proposals" or a box file) aggregates the database side by R-ASMK(*).
 
     Writes ``out`` (float32 ``.npy``) and ``<out>.names.txt`` (one image name per line, the
     matrix order). Images that cannot be read are left out of both and reported.
@@ -437,13 +469,14 @@ def compute_scores(
     if not names:
         raise ArgumentError(f"{images}: no image could be read ({len(failed)} failed)")
     vecs, ids = store.stack(names)
+    image_regions = _regions(regions, names, store)
     store.close()
     vecs = feats.descriptors(vecs)
     t0 = time.perf_counter()
     cb, _ = _get_codebook(cfg, given=codebook, model_codebook=feats.codebook, training=lambda: [vecs])
     timings["codebook_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    matrix = similarity_matrix(_on_device(cb, device), vecs, ids, cfg.params, chunk=chunk)
+    matrix = similarity_matrix(_on_device(cb, device), vecs, ids, cfg.params, chunk=chunk, regions=image_regions)
     timings["scores_s"] = time.perf_counter() - t0
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.npy")
@@ -509,8 +542,12 @@ def evaluate_dataset(
     report: str | os.PathLike | None = None,
     top: int = 10,
     device: str = "cpu",
+    regions: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """mAP (and N-S, E/M/H when the ground truth has them) of a preset on a data set.
+
+    ``regions`` ("grid", "proposals" or a box file naming images relative to the data-set
+    root) aggregates the database images by R-ASMK(*).
 
     The codebook is trained on the evaluated database images' descriptors unless
     ``codebook`` is given; the result says which (``codebook_trained_on``).
@@ -554,11 +591,12 @@ def evaluate_dataset(
 
     t0 = time.perf_counter()
     cb = _on_device(cb, device)
+    db_regions = _regions(regions, gt.images, store)
     if gt.queries == gt.images:
-        matrix = similarity_matrix(cb, db, params=cfg.params)
+        matrix = similarity_matrix(cb, db, params=cfg.params, regions=db_regions)
     else:
         index = Index(cb, cfg.params)
-        index.add(db)
+        index.add(db, regions=db_regions)
         queries = descriptors(gt.queries)
         matrix = index.similarity_matrix(queries)
     store.close()
