@@ -3,7 +3,9 @@ membership and its counts, the region sources, and box files."""
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -293,3 +295,58 @@ def test_similarity_matrix_with_regions(centroids40):
     index.add(images, regions=boxed)
     np.testing.assert_array_equal(similarity_matrix(codebook, images, params="asmk_star", regions=boxed),
                                   index.similarity_matrix(images))
+
+
+@pytest.fixture(scope="module")
+def demo_set(tmp_path_factory):
+    pytest.importorskip("skimage")
+    from asmkit.demo import build_demo_set
+
+    root = tmp_path_factory.mktemp("regions_demo")
+    return build_demo_set(root / "data", seed=1, photos=["astronaut", "coffee", "chelsea", "rocket"], max_size=320)
+
+
+def test_cli_regions_and_query_box(demo_set, tmp_path, capsys):
+    from asmkit.cli import main
+
+    images = sorted(p.name for p in (demo_set / "images").iterdir())
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({images[0]: [[10, 10, 120, 120]], "./" + images[1]: [[0, 0, 80, 60]]}))
+    out = tmp_path / "index"
+    for source in ("grid", str(boxes)):
+        assert main(["-q", "index", str(demo_set / "images"), "--out", str(out), "--codebook-size", "64",
+                     "--regions", source]) == 0
+        shutil.rmtree(out)
+    assert main(["-q", "index", str(demo_set / "images"), "--out", str(out), "--codebook-size", "64",
+                 "--regions", "proposals"]) == 0
+    capsys.readouterr()
+    query = demo_set / "images" / images[0]
+    assert main(["-q", "query", str(out), str(query), "--top", "3", "--query-box", "0,0,200,200", "--json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)["results"]
+    assert row["results"][0]["name"] == images[0]
+    assert main(["-q", "scores", str(demo_set / "images"), "--out", str(tmp_path / "s.npy"), "--codebook-size",
+                 "64", "--regions", "grid"]) == 0
+    assert np.load(tmp_path / "s.npy").shape == (len(images), len(images))
+
+
+def test_cli_malformed_box_file_is_one_line_naming_file_and_line(demo_set, tmp_path, capsys):
+    from asmkit.cli import main
+
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text("a.jpg,1,2,30,40\nb.jpg,1,2,3\n")
+    code = main(["-q", "index", str(demo_set / "images"), "--out", str(tmp_path / "index"), "--codebook-size", "64",
+                 "--regions", str(boxes)])
+    assert code == 2
+    assert f"{boxes}: line 2:" in capsys.readouterr().err
+
+
+def test_cli_bad_query_box(demo_set, tmp_path, capsys):
+    from asmkit.cli import main
+
+    out = tmp_path / "index"
+    assert main(["-q", "index", str(demo_set / "images"), "--out", str(out), "--codebook-size", "64"]) == 0
+    query = next((demo_set / "images").iterdir())
+    assert main(["-q", "query", str(out), str(query), "--query-box", "1,2,3"]) == 2
+    assert "--query-box: expected x0,y0,x1,y1" in capsys.readouterr().err
+    assert main(["-q", "query", str(out), str(query), "--query-box", "5,5,1,9"]) == 2
+    assert "box: box 0" in capsys.readouterr().err
