@@ -8,7 +8,7 @@ All kernels are compiled with ``cache=True`` so that a process that loads an ind
 not pay the compile time again once any earlier process has compiled them.
 
 Floating-point choices follow the reference ``asmk`` package operation by operation
-(see ASMK.md): residuals are accumulated in float32 in descriptor order, the Hamming
+(see docs/math.md): residuals are accumulated in float32 in descriptor order, the Hamming
 similarity is rounded to float32 exactly as the reference rounds it, and every
 per-entry contribution is rounded to float32 before it is added to a float64 score.
 """
@@ -780,8 +780,7 @@ def _bound_quad(xa, table, sq, o0, o1, o2, o3):
 
     Four rows per pass and eight table rows per sweep: each table value loaded feeds four
     multiply-adds and each output is loaded and stored once per eight, which keeps the
-    loop on the FMA units rather than on loads and stores (docs/performance.md compares it
-    with two rows and four table rows)."""
+    loop on the FMA units rather than on loads and stores (docs/design.md, "Kernels")."""
     for j in range(o0.shape[0]):
         o0[j] = sq[j]
         o1[j] = sq[j]

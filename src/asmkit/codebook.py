@@ -1,4 +1,4 @@
-"""Visual codebook: faiss k-means training and exact multiple-assignment quantization (ASMK.md §1).
+"""Visual codebook: faiss k-means training and exact multiple-assignment quantization (docs/math.md §1).
 
 ``Codebook.assign`` is the one quantizer contract of the engine: it returns an
 ``Assignment`` whose words are final except for the rows float32 rounding ties

@@ -1,4 +1,4 @@
-"""Aggregation of residuals per (image, visual word) and binarisation (ASMK.md §2-3).
+"""Aggregation of residuals per (image, visual word) and binarisation (docs/math.md §2-3).
 
 ``aggregate`` aggregates descriptors whose words are known; ``aggregate_images`` quantizes
 and aggregates images as the index does on either side, for callers that aggregate apart

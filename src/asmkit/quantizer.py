@@ -43,7 +43,7 @@ _BOUND_TILE = 1024
 _PRUNE_MIN_WORDS = 256
 _PRUNE_MAX_COST = 0.6
 #: faiss's float32 rounding error on a distance gap grows like sqrt(D) times
-#: |x|^2 + max |c|^2 (docs/performance.md measures it on RootSIFT). Rows whose deciding gap
+#: |x|^2 + max |c|^2 (docs/design.md, "Tied rows"). Rows whose deciding gap
 #: is below this many times sqrt(D) of that scale are tied: faiss's rounding decides them.
 #: The factor leaves a wide margin above the largest error measured.
 TIE_EPS_PER_SQRT_DIM = 4e-7
@@ -337,7 +337,7 @@ class PrunedQuantizer:
             checked /= len(sample)
             best, best_cost = None, _PRUNE_MAX_COST * k * d
             for width, n_checked in zip(widths, checked):
-                # In units of one multiply-add of faiss's product (docs/performance.md
+                # In units of one multiply-add of faiss's product (docs/design.md, "The bound",
                 # fits the weights): the bound product plus a pass over the bounds per word,
                 # the projection, and a float64 distance per checked word, ten times the
                 # cost of a multiply-add of the product.

@@ -1,4 +1,4 @@
-"""Selective match kernel scoring, top-k, and the all-vs-all similarity matrix (ASMK.md §3-4).
+"""Selective match kernel scoring, top-k, and the all-vs-all similarity matrix (docs/math.md §3-4).
 
 ``score_queries`` is the one query path: every entry point that scores query images
 (``Index.search``, ``Index.similarity_matrix``, ``similarity_matrix``, ``asmkit.compat``)
@@ -38,7 +38,6 @@ __all__ = [
     "QUERY_CHUNK_ROWS",
     "TIED_BATCH_ROWS",
     "Database",
-    "aggregate_images",
     "merge_topk",
     "score_aggregates",
     "score_queries",
@@ -51,7 +50,7 @@ _EMPTY_CODES = np.empty((0, 0), dtype=np.uint64)
 _EMPTY_REAL = np.empty((0, 0), dtype=np.float32)
 
 #: Word-major scoring: queries per block (each posting list is read once per block; 64
-#: gave the best times on 2000- and 10 000-image databases, docs/performance.md), and the
+#: gave the best times, docs/performance.md "All-vs-all scores"), and the
 #: largest float64 [S, block] score tile per thread, which shrinks blocks for large S.
 WORD_MAJOR_BLOCK = 64
 TILE_BYTES = 1 << 23
@@ -71,26 +70,6 @@ def _readonly(array: np.ndarray) -> np.ndarray:
     view = np.ascontiguousarray(np.asarray(array)).view()
     view.flags.writeable = False
     return view
-
-
-def aggregate_images(codebook: Codebook, desc: Descriptors, assignments: np.ndarray, binary: bool,
-                     begin: int = 0, end: int | None = None) -> Aggregates:
-    """Aggregate images ``begin .. end - 1`` of ``desc`` given all rows' assignments
-    (``asmkit.kernel.aggregate_images`` quantizes too, as the index does).
-
-    Parameters
-    ----------
-    codebook : Codebook
-    desc : Descriptors
-    assignments : int64 [N, m]
-        Words of every row of ``desc.vecs``.
-    binary : bool
-    begin, end : int
-        Image label range (default: all images).
-    """
-    end = desc.n_images if end is None else end
-    return aggregate(desc.vecs, assignments, desc.starts[begin : end + 1], desc.order, codebook.centroids,
-                     binary=binary)
 
 
 def score_aggregates(
