@@ -169,6 +169,15 @@ def test_image_without_whole_region_keeps_only_its_boxes_words():
     np.testing.assert_array_equal(agg.words, [0])
 
 
+def test_without_whole_image_an_image_without_boxes_keeps_the_whole_image():
+    points = [np.array([[10, 10], [20, 20]], dtype=np.float32)] * 3
+    boxes = [[[0, 0, 15, 15]], [], [[200, 200, 300, 300]]]
+    regions = regions_from_boxes(points, boxes, [(100, 100)] * 3, whole_image=False)
+    np.testing.assert_array_equal(regions.regions_per_image(), [1, 1, 1])
+    np.testing.assert_array_equal(regions.members, [0, 0, 1, 0, 1])
+    assert regions.n_outside == 1
+
+
 def test_regions_must_match_the_images(centroids40):
     images, points = _images(centroids40, n_images=2)
     desc = prepare_descriptors(images)
@@ -313,9 +322,9 @@ def test_cli_regions_and_query_box(demo_set, tmp_path, capsys):
     boxes = tmp_path / "boxes.json"
     boxes.write_text(json.dumps({images[0]: [[10, 10, 120, 120]], "./" + images[1]: [[0, 0, 80, 60]]}))
     out = tmp_path / "index"
-    for source in ("grid", str(boxes)):
+    for flags in (["--regions", "grid"], ["--regions", str(boxes)], ["--regions", str(boxes), "--no-whole-image"]):
         assert main(["-q", "index", str(demo_set / "images"), "--out", str(out), "--codebook-size", "64",
-                     "--regions", source]) == 0
+                     *flags]) == 0
         shutil.rmtree(out)
     assert main(["-q", "index", str(demo_set / "images"), "--out", str(out), "--codebook-size", "64",
                  "--regions", "proposals"]) == 0

@@ -160,7 +160,9 @@ def regions_from_boxes(keypoints: Sequence, boxes: Sequence, sizes: Sequence | N
         Image sizes: boxes are clipped to them (counted in ``n_clipped``), boxes with no
         area inside are dropped (``n_outside``). Without sizes nothing is clipped.
     whole_image : bool
-        Add the whole image (every feature) as the first region of each image.
+        Add the whole image (every feature) as the first region of each image. When False,
+        an image left without boxes (none given, or none inside it) still gets it, so that
+        every image stays searchable.
 
     Returns
     -------
@@ -191,7 +193,7 @@ def regions_from_boxes(keypoints: Sequence, boxes: Sequence, sizes: Sequence | N
             n_clipped += int((area & np.any(clipped != arr, axis=1)).sum())
             arr = clipped[area]
         candidates = []
-        if whole_image:
+        if whole_image or arr.shape[0] == 0:
             candidates.append(np.arange(xy.shape[0], dtype=np.int32))
         for x0, y0, x1, y1 in arr:
             inside = (xy[:, 0] >= x0) & (xy[:, 0] <= x1) & (xy[:, 1] >= y0) & (xy[:, 1] <= y1)
