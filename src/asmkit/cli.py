@@ -50,6 +50,8 @@ def _add_pipeline_flags(p: argparse.ArgumentParser, *, model: bool = True) -> No
 def _add_regions_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--regions", help="R-ASMK: database regions from grid, proposals, or a box file "
                                      "(JSON/CSV, image paths as named here); see docs/regions.md")
+    p.add_argument("--no-whole-image", dest="whole_image", action="store_false",
+                   help="with --regions: the boxes only, the whole image is not a region")
 
 
 def _query_box(text: str | None) -> list[float] | None:
@@ -173,7 +175,8 @@ def _run(args: argparse.Namespace) -> int:
         summary = pipeline.build_index(
             args.images, out=args.out, preset=args.preset, config=args.config, codebook=args.codebook,
             codebook_size=args.codebook_size, train=args.train, model=args.model, add=args.add,
-            workers=args.workers, device=args.device, regions=args.regions)
+            workers=args.workers, device=args.device, regions=args.regions,
+            whole_image=args.whole_image)
         t = summary["timings"]
         _print(summary, args.json,
                f"{'added' if args.add else 'indexed'} {summary['added']} images into {summary['index']} "
@@ -196,7 +199,8 @@ def _run(args: argparse.Namespace) -> int:
         res = pipeline.compute_scores(
             args.images, out=args.out, preset=args.preset, config=args.config, model=args.model,
             codebook=args.codebook, codebook_size=args.codebook_size, cache=args.cache, workers=args.workers,
-            device=args.device, regions=args.regions)
+            device=args.device, regions=args.regions,
+            whole_image=args.whole_image)
         t = res["timings"]
         _print(res, args.json,
                f"wrote {res['images']}x{res['images']} scores to {res['scores']} (names: {res['names']}); "
@@ -209,7 +213,7 @@ def _run(args: argparse.Namespace) -> int:
             args.images, out=args.out, graph=args.graph, top=args.top, scores=args.scores,
             preset=args.preset, config=args.config, model=args.model, codebook=args.codebook,
             codebook_size=args.codebook_size, cache=args.cache, workers=args.workers, device=args.device,
-            regions=args.regions)
+            regions=args.regions, whole_image=args.whole_image)
         _print(res, args.json, f"wrote {res['n_pairs']} pairs ({res['graph']}) among {res['images']} images to {res['pairs']}")
         return 0
 
@@ -217,7 +221,8 @@ def _run(args: argparse.Namespace) -> int:
         res = pipeline.evaluate_dataset(
             args.data, preset=args.preset, config=args.config, codebook=args.codebook,
             codebook_size=args.codebook_size, model=args.model, cache=args.cache, workers=args.workers,
-            report=args.report, top=args.top, device=args.device, regions=args.regions)
+            report=args.report, top=args.top, device=args.device, regions=args.regions,
+            whole_image=args.whole_image)
         text = (f"{res['dataset']} ({res['preset']}): mAP {res['map']:.4f}, "
                 f"mP@1/5/10 {res['mp']['1']:.4f}/{res['mp']['5']:.4f}/{res['mp']['10']:.4f}")
         if "ns_score" in res:

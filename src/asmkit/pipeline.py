@@ -257,15 +257,17 @@ def _features_for(paths: list[Path], root: Path, cfg: PipelineConfig, model, wor
 # ------------------------------------------------------------------------------ index / query
 
 
-def _regions(source: str | os.PathLike | None, names: Sequence[str], store: FeatureStore) -> Regions | None:
-    """R-ASMK regions (``--regions``: "grid", "proposals" or a box file) of the named images
-    from their stored keypoints; the image sizes are not stored, so the grid and the
-    proposals cover each image's keypoint extent. An image not in the store (unreadable)
-    has no region. None without a source."""
+def _regions(source: str | os.PathLike | None, names: Sequence[str], store: FeatureStore,
+             whole_image: bool) -> Regions | None:
+    """R-ASMK regions (``--regions``: "grid", "proposals" or a box file; the whole image too
+    unless ``whole_image`` is False) of the named images from their stored keypoints; the
+    image sizes are not stored, so the grid and the proposals cover each image's keypoint
+    extent. An image not in the store (unreadable) has no region. None without a source."""
     if source is None:
         return None
     none = ImageFeatures(descriptors=np.zeros((0, 1), np.float32), keypoints=np.zeros((0, 4), np.float32))
-    regions = regions_for_features(source, names, [store.get(n) if store.has(n) else none for n in names])
+    regions = regions_for_features(source, names, [store.get(n) if store.has(n) else none for n in names],
+                                   whole_image=whole_image)
     logger.info("regions: %d kept over %d images (%d boxes, %d clipped, %d outside, %d empty)", regions.n_regions,
                 regions.n_images, regions.n_boxes, regions.n_clipped, regions.n_outside, regions.n_empty)
     return regions
@@ -285,11 +287,12 @@ def build_index(
     workers: int | None = None,
     device: str = "cpu",
     regions: str | os.PathLike | None = None,
+    whole_image: bool = True,
 ) -> dict[str, Any]:
     """Extract, train the codebook, build the inverted file and save the workspace ``out``.
 
     ``regions`` ("grid", "proposals" or a box file, docs/regions.md) indexes the images by
-    R-ASMK(*).
+    R-ASMK(*), with the whole image as a region too unless ``whole_image`` is False.
 
     Rerunning resumes: features already in the store are not extracted again and a trained
     codebook is reused. With ``add=True`` the images not yet indexed are added to the
@@ -343,7 +346,8 @@ def build_index(
     if names:
         vecs, ids = store.stack(names)
         start = int(index.ids.max()) + 1 if len(index) else 0
-        index.add(feats.descriptors(vecs), ids + start, keys=names, regions=_regions(regions, names, store))
+        index.add(feats.descriptors(vecs), ids + start, keys=names,
+                  regions=_regions(regions, names, store, whole_image))
     store.close()
     index.save(out / "index.asmkit")
     _write_json(out / _PIPELINE, {"config": cfg.to_dict(), "image_root": str(root.resolve())})
@@ -448,10 +452,12 @@ def compute_scores(
     chunk: int = 256,
     device: str = "cpu",
     regions: str | os.PathLike | None = None,
+    whole_image: bool = True,
 ) -> dict[str, Any]:
     """The all-vs-all N x N similarity matrix of an image set (row = query, list order).
 
-    ``regions`` ("grid", "proposals" or a box file) aggregates the database side by R-ASMK(*).
+    ``regions`` ("grid", "proposals" or a box file) aggregates the database side by R-ASMK(*)
+    (with the whole image too unless ``whole_image`` is False).
 
     Writes ``out`` (float32 ``.npy``) and ``<out>.names.txt`` (one image name per line, the
     matrix order). Images that cannot be read are left out of both and reported.
@@ -469,7 +475,7 @@ def compute_scores(
     if not names:
         raise ArgumentError(f"{images}: no image could be read ({len(failed)} failed)")
     vecs, ids = store.stack(names)
-    image_regions = _regions(regions, names, store)
+    image_regions = _regions(regions, names, store, whole_image)
     store.close()
     vecs = feats.descriptors(vecs)
     t0 = time.perf_counter()
@@ -543,11 +549,13 @@ def evaluate_dataset(
     top: int = 10,
     device: str = "cpu",
     regions: str | os.PathLike | None = None,
+    whole_image: bool = True,
 ) -> dict[str, Any]:
     """mAP (and N-S, E/M/H when the ground truth has them) of a preset on a data set.
 
     ``regions`` ("grid", "proposals" or a box file naming images relative to the data-set
-    root) aggregates the database images by R-ASMK(*).
+    root) aggregates the database images by R-ASMK(*) (with the whole image too unless
+    ``whole_image`` is False).
 
     The codebook is trained on the evaluated database images' descriptors unless
     ``codebook`` is given; the result says which (``codebook_trained_on``).
@@ -591,7 +599,7 @@ def evaluate_dataset(
 
     t0 = time.perf_counter()
     cb = _on_device(cb, device)
-    db_regions = _regions(regions, gt.images, store)
+    db_regions = _regions(regions, gt.images, store, whole_image)
     if gt.queries == gt.images:
         matrix = similarity_matrix(cb, db, params=cfg.params, regions=db_regions)
     else:
