@@ -80,8 +80,8 @@ def test_whole_image_region_is_asmk_up_to_epsilon(centroids40):
     regions = regions_from_boxes(points, [[] for _ in images])
     desc, words, plain, regional = _aggregate_both(centroids40, images, regions, binary=False)
     np.testing.assert_array_equal(regional.words, plain.words)
-    # ASMK divides V(c) by ‖V(c)‖ + 1e-6; R-ASMK the region-normalised V(c) / ‖V‖ by its own
-    # norm + 1e-6: the two differ by about 1e-6 / ‖V(c) / ‖V‖‖, plus float32 rounding.
+    # ASMK adds its epsilon to ‖V(c)‖, R-ASMK to the norm of the region-normalised V(c) / ‖V‖:
+    # the two differ by about epsilon / ‖V(c) / ‖V‖‖, plus float32 rounding.
     image_norm = np.empty(len(plain.words))
     for i in range(desc.n_images):
         rows = slice(plain.offsets[i], plain.offsets[i + 1])
@@ -119,8 +119,8 @@ def test_overlapping_boxes_agree_with_numpy_twin(centroids40, binary):
 
 
 def test_feature_in_two_regions_counts_in_both():
-    # Two words on the x axis; features 0 and 1 near word 0 and 2 near word 1; feature 1
-    # lies in both boxes, feature 0 only in the first and feature 2 only in the second.
+    # Two words on the x axis: the first two features are near the first word, the last one
+    # near the second word. The middle feature lies in both boxes, the others in one each.
     centroids = np.array([[0.0, 0.0], [10.0, 0.0]], dtype=np.float32)
     vecs = np.array([[1.0, 0.0], [0.0, 1.0], [10.0, 2.0]], dtype=np.float32)
     points = np.array([[10, 10], [50, 50], [90, 90]], dtype=np.float32)
@@ -130,8 +130,9 @@ def test_feature_in_two_regions_counts_in_both():
     desc = prepare_descriptors([vecs])
     words = Codebook(centroids).quantize(desc.vecs, 1)
     agg = aggregate_regions(desc.vecs, words, desc.starts, desc.order, centroids, regions, binary=False)
-    # Region 1: word 0 gets (1, 0) + (0, 1), norm sqrt(2). Region 2: word 0 gets (0, 1),
-    # word 1 gets (0, 2), norm sqrt(5). Feature 1's residual enters word 0 twice.
+    # The first region sums both residuals of the first word; the second region holds the
+    # middle feature's residual at the first word and the last feature's at the second: the
+    # middle feature's residual enters the first word once per region.
     w0 = np.array([1.0, 1.0]) / math.sqrt(2) + np.array([0.0, 1.0]) / math.sqrt(5)
     np.testing.assert_array_equal(agg.words, [0, 1])
     np.testing.assert_allclose(agg.data[0], w0 / np.linalg.norm(w0), atol=1e-5)
@@ -141,9 +142,9 @@ def test_feature_in_two_regions_counts_in_both():
 def test_empty_and_outside_boxes_are_counted():
     points = [np.array([[10, 10], [20, 20]], dtype=np.float32), np.empty((0, 2), dtype=np.float32)]
     boxes = [
-        [[-10, -10, 15, 15],    # clipped to (0, 0, 15, 15): holds feature 0
+        [[-10, -10, 15, 15],    # clipped, holds the first feature
          [50, 50, 60, 60],      # inside, no feature: empty
-         [200, 200, 300, 300],  # outside the 100 x 100 image: dropped
+         [200, 200, 300, 300],  # outside the image: dropped
          [90, 90, 150, 150]],   # clipped, no feature: empty
         [[0, 0, 10, 10]],       # an image without features: its box and whole image are empty
     ]
