@@ -38,8 +38,16 @@ from asmkit import Codebook, Index
 from asmkit.evaluate import average_precision
 from asmkit.features import SiftExtractor, load_image
 from asmkit.regions import region_boxes, regions_from_boxes
-from benchmarks._common import DEFAULT_CACHE, Recorder, add_run_args, command_line, machine_info, machine_line, \
-    sample_rows, write_json
+from benchmarks._common import (
+    DEFAULT_CACHE,
+    Recorder,
+    add_run_args,
+    command_line,
+    machine_info,
+    machine_line,
+    sample_rows,
+    write_json,
+)
 
 PRESET = "asmk_star"
 
@@ -48,7 +56,7 @@ def _paste(background: np.ndarray, obj: np.ndarray, frac: float, rng) -> tuple[n
     import cv2
 
     h, w = background.shape[:2]
-    ow, oh = max(8, int(round(frac * w))), max(8, int(round(frac * h)))
+    ow, oh = max(8, round(frac * w)), max(8, round(frac * h))
     small = cv2.resize(obj, (ow, oh), interpolation=cv2.INTER_AREA)
     x0 = int(rng.integers(0, w - ow + 1))
     y0 = int(rng.integers(0, h - oh + 1))

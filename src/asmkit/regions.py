@@ -28,9 +28,9 @@ import json
 import logging
 import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -40,17 +40,17 @@ from .kernel import Aggregates, n_code_words, normalize_l2, prepare_descriptors
 from .params import as_params
 
 __all__ = [
+    "REGION_SOURCES",
     "Regions",
-    "regions_from_boxes",
     "aggregate_regions",
-    "regional_aggregates",
     "grid_boxes",
+    "in_box",
     "propose_boxes",
     "read_box_file",
     "region_boxes",
+    "regional_aggregates",
     "regions_for_features",
-    "in_box",
-    "REGION_SOURCES",
+    "regions_from_boxes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -410,7 +410,7 @@ def propose_boxes(keypoints, width: float, height: float, *, n: int = 8, weights
     for scale in scales:
         if not (0.0 < float(scale) <= 1.0):
             raise ArgumentError(f"scales: expected fractions in (0, 1], got {scale!r}")
-        side = max(1, int(round(float(scale) * cells)))
+        side = max(1, round(float(scale) * cells))
         y0, x0 = np.meshgrid(np.arange(cells - side + 1), np.arange(cells - side + 1), indexing="ij")
         inside = (integral[y0 + side, x0 + side] - integral[y0, x0 + side] - integral[y0 + side, x0]
                   + integral[y0, x0])
