@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ._io import write_text_atomic
-from ._validation import ArgumentError
+from ._validation import ArgumentError, FileFormatError
 from .codebook import Codebook
 from .config import PipelineConfig, load_config
 from .features import FeatureStore, ImageFeatures, extract_features, image_names, list_images
@@ -172,12 +172,18 @@ def _get_codebook(
     model_codebook: np.ndarray | None = None,
     saved: Path | None = None,
     training: Any = None,
+    dim: int | None = None,
 ) -> tuple[Codebook, str]:
     """The codebook of a run, and where it came from, in this order: ``given`` (--codebook),
     the model's, one ``saved`` before, or k-means on a sample of ``training()`` (a list of
-    float32 ``[N_i, D]`` descriptor arrays), then saved to ``saved``."""
+    float32 ``[N_i, D]`` descriptor arrays), then saved to ``saved``. ``dim`` is the
+    descriptors' ``D``, which a ``given`` codebook must have."""
     if given is not None:
-        return _load_codebook(given), f"given ({given})"
+        cb = _load_codebook(given)
+        # Caught here, the mistake names the file; Index.add would only name its argument.
+        if dim is not None and cb.dim != dim:
+            raise FileFormatError(given, f"codebook of dimension {cb.dim}, the features have {dim}")
+        return cb, f"given ({given})"
     if model_codebook is not None:
         return Codebook(model_codebook), "the model's codebook"
     if saved is not None and saved.exists():
@@ -209,7 +215,6 @@ def _get_codebook(
 def _load_codebook(path: str | os.PathLike) -> Codebook:
     path = Path(path)
     if path.suffix == ".pkl":
-        from ._validation import FileFormatError
         from .compat.legacy import LegacyFormatError, codebook_from_legacy, load_legacy_pickle
 
         state = load_legacy_pickle(path)
@@ -338,7 +343,7 @@ def build_index(
                 return [feats.descriptors(tstore.get(n).descriptors) for n in tnames]
 
         cb, _ = _get_codebook(cfg, given=codebook, model_codebook=feats.codebook, saved=out / "codebook.asmkit",
-                              training=training)
+                              training=training, dim=feats.descriptors(store.get(names[0]).descriptors).shape[1])
         index = Index(_on_device(cb, device), cfg.params)
     timings["codebook_s"] = time.perf_counter() - t0
 
@@ -479,7 +484,7 @@ def compute_scores(
     store.close()
     vecs = feats.descriptors(vecs)
     t0 = time.perf_counter()
-    cb, _ = _get_codebook(cfg, given=codebook, model_codebook=feats.codebook, training=lambda: [vecs])
+    cb, _ = _get_codebook(cfg, given=codebook, model_codebook=feats.codebook, training=lambda: [vecs], dim=vecs.shape[1])
     timings["codebook_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     matrix = similarity_matrix(_on_device(cb, device), vecs, ids, cfg.params, chunk=chunk, regions=image_regions)
@@ -590,7 +595,8 @@ def evaluate_dataset(
         "images": _image_set_key([root / n for n in gt.images]), "features": feature_options(cfg.features),
         "whitening": _whitening_key(cfg, _image_set_key(paths)), "params": cfg.params.to_dict(),
         "chosen": cfg.codebook_size_chosen, "train_points_per_word": TRAIN_POINTS_PER_WORD}))
-    cb, source = _get_codebook(cfg, given=codebook, model_codebook=feats.codebook, saved=saved, training=lambda: db)
+    cb, source = _get_codebook(cfg, given=codebook, model_codebook=feats.codebook, saved=saved, training=lambda: db,
+                               dim=empty.shape[1])
     if codebook is None and feats.codebook is None:
         n_desc = sum(len(d) for d in db)
         source = f"the evaluated images' descriptors ({n_desc} from {len(gt.images)} images; {source})"

@@ -17,24 +17,30 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .._validation import FileFormatError
+from .._validation import ArgumentError, DependencyError, FileFormatError
 from ..compat.legacy import load_legacy_pickle
-from .backbones import Normalize
-from .deep import RetrievalHead
 
+# Before the imports of .backbones and .deep, which need torch too.
 try:
     import torch
     from torch import nn
 except ImportError as exc:  # pragma: no cover - exercised only without torch
-    raise ImportError(
+    raise DependencyError(
         "asmkit.features.mast3r needs PyTorch; install it with: pip install 'asmkit[deep]'"
     ) from exc
+
+from .backbones import Normalize  # noqa: E402
+from .deep import RetrievalHead  # noqa: E402
 
 __all__ = ["Mast3rCheckpoint", "load_mast3r_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
 _NOT_A_CHECKPOINT = "not a MASt3R retrieval checkpoint"
+# What torch.load reads: a zip archive (torch >= 1.6) or a legacy pickle (protocol 2+ opens
+# with b"\x80"). torch takes any other file for a legacy one and fails in ways that are
+# not errors of a file (an IndexError for a text file), so they are refused before it.
+_TORCH_MAGICS = (b"PK\x03\x04", b"\x80")
 
 
 @dataclass
@@ -83,6 +89,10 @@ def _read_checkpoint(path: Path) -> Mapping[str, Any]:
     """The checkpoint dict, read with ``weights_only=True`` (nothing else is unpickled)."""
     if not path.is_file():
         raise FileNotFoundError(f"path: no such checkpoint {str(path)!r}")
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if not head.startswith(_TORCH_MAGICS):
+        raise FileFormatError(path, f"{_NOT_A_CHECKPOINT}: not a torch weights file")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
             # A plain pickle (a codebook) makes torch warn about its protocol before failing.
@@ -92,7 +102,7 @@ def _read_checkpoint(path: Path) -> Mapping[str, Any]:
     # a truncated zip); its messages suggest weights_only=False, which would run the file's
     # code, so they are not passed on.
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, AttributeError,
-            UnicodeDecodeError, ImportError, TypeError):
+            UnicodeDecodeError, ImportError, TypeError, IndexError):
         what = "a pickle (such as a codebook .pkl)" if path.suffix == ".pkl" else "not a torch weights file"
         raise FileFormatError(path, f"{_NOT_A_CHECKPOINT}: {what}") from None
     if not isinstance(ckpt, Mapping) or "args" not in ckpt or "model" not in ckpt:
@@ -135,7 +145,9 @@ def load_mast3r_checkpoint(
         If the file is not a MASt3R retrieval checkpoint (a codebook pickle, a text file, a
         torch file without ``args`` and ``model``), or its settings or weights do not fit
         the head.
-    ImportError
+    asmkit.ArgumentError
+        If ``backbone`` is given without a way to tell its width (and the checkpoint has none).
+    asmkit.DependencyError
         If no backbone is given and mast3r is not importable.
     """
     path = Path(path)
@@ -151,8 +163,9 @@ def load_mast3r_checkpoint(
         try:
             from mast3r.model import AsymmetricMASt3R  # type: ignore[import-not-found]
         except ImportError as exc:
-            raise ImportError(
-                "backbone: not given and mast3r is not importable; pass the encoder module"
+            raise DependencyError(
+                "backbone: not given and mast3r is not importable; install it "
+                "(https://github.com/naver/mast3r) or pass the encoder module"
             ) from exc
         backbone = _Mast3rEncoder(AsymmetricMASt3R.from_pretrained(args["pretrained"]))
 
@@ -169,7 +182,7 @@ def load_mast3r_checkpoint(
     else:
         dim = int(getattr(backbone, "out_dim", getattr(backbone, "enc_embed_dim", 0)))
         if dim <= 0:
-            raise ValueError("backbone: cannot tell its width; give it an out_dim attribute")
+            raise ArgumentError("backbone: cannot tell its width; give it an out_dim attribute")
     head = RetrievalHead(
         dim,
         hdims=hdims,
