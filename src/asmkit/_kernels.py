@@ -37,6 +37,7 @@ __all__ = [
     "search_kernel_word_major",
     "sigma_table",
     "pruned_nearest",
+    "word_matches",
 ]
 
 _U1 = np.uint64(1)
@@ -1100,3 +1101,95 @@ def region_aggregate_fill(vecs, centroids, assign, order, starts, region_starts,
                 else:
                     out_real[lo + j, :] = total[j]
                 slot[words[j]] = -1
+
+
+# -- spatial verification: tentative correspondences by shared visual words ------------------
+
+
+@njit(cache=True, inline="always")
+def _hamming(a, i, b, j):
+    dist = 0
+    for t in range(a.shape[1]):
+        dist += popcount64(a[i, t] ^ b[j, t])
+    return dist
+
+
+@njit(cache=True, nogil=True)
+def _merge_words(q_words, q_sigs, d_words, d_sigs, begin, end, cap, max_hamming, out, pos, fill):
+    """Pairs ``(i, j - begin)`` with ``q_words[i] == d_words[j]`` (both ascending) whose
+    signatures differ in at most ``max_hamming`` bits, at most ``cap * cap`` per word (the
+    first found); written at ``out[pos:]`` when ``fill``. Returns the number of pairs."""
+    n_q = q_words.shape[0]
+    i = 0
+    j = begin
+    count = 0
+    while i < n_q and j < end:
+        a = q_words[i]
+        b = d_words[j]
+        if a < b:
+            i += 1
+        elif b < a:
+            j += 1
+        else:
+            i_end = i
+            while i_end < n_q and q_words[i_end] == a:
+                i_end += 1
+            j_end = j
+            while j_end < end and d_words[j_end] == a:
+                j_end += 1
+            found = 0
+            for x in range(i, i_end):
+                for y in range(j, j_end):
+                    if found < cap * cap and _hamming(q_sigs, x, d_sigs, y) <= max_hamming:
+                        if fill:
+                            out[pos + count, 0] = x
+                            out[pos + count, 1] = y - begin
+                        count += 1
+                        found += 1
+            i = i_end
+            j = j_end
+    return count
+
+
+@njit(cache=True, nogil=True)
+def word_matches(q_words, q_sigs, d_words, d_sigs, d_offsets, slots, cap, max_hamming):
+    """Tentative correspondences of one query image with several database images.
+
+    Parameters
+    ----------
+    q_words : int32 [n], ascending; q_sigs : uint64 [n, W]
+        The query features' words and binary signatures.
+    d_words : int32 [F], ascending within each image; d_sigs : uint64 [F, W];
+    d_offsets : int64 [S + 1]
+        The database images' features (``asmkit.geometry.GeometryStore``).
+    slots : int64 [R]
+        The candidate images (positions in the store; negative: no features).
+    cap : int
+        At most ``cap * cap`` pairs per word, against bursts.
+    max_hamming : int
+        Pairs whose signatures differ in more bits are no correspondence.
+
+    Returns
+    -------
+    offsets : int64 [R + 1]
+        Candidate ``c`` owns pairs ``offsets[c]:offsets[c + 1]``.
+    pairs : int32 [M, 2]
+        (query feature, candidate feature), both positions in their word-sorted order.
+    """
+    n = slots.shape[0]
+    offsets = np.zeros(n + 1, np.int64)
+    none = np.empty((0, 2), np.int32)
+    for c in range(n):
+        s = slots[c]
+        found = 0
+        if s >= 0:
+            found = _merge_words(q_words, q_sigs, d_words, d_sigs, d_offsets[s], d_offsets[s + 1], cap, max_hamming,
+                                 none, 0, False)
+        offsets[c + 1] = offsets[c] + found
+    pairs = np.empty((offsets[n], 2), np.int32)
+    for c in range(n):
+        s = slots[c]
+        if s >= 0:
+            _merge_words(q_words, q_sigs, d_words, d_sigs, d_offsets[s], d_offsets[s + 1], cap, max_hamming,
+                         pairs, offsets[c], True)
+    return offsets, pairs

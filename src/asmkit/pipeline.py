@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ._io import write_text_atomic
-from ._validation import ArgumentError, FileFormatError
+from ._validation import ArgumentError, FileFormatError, check_int
 from .codebook import Codebook
 from .config import PipelineConfig, load_config
 from .features import FeatureStore, ImageFeatures, extract_features, image_names, list_images
@@ -50,6 +50,7 @@ __all__ = [
 ]
 
 _PIPELINE = "pipeline.json"
+_GEOMETRY = "geometry.asmkit"  # keypoints, words and signatures for spatial verification
 
 
 # ------------------------------------------------------------------------------ extractors
@@ -259,7 +260,36 @@ def _features_for(paths: list[Path], root: Path, cfg: PipelineConfig, model, wor
     return feats, store, names, failed, folder
 
 
+def _add_geometry(path: Path, index: Index, store: FeatureStore, names: list[str], add: bool, describe):
+    """The workspace's geometry store (``asmkit.geometry``) with the images ``names`` added
+    under their index ids; with ``add`` the saved one grows, and images already in it stay.
+    ``describe`` maps stored descriptors to the codebook's space (``Features.descriptors``)."""
+    from .geometry import GeometryStore, feature_words
+
+    geometry = GeometryStore.load(path, mmap=False) if add and path.is_dir() else GeometryStore()
+    ids = np.array([index.id_of(n) for n in names], dtype=np.int64)
+    fresh = ~np.isin(ids, geometry.ids)
+    feats = [store.get(n) for n, keep in zip(names, fresh) if keep]
+    kp = [f.keypoints if f.keypoints is not None else np.empty((0, 4), np.float32) for f in feats]
+    # Features without keypoints cannot be verified: such an image gets none.
+    words, sigs = feature_words(index.codebook, [describe(f.descriptors) if f.keypoints is not None
+                                                 else describe(f.descriptors)[:0] for f in feats])
+    geometry.add(ids[fresh], kp, words, sigs)
+    logger.info("geometry store: %d images, %.0f bytes per image", len(geometry), geometry.bytes_per_image)
+    return geometry
+
+
 # ------------------------------------------------------------------------------ index / query
+
+
+def _in_query_box(feats: ImageFeatures, box: Sequence[float]) -> ImageFeatures:
+    """The features of a query whose keypoint lies in ``box`` (``--query-box``)."""
+    if feats.keypoints is None:
+        raise ArgumentError("--query-box: the query's features have no keypoints")
+    keep = in_box(feats.keypoints, box)
+    return ImageFeatures(descriptors=feats.descriptors[keep], keypoints=feats.keypoints[keep],
+                         attention=None if feats.attention is None else feats.attention[keep],
+                         global_descriptor=feats.global_descriptor)
 
 
 def _regions(source: str | os.PathLike | None, names: Sequence[str], store: FeatureStore,
@@ -353,8 +383,12 @@ def build_index(
         start = int(index.ids.max()) + 1 if len(index) else 0
         index.add(feats.descriptors(vecs), ids + start, keys=names,
                   regions=_regions(regions, names, store, whole_image))
+        del vecs
+        geometry = _add_geometry(out / _GEOMETRY, index, store, names, add, feats.descriptors)
     store.close()
     index.save(out / "index.asmkit")
+    if names:
+        geometry.save(out / _GEOMETRY)
     _write_json(out / _PIPELINE, {"config": cfg.to_dict(), "image_root": str(root.resolve())})
     timings["index_s"] = time.perf_counter() - t0
     summary = {
@@ -395,12 +429,16 @@ def query_index(
     top: int = 10,
     model: str | os.PathLike | None = None,
     device: str = "cpu",
+    rerank: int = 0,
     box: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Query a saved index with image files.
 
-    ``box`` (x0, y0, x1, y1 in the pixels of the image as loaded) aggregates each query
-    from the features inside it only.
+    With ``rerank`` R > 0 the top R of each ranking are re-ranked by spatial verification
+    (``asmkit.verify.rerank``, on the workspace's geometry store) before the top ``top``
+    are kept; every result then also says its ``inliers`` (-1: not verified).
+    ``box`` (x0, y0, x1, y1 in the pixels of the image as loaded) keeps each query's
+    features inside it only.
 
     Returns
     -------
@@ -419,18 +457,23 @@ def query_index(
     result = extract_features([p.resolve() for p in paths], feats.extractor, root=common, progress=False, keep=True)
     queries = [(str(p), n) for p, n in zip(paths, names) if n in result.features]
     out = []
+    rerank = check_int(rerank, "rerank", min=0)
     if queries:
-        kept = [result.features[n] for _, n in queries]
+        qfeats = [result.features[n] for _, n in queries]
         if box is not None:
-            kept = [f.descriptors[in_box(f.keypoints, box)] if f.keypoints is not None else f.descriptors
-                    for f in kept]
-        else:
-            kept = [f.descriptors for f in kept]
-        scores, ids = idx.search([feats.descriptors(d) for d in kept], k=top)
+            qfeats = [_in_query_box(f, box) for f in qfeats]
+        scores, ids = idx.search([feats.descriptors(f.descriptors) for f in qfeats], k=max(top, rerank))
+        inliers = None
+        if rerank:
+            scores, ids, inliers = _rerank_queries(folder / _GEOMETRY, idx, qfeats, scores, ids, rerank,
+                                                   feats.descriptors)
         keys = idx.keys
         position = {int(i): p for p, i in enumerate(idx.ids)}
-        for (shown, _), srow, irow in zip(queries, scores, ids):
+        for row, ((shown, _), srow, irow) in enumerate(zip(queries, scores[:, :top], ids[:, :top])):
             hits = [{"name": keys[position[int(i)]], "score": float(s)} for s, i in zip(srow, irow) if i >= 0]
+            if inliers is not None:
+                for hit, count in zip(hits, inliers[row]):
+                    hit["inliers"] = int(count)
             out.append({"query": shown, "results": hits})
     return {
         "index": str(folder),
@@ -438,6 +481,22 @@ def query_index(
         "results": out,
         "failed": [{"name": n, "reason": r} for n, r in result.failed],
     }
+
+
+def _rerank_queries(path: Path, idx: Index, feats, scores, ids, top: int, describe):
+    """``(scores, ids, inliers)`` after re-ranking the top ``top`` by spatial verification."""
+    from .geometry import GeometryStore, feature_words
+    from .verify import VerifyOptions, rerank
+
+    if not path.is_dir():
+        raise FileNotFoundError(f"--rerank: the index has no geometry store ({path}); rebuild it with `asmkit index`")
+    geometry = GeometryStore.load(path, mmap=True, verify=False)
+    options = VerifyOptions()
+    kp = [f.keypoints for f in feats]
+    words, sigs = feature_words(idx.codebook, [describe(f.descriptors) if k is not None else describe(f.descriptors)[:0]
+                                               for f, k in zip(feats, kp)], m=options.query_m)
+    out = rerank(geometry, kp, words, ids, scores, query_signatures=sigs, top=top, options=options)
+    return out.scores, out.ids, out.inliers
 
 
 # ------------------------------------------------------------------------------ scores / pairs
@@ -494,8 +553,8 @@ def compute_scores(
     np.save(tmp, matrix.astype(np.float32, copy=False))
     os.replace(tmp, out)
     names_path = write_text_atomic(out.with_name(out.name + ".names.txt"), "".join(n + "\n" for n in names))
-    return {"scores": str(out), "names": str(names_path), "images": len(names),
-            "failed": [{"name": n, "reason": r} for n, r in failed], "timings": timings}
+    return {"scores": str(out), "names": str(names_path), "images": len(names), "features": str(store.path),
+            "image_root": str(root), "failed": [{"name": n, "reason": r} for n, r in failed], "timings": timings}
 
 
 def make_pairs(
@@ -505,6 +564,9 @@ def make_pairs(
     graph: str | None = None,
     top: int = 20,
     scores: str | os.PathLike | None = None,
+    verify: bool = False,
+    min_inliers: int = 15,
+    colmap_db: str | os.PathLike | None = None,
     **score_options: Any,
 ) -> dict[str, Any]:
     """Image pairs for SfM (``name_a name_b`` per line) from retrieval scores.
@@ -512,15 +574,26 @@ def make_pairs(
     Either ``scores`` (a matrix written by :func:`compute_scores`, its names file beside it)
     or ``images`` (scores are computed first, with ``score_options``). ``graph`` defaults
     to ``knn-<top>``.
+
+    With ``verify`` (images only) every pair is verified geometrically
+    (``asmkit.verify.verify_pairs``: mutual nearest neighbours, a fundamental matrix):
+    ``out`` keeps the pairs with at least ``min_inliers`` inliers and
+    ``<out>.inliers.txt`` lists every pair with its inliers. ``colmap_db`` (implies
+    ``verify``; extra ``[sfm]``) also writes keypoints, matches and two-view geometries
+    into a COLMAP database for pycolmap's mapper (``asmkit.colmap``).
     """
     from .pairs import pairs_from_scores, write_pairs
 
+    verify = verify or colmap_db is not None
+    if verify and images is None:
+        raise ArgumentError("--verify: give IMAGES (pairs are verified on their features), not --scores alone")
+    computed = None
     if scores is None:
         if images is None:
             raise ArgumentError("images: give an image folder / list, or --scores")
         out_path = Path(out)
         scores = out_path.with_name(out_path.stem + ".scores.npy")
-        compute_scores(images, out=scores, **score_options)
+        computed = compute_scores(images, out=scores, **score_options)
     scores = Path(scores)
     if not scores.is_file():
         raise FileNotFoundError(f"--scores: file not found: {scores}")
@@ -533,8 +606,37 @@ def make_pairs(
     matrix = load_npy(scores, "a scores matrix")
     graph = graph or f"knn-{top}"
     pairs = pairs_from_scores(matrix, names, graph)
+    summary = {"pairs": str(out), "n_pairs": len(pairs), "graph": graph, "images": len(names)}
+    if verify:
+        pairs = _verify_pairs(pairs, computed, out, min_inliers, colmap_db, summary)
     write_pairs(out, pairs)
-    return {"pairs": str(out), "n_pairs": len(pairs), "graph": graph, "images": len(names)}
+    return summary
+
+
+def _verify_pairs(pairs, computed: dict, out, min_inliers: int, colmap_db, summary: dict) -> list[tuple[str, str]]:
+    """The pairs with at least ``min_inliers`` inliers; writes ``<out>.inliers.txt`` and the
+    COLMAP database, and adds their counts to ``summary``."""
+    from .verify import VerifyOptions, verify_pairs
+
+    options = VerifyOptions(model="fundamental", threshold=4.0, min_inliers=min_inliers)
+    t0 = time.perf_counter()
+    with FeatureStore(computed["features"], None) as store:
+        geometries = verify_pairs(pairs, store, options=options)
+        keypoints = {n: store.get(n).keypoints for n in sorted({n for p in pairs for n in p})}
+    kept = [(g.name_a, g.name_b) for g in geometries if g.inliers >= min_inliers]
+    out = Path(out)
+    inliers_path = write_text_atomic(out.with_name(out.name + ".inliers.txt"),
+                                     "".join(f"{g.name_a} {g.name_b} {g.inliers}\n" for g in geometries))
+    summary.update(n_pairs=len(kept), n_tested=len(pairs), min_inliers=min_inliers, inliers=str(inliers_path),
+                   verify_s=time.perf_counter() - t0)
+    if colmap_db is not None:
+        from .colmap import write_database
+
+        if any(k is None for k in keypoints.values()):
+            raise ArgumentError("--colmap-db: the features have no keypoints")
+        summary["colmap"] = write_database(colmap_db, computed["image_root"], keypoints, geometries,
+                                           min_inliers=min_inliers)
+    return kept
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -553,6 +655,7 @@ def evaluate_dataset(
     report: str | os.PathLike | None = None,
     top: int = 10,
     device: str = "cpu",
+    rerank: int = 0,
     regions: str | os.PathLike | None = None,
     whole_image: bool = True,
 ) -> dict[str, Any]:
@@ -563,7 +666,10 @@ def evaluate_dataset(
     ``whole_image`` is False).
 
     The codebook is trained on the evaluated database images' descriptors unless
-    ``codebook`` is given; the result says which (``codebook_trained_on``).
+    ``codebook`` is given; the result says which (``codebook_trained_on``). With
+    ``rerank`` R > 0 the top R of every ranking are re-ranked by spatial verification
+    (``asmkit.verify``): the metrics are then those after re-ranking, ``before_rerank``
+    holds those before, and ``rerank`` the settings and the verification time.
     """
     from .evaluate import evaluate, load_ground_truth
     from .search import similarity_matrix
@@ -613,11 +719,17 @@ def evaluate_dataset(
         index.add(db, regions=db_regions)
         queries = descriptors(gt.queries)
         matrix = index.similarity_matrix(queries)
-    store.close()
     # Stable sort: exact ties keep database order, so results are reproducible.
     ranks = np.argsort(-matrix, axis=1, kind="stable")
     timings["search_s"] = time.perf_counter() - t0
     metrics = evaluate(ranks, gt)
+    before_rerank = None
+    if check_int(rerank, "rerank", min=0):
+        before_rerank = metrics
+        ranks, verify_info = _rerank_ranks(cb, store, have, gt, db, descriptors, matrix, ranks, rerank)
+        metrics = evaluate(ranks, gt)
+        timings["verify_s"] = verify_info["seconds"]
+    store.close()
     result = {
         **metrics,
         "preset": cfg.name,
@@ -627,6 +739,9 @@ def evaluate_dataset(
         "failed": [{"name": n, "reason": r} for n, r in failed],
         "timings": timings,
     }
+    if before_rerank is not None:
+        result["before_rerank"] = before_rerank
+        result["rerank"] = verify_info
     if report is not None:
         from .report import write_report
 
@@ -636,6 +751,42 @@ def evaluate_dataset(
                      gt=gt, top_k=k, title=f"asmkit: {gt.name} ({cfg.name})", metrics=metrics)
         result["report"] = str(report)
     return result
+
+
+def _rerank_ranks(cb: Codebook, store: FeatureStore, have: set, gt, db, describe, matrix, ranks, top: int):
+    """Evaluation rankings with their top ``top`` re-ranked by spatial verification, and
+    a summary (settings, seconds to build the geometry and to verify, verified candidates).
+    ``describe(names)`` gives images' descriptors in the codebook's space."""
+    from .geometry import GeometryStore, feature_words
+    from .verify import VerifyOptions, rerank
+
+    def keypoints(names):
+        return [store.get(n).keypoints if n in have else None for n in names]
+
+    options = VerifyOptions()
+    t0 = time.perf_counter()
+    db_kp = keypoints(gt.images)
+    geometry = GeometryStore.from_features(cb, db, db_kp)
+    same = gt.queries == gt.images
+    q_kp = db_kp if same else keypoints(gt.queries)
+    q_desc = db if same else describe(gt.queries)
+    q_words, q_sigs = feature_words(cb, [d if k is not None else d[:0] for d, k in zip(q_desc, q_kp)],
+                                    m=options.query_m)
+    geometry_s = time.perf_counter() - t0
+    k = min(top, ranks.shape[1])
+    t0 = time.perf_counter()
+    out = rerank(geometry, q_kp, q_words, ranks[:, :k], np.take_along_axis(matrix, ranks[:, :k], 1),
+                 query_signatures=q_sigs, top=k, options=options)
+    seconds = time.perf_counter() - t0
+    ranks = ranks.copy()
+    ranks[:, :k] = out.ids
+    info = {"top": k, "model": options.model, "threshold_px": options.threshold, "max_hamming": options.max_hamming,
+            "min_inliers": options.min_inliers, "query_m": options.query_m, "threads": options.n_threads,
+            "geometry_s": geometry_s,
+            "seconds": seconds, "ms_per_query": 1e3 * seconds / max(len(ranks), 1),
+            "geometry_bytes_per_image": geometry.bytes_per_image,
+            "verified_per_query": float((out.inliers >= options.min_inliers).sum() / max(len(ranks), 1))}
+    return ranks, info
 
 
 # ------------------------------------------------------------------------------ demo

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import pickle
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -47,6 +46,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
 
 from .extract import ImageFeatures
 from .io import load_image
+from .torch_files import load_torch_file
 from .whitening import PCAWhitening
 
 __all__ = [
@@ -334,22 +334,8 @@ class RetrievalHead(nn.Module):
 
 
 def _load_torch_dict(path: str | os.PathLike, fmt: str) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"path: no such file {str(path)!r}")
-    with open(path, "rb") as fh:
-        magic = fh.read(4)
-    # torch.save writes a zip archive; torch.load takes any other file for a legacy pickle
-    # and fails in ways that are not errors of a file (an IndexError for a text file).
-    if magic != b"PK\x03\x04":
-        raise FileFormatError(path, f"not an {fmt} file (not a torch file)")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    # A damaged archive or foreign classes; torch's messages suggest weights_only=False,
-    # which would run the file's code, so they are not passed on.
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, AttributeError,
-            UnicodeDecodeError, ImportError, TypeError, IndexError):
-        raise FileFormatError(path, f"not an {fmt} file (a damaged or foreign torch file)") from None
+    # torch.save writes a zip archive: a legacy pickle is never one of these files.
+    data = load_torch_file(path, f"an {fmt} file", legacy=False)
     if not isinstance(data, Mapping) or data.get("format") != fmt:
         raise FileFormatError(path, f"not an {fmt} file")
     return dict(data)

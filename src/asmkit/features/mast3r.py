@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import pickle
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -31,16 +29,13 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
 
 from .backbones import Normalize  # noqa: E402
 from .deep import RetrievalHead  # noqa: E402
+from .torch_files import load_torch_file  # noqa: E402
 
 __all__ = ["Mast3rCheckpoint", "load_mast3r_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
 _NOT_A_CHECKPOINT = "not a MASt3R retrieval checkpoint"
-# What torch.load reads: a zip archive (torch >= 1.6) or a legacy pickle (protocol 2+ opens
-# with b"\x80"). torch takes any other file for a legacy one and fails in ways that are
-# not errors of a file (an IndexError for a text file), so they are refused before it.
-_TORCH_MAGICS = (b"PK\x03\x04", b"\x80")
 
 
 @dataclass
@@ -87,24 +82,7 @@ def _codebook_centroids(obj: Any, path: Path) -> np.ndarray:
 
 def _read_checkpoint(path: Path) -> Mapping[str, Any]:
     """The checkpoint dict, read with ``weights_only=True`` (nothing else is unpickled)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"path: no such checkpoint {str(path)!r}")
-    with open(path, "rb") as fh:
-        head = fh.read(4)
-    if not head.startswith(_TORCH_MAGICS):
-        raise FileFormatError(path, f"{_NOT_A_CHECKPOINT}: not a torch weights file")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
-            # A plain pickle (a codebook) makes torch warn about its protocol before failing.
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    # torch reports a foreign file in many ways (a pickle with other classes, a text file,
-    # a truncated zip); its messages suggest weights_only=False, which would run the file's
-    # code, so they are not passed on.
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, AttributeError,
-            UnicodeDecodeError, ImportError, TypeError, IndexError):
-        what = "a pickle (such as a codebook .pkl)" if path.suffix == ".pkl" else "not a torch weights file"
-        raise FileFormatError(path, f"{_NOT_A_CHECKPOINT}: {what}") from None
+    ckpt = load_torch_file(path, "a MASt3R retrieval checkpoint", safe_globals=[argparse.Namespace])
     if not isinstance(ckpt, Mapping) or "args" not in ckpt or "model" not in ckpt:
         raise FileFormatError(path, f"{_NOT_A_CHECKPOINT}: a torch file without 'args' and 'model'")
     if not isinstance(ckpt["model"], Mapping) or not isinstance(ckpt["args"], (argparse.Namespace, Mapping)):
