@@ -48,6 +48,25 @@ def _add_pipeline_flags(p: argparse.ArgumentParser, *, model: bool = True) -> No
     _add_device_flag(p)
 
 
+def _add_regions_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--regions", help="R-ASMK: database regions from grid, proposals, or a box file "
+                                     "(JSON/CSV, image paths as named here); see docs/regions.md")
+    p.add_argument("--no-whole-image", dest="whole_image", action="store_false",
+                   help="with --regions: the boxes only, the whole image is not a region")
+
+
+def _query_box(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        box = [float(v) for v in text.split(",")]
+    except ValueError:
+        box = []
+    if len(box) != 4:
+        raise ArgumentError(f"--query-box: expected x0,y0,x1,y1 (pixels), got {text!r}")
+    return box
+
+
 def _add_device_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu",
                    help="cpu (default), cuda or cuda:N: deep features and quantization on that GPU")
@@ -71,11 +90,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--add", action="store_true", help="add IMAGES to the existing index at --out")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     _add_pipeline_flags(p)
+    _add_regions_flag(p)
 
     p = sub.add_parser("query", help="query a saved index with image files")
     p.add_argument("index", help="index workspace folder (from `asmkit index`)")
     p.add_argument("images", nargs="+", help="query image files")
     p.add_argument("--top", type=int, default=10, help="results per query (default 10)")
+    p.add_argument("--query-box", help="x0,y0,x1,y1: aggregate each query from the features in this box only")
     p.add_argument("--model", help="MASt3R retrieval checkpoint (mast3r indexes)")
     _add_device_flag(p)
     p.add_argument("--rerank", type=int, default=0, metavar="R",
@@ -88,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", help="folder for features and learned whitening (default: ~/.cache/asmkit)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     _add_pipeline_flags(p)
+    _add_regions_flag(p)
 
     p = sub.add_parser("pairs", help="image pairs for SfM from retrieval scores")
     p.add_argument("images", nargs="?", help="image folder or list file (or give --scores)")
@@ -102,6 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--colmap-db", help="also write a COLMAP database (keypoints, matches, geometries; needs [sfm])")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     _add_pipeline_flags(p)
+    _add_regions_flag(p)
 
     p = sub.add_parser("eval", help="mAP / mP@k / N-S of a preset on a data set with gt.json")
     p.add_argument("data", help="data-set folder holding gt.json")
@@ -112,6 +135,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="re-rank the top R by spatial verification; --json reports before and after")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_pipeline_flags(p)
+    _add_regions_flag(p)
 
     p = sub.add_parser("report", help="static HTML page of retrieval results")
     p.add_argument("index", nargs="?", help="index workspace to query (with --queries)")
@@ -171,7 +195,8 @@ def _run(args: argparse.Namespace) -> int:
         summary = pipeline.build_index(
             args.images, out=args.out, preset=args.preset, config=args.config, codebook=args.codebook,
             codebook_size=args.codebook_size, train=args.train, model=args.model, add=args.add,
-            workers=args.workers, device=args.device)
+            workers=args.workers, device=args.device, regions=args.regions,
+            whole_image=args.whole_image)
         t = summary["timings"]
         _print(summary, args.json,
                f"{'added' if args.add else 'indexed'} {summary['added']} images into {summary['index']} "
@@ -182,7 +207,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "query":
         res = pipeline.query_index(args.index, args.images, top=args.top, model=args.model, device=args.device,
-                                   rerank=args.rerank)
+                                   rerank=args.rerank, box=_query_box(args.query_box))
         lines = []
         for q in res["results"]:
             lines.append(q["query"])
@@ -195,7 +220,8 @@ def _run(args: argparse.Namespace) -> int:
         res = pipeline.compute_scores(
             args.images, out=args.out, preset=args.preset, config=args.config, model=args.model,
             codebook=args.codebook, codebook_size=args.codebook_size, cache=args.cache, workers=args.workers,
-            device=args.device)
+            device=args.device, regions=args.regions,
+            whole_image=args.whole_image)
         t = res["timings"]
         _print(res, args.json,
                f"wrote {res['images']}x{res['images']} scores to {res['scores']} (names: {res['names']}); "
@@ -208,7 +234,8 @@ def _run(args: argparse.Namespace) -> int:
             args.images, out=args.out, graph=args.graph, top=args.top, scores=args.scores,
             preset=args.preset, config=args.config, model=args.model, codebook=args.codebook,
             codebook_size=args.codebook_size, cache=args.cache, workers=args.workers, device=args.device,
-            verify=args.verify, min_inliers=args.min_inliers, colmap_db=args.colmap_db)
+            verify=args.verify, min_inliers=args.min_inliers, colmap_db=args.colmap_db,
+            regions=args.regions, whole_image=args.whole_image)
         text = f"wrote {res['n_pairs']} pairs ({res['graph']}) among {res['images']} images to {res['pairs']}"
         if "n_tested" in res:
             text += f"; {res['n_tested'] - res['n_pairs']} of {res['n_tested']} failed verification ({res['inliers']})"
@@ -221,7 +248,8 @@ def _run(args: argparse.Namespace) -> int:
         res = pipeline.evaluate_dataset(
             args.data, preset=args.preset, config=args.config, codebook=args.codebook,
             codebook_size=args.codebook_size, model=args.model, cache=args.cache, workers=args.workers,
-            report=args.report, top=args.top, device=args.device, rerank=args.rerank)
+            report=args.report, top=args.top, device=args.device, rerank=args.rerank, regions=args.regions,
+            whole_image=args.whole_image)
         text = (f"{res['dataset']} ({res['preset']}): mAP {res['map']:.4f}, "
                 f"mP@1/5/10 {res['mp']['1']:.4f}/{res['mp']['5']:.4f}/{res['mp']['10']:.4f}")
         if "ns_score" in res:

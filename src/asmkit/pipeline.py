@@ -31,9 +31,10 @@ from ._io import write_text_atomic
 from ._validation import ArgumentError, FileFormatError, check_int
 from .codebook import Codebook
 from .config import PipelineConfig, load_config
-from .features import FeatureStore, extract_features, image_names, list_images
+from .features import FeatureStore, ImageFeatures, extract_features, image_names, list_images
 from .features.factory import Features, build_extractor, extraction_settings, feature_options
 from .index import Index
+from .regions import Regions, in_box, regions_for_features
 from .storage import StorageError
 
 logger = logging.getLogger(__name__)
@@ -281,6 +282,32 @@ def _add_geometry(path: Path, index: Index, store: FeatureStore, names: list[str
 # ------------------------------------------------------------------------------ index / query
 
 
+def _in_query_box(feats: ImageFeatures, box: Sequence[float]) -> ImageFeatures:
+    """The features of a query whose keypoint lies in ``box`` (``--query-box``)."""
+    if feats.keypoints is None:
+        raise ArgumentError("--query-box: the query's features have no keypoints")
+    keep = in_box(feats.keypoints, box)
+    return ImageFeatures(descriptors=feats.descriptors[keep], keypoints=feats.keypoints[keep],
+                         attention=None if feats.attention is None else feats.attention[keep],
+                         global_descriptor=feats.global_descriptor)
+
+
+def _regions(source: str | os.PathLike | None, names: Sequence[str], store: FeatureStore,
+             whole_image: bool) -> Regions | None:
+    """R-ASMK regions (``--regions``: "grid", "proposals" or a box file; the whole image too
+    unless ``whole_image`` is False) of the named images from their stored keypoints; the
+    image sizes are not stored, so the grid and the proposals cover each image's keypoint
+    extent. An image not in the store (unreadable) has no region. None without a source."""
+    if source is None:
+        return None
+    none = ImageFeatures(descriptors=np.zeros((0, 1), np.float32), keypoints=np.zeros((0, 4), np.float32))
+    regions = regions_for_features(source, names, [store.get(n) if store.has(n) else none for n in names],
+                                   whole_image=whole_image)
+    logger.info("regions: %d kept over %d images (%d boxes, %d clipped, %d outside, %d empty)", regions.n_regions,
+                regions.n_images, regions.n_boxes, regions.n_clipped, regions.n_outside, regions.n_empty)
+    return regions
+
+
 def build_index(
     images: str | os.PathLike,
     *,
@@ -294,8 +321,13 @@ def build_index(
     add: bool = False,
     workers: int | None = None,
     device: str = "cpu",
+    regions: str | os.PathLike | None = None,
+    whole_image: bool = True,
 ) -> dict[str, Any]:
     """Extract, train the codebook, build the inverted file and save the workspace ``out``.
+
+    ``regions`` ("grid", "proposals" or a box file, docs/regions.md) indexes the images by
+    R-ASMK(*), with the whole image as a region too unless ``whole_image`` is False.
 
     Rerunning resumes: features already in the store are not extracted again and a trained
     codebook is reused. With ``add=True`` the images not yet indexed are added to the
@@ -349,7 +381,8 @@ def build_index(
     if names:
         vecs, ids = store.stack(names)
         start = int(index.ids.max()) + 1 if len(index) else 0
-        index.add(feats.descriptors(vecs), ids + start, keys=names)
+        index.add(feats.descriptors(vecs), ids + start, keys=names,
+                  regions=_regions(regions, names, store, whole_image))
         del vecs
         geometry = _add_geometry(out / _GEOMETRY, index, store, names, add, feats.descriptors)
     store.close()
@@ -397,12 +430,15 @@ def query_index(
     model: str | os.PathLike | None = None,
     device: str = "cpu",
     rerank: int = 0,
+    box: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Query a saved index with image files.
 
     With ``rerank`` R > 0 the top R of each ranking are re-ranked by spatial verification
     (``asmkit.verify.rerank``, on the workspace's geometry store) before the top ``top``
     are kept; every result then also says its ``inliers`` (-1: not verified).
+    ``box`` (x0, y0, x1, y1 in the pixels of the image as loaded) keeps each query's
+    features inside it only.
 
     Returns
     -------
@@ -424,6 +460,8 @@ def query_index(
     rerank = check_int(rerank, "rerank", min=0)
     if queries:
         qfeats = [result.features[n] for _, n in queries]
+        if box is not None:
+            qfeats = [_in_query_box(f, box) for f in qfeats]
         scores, ids = idx.search([feats.descriptors(f.descriptors) for f in qfeats], k=max(top, rerank))
         inliers = None
         if rerank:
@@ -477,8 +515,13 @@ def compute_scores(
     workers: int | None = None,
     chunk: int = 256,
     device: str = "cpu",
+    regions: str | os.PathLike | None = None,
+    whole_image: bool = True,
 ) -> dict[str, Any]:
     """The all-vs-all N x N similarity matrix of an image set (row = query, list order).
+
+    ``regions`` ("grid", "proposals" or a box file) aggregates the database side by R-ASMK(*)
+    (with the whole image too unless ``whole_image`` is False).
 
     Writes ``out`` (float32 ``.npy``) and ``<out>.names.txt`` (one image name per line, the
     matrix order). Images that cannot be read are left out of both and reported.
@@ -496,13 +539,14 @@ def compute_scores(
     if not names:
         raise ArgumentError(f"{images}: no image could be read ({len(failed)} failed)")
     vecs, ids = store.stack(names)
+    image_regions = _regions(regions, names, store, whole_image)
     store.close()
     vecs = feats.descriptors(vecs)
     t0 = time.perf_counter()
     cb, _ = _get_codebook(cfg, given=codebook, model_codebook=feats.codebook, training=lambda: [vecs], dim=vecs.shape[1])
     timings["codebook_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    matrix = similarity_matrix(_on_device(cb, device), vecs, ids, cfg.params, chunk=chunk)
+    matrix = similarity_matrix(_on_device(cb, device), vecs, ids, cfg.params, chunk=chunk, regions=image_regions)
     timings["scores_s"] = time.perf_counter() - t0
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.npy")
@@ -612,8 +656,14 @@ def evaluate_dataset(
     top: int = 10,
     device: str = "cpu",
     rerank: int = 0,
+    regions: str | os.PathLike | None = None,
+    whole_image: bool = True,
 ) -> dict[str, Any]:
     """mAP (and N-S, E/M/H when the ground truth has them) of a preset on a data set.
+
+    ``regions`` ("grid", "proposals" or a box file naming images relative to the data-set
+    root) aggregates the database images by R-ASMK(*) (with the whole image too unless
+    ``whole_image`` is False).
 
     The codebook is trained on the evaluated database images' descriptors unless
     ``codebook`` is given; the result says which (``codebook_trained_on``). With
@@ -661,11 +711,12 @@ def evaluate_dataset(
 
     t0 = time.perf_counter()
     cb = _on_device(cb, device)
+    db_regions = _regions(regions, gt.images, store, whole_image)
     if gt.queries == gt.images:
-        matrix = similarity_matrix(cb, db, params=cfg.params)
+        matrix = similarity_matrix(cb, db, params=cfg.params, regions=db_regions)
     else:
         index = Index(cb, cfg.params)
-        index.add(db)
+        index.add(db, regions=db_regions)
         queries = descriptors(gt.queries)
         matrix = index.similarity_matrix(queries)
     # Stable sort: exact ties keep database order, so results are reproducible.
