@@ -33,6 +33,7 @@ from .codebook import Codebook
 from .config import PipelineConfig, load_config
 from .features import FeatureStore, extract_features, image_names, list_images
 from .features.factory import Features, build_extractor, extraction_settings, feature_options
+from .hybrid import fuse, hybrid_spec
 from .index import Index
 from .storage import StorageError
 
@@ -516,10 +517,69 @@ def evaluate_dataset(
     ``codebook`` is given; the result says which (``codebook_trained_on``).
     """
     from .evaluate import evaluate, load_ground_truth
-    from .search import similarity_matrix
 
     gt = load_ground_truth(data)
-    cfg = load_config(preset, config, codebook_size=codebook_size)
+    spec = hybrid_spec(preset)
+    if spec is None:
+        cfgs = [load_config(preset, config, codebook_size=codebook_size)]
+    else:
+        _check_hybrid_options(preset, config=config, codebook=codebook, codebook_size=codebook_size)
+        cfgs = [load_config(m) for m in spec.members]
+    parts = [_dataset_matrix(gt, cfg, data=data, codebook=codebook, model=model, cache=cache, workers=workers,
+                             device=device) for cfg in cfgs]
+    if spec is None:
+        matrix, trained_on, failed, timings = parts[0]
+        cfg = cfgs[0]
+        params: Any = cfg.params.to_dict()
+    else:
+        cfg = load_config(preset)
+        t0 = time.perf_counter()
+        matrix = fuse([p[0] for p in parts], spec.fusion)
+        trained_on = {c.name: p[1] for c, p in zip(cfgs, parts)}
+        failed = sorted({f for p in parts for f in p[2]})
+        timings = {f"{c.name}.{k}": v for c, p in zip(cfgs, parts) for k, v in p[3].items()}
+        timings["fusion_s"] = time.perf_counter() - t0
+        params = {"hybrid": spec.to_dict(), **{c.name: c.params.to_dict() for c in cfgs}}
+    # Stable sort: exact ties keep database order, so results are reproducible.
+    ranks = np.argsort(-matrix, axis=1, kind="stable")
+    metrics = evaluate(ranks, gt)
+    result = {
+        **metrics,
+        "preset": cfg.name,
+        "dataset": gt.name,
+        "params": params,
+        "codebook_trained_on": trained_on,
+        "failed": [{"name": n, "reason": r} for n, r in failed],
+        "timings": timings,
+    }
+    root = Path(gt.root)
+    if report is not None:
+        from .report import write_report
+
+        k = min(top, ranks.shape[1])
+        write_report(report, names=gt.images, image_root=root, ranks=ranks[:, :k],
+                     scores=np.take_along_axis(matrix, ranks[:, :k], axis=1), query_names=gt.queries,
+                     gt=gt, top_k=k, title=f"asmkit: {gt.name} ({cfg.name})", metrics=metrics)
+        result["report"] = str(report)
+    return result
+
+
+def _check_hybrid_options(preset: str, **options: Any) -> None:
+    """A hybrid preset takes its members' settings: a config file or codebook would be ambiguous."""
+    given = [k for k, v in options.items() if v is not None]
+    if given:
+        raise ArgumentError(f"--preset {preset}: a hybrid preset takes no --{given[0].replace('_', '-')} "
+                            "(each member uses its own preset's settings)")
+
+
+def _dataset_matrix(gt, cfg: PipelineConfig, *, data, codebook, model, cache, workers, device):
+    """Query x database similarities of one (non-hybrid) preset on a data set.
+
+    Returns (float32 ``[Q, N]`` matrix, where the codebook came from, failed (name, reason)
+    pairs, timings).
+    """
+    from .search import similarity_matrix
+
     root = Path(gt.root)
     all_names = list(dict.fromkeys(gt.images + gt.queries))
     paths = [root / n for n in all_names]
@@ -562,28 +622,8 @@ def evaluate_dataset(
         queries = descriptors(gt.queries)
         matrix = index.similarity_matrix(queries)
     store.close()
-    # Stable sort: exact ties keep database order, so results are reproducible.
-    ranks = np.argsort(-matrix, axis=1, kind="stable")
     timings["search_s"] = time.perf_counter() - t0
-    metrics = evaluate(ranks, gt)
-    result = {
-        **metrics,
-        "preset": cfg.name,
-        "dataset": gt.name,
-        "params": cfg.params.to_dict(),
-        "codebook_trained_on": trained_on,
-        "failed": [{"name": n, "reason": r} for n, r in failed],
-        "timings": timings,
-    }
-    if report is not None:
-        from .report import write_report
-
-        k = min(top, ranks.shape[1])
-        write_report(report, names=gt.images, image_root=root, ranks=ranks[:, :k],
-                     scores=np.take_along_axis(matrix, ranks[:, :k], axis=1), query_names=gt.queries,
-                     gt=gt, top_k=k, title=f"asmkit: {gt.name} ({cfg.name})", metrics=metrics)
-        result["report"] = str(report)
-    return result
+    return matrix, trained_on, [tuple(f) for f in failed], timings
 
 
 # ------------------------------------------------------------------------------ demo
