@@ -16,8 +16,8 @@ Gaussian blur, and ``mix`` (four of the others composed, in random order).
 
 Usage::
 
-    PYTHONPATH=src python benchmarks/bench_robustness.py --out /tmp/robust \\
-        --originals 20 --distractors 100 --presets sift deep deep_rot hybrid
+    PYTHONPATH=src python -m benchmarks.bench_robustness --out /tmp/rb10 \\
+        --originals 10 --distractors 50 --presets sift deep deep_rot hybrid hybrid_rank
 
 The ``families`` field of gt.json maps each positive image to its family name, so that
 ``asmkit eval DIR --json`` reports mAP per family (``families`` in its output).
@@ -36,7 +36,10 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageFilter
 
-UKBENCH = Path(__file__).resolve().parents[1] / ".." / ".." / "shared" / "datasets" / "ukbench2000"
+_REPO = Path(__file__).resolve().parents[1]
+# The shared data sets sit beside the main checkout (../shared); worktrees are a level deeper.
+UKBENCH = next((p for p in (_REPO.parent / "shared", _REPO.parent.parent / "shared")
+                if (p / "datasets" / "ukbench2000").is_dir()), _REPO.parent / "shared") / "datasets" / "ukbench2000"
 GRAY = (128, 128, 128)
 
 
@@ -198,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--distractors", type=int, default=100, help="UKBench groups used as distractors")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--demo", action="store_true", help="also use the scikit-image demo photos as originals")
-    p.add_argument("--ukbench", type=Path, default=UKBENCH.resolve())
+    p.add_argument("--ukbench", type=Path, default=UKBENCH)
     p.add_argument("--presets", nargs="*", default=["sift", "deep"])
     p.add_argument("--build-only", action="store_true")
     p.add_argument("--json", type=Path, help="write the results here")

@@ -33,7 +33,7 @@ from .codebook import Codebook
 from .config import PipelineConfig, load_config
 from .features import FeatureStore, extract_features, image_names, list_images
 from .features.factory import Features, build_extractor, extraction_settings, feature_options
-from .hybrid import fuse, hybrid_spec
+from .hybrid import HybridSpec, fuse, hybrid_spec
 from .index import Index
 from .storage import StorageError
 
@@ -282,6 +282,9 @@ def build_index(
     dict
         Summary: images indexed, failed files, timings.
     """
+    if hybrid_spec(preset) is not None and not add:
+        raise ArgumentError(f"--preset {preset}: a hybrid preset has no single index yet; use it with "
+                            "eval, scores or pairs, or index each member preset on its own")
     out = Path(out)
     timings: dict[str, float] = {}
     if add:
@@ -427,6 +430,10 @@ def compute_scores(
     """
     from .search import similarity_matrix
 
+    spec = hybrid_spec(preset)
+    if spec is not None:
+        _check_hybrid_options(preset, config=config, codebook=codebook, codebook_size=codebook_size, cache=cache)
+        return _hybrid_scores(spec, images, out=Path(out), model=model, workers=workers, chunk=chunk, device=device)
     out = Path(out)
     cfg = load_config(preset, config, codebook_size=codebook_size)
     paths, root = _images(images)
@@ -453,6 +460,38 @@ def compute_scores(
     names_path = write_text_atomic(out.with_name(out.name + ".names.txt"), "".join(n + "\n" for n in names))
     return {"scores": str(out), "names": str(names_path), "images": len(names),
             "failed": [{"name": n, "reason": r} for n, r in failed], "timings": timings}
+
+
+def _hybrid_scores(spec: HybridSpec, images, *, out: Path, **options: Any) -> dict[str, Any]:
+    """:func:`compute_scores` of each member (``<out stem>.<member>.npy`` beside ``out``), fused
+    over the images every member could read."""
+    from ._io import load_npy, read_lines
+
+    members = []
+    for name in spec.members:
+        path = out.with_name(f"{out.stem}.{name}.npy")
+        summary = compute_scores(images, out=path, preset=name, **options)
+        members.append((load_npy(path, "a scores matrix"), read_lines(summary["names"], "a names file"), summary))
+    common = set.intersection(*(set(names) for _, names, _ in members))
+    names = [n for n in members[0][1] if n in common]
+    t0 = time.perf_counter()
+    parts = []
+    for matrix, member_names, _ in members:
+        pos = {n: i for i, n in enumerate(member_names)}
+        keep = np.array([pos[n] for n in names], dtype=np.int64)
+        parts.append(matrix[np.ix_(keep, keep)])
+    fused = fuse(parts, spec.fusion)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.npy")
+    np.save(tmp, fused)
+    os.replace(tmp, out)
+    names_path = write_text_atomic(out.with_name(out.name + ".names.txt"), "".join(n + "\n" for n in names))
+    failed = {f["name"]: f["reason"] for _, _, summary in members for f in summary["failed"]}
+    timings = {f"{m}.{k}": v for m, (_, _, summary) in zip(spec.members, members) for k, v in summary["timings"].items()}
+    timings["fusion_s"] = time.perf_counter() - t0
+    return {"scores": str(out), "names": str(names_path), "images": len(names), "hybrid": spec.to_dict(),
+            "members": {m: summary["scores"] for m, (_, _, summary) in zip(spec.members, members)},
+            "failed": [{"name": n, "reason": r} for n, r in sorted(failed.items())], "timings": timings}
 
 
 def make_pairs(
