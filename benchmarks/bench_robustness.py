@@ -145,21 +145,29 @@ def _demo_photos() -> dict[str, Image.Image]:
     return out
 
 
-def build(out: Path, *, originals: int, distractors: int, seed: int, demo: bool, ukbench: Path) -> Path:
+def build(out: Path, *, originals: int, distractors: int, seed: int, demo: bool, ukbench: Path,
+          max_side: int = 640) -> Path:
     """Write ``out/images`` and ``out/gt.json``; return ``out``.
 
     ``originals`` UKBench groups give one query each (plus the demo photos when ``demo``);
-    ``distractors`` further groups give one database image each.
+    ``distractors`` further groups give one database image each. Every source image is first
+    shrunk to a longer side of at most ``max_side`` (UKBench images are 640 x 480).
     """
     groups = json.loads((ukbench / "gt.json").read_text())["groups"]
     if originals + distractors > len(groups):
         raise SystemExit(f"--originals + --distractors: at most {len(groups)} UKBench groups")
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(groups))
-    sources = {Path(groups[g][0]).stem: Image.open(ukbench / groups[g][0]).convert("RGB")
-               for g in order[:originals]}
+    def load(name: str) -> Image.Image:
+        img = Image.open(ukbench / name).convert("RGB")
+        img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+        return img
+
+    sources = {Path(groups[g][0]).stem: load(groups[g][0]) for g in order[:originals]}
     if demo:
         sources.update(_demo_photos())
+        for img in sources.values():
+            img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     (out / "images").mkdir(parents=True, exist_ok=True)
     images, queries, positives, junk, families, group_list = [], [], {}, {}, {}, []
     for name, img in sources.items():
@@ -179,7 +187,7 @@ def build(out: Path, *, originals: int, distractors: int, seed: int, demo: bool,
         group_list.append(group)
     for g in order[originals:originals + distractors]:
         d = f"images/distractor_{Path(groups[g][0]).stem}.jpg"
-        Image.open(ukbench / groups[g][0]).convert("RGB").save(out / d, quality=92)
+        load(groups[g][0]).save(out / d, quality=92)
         images.append(d)
     gt = {
         "name": f"robustness-{len(sources)}x{len(FAMILIES)}+{distractors}",
@@ -188,7 +196,7 @@ def build(out: Path, *, originals: int, distractors: int, seed: int, demo: bool,
         "protocol_note": "Each query is an original photo; its positives are one variant per family "
                          "(families[name]); the query itself is junk. Distractors are UKBench images of other objects.",
         "source": f"benchmarks/bench_robustness.py --originals {originals} --distractors {distractors} --seed {seed}"
-                  + (" --demo" if demo else ""),
+                  f" --max-side {max_side}" + (" --demo" if demo else ""),
     }
     (out / "gt.json").write_text(json.dumps(gt, indent=1) + "\n")
     return out
@@ -202,12 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--demo", action="store_true", help="also use the scikit-image demo photos as originals")
     p.add_argument("--ukbench", type=Path, default=UKBENCH)
+    p.add_argument("--max-side", type=int, default=640, help="shrink source images to this longer side first")
     p.add_argument("--presets", nargs="*", default=["sift", "deep"])
     p.add_argument("--build-only", action="store_true")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
     data = build(args.out, originals=args.originals, distractors=args.distractors, seed=args.seed,
-                 demo=args.demo, ukbench=args.ukbench)
+                 demo=args.demo, ukbench=args.ukbench, max_side=args.max_side)
     if args.build_only:
         print(data)
         return 0
