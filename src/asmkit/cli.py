@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 from . import __version__
 from ._validation import ArgumentError, AsmkitError
+from .params import preset_names
 
 logger = logging.getLogger("asmkit")
 
@@ -37,7 +38,8 @@ _USER_ERRORS = (AsmkitError, OSError)
 
 
 def _add_pipeline_flags(p: argparse.ArgumentParser, *, model: bool = True) -> None:
-    p.add_argument("--preset", default="sift", help="sift (default), deep or mast3r; see `asmkit presets`")
+    p.add_argument("--preset", default="sift",
+                   help=f"one of {', '.join(preset_names())} (default sift); see `asmkit presets`")
     p.add_argument("--config", help="TOML/YAML file overriding the preset ([features], [asmk])")
     p.add_argument("--codebook", help="codebook to use (.asmkit folder, or the reference's .pkl)")
     p.add_argument("--codebook-size", help="visual words when training a codebook, e.g. 4096 or 64k")
@@ -61,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
     verbosity.add_argument("-q", "--quiet", action="store_true", help="errors only, no progress bars")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="threads for torch and numba (default: theirs, usually every core)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("index", help="extract features, train a codebook, build and save an index")
@@ -79,19 +83,21 @@ def _parser() -> argparse.ArgumentParser:
     _add_device_flag(p)
     p.add_argument("--json", action="store_true", help="print JSON")
 
-    p = sub.add_parser("scores", help="N x N similarity matrix of an image set (row = query)")
+    p = sub.add_parser("scores", help="N x N similarity matrix of an image set (row = query), or each row's K best")
     p.add_argument("images", help="image folder or list file")
-    p.add_argument("--out", required=True, help="output .npy (names go to <out>.names.txt)")
+    p.add_argument("--out", required=True,
+                   help="output .npy (names go to <out>.names.txt), or .npz with --top (rows, cols, scores, names)")
+    p.add_argument("--top", type=int, help="keep each row's K best other images (sparse, O(N K) memory)")
     p.add_argument("--cache", help="folder for features and learned whitening (default: ~/.cache/asmkit)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     _add_pipeline_flags(p)
 
     p = sub.add_parser("pairs", help="image pairs for SfM from retrieval scores")
-    p.add_argument("images", nargs="?", help="image folder or list file (or give --scores)")
+    p.add_argument("images", nargs="?", help="image folder, list file or index workspace (or give --scores)")
     p.add_argument("--out", required=True, help="pairs file (`name_a name_b` per line)")
     p.add_argument("--top", type=int, default=20, help="neighbours per image for the default knn graph")
     p.add_argument("--graph", help="knn-K | retrieval-NA-K | sequential-W[+retrieval-K] | complete")
-    p.add_argument("--scores", help="a matrix from `asmkit scores` instead of IMAGES")
+    p.add_argument("--scores", help="scores from `asmkit scores` (.npy, or .npz with --top) instead of IMAGES")
     p.add_argument("--cache", help="folder for features and learned whitening")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     _add_pipeline_flags(p)
@@ -107,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="static HTML page of retrieval results")
     p.add_argument("index", nargs="?", help="index workspace to query (with --queries)")
     p.add_argument("--queries", nargs="+", help="query image files (with INDEX)")
-    p.add_argument("--results", help="a results .npz (ids, scores) instead of INDEX")
+    p.add_argument("--results", help="a results .npz (ids, scores), or sparse scores from `scores --top`, instead of INDEX")
     p.add_argument("--gt", help="data-set folder with gt.json: colours results, adds a PR plot")
     p.add_argument("--names", help="database names file (with --results)")
     p.add_argument("--query-names", help="query names file (with --results)")
@@ -171,13 +177,14 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "scores":
         res = pipeline.compute_scores(
-            args.images, out=args.out, preset=args.preset, config=args.config, model=args.model,
+            args.images, out=args.out, top=args.top, preset=args.preset, config=args.config, model=args.model,
             codebook=args.codebook, codebook_size=args.codebook_size, cache=args.cache, workers=args.workers,
             device=args.device)
         t = res["timings"]
+        shape = f"{res['images']}x{res['top']} top" if "top" in res else f"{res['images']}x{res['images']}"
         _print(res, args.json,
-               f"wrote {res['images']}x{res['images']} scores to {res['scores']} (names: {res['names']}); "
-               f"extract {t['extract_s']:.1f}s, codebook {t['codebook_s']:.1f}s, scores {t['scores_s']:.2f}s"
+               f"wrote {shape} scores to {res['scores']} (names: {res['names']}); "
+               + ", ".join(f"{key[:-2]} {value:.1f}s" for key, value in t.items())
                + _failed_lines(res["failed"]))
         return 0
 
@@ -253,12 +260,33 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _set_threads(n: int) -> None:
+    """Cap torch's and numba's threads at ``n`` (whichever of them is installed)."""
+    from ._validation import check_int
+
+    n = check_int(n, "--threads", min=1)
+    import numba
+
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(n)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``asmkit`` console script."""
     args = _parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # Python warnings go through logging (logger "py.warnings"), so that -q silences them too.
+    logging.captureWarnings(True)
+    if args.quiet:
+        logging.getLogger("py.warnings").setLevel(logging.ERROR)
     try:
+        if args.threads is not None:
+            _set_threads(args.threads)
         return _run(args)
     except _USER_ERRORS as exc:
         if args.verbose:

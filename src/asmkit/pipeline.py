@@ -23,17 +23,18 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from ._io import write_text_atomic
-from ._validation import ArgumentError
+from ._validation import ArgumentError, check_int
 from .codebook import Codebook
 from .config import PipelineConfig, load_config
 from .features import FeatureStore, extract_features, image_names, list_images
 from .features.factory import Features, build_extractor, extraction_settings, feature_options
 from .index import Index
+from .pairs import SparseScores
 from .storage import StorageError
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,9 @@ __all__ = [
     "build_index",
     "compute_scores",
     "evaluate_dataset",
+    "anchor_scorer",
     "fit_codebook_size",
+    "index_topk",
     "make_pairs",
     "query_index",
     "run_demo",
@@ -409,6 +412,7 @@ def compute_scores(
     images: str | os.PathLike,
     *,
     out: str | os.PathLike,
+    top: int | None = None,
     preset: str = "sift",
     config: str | os.PathLike | None = None,
     model: str | os.PathLike | None = None,
@@ -419,14 +423,29 @@ def compute_scores(
     chunk: int = 256,
     device: str = "cpu",
 ) -> dict[str, Any]:
-    """The all-vs-all N x N similarity matrix of an image set (row = query, list order).
+    """The all-vs-all similarities of an image set (row = query, list order).
 
-    Writes ``out`` (float32 ``.npy``) and ``<out>.names.txt`` (one image name per line, the
-    matrix order). Images that cannot be read are left out of both and reported.
+    Without ``top``: the dense N x N matrix, ``out`` (float32 ``.npy``) and
+    ``<out>.names.txt`` (one image name per line, the matrix order). With ``top=K``: each
+    row's K best other images, ``out`` an ``.npz`` (see :meth:`asmkit.pairs.SparseScores.save`),
+    computed ``chunk`` query images at a time against an index, in O(N K) memory beyond
+    the index. Images that cannot be read are left out and reported.
     """
+    out = Path(out)
+    if top is not None:
+        top = check_int(top, "--top", min=1)
+        if out.suffix != ".npz":
+            raise ArgumentError(f"--out: sparse scores (--top) go to an .npz file, got {out}")
+        sparse, names, _, failed, timings = _sparse_scores(
+            images, top, preset=preset, config=config, model=model, codebook=codebook, codebook_size=codebook_size,
+            cache=cache, workers=workers, chunk=chunk, device=device)
+        sparse.save(out, names)
+        return {"scores": str(out), "names": str(out), "images": len(names), "top": sparse.k,
+                "failed": [{"name": n, "reason": r} for n, r in failed], "timings": timings}
+    if out.suffix == ".npz":
+        raise ArgumentError(f"--out: {out} is an .npz, which holds sparse scores: give --top K, or an .npy")
     from .search import similarity_matrix
 
-    out = Path(out)
     cfg = load_config(preset, config, codebook_size=codebook_size)
     paths, root = _images(images)
     timings: dict[str, float] = {}
@@ -454,6 +473,93 @@ def compute_scores(
             "failed": [{"name": n, "reason": r} for n, r in failed], "timings": timings}
 
 
+def index_topk(index: Index, descriptors: Callable[[range], list[np.ndarray]], top: int, *,
+               chunk: int = 256) -> SparseScores:
+    """Each indexed image's ``top`` best other images, its own descriptors as the query.
+
+    Parameters
+    ----------
+    index : Index
+        Its images are the queries too; rows and columns follow its ``ids`` order.
+    descriptors : callable
+        ``descriptors(range(b, e))`` -> list of float32 ``[n_i, D]``: the descriptors of
+        the images at those positions of ``index.ids``.
+    top, chunk : int
+        Neighbours kept per image; query images scored per block (the block's dense
+        ``[chunk, N]`` float32 scores are the only N-wide array).
+
+    Returns
+    -------
+    SparseScores
+        Identical to ``SparseScores.from_dense`` of the dense all-vs-all matrix.
+    """
+    n = len(index)
+
+    def blocks():
+        for begin in range(0, n, chunk):
+            rows = range(begin, min(begin + chunk, n))
+            yield begin, index.similarity_matrix(descriptors(rows))
+
+    return SparseScores.from_blocks(blocks(), n, top)
+
+
+def anchor_scorer(index: Index, descriptors: Callable[[range], list[np.ndarray]]) -> Callable[[int], np.ndarray]:
+    """``row(i)`` -> float32 [N]: image ``i`` (a position of ``index.ids``) queried against
+    the index; what farthest-point sampling of anchors asks for, one anchor at a time."""
+    return lambda i: index.similarity_matrix(descriptors(range(i, i + 1)))[0]
+
+
+def _store_descriptors(feats: Features, store: FeatureStore, names: Sequence[str]):
+    return lambda rows: [feats.descriptors(store.get(names[i]).descriptors) for i in rows]
+
+
+#: Images added to an index per call when scores are computed sparsely.
+_ADD_BLOCK = 2048
+
+
+def _sparse_scores(images, top: int, *, preset="sift", config=None, model=None, codebook=None, codebook_size=None,
+                   cache=None, workers=None, chunk=256, device="cpu"):
+    """Top-k scores of an image set, or of an index workspace's images, with no N x N array.
+
+    Returns the SparseScores, the names (matrix order), the anchor scorer, the failed
+    files and the timings.
+    """
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if (Path(images) / _PIPELINE).is_file():
+        folder, cfg, _ = _open_workspace(images)
+        feats = _build_extractor(cfg, saved=_workspace_whitening(cfg, folder), model=model, device=device)
+        index = Index.load(folder / "index.asmkit", mmap=True, gpu=gpu_of(device))
+        names, failed = index.keys, []
+        store = FeatureStore(folder / "features.h5", None)
+        timings["extract_s"] = time.perf_counter() - t0
+        descriptors = _store_descriptors(feats, store, names)
+    else:
+        cfg = load_config(preset, config, codebook_size=codebook_size)
+        paths, root = _images(images)
+        feats, store, names, failed, _ = _features_for(paths, root, cfg, model, workers,
+                                                       Path(cache) if cache else None, device)
+        timings["extract_s"] = time.perf_counter() - t0
+        if not names:
+            raise ArgumentError(f"{images}: no image could be read ({len(failed)} failed)")
+        descriptors = _store_descriptors(feats, store, names)
+        t0 = time.perf_counter()
+        cb, _ = _get_codebook(cfg, given=codebook, model_codebook=feats.codebook,
+                              training=lambda: descriptors(range(len(names))))
+        timings["codebook_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        index = Index(_on_device(cb, device), cfg.params)
+        # Added in blocks: only one block's descriptors are in memory at a time.
+        for begin in range(0, len(names), _ADD_BLOCK):
+            rows = range(begin, min(begin + _ADD_BLOCK, len(names)))
+            index.add(descriptors(rows), np.asarray(rows, dtype=np.int64))
+        timings["index_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sparse = index_topk(index, descriptors, top, chunk=chunk)
+    timings["scores_s"] = time.perf_counter() - t0
+    return sparse, names, anchor_scorer(index, descriptors), failed, timings
+
+
 def make_pairs(
     images: str | os.PathLike | None = None,
     *,
@@ -465,32 +571,43 @@ def make_pairs(
 ) -> dict[str, Any]:
     """Image pairs for SfM (``name_a name_b`` per line) from retrieval scores.
 
-    Either ``scores`` (a matrix written by :func:`compute_scores`, its names file beside it)
-    or ``images`` (scores are computed first, with ``score_options``). ``graph`` defaults
-    to ``knn-<top>``.
+    ``images`` is an image folder / list file or an index workspace (from ``asmkit
+    index``); its scores are computed sparsely (each image's K best, the graph's K, and
+    the anchors' rows as they are chosen), never as an N x N array, with
+    ``score_options`` (see :func:`compute_scores`), and saved beside ``out`` as
+    ``<out stem>.scores.npz``. Or ``scores``: a dense ``.npy`` from :func:`compute_scores`
+    (its names file beside it) or a sparse ``.npz`` from ``compute_scores(top=K)``; from
+    a sparse file alone, ``retrieval`` anchors see only the kept scores (0 elsewhere).
+    ``graph`` defaults to ``knn-<top>``.
     """
-    from .pairs import pairs_from_scores, write_pairs
+    from .pairs import pairs_from_scores, parse_graph, write_pairs
 
+    graph = graph or f"knn-{top}"
+    spec = parse_graph(graph)
+    anchor_row = None
     if scores is None:
         if images is None:
-            raise ArgumentError("images: give an image folder / list, or --scores")
+            raise ArgumentError("images: give an image folder / list, an index, or --scores")
+        matrix, names, anchor_row, _, _ = _sparse_scores(images, max(spec.k, 1), **score_options)
         out_path = Path(out)
-        scores = out_path.with_name(out_path.stem + ".scores.npy")
-        compute_scores(images, out=scores, **score_options)
-    scores = Path(scores)
-    if not scores.is_file():
-        raise FileNotFoundError(f"--scores: file not found: {scores}")
-    names_path = scores.with_name(scores.name + ".names.txt")
-    if not names_path.is_file():
-        raise FileNotFoundError(f"--scores: names file not found: {names_path}")
-    from ._io import load_npy, read_lines
+        matrix.save(out_path.with_name(out_path.stem + ".scores.npz"), names)
+    else:
+        scores = Path(scores)
+        if not scores.is_file():
+            raise FileNotFoundError(f"--scores: file not found: {scores}")
+        if scores.suffix == ".npz":
+            matrix, names = SparseScores.load(scores)
+        else:
+            names_path = scores.with_name(scores.name + ".names.txt")
+            if not names_path.is_file():
+                raise FileNotFoundError(f"--scores: names file not found: {names_path}")
+            from ._io import load_npy, read_lines
 
-    names = read_lines(names_path, "a names file")
-    matrix = load_npy(scores, "a scores matrix")
-    graph = graph or f"knn-{top}"
-    pairs = pairs_from_scores(matrix, names, graph)
+            names = read_lines(names_path, "a names file")
+            matrix = load_npy(scores, "a scores matrix")
+    pairs = pairs_from_scores(matrix, names, spec, anchor_row=anchor_row)
     write_pairs(out, pairs)
-    return {"pairs": str(out), "n_pairs": len(pairs), "graph": graph, "images": len(names)}
+    return {"pairs": str(out), "n_pairs": len(pairs), "graph": str(spec), "images": len(names)}
 
 
 # ------------------------------------------------------------------------------ evaluation
