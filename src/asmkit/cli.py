@@ -49,6 +49,12 @@ def _add_pipeline_flags(p: argparse.ArgumentParser, *, model: bool = True) -> No
     _add_device_flag(p)
 
 
+def _add_ray_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
+                   help="score on a Ray cluster: host:port, or no value for a local one (pip install 'asmkit[ray]')")
+    p.add_argument("--ray-cpus", type=int, metavar="N", help="CPUs of the local Ray cluster (default: all)")
+
+
 def _add_device_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu",
                    help="cpu (default), cuda or cuda:N: deep features and quantization on that GPU")
@@ -88,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True,
                    help="output .npy (names go to <out>.names.txt), or .npz with --top (rows, cols, scores, names)")
     p.add_argument("--top", type=int, help="keep each row's K best other images (sparse, O(N K) memory)")
+    _add_ray_flags(p)
     p.add_argument("--cache", help="folder for features and learned whitening (default: ~/.cache/asmkit)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     _add_pipeline_flags(p)
@@ -98,6 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=20, help="neighbours per image for the default knn graph")
     p.add_argument("--graph", help="knn-K | retrieval-NA-K | sequential-W[+retrieval-K] | complete")
     p.add_argument("--scores", help="scores from `asmkit scores` (.npy, or .npz with --top) instead of IMAGES")
+    _add_ray_flags(p)
     p.add_argument("--cache", help="folder for features and learned whitening")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     _add_pipeline_flags(p)
@@ -107,6 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", help="folder for features and learned whitening")
     p.add_argument("--report", help="also write an HTML report here")
     p.add_argument("--top", type=int, default=10, help="results per query in the report")
+    _add_ray_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_pipeline_flags(p)
 
@@ -179,7 +188,7 @@ def _run(args: argparse.Namespace) -> int:
         res = pipeline.compute_scores(
             args.images, out=args.out, top=args.top, preset=args.preset, config=args.config, model=args.model,
             codebook=args.codebook, codebook_size=args.codebook_size, cache=args.cache, workers=args.workers,
-            device=args.device)
+            device=args.device, ray=args.ray, ray_cpus=args.ray_cpus)
         t = res["timings"]
         shape = f"{res['images']}x{res['top']} top" if "top" in res else f"{res['images']}x{res['images']}"
         _print(res, args.json,
@@ -192,7 +201,8 @@ def _run(args: argparse.Namespace) -> int:
         res = pipeline.make_pairs(
             args.images, out=args.out, graph=args.graph, top=args.top, scores=args.scores,
             preset=args.preset, config=args.config, model=args.model, codebook=args.codebook,
-            codebook_size=args.codebook_size, cache=args.cache, workers=args.workers, device=args.device)
+            codebook_size=args.codebook_size, cache=args.cache, workers=args.workers, device=args.device,
+            ray=args.ray, ray_cpus=args.ray_cpus)
         _print(res, args.json, f"wrote {res['n_pairs']} pairs ({res['graph']}) among {res['images']} images to {res['pairs']}")
         return 0
 
@@ -200,7 +210,7 @@ def _run(args: argparse.Namespace) -> int:
         res = pipeline.evaluate_dataset(
             args.data, preset=args.preset, config=args.config, codebook=args.codebook,
             codebook_size=args.codebook_size, model=args.model, cache=args.cache, workers=args.workers,
-            report=args.report, top=args.top, device=args.device)
+            report=args.report, top=args.top, device=args.device, ray=args.ray, ray_cpus=args.ray_cpus)
         text = (f"{res['dataset']} ({res['preset']}): mAP {res['map']:.4f}, "
                 f"mP@1/5/10 {res['mp']['1']:.4f}/{res['mp']['5']:.4f}/{res['mp']['10']:.4f}")
         if "ns_score" in res:

@@ -23,7 +23,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -46,6 +46,7 @@ __all__ = [
     "anchor_scorer",
     "fit_codebook_size",
     "index_topk",
+    "score_blocks",
     "make_pairs",
     "query_index",
     "run_demo",
@@ -422,6 +423,8 @@ def compute_scores(
     workers: int | None = None,
     chunk: int = 256,
     device: str = "cpu",
+    ray: str | None = None,
+    ray_cpus: int | None = None,
 ) -> dict[str, Any]:
     """The all-vs-all similarities of an image set (row = query, list order).
 
@@ -430,6 +433,10 @@ def compute_scores(
     row's K best other images, ``out`` an ``.npz`` (see :meth:`asmkit.pairs.SparseScores.save`),
     computed ``chunk`` query images at a time against an index, in O(N K) memory beyond
     the index. Images that cannot be read are left out and reported.
+
+    ``ray`` (``"auto"`` for a local cluster of ``ray_cpus`` CPUs, or ``host:port``) scores
+    the query blocks as Ray tasks (:func:`score_blocks`); features and codebook are
+    computed here as without it, and the result is identical.
     """
     out = Path(out)
     if top is not None:
@@ -438,7 +445,7 @@ def compute_scores(
             raise ArgumentError(f"--out: sparse scores (--top) go to an .npz file, got {out}")
         sparse, names, _, failed, timings = _sparse_scores(
             images, top, preset=preset, config=config, model=model, codebook=codebook, codebook_size=codebook_size,
-            cache=cache, workers=workers, chunk=chunk, device=device)
+            cache=cache, workers=workers, chunk=chunk, device=device, ray=ray, ray_cpus=ray_cpus)
         sparse.save(out, names)
         return {"scores": str(out), "names": str(out), "images": len(names), "top": sparse.k,
                 "failed": [{"name": n, "reason": r} for n, r in failed], "timings": timings}
@@ -462,7 +469,16 @@ def compute_scores(
     cb, _ = _get_codebook(cfg, given=codebook, model_codebook=feats.codebook, training=lambda: [vecs])
     timings["codebook_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    matrix = similarity_matrix(_on_device(cb, device), vecs, ids, cfg.params, chunk=chunk)
+    cb = _on_device(cb, device)
+    if ray is None:
+        matrix = similarity_matrix(cb, vecs, ids, cfg.params, chunk=chunk)
+    else:
+        index = Index(cb, cfg.params)
+        index.add(vecs, ids)
+        starts = np.searchsorted(ids, np.arange(len(names) + 1))
+        matrix = _dense_from_blocks(score_blocks(
+            index, lambda rows: [vecs[starts[i] : starts[i + 1]] for i in rows], len(names), chunk=chunk, ray=ray,
+            ray_cpus=ray_cpus), len(names), len(names))
     timings["scores_s"] = time.perf_counter() - t0
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.npy")
@@ -474,7 +490,7 @@ def compute_scores(
 
 
 def index_topk(index: Index, descriptors: Callable[[range], list[np.ndarray]], top: int, *,
-               chunk: int = 256) -> SparseScores:
+               chunk: int = 256, ray: str | None = None, ray_cpus: int | None = None) -> SparseScores:
     """Each indexed image's ``top`` best other images, its own descriptors as the query.
 
     Parameters
@@ -487,20 +503,74 @@ def index_topk(index: Index, descriptors: Callable[[range], list[np.ndarray]], t
     top, chunk : int
         Neighbours kept per image; query images scored per block (the block's dense
         ``[chunk, N]`` float32 scores are the only N-wide array).
+    ray, ray_cpus
+        Score the blocks as tasks on this Ray cluster (see :func:`score_blocks`).
 
     Returns
     -------
     SparseScores
         Identical to ``SparseScores.from_dense`` of the dense all-vs-all matrix.
     """
-    n = len(index)
+    return SparseScores.from_blocks(score_blocks(index, descriptors, len(index), chunk=chunk, ray=ray,
+                                                 ray_cpus=ray_cpus), len(index), top)
 
-    def blocks():
-        for begin in range(0, n, chunk):
-            rows = range(begin, min(begin + chunk, n))
-            yield begin, index.similarity_matrix(descriptors(rows))
 
-    return SparseScores.from_blocks(blocks(), n, top)
+def _score_block(index: Index, vecs: list[np.ndarray]) -> np.ndarray:
+    return index.similarity_matrix(vecs)
+
+
+def score_blocks(index: Index, descriptors: Callable[[range], list[np.ndarray]], n: int, *, chunk: int = 256,
+                 ray: str | None = None, ray_cpus: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """Dense scores of query images ``0 .. n - 1`` against ``index``, block by block.
+
+    Parameters
+    ----------
+    index : Index
+    descriptors : callable
+        ``descriptors(range(b, e))`` -> list of float32 ``[n_i, D]``, the query images.
+    n, chunk : int
+        Query images, and query images per block.
+    ray : str, optional
+        Score the blocks as Ray tasks (``asmkit.distributed.connect``: ``"auto"`` starts a
+        local cluster, ``host:port`` joins one); the index goes to the object store once,
+        and a few blocks per CPU are in flight at a time.
+    ray_cpus : int, optional
+        CPUs of a local cluster.
+
+    Yields
+    ------
+    (int, float32 [b, len(index)])
+        First query row and the block's scores (``Index.similarity_matrix``), in order:
+        the same with or without Ray.
+    """
+    begins = range(0, n, chunk)
+    if ray is None:
+        for begin in begins:
+            yield begin, _score_block(index, descriptors(range(begin, min(begin + chunk, n))))
+        return
+    from .distributed import connect, require_ray
+
+    with connect(None if ray == "auto" else ray, num_cpus=ray_cpus) as conn:
+        ray_module = require_ray()
+        task = ray_module.remote(num_cpus=1)(_score_block)
+        shared = ray_module.put(index)
+        # A bounded window of blocks in flight: their descriptors are the memory cost.
+        window = 2 * max(1, int(conn.resources().get("CPU", 1)))
+        pending: list[tuple[int, Any]] = []
+        for begin in begins:
+            pending.append((begin, task.remote(shared, descriptors(range(begin, min(begin + chunk, n))))))
+            if len(pending) >= window:
+                first, ref = pending.pop(0)
+                yield first, ray_module.get(ref)
+        for first, ref in pending:
+            yield first, ray_module.get(ref)
+
+
+def _dense_from_blocks(blocks: Iterator[tuple[int, np.ndarray]], n_rows: int, n_cols: int) -> np.ndarray:
+    out = np.empty((n_rows, n_cols), dtype=np.float32)
+    for begin, block in blocks:
+        out[begin : begin + len(block)] = block
+    return out
 
 
 def anchor_scorer(index: Index, descriptors: Callable[[range], list[np.ndarray]]) -> Callable[[int], np.ndarray]:
@@ -518,7 +588,7 @@ _ADD_BLOCK = 2048
 
 
 def _sparse_scores(images, top: int, *, preset="sift", config=None, model=None, codebook=None, codebook_size=None,
-                   cache=None, workers=None, chunk=256, device="cpu"):
+                   cache=None, workers=None, chunk=256, device="cpu", ray=None, ray_cpus=None):
     """Top-k scores of an image set, or of an index workspace's images, with no N x N array.
 
     Returns the SparseScores, the names (matrix order), the anchor scorer, the failed
@@ -555,7 +625,7 @@ def _sparse_scores(images, top: int, *, preset="sift", config=None, model=None, 
             index.add(descriptors(rows), np.asarray(rows, dtype=np.int64))
         timings["index_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    sparse = index_topk(index, descriptors, top, chunk=chunk)
+    sparse = index_topk(index, descriptors, top, chunk=chunk, ray=ray, ray_cpus=ray_cpus)
     timings["scores_s"] = time.perf_counter() - t0
     return sparse, names, anchor_scorer(index, descriptors), failed, timings
 
@@ -626,11 +696,14 @@ def evaluate_dataset(
     report: str | os.PathLike | None = None,
     top: int = 10,
     device: str = "cpu",
+    ray: str | None = None,
+    ray_cpus: int | None = None,
 ) -> dict[str, Any]:
     """mAP (and N-S, E/M/H when the ground truth has them) of a preset on a data set.
 
     The codebook is trained on the evaluated database images' descriptors unless
-    ``codebook`` is given; the result says which (``codebook_trained_on``).
+    ``codebook`` is given; the result says which (``codebook_trained_on``). ``ray``,
+    ``ray_cpus``: score the queries on a Ray cluster (see :func:`compute_scores`).
     """
     from .evaluate import evaluate, load_ground_truth
     from .search import similarity_matrix
@@ -671,7 +744,13 @@ def evaluate_dataset(
 
     t0 = time.perf_counter()
     cb = _on_device(cb, device)
-    if gt.queries == gt.images:
+    if ray is not None:
+        index = Index(cb, cfg.params)
+        index.add(db)
+        matrix = _dense_from_blocks(score_blocks(index, lambda rows: descriptors([gt.queries[i] for i in rows]),
+                                                 len(gt.queries), ray=ray, ray_cpus=ray_cpus),
+                                    len(gt.queries), len(gt.images))
+    elif gt.queries == gt.images:
         matrix = similarity_matrix(cb, db, params=cfg.params)
     else:
         index = Index(cb, cfg.params)
