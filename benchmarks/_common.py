@@ -348,3 +348,12 @@ class Recorder:
         numeric = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
         shown = f"{value:12.4g}" if numeric else f"{value!s:>12}"
         print(f"{name:56s} {shown} {unit}", flush=True)
+
+
+def aggregate_all(codebook, desc, assignments: np.ndarray, binary: bool):
+    """``asmkit.kernel.Aggregates`` of every image of ``desc`` (``prepare_descriptors``)
+    from all rows' words ``assignments`` int64 [N, m]: the aggregation stage alone, timed
+    apart from quantization."""
+    from asmkit.kernel import aggregate
+
+    return aggregate(desc.vecs, assignments, desc.starts, desc.order, codebook.centroids, binary=binary)

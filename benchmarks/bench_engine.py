@@ -42,6 +42,7 @@ import time
 import numpy as np
 
 from benchmarks._common import (
+    aggregate_all,
     Recorder,
     StagePeak,
     add_data_args,
@@ -146,7 +147,7 @@ def stage_search(args, data, record) -> None:
     desc = akernel.prepare_descriptors(qv, qi, dim=book.dim)
     t, qa = best_of(lambda: book.quantize(desc.vecs, args.ma_query), args.repeat)
     record("  query: quantize", 1e3 * t / nq, "ms/query")
-    t_agg, aggs = best_of(lambda: asearch.aggregate_images(book, desc, qa, params.binary), args.repeat)
+    t_agg, aggs = best_of(lambda: aggregate_all(book, desc, qa, params.binary), args.repeat)
     record("  query: aggregate", 1e3 * t_agg / nq, "ms/query")
     sqrt_norms = np.sqrt(image_norms(ivf, index.idf, len(index)))
     t_score, _ = best_of(lambda: asearch.score_aggregates(ivf, index.idf, sqrt_norms, index.ids, aggs, params,
@@ -175,7 +176,7 @@ def build_split(book, params, vecs, image_ids, record) -> None:
     d_all = akernel.prepare_descriptors(vecs, image_ids, dim=book.dim)
     t, a1 = best_of(lambda: book.quantize(d_all.vecs, 1), 1)
     record("  build: quantize", t, "s")
-    t, ag = best_of(lambda: asearch.aggregate_images(book, d_all, a1, params.binary), 1)
+    t, ag = best_of(lambda: aggregate_all(book, d_all, a1, params.binary), 1)
     record("  build: aggregate", t, "s")
     t, _ = best_of(lambda: InvertedFile.from_aggregates(ag, np.arange(d_all.n_images), book.size), 1)
     record("  build: inverted file", t, "s")
@@ -268,13 +269,13 @@ def scores_kernels(args, book, params, vecs, ids, matrix, record) -> dict:
     record("stage: quantize (m = max MA, once)", t, "s")
     t = time.perf_counter()
     db = np.ascontiguousarray(assign[:, :1])
-    aggs = asearch.aggregate_images(book, desc, db, params.binary)
+    aggs = aggregate_all(book, desc, db, params.binary)
     ivf = InvertedFile.from_aggregates(aggs, np.arange(desc.n_images, dtype=np.int64), book.size)
     idf = compute_idf(ivf.counts, desc.n_images, params.use_idf)
     sqrt_norms = np.sqrt(image_norms(ivf, idf, desc.n_images))
     record("stage: build (aggregate + inverted file)", time.perf_counter() - t, "s")
     q_assign = np.ascontiguousarray(assign[:, : params.ma_query])
-    agg = timed(lambda: asearch.aggregate_images(book, desc, q_assign, params.binary), args.repeat)
+    agg = timed(lambda: aggregate_all(book, desc, q_assign, params.binary), args.repeat)
     queries = agg.result
     record("stage: query aggregation (all images)", agg.best, "s")
     touched = int(np.diff(ivf.offsets)[queries.words].sum())

@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks._common import (
+    aggregate_all,
     StagePeak,
     add_data_args,
     add_run_args,
@@ -208,7 +209,7 @@ def warm_up_asmkit(work: Path, cfg: dict) -> float:
     shutil.rmtree(work / "warmup.asmkit")
     # The word-major scoring kernel, which "auto" picks only for large inverted files.
     desc = akernel.prepare_descriptors(vecs, ids, dim=cfg["dim"])
-    queries = asearch.aggregate_images(index.codebook, desc, index.codebook.quantize(desc.vecs, 3), cfg["binary"])
+    queries = aggregate_all(index.codebook, desc, index.codebook.quantize(desc.vecs, 3), cfg["binary"])
     asearch.score_aggregates(index.inverted_file, index.idf, np.sqrt(index.norms), index.ids, queries,
                              index.params, dim=cfg["dim"], k=5, order="word")
     # The pruned quantizer, which a 16-word codebook does not use: the benchmark's own
@@ -258,7 +259,7 @@ def worker_asmkit(work: Path, cfg: dict) -> dict:
     assign = cb.quantize(desc.vecs, 1)
     out["build_quantize_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    aggs = asearch.aggregate_images(cb, desc, assign, params.binary)
+    aggs = aggregate_all(cb, desc, assign, params.binary)
     out["build_aggregate_s"] = time.perf_counter() - t
     t = time.perf_counter()
     ivf = InvertedFile.from_aggregates(aggs, np.arange(desc.n_images, dtype=np.int64), cb.size)
@@ -280,7 +281,7 @@ def worker_asmkit(work: Path, cfg: dict) -> dict:
     qassign = cb.quantize(desc.vecs, cfg["ma_query"])
     out["query_quantize_ms"] = 1e3 * (time.perf_counter() - t) / n_images
     t = time.perf_counter()
-    queries = asearch.aggregate_images(cb, desc, qassign, params.binary)
+    queries = aggregate_all(cb, desc, qassign, params.binary)
     out["query_aggregate_ms"] = 1e3 * (time.perf_counter() - t) / n_images
     del qassign
     t = time.perf_counter()

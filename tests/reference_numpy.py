@@ -1,4 +1,4 @@
-"""Plain-loop NumPy twin of the ASMK spec (ASMK.md §1-4), independent of asmkit.
+"""Plain-loop NumPy twin of the ASMK spec (docs/math.md §1-4), independent of asmkit.
 
 Slow and obvious on purpose: the tests compare every asmkit stage against it. It follows
 the same float32 rounding points as the spec (residual sums in float32 in descriptor

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from asmkit import Codebook
-from asmkit import codebook as codebook_mod
+from asmkit.codebook import _faiss_gpu_count
+from asmkit.quantizer import tie_eps
 
 torch = pytest.importorskip("torch")
 faiss = pytest.importorskip("faiss")
@@ -34,11 +35,10 @@ def _data(seed, n, k=600, dim=64, ties=300):
     return centroids, vecs
 
 
-def _on_torch(centroids, device="cpu"):
+def _on_torch(centroids, device="cpu", **options):
     """A Codebook whose quantizer is a TorchQuantizer on ``device``."""
     book = Codebook(centroids)
-    book._device = ("torch", 0)
-    book._torch = TorchQuantizer(centroids, device, codebook_mod._tie_eps(1.0, centroids.shape[1]))
+    book.quantizer = TorchQuantizer(centroids, device, tie_eps(1.0, centroids.shape[1]), **options)
     return book
 
 
@@ -67,18 +67,18 @@ def test_tied_rows_are_flagged_for_faiss():
     book = _on_torch(centroids)
     dist = np.empty((len(vecs), 1), np.float32)
     words = np.empty((len(vecs), 1), np.int64)
-    flagged = book._torch_search().search(vecs, 1, dist, words)
+    tied = book.quantizer.search(vecs, 1, dist, words, nearest_first=True, one_segment=True)
     # float64 gaps: every row whose two nearest words tie within faiss's rounding is flagged.
     x, c = vecs.astype(np.float64), centroids.astype(np.float64)
     full = (x**2).sum(1)[:, None] + (c**2).sum(1)[None] - 2 * x @ c.T
     exact = np.sort(full, axis=1)
     scale = (x**2).sum(1) + (c**2).sum(1).max()
-    tight = np.flatnonzero(exact[:, 1] - exact[:, 0] <= 0.1 * codebook_mod._tie_eps(scale, 64))
+    tight = np.flatnonzero(exact[:, 1] - exact[:, 0] <= 0.1 * tie_eps(scale, 64))
     assert len(tight) >= 20  # the rows on duplicated words at least
-    assert set(tight) <= set(flagged.tolist())
-    assert len(flagged) < len(vecs) // 4
-    # The unflagged rows' words are already the exact nearest.
-    rest = np.setdiff1d(np.arange(len(vecs)), flagged)
+    assert set(tight) <= set(tied.tolist())
+    assert len(tied) < len(vecs) // 4
+    # The other rows' words are already the exact nearest.
+    rest = np.setdiff1d(np.arange(len(vecs)), tied)
     np.testing.assert_array_equal(words[rest, 0], np.argmin(full[rest], axis=1))
 
 
@@ -95,8 +95,7 @@ def test_float32_matmul_precision_is_restored():
 
 def test_blocks_of_rows_cover_every_row(monkeypatch):
     centroids, vecs = _data(4, 1000)
-    book = _on_torch(centroids)
-    book._torch._rows = 256  # four blocks, the last one short
+    book = _on_torch(centroids, block_rows=256)  # four blocks, the last one short
     expected = _on_torch(centroids).quantize(vecs, 3, return_distances=True)
     words, dist = book.quantize(vecs, 3, return_distances=True)
     np.testing.assert_array_equal(words, expected[0])
@@ -104,7 +103,7 @@ def test_blocks_of_rows_cover_every_row(monkeypatch):
 
 
 def test_gpu_without_cuda_or_faiss_gpu_falls_back_with_one_warning():
-    if cuda_device_count() or codebook_mod._faiss_gpu_count():
+    if cuda_device_count() or _faiss_gpu_count():
         pytest.skip("a GPU is available")
     centroids, vecs = _data(5, 100, ties=30)
     with warnings.catch_warnings(record=True) as caught:
@@ -112,7 +111,7 @@ def test_gpu_without_cuda_or_faiss_gpu_falls_back_with_one_warning():
         book = Codebook(centroids, gpu=0)
     assert [str(w.message) for w in caught if "gpu" in str(w.message)] == [
         "gpu: no GPU 0 available to faiss or torch (CPU builds or no device); using the CPU"]
-    assert book._device is None and book._torch_search() is None
+    assert book.gpu is None and not isinstance(book.quantizer, TorchQuantizer)
 
 
 @needs_cuda
@@ -120,7 +119,7 @@ def test_gpu_without_cuda_or_faiss_gpu_falls_back_with_one_warning():
 def test_cuda_codebook_equals_the_cpu_codebook(m):
     centroids, vecs = _data(6, 20000, k=4096, dim=128, ties=2000)
     book = Codebook(centroids, gpu=0)
-    assert book._device == ("torch", 0) or book._device[0] == "faiss"
+    assert book.gpu == 0
     segments = np.array([0, 500, 1700, 20000])
     cpu = Codebook(centroids).quantize(vecs, m, segments=segments)
     _assert_same_assignment(book.quantize(vecs, m, segments=segments), cpu)
@@ -168,9 +167,9 @@ def test_index_load_on_a_gpu_searches_as_on_the_cpu(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loaded = Index.load(tmp_path / "i.asmkit", gpu=0)
-    gpu_seen = bool(cuda_device_count() or codebook_mod._faiss_gpu_count())
+    gpu_seen = bool(cuda_device_count() or _faiss_gpu_count())
     assert sum("gpu" in str(w.message) for w in caught) == (0 if gpu_seen else 1)
-    assert (loaded.codebook._device is not None) == gpu_seen
+    assert (loaded.codebook.gpu is not None) == gpu_seen
     for a, b in zip(loaded.search(vecs[:1500], ids[:1500], k=5), index.search(vecs[:1500], ids[:1500], k=5)):
         np.testing.assert_array_equal(a, b)
 

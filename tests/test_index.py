@@ -2,10 +2,13 @@ import json
 
 import numpy as np
 import pytest
-
 import reference_numpy as ref
 from reference_numpy import flatten, make_images
+
 from asmkit import Codebook, Index, Params, merge_topk
+from asmkit._validation import ArgumentError
+from asmkit.kernel import aggregate_images, prepare_descriptors
+from asmkit.search import score_aggregates, score_queries
 from asmkit.storage import StorageError
 
 
@@ -172,9 +175,7 @@ def test_load_rejects_corruption(tmp_path, centroids40, data):
         Index.load(tmp_path / "cb.asmkit")
 
 
-def test_search_in_chunks_equals_one_pass(monkeypatch, centroids40):
-    import asmkit.index as index_module
-
+def test_search_in_chunks_equals_one_pass(centroids40):
     params = Params(binary=True, use_idf=True, ma_query=3)
     db = make_images(20, 15, 40, seed=71, centroids=centroids40)
     index = Index(Codebook(centroids40), params)
@@ -184,52 +185,66 @@ def test_search_in_chunks_equals_one_pass(monkeypatch, centroids40):
     vecs = rng.standard_normal((90, 40)).astype(np.float32)
     labels = rng.permutation(np.repeat([4, 9, 2, 7, 11], 18))
     expected = index.search(vecs, labels, k=6)
-    monkeypatch.setattr(index_module, "_SEARCH_CHUNK_ROWS", 20)
-    got = index.search(vecs, labels, k=6)
+    queries = prepare_descriptors(vecs, labels, dim=40)
+    got = score_queries(index.codebook, queries, index.database, params, k=6, chunk_rows=20)
     np.testing.assert_array_equal(got[0], expected[0])
     np.testing.assert_array_equal(got[1], expected[1])
     images = [vecs[:10], np.empty((0, 40), np.float32), vecs[10:50], vecs[50:]]
-    monkeypatch.setattr(index_module, "_SEARCH_CHUNK_ROWS", 1 << 14)
     whole = index.search(images, k=None)
-    monkeypatch.setattr(index_module, "_SEARCH_CHUNK_ROWS", 15)
-    parts = index.search(images, k=None)
+    parts = score_queries(index.codebook, prepare_descriptors(images, dim=40), index.database, params,
+                          chunk_rows=15, chunk_images=2)
     np.testing.assert_array_equal(parts[0], whole[0])
     np.testing.assert_array_equal(parts[1], whole[1])
 
 
-@pytest.mark.parametrize("chunk_rows, unsettled_rows", [(1 << 14, 1 << 10), (700, 5)])
-def test_tied_query_rows_take_faiss_words_per_image(monkeypatch, chunk_rows, unsettled_rows):
-    # Rows half-way between two words are tied within float32 rounding: their nearest word
-    # is the one faiss's call on their own image gives (BLAS for images of >= 1000 rows at
-    # D = 128, a direct loop below). Search holds them back over chunks, settles them in
-    # shared faiss batches and searches again the images whose words changed.
-    import faiss
+@pytest.mark.parametrize("binary", [True, False])
+def test_add_equals_add_aggregates(centroids40, data, binary):
+    db, queries = data
+    params = Params(binary=binary, use_idf=True, ma_database=2, ma_query=3)
+    book = Codebook(centroids40)
+    direct = Index(book, params)
+    direct.add(db, np.arange(300, 314), keys=[f"k{i}" for i in range(14)])
+    # The aggregates of the images made in two parts (as workers would), then added:
+    # list input with an image without descriptors, and array input.
+    parts = Index(book, params)
+    parts.add_aggregates(aggregate_images(book, db[:7], np.arange(300, 307), params), np.arange(300, 307),
+                         keys=[f"k{i}" for i in range(7)])
+    vecs, labels = flatten(db[7:], ids=np.arange(307, 314))
+    parts.add_aggregates(aggregate_images(book, vecs, labels, params), np.arange(307, 314),
+                         keys=[f"k{i}" for i in range(7, 14)])
+    assert _state(parts) == _state(direct)
+    np.testing.assert_array_equal(parts.search(queries)[1], direct.search(queries)[1])
 
-    import asmkit.index as index_module
 
-    rng = np.random.default_rng(81)
-    basis, _ = np.linalg.qr(rng.standard_normal((128, 128)))
-    spread = 0.85 ** np.arange(128)
-    centroids = ((rng.standard_normal((600, 128)) * spread) @ basis.T).astype(np.float32)
-    sizes = [1200, 300, 1000, 40]
-    vecs = ((rng.standard_normal((sum(sizes), 128)) * spread) @ basis.T).astype(np.float32)
-    near = rng.choice(len(vecs), 900, replace=False)
-    a, b = rng.integers(0, 600, 900), rng.integers(0, 600, 900)
-    vecs[near] = 0.5 * (centroids[a] + centroids[b])
-    labels = np.repeat(np.arange(len(sizes)), sizes)
-    book = Codebook(centroids)
-    params = Params(binary=True, use_idf=True, ma_query=1, ma_database=1)
-    index = Index(book, params)
-    index.add(vecs, labels)
-    flat = faiss.IndexFlatL2(128)
-    flat.add(centroids)
-    starts = np.concatenate([[0], np.cumsum(sizes)])
-    words = np.concatenate([flat.search(vecs[s:e], 1)[1] for s, e in zip(starts[:-1], starts[1:])])
-    provisional, _, tied = book._quantize_unsettled(vecs, 1, starts, nearest_first=False)
-    assert tied.size and np.any(provisional[tied] != words[tied])  # the settling has work to do
-    expected = index._score_chunk(vecs, words, starts, 3)
-    monkeypatch.setattr(index_module, "_SEARCH_CHUNK_ROWS", chunk_rows)
-    monkeypatch.setattr(index_module, "_UNSETTLED_ROWS", unsettled_rows)
-    got = index.search(vecs, labels, k=3)
-    np.testing.assert_array_equal(got[1], expected[1])
+def test_query_aggregates_score_as_search(centroids40, data):
+    db, queries = data
+    params = Params(binary=True, ma_query=3)
+    index = Index(Codebook(centroids40), params)
+    index.add(db)
+    aggregates = aggregate_images(index.codebook, queries, None, params, side="query")
+    got = score_aggregates(index.inverted_file, index.idf, index.database.sqrt_norms, index.ids, aggregates,
+                           params, dim=40, k=5)
+    expected = index.search(queries, k=5)
     np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])
+
+
+def test_add_aggregates_rejects_what_does_not_fit(centroids40, data):
+    db, _ = data
+    book = Codebook(centroids40)
+    real = aggregate_images(book, db[:2], None, Params(binary=False))
+    index = Index(book, Params(binary=True))
+    with pytest.raises(ArgumentError, match="aggregates"):
+        index.add_aggregates(real, [0, 1])
+    binary = aggregate_images(book, db[:2], None, Params(binary=True))
+    with pytest.raises(ArgumentError, match="image_ids"):
+        index.add_aggregates(binary, [0])
+    with pytest.raises(ArgumentError, match="image_ids"):
+        index.add_aggregates(binary, [3, 3])
+    index.add_aggregates(binary, [0, 1])
+    with pytest.raises(ArgumentError, match="already in the index"):
+        index.add_aggregates(binary, [1, 2])
+    with pytest.raises(ArgumentError, match="side"):
+        aggregate_images(book, db[:2], None, Params(), side="both")
+
+

@@ -137,7 +137,7 @@ def test_hamming_similarity_matches_twin(case):
     for i in range(3):
         for j in range(4):
             assert u[i, j] == ref.similarity(ref.pack(a[i]), ref.pack(b[j]), True, dim)
-            # u = 1 - 2h/B with the padding counted in B (ASMK.md §3).
+            # u = 1 - 2h/B with the padding counted in B (docs/math.md §3).
             h = int(np.sum(a[i] != b[j]))
             assert abs(float(u[i, j]) - (1 - 2 * h / n_hamming_bits(dim))) < 1e-6
 

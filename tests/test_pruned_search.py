@@ -1,12 +1,17 @@
-"""The pruned exact quantizer (asmkit.codebook._PrunedSearch, _kernels.pruned_nearest)
+"""The pruned exact quantizer (asmkit.quantizer.PrunedQuantizer, _kernels.pruned_nearest)
 against faiss's exhaustive search and a float64 brute force."""
 
 import numpy as np
 import pytest
-
 import reference_numpy as ref
+
 from asmkit import Codebook
-from asmkit import codebook as codebook_mod
+from asmkit.quantizer import (
+    TIE_EPS_PER_SQRT_DIM,
+    FaissQuantizer,
+    PrunedQuantizer,
+    settle_rows,
+)
 
 faiss = pytest.importorskip("faiss")
 
@@ -45,29 +50,50 @@ def _assert_same_assignment(words, expected):
     np.testing.assert_array_equal(np.sort(words, axis=1), np.sort(expected, axis=1))
 
 
-def _search(pruned, book, vecs, m, segments=None):
-    """(dist, words) from the pruned path, or None when it declines."""
+def _flat(centroids):
+    index = faiss.IndexFlatL2(centroids.shape[1])
+    index.add(centroids)
+    return index
+
+
+class _Fallback:
+    """faiss's exhaustive quantizer, counting the blocks the pruned one hands it."""
+
+    def __init__(self, centroids):
+        self.inner = FaissQuantizer(_flat(centroids), centroids)
+        self.calls = 0
+
+    def search(self, *args, **kwargs):
+        self.calls += 1
+        return self.inner.search(*args, **kwargs)
+
+
+def _pruned(centroids, width=None):
+    """A PrunedQuantizer of ``centroids`` and its counting fallback."""
+    fallback = _Fallback(centroids)
+    return PrunedQuantizer(centroids, fallback, width=width), fallback
+
+
+def _search(pruned, centroids, vecs, m):
+    """(dist, words) of one block searched by ``pruned``, its tied rows settled as in one
+    faiss call on ``vecs``."""
     dist = np.empty((len(vecs), m), np.float32)
     words = np.empty((len(vecs), m), np.int64)
-    segments = codebook_mod._check_segments(segments, len(vecs))
-    flagged = pruned.search(vecs, m, dist, words)
-    if flagged is None:
-        return None
-    if flagged.size:
-        seg = np.searchsorted(segments, flagged, side="right") - 1
-        dist[flagged], words[flagged] = book._settle(vecs[flagged], flagged - segments[seg],
-                                                     segments[seg + 1] - segments[seg], m)
+    tied = pruned.search(vecs, m, dist, words, nearest_first=True, one_segment=False)
+    if tied.size:
+        dist[tied], words[tied] = settle_rows(_flat(centroids), vecs[tied], tied, np.full(tied.size, len(vecs)), m)
     return dist, words
 
 
-def _pruned(centroids):
+def _book(centroids, width):
+    """A Codebook quantizing with a PrunedQuantizer of a fixed width."""
     book = Codebook(centroids)
-    assert book.prune
-    return book, book._pruned_search()
+    book.quantizer = _pruned(centroids, width)[0]
+    return book
 
 
 def _eps(vecs):
-    return codebook_mod._TIE_EPS_PER_SQRT_DIM * np.sqrt(vecs.shape[1])
+    return TIE_EPS_PER_SQRT_DIM * np.sqrt(vecs.shape[1])
 
 
 def _scale(vecs, centroids):
@@ -79,9 +105,9 @@ def _scale(vecs, centroids):
 def test_pruned_equals_faiss_and_brute_force(m, scale):
     vecs = _spectral(3000, 128, seed=1, scale=scale)
     centroids = _spectral(1000, 128, seed=2, scale=scale)  # K not a multiple of 16
-    book, pruned = _pruned(centroids)
-    dist, words = _search(pruned, book, vecs, m)
-    assert pruned._width[m] is not None, "these descriptors should take the pruned path"
+    pruned, fallback = _pruned(centroids)
+    dist, words = _search(pruned, centroids, vecs, m)
+    assert fallback.calls == 0, "these descriptors should take the pruned path"
     brute_dist, brute = _brute(vecs, centroids, m)
     # Away from float32 ties the words are the float64 truth, in order...
     scale_row = _scale(vecs, centroids)
@@ -102,9 +128,9 @@ def test_quantize_uses_the_pruned_path_and_agrees_with_prune_off():
     on = Codebook(centroids)
     off = Codebook(centroids)
     off.prune = False
+    assert isinstance(on.quantizer, PrunedQuantizer) and isinstance(off.quantizer, FaissQuantizer)
     for m in (1, 3, 5):
         _assert_same_assignment(on.quantize(vecs, m), off.quantize(vecs, m))
-    assert on._pruned is not None and off._pruned is None
 
 
 def test_one_blas_block_goes_to_faiss_directly():
@@ -116,22 +142,20 @@ def test_one_blas_block_goes_to_faiss_directly():
     index.add(centroids)
     block = _spectral(1500, 128, seed=31)
     book = Codebook(centroids)
+    book.quantizer, fallback = _pruned(centroids)
     np.testing.assert_array_equal(book.quantize(block, 5, segments=[0, 1500]), index.search(block, 5)[1])
-    assert book._pruned is None
+    assert fallback.calls == 1
     _assert_same_assignment(book.quantize(block[:900], 5, segments=[0, 900]), index.search(block[:900], 5)[1])
-    assert book._pruned is not None
-    two = Codebook(centroids)
     expected = np.concatenate([index.search(block[:700], 5)[1], index.search(block[700:], 5)[1]])
-    _assert_same_assignment(two.quantize(block, 5, segments=[0, 700, 1500]), expected)
-    assert two._pruned is not None
+    _assert_same_assignment(book.quantize(block, 5, segments=[0, 700, 1500]), expected)
+    assert fallback.calls == 1
 
 
 def test_pruned_matches_the_plain_loop_twin():
     vecs = _spectral(120, 64, seed=5)
     centroids = _spectral(300, 64, seed=6)
-    book, pruned = _pruned(centroids)
-    pruned._width[3] = 16  # force the path on this small sample
-    _, words = _search(pruned, book, vecs, 3)
+    pruned, _ = _pruned(centroids, width=16)  # forced on this small sample
+    _, words = _search(pruned, centroids, vecs, 3)
     np.testing.assert_array_equal(words, ref.quantize(vecs, centroids, 3))
 
 
@@ -141,9 +165,8 @@ def test_partial_word_tiles_and_row_groups(m):
     # of which the last holds 12; 1003 rows: groups of four rows with 3 left over.
     vecs = _spectral(1003, 96, seed=21)
     centroids = _spectral(1500, 96, seed=22)
-    book, pruned = _pruned(centroids)
-    pruned._width[m] = 24
-    _, words = _search(pruned, book, vecs, m)
+    pruned, _ = _pruned(centroids, width=24)
+    _, words = _search(pruned, centroids, vecs, m)
     _assert_same_assignment(words, _faiss_words(vecs, centroids, m))
     brute_dist, brute = _brute(vecs, centroids, m)
     gaps = np.diff(np.take_along_axis(brute_dist, brute, axis=1), axis=1)
@@ -156,10 +179,9 @@ def test_exact_ties_are_flagged_and_resolved_by_faiss():
     centroids = _spectral(600, 64, seed=7)
     centroids[300:310] = centroids[100:110]  # duplicated words: exact ties
     vecs = np.concatenate([centroids[95:115], _spectral(400, 64, seed=8)])  # on the words themselves
-    book, pruned = _pruned(centroids)
-    pruned._width[1] = pruned._width[2] = 16
+    pruned, _ = _pruned(centroids, width=16)
     for m in (1, 2):
-        _, words = _search(pruned, book, vecs, m)
+        _, words = _search(pruned, centroids, vecs, m)
         _assert_same_assignment(words, _faiss_words(vecs, centroids, m))
     # A descriptor on a duplicated word: distance 0 to both copies, faiss's order.
     assert set(words[5]) == {100, 300}
@@ -173,10 +195,9 @@ def test_descriptors_without_a_tail_and_odd_dimensions():
     vecs = (np.pad(rng.standard_normal((1500, 6)), ((0, 0), (0, 31))) @ basis.T).astype(np.float32)
     centroids = (np.pad(rng.standard_normal((700, 6)), ((0, 0), (0, 31))) @ basis.T
                  + 1e-4 * rng.standard_normal((700, 37))).astype(np.float32)
-    book, pruned = _pruned(centroids)
+    pruned, _ = _pruned(centroids, width=8)
     for m in (1, 4):
-        pruned._width[m] = 8
-        _, words = _search(pruned, book, vecs, m)
+        _, words = _search(pruned, centroids, vecs, m)
         brute_dist, brute = _brute(vecs, centroids, m)
         gaps = np.diff(np.take_along_axis(brute_dist, brute, axis=1), axis=1)
         clear = (gaps > _eps(vecs) * _scale(vecs, centroids)[:, None]).all(axis=1)
@@ -188,23 +209,28 @@ def test_isotropic_data_falls_back_to_faiss_and_forced_pruning_stays_exact():
     rng = np.random.default_rng(10)
     vecs = rng.standard_normal((800, 128)).astype(np.float32)
     centroids = rng.standard_normal((512, 128)).astype(np.float32)
-    book, pruned = _pruned(centroids)
+    pruned, fallback = _pruned(centroids)
     # No axis carries much more energy than another: no width is worth it.
-    assert _search(pruned, book, vecs, 1) is None
+    _, words = _search(pruned, centroids, vecs, 1)
+    assert fallback.calls == 1
+    _assert_same_assignment(words, _faiss_words(vecs, centroids, 1))
     # Forced anyway, it checks most words but stays exact.
-    pruned._width[5] = 16
-    _, words = _search(pruned, book, vecs, 5)
+    pruned, fallback = _pruned(centroids, width=16)
+    _, words = _search(pruned, centroids, vecs, 5)
+    assert fallback.calls == 0
     _assert_same_assignment(words, _faiss_words(vecs, centroids, 5))
 
 
 def test_small_codebooks_and_m_near_k_use_faiss():
     centroids = _spectral(40, 32, seed=11)
-    assert Codebook(centroids)._pruned_search() is None  # K < _PRUNE_MIN_WORDS
+    pruned, fallback = _pruned(centroids)
+    _search(pruned, centroids, _spectral(50, 32, seed=13), 1)
+    assert fallback.calls == 1  # K below the words pruning needs
     centroids = _spectral(300, 32, seed=12)
-    book, pruned = _pruned(centroids)
-    assert _search(pruned, book, _spectral(50, 32, seed=13), 300) is None  # m + 1 > K
-    words = book.quantize(_spectral(50, 32, seed=13), 300)
-    assert words.shape == (50, 300)
+    pruned, fallback = _pruned(centroids)
+    _, words = _search(pruned, centroids, _spectral(50, 32, seed=13), 300)
+    assert fallback.calls == 1  # m + 1 > K
+    assert words.shape == (50, 300) and all(sorted(row) == list(range(300)) for row in words.tolist())
 
 
 def test_rows_redone_by_faiss_round_as_in_the_full_call():
@@ -218,15 +244,14 @@ def test_rows_redone_by_faiss_round_as_in_the_full_call():
     ties = (0.5 * (centroids[a] + centroids[b])).astype(np.float32)
     at = rng.choice(len(base), 400, replace=False)
     base[at] = ties
-    book, pruned = _pruned(centroids)
-    index = book._search_index()
+    index = _flat(centroids)
     expected = index.search(base, 2)[1]
     rows = np.sort(at)
-    _, words = codebook_mod._faiss_search_rows(index, base[rows], rows, np.full(len(rows), len(base)), 2)
+    _, words = settle_rows(index, base[rows], rows, np.full(len(rows), len(base)), 2)
     np.testing.assert_array_equal(words, expected[rows])
-    pruned._width[1] = pruned._width[2] = 16
+    pruned, _ = _pruned(centroids, width=16)
     for m in (1, 2):
-        _assert_same_assignment(_search(pruned, book, base, m)[1], index.search(base, m)[1])
+        _assert_same_assignment(_search(pruned, centroids, base, m)[1], index.search(base, m)[1])
 
 
 def test_segments_reproduce_one_faiss_call_per_segment():
@@ -240,11 +265,10 @@ def test_segments_reproduce_one_faiss_call_per_segment():
     a, b = rng.integers(0, 800, 600), rng.integers(0, 800, 600)
     vecs[near] = (0.5 * (centroids[a] + centroids[b])).astype(np.float32)
     segments = np.concatenate([[0], np.cumsum(sizes)])
-    book = Codebook(centroids)
-    index = book._search_index()
+    book = _book(centroids, 16)
+    index = _flat(centroids)
     for m in (1, 5):
         expected = np.concatenate([index.search(vecs[s:e], m)[1] for s, e in zip(segments[:-1], segments[1:])])
-        book._pruned_search()._width[m] = 16
         _assert_same_assignment(book.quantize(vecs, m, segments=segments), expected)
         off = Codebook(centroids)  # faiss on the whole block, near-ties again per segment
         off.prune = False
@@ -266,9 +290,8 @@ def test_set_only_assignment_keeps_the_set_of_words():
     near = rng.choice(len(vecs), 800, replace=False)
     vecs[near] = (0.5 * (centroids[rng.integers(0, 700, 800)] + centroids[rng.integers(0, 700, 800)])).astype(
         np.float32)
-    book = Codebook(centroids)
-    book._pruned_search()._width[4] = 16
-    expected = book._search_index().search(vecs, 4)[1]
+    book = _book(centroids, 16)
+    expected = _flat(centroids).search(vecs, 4)[1]
     words = book.quantize(vecs, 4, nearest_first=False, segments=[0, len(vecs)])
     np.testing.assert_array_equal(np.sort(words, axis=1), np.sort(expected, axis=1))
 
@@ -286,8 +309,7 @@ def test_concurrent_quantize_leaves_faiss_settings_alone():
     vecs[near] = (0.5 * (centroids[rng.integers(0, 600, 500)] + centroids[rng.integers(0, 600, 500)])).astype(
         np.float32)
     segments = np.concatenate([[0], np.cumsum(sizes)])
-    book = Codebook(centroids)
-    book._pruned_search()._width[5] = 16
+    book = _book(centroids, 16)
     expected = book.quantize(vecs, 5, segments=segments, nearest_first=False)
     before = faiss.cvar.distance_compute_blas_threshold
     with ThreadPoolExecutor(4) as pool:

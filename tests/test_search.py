@@ -1,9 +1,10 @@
 import numpy as np
 import pytest
-
 import reference_numpy as ref
 from reference_numpy import flatten, make_images
+
 from asmkit import Codebook, Index, Params, merge_topk, similarity_matrix
+from asmkit.kernel import aggregate_images
 
 
 def assert_same_ranking(scores, ids, expected_scores_by_id, atol):
@@ -208,11 +209,10 @@ def test_parallel_kernels_equal_serial(monkeypatch, centroids40, binary):
 @pytest.mark.parametrize("fixture", ["centroids40", "centroids100"])
 def test_word_major_kernel_equals_query_major_and_twin(request, monkeypatch, fixture, binary, use_idf, tau,
                                                        tile_bytes):
-    import asmkit.search as search
-
     # D = 100 takes the kernel's two-code-word group loop, D = 40 its row-by-row loop.
     # tile_bytes sets the queries per block: 1, 3 (blocks not dividing 11 queries), all.
     import asmkit._kernels as kernels
+    from asmkit import search
 
     centroids = request.getfixturevalue(fixture)
     dim = centroids.shape[1]
@@ -225,10 +225,9 @@ def test_word_major_kernel_equals_query_major_and_twin(request, monkeypatch, fix
     index = Index(Codebook(centroids), params)
     index.add(db_images)
     # Every query in one call, so that the kernels see all 11 queries at once.
-    desc = search.prepare_descriptors(q_images, None, dim=dim)
-    assign = index.codebook.quantize(desc.vecs, 3)
-    queries = search.aggregate_images(index.codebook, desc, assign, binary)
-    args = (index.inverted_file, index.idf, index._sqrt_norms_array(), index.ids, queries, params)
+    queries = aggregate_images(index.codebook, q_images, None, params, side="query")
+    database = index.database
+    args = (database.ivf, database.idf, database.sqrt_norms, database.ids, queries, params)
     got = {}
     for order in ("query", "word"):
         dense = np.zeros((11, 14), dtype=np.float32)

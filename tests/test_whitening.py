@@ -1,4 +1,4 @@
-"""PCA whitening (ASMK.md §6) against a plain NumPy reference of the formula."""
+"""PCA whitening (docs/math.md §6) against a plain NumPy reference of the formula."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ All kernels are compiled with ``cache=True`` so that a process that loads an ind
 not pay the compile time again once any earlier process has compiled them.
 
 Floating-point choices follow the reference ``asmk`` package operation by operation
-(see ASMK.md): residuals are accumulated in float32 in descriptor order, the Hamming
+(see docs/math.md): residuals are accumulated in float32 in descriptor order, the Hamming
 similarity is rounded to float32 exactly as the reference rounds it, and every
 per-entry contribution is rounded to float32 before it is added to a float64 score.
 """
@@ -66,7 +66,7 @@ def thread_budget(work: int, min_parallel_work: int) -> Iterator[int]:
 
 
 #: Below this many multiply-adds a faiss search runs on one OpenMP thread (same reason as
-#: above: 2^26 MACs are ~1 ms on one core, less than a wake-up of idle threads under load).
+#: above: one core finishes such a search before idle threads under load would wake).
 MIN_PARALLEL_MACS = 1 << 26
 
 
@@ -693,7 +693,7 @@ def search_kernel_word_major(
 
 
 
-# --- exact nearest words by lower-bound pruning (asmkit.codebook._PrunedSearch) ----------
+# --- exact nearest words by lower-bound pruning (asmkit.quantizer.PrunedQuantizer) -------
 
 #: Lower bounds are scanned in blocks of this many words (block b: words b, b + K/16, ...),
 #: each with its minimum kept, so a pass over the bounds reads K / 16 minima and then only
@@ -780,8 +780,7 @@ def _bound_quad(xa, table, sq, o0, o1, o2, o3):
 
     Four rows per pass and eight table rows per sweep: each table value loaded feeds four
     multiply-adds and each output is loaded and stored once per eight, which keeps the
-    loop on the FMA units rather than on loads and stores (measured 53 -> 70 GFMA/s per
-    core against two rows and four table rows)."""
+    loop on the FMA units rather than on loads and stores (docs/design.md, "Kernels")."""
     for j in range(o0.shape[0]):
         o0[j] = sq[j]
         o1[j] = sq[j]
@@ -822,7 +821,7 @@ def _bound_rows(xa, tables, sq, bounds):
 
 @njit(cache=True, fastmath=_FAST)
 def _select_row(row, i, row_sq, x, centroids, margin, eps, nearest_first, blk_min, cand, top_v, top_j,
-                reach, words, dist, ambiguous):
+                reach, words, dist, tied):
     """The exact m nearest words of ``x[i]`` given its lower bounds ``row`` (see
     ``pruned_nearest``, ``row_sq`` = |x'|^2, ``margin`` and ``eps`` the row's); returns
     the updated ``reach``. ``cand`` is int64 [K] scratch."""
@@ -847,7 +846,7 @@ def _select_row(row, i, row_sq, x, centroids, margin, eps, nearest_first, blk_mi
     while True:
         # Collect first, then compute: the scan over the blocks stays a tight loop. Each
         # word is written and kept or not without a branch, whose outcome is a coin toss
-        # near the limit (UKBench, m = 5: 7 % of the kernel; m = 1: within the noise).
+        # near the limit.
         n_cand = 0
         for b in range(n_blk):
             if blk_min[b] <= limit:
@@ -876,13 +875,13 @@ def _select_row(row, i, row_sq, x, centroids, margin, eps, nearest_first, blk_mi
         dist[i, t] = top_v[t]
     # Only the nearest word (hard assignment) and the set of m words (multiple assignment)
     # enter ASMK; the order in between does not.
-    ambiguous[i] = (nearest_first and top_v[1] - top_v[0] <= eps) or top_v[m] - top_v[m - 1] <= eps
+    tied[i] = (nearest_first and top_v[1] - top_v[0] <= eps) or top_v[m] - top_v[m - 1] <= eps
     return 0.75 * reach + 0.25 * (top_v[m - 1] + eps - row_sq + margin - lowest)
 
 
 @njit(cache=True, parallel=True)
 def pruned_nearest(x, mean, axes, table, sq, centroids, max_sq, margin_rate, eps_rate, nearest_first, n_chunks,
-                   words, dist, ambiguous):
+                   words, dist, tied):
     """Exact m nearest centroids of each row, by lower bounds on the squared distances.
 
     With x' = (x[i] - mean) @ axes and the same for the words (``table`` holds their first
@@ -896,8 +895,7 @@ def pruned_nearest(x, mean, axes, table, sq, centroids, max_sq, margin_rate, eps
     computed exactly (float64), widening the threshold until no unseen word can enter.
     The m + 1 nearest are kept, so a row whose m-th and (m + 1)-th words (or, with
     ``nearest_first``, whose first and second) are not more than ``eps`` apart (a tie
-    within float32 rounding, which faiss's own rounding decides) is flagged ``ambiguous``
-    for the caller.
+    within float32 rounding, which faiss's own rounding decides) is marked in ``tied``.
 
     Parameters
     ----------
@@ -921,7 +919,7 @@ def pruned_nearest(x, mean, axes, table, sq, centroids, max_sq, margin_rate, eps
         Nearest first; m < K.
     dist : float32 [n, m] (output)
         Squared distances (float64 rounded to float32).
-    ambiguous : bool [n] (output)
+    tied : bool [n] (output)
     """
     n = x.shape[0]
     K = sq.shape[0]
@@ -948,4 +946,4 @@ def pruned_nearest(x, mean, axes, table, sq, centroids, max_sq, margin_rate, eps
             for r in range(n_rows):
                 scale = raw_sq[r] + max_sq
                 reach = _select_row(bounds[r], i0 + r, x_sq[r], x, centroids, margin_rate * scale, eps_rate * scale,
-                                    nearest_first, blk_min, cand, top_v, top_j, reach, words, dist, ambiguous)
+                                    nearest_first, blk_min, cand, top_v, top_j, reach, words, dist, tied)

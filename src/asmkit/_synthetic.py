@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._validation import check_float, check_int
+
 __all__ = ["clustered_descriptors"]
 
 
@@ -54,6 +56,11 @@ def clustered_descriptors(
     seed : int
         Random seed; the output is a deterministic function of all arguments.
 
+    Raises
+    ------
+    ArgumentError
+        A count below 1, or ``shared`` outside [0, 1].
+
     Returns
     -------
     vecs : numpy.ndarray, float32 [n_images * per_image, D]
@@ -63,15 +70,12 @@ def clustered_descriptors(
     groups : numpy.ndarray, int64 [n_images]
         Scene of each image.
     """
-    for name, value in (("n_images", n_images), ("per_image", per_image), ("dim", dim),
-                        ("images_per_group", images_per_group)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    if not 0.0 <= shared <= 1.0:
-        raise ValueError(f"shared: expected a fraction in [0, 1], got {shared!r}")
-    n_modes = max(64, 4 * per_image) if n_modes is None else n_modes
-    if isinstance(n_modes, bool) or not isinstance(n_modes, (int, np.integer)) or n_modes < 1:
-        raise ValueError(f"n_modes: expected a positive int, got {n_modes!r}")
+    n_images = check_int(n_images, "n_images", min=1)
+    per_image = check_int(per_image, "per_image", min=1)
+    dim = check_int(dim, "dim", min=1)
+    images_per_group = check_int(images_per_group, "images_per_group", min=1)
+    shared = check_float(shared, "shared", min=0.0, max=1.0)
+    n_modes = max(64, 4 * per_image) if n_modes is None else check_int(n_modes, "n_modes", min=1)
 
     rng = np.random.default_rng(seed)
     modes = _normalise(rng.standard_normal((n_modes, dim)).astype(np.float32))

@@ -1,7 +1,7 @@
 """Retrieval accuracy: mAP and mP@k (revisited protocol), UKBench N-S score.
 
 Pure functions over integer rankings, following the semantics of the revisited
-Oxford/Paris evaluation code (Radenović et al., CVPR 2018; ASMK.md §7):
+Oxford/Paris evaluation code (Radenović et al., CVPR 2018; docs/math.md §7):
 
 - junk images are removed from a query's ranking before anything is measured;
 - average precision integrates the precision/recall curve with the trapezoidal rule,

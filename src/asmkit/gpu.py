@@ -4,10 +4,10 @@ faiss-gpu wheels are built for one CUDA version and replace faiss-cpu's module, 
 CUDA build of torch is usually there already: the deep feature extractor needs one.
 ``TorchQuantizer`` computes the squared distances to every word on the device with faiss's
 expansion (|x|^2 + |c|^2 - 2 x.c, a float32 matrix product, TF32 off) and keeps the m + 1
-nearest. The words are the CPU reference's:
-a row whose deciding gap lies within float32 rounding is returned to the caller, which
-asks faiss on the CPU for it as the reference's own call would meet it
-(``Codebook._settle``), exactly as for faiss's own batched searches.
+nearest. It implements ``asmkit.quantizer.Quantizer``: a row whose deciding gap lies within
+float32 rounding is returned as tied, and ``Codebook.assign``'s ``Assignment.settle`` asks
+faiss on the CPU for it as the reference's own call would meet it, exactly as for faiss's
+own batched searches. So the words are the CPU reference's.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import threading
 
 import numpy as np
 
-from .codebook import _tied
+from .quantizer import max_sq_norm, tied_rows
 
 __all__ = ["TorchQuantizer", "cuda_device_count"]
 
@@ -52,31 +52,37 @@ class TorchQuantizer:
         ``"cuda:0"`` in use; ``"cpu"`` runs the same code on the CPU (tests).
     tie_eps : float
         Relative gap (of |x|^2 + max |c|^2) below which faiss's rounding decides
-        (``codebook._tie_eps`` at scale 1).
+        (``asmkit.quantizer.tie_eps(1.0, D)``).
+    gpu : int, optional
+        The GPU id ``device`` stands for (``Codebook.gpu``); None for a CPU device.
+    block_rows : int, optional
+        Rows per float32 [rows, K] distance block on the device (default: as many as fit
+        in ``_BLOCK_BYTES``, at least 256).
     """
 
-    def __init__(self, centroids: np.ndarray, device, tie_eps: float) -> None:
+    def __init__(self, centroids: np.ndarray, device, tie_eps: float, *, gpu: int | None = None,
+                 block_rows: int | None = None) -> None:
         import torch
 
         self._torch = torch
+        self.gpu = gpu
         self.device = torch.device(device)
         self._centroids = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)).to(self.device)
         # faiss's own |c|^2 (float32 sums), and the float64 max for the tolerance scale.
         self._c_sq = (self._centroids * self._centroids).sum(dim=1)
-        self._max_sq = float(np.einsum("ij,ij->i", centroids, centroids, dtype=np.float64).max())
+        self._max_sq = max_sq_norm(centroids)
         self._tie_eps = float(tie_eps)
         k = centroids.shape[0]
-        self._rows = max(256, _BLOCK_BYTES // (4 * k))
+        self._rows = max(256, _BLOCK_BYTES // (4 * k)) if block_rows is None else block_rows
 
-    def search(self, vecs: np.ndarray, m: int, dist: np.ndarray, words: np.ndarray,
-               nearest_first: bool = True) -> np.ndarray:
-        """Fill ``dist`` float32 [n, m] and ``words`` int64 [n, m] (m <= K) from ``vecs``
-        float32 [n, D]; return the rows (int64) whose nearest word (``nearest_first``) or
-        whose set of m words is decided by less than float32 rounding."""
+    def search(self, vecs: np.ndarray, m: int, dist: np.ndarray, words: np.ndarray, *,
+               nearest_first: bool, one_segment: bool) -> np.ndarray:
+        """See ``asmkit.quantizer.Quantizer.search``. Its float32 rounding is never faiss's,
+        so tied rows are returned also for a block of ``one_segment``."""
         torch = self._torch
         k = self._centroids.shape[0]
         extra = int(m < k)
-        flagged = []
+        tied_parts = []
         with _PRECISION:
             previous = torch.get_float32_matmul_precision()
             # A TF32 or bf16 product (1e-3 relative error) would order words that faiss's
@@ -94,12 +100,12 @@ class TorchQuantizer:
                     d += x_sq[:, None]
                     found_dist, found_words = torch.topk(d, m + extra, dim=1, largest=False, sorted=True)
                     # The tolerance's scale needs no float64: it is a bound, not a distance.
-                    tied = _tied(found_dist, m, self._tie_eps * (x_sq + self._max_sq), nearest_first)
+                    tied = tied_rows(found_dist, m, self._tie_eps * (x_sq + self._max_sq), nearest_first)
                     end = begin + len(block)
                     dist[begin:end] = found_dist[:, :m].cpu().numpy()
                     words[begin:end] = found_words[:, :m].cpu().numpy()
                     if tied is not None:
-                        flagged.append(torch.nonzero(tied).cpu().numpy().ravel() + begin)
+                        tied_parts.append(torch.nonzero(tied).cpu().numpy().ravel() + begin)
             finally:
                 torch.set_float32_matmul_precision(previous)
-        return np.concatenate(flagged) if flagged else np.zeros(0, dtype=np.int64)
+        return np.concatenate(tied_parts) if tied_parts else np.zeros(0, dtype=np.int64)

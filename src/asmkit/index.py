@@ -18,55 +18,23 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
 from . import storage
+from ._validation import ArgumentError, check_ids, check_int
 from .codebook import Codebook
 from .ivf import InvertedFile, compute_idf, image_norms, ivf_stats
-from .kernel import aggregate, n_code_words, prepare_descriptors
-from .params import Params
-from .search import aggregate_images, as_params, check_k, score_aggregates
+from .kernel import Aggregates, aggregate, n_code_words, prepare_descriptors
+from .params import Params, as_params
+from .search import Database, score_queries
 
 __all__ = ["Index"]
 
 logger = logging.getLogger(__name__)
 
 _KIND = "index"
-#: Query descriptors per search chunk (16 MiB of 128-D float32 and, at m = 5, 1.3 MiB of
-#: words): enough query images per chunk for word-major scoring to pay off, few enough to
-#: bound peak memory. Measured over all queries, cold process (StagePeak): synthetic
-#: 1000 x 500, K = 1024: 1.48 -> 1.32 ms per query against 1 << 14, peak +0.5 MB either
-#: way (1 << 16: 1.19 ms, +2.3 MB); UKBench, K = 4096: 2.1 ms, +2.1 MB (1 << 14: +1.3 MB).
-_SEARCH_CHUNK_ROWS = 1 << 15
-#: Tied query rows held back for one faiss pass (``Index._settle_ties``; 2 MiB at 128-D),
-#: so that faiss's batches are shared by the rows of many chunks: on UKBench (2170 tied
-#: rows in 2000 query images) 2.9 -> 2.2 ms per query, peak memory +1.2 -> +1.3 MB.
-_UNSETTLED_ROWS = 1 << 12
-
-
-class _Unsettled:
-    """Query rows whose words are provisional (tied within float32 rounding), gathered
-    over search chunks: their query image, offset in it and its size, the row and its
-    provisional words."""
-
-    def __init__(self) -> None:
-        self._parts: list[tuple[np.ndarray, ...]] = []
-        self.rows = 0
-
-    def add(self, vecs, assignments, starts, tied, first_image) -> None:
-        if not tied.size:
-            return
-        seg = np.searchsorted(starts, tied, side="right") - 1
-        self._parts.append((seg + first_image, tied - starts[seg], (starts[seg + 1] - starts[seg]),
-                            vecs[tied], assignments[tied]))
-        self.rows += tied.size
-
-    def take(self) -> tuple[np.ndarray, ...]:
-        parts = [np.concatenate(column) for column in zip(*self._parts)]
-        self._parts, self.rows = [], 0
-        return tuple(parts)
 
 
 class Index:
@@ -88,7 +56,7 @@ class Index:
 
     def __init__(self, codebook: Codebook, params=None) -> None:
         if not isinstance(codebook, Codebook):
-            raise TypeError(f"codebook: expected an asmkit Codebook, got {type(codebook).__name__}")
+            raise ArgumentError(f"codebook: expected an asmkit Codebook, got {type(codebook).__name__}")
         params = as_params(params)
         if params.codebook_size != codebook.size:
             logger.debug("params.codebook_size %d replaced by the codebook's size %d", params.codebook_size, codebook.size)
@@ -102,7 +70,7 @@ class Index:
         self._idf = np.ones(codebook.size, dtype=np.float32)
         self._norms = np.empty(0, dtype=np.float64)
         self._n_idf_images: int | None = None  # set on shards: the whole index's N
-        self._sqrt_norms: np.ndarray | None = None
+        self._database: Database | None = None
         self._key_to_id: dict[str, int] | None = None
 
     # -- properties ---------------------------------------------------------------------------
@@ -176,10 +144,14 @@ class Index:
 
     def _check_writable(self) -> None:
         if self.is_shard:
-            raise ValueError("index: a shard made by split() is read-only; modify the whole index and split again")
+            raise ArgumentError("index: a shard made by split() is read-only; modify the whole index and split again")
 
     def add(self, vecs, image_ids=None, keys: Iterable[str] | None = None) -> np.ndarray:
         """Add images.
+
+        Equals ``add_aggregates(aggregate_images(codebook, vecs, image_ids, params), ids,
+        keys)`` (``asmkit.kernel.aggregate_images``) with the ids of
+        ``prepare_descriptors``.
 
         Parameters
         ----------
@@ -200,27 +172,83 @@ class Index:
 
         Raises
         ------
-        TypeError, ValueError
+        ArgumentError
             Bad input, naming ``vecs``, ``image_ids`` or ``keys``; an id or key already in
             the index.
         """
         self._check_writable()
         desc = prepare_descriptors(vecs, image_ids, dim=self._codebook.dim)
         new_ids = desc.image_ids
-        clash = new_ids[np.isin(new_ids, self._ids)]
-        if clash.size:
-            raise ValueError(f"image_ids: already in the index: {clash[:10].tolist()}")
-        new_keys = self._check_new_keys(keys, new_ids)
+        new_keys = self._check_new_images(new_ids, keys)
         if desc.n_images == 0:
             return new_ids
+        words = self._codebook.assign(desc.vecs, self._params.ma_database, check_finite=False).settle()
+        aggregates = aggregate(desc.vecs, words, desc.starts, desc.order, self._codebook.centroids,
+                               binary=self._params.binary)
+        del words
+        self._add_checked(aggregates, new_ids, new_keys)
+        logger.debug("added %d images (%d descriptors); index holds %d", desc.n_images, desc.vecs.shape[0], len(self))
+        return new_ids
 
-        assignments = self._codebook._quantize(desc.vecs, self._params.ma_database)
-        aggregates = aggregate_images(self._codebook, desc, assignments, self._params.binary)
-        del assignments
+    def add_aggregates(self, aggregates: Aggregates, image_ids, keys: Iterable[str] | None = None) -> np.ndarray:
+        """Add images from their database-side aggregates.
+
+        ``aggregates`` come from ``asmkit.kernel.aggregate_images(codebook, vecs, ids,
+        params, side="database")`` with this index's codebook and params (possibly on
+        another machine); the index then equals one built by ``add(vecs, ids, keys)``.
+
+        Parameters
+        ----------
+        aggregates : Aggregates
+            I images, rows sorted by (image, word); packed binary codes for an ASMK*
+            index, float32 [M, D] for ASMK.
+        image_ids : int64 [I]
+            The id of each aggregated image, distinct, non-negative and new to the index.
+        keys : sequence of str, optional
+            Names of the new images, in ``image_ids`` order (default ``str(id)``).
+
+        Returns
+        -------
+        int64 [I]
+            ``image_ids``.
+
+        Raises
+        ------
+        ArgumentError
+            Aggregates that do not fit the index (binary/real, dimension, words), bad or
+            already-present ids or keys.
+        """
+        self._check_writable()
+        if not isinstance(aggregates, Aggregates):
+            raise ArgumentError(f"aggregates: expected asmkit.kernel.Aggregates, got {type(aggregates).__name__}")
+        n = aggregates.offsets.shape[0] - 1
+        new_ids = check_ids(image_ids, name="image_ids", length=n)
+        if np.unique(new_ids).shape[0] != n:
+            raise ArgumentError("image_ids: must be distinct")
+        data, words, offsets = aggregates.data, aggregates.words, aggregates.offsets
+        if data.dtype != self._ivf.data.dtype or data.ndim != 2 or data.shape[1] != self._ivf.data.shape[1]:
+            raise ArgumentError(f"aggregates: {data.dtype} {data.shape[1:]} codes do not fit this index "
+                                f"({self._ivf.data.dtype} {self._ivf.data.shape[1:]})")
+        if (words.ndim != 1 or words.shape[0] != data.shape[0] or offsets[0] != 0 or offsets[-1] != words.shape[0]
+                or np.any(np.diff(offsets) < 0)
+                or (words.size and (int(words.min()) < 0 or int(words.max()) >= self._codebook.size))):
+            raise ArgumentError(f"aggregates: inconsistent offsets or words (of a codebook of {self._codebook.size} words)")
+        new_keys = self._check_new_images(new_ids, keys)
+        if n:
+            self._add_checked(aggregates, new_ids, new_keys)
+        return new_ids
+
+    def _check_new_images(self, new_ids: np.ndarray, keys) -> np.ndarray:
+        """The keys of new images (validated), after checking their ids are new."""
+        clash = new_ids[np.isin(new_ids, self._ids)]
+        if clash.size:
+            raise ArgumentError(f"image_ids: already in the index: {clash[:10].tolist()}")
+        return self._check_new_keys(keys, new_ids)
+
+    def _add_checked(self, aggregates: Aggregates, new_ids: np.ndarray, new_keys: np.ndarray) -> None:
         n_old = len(self)
-        added = InvertedFile.from_aggregates(aggregates, n_old + np.arange(desc.n_images, dtype=np.int64),
+        added = InvertedFile.from_aggregates(aggregates, n_old + np.arange(new_ids.shape[0], dtype=np.int64),
                                              self._codebook.size)
-        del aggregates
         ivf = self._ivf.append(added)
         ids = np.concatenate([self._ids, new_ids])
         width = max(self._keys.dtype.itemsize, new_keys.dtype.itemsize) // 4
@@ -233,28 +261,26 @@ class Index:
             ivf = InvertedFile(ivf.offsets, new_slot[ivf.slots].astype(np.int32), ivf.data)
             ids, keys_all = ids[order], keys_all[order]
         self._set_state(ivf, ids, keys_all)
-        logger.debug("added %d images (%d descriptors); index holds %d", desc.n_images, desc.vecs.shape[0], len(self))
-        return new_ids
 
     def _check_new_keys(self, keys, new_ids: np.ndarray) -> np.ndarray:
         if keys is None:
             new_keys = np.array([str(i) for i in new_ids.tolist()], dtype=str)
         else:
             if isinstance(keys, (str, bytes)) or not isinstance(keys, Iterable):
-                raise TypeError("keys: expected a sequence of str")
+                raise ArgumentError("keys: expected a sequence of str")
             keys = list(keys)
             if not all(isinstance(key, str) for key in keys):
-                raise TypeError("keys: every key must be a str")
+                raise ArgumentError("keys: every key must be a str")
             if len(keys) != new_ids.shape[0]:
-                raise ValueError(f"keys: got {len(keys)} keys for {new_ids.shape[0]} new images")
+                raise ArgumentError(f"keys: got {len(keys)} keys for {new_ids.shape[0]} new images")
             new_keys = np.array(keys, dtype=str)
         if new_keys.size == 0:
             return np.empty(0, dtype="<U1")
         if np.unique(new_keys).shape[0] != new_keys.shape[0]:
-            raise ValueError("keys: must be distinct")
+            raise ArgumentError("keys: must be distinct")
         taken = new_keys[np.isin(new_keys, self._keys)]
         if taken.size:
-            raise ValueError(f"keys: already in the index: {taken[:10].tolist()}")
+            raise ArgumentError(f"keys: already in the index: {taken[:10].tolist()}")
         return new_keys
 
     def _set_state(self, ivf: InvertedFile, ids: np.ndarray, keys: np.ndarray) -> None:
@@ -264,7 +290,7 @@ class Index:
         self._keys = keys
         self._idf = compute_idf(ivf.counts, len(ids), self._params.use_idf)
         self._norms = image_norms(ivf, self._idf, len(ids))
-        self._sqrt_norms = None
+        self._database = None
         self._key_to_id = None
 
     def _slots_of(self, ids_or_keys, name: str) -> np.ndarray:
@@ -277,17 +303,17 @@ class Index:
                 try:
                     ids.append(self.id_of(item))
                 except KeyError:
-                    raise ValueError(f"{name}: no image named {item!r} in the index") from None
+                    raise ArgumentError(f"{name}: no image named {item!r} in the index") from None
             elif isinstance(item, (int, np.integer)) and not isinstance(item, bool):
                 ids.append(int(item))
             else:
-                raise TypeError(f"{name}: expected image ids (int) or keys (str), got {item!r}")
+                raise ArgumentError(f"{name}: expected image ids (int) or keys (str), got {item!r}")
         ids_arr = np.asarray(ids, dtype=np.int64)
         slots = np.searchsorted(self._ids, ids_arr)
         found = (slots < len(self)) & (self._ids[np.minimum(slots, max(len(self) - 1, 0))] == ids_arr) if len(self) \
             else np.zeros(ids_arr.shape, dtype=bool)
         if not found.all():
-            raise ValueError(f"{name}: image ids not in the index: {ids_arr[~found][:10].tolist()}")
+            raise ArgumentError(f"{name}: image ids not in the index: {ids_arr[~found][:10].tolist()}")
         return slots
 
     def remove(self, ids_or_keys) -> None:
@@ -311,48 +337,22 @@ class Index:
 
     # -- search ------------------------------------------------------------------------------
 
-    def _sqrt_norms_array(self) -> np.ndarray:
-        if self._sqrt_norms is None:
-            self._sqrt_norms = np.sqrt(self._norms)
-        return self._sqrt_norms
-
-    def _query_aggregates(self, vecs, image_ids):
-        desc = prepare_descriptors(vecs, image_ids, dim=self._codebook.dim, unique_ids=False)
-        assignments = self._codebook._quantize(desc.vecs, self._params.ma_query)
-        return desc, assignments
-
-    def _score_chunk(self, vecs, assignments, starts, k):
-        """(scores, ids) of the query images whose rows ``vecs`` start at ``starts``."""
-        queries = aggregate(vecs, assignments, starts, np.arange(len(vecs), dtype=np.int64),
-                            self._codebook.centroids, binary=self._params.binary)
-        return score_aggregates(self._ivf, self._idf, self._sqrt_norms_array(), self._ids, queries,
-                                self._params, dim=self._codebook.dim, k=k)
-
-    def _settle_ties(self, desc, unsettled, k, scores, ids) -> None:
-        """Search again, with faiss's words, the query images where a row tied within float32
-        rounding has other words in faiss's call than provisionally (a few in a thousand)."""
-        if not unsettled.rows:
-            return
-        images, local, size, vecs, provisional = unsettled.take()
-        words = self._codebook._settle(vecs, local, size, provisional.shape[1])[1]
-        changed = np.any(np.sort(words, axis=1) != np.sort(provisional, axis=1), axis=1)
-        redo = np.unique(images[changed])
-        if not redo.size:
-            return
-        sizes = desc.starts[redo + 1] - desc.starts[redo]
-        rows = desc.order[np.concatenate([np.arange(desc.starts[i], desc.starts[i + 1]) for i in redo])]
-        starts = np.concatenate([[0], np.cumsum(sizes)])
-        chunk_vecs = desc.vecs[rows]
-        assignments = self._codebook._quantize(chunk_vecs, self._params.ma_query, starts, nearest_first=False)
-        scores[redo], ids[redo] = self._score_chunk(chunk_vecs, assignments, starts, k)
+    @property
+    def database(self) -> Database:
+        """What queries are scored against (``asmkit.search.score_queries``): the posting
+        lists, idf, √n_d and ids, shared with the index (not copies)."""
+        if self._database is None:
+            self._database = Database(self._ivf, self._idf, np.sqrt(self._norms), self._ids)
+        return self._database
 
     def search(self, vecs, image_ids=None, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Rank the database images for each query image.
+        """Rank the database images for each query image (``asmkit.search.score_queries``).
 
         Parameters
         ----------
         vecs : float32 [N, D] or list of float32 [n_i, D]
-            Query descriptors (quantized with ``params.ma_query``).
+            Query descriptors (quantized with ``params.ma_query``, each image as its own
+            faiss call, as the reference does).
         image_ids : int64 [N] for array input (one label per row); ignored labels for list
             input (one row per list entry).
         k : int, optional
@@ -367,41 +367,17 @@ class Index:
             Database image ids; -1 padding. Rows follow ``np.unique(image_ids)``, or the
             list order. An empty database gives all -1 (k columns, or 0 with k None).
         """
-        k = check_k(k)
+        k = check_int(k, "k", min=1, none=True)
         k = self._params.topk if k is None else k
         desc = prepare_descriptors(vecs, image_ids, dim=self._codebook.dim, unique_ids=False)
-        n = desc.n_images
-        width = len(self) if k is None else k
-        scores = np.empty((n, width), dtype=np.float32)
-        ids = np.empty((n, width), dtype=np.int64)
-        # Query images go through quantize -> aggregate -> score in chunks of about
-        # _SEARCH_CHUNK_ROWS descriptors: peak memory stays that of one chunk's words and
-        # aggregates, whatever the number of queries.
-        unsettled = _Unsettled()
-        begin = 0
-        while begin < n:
-            end = int(np.searchsorted(desc.starts, desc.starts[begin] + _SEARCH_CHUNK_ROWS, side="right")) - 1
-            end = min(max(end, begin + 1), n)
-            chunk_vecs = desc.vecs[desc.image_rows(begin, end)]
-            starts = desc.starts[begin : end + 1] - desc.starts[begin]
-            # One faiss call per query image, as the reference quantizes them (float32 ties);
-            # a query image aggregates over the set of its words, column 0 plays no part.
-            # Rows tied within float32 rounding keep provisional words until _settle_ties.
-            assignments, _, tied = self._codebook._quantize_unsettled(
-                chunk_vecs, self._params.ma_query, starts, nearest_first=False)
-            scores[begin:end], ids[begin:end] = self._score_chunk(chunk_vecs, assignments, starts, k)
-            unsettled.add(chunk_vecs, assignments, starts, tied, begin)
-            if unsettled.rows >= _UNSETTLED_ROWS:
-                self._settle_ties(desc, unsettled, k, scores, ids)
-            begin = end
-        self._settle_ties(desc, unsettled, k, scores, ids)
-        return scores, ids
+        return score_queries(self._codebook, desc, self.database, self._params, k=k)
 
     def similarity_matrix(self, vecs, image_ids=None, *, k: int | None = None, chunk: int = 256):
         """Scores of query images against every database image, as a dense matrix.
 
         With the database images themselves as queries this is the all-vs-all matrix
         (``asmkit.search.similarity_matrix`` computes that without building an index).
+        Queries go through ``asmkit.search.score_queries``, as for ``search``.
 
         Parameters
         ----------
@@ -418,28 +394,16 @@ class Index:
             Row = query (``np.unique(image_ids)`` or list order), column = database image
             in ``ids`` (ascending) order.
         """
-        k = check_k(k)
-        chunk = check_k(chunk, name="chunk")
-        desc, assignments = self._query_aggregates(vecs, image_ids)
-        n = desc.n_images
-        if k is None:
-            out = np.zeros((n, len(self)), dtype=np.float32)
-        else:
-            scores = np.empty((n, k), dtype=np.float32)
-            ids = np.empty((n, k), dtype=np.int64)
-        for begin in range(0, n, chunk):
-            end = min(begin + chunk, n)
-            queries = aggregate_images(self._codebook, desc, assignments, self._params.binary, begin, end)
-            args = (self._ivf, self._idf, self._sqrt_norms_array(), self._ids, queries, self._params)
-            if k is None:
-                score_aggregates(*args, dim=self._codebook.dim, dense_out=out[begin:end])
-            else:
-                scores[begin:end], ids[begin:end] = score_aggregates(*args, dim=self._codebook.dim, k=k)
-        return out if k is None else (scores, ids)
+        k = check_int(k, "k", min=1, none=True)
+        chunk = check_int(chunk, "chunk", min=1)
+        desc = prepare_descriptors(vecs, image_ids, dim=self._codebook.dim, unique_ids=False)
+        dense_out = np.zeros((desc.n_images, len(self)), dtype=np.float32) if k is None else None
+        return score_queries(self._codebook, desc, self.database, self._params, k=k, dense_out=dense_out,
+                             chunk_images=chunk)
 
     # -- shards -----------------------------------------------------------------------------
 
-    def split(self, n_shards: int) -> list["Index"]:
+    def split(self, n_shards: int) -> list[Index]:
         """Split by image into read-only shards of near-equal image counts.
 
         Each shard keeps the whole index's idf, N and image norms, so searching every
@@ -456,10 +420,9 @@ class Index:
             Shard ``j`` holds the images ``ids[bounds[j]:bounds[j + 1]]`` (ascending id
             ranges).
         """
-        if isinstance(n_shards, bool) or not isinstance(n_shards, (int, np.integer)) or n_shards < 1:
-            raise ValueError(f"n_shards: expected a positive int, got {n_shards!r}")
+        n_shards = check_int(n_shards, "n_shards", min=1)
         if n_shards > max(len(self), 1):
-            raise ValueError(f"n_shards: {n_shards} shards for {len(self)} images")
+            raise ArgumentError(f"n_shards: {n_shards} shards for {len(self)} images")
         bounds = (np.arange(n_shards + 1) * len(self)) // n_shards
         n_global = self._n_idf_images if self.is_shard else len(self)
         shards = []
@@ -499,7 +462,7 @@ class Index:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, mmap: bool = True, verify: bool = True,
-             gpu: int | None = None) -> "Index":
+             gpu: int | None = None) -> Index:
         """Open an index written by ``save``.
 
         Parameters

@@ -1,4 +1,4 @@
-"""CSR inverted file: one posting list per visual word, plus counts, idf and image norms (ASMK.md §4).
+"""CSR inverted file: one posting list per visual word, plus counts, idf and image norms (docs/math.md §4).
 
 Layout (``InvertedFile``): word ``c``'s posting list is ``offsets[c]:offsets[c + 1]`` of
 ``slots`` (the database slot of the image) and ``data`` (its aggregated code or vector).

@@ -1,4 +1,8 @@
-"""Aggregation of residuals per (image, visual word) and binarisation (ASMK.md §2-3).
+"""Aggregation of residuals per (image, visual word) and binarisation (docs/math.md §2-3).
+
+``aggregate`` aggregates descriptors whose words are known; ``aggregate_images`` quantizes
+and aggregates images as the index does on either side, for callers that aggregate apart
+from the index (``Index.add_aggregates``).
 
 Also the validation of descriptor input shared by the index and search entry points:
 ``prepare_descriptors`` turns either ``(vecs [N, D], image_ids [N])`` or a list of per-image
@@ -12,19 +16,21 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _kernels
+from ._validation import ArgumentError, check_choice, check_ids, check_vecs
+from .params import as_params
 
 __all__ = [
-    "Descriptors",
     "Aggregates",
-    "prepare_descriptors",
-    "check_vecs",
+    "Descriptors",
     "aggregate",
-    "pack_bits",
-    "unpack_bits",
+    "aggregate_images",
     "hamming_similarity",
     "n_code_words",
     "n_hamming_bits",
     "normalize_l2",
+    "pack_bits",
+    "prepare_descriptors",
+    "unpack_bits",
 ]
 
 
@@ -36,62 +42,6 @@ def n_code_words(dim: int) -> int:
 def n_hamming_bits(dim: int) -> int:
     """B = 32 · ceil(D / 32), the bit count the reference normalises Hamming distances by."""
     return 32 * ((int(dim) + 31) // 32)
-
-
-def check_vecs(vecs, *, name: str = "vecs", dim: int | None = None) -> np.ndarray:
-    """Validate one descriptor matrix and return it as C-contiguous float32 ``[N, D]``.
-
-    Integer and float dtypes are converted; anything else (strings, objects, complex,
-    bool) is refused.
-
-    Raises
-    ------
-    TypeError
-        Not an array of numbers.
-    ValueError
-        Not 2-D, wrong dimension ``D``, or non-finite values (also after the float32
-        conversion, which can overflow).
-    """
-    if not isinstance(vecs, np.ndarray):
-        raise TypeError(f"{name}: expected a numpy array, got {type(vecs).__name__}")
-    if vecs.dtype.kind not in "fiu":
-        raise TypeError(f"{name}: expected a float array, got dtype {vecs.dtype}")
-    if vecs.ndim != 2:
-        raise ValueError(f"{name}: expected a 2-D array [N, D], got shape {vecs.shape}")
-    if dim is not None and vecs.shape[1] != dim:
-        raise ValueError(f"{name}: descriptors have {vecs.shape[1]} dimensions, the codebook has {dim}")
-    if vecs.shape[1] == 0:
-        raise ValueError(f"{name}: descriptors must have at least one dimension")
-    with np.errstate(over="ignore"):
-        out = np.ascontiguousarray(vecs, dtype=np.float32)
-    # In blocks of rows: one np.isfinite over all of [N, D] would allocate N·D bytes.
-    step = max(1, (1 << 20) // max(out.shape[1], 1))
-    for begin in range(0, out.shape[0], step):
-        if not np.isfinite(out[begin : begin + step]).all():
-            raise ValueError(f"{name}: contains NaN or infinite values (after conversion to float32)")
-    return out
-
-
-def _check_ids(image_ids, *, name: str, length: int) -> np.ndarray:
-    if not isinstance(image_ids, np.ndarray):
-        if isinstance(image_ids, (list, tuple, range)):
-            image_ids = np.asarray(image_ids)
-            if image_ids.size == 0:
-                image_ids = image_ids.astype(np.int64)
-        else:
-            raise TypeError(f"{name}: expected an int64 array, got {type(image_ids).__name__}")
-    if image_ids.dtype.kind not in "iu":
-        raise TypeError(f"{name}: expected an integer array, got dtype {image_ids.dtype}")
-    if image_ids.ndim != 1:
-        raise ValueError(f"{name}: expected a 1-D array, got shape {image_ids.shape}")
-    if image_ids.shape[0] != length:
-        raise ValueError(f"{name}: has {image_ids.shape[0]} entries, expected {length}")
-    if image_ids.dtype == np.uint64 and image_ids.size and image_ids.max() > np.iinfo(np.int64).max:
-        raise ValueError(f"{name}: values must fit in int64")
-    ids = image_ids.astype(np.int64, copy=False)
-    if ids.size and ids.min() < 0:
-        raise ValueError(f"{name}: must be non-negative (-1 marks padding in results)")
-    return ids
 
 
 @dataclass(frozen=True)
@@ -158,7 +108,7 @@ def prepare_descriptors(vecs, image_ids=None, *, dim: int | None = None, unique_
 
     Raises
     ------
-    TypeError, ValueError
+    ArgumentError
         Naming ``vecs`` or ``image_ids``.
     """
     if isinstance(vecs, (list, tuple)):
@@ -166,18 +116,18 @@ def prepare_descriptors(vecs, image_ids=None, *, dim: int | None = None, unique_
         if parts:
             widths = {p.shape[1] for p in parts}
             if len(widths) > 1:
-                raise ValueError(f"vecs: list entries have different dimensions {sorted(widths)}")
+                raise ArgumentError(f"vecs: list entries have different dimensions {sorted(widths)}")
             width = parts[0].shape[1]
         elif dim is not None:
             width = dim
         else:
-            raise ValueError("vecs: empty list and no descriptor dimension known")
+            raise ArgumentError("vecs: empty list and no descriptor dimension known")
         if image_ids is None:
             ids = np.arange(len(parts), dtype=np.int64)
         else:
-            ids = _check_ids(image_ids, name="image_ids", length=len(parts))
+            ids = check_ids(image_ids, name="image_ids", length=len(parts))
             if unique_ids and np.unique(ids).shape[0] != ids.shape[0]:
-                raise ValueError("image_ids: list input needs one distinct id per list entry")
+                raise ArgumentError("image_ids: list input needs one distinct id per list entry")
         counts = np.array([p.shape[0] for p in parts], dtype=np.int64)
         flat = np.concatenate(parts, axis=0) if parts else np.empty((0, width), np.float32)
         flat = np.ascontiguousarray(flat, dtype=np.float32)
@@ -189,8 +139,8 @@ def prepare_descriptors(vecs, image_ids=None, *, dim: int | None = None, unique_
     if isinstance(vecs, np.ndarray):
         flat = check_vecs(vecs, name="vecs", dim=dim)
         if image_ids is None:
-            raise ValueError("image_ids: required when vecs is one array (one image id per row)")
-        ids = _check_ids(image_ids, name="image_ids", length=flat.shape[0])
+            raise ArgumentError("image_ids: required when vecs is one array (one image id per row)")
+        ids = check_ids(image_ids, name="image_ids", length=flat.shape[0])
         if ids.shape[0] and bool(np.all(ids[1:] >= ids[:-1])):
             # Rows already grouped by ascending id (the usual layout): no sort, no labels.
             starts = np.concatenate([[0], np.flatnonzero(ids[1:] != ids[:-1]) + 1, [ids.shape[0]]])
@@ -202,7 +152,7 @@ def prepare_descriptors(vecs, image_ids=None, *, dim: int | None = None, unique_
             starts, order = _kernels.group_by_label(labels.astype(np.int64, copy=False).reshape(-1), unique.shape[0])
         return Descriptors(flat, unique.astype(np.int64), starts, order)
 
-    raise TypeError(f"vecs: expected a float32 array [N, D] or a list of them, got {type(vecs).__name__}")
+    raise ArgumentError(f"vecs: expected a float32 array [N, D] or a list of them, got {type(vecs).__name__}")
 
 
 @dataclass(frozen=True)
@@ -280,7 +230,7 @@ def aggregate(
     # (j << bits(m - 1)) | a.
     largest = int(np.diff(starts).max()) if n_images else 0
     if largest << max(assignments.shape[1] - 1, 0).bit_length() >= 1 << 31:
-        raise ValueError(f"vecs: an image has {largest} descriptors, too many for multiple assignment "
+        raise ArgumentError(f"vecs: an image has {largest} descriptors, too many for multiple assignment "
                          f"m = {assignments.shape[1]}")
     with _kernels.thread_budget(n_pairs, _kernels.MIN_PARALLEL_PAIRS) as threads:
         n_blocks = min(n_images, 4 * threads)
@@ -318,7 +268,7 @@ def pack_bits(bits: np.ndarray) -> np.ndarray:
     """
     bits = np.asarray(bits)
     if bits.ndim != 2:
-        raise ValueError(f"bits: expected a 2-D array, got shape {bits.shape}")
+        raise ArgumentError(f"bits: expected a 2-D array, got shape {bits.shape}")
     return _kernels.pack_rows(np.ascontiguousarray(bits, dtype=np.bool_))
 
 
@@ -351,3 +301,50 @@ def hamming_similarity(a: np.ndarray, b: np.ndarray, dim: int) -> np.ndarray:
     h = np.unpackbits(as_bytes, axis=-1).sum(axis=-1, dtype=np.int64)
     hdist = (h / n_hamming_bits(dim)).astype(np.float32)
     return (np.float32(-2.0) * hdist + np.float32(1.0)).astype(np.float32)
+
+
+_SIDES = ("database", "query")
+
+
+def aggregate_images(codebook, vecs, image_ids=None, params=None, *, side: str = "database") -> Aggregates:
+    """Quantize and aggregate the descriptors of several images, as ``Index.add``
+    (``side="database"``) or ``Index.search`` (``side="query"``) do.
+
+    The database side quantizes all rows in one call with ``params.ma_database`` (the
+    reference's one faiss call over the database); the query side quantizes each image in
+    its own call with ``params.ma_query`` (the reference's one call per query image). So
+    ``Index.add_aggregates(aggregate_images(codebook, vecs, ids, index.params), ...)``
+    equals ``Index.add(vecs, ids)``, also where float32 rounding ties two words.
+
+    Parameters
+    ----------
+    codebook : asmkit.Codebook
+    vecs : float32 [N, D] or list of float32 [n_i, D]
+        Descriptors (see ``prepare_descriptors``).
+    image_ids : int64 [N], or None / int64 [len(vecs)] for list input
+    params : Params, preset name, dict or None
+        ``binary``, and ``ma_database`` or ``ma_query`` by side, are used.
+    side : {"database", "query"}
+
+    Returns
+    -------
+    Aggregates
+        One entry per image, in the order of ``prepare_descriptors(vecs, image_ids)
+        .image_ids``: ascending distinct ids for array input, list order for list input.
+
+    Raises
+    ------
+    ArgumentError
+        Bad descriptors, ids, params or side.
+    """
+    check_choice(side, "side", _SIDES)
+    params = as_params(params)
+    desc = prepare_descriptors(vecs, image_ids, dim=codebook.dim, unique_ids=side == "database")
+    if side == "database":
+        words = codebook.assign(desc.vecs, params.ma_database, check_finite=False).settle()
+        return aggregate(desc.vecs, words, desc.starts, desc.order, codebook.centroids, binary=params.binary)
+    grouped = desc.vecs[desc.image_rows(0, desc.n_images)]
+    words = codebook.assign(grouped, params.ma_query, segments=desc.starts, nearest_first=False,
+                            check_finite=False).settle()
+    return aggregate(grouped, words, desc.starts, np.arange(len(grouped), dtype=np.int64), codebook.centroids,
+                     binary=params.binary)

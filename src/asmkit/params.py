@@ -62,7 +62,7 @@ def parse_size(size: int | str) -> int:
 
 @dataclass(frozen=True)
 class Params:
-    """ASMK parameters (ASMK.md sections 1-4).
+    """ASMK parameters (docs/math.md sections 1-4).
 
     Attributes
     ----------

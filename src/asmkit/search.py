@@ -1,4 +1,8 @@
-"""Selective match kernel scoring, top-k, and the all-vs-all similarity matrix (ASMK.md §3-4).
+"""Selective match kernel scoring, top-k, and the all-vs-all similarity matrix (docs/math.md §3-4).
+
+``score_queries`` is the one query path: every entry point that scores query images
+(``Index.search``, ``Index.similarity_matrix``, ``similarity_matrix``, ``asmkit.compat``)
+quantizes, aggregates and scores them there, against a ``Database``.
 
 Scores follow the reference's ``IVF.search`` arithmetic (see ``_kernels.search_kernel``),
 with two documented differences where the reference divides by zero: a query without
@@ -11,19 +15,33 @@ the whole index's list.
 from __future__ import annotations
 
 import logging
-from typing import Mapping, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from . import _kernels
-# Rows per quantize call in similarity_matrix (bounds its int64 word temporaries): the
-# codebook's own block size, so that the pieces are the segments one call would use.
-from .codebook import _QUANTIZE_ROWS, Codebook
+from ._validation import ArgumentError, check_choice, check_int
+from .codebook import QUANTIZE_ROWS, Assignment, Codebook
 from .ivf import InvertedFile, compute_idf, image_norms
-from .kernel import Aggregates, Descriptors, aggregate, n_hamming_bits, prepare_descriptors
-from .params import Params
+from .kernel import (
+    Aggregates,
+    Descriptors,
+    aggregate,
+    n_hamming_bits,
+    prepare_descriptors,
+)
+from .params import Params, as_params
 
-__all__ = ["as_params", "check_k", "score_aggregates", "aggregate_images", "similarity_matrix", "merge_topk"]
+__all__ = [
+    "QUERY_CHUNK_ROWS",
+    "TIED_BATCH_ROWS",
+    "Database",
+    "merge_topk",
+    "score_aggregates",
+    "score_queries",
+    "similarity_matrix",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +49,7 @@ _EMPTY_CODES = np.empty((0, 0), dtype=np.uint64)
 _EMPTY_REAL = np.empty((0, 0), dtype=np.float32)
 
 #: Word-major scoring: queries per block (each posting list is read once per block; 64
-#: gave the best times on 2000- and 10 000-image databases, docs/performance.md), and the
+#: gave the best times, docs/performance.md "All-vs-all scores"), and the
 #: largest float64 [S, block] score tile per thread, which shrinks blocks for large S.
 WORD_MAJOR_BLOCK = 64
 TILE_BYTES = 1 << 23
@@ -45,63 +63,12 @@ MIN_WORD_MAJOR_IVF_BYTES = 1 << 24
 _ORDERS = ("auto", "query", "word")
 
 
-def as_params(params) -> Params:
-    """``Params`` from None (defaults), a preset name, a flat dict, or a ``Params``.
-
-    Raises
-    ------
-    ValueError
-        Unknown preset or parameter names (naming them).
-    TypeError
-        Anything else.
-    """
-    if params is None:
-        return Params()
-    if isinstance(params, Params):
-        return params
-    if isinstance(params, str):
-        return Params.preset(params)
-    if isinstance(params, Mapping):
-        return Params.from_dict(params)
-    raise TypeError(f"params: expected Params, a preset name or a dict, got {type(params).__name__}")
-
-
-def check_k(k, *, name: str = "k") -> int | None:
-    """Validate a result count: None or a positive int."""
-    if k is None:
-        return None
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise TypeError(f"{name}: expected a positive int or None, got {k!r}")
-    if k < 1:
-        raise ValueError(f"{name}: must be at least 1, got {k}")
-    return int(k)
-
-
 def _readonly(array: np.ndarray) -> np.ndarray:
     """A C-contiguous read-only view, so that in-memory and memory-mapped arrays give the
     numba kernels one signature (and one cached compilation)."""
     view = np.ascontiguousarray(np.asarray(array)).view()
     view.flags.writeable = False
     return view
-
-
-def aggregate_images(codebook: Codebook, desc: Descriptors, assignments: np.ndarray, binary: bool,
-                     begin: int = 0, end: int | None = None) -> Aggregates:
-    """Aggregate images ``begin .. end - 1`` of ``desc`` given all rows' assignments.
-
-    Parameters
-    ----------
-    codebook : Codebook
-    desc : Descriptors
-    assignments : int64 [N, m]
-        Words of every row of ``desc.vecs``.
-    binary : bool
-    begin, end : int
-        Image label range (default: all images).
-    """
-    end = desc.n_images if end is None else end
-    return aggregate(desc.vecs, assignments, desc.starts[begin : end + 1], desc.order, codebook.centroids,
-                     binary=binary)
 
 
 def score_aggregates(
@@ -154,16 +121,15 @@ def score_aggregates(
         Top-k rows sorted by decreasing score (ties: ascending id), padded with
         -inf / -1 beyond S results.
     """
-    if order not in _ORDERS:
-        raise ValueError(f"order: expected one of {', '.join(_ORDERS)}, got {order!r}")
+    check_choice(order, "order", _ORDERS)
     n_queries = queries.offsets.shape[0] - 1
     n_slots = int(slot_ids.shape[0])
     if queries.data.dtype != ivf.data.dtype or queries.data.shape[1] != ivf.data.shape[1]:
-        raise ValueError("queries: aggregates do not match the inverted file (binary/real or dimension)")
+        raise ArgumentError("queries: aggregates do not match the inverted file (binary/real or dimension)")
     dense = dense_out is not None
     if dense:
         if dense_out.shape != (n_queries, n_slots) or dense_out.dtype != np.float32:
-            raise ValueError(f"dense_out: expected float32 {(n_queries, n_slots)}, got {dense_out.dtype} {dense_out.shape}")
+            raise ArgumentError(f"dense_out: expected float32 {(n_queries, n_slots)}, got {dense_out.dtype} {dense_out.shape}")
         out_scores, out_ids, k_eff = dense_out, np.empty((0, 0), dtype=np.int64), 0
     else:
         k = n_slots if k is None else k
@@ -213,28 +179,222 @@ def score_aggregates(
     return out_scores if dense else (out_scores, out_ids)
 
 
-def _build(codebook: Codebook, desc: Descriptors, assignments: np.ndarray, params: Params):
-    """Inverted file of all images of ``desc`` (slot = label), with idf and √norms."""
-    aggregates = aggregate_images(codebook, desc, assignments, params.binary)
-    ivf = InvertedFile.from_aggregates(aggregates, np.arange(desc.n_images, dtype=np.int64), codebook.size)
-    idf = compute_idf(ivf.counts, desc.n_images, params.use_idf)
-    return ivf, idf, np.sqrt(image_norms(ivf, idf, desc.n_images))
+@dataclass(frozen=True)
+class Database:
+    """What query images are scored against: posting lists with their idf and norms.
+
+    Attributes
+    ----------
+    ivf : InvertedFile
+        K posting lists over S slots.
+    idf : float32 [K]
+    sqrt_norms : float64 [S]
+        √n_d per slot.
+    ids : int64 [S]
+        User image id of each slot.
+    """
+
+    ivf: InvertedFile
+    idf: np.ndarray
+    sqrt_norms: np.ndarray
+    ids: np.ndarray
+
+    @property
+    def n_images(self) -> int:
+        return int(self.ids.shape[0])
 
 
-def _quantize_compact(codebook: Codebook, vecs: np.ndarray, m: int) -> np.ndarray:
-    """Words of every row, quantized ``_QUANTIZE_ROWS`` rows at a time into the narrowest
-    integer type that holds a word id.
+#: Query descriptors per chunk of ``score_queries``: enough query images per chunk for
+#: word-major scoring to pay off, few enough to bound peak memory (16 MiB of 128-D
+#: float32 and its words).
+QUERY_CHUNK_ROWS = 1 << 15
+#: Tied query rows held back for one settling pass, so that faiss's batches are shared by
+#: the rows of many chunks (2 MiB of 128-D float32).
+TIED_BATCH_ROWS = 1 << 12
+
+
+def score_queries(
+    codebook: Codebook,
+    queries: Descriptors,
+    database: Database,
+    params,
+    *,
+    k: int | None = None,
+    dense_out: np.ndarray | None = None,
+    chunk_images: int | None = None,
+    chunk_rows: int = QUERY_CHUNK_ROWS,
+    order: str = "auto",
+    words: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray] | np.ndarray:
+    """The query path: quantize, aggregate and score query images against a database.
+
+    Each query image is quantized as its own segment with ``params.ma_query`` (the
+    reference's one faiss call per query image), aggregated, and scored (``alpha``,
+    ``tau``) in chunks of whole images. The chunks are scored with provisional words
+    (``Codebook.assign``); the tied rows of many chunks are then settled together, and the
+    few images whose settled words differ are scored again. ``Index.search``,
+    ``Index.similarity_matrix``, ``similarity_matrix`` and ``asmkit.compat`` all score
+    queries here, so they agree also on float32-tied rows.
+
+    Parameters
+    ----------
+    codebook : Codebook
+    queries : Descriptors
+        Query images (``asmkit.kernel.prepare_descriptors``; ``unique_ids=False`` lets
+        two list entries share an id).
+    database : Database
+    params : Params, preset name, dict or None
+        ``ma_query``, ``binary``, ``alpha`` and ``tau`` are used; ``binary`` must match
+        the database.
+    k : int, optional
+        Results per query; None ranks all S database images.
+    dense_out : float32 [Q, S], optional
+        Zero-filled C-contiguous array: write every database image's score there instead
+        of ranking.
+    chunk_images : int, optional
+        Query images per chunk at most (bounds the memory of their aggregates).
+    chunk_rows : int
+        Query descriptors per chunk, about (a larger image makes a chunk alone).
+    order : {"auto", "query", "word"}
+        Scoring loop order (``score_aggregates``); results are identical.
+    words : integer [N, >= ma_query], optional
+        The settled words of every row of ``queries.vecs``, quantized as this path would
+        (each image its own segment; the first ``ma_query`` columns are used): the path
+        then only aggregates and scores (``similarity_matrix`` quantizes both sides at
+        once).
 
     Returns
     -------
-    uint16 [N, m] (K <= 65536) or int32 [N, m]
-        2 (or 4) bytes per word instead of ``Codebook.quantize``'s 8 for all rows at once.
+    (scores float32 [Q, k], ids int64 [Q, k]) or ``dense_out``
+        Row = query image in ``queries.image_ids`` order. Scores decreasing, ties by
+        ascending id, padding -inf / -1.
     """
-    dtype = np.uint16 if codebook.size <= 1 << 16 else np.int32
-    out = np.empty((vecs.shape[0], min(m, codebook.size)), dtype=dtype)
-    for begin in range(0, vecs.shape[0], _QUANTIZE_ROWS):
-        out[begin : begin + _QUANTIZE_ROWS] = codebook._quantize(vecs[begin : begin + _QUANTIZE_ROWS], m)
-    return out
+    params = as_params(params)
+    k = check_int(k, "k", min=1, none=True)
+    chunk_images = check_int(chunk_images, "chunk_images", min=1, none=True)
+    chunk_rows = check_int(chunk_rows, "chunk_rows", min=1)
+    check_choice(order, "order", _ORDERS)
+    n = queries.n_images
+    dense = dense_out is not None
+    if dense:
+        if dense_out.shape != (n, database.n_images) or dense_out.dtype != np.float32:
+            raise ArgumentError(f"dense_out: expected float32 {(n, database.n_images)}, "
+                                f"got {dense_out.dtype} {dense_out.shape}")
+        scores = ids = None
+    else:
+        width = database.n_images if k is None else k
+        scores = np.empty((n, width), dtype=np.float32)
+        ids = np.empty((n, width), dtype=np.int64)
+
+    def score(images: np.ndarray | slice, vecs: np.ndarray, words: np.ndarray, starts: np.ndarray) -> None:
+        aggregates = aggregate(vecs, words, starts, np.arange(len(vecs), dtype=np.int64), codebook.centroids,
+                               binary=params.binary)
+        args = (database.ivf, database.idf, database.sqrt_norms, database.ids, aggregates, params)
+        if not dense:
+            scores[images], ids[images] = score_aggregates(*args, dim=codebook.dim, k=k, order=order)
+        elif isinstance(images, slice):
+            score_aggregates(*args, dim=codebook.dim, dense_out=dense_out[images], order=order)
+        else:
+            block = np.zeros((len(images), database.n_images), dtype=np.float32)
+            dense_out[images] = score_aggregates(*args, dim=codebook.dim, dense_out=block, order=order)
+
+    def image_block(images: np.ndarray | slice) -> tuple[np.ndarray, np.ndarray, np.ndarray | slice]:
+        """The descriptors of some query images, grouped by image, their segment offsets
+        and their rows in ``queries.vecs``."""
+        if isinstance(images, slice):
+            rows = queries.image_rows(images.start, images.stop)
+            sizes = np.diff(queries.starts[images.start : images.stop + 1])
+        else:
+            sizes = queries.starts[images + 1] - queries.starts[images]
+            rows = queries.order[np.concatenate([np.arange(queries.starts[i], queries.starts[i + 1]) for i in images])]
+        starts = np.zeros(len(sizes) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=starts[1:])
+        return queries.vecs[rows], starts, rows
+
+    pending: list[Assignment] = []
+    pending_images: list[np.ndarray] = []
+
+    def settle_pending() -> None:
+        """Settle the held-back tied rows; score again the images whose words changed."""
+        if not pending:
+            return
+        joined = Assignment.concatenate(pending)
+        images = np.concatenate(pending_images)
+        pending.clear()
+        pending_images.clear()
+        provisional = joined.words.copy()
+        settled = joined.settle()
+        # A query image aggregates over the set of its words: column order plays no part.
+        changed = np.any(np.sort(settled, axis=1) != np.sort(provisional, axis=1), axis=1)
+        rescore = np.unique(images[changed])
+        if rescore.size:
+            vecs, starts, _ = image_block(rescore)
+            words = codebook.assign(vecs, params.ma_query, segments=starts, nearest_first=False,
+                                    check_finite=False).settle()
+            score(rescore, vecs, words, starts)
+
+    begin = 0
+    held = 0
+    while begin < n:
+        end = int(np.searchsorted(queries.starts, queries.starts[begin] + chunk_rows, side="right")) - 1
+        end = min(max(end, begin + 1), n if chunk_images is None else begin + chunk_images, n)
+        vecs, starts, rows = image_block(slice(begin, end))
+        if words is not None:
+            score(slice(begin, end), vecs, words[rows, : params.ma_query].astype(np.int64), starts)
+            begin = end
+            continue
+        assignment = codebook.assign(vecs, params.ma_query, segments=starts, nearest_first=False,
+                                     check_finite=False)
+        score(slice(begin, end), vecs, assignment.words, starts)
+        if assignment.tied.size:
+            pending.append(assignment.tied_part())
+            pending_images.append(begin + np.searchsorted(starts, assignment.tied, side="right") - 1)
+            held += assignment.tied.size
+            if held >= TIED_BATCH_ROWS:
+                settle_pending()
+                held = 0
+        begin = end
+    settle_pending()
+    return dense_out if dense else (scores, ids)
+
+
+def _words_of_both_sides(codebook: Codebook, desc: Descriptors, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """Database words at ma_database = 1 and query words at ma_query = m from one
+    quantization, both as the reference's calls give them, in ``desc.vecs`` row order.
+
+    Each image is quantized as its own segment (the query side), nearest word first, so
+    the rows whose nearest word or set of m words float32 rounding decides are known. The
+    other rows' nearest word is the database call's too; the tied ones are searched again
+    as the database call (one call over all rows, ``QUANTIZE_ROWS`` at a time) meets them.
+
+    Returns
+    -------
+    database : int64 [N, 1]
+    query : uint16 [N, min(m, K)] (K <= 65536) or int32
+        2 (or 4) bytes per word: int64 words exist for one block of images at a time.
+    """
+    n_rows = desc.vecs.shape[0]
+    database = np.empty((n_rows, 1), dtype=np.int64)
+    query = np.empty((n_rows, min(m, codebook.size)), dtype=np.uint16 if codebook.size <= 1 << 16 else np.int32)
+    begin = 0
+    while begin < desc.n_images:
+        end = int(np.searchsorted(desc.starts, desc.starts[begin] + QUANTIZE_ROWS, side="right")) - 1
+        end = min(max(end, begin + 1), desc.n_images)
+        rows = desc.image_rows(begin, end)
+        vecs = desc.vecs[rows]
+        assignment = codebook.assign(vecs, m, segments=desc.starts[begin : end + 1] - desc.starts[begin],
+                                     check_finite=False)
+        tied = assignment.tied
+        words = assignment.settle()
+        query[rows] = words
+        database[rows] = words[:, :1]
+        if tied.size:
+            position = rows.start + tied if isinstance(rows, slice) else rows[tied]
+            local = position % QUANTIZE_ROWS
+            size = np.minimum(QUANTIZE_ROWS, n_rows - (position - local))
+            database[position] = codebook.settle_rows(vecs[tied], local, size, 1)[1]
+        begin = end
+    return database, query
 
 
 def similarity_matrix(
@@ -247,12 +407,14 @@ def similarity_matrix(
     chunk: int = 256,
     order: str = "auto",
 ):
-    """All-vs-all ASMK scores of one image set, quantizing every descriptor once.
+    """All-vs-all ASMK scores of one image set, without building an ``Index``.
 
-    The descriptors are quantized with m = max(ma_query, ma_database); the first
-    ``ma_database`` columns (the nearest words) serve the database side, the first
-    ``ma_query`` the query side. Queries are aggregated and scored ``chunk`` images at a
-    time.
+    The database side is quantized as ``Index.add`` does (one call over all rows, with
+    ``ma_database``), the query side as ``Index.search`` does (each image its own call,
+    with ``ma_query``), and the queries are scored by ``score_queries``: the scores equal
+    ``Index.similarity_matrix``'s on an index of the same images. With ``ma_database`` 1
+    every descriptor is quantized once, for both sides: only the rows tied within float32
+    rounding are searched again, as the database call meets them.
 
     Memory beyond the result and the input: the grouping of rows by image (16 bytes per
     descriptor), the words of every descriptor (2 bytes per word for K <= 65536), the
@@ -281,36 +443,27 @@ def similarity_matrix(
         ``(scores float32 [I, k], ids int64 [I, k])``.
     """
     params = as_params(params)
-    k = check_k(k)
-    chunk = check_k(chunk, name="chunk")
-    if order not in _ORDERS:
-        raise ValueError(f"order: expected one of {', '.join(_ORDERS)}, got {order!r}")
+    k = check_int(k, "k", min=1, none=True)
+    chunk = check_int(chunk, "chunk", min=1)
+    check_choice(order, "order", _ORDERS)
     desc = prepare_descriptors(vecs, image_ids, dim=codebook.dim)
-    words = _quantize_compact(codebook, desc.vecs, max(params.ma_query, params.ma_database))
-    ivf, idf, sqrt_norms = _build(codebook, desc, words[:, : params.ma_database].astype(np.int64), params)
-    n = desc.n_images
-    logger.debug("similarity matrix: %d images, %d posting entries, %d-image query chunks", n, ivf.n_entries, chunk)
-    if k is None:
-        result = np.zeros((n, n), dtype=np.float32)
+    if params.ma_database == 1:
+        database_words, query_words = _words_of_both_sides(codebook, desc, params.ma_query)
     else:
-        scores = np.empty((n, k), dtype=np.float32)
-        ids = np.empty((n, k), dtype=np.int64)
-    for begin in range(0, n, chunk):
-        end = min(begin + chunk, n)
-        # Only this chunk's rows get int64 words (and, if the chunk's rows are scattered
-        # in the input, a gathered copy of their descriptors).
-        rows = desc.image_rows(begin, end)
-        chunk_vecs = desc.vecs[rows]
-        chunk_words = words[rows][:, : params.ma_query].astype(np.int64)
-        queries = aggregate(chunk_vecs, chunk_words, desc.starts[begin : end + 1] - desc.starts[begin],
-                            np.arange(len(chunk_vecs), dtype=np.int64), codebook.centroids, binary=params.binary)
-        if k is None:
-            score_aggregates(ivf, idf, sqrt_norms, desc.image_ids, queries, params, dim=codebook.dim,
-                             dense_out=result[begin:end], order=order)
-        else:
-            scores[begin:end], ids[begin:end] = score_aggregates(ivf, idf, sqrt_norms, desc.image_ids, queries,
-                                                                 params, dim=codebook.dim, k=k, order=order)
-    return result if k is None else (scores, ids)
+        database_words = codebook.assign(desc.vecs, params.ma_database, check_finite=False).settle()
+        query_words = None
+    aggregates = aggregate(desc.vecs, database_words, desc.starts, desc.order, codebook.centroids,
+                           binary=params.binary)
+    del database_words
+    n = desc.n_images
+    ivf = InvertedFile.from_aggregates(aggregates, np.arange(n, dtype=np.int64), codebook.size)
+    del aggregates
+    idf = compute_idf(ivf.counts, n, params.use_idf)
+    database = Database(ivf, idf, np.sqrt(image_norms(ivf, idf, n)), desc.image_ids)
+    logger.debug("similarity matrix: %d images, %d posting entries, %d-image query chunks", n, ivf.n_entries, chunk)
+    dense_out = np.zeros((n, n), dtype=np.float32) if k is None else None
+    return score_queries(codebook, desc, database, params, k=k, dense_out=dense_out, chunk_images=chunk, order=order,
+                         words=query_words)
 
 
 def merge_topk(results: Sequence[tuple[np.ndarray, np.ndarray]], k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -332,19 +485,19 @@ def merge_topk(results: Sequence[tuple[np.ndarray, np.ndarray]], k: int | None =
     ids : int64 [Q, k]
     """
     if not results:
-        raise ValueError("results: need at least one (scores, ids) pair")
+        raise ArgumentError("results: need at least one (scores, ids) pair")
     n_queries = None
     for i, pair in enumerate(results):
         if len(pair) != 2:
-            raise ValueError(f"results[{i}]: expected a (scores, ids) pair")
+            raise ArgumentError(f"results[{i}]: expected a (scores, ids) pair")
         s, d = np.asarray(pair[0]), np.asarray(pair[1])
         if s.ndim != 2 or s.shape != d.shape:
-            raise ValueError(f"results[{i}]: scores and ids must be 2-D arrays of one shape")
+            raise ArgumentError(f"results[{i}]: scores and ids must be 2-D arrays of one shape")
         if n_queries is None:
             n_queries = s.shape[0]
         elif s.shape[0] != n_queries:
-            raise ValueError(f"results[{i}]: has {s.shape[0]} queries, expected {n_queries}")
-    k = check_k(k) or max(np.asarray(p[0]).shape[1] for p in results)
+            raise ArgumentError(f"results[{i}]: has {s.shape[0]} queries, expected {n_queries}")
+    k = check_int(k, "k", min=1, none=True) or max(np.asarray(p[0]).shape[1] for p in results)
     scores = np.concatenate([np.asarray(p[0], dtype=np.float32) for p in results], axis=1)
     ids = np.concatenate([np.asarray(p[1], dtype=np.int64) for p in results], axis=1)
     # Padding sorts last: its id -1 is mapped above every real id.

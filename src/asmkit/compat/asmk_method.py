@@ -39,16 +39,14 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-import faiss
 import numpy as np
 
 from asmkit._validation import ArgumentError, FileFormatError, check_ids, check_int, check_vecs
 from asmkit.codebook import Codebook
-from asmkit.gpu import cuda_device_count
 from asmkit.index import Index
 from asmkit.kernel import prepare_descriptors
 from asmkit.params import Params
-from asmkit.search import aggregate_images, score_aggregates
+from asmkit.search import score_queries
 
 from .legacy import codebook_from_legacy, index_from_legacy, load_legacy_pickle
 
@@ -66,12 +64,9 @@ def _gpu_id(params: Mapping[str, Any]) -> int | None:
     return check_int(index.get("gpu_id"), "params['index']['gpu_id']", min=0, none=True)
 
 
-def _index_class(gpu: int | None) -> str:
-    """The reference's name for the quantizer a codebook with ``gpu`` runs on."""
-    if gpu is None:
-        return "FaissL2Index"
-    faiss_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-    return "FaissGpuL2Index" if gpu < max(faiss_gpus, cuda_device_count()) else "FaissL2Index"
+def _index_class(codebook: Codebook) -> str:
+    """The reference's name for the quantizer ``codebook`` runs on."""
+    return "FaissL2Index" if codebook.gpu is None else "FaissGpuL2Index"
 
 
 def _ready(codebook: Codebook) -> None:
@@ -306,16 +301,8 @@ def _search_queries(index: Index, qvecs: np.ndarray, qimids: np.ndarray,
         Index image ids by decreasing score (ties: ascending id); n = topk, or all images.
     scores : float32 [Q, n]
     """
-    codebook = index.codebook
-    desc = prepare_descriptors(qvecs, qimids, dim=codebook.dim)
-    # One faiss call per query image, as the reference makes them (float32 ties), when the
-    # rows come image by image.
-    contiguous = bool(np.all(desc.order == np.arange(len(desc.order))))
-    assignments = codebook.quantize(desc.vecs, query_params.ma_query,
-                                    segments=desc.starts if contiguous else None, nearest_first=False)
-    queries = aggregate_images(codebook, desc, assignments, query_params.binary)
-    scores, ids = score_aggregates(index.inverted_file, index.idf, np.sqrt(index.norms), index.ids, queries,
-                                   query_params, dim=codebook.dim, k=query_params.topk)
+    desc = prepare_descriptors(qvecs, qimids, dim=index.codebook.dim)
+    scores, ids = score_queries(index.codebook, desc, index.database, query_params, k=query_params.topk)
     return desc.image_ids, ids, scores
 
 
@@ -443,7 +430,7 @@ class ASMKMethod:
             if cache_path is not None:
                 codebook.save(cache_path)
                 logger.info("codebook cached as an asmkit directory at %s", cache_path)
-        metadata["index_class"] = _index_class(self._gpu)
+        metadata["index_class"] = _index_class(codebook)
         return type(self)(params, {**self.metadata, "train_codebook": metadata}, codebook=codebook)
 
     def build_ivf(self, *columns, distractors_path: str | os.PathLike | None = None,

@@ -338,7 +338,7 @@ def index_from_legacy(state: Any, codebook, params=None, *, path: str | os.PathL
     The reference stores the aggregated codes per word, which is all an index needs: no
     descriptor is re-quantized. idf and image norms are recomputed from the posting lists,
     as the reference computes them for an index built in one call (where it added images in
-    several calls its stored idf is stale, ASMK.md §4; asmkit's is exact).
+    several calls its stored idf is stale, docs/math.md §4; asmkit's is exact).
 
     Parameters
     ----------
@@ -364,8 +364,7 @@ def index_from_legacy(state: Any, codebook, params=None, *, path: str | os.PathL
         If the state does not fit the codebook or the parameters.
     """
     from asmkit.index import Index
-    from asmkit.ivf import InvertedFile
-    from asmkit.kernel import n_code_words
+    from asmkit.kernel import Aggregates, n_code_words
     from asmkit.params import Params, as_params
 
     flat = ivf_from_legacy(state, path=path)
@@ -392,10 +391,13 @@ def index_from_legacy(state: Any, codebook, params=None, *, path: str | os.PathL
                                 "rebuild from the descriptors")
     if flat.image_ids.size and flat.image_ids.max() >= flat.n_images:
         raise LegacyFormatError(_source(path), f"image ids outside 0 .. {flat.n_images - 1}")
-    offsets = np.zeros(codebook.size + 1, dtype=np.int64)
-    np.cumsum(flat.counts, out=offsets[1:])
-    ivf = InvertedFile(offsets, flat.image_ids.astype(np.int32), np.ascontiguousarray(flat.vectors))
+    # The posting lists, word-major, become per-image aggregates (rows sorted by image,
+    # then word), which the index takes through its public entry.
+    words = np.repeat(np.arange(codebook.size, dtype=np.int64), flat.counts)
+    order = np.lexsort((words, flat.image_ids))
+    offsets = np.zeros(flat.n_images + 1, dtype=np.int64)
+    np.cumsum(np.bincount(flat.image_ids, minlength=flat.n_images), out=offsets[1:])
+    aggregates = Aggregates(offsets, words[order], np.ascontiguousarray(flat.vectors[order]))
     index = Index(codebook, params)
-    ids = np.arange(flat.n_images, dtype=np.int64)
-    index._set_state(ivf, ids, np.array([str(i) for i in ids.tolist()], dtype=str))
+    index.add_aggregates(aggregates, np.arange(flat.n_images, dtype=np.int64))
     return index

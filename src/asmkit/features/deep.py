@@ -1,4 +1,4 @@
-"""Deep local features: the MASt3R / HOW-style retrieval head over a backbone (ASMK.md §6).
+"""Deep local features: the MASt3R / HOW-style retrieval head over a backbone (docs/math.md §6).
 
 Pipeline of :class:`RetrievalHead` on backbone tokens ``[B, N, C]`` (a conv map ``[B, C, h, w]``
 is first optionally smoothed by a k x k average, as HOW does, then flattened row-major):
@@ -116,7 +116,7 @@ class Whitener(nn.Module):
     """Affine map ``x -> (x - m) p`` in float64, MASt3R's ``Whitener`` layout.
 
     Buffers ``m`` float64 ``[1, D]`` and ``p`` float64 ``[D, d]`` (``p = P^T`` restricted to
-    the first d components of a PCA whitening, ASMK.md §6). Identity when freshly built.
+    the first d components of a PCA whitening, docs/math.md §6). Identity when freshly built.
     """
 
     def __init__(self, dim: int, out_dim: int | None = None):
@@ -510,7 +510,7 @@ class DeepExtractor:
         dim : int or None, default 128
             Output dims (clipped to the feature width); None keeps all.
         shrinkage : float, default 1.0
-            Whitening exponent s (1 full, < 1 shrinks; ASMK.md §6).
+            Whitening exponent s (1 full, < 1 shrinks; docs/math.md §6).
         per_image : int, optional
             Use at most this many top-attention features per image (default ``nfeat``).
 

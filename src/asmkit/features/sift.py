@@ -1,4 +1,4 @@
-"""OpenCV SIFT and RootSIFT local features (ASMK.md §6, "classic").
+"""OpenCV SIFT and RootSIFT local features (docs/math.md §6, "classic").
 
 RootSIFT (Arandjelović & Zisserman, CVPR 2012) maps a SIFT descriptor x to
 ``sqrt(x / ‖x‖₁)``: comparing RootSIFT vectors with the Euclidean distance is comparing

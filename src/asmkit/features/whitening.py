@@ -1,4 +1,4 @@
-"""PCA whitening with shrinkage (ASMK.md §6).
+"""PCA whitening with shrinkage (docs/math.md §6).
 
 Learned from descriptors ``X`` (``[N, D]``): mean ``m``, covariance
 ``C = (X − m)ᵀ(X − m) / N``, eigen-decomposition ``C = E diag(λ) Eᵀ`` with eigenvalues in
