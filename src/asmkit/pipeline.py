@@ -457,8 +457,8 @@ def compute_scores(
     paths, root = _images(images)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    feats, store, names, failed, _ = _features_for(paths, root, cfg, model, workers, Path(cache) if cache else None,
-                                                   device)
+    feats, store, names, failed, folder = _features_for(paths, root, cfg, model, workers,
+                                                        Path(cache) if cache else None, device)
     timings["extract_s"] = time.perf_counter() - t0
     if not names:
         raise ArgumentError(f"{images}: no image could be read ({len(failed)} failed)")
@@ -466,7 +466,8 @@ def compute_scores(
     store.close()
     vecs = feats.descriptors(vecs)
     t0 = time.perf_counter()
-    cb, _ = _get_codebook(cfg, given=codebook, model_codebook=feats.codebook, training=lambda: [vecs])
+    cb, _ = _get_codebook(cfg, given=codebook, model_codebook=feats.codebook,
+                          saved=_scores_codebook(folder, cfg, [root / n for n in names], paths), training=lambda: [vecs])
     timings["codebook_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     cb = _on_device(cb, device)
@@ -487,6 +488,15 @@ def compute_scores(
     names_path = write_text_atomic(out.with_name(out.name + ".names.txt"), "".join(n + "\n" for n in names))
     return {"scores": str(out), "names": str(names_path), "images": len(names),
             "failed": [{"name": n, "reason": r} for n, r in failed], "timings": timings}
+
+
+def _scores_codebook(folder: Path, cfg: PipelineConfig, trained_on: Sequence[Path], paths: Sequence[Path]) -> Path:
+    """Where ``scores`` and ``pairs`` keep the codebook trained on ``trained_on``, beside the
+    cached features: a rerun (dense or sparse, with or without Ray) skips k-means."""
+    return folder / "codebook-scores-{}.asmkit".format(_digest({
+        "images": _image_set_key(trained_on), "features": feature_options(cfg.features),
+        "whitening": _whitening_key(cfg, _image_set_key(paths)), "params": cfg.params.to_dict(),
+        "chosen": cfg.codebook_size_chosen, "train_points_per_word": TRAIN_POINTS_PER_WORD}))
 
 
 def index_topk(index: Index, descriptors: Callable[[range], list[np.ndarray]], top: int, *,
@@ -607,7 +617,7 @@ def _sparse_scores(images, top: int, *, preset="sift", config=None, model=None, 
     else:
         cfg = load_config(preset, config, codebook_size=codebook_size)
         paths, root = _images(images)
-        feats, store, names, failed, _ = _features_for(paths, root, cfg, model, workers,
+        feats, store, names, failed, folder = _features_for(paths, root, cfg, model, workers,
                                                        Path(cache) if cache else None, device)
         timings["extract_s"] = time.perf_counter() - t0
         if not names:
@@ -615,6 +625,7 @@ def _sparse_scores(images, top: int, *, preset="sift", config=None, model=None, 
         descriptors = _store_descriptors(feats, store, names)
         t0 = time.perf_counter()
         cb, _ = _get_codebook(cfg, given=codebook, model_codebook=feats.codebook,
+                              saved=_scores_codebook(folder, cfg, [root / n for n in names], paths),
                               training=lambda: descriptors(range(len(names))))
         timings["codebook_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
