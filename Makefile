@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Pinned so that pip takes the CPU wheel instead of a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: demo test install bench clean
+.PHONY: demo test lint install bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -13,7 +13,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[deep,demo,test,bench]"
+	$(BIN)/pip install -q -e ".[deep,demo,test,bench,ray,sfm,serve]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -23,6 +23,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 
 bench: install
 	$(BIN)/python -m benchmarks.bench_reference --synthetic 1000

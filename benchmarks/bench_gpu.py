@@ -127,7 +127,7 @@ def deep(out, n_images=64):
     from skimage import data as skdata
     from skimage.transform import resize
 
-    from asmkit.features.deep import lite0_extractor
+    from asmkit.features.factory import deep_extractor
 
     names = ["astronaut", "coffee", "chelsea", "rocket"]
     images = []
@@ -138,7 +138,7 @@ def deep(out, n_images=64):
     res = {}
     feats = {}
     for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
-        ex = lite0_extractor(device=device, batch_size=16)
+        ex = deep_extractor(device=device, batch_size=16)
         ex.extract_batch(images[:16])  # warm-up (cuDNN autotuning, allocations)
         sync = torch.cuda.synchronize if device == "cuda" else None
         t, got = _timed(ex.extract_batch, images, sync=sync, repeat=2)

@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
-from asmkit._validation import FileFormatError  # noqa: E402
+from asmkit._validation import ArgumentError, DependencyError, FileFormatError  # noqa: E402
 from asmkit.features import backbones as B  # noqa: E402
 from asmkit.features.mast3r import load_mast3r_checkpoint  # noqa: E402
 
@@ -138,7 +138,7 @@ def test_module_backbone_reads_named_output_and_stops():
 def test_module_backbone_errors():
     with pytest.raises(ValueError, match="no submodule 'layer9'.*stem"):
         B.ModuleBackbone(_Tiny(), "layer9")
-    with pytest.raises(TypeError, match="module"):
+    with pytest.raises(ArgumentError, match="module"):
         B.ModuleBackbone(object(), "layer3")
     with pytest.raises(ValueError, match="mean/std"):
         B.ModuleBackbone(_Tiny(), "layer3", mean=(0.5, 0.5, 0.5), std=None)
@@ -147,7 +147,7 @@ def test_module_backbone_errors():
 @pytest.mark.parametrize("cls, package", [(B.TorchvisionBackbone, "torchvision"), (B.TimmBackbone, "timm")])
 def test_optional_packages_give_clear_errors(monkeypatch, cls, package):
     monkeypatch.setitem(sys.modules, package, None)
-    with pytest.raises(ImportError, match=f"needs {package}.*ModuleBackbone"):
+    with pytest.raises(DependencyError, match=f"needs {package}.*ModuleBackbone"):
         cls("resnet50", None)
 
 
@@ -274,9 +274,9 @@ def _pickled_codebook(path):
 
 @pytest.mark.parametrize("make, what", [
     (lambda d: _pickled_codebook(d / "tiny_codebook.pkl"), "a pickle"),
-    (lambda d: _pickled_codebook(d / "renamed.pth"), "not a torch weights file"),
-    (lambda d: (d / "notes.pth").write_text("not weights\n") and d / "notes.pth", "not a torch weights file"),
-    (lambda d: (d / "empty.pth").write_bytes(b"") or d / "empty.pth", "not a torch weights file"),
+    (lambda d: _pickled_codebook(d / "renamed.pth"), "a damaged or foreign torch file"),
+    (lambda d: (d / "notes.pth").write_text("not weights\n") and d / "notes.pth", "not a torch file"),
+    (lambda d: (d / "empty.pth").write_bytes(b"") or d / "empty.pth", "not a torch file"),
     (lambda d: torch.save(torch.zeros(3), d / "tensor.pth") or d / "tensor.pth", "without 'args' and 'model'"),
 ])
 def test_mast3r_checkpoint_refuses_other_files(tmp_path, make, what):

@@ -8,11 +8,6 @@ from asmkit import Codebook, Index, Params, similarity_matrix
 from asmkit._validation import ArgumentError
 from reference_numpy import make_images
 
-# Remove after merging the engine branch (index.py, search.py: ArgumentError) and the
-# pipeline branch (params.py: ArgumentError); this branch alone still raises TypeError.
-PENDING = pytest.mark.xfail(strict=False, reason="index/search/params raise ArgumentError only on the engine and "
-                                                 "pipeline branches")
-
 
 @pytest.fixture(scope="module")
 def index(centroids40):
@@ -25,7 +20,6 @@ GOOD = np.zeros((3, 40), np.float32)
 IDS = np.zeros(3, np.int64)
 
 
-@PENDING
 @pytest.mark.parametrize(
     "vecs,ids,match",
     [
@@ -72,7 +66,6 @@ def test_float64_and_int_input_are_converted(centroids40):
     assert len(ints) == 1
 
 
-@PENDING
 @pytest.mark.parametrize("k", [0, -3, True, 2.5, "5"])
 def test_search_rejects_bad_k(index, k):
     with pytest.raises(ArgumentError, match="k"):
@@ -101,7 +94,6 @@ def test_zero_query_norm_scores_zero(centroids40):
     assert scores.tolist() == [[0.0, 0.0]] and ids.tolist() == [[0, 1]]
 
 
-@PENDING
 def test_params_and_codebook_arguments(centroids40):
     with pytest.raises(ArgumentError, match="unknown preset"):
         Index(Codebook(centroids40), "no_such_preset")
@@ -115,7 +107,6 @@ def test_params_and_codebook_arguments(centroids40):
         similarity_matrix(Codebook(centroids40), [GOOD], chunk=0)
 
 
-@PENDING
 def test_remove_and_keys_arguments(centroids40):
     idx = Index(Codebook(centroids40))
     idx.add([GOOD, GOOD])

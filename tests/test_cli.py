@@ -219,9 +219,7 @@ def test_quiet_silences_python_warnings(tmp_path):
 
 @pytest.mark.parametrize("argv,fragment", [
     (["query", "/nonexistent/index", "x.jpg"], "index not found"),
-    pytest.param(["index", "IMAGES", "--out", "OUT", "--preset", "bogus"], "unknown preset 'bogus'",
-                 marks=pytest.mark.xfail(strict=False, reason="config.load_config raises a plain ValueError "
-                                                              "(an ArgumentError on the pipeline branch)")),
+    (["index", "IMAGES", "--out", "OUT", "--preset", "bogus"], "unknown preset 'bogus'"),
     (["index", "EMPTY", "--out", "OUT"], "EMPTY"),
 ])
 def test_one_line_errors(argv, fragment, tmp_path, capsys):
@@ -282,8 +280,6 @@ def test_device_flag_gives_the_cpu_scores(demo, tmp_path, capsys):
     np.testing.assert_array_equal(np.load(tmp_path / "gpu.npy"), np.load(tmp_path / "cpu.npy"))
 
 
-@pytest.mark.xfail(strict=False, reason="pipeline.gpu_of raises a plain ValueError (an ArgumentError on the "
-                                        "pipeline branch)")
 def test_bad_device_is_a_one_line_error(demo, tmp_path, capsys):
     capsys.readouterr()
     assert main(["index", str(demo / "images"), "--out", str(tmp_path / "ws"), *SMALL, "--device", "gpu0"]) == 2
@@ -325,8 +321,6 @@ def test_deep_preset_query(deep_workspace, demo, capsys):
     assert res["results"][0]["results"][0]["name"] == Path(query).name
 
 
-@pytest.mark.xfail(strict=False, reason="features/deep.py raises a plain ValueError for an unavailable CUDA "
-                                        "device; it must be an ArgumentError")
 def test_deep_preset_on_missing_cuda_is_one_line(deep_workspace, demo, capsys):
     if _has_gpu():
         pytest.skip("a GPU is present")

@@ -11,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
+from asmkit._validation import ArgumentError, FileFormatError  # noqa: E402
 from asmkit.features import ImageFeatures, PCAWhitening, extract_features  # noqa: E402
 from asmkit.features.backbones import ModuleBackbone  # noqa: E402
 from asmkit.features.deep import (  # noqa: E402
@@ -124,6 +125,17 @@ def test_head_residual_projector_and_save_load(tmp_path):
     assert again.config() == head.config()
     assert again.fingerprint() == head.fingerprint()
     assert head.forward_local(x)[0].shape == (2, 6, 8)
+
+
+@pytest.mark.parametrize("content", [b"a text file, not a head\n", b"", b"PK\x03\x04damaged zip"],
+                         ids=["text", "empty", "damaged_zip"])
+def test_head_load_of_a_foreign_file_names_it(tmp_path, content):
+    # torch.load raises an IndexError for a text file; the user must get the file's name.
+    path = tmp_path / "head.pt"
+    path.write_bytes(content)
+    with pytest.raises(FileFormatError, match="head.pt: not an") as info:
+        RetrievalHead.load(path)
+    assert "weights_only" not in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -266,13 +278,13 @@ def test_extractor_leaves_the_process_thread_count_alone():
 
 def test_extractor_rejects_bad_images():
     ex = DeepExtractor(_Pool(), nfeat=4)
-    with pytest.raises(ValueError, match="uint8"):
+    with pytest.raises(ArgumentError, match="uint8"):
         ex.extract(np.zeros((8, 8, 3), np.float32))
-    with pytest.raises(ValueError, match="uint8"):
+    with pytest.raises(ArgumentError, match="uint8"):
         ex.extract(np.zeros((8, 8), np.uint8))
-    with pytest.raises(TypeError, match="numpy array"):
+    with pytest.raises(ArgumentError, match="numpy array"):
         ex.extract([[0]])
-    with pytest.raises(ValueError, match="head: built for 5-D"):
+    with pytest.raises(ArgumentError, match="head: built for 5-D"):
         DeepExtractor(_Pool(), RetrievalHead(5))
 
 
@@ -319,3 +331,13 @@ def test_cuda_extractor_agrees_with_cpu():
         # float16: the same image vector, and mostly the same selected features.
         assert float(a.global_descriptor @ c.global_descriptor) > 0.99
         assert len(on_cpu.keys() & _by_position(c).keys()) >= 0.9 * len(on_cpu)
+
+
+@pytest.mark.parametrize("module", ["asmkit.features.deep", "asmkit.features.mast3r"])
+def test_import_without_torch_is_a_dependency_error(module):
+    # In a fresh interpreter where `import torch` fails, as on an install without [deep].
+    code = (f"import sys; sys.modules['torch'] = None\n"
+            f"from asmkit._validation import DependencyError\n"
+            f"try:\n    import {module}\nexcept DependencyError as exc:\n    print('OK', exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.startswith("OK") and "pip install 'asmkit[deep]'" in out.stdout, out.stdout + out.stderr

@@ -12,6 +12,7 @@ from PIL import Image
 pytest.importorskip("skimage")
 
 from asmkit import demo  # noqa: E402
+from asmkit._validation import ArgumentError, DependencyError  # noqa: E402
 from asmkit.demo import DEMO_PHOTOS, build_demo_set  # noqa: E402
 from asmkit.evaluate import evaluate, load_ground_truth  # noqa: E402
 
@@ -91,7 +92,7 @@ def test_all_photos_load(tmp_path):
     ],
 )
 def test_argument_errors(tmp_path, kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ArgumentError, match=f"^{message}: "):
         build_demo_set(tmp_path, **kwargs)
 
 
@@ -100,5 +101,5 @@ def test_missing_scikit_image_is_a_clear_error(tmp_path, monkeypatch):
         raise ModuleNotFoundError(f"No module named {name!r}")
 
     monkeypatch.setattr(demo.importlib, "import_module", no_skimage)
-    with pytest.raises(ImportError, match=r"pip install 'asmkit\[demo\]'"):
+    with pytest.raises(DependencyError, match=r"pip install 'asmkit\[demo\]'"):
         build_demo_set(tmp_path, photos=["coins"])

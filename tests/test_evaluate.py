@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from asmkit._validation import FileFormatError
 from asmkit.evaluate import (
     GroundTruth,
     average_precision,
@@ -258,16 +259,16 @@ def test_load_ground_truth_errors_name_file_and_key(tmp_path, mutate, message):
     data = small_gt_dict()
     mutate(data)
     folder = write_gt(tmp_path, data)
-    with pytest.raises(ValueError, match=message) as info:
+    with pytest.raises(FileFormatError, match=message) as info:
         load_ground_truth(folder)
-    assert "gt.json" in str(info.value)
+    assert info.value.path.endswith("gt.json")
 
 
 def test_load_ground_truth_missing_and_invalid(tmp_path):
     with pytest.raises(FileNotFoundError, match="gt.json"):
         load_ground_truth(tmp_path)
     (tmp_path / "gt.json").write_text("{not json")
-    with pytest.raises(ValueError, match="not valid JSON"):
+    with pytest.raises(FileFormatError, match="invalid JSON"):
         load_ground_truth(tmp_path)
 
 

@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from broken_files import make_broken_folder  # noqa: E402
 
+from asmkit._validation import ArgumentError, FileFormatError  # noqa: E402
 from asmkit.features import FeatureStore, ImageFeatures, extract_features  # noqa: E402
 
 CONFIG = {"extractor": "test", "max_features": 10, "scales": (1.0, 0.5)}
@@ -51,7 +52,7 @@ def test_put_get_round_trip(tmp_path):
     with FeatureStore(path, None) as store:
         assert store.config == {"extractor": "test", "max_features": 10, "scales": [1.0, 0.5]}
         assert store.names() == ["a.jpg", "sub/b.jpg", "sub/c.jpg"]
-        with pytest.raises(ValueError, match="read-only"):
+        with pytest.raises(ArgumentError, match="config: .*read-only"):
             store.put("x.jpg", feats(1))
 
 
@@ -69,10 +70,10 @@ def test_stack_matches_concatenation(tmp_path):
         np.testing.assert_array_equal(all_ids, [0] * 5 + [2] * 3)
         with pytest.raises(KeyError, match="nope.jpg"):
             store.stack(["a.jpg", "nope.jpg"])
-        with pytest.raises(ValueError, match="no images"):
+        with pytest.raises(ArgumentError, match="names: no images"):
             store.stack([])
         store.put("d.jpg", feats(2, d=6))
-        with pytest.raises(ValueError, match="dimensions differ"):
+        with pytest.raises(FileFormatError, match="dimensions differ"):
             store.stack(["a.jpg", "d.jpg"])
 
 
@@ -83,10 +84,10 @@ def test_config_mismatch_raises_or_overwrites(tmp_path):
     with FeatureStore(path, {**CONFIG, "scales": [1.0, 0.5]}) as store:  # tuple == list after JSON
         assert store.has("a.jpg")
     changed = {**CONFIG, "max_features": 20, "extra": 1}
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(FileFormatError) as info:
         FeatureStore(path, changed)
     message = str(info.value)
-    assert str(path) in message and "extra, max_features" in message and "overwrite_on_mismatch" in message
+    assert info.value.path == str(path) and "extra, max_features" in message and "overwrite_on_mismatch" in message
     with FeatureStore(path, changed, overwrite_on_mismatch=True) as store:
         assert len(store) == 0 and store.config["max_features"] == 20
 
@@ -95,29 +96,29 @@ def test_rejects_foreign_files_and_bad_input(tmp_path):
     foreign = tmp_path / "other.h5"
     with h5py.File(foreign, "w") as f:
         f["x"] = 1
-    with pytest.raises(ValueError, match="not an asmkit feature store"):
+    with pytest.raises(FileFormatError, match="other.h5: not an asmkit feature store"):
         FeatureStore(foreign, CONFIG)
     text = tmp_path / "text.h5"
     text.write_text("hello")
-    with pytest.raises(ValueError, match="cannot open as HDF5"):
+    with pytest.raises(FileFormatError, match="text.h5: not a feature store .cannot open as HDF5"):
         FeatureStore(text, CONFIG)
     with FeatureStore(text, CONFIG, overwrite_on_mismatch=True) as store:
         assert len(store) == 0
     with pytest.raises(FileNotFoundError, match="missing.h5"):
         FeatureStore(tmp_path / "missing.h5", None)
-    with pytest.raises(ValueError, match="JSON"):
+    with pytest.raises(ArgumentError, match="config: not JSON"):
         FeatureStore(tmp_path / "x.h5", {"a": object()})
     with FeatureStore(tmp_path / "y.h5", CONFIG) as store:
         for bad in ("", "/abs.jpg", "a/../b.jpg", "a//b.jpg"):
-            with pytest.raises(ValueError, match="relative path"):
+            with pytest.raises(ArgumentError, match="name: .*relative path"):
                 store.put(bad, feats(1))
-        with pytest.raises(TypeError, match="ImageFeatures"):
+        with pytest.raises(ArgumentError, match="feats: expected ImageFeatures"):
             store.put("a.jpg", np.zeros((2, 4)))
         store.put("a.jpg", feats(1))
-        with pytest.raises(ValueError, match="inside image"):
+        with pytest.raises(ArgumentError, match="name: .*inside image"):
             store.put("a.jpg/b.jpg", feats(1))
         store.put("dir/b.jpg", feats(1))
-        with pytest.raises(ValueError, match="clashes"):
+        with pytest.raises(ArgumentError, match="name: .*clashes"):
             store.put("dir", feats(1))
 
 

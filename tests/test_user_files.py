@@ -18,6 +18,7 @@ from PIL import Image
 from asmkit import pipeline
 from asmkit._validation import ArgumentError, FileFormatError
 from asmkit.cli import main
+from asmkit.codebook import Codebook
 
 from .broken_files import textured_image
 
@@ -88,19 +89,9 @@ def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
-def _xfail_unless(condition: bool, reason: str):
-    return [pytest.mark.xfail(strict=False, reason=reason)] if condition else []
-
-
 # -- --model --------------------------------------------------------------------------------
 
-_MODEL_PENDING = ("load_mast3r_checkpoint (features/backbones.py) lets torch.load's errors through; on the pipeline "
-                  "branch features/mast3r.py catches them, but not the IndexError of a text file")
-
-
-@pytest.mark.parametrize("kind", [
-    pytest.param(k, marks=_xfail_unless(k != "directory", _MODEL_PENDING)) for k in KINDS
-])
+@pytest.mark.parametrize("kind", KINDS)
 def test_model(kind, images, tmp_path, capsys):
     pytest.importorskip("torch")
     path = wrong_file(kind, tmp_path, "" if kind.endswith("pkl") or kind == "directory" else ".pth")
@@ -108,7 +99,6 @@ def test_model(kind, images, tmp_path, capsys):
                                "--model", str(path)], path)
 
 
-@pytest.mark.xfail(strict=False, reason=_MODEL_PENDING)
 def test_model_codebook_pickle_in_a_real_process(images, tmp_path):
     # The case of the issue, as a new user meets it: the console script, not main().
     pytest.importorskip("torch")
@@ -153,16 +143,20 @@ def test_codebook_that_is_another_asmkit_folder_or_damaged(part, images, workspa
         assert "centroids.npy" in line
 
 
+@pytest.mark.parametrize("command", ["index", "scores"])
+def test_codebook_of_another_dimension(command, images, cache, tmp_path, capsys):
+    # A valid codebook for other features (SIFT is 128-D): the error names the file and both sizes.
+    path = tmp_path / "codebook16.asmkit"
+    Codebook(np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)).save(path)
+    out = ["--out", str(tmp_path / ("ws" if command == "index" else "s.npy"))]
+    extra = [] if command == "index" else ["--cache", str(cache)]
+    line = assert_user_error(capsys, ["-q", command, str(images), *out, *extra, "--codebook", str(path)], path)
+    assert "codebook of dimension 16, the features have 128" in line
+
+
 # -- --config -------------------------------------------------------------------------------
 
-_CONFIG_PENDING = ("config.py's reader raises a plain ValueError (invalid TOML) or lets UnicodeDecodeError "
-                   "through; FileFormatError on the pipeline branch")
-
-
-@pytest.mark.parametrize("kind", [
-    pytest.param(k, marks=_xfail_unless(k != "directory", _CONFIG_PENDING))
-    for k in KINDS if k != "empty"  # an empty TOML file is a valid config: no overrides
-])
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "empty"])  # an empty TOML file is a valid config
 def test_config(kind, images, tmp_path, capsys):
     path = wrong_file(kind, tmp_path, ".toml")
     assert_user_error(capsys, ["-q", "scores", str(images), "--out", str(tmp_path / "s.npy"), "--config", str(path)],
@@ -234,11 +228,7 @@ def test_damaged_workspace_with_add(workspace, images, tmp_path, capsys):
 # -- the image list -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", [
-    pytest.param(k, marks=_xfail_unless(k == "text", "pipeline.py raises a plain ValueError when no listed image "
-                                                     "can be read (an ArgumentError on the pipeline branch)"))
-    for k in KINDS
-])
+@pytest.mark.parametrize("kind", KINDS)
 def test_image_list(kind, tmp_path, capsys):
     path = wrong_file(kind, tmp_path)
     assert_user_error(capsys, ["-q", "index", str(path), "--out", str(tmp_path / "ws")], path)
@@ -253,13 +243,10 @@ def test_image_list_naming_a_file_twice(images, tmp_path, capsys):
 
 # -- eval DATA ------------------------------------------------------------------------------
 
-_GT_PENDING = "evaluate.load_ground_truth raises plain ValueErrors; they must be FileFormatErrors"
-
-
 @pytest.mark.parametrize("content", [
-    pytest.param(b"\x89PNG\r\n\x1a\n\0\0", id="png", marks=pytest.mark.xfail(strict=False, reason=_GT_PENDING)),
-    pytest.param(b"{not json", id="text", marks=pytest.mark.xfail(strict=False, reason=_GT_PENDING)),
-    pytest.param(b'{"queries": []}', id="missing_keys", marks=pytest.mark.xfail(strict=False, reason=_GT_PENDING)),
+    pytest.param(b"\x89PNG\r\n\x1a\n\0\0", id="png"),
+    pytest.param(b"{not json", id="text"),
+    pytest.param(b'{"queries": []}', id="missing_keys"),
     pytest.param(None, id="no_gt_json"),
 ])
 def test_eval_data(content, tmp_path, capsys):
@@ -377,3 +364,24 @@ def test_a_bug_in_a_real_process_exits_1_with_its_traceback(tmp_path):
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 1
     assert "Traceback" in proc.stderr and "TypeError: a bug inside asmkit" in proc.stderr
+
+
+# -- missing optional packages ----------------------------------------------------------------
+
+
+def test_yaml_config_without_pyyaml(images, tmp_path, monkeypatch, capsys):
+    path = tmp_path / "config.yaml"
+    path.write_text("asmk:\n  codebook_size: 16\n")
+    monkeypatch.setitem(sys.modules, "yaml", None)  # `import yaml` now raises ImportError
+    line = assert_user_error(capsys, ["-q", "index", str(images), "--out", str(tmp_path / "ws"),
+                                      "--config", str(path)], path)
+    assert "pip install pyyaml" in line
+
+
+def test_deep_preset_without_torch(images, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "asmkit.features.deep", None)  # as when torch is missing
+    capsys.readouterr()
+    assert main(["-q", "index", str(images), "--out", str(tmp_path / "ws"), "--preset", "deep"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "the deep preset needs torch: pip install 'asmkit[deep]'" in err

@@ -12,8 +12,8 @@ Two phases, so that the expensive one runs once:
 
 Examples::
 
-    nice -n 10 .venv/bin/python benchmarks/study_deep.py extract --stage stride16 --scales 1
-    nice -n 10 .venv/bin/python benchmarks/study_deep.py eval --stage stride16 --scales 1 \\
+    nice -n 10 .venv/bin/python -m benchmarks.studies.deep_ukbench extract --stage stride16 --scales 1
+    nice -n 10 .venv/bin/python -m benchmarks.studies.deep_ukbench eval --stage stride16 --scales 1 \\
         --nfeat 800 --dim 128 --shrinkage 1.0 --codebook 4096
 """
 
@@ -31,7 +31,7 @@ import numpy as np
 
 from benchmarks._common import DEFAULT_CACHE
 
-log = logging.getLogger("study_deep")
+log = logging.getLogger("deep_ukbench")
 
 
 def cache_file(cache: Path, stage: str, scales: list[float], smoothing: int, limit: int | None) -> Path:
@@ -49,11 +49,13 @@ def extract(args) -> None:
 
     gt = load_ground_truth(args.data)
     paths = gt.image_paths()[: args.limit]
+    if args.threads:
+        # The extractor leaves torch's thread count alone: the study sets it.
+        torch.set_num_threads(args.threads)
     backbone = EfficientNetLite0(args.stage)
     # Raw features: no whitening, no normalisation, so that eval can whiten many ways.
     head = RetrievalHead(backbone.out_dim, smoothing=args.smoothing, normalize=False)
-    ex = DeepExtractor(backbone, head, nfeat=args.keep, scales=args.scales, max_size=1024,
-                       num_threads=args.threads, batch_size=1)
+    ex = DeepExtractor(backbone, head, nfeat=args.keep, scales=args.scales, max_size=1024, batch_size=1)
     t0 = time.perf_counter()
     res = extract_features(paths, ex, workers=2, progress=False)
     seconds = time.perf_counter() - t0

@@ -37,6 +37,7 @@ __all__ = [
     "search_kernel_word_major",
     "sigma_table",
     "pruned_nearest",
+    "word_matches",
 ]
 
 _U1 = np.uint64(1)
@@ -947,3 +948,248 @@ def pruned_nearest(x, mean, axes, table, sq, centroids, max_sq, margin_rate, eps
                 scale = raw_sq[r] + max_sq
                 reach = _select_row(bounds[r], i0 + r, x_sq[r], x, centroids, margin_rate * scale, eps_rate * scale,
                                     nearest_first, blk_min, cand, top_v, top_j, reach, words, dist, tied)
+
+
+@njit(cache=True, parallel=True)
+def region_word_count(assign, order, starts, region_starts, member_starts, members, n_words_total, n_blocks):
+    """Distinct words per image over the features of its regions (R-ASMK, docs/regions.md).
+
+    Parameters
+    ----------
+    assign : int64 [N, m]
+        Words of each descriptor row.
+    order, starts : int64 [N], int64 [I + 1]
+        Rows grouped by image (``group_by_label``); ``starts`` may be a window.
+    region_starts : int64 [I + 1]
+        Image ``i`` owns regions ``region_starts[i]:region_starts[i + 1]``.
+    member_starts, members : int64 [R + 1], int32 [P]
+        Region ``r`` holds the image's descriptors ``members[member_starts[r]:member_starts[r + 1]]``
+        (indices within the image, ``0 .. n_i - 1``).
+    n_words_total : int
+        Codebook size K.
+    n_blocks : int
+        Parallel blocks of images.
+
+    Returns
+    -------
+    int64 [I]
+    """
+    m = assign.shape[1]
+    n_images = starts.shape[0] - 1
+    n_words = np.zeros(n_images, dtype=np.int64)
+    for b in prange(n_blocks):
+        # stamp[w] = the last image that counted word w: no reset between images.
+        stamp = np.full(n_words_total, -1, dtype=np.int64)
+        for i in range((n_images * b) // n_blocks, (n_images * (b + 1)) // n_blocks):
+            s = starts[i]
+            count = 0
+            for r in range(region_starts[i], region_starts[i + 1]):
+                for p in range(member_starts[r], member_starts[r + 1]):
+                    row = order[s + members[p]]
+                    for a in range(m):
+                        word = assign[row, a]
+                        if stamp[word] != i:
+                            stamp[word] = i
+                            count += 1
+            n_words[i] = count
+    return n_words
+
+
+@njit(cache=True, parallel=True)
+def region_aggregate_fill(vecs, centroids, assign, order, starts, region_starts, member_starts, members,
+                          agg_offsets, binary, n_blocks, out_words, out_codes, out_real, out_used):
+    """R-ASMK: per region residual sums, each region L2-normalised as a whole, summed per word.
+
+    For each image and each of its regions r with at least one descriptor,
+    V_r(c) = Σ (x - centroid[c]) over the region's descriptors x listing c, accumulated in
+    float32 in ascending descriptor order (as ``aggregate_fill``, so that one region
+    holding every descriptor reproduces ASMK's sums bit for bit). The region's
+    concatenation over its words is scaled by ``float32(1 / ‖V_r‖)`` (float64 norm; a
+    region whose sums are all zero adds nothing) and added into the image's V(c).
+
+    Parameters
+    ----------
+    vecs, centroids, assign, order, starts
+        As for ``aggregate_fill``.
+    region_starts, member_starts, members
+        As for ``region_word_count``.
+    agg_offsets : int64 [I + 1]
+        Output rows of image ``i`` (from ``region_word_count``).
+    binary : bool
+        Write packed bits ``V > 0`` to ``out_codes`` (else the sums V to ``out_real``).
+    n_blocks : int
+        Parallel blocks of images.
+    out_words : int64 [M]
+        Word of each output row (ascending within an image).
+    out_codes : uint64 [M, ceil(D / 64)] (or [0, 0] when not binary)
+    out_real : float32 [M, D] (or [0, 0] when binary)
+    out_used : int64 [I]
+        Regions of each image that held a descriptor.
+    """
+    m = assign.shape[1]
+    dim = vecs.shape[1]
+    n_images = starts.shape[0] - 1
+    for b in prange(n_blocks):
+        slot = np.full(centroids.shape[0], -1, dtype=np.int64)
+        for i in range((n_images * b) // n_blocks, (n_images * (b + 1)) // n_blocks):
+            lo = agg_offsets[i]
+            n_w = agg_offsets[i + 1] - lo
+            if n_w == 0:
+                continue
+            s = starts[i]
+            words = np.empty(n_w, dtype=np.int64)
+            count = 0
+            for r in range(region_starts[i], region_starts[i + 1]):
+                for p in range(member_starts[r], member_starts[r + 1]):
+                    row = order[s + members[p]]
+                    for a in range(m):
+                        word = assign[row, a]
+                        if slot[word] < 0:
+                            slot[word] = 0
+                            words[count] = word
+                            count += 1
+            words.sort()
+            for j in range(n_w):
+                slot[words[j]] = j
+                out_words[lo + j] = words[j]
+            total = np.zeros((n_w, dim), dtype=np.float32)
+            acc = np.zeros((n_w, dim), dtype=np.float32)
+            touched = np.empty(n_w, dtype=np.int64)
+            is_touched = np.zeros(n_w, dtype=np.bool_)
+            used = 0
+            for r in range(region_starts[i], region_starts[i + 1]):
+                if member_starts[r] == member_starts[r + 1]:
+                    continue
+                used += 1
+                n_touched = 0
+                for p in range(member_starts[r], member_starts[r + 1]):
+                    row = order[s + members[p]]
+                    x = vecs[row]
+                    for a in range(m):
+                        word = assign[row, a]
+                        # A descriptor listing a word twice contributes once (as in ASMK).
+                        repeated = False
+                        for a2 in range(a):
+                            if assign[row, a2] == word:
+                                repeated = True
+                        if repeated:
+                            continue
+                        j = slot[word]
+                        if not is_touched[j]:
+                            is_touched[j] = True
+                            touched[n_touched] = j
+                            n_touched += 1
+                        c = centroids[word]
+                        for t in range(dim):
+                            acc[j, t] += x[t] - c[t]
+                sq = 0.0
+                for q in range(n_touched):
+                    j = touched[q]
+                    for t in range(dim):
+                        sq += np.float64(acc[j, t]) * np.float64(acc[j, t])
+                scale = np.float32(1.0 / np.sqrt(sq)) if sq > 0.0 else np.float32(0.0)
+                for q in range(n_touched):
+                    j = touched[q]
+                    for t in range(dim):
+                        total[j, t] += acc[j, t] * scale
+                        acc[j, t] = 0.0
+                    is_touched[j] = False
+            out_used[i] = used
+            for j in range(n_w):
+                if binary:
+                    _pack_signs(total[j], out_codes[lo + j])
+                else:
+                    out_real[lo + j, :] = total[j]
+                slot[words[j]] = -1
+
+
+# -- spatial verification: tentative correspondences by shared visual words ------------------
+
+
+@njit(cache=True, inline="always")
+def _hamming(a, i, b, j):
+    dist = 0
+    for t in range(a.shape[1]):
+        dist += popcount64(a[i, t] ^ b[j, t])
+    return dist
+
+
+@njit(cache=True, nogil=True)
+def _merge_words(q_words, q_sigs, d_words, d_sigs, begin, end, cap, max_hamming, out, pos, fill):
+    """Pairs ``(i, j - begin)`` with ``q_words[i] == d_words[j]`` (both ascending) whose
+    signatures differ in at most ``max_hamming`` bits, at most ``cap * cap`` per word (the
+    first found); written at ``out[pos:]`` when ``fill``. Returns the number of pairs."""
+    n_q = q_words.shape[0]
+    i = 0
+    j = begin
+    count = 0
+    while i < n_q and j < end:
+        a = q_words[i]
+        b = d_words[j]
+        if a < b:
+            i += 1
+        elif b < a:
+            j += 1
+        else:
+            i_end = i
+            while i_end < n_q and q_words[i_end] == a:
+                i_end += 1
+            j_end = j
+            while j_end < end and d_words[j_end] == a:
+                j_end += 1
+            found = 0
+            for x in range(i, i_end):
+                for y in range(j, j_end):
+                    if found < cap * cap and _hamming(q_sigs, x, d_sigs, y) <= max_hamming:
+                        if fill:
+                            out[pos + count, 0] = x
+                            out[pos + count, 1] = y - begin
+                        count += 1
+                        found += 1
+            i = i_end
+            j = j_end
+    return count
+
+
+@njit(cache=True, nogil=True)
+def word_matches(q_words, q_sigs, d_words, d_sigs, d_offsets, slots, cap, max_hamming):
+    """Tentative correspondences of one query image with several database images.
+
+    Parameters
+    ----------
+    q_words : int32 [n], ascending; q_sigs : uint64 [n, W]
+        The query features' words and binary signatures.
+    d_words : int32 [F], ascending within each image; d_sigs : uint64 [F, W];
+    d_offsets : int64 [S + 1]
+        The database images' features (``asmkit.geometry.GeometryStore``).
+    slots : int64 [R]
+        The candidate images (positions in the store; negative: no features).
+    cap : int
+        At most ``cap * cap`` pairs per word, against bursts.
+    max_hamming : int
+        Pairs whose signatures differ in more bits are no correspondence.
+
+    Returns
+    -------
+    offsets : int64 [R + 1]
+        Candidate ``c`` owns pairs ``offsets[c]:offsets[c + 1]``.
+    pairs : int32 [M, 2]
+        (query feature, candidate feature), both positions in their word-sorted order.
+    """
+    n = slots.shape[0]
+    offsets = np.zeros(n + 1, np.int64)
+    none = np.empty((0, 2), np.int32)
+    for c in range(n):
+        s = slots[c]
+        found = 0
+        if s >= 0:
+            found = _merge_words(q_words, q_sigs, d_words, d_sigs, d_offsets[s], d_offsets[s + 1], cap, max_hamming,
+                                 none, 0, False)
+        offsets[c + 1] = offsets[c] + found
+    pairs = np.empty((offsets[n], 2), np.int32)
+    for c in range(n):
+        s = slots[c]
+        if s >= 0:
+            _merge_words(q_words, q_sigs, d_words, d_sigs, d_offsets[s], d_offsets[s + 1], cap, max_hamming,
+                         pairs, offsets[c], True)
+    return offsets, pairs

@@ -8,6 +8,7 @@ pairs      :func:`asmkit.pipeline.make_pairs`
 eval       :func:`asmkit.pipeline.evaluate_dataset`
 report     :func:`asmkit.report.main`
 demo       :func:`asmkit.pipeline.run_demo`
+serve      :func:`asmkit.serve.serve`
 =========  =====================================================
 
 Errors a user can fix print one line on stderr, ``asmkit COMMAND: error: ...``, and exit
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import __version__
-from ._validation import ArgumentError, AsmkitError
+from ._validation import ArgumentError, AsmkitError, DependencyError
 from .params import preset_names
 
 logger = logging.getLogger("asmkit")
@@ -55,6 +56,25 @@ def _add_ray_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-cpus", type=int, metavar="N", help="CPUs of the local Ray cluster (default: all)")
 
 
+def _add_regions_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--regions", help="R-ASMK: database regions from grid, proposals, or a box file "
+                                     "(JSON/CSV, image paths as named here); see docs/regions.md")
+    p.add_argument("--no-whole-image", dest="whole_image", action="store_false",
+                   help="with --regions: the boxes only, the whole image is not a region")
+
+
+def _query_box(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        box = [float(v) for v in text.split(",")]
+    except ValueError:
+        box = []
+    if len(box) != 4:
+        raise ArgumentError(f"--query-box: expected x0,y0,x1,y1 (pixels), got {text!r}")
+    return box
+
+
 def _add_device_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu",
                    help="cpu (default), cuda or cuda:N: deep features and quantization on that GPU")
@@ -80,13 +100,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--add", action="store_true", help="add IMAGES to the existing index at --out")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     _add_pipeline_flags(p)
+    _add_regions_flag(p)
 
     p = sub.add_parser("query", help="query a saved index with image files")
     p.add_argument("index", help="index workspace folder (from `asmkit index`)")
     p.add_argument("images", nargs="+", help="query image files")
     p.add_argument("--top", type=int, default=10, help="results per query (default 10)")
+    p.add_argument("--query-box", help="x0,y0,x1,y1: aggregate each query from the features in this box only")
     p.add_argument("--model", help="MASt3R retrieval checkpoint (mast3r indexes)")
     _add_device_flag(p)
+    p.add_argument("--rerank", type=int, default=0, metavar="R",
+                   help="re-rank the top R by spatial verification (inliers; default 0: off)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("scores", help="N x N similarity matrix of an image set (row = query), or each row's K best")
@@ -98,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", help="folder for features and learned whitening (default: ~/.cache/asmkit)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     _add_pipeline_flags(p)
+    _add_regions_flag(p)
 
     p = sub.add_parser("pairs", help="image pairs for SfM from retrieval scores")
     p.add_argument("images", nargs="?", help="image folder, list file or index workspace (or give --scores)")
@@ -107,8 +132,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scores", help="scores from `asmkit scores` (.npy, or .npz with --top) instead of IMAGES")
     _add_ray_flags(p)
     p.add_argument("--cache", help="folder for features and learned whitening")
+    p.add_argument("--verify", action="store_true",
+                   help="keep the pairs verified by a fundamental matrix; inliers go to <out>.inliers.txt")
+    p.add_argument("--min-inliers", type=int, default=15, help="inliers a verified pair needs (default 15)")
+    p.add_argument("--colmap-db", help="also write a COLMAP database (keypoints, matches, geometries; needs [sfm])")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     _add_pipeline_flags(p)
+    _add_regions_flag(p)
 
     p = sub.add_parser("eval", help="mAP / mP@k / N-S of a preset on a data set with gt.json")
     p.add_argument("data", help="data-set folder holding gt.json")
@@ -116,8 +146,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="also write an HTML report here")
     p.add_argument("--top", type=int, default=10, help="results per query in the report")
     _add_ray_flags(p)
+    p.add_argument("--rerank", type=int, default=0, metavar="R",
+                   help="re-rank the top R by spatial verification; --json reports before and after")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_pipeline_flags(p)
+    _add_regions_flag(p)
 
     p = sub.add_parser("report", help="static HTML page of retrieval results")
     p.add_argument("index", nargs="?", help="index workspace to query (with --queries)")
@@ -134,6 +167,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="asmkit_demo", help="output folder (default ./asmkit_demo)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("serve", help="search an index over HTTP (a web page and a JSON API); needs asmkit[serve]")
+    p.add_argument("index", help="index workspace folder (from `asmkit index`)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--token-file", help="file holding a bearer token that adds and removes require")
+    p.add_argument("--token-reads", action="store_true", help="searches, stats and metrics require the token too")
+    p.add_argument("--workers", type=int, default=4, help="threads for image decoding, features and updates (default 4)")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="most concurrent searches run as one Index.search call (default 16; 1: one call each)")
+    _add_device_flag(p)
 
     sub.add_parser("presets", help="list the presets")
     return parser
@@ -166,7 +210,8 @@ def _run(args: argparse.Namespace) -> int:
         summary = pipeline.build_index(
             args.images, out=args.out, preset=args.preset, config=args.config, codebook=args.codebook,
             codebook_size=args.codebook_size, train=args.train, model=args.model, add=args.add,
-            workers=args.workers, device=args.device)
+            workers=args.workers, device=args.device, regions=args.regions,
+            whole_image=args.whole_image)
         t = summary["timings"]
         _print(summary, args.json,
                f"{'added' if args.add else 'indexed'} {summary['added']} images into {summary['index']} "
@@ -176,11 +221,13 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "query":
-        res = pipeline.query_index(args.index, args.images, top=args.top, model=args.model, device=args.device)
+        res = pipeline.query_index(args.index, args.images, top=args.top, model=args.model, device=args.device,
+                                   rerank=args.rerank, box=_query_box(args.query_box))
         lines = []
         for q in res["results"]:
             lines.append(q["query"])
-            lines += [f"  {i + 1:3d}. {r['score']:.4f}  {r['name']}" for i, r in enumerate(q["results"])]
+            lines += [f"  {i + 1:3d}. {r['score']:.4f}  {r['name']}" + (f"  ({r['inliers']} inliers)" if r.get(
+                "inliers", -1) >= 0 else "") for i, r in enumerate(q["results"])]
         _print(res, args.json, "\n".join(lines) + _failed_lines(res["failed"]))
         return 0 if res["results"] else 1
 
@@ -188,7 +235,8 @@ def _run(args: argparse.Namespace) -> int:
         res = pipeline.compute_scores(
             args.images, out=args.out, top=args.top, preset=args.preset, config=args.config, model=args.model,
             codebook=args.codebook, codebook_size=args.codebook_size, cache=args.cache, workers=args.workers,
-            device=args.device, ray=args.ray, ray_cpus=args.ray_cpus)
+            device=args.device, ray=args.ray, ray_cpus=args.ray_cpus, regions=args.regions,
+            whole_image=args.whole_image)
         t = res["timings"]
         shape = f"{res['images']}x{res['top']} top" if "top" in res else f"{res['images']}x{res['images']}"
         _print(res, args.json,
@@ -202,15 +250,23 @@ def _run(args: argparse.Namespace) -> int:
             args.images, out=args.out, graph=args.graph, top=args.top, scores=args.scores,
             preset=args.preset, config=args.config, model=args.model, codebook=args.codebook,
             codebook_size=args.codebook_size, cache=args.cache, workers=args.workers, device=args.device,
-            ray=args.ray, ray_cpus=args.ray_cpus)
-        _print(res, args.json, f"wrote {res['n_pairs']} pairs ({res['graph']}) among {res['images']} images to {res['pairs']}")
+            ray=args.ray, ray_cpus=args.ray_cpus,
+            verify=args.verify, min_inliers=args.min_inliers, colmap_db=args.colmap_db,
+            regions=args.regions, whole_image=args.whole_image)
+        text = f"wrote {res['n_pairs']} pairs ({res['graph']}) among {res['images']} images to {res['pairs']}"
+        if "n_tested" in res:
+            text += f"; {res['n_tested'] - res['n_pairs']} of {res['n_tested']} failed verification ({res['inliers']})"
+        if "colmap" in res:
+            text += f"\nCOLMAP database {res['colmap']['database']}: {res['colmap']['verified_pairs']} verified pairs"
+        _print(res, args.json, text)
         return 0
 
     if args.command == "eval":
         res = pipeline.evaluate_dataset(
             args.data, preset=args.preset, config=args.config, codebook=args.codebook,
             codebook_size=args.codebook_size, model=args.model, cache=args.cache, workers=args.workers,
-            report=args.report, top=args.top, device=args.device, ray=args.ray, ray_cpus=args.ray_cpus)
+            report=args.report, top=args.top, device=args.device, rerank=args.rerank, regions=args.regions,
+            whole_image=args.whole_image, ray=args.ray, ray_cpus=args.ray_cpus)
         text = (f"{res['dataset']} ({res['preset']}): mAP {res['map']:.4f}, "
                 f"mP@1/5/10 {res['mp']['1']:.4f}/{res['mp']['5']:.4f}/{res['mp']['10']:.4f}")
         if "ns_score" in res:
@@ -218,12 +274,27 @@ def _run(args: argparse.Namespace) -> int:
         for proto in ("easy", "medium", "hard"):
             if proto in res:
                 text += f"\n  {proto}: mAP {res[proto]['map']:.4f}"
+        if "rerank" in res:
+            before, info = res["before_rerank"], res["rerank"]
+            text += (f"\nre-ranked top {info['top']}: mAP {before['map']:.4f} -> {res['map']:.4f}"
+                     + (f", N-S {before['ns_score']:.3f} -> {res['ns_score']:.3f}" if "ns_score" in res else "")
+                     + f"; verification {info['ms_per_query']:.1f} ms per query")
         text += f"\ncodebook trained on {res['codebook_trained_on']}" + _failed_lines(res["failed"])
         _print(res, args.json, text)
         return 0
 
     if args.command == "report":
         return _report(args)
+
+    if args.command == "serve":
+        try:
+            from .serve import Settings, read_token_file, serve
+        except ImportError as exc:
+            raise DependencyError(f"serve: needs its extra: pip install 'asmkit[serve]' ({exc})") from None
+        token = read_token_file(args.token_file) if args.token_file else None
+        serve(args.index, Settings(host=args.host, port=args.port, token=token, token_reads=args.token_reads,
+                                   workers=args.workers, max_batch=args.max_batch, device=args.device))
+        return 0
 
     if args.command == "demo":
         res = pipeline.run_demo(args.out, seed=args.seed)

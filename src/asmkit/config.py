@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ._validation import ArgumentError, FileFormatError
+from ._validation import ArgumentError, DependencyError, FileFormatError
 from .features.factory import feature_options
 from .params import Params, preset_names, preset_table
 
@@ -40,7 +40,7 @@ def _read_file(path: Path) -> dict[str, Any]:
         try:
             import yaml
         except ImportError:
-            raise ImportError(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or use TOML") from None
+            raise DependencyError(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or use TOML") from None
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from PIL import Image, ImageEnhance
 
 from ._io import write_text_atomic
-from PIL import Image, ImageEnhance
+from ._validation import ArgumentError, DependencyError
 
 __all__ = ["DEMO_PHOTOS", "build_demo_set"]
 
@@ -55,7 +56,7 @@ def _skimage_data() -> Any:
     try:
         return importlib.import_module("skimage.data")
     except ImportError as exc:
-        raise ImportError(
+        raise DependencyError(
             "the demo data set needs scikit-image: pip install 'asmkit[demo]'"
         ) from exc
 
@@ -153,21 +154,21 @@ def build_demo_set(
 
     Raises
     ------
-    ImportError
+    asmkit.DependencyError
         If scikit-image is not installed.
-    ValueError
+    asmkit.ArgumentError
         For an invalid argument, naming it.
     """
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
+        raise ArgumentError(f"seed: expected a non-negative integer, got {seed!r}")
     if isinstance(n_variants, bool) or not isinstance(n_variants, (int, np.integer)) or n_variants < 2:
-        raise ValueError(f"n_variants: expected an integer >= 2, got {n_variants!r}")
+        raise ArgumentError(f"n_variants: expected an integer >= 2, got {n_variants!r}")
     if isinstance(max_size, bool) or not isinstance(max_size, (int, np.integer)) or max_size < 32:
-        raise ValueError(f"max_size: expected an integer >= 32, got {max_size!r}")
+        raise ArgumentError(f"max_size: expected an integer >= 32, got {max_size!r}")
     chosen = list(DEMO_PHOTOS) if photos is None else list(photos)
     unknown = [p for p in chosen if p not in DEMO_PHOTOS]
     if unknown or not chosen or len(set(chosen)) != len(chosen):
-        raise ValueError(
+        raise ArgumentError(
             f"photos: expected distinct names among {sorted(DEMO_PHOTOS)}, got {photos!r}"
         )
     data = _skimage_data()

@@ -16,7 +16,6 @@ Ground truth is read from ``gt.json`` in the format of the shared data sets (``i
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -24,6 +23,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from ._io import read_json
+from ._validation import ArgumentError, FileFormatError
 
 __all__ = [
     "GroundTruth",
@@ -97,7 +99,7 @@ class GroundTruth:
     def image_paths(self) -> list[Path]:
         """Absolute paths of the database images (requires :attr:`root`)."""
         if self.root is None:
-            raise ValueError("gt: ground truth has no root folder; image paths are unknown")
+            raise ArgumentError("gt: ground truth has no root folder; image paths are unknown")
         return [self.root / name for name in self.images]
 
     def protocol(self, name: str | None) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -117,9 +119,9 @@ class GroundTruth:
         if name is None:
             return self.positives, self.junk
         if name not in PROTOCOLS:
-            raise ValueError(f"protocol: expected one of {PROTOCOLS} or None, got {name!r}")
+            raise ArgumentError(f"protocol: expected one of {PROTOCOLS} or None, got {name!r}")
         if not self.has_protocols:
-            raise ValueError(f"protocol: {name!r} needs 'easy' and 'hard' lists in the ground truth")
+            raise ArgumentError(f"protocol: {name!r} needs 'easy' and 'hard' lists in the ground truth")
         if name == "easy":
             pos = self.easy
             junk = [np.union1d(j, h) for j, h in zip(self.junk, self.hard)]
@@ -141,29 +143,27 @@ def _per_query(data: Mapping[str, Any], key: str, queries: list[str], path: Path
     if isinstance(value, dict):
         missing = [q for q in queries if q not in value]
         if missing:
-            raise ValueError(f"{path}: key {key!r} has no entry for query {missing[0]!r}")
+            raise FileFormatError(path, f"key {key!r} has no entry for query {missing[0]!r}")
         extra = sorted(set(value) - set(queries))
         if extra:
-            raise ValueError(f"{path}: key {key!r} names {extra[0]!r}, which is not a query")
+            raise FileFormatError(path, f"key {key!r} names {extra[0]!r}, which is not a query")
         return [value[q] for q in queries]
     if isinstance(value, list):
         if len(value) != len(queries):
-            raise ValueError(
-                f"{path}: key {key!r} has {len(value)} entries for {len(queries)} queries"
-            )
+            raise FileFormatError(path, f"key {key!r} has {len(value)} entries for {len(queries)} queries")
         return value
-    raise ValueError(f"{path}: key {key!r} must be an object keyed by query or a list")
+    raise FileFormatError(path, f"key {key!r} must be an object keyed by query or a list")
 
 
 def _indices(
     names: Any, index: Mapping[str, int], path: Path, where: str
 ) -> np.ndarray:
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise ValueError(f"{path}: {where} must be a list of image names")
+        raise FileFormatError(path, f"{where} must be a list of image names")
     out = np.empty(len(names), dtype=np.int64)
     for i, n in enumerate(names):
         if n not in index:
-            raise ValueError(f"{path}: {where} names {n!r}, which is not in 'images'")
+            raise FileFormatError(path, f"{where} names {n!r}, which is not in 'images'")
         out[i] = index[n]
     return np.unique(out)
 
@@ -184,8 +184,8 @@ def load_ground_truth(folder: str | Path) -> GroundTruth:
     ------
     FileNotFoundError
         If the file does not exist.
-    ValueError
-        If the file is not valid JSON or a key is missing or inconsistent; the message
+    asmkit.FileFormatError
+        If the file is not UTF-8 JSON, or a key is missing or inconsistent; the message
         names the file and the key.
     """
     path = Path(folder)
@@ -193,23 +193,20 @@ def load_ground_truth(folder: str | Path) -> GroundTruth:
         path = path / "gt.json"
     if not path.is_file():
         raise FileNotFoundError(f"ground truth not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    data = read_json(path, "a ground-truth file")
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object at the top level")
+        raise FileFormatError(path, "expected a JSON object at the top level")
     for key in ("images", "queries", "positives", "junk"):
         if key not in data:
-            raise ValueError(f"{path}: missing key {key!r}")
+            raise FileFormatError(path, f"missing key {key!r}")
     images, queries = data["images"], data["queries"]
     for key, value in (("images", images), ("queries", queries)):
         if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
-            raise ValueError(f"{path}: key {key!r} must be a list of image names")
+            raise FileFormatError(path, f"key {key!r} must be a list of image names")
     if len(set(images)) != len(images):
-        raise ValueError(f"{path}: key 'images' lists an image more than once")
+        raise FileFormatError(path, "key 'images' lists an image more than once")
     if len(set(queries)) != len(queries):
-        raise ValueError(f"{path}: key 'queries' lists a query more than once")
+        raise FileFormatError(path, "key 'queries' lists a query more than once")
     index = {n: i for i, n in enumerate(images)}
 
     def lists(key: str) -> list[np.ndarray]:
@@ -221,7 +218,7 @@ def load_ground_truth(folder: str | Path) -> GroundTruth:
     positives, junk = lists("positives"), lists("junk")
     easy = hard = None
     if ("easy" in data) != ("hard" in data):
-        raise ValueError(f"{path}: keys 'easy' and 'hard' must be given together")
+        raise FileFormatError(path, "keys 'easy' and 'hard' must be given together")
     if "easy" in data:
         easy, hard = lists("easy"), lists("hard")
 
@@ -229,18 +226,18 @@ def load_ground_truth(folder: str | Path) -> GroundTruth:
     if "groups" in data:
         raw = data["groups"]
         if not isinstance(raw, list):
-            raise ValueError(f"{path}: key 'groups' must be a list of lists of image names")
+            raise FileFormatError(path, "key 'groups' must be a list of lists of image names")
         groups = [_indices(g, index, path, f"groups[{i}]") for i, g in enumerate(raw)]
         group_of: dict[str, int] = {}
         for gi, g in enumerate(raw):
             for n in g:
                 if n in group_of and group_of[n] != gi:
-                    raise ValueError(f"{path}: key 'groups': image {n!r} is in two groups")
+                    raise FileFormatError(path, f"key 'groups': image {n!r} is in two groups")
                 group_of[n] = gi
         query_groups = []
         for q in queries:
             if q not in group_of:
-                raise ValueError(f"{path}: key 'groups': query {q!r} is in no group")
+                raise FileFormatError(path, f"key 'groups': query {q!r} is in no group")
             query_groups.append(groups[group_of[q]])
 
     name = data.get("name", path.parent.name)
@@ -264,11 +261,11 @@ def load_ground_truth(folder: str | Path) -> GroundTruth:
 def _as_ranks(ranks: Any, name: str = "ranks") -> np.ndarray:
     arr = np.asarray(ranks)
     if arr.ndim != 2:
-        raise ValueError(f"{name}: expected a 2-D integer array [Q, N], got shape {arr.shape}")
+        raise ArgumentError(f"{name}: expected a 2-D integer array [Q, N], got shape {arr.shape}")
     if not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{name}: expected integer image indices, got dtype {arr.dtype}")
+        raise ArgumentError(f"{name}: expected integer image indices, got dtype {arr.dtype}")
     if arr.size and arr.min() < -1:
-        raise ValueError(f"{name}: indices must be >= 0 (or -1 for padding), got {arr.min()}")
+        raise ArgumentError(f"{name}: indices must be >= 0 (or -1 for padding), got {arr.min()}")
     return arr.astype(np.int64, copy=False)
 
 
@@ -336,24 +333,24 @@ def average_precision(ranked_ids: Any, positives: Any, junk: Any = ()) -> float:
 def _row_queries(gt: GroundTruth, n_rows: int, query_indices: Any) -> np.ndarray:
     if query_indices is None:
         if n_rows != gt.n_queries:
-            raise ValueError(
+            raise ArgumentError(
                 f"ranks: {n_rows} rows for {gt.n_queries} queries; pass query_indices "
                 "to evaluate a subset"
             )
         return np.arange(n_rows, dtype=np.int64)
     qi = np.asarray(query_indices)
     if qi.ndim != 1 or not np.issubdtype(qi.dtype, np.integer):
-        raise ValueError("query_indices: expected a 1-D integer array")
+        raise ArgumentError("query_indices: expected a 1-D integer array")
     if len(qi) != n_rows:
-        raise ValueError(f"query_indices: {len(qi)} entries for {n_rows} rows of ranks")
+        raise ArgumentError(f"query_indices: {len(qi)} entries for {n_rows} rows of ranks")
     if len(qi) and (qi.min() < 0 or qi.max() >= gt.n_queries):
-        raise ValueError(f"query_indices: must lie in [0, {gt.n_queries})")
+        raise ArgumentError(f"query_indices: must lie in [0, {gt.n_queries})")
     return qi.astype(np.int64)
 
 
 def _check_ids(ranks: np.ndarray, gt: GroundTruth) -> None:
     if ranks.size and ranks.max() >= len(gt.images):
-        raise ValueError(
+        raise ArgumentError(
             f"ranks: index {int(ranks.max())} out of range for {len(gt.images)} images"
         )
 
@@ -383,7 +380,7 @@ def _map_lists(
 
 def _check_kappas(kappas: Sequence[int]) -> tuple[int, ...]:
     if not all(isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k >= 1 for k in kappas):
-        raise ValueError(f"kappas: expected positive integers, got {kappas!r}")
+        raise ArgumentError(f"kappas: expected positive integers, got {kappas!r}")
     return tuple(int(k) for k in kappas)
 
 
@@ -445,9 +442,9 @@ def ns_score(ranks: Any, groups: Sequence[Any]) -> float:
     """
     arr = _as_ranks(ranks)
     if len(groups) != arr.shape[0]:
-        raise ValueError(f"groups: {len(groups)} entries for {arr.shape[0]} rows of ranks")
+        raise ArgumentError(f"groups: {len(groups)} entries for {arr.shape[0]} rows of ranks")
     if arr.shape[1] < 4:
-        raise ValueError(f"ranks: the N-S score needs at least 4 columns, got {arr.shape[1]}")
+        raise ArgumentError(f"ranks: the N-S score needs at least 4 columns, got {arr.shape[1]}")
     if arr.shape[0] == 0:
         return math.nan
     top = arr[:, :4]

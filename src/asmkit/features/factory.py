@@ -28,7 +28,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .._validation import ArgumentError, check_choice, check_float, check_int
+from .._validation import ArgumentError, DependencyError, check_choice, check_float, check_int
 from ..params import preset_table
 from .io import ImageLoadError, load_image
 from .sift import SiftExtractor
@@ -142,7 +142,7 @@ def deep_extractor(*, device: str = "cpu", whitening: PCAWhitening | str | os.Pa
     ------
     ArgumentError
         An unknown option or backbone.
-    ImportError
+    asmkit.DependencyError
         torch or the EfficientNet-Lite0 weights are not installed.
     """
     opts = feature_options({"type": "deep", **options})
@@ -150,7 +150,7 @@ def deep_extractor(*, device: str = "cpu", whitening: PCAWhitening | str | os.Pa
         from .backbones import EfficientNetLite0
         from .deep import DeepExtractor
     except ImportError as exc:
-        raise ImportError(f"deep features need torch: pip install 'asmkit[deep]' ({exc})") from None
+        raise DependencyError(f"the deep preset needs torch: pip install 'asmkit[deep]' ({exc})") from None
     backbone = check_choice(opts["backbone"], "features.backbone", ("efficientnet_lite0",))
     kwargs = {k: opts[k] for k in ("nfeat", "max_size", "smoothing", "batch_size", "amp") if k in opts}
     if "scales" in opts:
@@ -251,7 +251,7 @@ def build_extractor(
         from .deep import DeepExtractor
         from .mast3r import load_mast3r_checkpoint
     except ImportError as exc:
-        raise ImportError(f"the mast3r preset needs torch: pip install 'asmkit[deep]' ({exc})") from None
+        raise DependencyError(f"the mast3r preset needs torch: pip install 'asmkit[deep]' ({exc})") from None
     device = opts.get("device", device)
     loaded = load_mast3r_checkpoint(model, device=device)
     extractor = DeepExtractor(loaded.backbone, loaded.head, nfeat=loaded.head.nfeat, max_size=loaded.imsize,

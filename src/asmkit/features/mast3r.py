@@ -9,26 +9,27 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import pickle
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from .._validation import FileFormatError
+from .._validation import ArgumentError, DependencyError, FileFormatError
 from ..compat.legacy import load_legacy_pickle
-from .backbones import Normalize
-from .deep import RetrievalHead
 
+# Before the imports of .backbones and .deep, which need torch too.
 try:
     import torch
     from torch import nn
 except ImportError as exc:  # pragma: no cover - exercised only without torch
-    raise ImportError(
+    raise DependencyError(
         "asmkit.features.mast3r needs PyTorch; install it with: pip install 'asmkit[deep]'"
     ) from exc
+
+from .backbones import Normalize  # noqa: E402
+from .deep import RetrievalHead  # noqa: E402
+from .torch_files import load_torch_file  # noqa: E402
 
 __all__ = ["Mast3rCheckpoint", "load_mast3r_checkpoint"]
 
@@ -81,20 +82,7 @@ def _codebook_centroids(obj: Any, path: Path) -> np.ndarray:
 
 def _read_checkpoint(path: Path) -> Mapping[str, Any]:
     """The checkpoint dict, read with ``weights_only=True`` (nothing else is unpickled)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"path: no such checkpoint {str(path)!r}")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
-            # A plain pickle (a codebook) makes torch warn about its protocol before failing.
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    # torch reports a foreign file in many ways (a pickle with other classes, a text file,
-    # a truncated zip); its messages suggest weights_only=False, which would run the file's
-    # code, so they are not passed on.
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, AttributeError,
-            UnicodeDecodeError, ImportError, TypeError):
-        what = "a pickle (such as a codebook .pkl)" if path.suffix == ".pkl" else "not a torch weights file"
-        raise FileFormatError(path, f"{_NOT_A_CHECKPOINT}: {what}") from None
+    ckpt = load_torch_file(path, "a MASt3R retrieval checkpoint", safe_globals=[argparse.Namespace])
     if not isinstance(ckpt, Mapping) or "args" not in ckpt or "model" not in ckpt:
         raise FileFormatError(path, f"{_NOT_A_CHECKPOINT}: a torch file without 'args' and 'model'")
     if not isinstance(ckpt["model"], Mapping) or not isinstance(ckpt["args"], (argparse.Namespace, Mapping)):
@@ -135,7 +123,9 @@ def load_mast3r_checkpoint(
         If the file is not a MASt3R retrieval checkpoint (a codebook pickle, a text file, a
         torch file without ``args`` and ``model``), or its settings or weights do not fit
         the head.
-    ImportError
+    asmkit.ArgumentError
+        If ``backbone`` is given without a way to tell its width (and the checkpoint has none).
+    asmkit.DependencyError
         If no backbone is given and mast3r is not importable.
     """
     path = Path(path)
@@ -151,8 +141,9 @@ def load_mast3r_checkpoint(
         try:
             from mast3r.model import AsymmetricMASt3R  # type: ignore[import-not-found]
         except ImportError as exc:
-            raise ImportError(
-                "backbone: not given and mast3r is not importable; pass the encoder module"
+            raise DependencyError(
+                "backbone: not given and mast3r is not importable; install it "
+                "(https://github.com/naver/mast3r) or pass the encoder module"
             ) from exc
         backbone = _Mast3rEncoder(AsymmetricMASt3R.from_pretrained(args["pretrained"]))
 
@@ -169,7 +160,7 @@ def load_mast3r_checkpoint(
     else:
         dim = int(getattr(backbone, "out_dim", getattr(backbone, "enc_embed_dim", 0)))
         if dim <= 0:
-            raise ValueError("backbone: cannot tell its width; give it an out_dim attribute")
+            raise ArgumentError("backbone: cannot tell its width; give it an out_dim attribute")
     head = RetrievalHead(
         dim,
         hdims=hdims,

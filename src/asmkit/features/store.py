@@ -25,6 +25,7 @@ from typing import Iterable, Iterator, Mapping
 import h5py
 import numpy as np
 
+from .._validation import ArgumentError, FileFormatError
 from .extract import ImageFeatures
 
 __all__ = ["FeatureStore"]
@@ -38,12 +39,12 @@ _OPTIONAL = ("keypoints", "attention", "global_descriptor")
 
 def _normalise_config(config: Mapping, what: str) -> dict:
     if not isinstance(config, Mapping):
-        raise TypeError(f"{what}: expected a dict, got {type(config).__name__}")
+        raise ArgumentError(f"{what}: expected a dict, got {type(config).__name__}")
     try:
         # A JSON round trip makes tuples lists, so equal settings compare equal after reload.
         return json.loads(json.dumps(dict(config), sort_keys=True))
     except (TypeError, ValueError) as error:
-        raise ValueError(f"{what}: not JSON-serialisable ({error})") from None
+        raise ArgumentError(f"{what}: not JSON-serialisable ({error})") from None
 
 
 def _differing_keys(stored: dict, requested: dict) -> list[str]:
@@ -52,10 +53,10 @@ def _differing_keys(stored: dict, requested: dict) -> list[str]:
 
 def _check_name(name: str) -> str:
     if not isinstance(name, str):
-        raise TypeError(f"image name: expected a str, got {type(name).__name__}")
+        raise ArgumentError(f"name: expected a str, got {type(name).__name__}")
     parts = name.split("/")
     if not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts):
-        raise ValueError(f"image name {name!r}: expected a relative path like 'dir/image.jpg'")
+        raise ArgumentError(f"name: {name!r} is not a relative path like 'dir/image.jpg'")
     return name
 
 
@@ -71,14 +72,16 @@ class FeatureStore:
         been written with an equal config. None opens an existing file read-only without
         checking (for readers that do not know the extractor).
     overwrite_on_mismatch : bool
-        When the existing file's config differs: False (default) raises ``ValueError``;
+        When the existing file's config differs: False (default) raises ``FileFormatError``;
         True deletes the file and starts an empty one.
 
     Raises
     ------
     FileNotFoundError
         If ``config`` is None and the file does not exist.
-    ValueError
+    asmkit.ArgumentError
+        If ``config`` is not a JSON-serialisable dict.
+    asmkit.FileFormatError
         If the existing file is not a feature store, or its config differs (the message
         names the path and the differing keys).
 
@@ -113,7 +116,7 @@ class FeatureStore:
                 self._check_format()
                 stored = self._stored_config()
                 mismatch = _differing_keys(stored, requested) if stored != requested else None
-            except ValueError:
+            except FileFormatError:
                 if not overwrite_on_mismatch:
                     raise
                 mismatch = ["<not a readable feature store>"]
@@ -121,10 +124,11 @@ class FeatureStore:
                 if hasattr(self, "_file") and self._file.id.valid:
                     self._file.close()
                 if not overwrite_on_mismatch:
-                    raise ValueError(
-                        f"feature store {self.path} was written with a different extractor config "
+                    raise FileFormatError(
+                        self.path,
+                        f"a feature store written with a different extractor config "
                         f"(differing keys: {', '.join(mismatch)}); use another path or pass "
-                        f"overwrite_on_mismatch=True to discard it"
+                        f"overwrite_on_mismatch=True to discard it",
                     )
                 logger.warning("feature store %s: config differs (%s), starting afresh", self.path, ", ".join(mismatch))
                 self.path.unlink()
@@ -143,24 +147,24 @@ class FeatureStore:
         try:
             return h5py.File(self.path, mode)
         except OSError as error:
-            raise ValueError(f"feature store {self.path}: cannot open as HDF5 ({error})") from None
+            raise FileFormatError(self.path, f"not a feature store (cannot open as HDF5: {error})") from None
 
     def _check_format(self) -> None:
         found = self._file.attrs.get("format")
         if found != FORMAT:
             self._file.close()
-            raise ValueError(f"{self.path} is not an asmkit feature store (format attribute {found!r})")
+            raise FileFormatError(self.path, f"not an asmkit feature store (format attribute {found!r})")
         version = int(self._file.attrs.get("format_version", -1))
         if version != FORMAT_VERSION:
             self._file.close()
-            raise ValueError(f"feature store {self.path}: unsupported format_version {version}")
+            raise FileFormatError(self.path, f"feature store of unsupported format_version {version}")
 
     def _stored_config(self) -> dict:
         try:
             return json.loads(self._file.attrs["config"])
         except (KeyError, ValueError):
             self._file.close()
-            raise ValueError(f"feature store {self.path}: missing or invalid config attribute") from None
+            raise FileFormatError(self.path, "feature store with a missing or invalid config attribute") from None
 
     @property
     def config(self) -> dict:
@@ -179,17 +183,17 @@ class FeatureStore:
     def put(self, name: str, feats: ImageFeatures) -> None:
         """Store (or replace) one image's features and flush the file."""
         if self.read_only:
-            raise ValueError(f"feature store {self.path} was opened read-only (config=None)")
+            raise ArgumentError(f"config: feature store {self.path} was opened read-only (config=None)")
         _check_name(name)
         if not isinstance(feats, ImageFeatures):
-            raise TypeError(f"feats: expected ImageFeatures, got {type(feats).__name__}")
+            raise ArgumentError(f"feats: expected ImageFeatures, got {type(feats).__name__}")
         parts = name.split("/")
         for depth in range(1, len(parts)):
             if self.has("/".join(parts[:depth])):
-                raise ValueError(f"image name {name!r} lies inside image {'/'.join(parts[:depth])!r} in {self.path}")
+                raise ArgumentError(f"name: {name!r} lies inside image {'/'.join(parts[:depth])!r} in {self.path}")
         if name in self._file:
             if not (self.has(name) or self._is_partial(name)):
-                raise ValueError(f"image name {name!r} clashes with a folder of other images in {self.path}")
+                raise ArgumentError(f"name: {name!r} clashes with a folder of other images in {self.path}")
             del self._file[name]
         group = self._file.create_group(name)
         for key in _OPTIONAL:
@@ -250,12 +254,14 @@ class FeatureStore:
         ------
         KeyError
             If a name is not in the store.
-        ValueError
-            If ``names`` is empty or the images' descriptor dimensions differ.
+        asmkit.ArgumentError
+            If ``names`` is empty.
+        asmkit.FileFormatError
+            If the images' descriptor dimensions differ.
         """
         names = self.names() if names is None else list(names)
         if not names:
-            raise ValueError(f"names: no images to stack from {self.path}")
+            raise ArgumentError(f"names: no images to stack from {self.path}")
         datasets = []
         for name in names:
             if not self.has(name):
@@ -263,7 +269,7 @@ class FeatureStore:
             datasets.append(self._file[name]["descriptors"])
         dims = {d.shape[1] for d in datasets}
         if len(dims) != 1:
-            raise ValueError(f"feature store {self.path}: descriptor dimensions differ across images ({sorted(dims)})")
+            raise FileFormatError(self.path, f"descriptor dimensions differ across images ({sorted(dims)})")
         counts = np.array([d.shape[0] for d in datasets], dtype=np.int64)
         vecs = np.empty((int(counts.sum()), dims.pop()), dtype=np.float32)
         start = 0

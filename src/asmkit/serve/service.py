@@ -1,0 +1,487 @@
+"""``ServedIndex``: an index workspace kept in memory, searched concurrently, updated durably.
+
+Concurrency: searches go to one searcher thread that runs the queries waiting at that
+moment as one ``Index.search`` call (``_Batcher``). A batch reads
+``ServedIndex._snapshot``, an immutable ``_Snapshot`` (the ``Index`` and its key table).
+An update builds a new ``Index`` from a shallow copy of the
+current one (``Index.add`` / ``Index.remove`` build new arrays rather than change them),
+writes the update to the log, then replaces the snapshot reference in one assignment: a
+search sees the index before or after an update, never part of one. Updates are
+serialised by one lock.
+
+Durability: the update is in the write-ahead log (``asmkit.serve.wal``), fsynced, before
+the call returns. ``fold`` saves the index with ``Index.save`` (atomic) and drops the log
+segments it covers; opening a workspace replays what the log holds beyond the saved index.
+"""
+
+from __future__ import annotations
+
+import copy
+import fcntl
+import io
+import json
+import logging
+import os
+import queue
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .._validation import ArgumentError, check_vecs
+from ..config import PipelineConfig
+from ..features import ImageLoadError, load_image
+from ..features.factory import build_extractor, feature_options
+from ..index import Index
+from ..pipeline import gpu_of
+from .settings import Settings, check_key
+from .wal import Record, WriteAheadLog, final_updates
+
+__all__ = ["KeyConflict", "KeyNotFound", "ServedIndex", "read_npy"]
+
+logger = logging.getLogger(__name__)
+
+_PIPELINE = "pipeline.json"
+_INDEX = "index.asmkit"
+_WAL = "serve-wal"
+_LOCK = "serve.lock"
+#: Longer side of the thumbnails the page shows.
+THUMBNAIL_SIZE = 192
+
+
+class KeyNotFound(ArgumentError):
+    """No image of that key in the index."""
+
+
+class KeyConflict(ArgumentError):
+    """An image of that key is already in the index."""
+
+
+def read_npy(data: bytes, name: str) -> np.ndarray:
+    """The array in ``.npy`` bytes, checked before anything is allocated.
+
+    The header must describe a plain numeric dtype and exactly the bytes that follow it,
+    so that a small upload cannot claim a huge array; nothing is unpickled.
+
+    Raises
+    ------
+    ArgumentError
+        Not a ``.npy`` file, an object dtype, or a size that does not match the header.
+    """
+    buffer = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(buffer)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _fortran, dtype = read_header(buffer)
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:
+        raise ArgumentError(f"{name}: not a .npy file ({exc})") from None
+    if dtype.hasobject or dtype.fields is not None:
+        raise ArgumentError(f"{name}: dtype {dtype} is not a plain numeric type")
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if expected != len(data) - buffer.tell():
+        raise ArgumentError(f"{name}: header says {shape} {dtype} ({expected} bytes), the file holds "
+                            f"{len(data) - buffer.tell()}")
+    buffer.seek(0)
+    return np.load(buffer, allow_pickle=False)
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """One version of the index: searches hold it for their whole duration."""
+
+    index: Index
+    ids: np.ndarray  # int64 [S] ascending, as index.ids
+    keys: np.ndarray  # str [S], in ids order
+    version: int
+
+    def __contains__(self, key: str) -> bool:
+        try:
+            self.index.id_of(key)
+        except KeyError:
+            return False
+        return True
+
+
+def _open_extractor(folder: Path, device: str) -> tuple[PipelineConfig, Path, Callable[[np.ndarray], np.ndarray], int | None, bool]:
+    """The workspace's config, image root and feature extractor, built as ``asmkit query``
+    builds it (the extractor factory, the workspace's learned whitening): (config,
+    image_root, image -> float32 [n, D] ready for quantization, max_size, thread_safe)."""
+    try:
+        data = json.loads((folder / _PIPELINE).read_text(encoding="utf-8"))
+        cfg, root = PipelineConfig.from_dict(data["config"]), Path(data["image_root"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ArgumentError(f"index: {folder} is not an asmkit index workspace ({_PIPELINE}: {exc})") from None
+    # Where `asmkit index` keeps what it learned: the deep head, or the SIFT whitening.
+    saved = folder / ("extractor.pt" if feature_options(cfg.features)["type"] == "deep" else "whitening.npz")
+    feats = build_extractor(cfg.features, saved=saved, device=device, seed=cfg.params.seed)
+
+    def featurize(image: np.ndarray) -> np.ndarray:
+        return feats.descriptors(feats.extractor.extract(image).descriptors)
+
+    return (cfg, root, featurize, getattr(feats.extractor, "max_size", None),
+            bool(getattr(feats.extractor, "thread_safe", False)))
+
+
+class _Batcher:
+    """Runs the searches of concurrent requests as one ``Index.search`` call.
+
+    A search waits in a queue while the searcher thread works on the previous batch; the
+    thread then takes every waiting query (up to ``max_batch``) at once. A lone query
+    waits for nothing. Several queries per call share the quantizer's and the scoring
+    kernels' passes (word-major scoring), and the kernels already use every core, so one
+    thread loses nothing to running searches one batch at a time.
+    """
+
+    def __init__(self, run: Callable[[list[np.ndarray], int], list], max_batch: int) -> None:
+        self._run = run
+        self._max_batch = max_batch
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="asmkit-search", daemon=True)
+        self._thread.start()
+
+    def submit(self, vecs: np.ndarray, k: int) -> Future:
+        """A future of ``run([vecs], K)[0]`` trimmed to ``k``."""
+        done: Future = Future()
+        self._queue.put((vecs, k, done))
+        return done
+
+    def _loop(self) -> None:
+        while (first := self._queue.get()) is not None:
+            batch = [first]
+            while len(batch) < self._max_batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)  # stop after this batch
+                    break
+                batch.append(item)
+            # Top-k lists are prefixes of the top-K list (a total order: score, then id).
+            try:
+                results = self._run([vecs for vecs, _, _ in batch], max(k for _, k, _ in batch))
+            except Exception as exc:  # noqa: BLE001 - handed to the waiting requests, which raise it
+                for _, _, done in batch:
+                    done.set_exception(exc)
+                continue
+            for (_, k, done), (keys, scores) in zip(batch, results):
+                done.set_result((keys[:k], scores[:k]))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+
+class ServedIndex:
+    """An index workspace (from ``asmkit index``) opened for serving.
+
+    Opening takes an exclusive lock on the workspace (one server per workspace), loads
+    ``index.asmkit``, replays the write-ahead log ``serve-wal/`` and, when it held
+    anything, folds it into ``index.asmkit`` at once.
+
+    Parameters
+    ----------
+    folder : path-like
+        The workspace.
+    settings : Settings, optional
+        ``device``, ``max_pixels``, ``max_key_length`` and ``max_batch`` are used here.
+
+    Raises
+    ------
+    FileNotFoundError
+        No such folder.
+    ArgumentError
+        Not a workspace, or another process serves it.
+    asmkit.FileFormatError
+        A damaged log (a bad record that is not the last one).
+    """
+
+    def __init__(self, folder: str | os.PathLike, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings()
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"index not found: {self.folder}")
+        self._lock_fd = os.open(self.folder / _LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise ArgumentError(f"index: {self.folder} is already served by another process") from None
+        try:
+            self._open()
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+
+    def _open(self) -> None:
+        self.config, self.image_root, self._featurize, self._max_size, thread_safe = _open_extractor(
+            self.folder, self.settings.device)
+        self._extract_lock = None if thread_safe else threading.Lock()
+        index = Index.load(self.folder / _INDEX, mmap=False, gpu=gpu_of(self.settings.device))
+        self._write_lock = threading.Lock()
+        self._fold_lock = threading.Lock()
+        self._version = 0
+        self._snapshot = self._make_snapshot(index)
+        self._wal = WriteAheadLog(self.folder / _WAL)
+        replayed = final_updates(self._wal.read())
+        if replayed:
+            self._install(self._replay(index, replayed))
+            logger.info("replayed %d logged updates onto %s", len(replayed), self.folder / _INDEX)
+        # One search now compiles (or loads) the kernels, so the first request is not slow.
+        self._snapshot.index.search([np.zeros((1, self.dim), np.float32)], k=1)
+        self._batcher = _Batcher(self._search_batch, self.settings.max_batch)
+        self.last_fold = time.time()
+        segment = self._wal.rotate()
+        if replayed:
+            self._fold_segment(segment)
+        else:
+            self._wal.drop_before(segment)
+        self._thumbnail = lru_cache(maxsize=1024)(self._make_thumbnail)
+
+    def _make_snapshot(self, index: Index) -> _Snapshot:
+        self._version += 1
+        return _Snapshot(index, index.ids, np.asarray(index.keys, dtype=str), self._version)
+
+    def _install(self, index: Index) -> None:
+        self._snapshot = self._make_snapshot(index)
+
+    @staticmethod
+    def _replay(index: Index, updates: dict[str, np.ndarray | None]) -> Index:
+        """``index`` with the last update of each key applied (an add replaces)."""
+        present = set(index.keys)
+        gone = [key for key in updates if key in present]
+        if gone:
+            index.remove(gone)
+        adds = [(key, vecs) for key, vecs in updates.items() if vecs is not None]
+        if adds:
+            start = int(index.ids.max()) + 1 if len(index) else 0
+            index.add([vecs for _, vecs in adds], np.arange(start, start + len(adds), dtype=np.int64),
+                      keys=[key for key, _ in adds])
+        return index
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._snapshot.index)
+
+    @property
+    def dim(self) -> int:
+        """Descriptor dimension the codebook takes."""
+        return self._snapshot.index.codebook.dim
+
+    @property
+    def pending(self) -> tuple[int, int]:
+        """(records, bytes) in the log that are not yet folded into the saved index."""
+        return self._wal.records, self._wal.bytes
+
+    def featurize(self, data: bytes) -> np.ndarray:
+        """float32 [n, D]: the local features of an encoded image, extracted as the index's
+        images were.
+
+        Raises
+        ------
+        ArgumentError
+            Not an image, truncated, too many pixels (``settings.max_pixels``, checked on
+            the header), too small.
+        """
+        with tempfile.NamedTemporaryFile(prefix="asmkit-serve-") as tmp:
+            tmp.write(data)
+            tmp.flush()
+            try:
+                image = load_image(tmp.name, max_size=self._max_size, max_pixels=self.settings.max_pixels)
+            except ImageLoadError as exc:
+                raise ArgumentError(f"image: {exc.reason}") from None
+        if self._extract_lock is None:
+            return self._featurize(image)
+        with self._extract_lock:
+            return self._featurize(image)
+
+    def search(self, vecs: np.ndarray, k: int) -> tuple[list[str], list[float]]:
+        """The ``k`` best images for one query image.
+
+        Parameters
+        ----------
+        vecs : float32 [n, D]
+            The query's local descriptors (other numeric dtypes are converted).
+        k : int
+
+        Returns
+        -------
+        keys : list of str
+            At most ``k``, best first.
+        scores : list of float
+            Their scores, decreasing.
+
+        Raises
+        ------
+        ArgumentError
+            ``vecs`` is not a finite 2-D numeric array of the codebook's dimension.
+        """
+        return self.submit_search(vecs, k).result()
+
+    def submit_search(self, vecs: np.ndarray, k: int) -> Future:
+        """``search`` without waiting: the future's result is ``search``'s.
+
+        An event loop awaits it (``asyncio.wrap_future``) without tying up a thread.
+
+        Raises
+        ------
+        ArgumentError
+            At once, for the reasons ``search`` gives.
+        """
+        vecs = check_vecs(vecs, name="descriptors", dim=self.dim)
+        return self._batcher.submit(vecs, k)
+
+    def _search_batch(self, queries: list[np.ndarray], k: int) -> list[tuple[list[str], list[float]]]:
+        """One ``Index.search`` call, on one snapshot, for the queries of a batch."""
+        snap = self._snapshot
+        scores, ids = snap.index.search(queries, k=k)
+        out = []
+        for srow, irow in zip(scores, ids):
+            found = irow >= 0
+            slots = np.searchsorted(snap.ids, irow[found])
+            out.append((snap.keys[slots].tolist(), srow[found].astype(float).tolist()))
+        return out
+
+    def stats(self) -> dict:
+        """Counts for ``GET /stats``."""
+        snap = self._snapshot
+        records, size = self.pending
+        return {
+            "images": len(snap.index),
+            "version": snap.version,
+            "codebook_size": snap.index.codebook.size,
+            "dim": snap.index.codebook.dim,
+            "preset": self.config.name,
+            "posting_entries": int(snap.index.inverted_file.n_entries),
+            "wal_records": records,
+            "wal_bytes": size,
+            "last_fold": self.last_fold,
+        }
+
+    def thumbnail(self, key: str) -> bytes | None:
+        """A JPEG of the indexed image file ``image_root/key`` (longer side
+        ``THUMBNAIL_SIZE``), or None when the key is unknown or the file is not readable."""
+        if key not in self._snapshot:
+            return None
+        root = self.image_root.resolve()
+        path = (root / key).resolve()
+        if not path.is_relative_to(root) or not path.is_file():
+            return None
+        return self._thumbnail(path, path.stat().st_mtime_ns)
+
+    def _make_thumbnail(self, path: Path, mtime_ns: int) -> bytes | None:
+        del mtime_ns  # part of the cache key: an edited file gets a new thumbnail
+        try:
+            image = load_image(path, max_size=THUMBNAIL_SIZE, max_pixels=self.settings.max_pixels)
+        except ImageLoadError:
+            return None
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=85)
+        return buffer.getvalue()
+
+    # -- updates -----------------------------------------------------------------------------
+
+    def add(self, items: list[tuple[str, np.ndarray]]) -> int:
+        """Add images (all or none), durably: when this returns they survive a crash.
+
+        Parameters
+        ----------
+        items : list of (key, float32 [n, D])
+
+        Returns
+        -------
+        int
+            Images in the index afterwards.
+
+        Raises
+        ------
+        ArgumentError
+            A bad key or descriptors, or the same key twice in ``items``.
+        KeyConflict
+            A key already in the index.
+        """
+        if not items:
+            raise ArgumentError("images: nothing to add")
+        keys = [check_key(key, self.settings.max_key_length) for key, _ in items]
+        if len(set(keys)) != len(keys):
+            raise ArgumentError("key: the same key is given twice")
+        vecs = [check_vecs(v, name="descriptors", dim=self.dim) for _, v in items]
+        with self._write_lock:
+            snap = self._snapshot
+            taken = [key for key in keys if key in snap]
+            if taken:
+                raise KeyConflict(f"key: already in the index: {taken[0]!r}")
+            index = copy.copy(snap.index)
+            start = int(snap.ids[-1]) + 1 if len(snap.ids) else 0
+            index.add(vecs, np.arange(start, start + len(keys), dtype=np.int64), keys=keys)
+            self._wal.append([Record(key, v) for key, v in zip(keys, vecs)])
+            self._install(index)
+            return len(index)
+
+    def remove(self, key: str) -> int:
+        """Remove one image, durably.
+
+        Returns
+        -------
+        int
+            Images in the index afterwards.
+
+        Raises
+        ------
+        KeyNotFound
+            No image of that key.
+        """
+        with self._write_lock:
+            snap = self._snapshot
+            if not isinstance(key, str) or key not in snap:
+                raise KeyNotFound(f"key: no image named {key!r} in the index")
+            index = copy.copy(snap.index)
+            index.remove([key])
+            self._wal.append([Record(key)])
+            self._install(index)
+            return len(index)
+
+    def fold(self) -> bool:
+        """Save the index with the logged updates and drop the log they were in.
+
+        Updates may go on meanwhile (they go to a new log segment). Returns False when
+        there was nothing to fold.
+        """
+        with self._fold_lock:
+            with self._write_lock:
+                if not self._wal.records:
+                    return False
+                segment = self._wal.rotate()
+            self._fold_segment(segment)
+            return True
+
+    def _fold_segment(self, segment: int) -> None:
+        """Save the current snapshot (which holds every update logged before ``segment``)
+        and drop those segments."""
+        # The snapshot read after the rotation may hold updates logged in ``segment``
+        # too: replaying them onto it later is harmless (last write wins).
+        snap = self._snapshot
+        t0 = time.perf_counter()
+        snap.index.save(self.folder / _INDEX)
+        self._wal.drop_before(segment)
+        self.last_fold = time.time()
+        logger.info("folded the log into %s (%d images) in %.2f s", self.folder / _INDEX, len(snap.index),
+                    time.perf_counter() - t0)
+
+    def close(self) -> None:
+        """Fold what the log holds and release the workspace."""
+        if self._lock_fd is None:
+            return
+        self._batcher.close()
+        self.fold()
+        self._wal.close()
+        os.close(self._lock_fd)
+        self._lock_fd = None
