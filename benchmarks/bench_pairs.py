@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from asmkit import Codebook, Index
-from asmkit.params import as_params
 from asmkit.pairs import pair_indices
+from asmkit.params import as_params
 from asmkit.pipeline import anchor_scorer, index_topk
 
 from ._common import command_line, machine_info, machine_line, max_rss_mib, write_json
