@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -121,6 +122,99 @@ def test_broken_files_are_skipped_and_reported(tmp_path, capsys):
                             "--json"])
     assert {f["name"] for f in res["failed"]} == set(folder.bad)
     assert res["images"] == len(folder.good)
+
+
+def test_sparse_scores_and_pairs_equal_the_dense_ones(demo, workspace, tmp_path, capsys):
+    from asmkit.pairs import SparseScores, pair_indices
+
+    cache = str(tmp_path / "c")
+    dense_path, sparse_path = tmp_path / "d.npy", tmp_path / "s.npz"
+    run_json(capsys, ["-q", "scores", str(demo / "images"), "--out", str(dense_path), "--cache", cache, *SMALL, "--json"])
+    res = run_json(capsys, ["-q", "scores", str(demo / "images"), "--top", "4", "--out", str(sparse_path), "--cache",
+                            cache, *SMALL, "--json"])
+    dense = np.load(dense_path)
+    names = (tmp_path / "d.npy.names.txt").read_text().split()
+    sparse, sparse_names = SparseScores.load(sparse_path)
+    assert sparse_names == names and res["top"] == 4
+    expected = SparseScores.from_dense(dense, 4)
+    assert np.array_equal(sparse.ids, expected.ids) and np.array_equal(sparse.scores, expected.scores)
+    assert np.allclose(sparse.centrality, expected.centrality)
+
+    # Pairs from the images (no N x N array: top-k plus the anchors' rows) are the dense graphs.
+    for graph in ["knn-3", "retrieval-3-2", "sequential-2+retrieval-2"]:
+        out = tmp_path / f"{graph}.txt"
+        run_json(capsys, ["-q", "pairs", str(demo / "images"), "--out", str(out), "--graph", graph, "--cache", cache,
+                          *SMALL, "--json"])
+        expected = [f"{names[i]} {names[j]}" for i, j in pair_indices(dense, graph).tolist()]
+        assert out.read_text().splitlines() == expected, graph
+        assert SparseScores.load(tmp_path / f"{graph}.scores.npz")[1] == names
+    # ... and from the sparse file, for the graphs it holds enough for.
+    out = tmp_path / "from_file.txt"
+    run_json(capsys, ["-q", "pairs", "--scores", str(sparse_path), "--out", str(out), "--graph", "knn-3", "--json"])
+    assert out.read_text() == (tmp_path / "knn-3.txt").read_text()
+    assert main(["-q", "pairs", "--scores", str(sparse_path), "--out", str(out), "--graph", "knn-9"]) == 2
+    assert "keep 4" in capsys.readouterr().err
+
+    # An index workspace as the image set: its own images against it.
+    out = tmp_path / "ws_pairs.txt"
+    run_json(capsys, ["-q", "pairs", str(workspace), "--out", str(out), "--graph", "retrieval-2-2", "--json"])
+    assert len(out.read_text().splitlines()) > 0
+
+    report = tmp_path / "r.html"
+    assert main(["-q", "report", "--results", str(sparse_path), "--image-root", str(demo / "images"),
+                 "--out", str(report)]) == 0
+    assert report.stat().st_size > 0
+
+
+def test_scores_top_needs_an_npz(demo, tmp_path, capsys):
+    assert main(["-q", "scores", str(demo / "images"), "--top", "3", "--out", str(tmp_path / "s.npy")]) == 2
+    assert ".npz" in capsys.readouterr().err
+
+
+def test_threads_flag_sets_numba_threads(demo, tmp_path, capsys):
+    import numba
+
+    before = numba.get_num_threads()
+    try:
+        assert main(["-q", "--threads", "1", "presets"]) == 0
+        assert numba.get_num_threads() == 1
+    finally:
+        numba.set_num_threads(before)
+    assert main(["-q", "--threads", "0", "presets"]) == 2
+
+
+def test_preset_help_lists_the_presets(capsys):
+    from asmkit.params import preset_names
+
+    with pytest.raises(SystemExit):
+        main(["scores", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(name in text for name in preset_names())
+
+
+def test_quiet_silences_python_warnings(tmp_path):
+    # A real process: pytest records warnings itself, and so would hide a missing filter.
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, warnings\n"
+        "from asmkit import pipeline\n"
+        "def warn(*args, **kwargs):\n"
+        "    warnings.warn('a library warning', UserWarning)\n"
+        "    return {'pairs': 'p', 'n_pairs': 0, 'graph': 'knn-1', 'images': 0}\n"
+        "pipeline.make_pairs = warn\n"
+        "from asmkit.cli import main\n"
+        "sys.exit(main(sys.argv[1:] + ['pairs', '--scores', 'x.npy', '--out', 'p.txt']))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    loud = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=120)
+    quiet = subprocess.run([sys.executable, "-c", script, "-q"], capture_output=True, text=True, env=env,
+                           cwd=tmp_path, timeout=120)
+    assert loud.returncode == quiet.returncode == 0, loud.stderr + quiet.stderr
+    assert "a library warning" in loud.stderr
+    assert "a library warning" not in quiet.stderr
 
 
 @pytest.mark.parametrize("argv,fragment", [

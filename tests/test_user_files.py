@@ -268,10 +268,6 @@ def test_pairs_scores(kind, tmp_path, capsys):
     assert_user_error(capsys, ["-q", "pairs", "--scores", str(path), "--out", str(tmp_path / "p.txt")], path)
 
 
-_PAIRS_PENDING = "pairs.py raises plain ValueErrors for a bad matrix or graph; they must be ArgumentErrors"
-
-
-@pytest.mark.xfail(strict=False, reason=_PAIRS_PENDING)
 def test_pairs_scores_that_is_not_square(tmp_path, capsys):
     path = tmp_path / "s.npy"
     np.save(path, np.zeros(3, np.float32))
@@ -282,7 +278,6 @@ def test_pairs_scores_that_is_not_square(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and "square" in err
 
 
-@pytest.mark.xfail(strict=False, reason=_PAIRS_PENDING)
 def test_pairs_unknown_graph(tmp_path, capsys):
     path = tmp_path / "s.npy"
     np.save(path, np.eye(3, dtype=np.float32))

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 from . import __version__
 from ._validation import ArgumentError, AsmkitError, DependencyError
+from .params import preset_names
 
 logger = logging.getLogger("asmkit")
 
@@ -38,7 +39,8 @@ _USER_ERRORS = (AsmkitError, OSError)
 
 
 def _add_pipeline_flags(p: argparse.ArgumentParser, *, model: bool = True) -> None:
-    p.add_argument("--preset", default="sift", help="sift (default), deep or mast3r; see `asmkit presets`")
+    p.add_argument("--preset", default="sift",
+                   help=f"one of {', '.join(preset_names())} (default sift); see `asmkit presets`")
     p.add_argument("--config", help="TOML/YAML file overriding the preset ([features], [asmk])")
     p.add_argument("--codebook", help="codebook to use (.asmkit folder, or the reference's .pkl)")
     p.add_argument("--codebook-size", help="visual words when training a codebook, e.g. 4096 or 64k")
@@ -46,6 +48,12 @@ def _add_pipeline_flags(p: argparse.ArgumentParser, *, model: bool = True) -> No
         p.add_argument("--model", help="MASt3R retrieval checkpoint (mast3r preset)")
     p.add_argument("--workers", type=int, help="image decoding threads")
     _add_device_flag(p)
+
+
+def _add_ray_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
+                   help="score on a Ray cluster: host:port, or no value for a local one (pip install 'asmkit[ray]')")
+    p.add_argument("--ray-cpus", type=int, metavar="N", help="CPUs of the local Ray cluster (default: all)")
 
 
 def _add_regions_flag(p: argparse.ArgumentParser) -> None:
@@ -81,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
     verbosity.add_argument("-q", "--quiet", action="store_true", help="errors only, no progress bars")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="threads for torch and numba (default: theirs, usually every core)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("index", help="extract features, train a codebook, build and save an index")
@@ -103,20 +113,24 @@ def _parser() -> argparse.ArgumentParser:
                    help="re-rank the top R by spatial verification (inliers; default 0: off)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
-    p = sub.add_parser("scores", help="N x N similarity matrix of an image set (row = query)")
+    p = sub.add_parser("scores", help="N x N similarity matrix of an image set (row = query), or each row's K best")
     p.add_argument("images", help="image folder or list file")
-    p.add_argument("--out", required=True, help="output .npy (names go to <out>.names.txt)")
+    p.add_argument("--out", required=True,
+                   help="output .npy (names go to <out>.names.txt), or .npz with --top (rows, cols, scores, names)")
+    p.add_argument("--top", type=int, help="keep each row's K best other images (sparse, O(N K) memory)")
+    _add_ray_flags(p)
     p.add_argument("--cache", help="folder for features and learned whitening (default: ~/.cache/asmkit)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     _add_pipeline_flags(p)
     _add_regions_flag(p)
 
     p = sub.add_parser("pairs", help="image pairs for SfM from retrieval scores")
-    p.add_argument("images", nargs="?", help="image folder or list file (or give --scores)")
+    p.add_argument("images", nargs="?", help="image folder, list file or index workspace (or give --scores)")
     p.add_argument("--out", required=True, help="pairs file (`name_a name_b` per line)")
     p.add_argument("--top", type=int, default=20, help="neighbours per image for the default knn graph")
     p.add_argument("--graph", help="knn-K | retrieval-NA-K | sequential-W[+retrieval-K] | complete")
-    p.add_argument("--scores", help="a matrix from `asmkit scores` instead of IMAGES")
+    p.add_argument("--scores", help="scores from `asmkit scores` (.npy, or .npz with --top) instead of IMAGES")
+    _add_ray_flags(p)
     p.add_argument("--cache", help="folder for features and learned whitening")
     p.add_argument("--verify", action="store_true",
                    help="keep the pairs verified by a fundamental matrix; inliers go to <out>.inliers.txt")
@@ -131,6 +145,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", help="folder for features and learned whitening")
     p.add_argument("--report", help="also write an HTML report here")
     p.add_argument("--top", type=int, default=10, help="results per query in the report")
+    _add_ray_flags(p)
     p.add_argument("--rerank", type=int, default=0, metavar="R",
                    help="re-rank the top R by spatial verification; --json reports before and after")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -140,7 +155,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="static HTML page of retrieval results")
     p.add_argument("index", nargs="?", help="index workspace to query (with --queries)")
     p.add_argument("--queries", nargs="+", help="query image files (with INDEX)")
-    p.add_argument("--results", help="a results .npz (ids, scores) instead of INDEX")
+    p.add_argument("--results", help="a results .npz (ids, scores), or sparse scores from `scores --top`, instead of INDEX")
     p.add_argument("--gt", help="data-set folder with gt.json: colours results, adds a PR plot")
     p.add_argument("--names", help="database names file (with --results)")
     p.add_argument("--query-names", help="query names file (with --results)")
@@ -218,14 +233,15 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "scores":
         res = pipeline.compute_scores(
-            args.images, out=args.out, preset=args.preset, config=args.config, model=args.model,
+            args.images, out=args.out, top=args.top, preset=args.preset, config=args.config, model=args.model,
             codebook=args.codebook, codebook_size=args.codebook_size, cache=args.cache, workers=args.workers,
-            device=args.device, regions=args.regions,
+            device=args.device, ray=args.ray, ray_cpus=args.ray_cpus, regions=args.regions,
             whole_image=args.whole_image)
         t = res["timings"]
+        shape = f"{res['images']}x{res['top']} top" if "top" in res else f"{res['images']}x{res['images']}"
         _print(res, args.json,
-               f"wrote {res['images']}x{res['images']} scores to {res['scores']} (names: {res['names']}); "
-               f"extract {t['extract_s']:.1f}s, codebook {t['codebook_s']:.1f}s, scores {t['scores_s']:.2f}s"
+               f"wrote {shape} scores to {res['scores']} (names: {res['names']}); "
+               + ", ".join(f"{key[:-2]} {value:.1f}s" for key, value in t.items())
                + _failed_lines(res["failed"]))
         return 0
 
@@ -234,6 +250,7 @@ def _run(args: argparse.Namespace) -> int:
             args.images, out=args.out, graph=args.graph, top=args.top, scores=args.scores,
             preset=args.preset, config=args.config, model=args.model, codebook=args.codebook,
             codebook_size=args.codebook_size, cache=args.cache, workers=args.workers, device=args.device,
+            ray=args.ray, ray_cpus=args.ray_cpus,
             verify=args.verify, min_inliers=args.min_inliers, colmap_db=args.colmap_db,
             regions=args.regions, whole_image=args.whole_image)
         text = f"wrote {res['n_pairs']} pairs ({res['graph']}) among {res['images']} images to {res['pairs']}"
@@ -249,7 +266,7 @@ def _run(args: argparse.Namespace) -> int:
             args.data, preset=args.preset, config=args.config, codebook=args.codebook,
             codebook_size=args.codebook_size, model=args.model, cache=args.cache, workers=args.workers,
             report=args.report, top=args.top, device=args.device, rerank=args.rerank, regions=args.regions,
-            whole_image=args.whole_image)
+            whole_image=args.whole_image, ray=args.ray, ray_cpus=args.ray_cpus)
         text = (f"{res['dataset']} ({res['preset']}): mAP {res['map']:.4f}, "
                 f"mP@1/5/10 {res['mp']['1']:.4f}/{res['mp']['5']:.4f}/{res['mp']['10']:.4f}")
         if "ns_score" in res:
@@ -324,12 +341,33 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _set_threads(n: int) -> None:
+    """Cap torch's and numba's threads at ``n`` (whichever of them is installed)."""
+    from ._validation import check_int
+
+    n = check_int(n, "--threads", min=1)
+    import numba
+
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(n)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``asmkit`` console script."""
     args = _parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # Python warnings go through logging (logger "py.warnings"), so that -q silences them too.
+    logging.captureWarnings(True)
+    if args.quiet:
+        logging.getLogger("py.warnings").setLevel(logging.ERROR)
     try:
+        if args.threads is not None:
+            _set_threads(args.threads)
         return _run(args)
     except _USER_ERRORS as exc:
         if args.verbose:

@@ -69,6 +69,10 @@ class GroundTruth:
         database image); None when there are no groups.
     easy, hard : list of ndarray of int64 or None
         Easy and hard positives per query (revisited Oxford/Paris), or None.
+    families : dict of str to list of ndarray of int64, or None
+        ``families[f][q]``: the positives of query q that belong to family f (a kind of
+        transformation, from the ``families`` key of gt.json that maps each positive image
+        to its family name), or None.
     name : str
         The data set's name (``name`` in gt.json, else the folder name).
     root : Path or None
@@ -83,6 +87,7 @@ class GroundTruth:
     query_groups: list[np.ndarray] | None = None
     easy: list[np.ndarray] | None = None
     hard: list[np.ndarray] | None = None
+    families: dict[str, list[np.ndarray]] | None = None
     name: str = ""
     root: Path | None = None
 
@@ -240,6 +245,16 @@ def load_ground_truth(folder: str | Path) -> GroundTruth:
                 raise FileFormatError(path, f"key 'groups': query {q!r} is in no group")
             query_groups.append(groups[group_of[q]])
 
+    families = None
+    if "families" in data:
+        raw = data["families"]
+        if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
+            raise ValueError(f"{path}: key 'families' must map image names to family names")
+        fam_of = np.full(len(images), "", dtype=object)
+        named = _indices(list(raw), index, path, "families")
+        fam_of[named] = [raw[images[i]] for i in named]
+        families = {f: [p[fam_of[p] == f] for p in positives] for f in sorted(set(raw.values()))}
+
     name = data.get("name", path.parent.name)
     return GroundTruth(
         images=list(images),
@@ -250,6 +265,7 @@ def load_ground_truth(folder: str | Path) -> GroundTruth:
         query_groups=query_groups,
         easy=easy,
         hard=hard,
+        families=families,
         name=str(name),
         root=path.parent,
     )
@@ -468,8 +484,10 @@ def evaluate(ranks: Any, gt: GroundTruth, *, query_indices: Any = None) -> dict[
     dict
         ``{"map", "mp": {"1", "5", "10"}, "n_queries"}``, plus ``"ns_score"`` when the
         ground truth has groups and ``"easy"``/``"medium"``/``"hard"`` (each with
-        ``map``, ``mp`` and ``n_queries``) when it has easy/hard lists. ``n_queries``
-        counts the queries that had positives.
+        ``map``, ``mp`` and ``n_queries``) when it has easy/hard lists, and ``"families"``
+        (family name -> ``map``, ``mp``, ``n_queries``) when it names families: a family's AP
+        counts only that family's positives, the query's other positives being junk.
+        ``n_queries`` counts the queries that had positives.
     """
     arr = _as_ranks(ranks)
     _check_ids(arr, gt)
@@ -488,4 +506,11 @@ def evaluate(ranks: Any, gt: GroundTruth, *, query_indices: Any = None) -> dict[
     if gt.has_protocols:
         for protocol in PROTOCOLS:
             result[protocol] = one(protocol)
+    if gt.families is not None:
+        result["families"] = {}
+        for family, fam_pos in gt.families.items():
+            pos = [fam_pos[q] for q in rows]
+            junk = [np.union1d(gt.junk[q], np.setdiff1d(gt.positives[q], fam_pos[q])) for q in rows]
+            mean_ap, mp, n = _map_lists(arr, pos, junk, KAPPAS)
+            result["families"][family] = {"map": mean_ap, "mp": {str(k): v for k, v in mp.items()}, "n_queries": n}
     return result

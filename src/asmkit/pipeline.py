@@ -23,7 +23,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -33,7 +33,9 @@ from .codebook import Codebook
 from .config import PipelineConfig, load_config
 from .features import FeatureStore, ImageFeatures, extract_features, image_names, list_images
 from .features.factory import Features, build_extractor, extraction_settings, feature_options
+from .hybrid import HybridSpec, fuse, hybrid_spec
 from .index import Index
+from .pairs import SparseScores
 from .regions import Regions, in_box, regions_for_features
 from .storage import StorageError
 
@@ -43,7 +45,10 @@ __all__ = [
     "build_index",
     "compute_scores",
     "evaluate_dataset",
+    "anchor_scorer",
     "fit_codebook_size",
+    "index_topk",
+    "score_blocks",
     "make_pairs",
     "query_index",
     "run_demo",
@@ -338,6 +343,9 @@ def build_index(
     dict
         Summary: images indexed, failed files, timings.
     """
+    if hybrid_spec(preset) is not None and not add:
+        raise ArgumentError(f"--preset {preset}: a hybrid preset has no single index yet; use it with "
+                            "eval, scores or pairs, or index each member preset on its own")
     out = Path(out)
     timings: dict[str, float] = {}
     if add:
@@ -506,6 +514,7 @@ def compute_scores(
     images: str | os.PathLike,
     *,
     out: str | os.PathLike,
+    top: int | None = None,
     preset: str = "sift",
     config: str | os.PathLike | None = None,
     model: str | os.PathLike | None = None,
@@ -517,24 +526,54 @@ def compute_scores(
     device: str = "cpu",
     regions: str | os.PathLike | None = None,
     whole_image: bool = True,
+    ray: str | None = None,
+    ray_cpus: int | None = None,
 ) -> dict[str, Any]:
-    """The all-vs-all N x N similarity matrix of an image set (row = query, list order).
+    """The all-vs-all similarities of an image set (row = query, list order).
+
+    Without ``top``: the dense N x N matrix, ``out`` (float32 ``.npy``) and
+    ``<out>.names.txt`` (one image name per line, the matrix order). With ``top=K``: each
+    row's K best other images, ``out`` an ``.npz`` (see :meth:`asmkit.pairs.SparseScores.save`),
+    computed ``chunk`` query images at a time against an index, in O(N K) memory beyond
+    the index. Images that cannot be read are left out and reported.
+
+    ``ray`` (``"auto"`` for a local cluster of ``ray_cpus`` CPUs, or ``host:port``) scores
+    the query blocks as Ray tasks (:func:`score_blocks`); features and codebook are
+    computed here as without it. The scores are those of a single process, except where
+    quantization of near-tied descriptors depends on the workers' thread count (a few
+    rows of UKBench-2000; see docs/allvsall.md).
 
     ``regions`` ("grid", "proposals" or a box file) aggregates the database side by R-ASMK(*)
-    (with the whole image too unless ``whole_image`` is False).
-
-    Writes ``out`` (float32 ``.npy``) and ``<out>.names.txt`` (one image name per line, the
-    matrix order). Images that cannot be read are left out of both and reported.
+    (with the whole image too unless ``whole_image`` is False). Not with ``top`` or ``ray``.
     """
+    spec = hybrid_spec(preset)
+    if spec is not None:
+        _check_hybrid_options(preset, config=config, codebook=codebook, codebook_size=codebook_size, cache=cache,
+                              top=top, regions=regions, ray=ray)
+        return _hybrid_scores(spec, images, out=Path(out), model=model, workers=workers, chunk=chunk, device=device)
+    out = Path(out)
+    if top is not None:
+        top = check_int(top, "--top", min=1)
+        if regions is not None:
+            raise ArgumentError("--top: not with --regions (regions score through the dense matrix)")
+        if out.suffix != ".npz":
+            raise ArgumentError(f"--out: sparse scores (--top) go to an .npz file, got {out}")
+        sparse, names, _, failed, timings = _sparse_scores(
+            images, top, preset=preset, config=config, model=model, codebook=codebook, codebook_size=codebook_size,
+            cache=cache, workers=workers, chunk=chunk, device=device, ray=ray, ray_cpus=ray_cpus)
+        sparse.save(out, names)
+        return {"scores": str(out), "names": str(out), "images": len(names), "top": sparse.k,
+                "failed": [{"name": n, "reason": r} for n, r in failed], "timings": timings}
+    if out.suffix == ".npz":
+        raise ArgumentError(f"--out: {out} is an .npz, which holds sparse scores: give --top K, or an .npy")
     from .search import similarity_matrix
 
-    out = Path(out)
     cfg = load_config(preset, config, codebook_size=codebook_size)
     paths, root = _images(images)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    feats, store, names, failed, _ = _features_for(paths, root, cfg, model, workers, Path(cache) if cache else None,
-                                                   device)
+    feats, store, names, failed, folder = _features_for(paths, root, cfg, model, workers,
+                                                        Path(cache) if cache else None, device)
     timings["extract_s"] = time.perf_counter() - t0
     if not names:
         raise ArgumentError(f"{images}: no image could be read ({len(failed)} failed)")
@@ -543,10 +582,23 @@ def compute_scores(
     store.close()
     vecs = feats.descriptors(vecs)
     t0 = time.perf_counter()
-    cb, _ = _get_codebook(cfg, given=codebook, model_codebook=feats.codebook, training=lambda: [vecs], dim=vecs.shape[1])
+    cb, _ = _get_codebook(cfg, given=codebook, model_codebook=feats.codebook,
+                          saved=_scores_codebook(folder, cfg, [root / n for n in names], paths), training=lambda: [vecs],
+                          dim=vecs.shape[1])
     timings["codebook_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    matrix = similarity_matrix(_on_device(cb, device), vecs, ids, cfg.params, chunk=chunk, regions=image_regions)
+    cb = _on_device(cb, device)
+    if ray is None:
+        matrix = similarity_matrix(cb, vecs, ids, cfg.params, chunk=chunk, regions=image_regions)
+    else:
+        if image_regions is not None:
+            raise ArgumentError("--ray: not with --regions")
+        index = Index(cb, cfg.params)
+        index.add(vecs, ids)
+        starts = np.searchsorted(ids, np.arange(len(names) + 1))
+        matrix = _dense_from_blocks(score_blocks(
+            index, lambda rows: [vecs[starts[i] : starts[i + 1]] for i in rows], len(names), chunk=chunk, ray=ray,
+            ray_cpus=ray_cpus), len(names), len(names))
     timings["scores_s"] = time.perf_counter() - t0
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.npy")
@@ -555,6 +607,190 @@ def compute_scores(
     names_path = write_text_atomic(out.with_name(out.name + ".names.txt"), "".join(n + "\n" for n in names))
     return {"scores": str(out), "names": str(names_path), "images": len(names), "features": str(store.path),
             "image_root": str(root), "failed": [{"name": n, "reason": r} for n, r in failed], "timings": timings}
+
+
+def _hybrid_scores(spec: HybridSpec, images, *, out: Path, **options: Any) -> dict[str, Any]:
+    """:func:`compute_scores` of each member (``<out stem>.<member>.npy`` beside ``out``), fused
+    over the images every member could read."""
+    from ._io import load_npy, read_lines
+
+    members = []
+    for name in spec.members:
+        path = out.with_name(f"{out.stem}.{name}.npy")
+        summary = compute_scores(images, out=path, preset=name, **options)
+        members.append((load_npy(path, "a scores matrix"), read_lines(summary["names"], "a names file"), summary))
+    common = set.intersection(*(set(names) for _, names, _ in members))
+    names = [n for n in members[0][1] if n in common]
+    t0 = time.perf_counter()
+    parts = []
+    for matrix, member_names, _ in members:
+        pos = {n: i for i, n in enumerate(member_names)}
+        keep = np.array([pos[n] for n in names], dtype=np.int64)
+        parts.append(matrix[np.ix_(keep, keep)])
+    fused = fuse(parts, spec.fusion)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.npy")
+    np.save(tmp, fused)
+    os.replace(tmp, out)
+    names_path = write_text_atomic(out.with_name(out.name + ".names.txt"), "".join(n + "\n" for n in names))
+    failed = {f["name"]: f["reason"] for _, _, summary in members for f in summary["failed"]}
+    timings = {f"{m}.{k}": v for m, (_, _, summary) in zip(spec.members, members) for k, v in summary["timings"].items()}
+    timings["fusion_s"] = time.perf_counter() - t0
+    return {"scores": str(out), "names": str(names_path), "images": len(names), "hybrid": spec.to_dict(),
+            "members": {m: summary["scores"] for m, (_, _, summary) in zip(spec.members, members)},
+            "failed": [{"name": n, "reason": r} for n, r in sorted(failed.items())], "timings": timings}
+
+
+def _scores_codebook(folder: Path, cfg: PipelineConfig, trained_on: Sequence[Path], paths: Sequence[Path]) -> Path:
+    """Where ``scores`` and ``pairs`` keep the codebook trained on ``trained_on``, beside the
+    cached features: a rerun (dense or sparse, with or without Ray) skips k-means."""
+    return folder / "codebook-scores-{}.asmkit".format(_digest({
+        "images": _image_set_key(trained_on), "features": feature_options(cfg.features),
+        "whitening": _whitening_key(cfg, _image_set_key(paths)), "params": cfg.params.to_dict(),
+        "chosen": cfg.codebook_size_chosen, "train_points_per_word": TRAIN_POINTS_PER_WORD}))
+
+
+def index_topk(index: Index, descriptors: Callable[[range], list[np.ndarray]], top: int, *,
+               chunk: int = 256, ray: str | None = None, ray_cpus: int | None = None) -> SparseScores:
+    """Each indexed image's ``top`` best other images, its own descriptors as the query.
+
+    Parameters
+    ----------
+    index : Index
+        Its images are the queries too; rows and columns follow its ``ids`` order.
+    descriptors : callable
+        ``descriptors(range(b, e))`` -> list of float32 ``[n_i, D]``: the descriptors of
+        the images at those positions of ``index.ids``.
+    top, chunk : int
+        Neighbours kept per image; query images scored per block (the block's dense
+        ``[chunk, N]`` float32 scores are the only N-wide array).
+    ray, ray_cpus
+        Score the blocks as tasks on this Ray cluster (see :func:`score_blocks`).
+
+    Returns
+    -------
+    SparseScores
+        Identical to ``SparseScores.from_dense`` of the dense all-vs-all matrix.
+    """
+    return SparseScores.from_blocks(score_blocks(index, descriptors, len(index), chunk=chunk, ray=ray,
+                                                 ray_cpus=ray_cpus), len(index), top)
+
+
+def _score_block(index: Index, vecs: list[np.ndarray]) -> np.ndarray:
+    return index.similarity_matrix(vecs)
+
+
+def score_blocks(index: Index, descriptors: Callable[[range], list[np.ndarray]], n: int, *, chunk: int = 256,
+                 ray: str | None = None, ray_cpus: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """Dense scores of query images ``0 .. n - 1`` against ``index``, block by block.
+
+    Parameters
+    ----------
+    index : Index
+    descriptors : callable
+        ``descriptors(range(b, e))`` -> list of float32 ``[n_i, D]``, the query images.
+    n, chunk : int
+        Query images, and query images per block.
+    ray : str, optional
+        Score the blocks as Ray tasks (``asmkit.distributed.connect``: ``"auto"`` starts a
+        local cluster, ``host:port`` joins one); the index goes to the object store once,
+        and a few blocks per CPU are in flight at a time.
+    ray_cpus : int, optional
+        CPUs of a local cluster.
+
+    Yields
+    ------
+    (int, float32 [b, len(index)])
+        First query row and the block's scores (``Index.similarity_matrix``), in order:
+        the same with or without Ray.
+    """
+    begins = range(0, n, chunk)
+    if ray is None:
+        for begin in begins:
+            yield begin, _score_block(index, descriptors(range(begin, min(begin + chunk, n))))
+        return
+    from .distributed import connect, require_ray
+
+    with connect(None if ray == "auto" else ray, num_cpus=ray_cpus) as conn:
+        ray_module = require_ray()
+        task = ray_module.remote(num_cpus=1)(_score_block)
+        shared = ray_module.put(index)
+        # A bounded window of blocks in flight: their descriptors are the memory cost.
+        window = 2 * max(1, int(conn.resources().get("CPU", 1)))
+        pending: list[tuple[int, Any]] = []
+        for begin in begins:
+            pending.append((begin, task.remote(shared, descriptors(range(begin, min(begin + chunk, n))))))
+            if len(pending) >= window:
+                first, ref = pending.pop(0)
+                yield first, ray_module.get(ref)
+        for first, ref in pending:
+            yield first, ray_module.get(ref)
+
+
+def _dense_from_blocks(blocks: Iterator[tuple[int, np.ndarray]], n_rows: int, n_cols: int) -> np.ndarray:
+    out = np.empty((n_rows, n_cols), dtype=np.float32)
+    for begin, block in blocks:
+        out[begin : begin + len(block)] = block
+    return out
+
+
+def anchor_scorer(index: Index, descriptors: Callable[[range], list[np.ndarray]]) -> Callable[[int], np.ndarray]:
+    """``row(i)`` -> float32 [N]: image ``i`` (a position of ``index.ids``) queried against
+    the index; what farthest-point sampling of anchors asks for, one anchor at a time."""
+    return lambda i: index.similarity_matrix(descriptors(range(i, i + 1)))[0]
+
+
+def _store_descriptors(feats: Features, store: FeatureStore, names: Sequence[str]):
+    return lambda rows: [feats.descriptors(store.get(names[i]).descriptors) for i in rows]
+
+
+#: Images added to an index per call when scores are computed sparsely.
+_ADD_BLOCK = 2048
+
+
+def _sparse_scores(images, top: int, *, preset="sift", config=None, model=None, codebook=None, codebook_size=None,
+                   cache=None, workers=None, chunk=256, device="cpu", ray=None, ray_cpus=None):
+    """Top-k scores of an image set, or of an index workspace's images, with no N x N array.
+
+    Returns the SparseScores, the names (matrix order), the anchor scorer, the failed
+    files and the timings.
+    """
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if (Path(images) / _PIPELINE).is_file():
+        folder, cfg, _ = _open_workspace(images)
+        feats = _build_extractor(cfg, saved=_workspace_whitening(cfg, folder), model=model, device=device)
+        index = Index.load(folder / "index.asmkit", mmap=True, gpu=gpu_of(device))
+        names, failed = index.keys, []
+        store = FeatureStore(folder / "features.h5", None)
+        timings["extract_s"] = time.perf_counter() - t0
+        descriptors = _store_descriptors(feats, store, names)
+    else:
+        cfg = load_config(preset, config, codebook_size=codebook_size)
+        paths, root = _images(images)
+        feats, store, names, failed, folder = _features_for(paths, root, cfg, model, workers,
+                                                       Path(cache) if cache else None, device)
+        timings["extract_s"] = time.perf_counter() - t0
+        if not names:
+            raise ArgumentError(f"{images}: no image could be read ({len(failed)} failed)")
+        descriptors = _store_descriptors(feats, store, names)
+        t0 = time.perf_counter()
+        cb, _ = _get_codebook(cfg, given=codebook, model_codebook=feats.codebook,
+                              saved=_scores_codebook(folder, cfg, [root / n for n in names], paths),
+                              training=lambda: descriptors(range(len(names))),
+                              dim=descriptors(range(1))[0].shape[1])
+        timings["codebook_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        index = Index(_on_device(cb, device), cfg.params)
+        # Added in blocks: only one block's descriptors are in memory at a time.
+        for begin in range(0, len(names), _ADD_BLOCK):
+            rows = range(begin, min(begin + _ADD_BLOCK, len(names)))
+            index.add(descriptors(rows), np.asarray(rows, dtype=np.int64))
+        timings["index_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sparse = index_topk(index, descriptors, top, chunk=chunk, ray=ray, ray_cpus=ray_cpus)
+    timings["scores_s"] = time.perf_counter() - t0
+    return sparse, names, anchor_scorer(index, descriptors), failed, timings
 
 
 def make_pairs(
@@ -571,42 +807,60 @@ def make_pairs(
 ) -> dict[str, Any]:
     """Image pairs for SfM (``name_a name_b`` per line) from retrieval scores.
 
-    Either ``scores`` (a matrix written by :func:`compute_scores`, its names file beside it)
-    or ``images`` (scores are computed first, with ``score_options``). ``graph`` defaults
-    to ``knn-<top>``.
+    ``images`` is an image folder / list file or an index workspace (from ``asmkit
+    index``); its scores are computed sparsely (each image's K best, the graph's K, and
+    the anchors' rows as they are chosen), never as an N x N array, with
+    ``score_options`` (see :func:`compute_scores`), and saved beside ``out`` as
+    ``<out stem>.scores.npz``. Or ``scores``: a dense ``.npy`` from :func:`compute_scores`
+    (its names file beside it) or a sparse ``.npz`` from ``compute_scores(top=K)``; from
+    a sparse file alone, ``retrieval`` anchors see only the kept scores (0 elsewhere).
+    ``graph`` defaults to ``knn-<top>``.
 
-    With ``verify`` (images only) every pair is verified geometrically
+    With ``verify`` (images only; the dense matrix is computed then) every pair is verified geometrically
     (``asmkit.verify.verify_pairs``: mutual nearest neighbours, a fundamental matrix):
     ``out`` keeps the pairs with at least ``min_inliers`` inliers and
     ``<out>.inliers.txt`` lists every pair with its inliers. ``colmap_db`` (implies
     ``verify``; extra ``[sfm]``) also writes keypoints, matches and two-view geometries
     into a COLMAP database for pycolmap's mapper (``asmkit.colmap``).
     """
-    from .pairs import pairs_from_scores, write_pairs
+    from .pairs import pairs_from_scores, parse_graph, write_pairs
 
+    graph = graph or f"knn-{top}"
+    spec = parse_graph(graph)
+    anchor_row = None
     verify = verify or colmap_db is not None
     if verify and images is None:
         raise ArgumentError("--verify: give IMAGES (pairs are verified on their features), not --scores alone")
     computed = None
-    if scores is None:
-        if images is None:
-            raise ArgumentError("images: give an image folder / list, or --scores")
-        out_path = Path(out)
-        scores = out_path.with_name(out_path.stem + ".scores.npy")
-        computed = compute_scores(images, out=scores, **score_options)
-    scores = Path(scores)
-    if not scores.is_file():
-        raise FileNotFoundError(f"--scores: file not found: {scores}")
-    names_path = scores.with_name(scores.name + ".names.txt")
-    if not names_path.is_file():
-        raise FileNotFoundError(f"--scores: names file not found: {names_path}")
-    from ._io import load_npy, read_lines
+    out_path = Path(out)
+    if scores is None and images is None:
+        raise ArgumentError("images: give an image folder / list, an index, or --scores")
+    # Verification reads the feature store that the dense run reports, and regions
+    # score through the dense all-vs-all path.
+    dense = verify or score_options.get("regions") is not None
+    if scores is None and not dense:
+        options = {key: value for key, value in score_options.items() if key not in ("regions", "whole_image")}
+        matrix, names, anchor_row, _, _ = _sparse_scores(images, max(spec.k, 1), **options)
+        matrix.save(out_path.with_name(out_path.stem + ".scores.npz"), names)
+    else:
+        if scores is None:
+            scores = out_path.with_name(out_path.stem + ".scores.npy")
+            computed = compute_scores(images, out=scores, **score_options)
+        scores = Path(scores)
+        if not scores.is_file():
+            raise FileNotFoundError(f"--scores: file not found: {scores}")
+        if scores.suffix == ".npz":
+            matrix, names = SparseScores.load(scores)
+        else:
+            names_path = scores.with_name(scores.name + ".names.txt")
+            if not names_path.is_file():
+                raise FileNotFoundError(f"--scores: names file not found: {names_path}")
+            from ._io import load_npy, read_lines
 
-    names = read_lines(names_path, "a names file")
-    matrix = load_npy(scores, "a scores matrix")
-    graph = graph or f"knn-{top}"
-    pairs = pairs_from_scores(matrix, names, graph)
-    summary = {"pairs": str(out), "n_pairs": len(pairs), "graph": graph, "images": len(names)}
+            names = read_lines(names_path, "a names file")
+            matrix = load_npy(scores, "a scores matrix")
+    pairs = pairs_from_scores(matrix, names, spec, anchor_row=anchor_row)
+    summary = {"pairs": str(out), "n_pairs": len(pairs), "graph": str(spec), "images": len(names)}
     if verify:
         pairs = _verify_pairs(pairs, computed, out, min_inliers, colmap_db, summary)
     write_pairs(out, pairs)
@@ -658,6 +912,8 @@ def evaluate_dataset(
     rerank: int = 0,
     regions: str | os.PathLike | None = None,
     whole_image: bool = True,
+    ray: str | None = None,
+    ray_cpus: int | None = None,
 ) -> dict[str, Any]:
     """mAP (and N-S, E/M/H when the ground truth has them) of a preset on a data set.
 
@@ -670,12 +926,84 @@ def evaluate_dataset(
     ``rerank`` R > 0 the top R of every ranking are re-ranked by spatial verification
     (``asmkit.verify``): the metrics are then those after re-ranking, ``before_rerank``
     holds those before, and ``rerank`` the settings and the verification time.
+    ``ray``,
+    ``ray_cpus``: score the queries on a Ray cluster (see :func:`compute_scores`).
     """
     from .evaluate import evaluate, load_ground_truth
-    from .search import similarity_matrix
 
     gt = load_ground_truth(data)
-    cfg = load_config(preset, config, codebook_size=codebook_size)
+    spec = hybrid_spec(preset)
+    if spec is None:
+        cfgs = [load_config(preset, config, codebook_size=codebook_size)]
+    else:
+        _check_hybrid_options(preset, config=config, codebook=codebook, codebook_size=codebook_size,
+                              rerank=rerank or None, regions=regions)
+        cfgs = [load_config(m) for m in spec.members]
+    parts = [_dataset_matrix(gt, cfg, data=data, codebook=codebook, model=model, cache=cache, workers=workers,
+                             device=device, rerank=rerank, regions=regions, whole_image=whole_image, ray=ray,
+                             ray_cpus=ray_cpus)
+             for cfg in cfgs]
+    ranks, before_rerank, rerank_info = parts[0][4]
+    if spec is None:
+        matrix, trained_on, failed, timings, _ = parts[0]
+        cfg = cfgs[0]
+        params: Any = cfg.params.to_dict()
+    else:
+        cfg = load_config(preset)
+        t0 = time.perf_counter()
+        matrix = fuse([p[0] for p in parts], spec.fusion)
+        trained_on = {c.name: p[1] for c, p in zip(cfgs, parts)}
+        failed = sorted({f for p in parts for f in p[2]})
+        timings = {f"{c.name}.{k}": v for c, p in zip(cfgs, parts) for k, v in p[3].items()}
+        timings["fusion_s"] = time.perf_counter() - t0
+        params = {"hybrid": spec.to_dict(), **{c.name: c.params.to_dict() for c in cfgs}}
+    if ranks is None:
+        # Stable sort: exact ties keep database order, so results are reproducible.
+        ranks = np.argsort(-matrix, axis=1, kind="stable")
+    metrics = evaluate(ranks, gt)
+    result = {
+        **metrics,
+        "preset": cfg.name,
+        "dataset": gt.name,
+        "params": params,
+        "codebook_trained_on": trained_on,
+        "failed": [{"name": n, "reason": r} for n, r in failed],
+        "timings": timings,
+    }
+    if before_rerank is not None:
+        result["before_rerank"] = before_rerank
+        result["rerank"] = rerank_info
+    root = Path(gt.root)
+    if report is not None:
+        from .report import write_report
+
+        k = min(top, ranks.shape[1])
+        write_report(report, names=gt.images, image_root=root, ranks=ranks[:, :k],
+                     scores=np.take_along_axis(matrix, ranks[:, :k], axis=1), query_names=gt.queries,
+                     gt=gt, top_k=k, title=f"asmkit: {gt.name} ({cfg.name})", metrics=metrics)
+        result["report"] = str(report)
+    return result
+
+
+def _check_hybrid_options(preset: str, **options: Any) -> None:
+    """A hybrid preset takes its members' settings: a config file or codebook would be ambiguous."""
+    given = [k for k, v in options.items() if v is not None]
+    if given:
+        raise ArgumentError(f"--preset {preset}: a hybrid preset takes no --{given[0].replace('_', '-')} "
+                            "(each member uses its own preset's settings)")
+
+
+def _dataset_matrix(gt, cfg: PipelineConfig, *, data, codebook, model, cache, workers, device, rerank, regions,
+                    whole_image, ray, ray_cpus):
+    """Query x database similarities of one (non-hybrid) preset on a data set.
+
+    Returns (float32 ``[Q, N]`` matrix, where the codebook came from, failed (name, reason)
+    pairs, timings, (re-ranked int64 ``[Q, N]`` ranks, metrics before re-ranking, re-ranking
+    summary) or three Nones without ``rerank``).
+    """
+    from .evaluate import evaluate
+    from .search import similarity_matrix
+
     root = Path(gt.root)
     all_names = list(dict.fromkeys(gt.images + gt.queries))
     paths = [root / n for n in all_names]
@@ -712,45 +1040,31 @@ def evaluate_dataset(
     t0 = time.perf_counter()
     cb = _on_device(cb, device)
     db_regions = _regions(regions, gt.images, store, whole_image)
-    if gt.queries == gt.images:
+    if ray is not None:
+        if db_regions is not None:
+            raise ArgumentError("--ray: not with --regions")
+        index = Index(cb, cfg.params)
+        index.add(db)
+        matrix = _dense_from_blocks(score_blocks(index, lambda rows: descriptors([gt.queries[i] for i in rows]),
+                                                 len(gt.queries), ray=ray, ray_cpus=ray_cpus),
+                                    len(gt.queries), len(gt.images))
+    elif gt.queries == gt.images:
         matrix = similarity_matrix(cb, db, params=cfg.params, regions=db_regions)
     else:
         index = Index(cb, cfg.params)
         index.add(db, regions=db_regions)
         queries = descriptors(gt.queries)
         matrix = index.similarity_matrix(queries)
-    # Stable sort: exact ties keep database order, so results are reproducible.
-    ranks = np.argsort(-matrix, axis=1, kind="stable")
     timings["search_s"] = time.perf_counter() - t0
-    metrics = evaluate(ranks, gt)
-    before_rerank = None
+    ranks = before_rerank = rerank_info = None
     if check_int(rerank, "rerank", min=0):
-        before_rerank = metrics
-        ranks, verify_info = _rerank_ranks(cb, store, have, gt, db, descriptors, matrix, ranks, rerank)
-        metrics = evaluate(ranks, gt)
-        timings["verify_s"] = verify_info["seconds"]
+        # Stable sort: exact ties keep database order, so results are reproducible.
+        before_rerank = evaluate(np.argsort(-matrix, axis=1, kind="stable"), gt)
+        ranks, rerank_info = _rerank_ranks(cb, store, have, gt, db, descriptors, matrix,
+                                           np.argsort(-matrix, axis=1, kind="stable"), rerank)
+        timings["verify_s"] = rerank_info["seconds"]
     store.close()
-    result = {
-        **metrics,
-        "preset": cfg.name,
-        "dataset": gt.name,
-        "params": cfg.params.to_dict(),
-        "codebook_trained_on": trained_on,
-        "failed": [{"name": n, "reason": r} for n, r in failed],
-        "timings": timings,
-    }
-    if before_rerank is not None:
-        result["before_rerank"] = before_rerank
-        result["rerank"] = verify_info
-    if report is not None:
-        from .report import write_report
-
-        k = min(top, ranks.shape[1])
-        write_report(report, names=gt.images, image_root=root, ranks=ranks[:, :k],
-                     scores=np.take_along_axis(matrix, ranks[:, :k], axis=1), query_names=gt.queries,
-                     gt=gt, top_k=k, title=f"asmkit: {gt.name} ({cfg.name})", metrics=metrics)
-        result["report"] = str(report)
-    return result
+    return matrix, trained_on, [tuple(f) for f in failed], timings, (ranks, before_rerank, rerank_info)
 
 
 def _rerank_ranks(cb: Codebook, store: FeatureStore, have: set, gt, db, describe, matrix, ranks, top: int):

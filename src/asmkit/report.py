@@ -20,8 +20,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
 from ._io import load_npz, read_lines, write_text_atomic
-from ._validation import ArgumentError, check_int
+from ._validation import ArgumentError, FileFormatError, check_int
 from .evaluate import GroundTruth, evaluate, load_ground_truth
+from .pairs import SparseScores
 
 __all__ = ["write_report", "precision_recall_curve", "main"]
 
@@ -442,7 +443,9 @@ def main(
     output : str or Path
         The HTML file.
     ranks : str, Path or array_like of int, shape [Q, K]
-        Result ids, or a ``.npz`` file with ``ids`` and ``scores`` (search results).
+        Result ids, or a ``.npz`` file with ``ids`` and ``scores`` (search results), or
+        sparse scores from ``asmkit scores --top K`` (every image a query; the file's
+        names are the defaults of ``names`` and ``query_names``).
     scores : array_like of float, shape [Q, K], optional
         Needed when ``ranks`` is an array.
     gt : str, Path or GroundTruth, optional
@@ -458,10 +461,20 @@ def main(
         path = Path(ranks)
         if not path.is_file():
             raise FileNotFoundError(f"results file not found: {path}")
-        data = load_npz(path, "a results file with arrays 'ids' and 'scores'", required=("ids",))
-        ranks = data["ids"]
-        if scores is None:
-            scores = data.get("scores")
+        data = load_npz(path, "a results file with arrays 'ids' and 'scores', or sparse scores")
+        if "rows" in data:
+            # Sparse all-vs-all scores (`asmkit scores --top K`): every image is a query,
+            # and the file names them.
+            sparse, file_names = SparseScores.load(path)
+            ranks, scores = sparse.ids, sparse.scores if scores is None else scores
+            names = file_names if names is None else names
+            query_names = file_names if query_names is None else query_names
+        elif "ids" not in data:
+            raise FileFormatError(path, "not a results file with arrays 'ids' and 'scores', or sparse scores (no array 'ids')")
+        else:
+            ranks = data["ids"]
+            if scores is None:
+                scores = data.get("scores")
     if scores is None:
         raise ArgumentError("scores: required (or give a .npz results file holding them)")
 

@@ -357,6 +357,12 @@ class DeepExtractor:
     scales : sequence of float, default (1.0,)
         Inference scales, relative to the image after the ``max_size`` downscale; HOW uses
         (2.0, 1.414, 1.0, 0.707, 0.5, 0.353, 0.25).
+    rotations : sequence of int, default (0,)
+        Counter-clockwise rotations in degrees, each one of 0, 90, 180, 270: the image is
+        also run rotated by each, and the features of every rotation and scale compete in
+        one top-``nfeat`` selection (keypoints mapped back to the unrotated image). The
+        backbone is not rotation invariant; this makes an image match its rotated copies,
+        at one forward pass per rotation and scale.
     max_size : int or None, default 1024
         Images are downscaled so that their longer side is at most this (never upscaled).
     device : str, default "cpu"
@@ -379,6 +385,7 @@ class DeepExtractor:
         *,
         nfeat: float = 1000,
         scales: Sequence[float] = (1.0,),
+        rotations: Sequence[int] = (0,),
         max_size: int | None = 1024,
         device: str = "cpu",
         whitening: PCAWhitening | str | os.PathLike | None = None,
@@ -405,6 +412,12 @@ class DeepExtractor:
             raise ArgumentError(f"scales: expected a sequence of positive numbers, got {scales!r}") from None
         if not scales or any(not np.isfinite(s) or s <= 0 for s in scales):
             raise ArgumentError(f"scales: expected a non-empty sequence of positive numbers, got {scales!r}")
+        try:
+            rotations = tuple(int(r) for r in rotations)
+        except (TypeError, ValueError):
+            raise ArgumentError(f"rotations: expected a sequence of 0, 90, 180, 270, got {rotations!r}") from None
+        if not rotations or any(r not in (0, 90, 180, 270) for r in rotations) or len(set(rotations)) != len(rotations):
+            raise ArgumentError(f"rotations: expected distinct values among 0, 90, 180, 270, got {rotations!r}")
         if max_size is not None and (isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 16):
             raise ArgumentError(f"max_size: expected an int >= 16 or None, got {max_size!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -418,6 +431,7 @@ class DeepExtractor:
         self.head = head.to(self.device).train(False)
         self.nfeat = nfeat
         self.scales = scales
+        self.rotations = rotations
         self.max_size = max_size
         self.amp = bool(amp)
         self.batch_size = batch_size
@@ -448,6 +462,7 @@ class DeepExtractor:
             "head_sha256": self.head.fingerprint(),
             "nfeat": self.nfeat,
             "scales": list(self.scales),
+            **({"rotations": list(self.rotations)} if self.rotations != (0,) else {}),
             "max_size": self.max_size,
             "amp": self.amp and self.device.type == "cuda",
         }
@@ -556,6 +571,7 @@ class DeepExtractor:
                 "settings": {
                     "nfeat": self.nfeat,
                     "scales": list(self.scales),
+                    "rotations": list(self.rotations),
                     "max_size": self.max_size,
                     "amp": self.amp,
                     "batch_size": self.batch_size,
@@ -602,10 +618,36 @@ class DeepExtractor:
     @torch.inference_mode()
     def _extract_same_size(self, images: list[np.ndarray], postwhiten: bool = True) -> list[ImageFeatures]:
         in_h, in_w = images[0].shape[:2]
-        x = self._to_tensor(images)
-        base_h, base_w = x.shape[-2:]
+        x0 = self._to_tensor(images)
         per_scale = []
         spoc = None
+        for rotation in self.rotations:
+            turns = rotation // 90
+            x = torch.rot90(x0, turns, dims=(-2, -1)) if turns else x0
+            # The input image's size as seen in this rotation's frame.
+            rot_h, rot_w = (in_w, in_h) if turns % 2 else (in_h, in_w)
+            spoc = self._extract_rotation(x, rot_h, rot_w, turns, in_h, in_w, postwhiten, per_scale, spoc)
+        feat = torch.cat([p[0] for p in per_scale], dim=1)
+        attn = torch.cat([p[1] for p in per_scale], dim=1)
+        kpts = torch.cat([p[2] for p in per_scale], dim=1)
+        # HOW normalises attention by its maximum over the scales (here also the rotations)
+        # before the joint selection.
+        attn = attn / attn.amax(dim=1, keepdim=True).clamp_min(1e-12)
+        feat, attn, idx = how_select_local(feat, attn, self.nfeat)
+        kpts = torch.gather(kpts, 1, idx.unsqueeze(-1).expand(-1, -1, 4))
+        glob = F.normalize(spoc, dim=-1).cpu().numpy() if spoc is not None else [None] * len(images)
+        feat, attn, kpts = feat.cpu().numpy(), attn.cpu().numpy(), kpts.cpu().numpy()
+        return [
+            ImageFeatures(descriptors=feat[i], keypoints=kpts[i], attention=attn[i], global_descriptor=glob[i])
+            for i in range(len(images))
+        ]
+
+    def _extract_rotation(self, x: torch.Tensor, rot_h: int, rot_w: int, turns: int, in_h: int, in_w: int,
+                          postwhiten: bool, per_scale: list, spoc: torch.Tensor | None) -> torch.Tensor | None:
+        """Run every scale on ``x`` (float ``[B, 3, h, w]``, rotated by ``turns`` quarter
+        turns); append each scale's top (features, attention, keypoints) to ``per_scale`` and
+        return ``spoc`` plus this rotation's weighted feature sums."""
+        base_h, base_w = x.shape[-2:]
         for scale in self.scales:
             hs, ws = self._scale_size(base_h, base_w, scale)
             xs = x if (hs, ws) == (base_h, base_w) else _resize(x, (hs, ws))
@@ -622,25 +664,14 @@ class DeepExtractor:
             top_attn, idx = torch.topk(attn, k, dim=1)
             top_feat = torch.gather(feat, 1, idx.unsqueeze(-1).expand(-1, -1, feat.shape[2]))
             # Token centres in the pixels of the image given to extract().
-            cell_x, cell_y = in_w / grid_w, in_h / grid_h
+            cell_x, cell_y = rot_w / grid_w, rot_h / grid_h
             cx = ((idx % grid_w).float() + 0.5) * cell_x
             cy = ((idx // grid_w).float() + 0.5) * cell_y
+            cx, cy = _unrotate(cx, cy, turns, in_h, in_w)
             size = torch.full_like(cx, (cell_x * cell_y) ** 0.5)
             kpts = torch.stack([cx, cy, size, torch.zeros_like(cx)], dim=-1)
             per_scale.append((top_feat, top_attn, kpts))
-        feat = torch.cat([p[0] for p in per_scale], dim=1)
-        attn = torch.cat([p[1] for p in per_scale], dim=1)
-        kpts = torch.cat([p[2] for p in per_scale], dim=1)
-        # HOW normalises attention by its maximum over the scales before the joint selection.
-        attn = attn / attn.amax(dim=1, keepdim=True).clamp_min(1e-12)
-        feat, attn, idx = how_select_local(feat, attn, self.nfeat)
-        kpts = torch.gather(kpts, 1, idx.unsqueeze(-1).expand(-1, -1, 4))
-        glob = F.normalize(spoc, dim=-1).cpu().numpy() if spoc is not None else [None] * len(images)
-        feat, attn, kpts = feat.cpu().numpy(), attn.cpu().numpy(), kpts.cpu().numpy()
-        return [
-            ImageFeatures(descriptors=feat[i], keypoints=kpts[i], attention=attn[i], global_descriptor=glob[i])
-            for i in range(len(images))
-        ]
+        return spoc
 
 
 def _check_image(image: Any, name: str) -> np.ndarray:
@@ -651,6 +682,18 @@ def _check_image(image: Any, name: str) -> np.ndarray:
     if min(image.shape[:2]) < 1:
         raise ArgumentError(f"{name}: empty image {image.shape}")
     return np.ascontiguousarray(image)
+
+
+def _unrotate(cx: torch.Tensor, cy: torch.Tensor, turns: int, in_h: int, in_w: int):
+    """Points of an image rotated by ``turns`` counter-clockwise quarter turns
+    (``torch.rot90`` on the last two dims) back in the unrotated ``in_h x in_w`` image."""
+    if turns == 1:
+        return in_w - cy, cx
+    if turns == 2:
+        return in_w - cx, in_h - cy
+    if turns == 3:
+        return cy, in_h - cx
+    return cx, cy
 
 
 def _scaled_hw(h: int, w: int, scale: float) -> tuple[int, int]:

@@ -8,7 +8,8 @@ A ``[features]`` table names an extractor ``type`` and its options:
   depends on the extraction settings alone and presets that differ only in whitening share
   it.
 - ``deep``: EfficientNet-Lite0 (offline ImageNet weights) and the training-free head; the
-  whitening is learned into the head. Options left out take the values of the ``deep``
+  whitening is learned into the head. ``rotations`` (degrees among 0, 90, 180, 270) runs
+  every image at each rotation and keeps the top features over all of them. Options left out take the values of the ``deep``
   preset, so that :func:`deep_extractor` and ``--preset deep`` agree.
 - ``mast3r``: a MASt3R retrieval checkpoint (``--model``), with its codebook.
 
@@ -45,7 +46,7 @@ _WHITENING = ("whitening_dim", "whitening_shrinkage", "whitening_images")
 _OPTIONS = {
     "sift": {"max_features", "root", "max_size", "contrast_threshold", "edge_threshold", "n_octave_layers",
              "sigma", *_WHITENING},
-    "deep": {"backbone", "stage", "nfeat", "scales", "max_size", "smoothing", "batch_size", "amp", "device",
+    "deep": {"backbone", "stage", "nfeat", "scales", "rotations", "max_size", "smoothing", "batch_size", "amp", "device",
              *_WHITENING},
     "mast3r": {"device"},
 }
@@ -85,7 +86,7 @@ def feature_options(features: Mapping[str, Any]) -> dict[str, Any]:
     ------
     ArgumentError
         Not a table, an unknown type, an unknown option (naming it), or a bad value of the
-        options checked here (``whitening_*``, ``device``).
+        options checked here (``whitening_*``, ``rotations``, ``device``).
     """
     if not isinstance(features, Mapping):
         raise ArgumentError(f"features: expected a table, got {type(features).__name__}")
@@ -101,6 +102,10 @@ def feature_options(features: Mapping[str, Any]) -> dict[str, Any]:
     check_int(options.get("whitening_dim"), "features.whitening_dim", min=1, none=True)
     check_float(options.get("whitening_shrinkage", 1.0), "features.whitening_shrinkage", min=0.0, max=1.0)
     check_int(options.get("whitening_images", _WHITENING_IMAGES), "features.whitening_images", min=1)
+    rotations = options.get("rotations", [0])
+    if (not isinstance(rotations, (list, tuple)) or not rotations or len(set(rotations)) != len(rotations)
+            or any(isinstance(r, bool) or r not in (0, 90, 180, 270) for r in rotations)):
+        raise ArgumentError(f"features.rotations: expected distinct values among 0, 90, 180, 270, got {rotations!r}")
     if "device" in options and not isinstance(options["device"], str):
         raise ArgumentError(f"features.device: expected a string such as 'cpu' or 'cuda', got {options['device']!r}")
     return options
@@ -153,8 +158,9 @@ def deep_extractor(*, device: str = "cpu", whitening: PCAWhitening | str | os.Pa
         raise DependencyError(f"the deep preset needs torch: pip install 'asmkit[deep]' ({exc})") from None
     backbone = check_choice(opts["backbone"], "features.backbone", ("efficientnet_lite0",))
     kwargs = {k: opts[k] for k in ("nfeat", "max_size", "smoothing", "batch_size", "amp") if k in opts}
-    if "scales" in opts:
-        kwargs["scales"] = tuple(opts["scales"])
+    for key in ("scales", "rotations"):
+        if key in opts:
+            kwargs[key] = tuple(opts[key])
     return DeepExtractor(EfficientNetLite0(stage=opts["stage"]), device=opts.get("device", device),
                          whitening=whitening, name=f"{backbone}", **kwargs)
 

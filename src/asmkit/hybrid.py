@@ -1,0 +1,122 @@
+"""Hybrid presets: several feature types over the same images, their similarities fused.
+
+A hybrid preset is a TOML file of ``asmkit/presets`` with a ``[hybrid]`` table instead of
+``[features]``::
+
+    [hybrid]
+    members = ["sift", "deep_rot"]   # presets, each with its own codebook and inverted file
+    fusion = "score"                 # or "rank"
+
+The pipeline (:mod:`asmkit.pipeline`) computes one query x database similarity matrix per
+member and hands them to :func:`fuse`:
+
+- ``score``: normalised late fusion. Each member's row (one query) is standardised over
+  the database (minus its mean, divided by its standard deviation), so that a feature type
+  whose similarities happen to be larger does not dominate; the standardised rows are
+  summed. A match that stands out from the distractors in either member stands out in the
+  sum.
+- ``rank``: reciprocal rank fusion, ``sum_m 1 / (RRF_K + rank_m)`` with ranks from 1; it
+  ignores score magnitudes altogether.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from ._validation import ArgumentError, check_choice
+from .params import preset_names, preset_table
+
+__all__ = ["FUSIONS", "RRF_K", "HybridSpec", "fuse", "hybrid_spec"]
+
+#: Fusion methods of :func:`fuse`.
+FUSIONS = ("score", "rank")
+#: The constant of reciprocal rank fusion (Cormack et al., SIGIR 2009): it damps the weight
+#: of the very first ranks.
+RRF_K = 60
+
+
+class HybridSpec:
+    """The ``[hybrid]`` table of a preset, checked.
+
+    Attributes
+    ----------
+    members : tuple of str
+        Member preset names (each a plain, non-hybrid preset).
+    fusion : str
+        One of :data:`FUSIONS`.
+    """
+
+    def __init__(self, members: Sequence[str], fusion: str = "score"):
+        if isinstance(members, str) or not isinstance(members, Sequence) or len(members) < 2:
+            raise ArgumentError(f"hybrid.members: expected at least two preset names, got {members!r}")
+        names = preset_names()
+        for m in members:
+            if m not in names or "hybrid" in preset_table(m):
+                raise ArgumentError(f"hybrid.members: {m!r} is not a plain preset; expected some of "
+                                    f"{', '.join(n for n in names if 'hybrid' not in preset_table(n))}")
+        self.members = tuple(members)
+        self.fusion = check_choice(fusion, "hybrid.fusion", FUSIONS)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"members": [...], "fusion": ...}`` (JSON-able)."""
+        return {"members": list(self.members), "fusion": self.fusion}
+
+
+def hybrid_spec(preset: str | None) -> HybridSpec | None:
+    """The hybrid spec of a shipped preset, or None when ``preset`` is not a hybrid one.
+
+    Raises
+    ------
+    ArgumentError
+        A hybrid table with bad members or fusion.
+    """
+    if preset is None or preset not in preset_names():
+        return None
+    table = preset_table(preset).get("hybrid")
+    if table is None:
+        return None
+    return HybridSpec(table.get("members", ()), table.get("fusion", "score"))
+
+
+def fuse(matrices: Sequence[np.ndarray], fusion: str = "score") -> np.ndarray:
+    """Fuse per-member similarity matrices of the same queries and database.
+
+    Parameters
+    ----------
+    matrices : sequence of numpy.ndarray
+        Float ``[Q, N]`` each, row q = query q, column j = database image j, higher = more
+        similar; all of one shape.
+    fusion : {"score", "rank"}
+        See the module docstring.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 ``[Q, N]``, higher = more similar.
+
+    Raises
+    ------
+    ArgumentError
+        No matrix, matrices of different shapes, or an unknown fusion.
+    """
+    fusion = check_choice(fusion, "fusion", FUSIONS)
+    if not matrices:
+        raise ArgumentError("matrices: expected at least one similarity matrix")
+    mats = [np.asarray(m, dtype=np.float64) for m in matrices]
+    if any(m.ndim != 2 or m.shape != mats[0].shape for m in mats):
+        raise ArgumentError(f"matrices: expected 2-D matrices of one shape, got {[m.shape for m in mats]}")
+    out = np.zeros(mats[0].shape, np.float64)
+    for m in mats:
+        if fusion == "score":
+            std = m.std(axis=1, keepdims=True)
+            # A constant row (an image without features) carries no evidence.
+            out += np.divide(m - m.mean(axis=1, keepdims=True), std, out=np.zeros_like(m), where=std > 0)
+        else:
+            # Stable ordering, so that exact ties keep database order as elsewhere.
+            order = np.argsort(-m, axis=1, kind="stable")
+            ranks = np.empty_like(order)
+            np.put_along_axis(ranks, order, np.arange(1, m.shape[1] + 1)[None, :], axis=1)
+            out += 1.0 / (RRF_K + ranks)
+    return out.astype(np.float32)

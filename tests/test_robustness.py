@@ -1,0 +1,128 @@
+"""Robustness levers: rotation-pooled deep features, per-family evaluation, the benchmark set."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from asmkit._validation import ArgumentError
+from asmkit.evaluate import average_precision, evaluate, load_ground_truth
+from asmkit.features.factory import feature_options
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _photo(h: int = 96, w: int = 128) -> np.ndarray:
+    """uint8 [h, w, 3]: smooth structure plus texture, so attention has clear maxima."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = 127 + 60 * np.sin(xx / 7.0)[..., None] * np.cos(yy / 11.0)[..., None]
+    return np.clip(base + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def test_rotations_make_deep_features_invariant_to_quarter_turns():
+    pytest.importorskip("torch")
+    from asmkit.features.factory import deep_extractor
+
+    ext = deep_extractor(rotations=[0, 90, 180, 270], nfeat=40)
+    img = _photo()
+    a = ext.extract(img)
+    b = ext.extract(np.ascontiguousarray(np.rot90(img)))
+    # The same four images go through the backbone, so the same features come out.
+    np.testing.assert_allclose(np.sort(a.attention), np.sort(b.attention), atol=1e-5)
+    order_a, order_b = np.lexsort(a.descriptors.T), np.lexsort(b.descriptors.T)
+    np.testing.assert_allclose(a.descriptors[order_a], b.descriptors[order_b], atol=1e-4)
+    # Keypoints are in each input's own pixels: b's are a's turned by 90 degrees
+    # counter-clockwise (x' = y, y' = W - x).
+    h, w = img.shape[:2]
+    assert (a.keypoints[:, 0].max() <= w) and (a.keypoints[:, 1].max() <= h)
+    expected = np.stack([a.keypoints[order_a, 1], w - a.keypoints[order_a, 0]], axis=1)
+    np.testing.assert_allclose(b.keypoints[order_b, :2], expected, atol=1e-3)
+
+
+def test_plain_deep_features_are_not_rotation_invariant():
+    pytest.importorskip("torch")
+    from asmkit.features.factory import deep_extractor
+
+    ext = deep_extractor(nfeat=40)
+    img = _photo()
+    a, b = ext.extract(img), ext.extract(np.ascontiguousarray(np.rot90(img)))
+    assert np.abs(np.sort(a.attention) - np.sort(b.attention)).max() > 1e-3
+
+
+@pytest.mark.parametrize("bad", [[45], [0, 0], [], "90", [True]])
+def test_bad_rotations_are_argument_errors(bad):
+    with pytest.raises(ArgumentError, match="rotations"):
+        feature_options({"type": "deep", "rotations": bad})
+
+
+def _gt(tmp_path: Path) -> Path:
+    images = ["q.jpg", "a_rot.jpg", "b_rot.jpg", "a_blur.jpg", "d1.jpg", "d2.jpg"]
+    gt = {"images": images, "queries": ["q.jpg"], "positives": {"q.jpg": ["a_rot.jpg", "b_rot.jpg", "a_blur.jpg"]},
+          "junk": {"q.jpg": ["q.jpg"]}, "families": {"a_rot.jpg": "rot", "b_rot.jpg": "rot", "a_blur.jpg": "blur"}}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    return tmp_path
+
+
+def test_per_family_map_counts_other_families_as_junk(tmp_path):
+    gt = load_ground_truth(_gt(tmp_path))
+    # Ranking: q, a_blur, d1, a_rot, d2, b_rot.
+    res = evaluate(np.array([[0, 3, 4, 1, 5, 2]]), gt)
+    # blur alone: a_blur is first once q (junk) and the rot positives (junk) are removed.
+    assert res["families"]["blur"]["map"] == pytest.approx(1.0)
+    # rot: q and a_blur are junk, as if the ranking were d1, a_rot, d2, b_rot.
+    row = [0, 3, 4, 1, 5, 2]
+    assert res["families"]["rot"]["map"] == pytest.approx(average_precision(row, [1, 2], [0, 3]))
+    assert res["families"]["rot"]["map"] == pytest.approx(average_precision([4, 1, 5, 2], [1, 2]))
+    assert res["families"]["rot"]["map"] > average_precision(row, [1, 2], [0])
+    assert res["families"]["rot"]["n_queries"] == 1
+    assert "families" not in evaluate(np.array([[0, 3, 4, 1, 5, 2]]), load_ground_truth(
+        _without_families(tmp_path)))
+
+
+def _without_families(folder: Path) -> Path:
+    data = json.loads((folder / "gt.json").read_text())
+    del data["families"]
+    out = folder / "plain"
+    out.mkdir()
+    (out / "gt.json").write_text(json.dumps(data))
+    return out
+
+
+def test_families_naming_an_unknown_image_is_rejected(tmp_path):
+    data = json.loads((_gt(tmp_path) / "gt.json").read_text())
+    data["families"]["nope.jpg"] = "rot"
+    (tmp_path / "gt.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="nope.jpg"):
+        load_ground_truth(tmp_path)
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_robustness", ROOT / "benchmarks" / "bench_robustness.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_writes_a_loadable_set_with_one_variant_per_family(tmp_path):
+    bench = _bench()
+    uk = tmp_path / "uk"
+    (uk / "images").mkdir(parents=True)
+    groups = []
+    for g in range(5):
+        name = f"images/u{g}.jpg"
+        Image.fromarray(_photo(60, 80)).save(uk / name)
+        groups.append([name])
+    (uk / "gt.json").write_text(json.dumps({"groups": groups}))
+    out = bench.build(tmp_path / "set", originals=2, distractors=3, seed=1, demo=False, ukbench=uk)
+    gt = load_ground_truth(out)
+    assert len(gt.queries) == 2 and len(gt.images) == 2 * (1 + len(bench.FAMILIES)) + 3
+    assert set(gt.families) == set(bench.FAMILIES)
+    assert all(len(gt.families[f][q]) == 1 for f in gt.families for q in range(2))
+    sizes = {f: Image.open(out / gt.images[int(gt.families[f][0][0])]).size for f in ("rot90", "scale_2")}
+    assert sizes == {"rot90": (60, 80), "scale_2": (160, 120)}
