@@ -149,9 +149,11 @@ def machine_info(*, gpu: bool = False) -> dict:
 
 
 def machine_line(info: dict) -> str:
-    return (f"{info['cpu_model']}, {info['cores']} cores, load {info['load_average_1min']:.1f}; "
-            f"faiss {info['faiss']} ({info['faiss_threads']} threads), numba {info['numba']} "
-            f"({info['numba_threads']} threads), numpy {info['numpy']}, asmk {info['asmk']}")
+    return (
+        f"{info['cpu_model']}, {info['cores']} cores, load {info['load_average_1min']:.1f}; "
+        f"faiss {info['faiss']} ({info['faiss_threads']} threads), numba {info['numba']} "
+        f"({info['numba_threads']} threads), numpy {info['numpy']}, asmk {info['asmk']}"
+    )
 
 
 def _version(package: str) -> str:
@@ -200,14 +202,25 @@ def add_data_args(parser: argparse.ArgumentParser, *, synthetic: int | None = 10
     """--synthetic / --data / --descriptors (one of them), and what shapes them."""
     src = parser.add_argument_group("input data (one of --synthetic, --data, --descriptors)")
     excl = src.add_mutually_exclusive_group()
-    excl.add_argument("--synthetic", type=int, metavar="N_IMAGES",
-                      help=f"clustered synthetic images (default {synthetic} when no other source is given)")
-    excl.add_argument("--data", type=Path, metavar="DIR",
-                      help="UKBench-style folder (gt.json, images/): RootSIFT of every image, cached")
-    excl.add_argument("--descriptors", type=Path, metavar="NPZ",
-                      help="npz with vecs float32 [N, D] and image_ids [N]")
-    src.add_argument("--per-image", type=int, default=per_image,
-                     help="descriptors per synthetic image; SIFT keypoints per image with --data")
+    excl.add_argument(
+        "--synthetic",
+        type=int,
+        metavar="N_IMAGES",
+        help=f"clustered synthetic images (default {synthetic} when no other source is given)",
+    )
+    excl.add_argument(
+        "--data",
+        type=Path,
+        metavar="DIR",
+        help="UKBench-style folder (gt.json, images/): RootSIFT of every image, cached",
+    )
+    excl.add_argument("--descriptors", type=Path, metavar="NPZ", help="npz with vecs float32 [N, D] and image_ids [N]")
+    src.add_argument(
+        "--per-image",
+        type=int,
+        default=per_image,
+        help="descriptors per synthetic image; SIFT keypoints per image with --data",
+    )
     src.add_argument("--dim", type=int, default=128, help="synthetic descriptor dimension")
     src.add_argument("--images", type=int, default=None, help="keep only the first N images")
     src.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="folder for the --data descriptor cache")
@@ -272,8 +285,11 @@ def rootsift_of_folder(data: Path, cache: Path, nfeatures: int) -> tuple[np.ndar
     image_ids = np.concatenate(ids)
     cache.mkdir(parents=True, exist_ok=True)
     np.savez(cache_file, vecs=vecs, image_ids=image_ids)
-    print(f"extracted {len(vecs)} RootSIFT descriptors of {len(gt['images'])} images in "
-          f"{time.perf_counter() - t0:.1f} s -> {cache_file}", file=sys.stderr)
+    print(
+        f"extracted {len(vecs)} RootSIFT descriptors of {len(gt['images'])} images in "
+        f"{time.perf_counter() - t0:.1f} s -> {cache_file}",
+        file=sys.stderr,
+    )
     return vecs, image_ids
 
 

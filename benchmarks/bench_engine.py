@@ -42,11 +42,11 @@ import time
 import numpy as np
 
 from benchmarks._common import (
-    aggregate_all,
     Recorder,
     StagePeak,
     add_data_args,
     add_run_args,
+    aggregate_all,
     best_of,
     command_line,
     evenly_spaced,
@@ -75,8 +75,15 @@ def train_codebook(args, data, record):
 def params_of(args, book):
     from asmkit import Params
 
-    return Params(codebook_size=book.size, binary=not args.real, use_idf=False, alpha=3.0, tau=0.0,
-                  ma_database=1, ma_query=args.ma_query)
+    return Params(
+        codebook_size=book.size,
+        binary=not args.real,
+        use_idf=False,
+        alpha=3.0,
+        tau=0.0,
+        ma_database=1,
+        ma_query=args.ma_query,
+    )
 
 
 # -- quantize ----------------------------------------------------------------------------------
@@ -95,8 +102,10 @@ def stage_quantize(args, data, record) -> None:
 
     t_ref_db, ref_db = best_of(lambda: flat.search(vecs, 1)[1], args.repeat)
     t_db, db = best_of(lambda: book.quantize(vecs, 1), args.repeat)
-    t_ref_q, ref_q = best_of(lambda: np.concatenate(
-        [flat.search(vecs[s:e], args.ma_query)[1] for s, e in zip(starts[:-1], starts[1:])]), args.repeat)
+    t_ref_q, ref_q = best_of(
+        lambda: np.concatenate([flat.search(vecs[s:e], args.ma_query)[1] for s, e in zip(starts[:-1], starts[1:])]),
+        args.repeat,
+    )
     t_q, q = best_of(lambda: book.quantize(vecs, args.ma_query, segments=starts, nearest_first=False), args.repeat)
 
     record("descriptors", len(vecs))
@@ -150,8 +159,10 @@ def stage_search(args, data, record) -> None:
     t_agg, aggs = best_of(lambda: aggregate_all(book, desc, qa, params.binary), args.repeat)
     record("  query: aggregate", 1e3 * t_agg / nq, "ms/query")
     sqrt_norms = np.sqrt(image_norms(ivf, index.idf, len(index)))
-    t_score, _ = best_of(lambda: asearch.score_aggregates(ivf, index.idf, sqrt_norms, index.ids, aggs, params,
-                                                          dim=book.dim, k=100), args.repeat)
+    t_score, _ = best_of(
+        lambda: asearch.score_aggregates(ivf, index.idf, sqrt_norms, index.ids, aggs, params, dim=book.dim, k=100),
+        args.repeat,
+    )
     touched = int(np.diff(ivf.offsets)[aggs.words].sum())
     record("  query: score (k = 100)", 1e3 * t_score / nq, "ms/query")
     record("  scoring, ns per posting entry", 1e9 * t_score / max(touched, 1), "ns")
@@ -159,10 +170,14 @@ def stage_search(args, data, record) -> None:
     bounds = [q_rows[qi == q] for q in q_ids[: args.ref_queries]]
     t = timed(lambda: [index.search(vecs[r], image_ids[r], k=100) for r in bounds], 1).best
     record(f"query, one image per call ({len(bounds)} images)", 1e3 * t / len(bounds), "ms/query")
-    record("query peak traced memory (all queries batched)", traced_peak_mib(lambda: index.search(qv, qi, k=100)),
-           "MiB")
-    record("build peak traced memory (Index.add)",
-           traced_peak_mib(lambda: _built(Index, book, params, vecs, image_ids)), "MiB")
+    record(
+        "query peak traced memory (all queries batched)", traced_peak_mib(lambda: index.search(qv, qi, k=100)), "MiB"
+    )
+    record(
+        "build peak traced memory (Index.add)",
+        traced_peak_mib(lambda: _built(Index, book, params, vecs, image_ids)),
+        "MiB",
+    )
     if args.reference:
         search_reference(args, book, vecs, image_ids, q_ids, record)
 
@@ -170,7 +185,6 @@ def stage_search(args, data, record) -> None:
 def build_split(book, params, vecs, image_ids, record) -> None:
     """The build's stages one at a time, through the building blocks ``Index.add`` uses."""
     from asmkit import kernel as akernel
-    from asmkit import search as asearch
     from asmkit.ivf import InvertedFile
 
     d_all = akernel.prepare_descriptors(vecs, image_ids, dim=book.dim)
@@ -289,8 +303,9 @@ def scores_kernels(args, book, params, vecs, ids, matrix, record) -> dict:
         for order, out in dense.items():
             out[:] = 0
             t, c = time.perf_counter(), time.process_time()
-            asearch.score_aggregates(ivf, idf, sqrt_norms, desc.image_ids, queries, params, dim=book.dim,
-                                     dense_out=out, order=order)
+            asearch.score_aggregates(
+                ivf, idf, sqrt_norms, desc.image_ids, queries, params, dim=book.dim, dense_out=out, order=order
+            )
             walls[order].append(time.perf_counter() - t)
             cpus[order].append(time.process_time() - c)
     per_query = {}
@@ -359,8 +374,10 @@ def stage_features(args, record) -> None:
     folder = args.data / "images" if (args.data / "images").is_dir() else args.data
     paths = list_images(folder)[: args.images]
     extractor = SiftExtractor(max_features=args.per_image, root=True)
-    run = timed(lambda: extract_features(paths, extractor, root=folder, workers=args.workers, progress=False,
-                                         keep=False), args.repeat)
+    run = timed(
+        lambda: extract_features(paths, extractor, root=folder, workers=args.workers, progress=False, keep=False),
+        args.repeat,
+    )
     result = run.result
     record("images extracted", len(result.extracted))
     record("images failed", len(result.failed))
@@ -374,8 +391,9 @@ def stage_features(args, record) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     p.add_argument("--stage", required=True, choices=["quantize", "search", "scores", "features"])
     add_data_args(p, synthetic=1000, per_image=500)
     add_run_args(p, repeat=3)
@@ -387,9 +405,13 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="numba threads (default: numba's)")
     p.add_argument("--queries", type=int, default=500, help="search: query images timed (evenly spaced)")
     p.add_argument("--reference", action="store_true", help="search: also time the reference asmk's stages")
-    p.add_argument("--ref-queries", type=int, default=None,
-                   help="search: images queried one per call (default 50); scores: reference query images "
-                        "(default 0: no reference)")
+    p.add_argument(
+        "--ref-queries",
+        type=int,
+        default=None,
+        help="search: images queried one per call (default 50); scores: reference query images "
+        "(default 0: no reference)",
+    )
     p.add_argument("--chunk", type=int, default=256, help="scores: similarity_matrix query chunk")
     p.add_argument("--kernels", action="store_true", help="scores: stages one by one and both scoring kernels")
     p.add_argument("--ref-threads", type=int, default=2, help="scores: faiss threads of the reference")

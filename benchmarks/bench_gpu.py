@@ -117,8 +117,14 @@ def engine(vecs, ids, centroids, n_queries, out):
         res[f"query_{name}_ms"] = 1e3 * t_q / n_queries
         results.append(found)
     res["ranks_equal"] = bool(np.array_equal(results[0][1], results[1][1]))
-    res["max_score_diff"] = float(np.max(np.abs(np.where(np.isfinite(results[0][0]), results[0][0], 0)
-                                                - np.where(np.isfinite(results[1][0]), results[1][0], 0))))
+    res["max_score_diff"] = float(
+        np.max(
+            np.abs(
+                np.where(np.isfinite(results[0][0]), results[0][0], 0)
+                - np.where(np.isfinite(results[1][0]), results[1][0], 0)
+            )
+        )
+    )
     out["engine"] = res
 
 
@@ -152,7 +158,9 @@ def deep(out, n_images=64):
     g_gpu = np.stack([f.global_descriptor for f in feats["cuda"]])
     cos = np.sum(g_cpu * g_gpu, 1) / (np.linalg.norm(g_cpu, axis=1) * np.linalg.norm(g_gpu, axis=1))
     res["global_cosine_min"] = float(cos.min())
-    res["local_counts_equal"] = all(len(a.descriptors) == len(b.descriptors) for a, b in zip(feats["cpu"], feats["cuda"]))
+    res["local_counts_equal"] = all(
+        len(a.descriptors) == len(b.descriptors) for a, b in zip(feats["cpu"], feats["cuda"])
+    )
 
 
 def profile(vecs, starts, centroids, out, top=12):

@@ -56,8 +56,9 @@ class Images:
         for i in rows:
             scene = np.random.default_rng([self.seed, 1, i // 4])
             own = np.random.default_rng([self.seed, 2, i])
-            picks = np.concatenate([scene.choice(len(self.modes), n_shared),
-                                    own.choice(len(self.modes), self.per_image - n_shared)])
+            picks = np.concatenate(
+                [scene.choice(len(self.modes), n_shared), own.choice(len(self.modes), self.per_image - n_shared)]
+            )
             vecs = self.modes[picks] + 0.3 * own.standard_normal((self.per_image, self.dim)).astype(np.float32)
             vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
             out.append(vecs)
@@ -89,9 +90,16 @@ def main() -> None:
     t0 = time.perf_counter()
     codebook = Codebook.train(train, args.codebook_size, seed=args.seed)
     del train
-    result = {"command": command_line(), "machine": machine_info(), "images": n, "per_image": args.per_image,
-              "codebook_size": args.codebook_size, "top": args.top, "codebook_s": time.perf_counter() - t0,
-              "rss_after_codebook_mib": max_rss_mib()}
+    result = {
+        "command": command_line(),
+        "machine": machine_info(),
+        "images": n,
+        "per_image": args.per_image,
+        "codebook_size": args.codebook_size,
+        "top": args.top,
+        "codebook_s": time.perf_counter() - t0,
+        "rss_after_codebook_mib": max_rss_mib(),
+    }
 
     t0 = time.perf_counter()
     index = Index(codebook, params)
@@ -118,12 +126,15 @@ def main() -> None:
 
         dense = similarity_matrix(codebook, images(range(n)), params=params)
         result["dense_identical"] = all(
-            np.array_equal(pair_indices(dense, g), pair_indices(sparse, g, anchor_row=row)) for g in args.graph)
+            np.array_equal(pair_indices(dense, g), pair_indices(sparse, g, anchor_row=row)) for g in args.graph
+        )
     print(machine_line(result["machine"]))
-    print(f"{n} images x {args.per_image} descriptors, K={args.codebook_size}, top {args.top}: "
-          f"index {result['index_s']:.1f}s, top-k {result['topk_s']:.1f}s, peak RSS {result['peak_rss_mib']:.0f} MiB "
-          f"(after the codebook {result['rss_after_codebook_mib']:.0f} MiB); scene recall@3 "
-          f"{result['scene_recall_at_3']:.3f}")
+    print(
+        f"{n} images x {args.per_image} descriptors, K={args.codebook_size}, top {args.top}: "
+        f"index {result['index_s']:.1f}s, top-k {result['topk_s']:.1f}s, peak RSS {result['peak_rss_mib']:.0f} MiB "
+        f"(after the codebook {result['rss_after_codebook_mib']:.0f} MiB); scene recall@3 "
+        f"{result['scene_recall_at_3']:.3f}"
+    )
     for graph, g in result["graphs"].items():
         print(f"  {graph}: {g['pairs']} pairs in {g['s']:.1f}s")
     if "dense_identical" in result:

@@ -51,10 +51,10 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks._common import (
-    aggregate_all,
     StagePeak,
     add_data_args,
     add_run_args,
+    aggregate_all,
     command_line,
     evenly_spaced,
     load_data,
@@ -82,9 +82,15 @@ def prepare_inputs(args, work: Path) -> dict:
     np.save(work / "image_ids.npy", image_ids)
     np.save(work / "train.npy", train)
     np.save(work / "ref_queries.npy", ref_queries)
-    return {"source": data.source, "n_descriptors": int(len(vecs)), "n_images": n_images,
-            "dim": int(vecs.shape[1]), "train_sample": int(len(train)), "group_size": data.group_size,
-            "ref_queries": int(len(ref_queries))}
+    return {
+        "source": data.source,
+        "n_descriptors": int(len(vecs)),
+        "n_images": n_images,
+        "dim": int(vecs.shape[1]),
+        "train_sample": int(len(train)),
+        "group_size": data.group_size,
+        "ref_queries": int(len(ref_queries)),
+    }
 
 
 # -- workers (one per side, in a subprocess) -------------------------------------------------
@@ -145,7 +151,7 @@ def worker_reference(work: Path, cfg: dict) -> dict:
     tq = ta = ts = 0.0
     ranks_all, scores_all = [], []
     with StagePeak() as peak:
-        for q, (lo, hi) in enumerate(bounds.T):
+        for _q, (lo, hi) in enumerate(bounds.T):
             qv = vecs[order[lo:hi]]
             t0 = time.perf_counter()
             _, qw = cdb.quantize(qv, multiple_assignment=cfg["ma_query"])[:2]
@@ -159,10 +165,14 @@ def worker_reference(work: Path, cfg: dict) -> dict:
             scores_all.append(scores)
     out["query_peak_extra_mb"] = peak.extra_mb
     nq = len(ref_queries)
-    out.update(query_quantize_ms=1e3 * tq / nq, query_aggregate_ms=1e3 * ta / nq,
-               query_search_ms=1e3 * ts / nq, query_ms=1e3 * (tq + ta + ts) / nq,
-               query_single_ms=1e3 * (tq + ta + ts) / nq,
-               queries_timed=int(nq))
+    out.update(
+        query_quantize_ms=1e3 * tq / nq,
+        query_aggregate_ms=1e3 * ta / nq,
+        query_search_ms=1e3 * ts / nq,
+        query_ms=1e3 * (tq + ta + ts) / nq,
+        query_single_ms=1e3 * (tq + ta + ts) / nq,
+        queries_timed=int(nq),
+    )
     ranks_all, scores_all = np.vstack(ranks_all), np.vstack(scores_all)
     # Full score vector per query (ids 0 .. n-1), for the tie-aware rank comparison.
     full = np.zeros_like(scores_all)
@@ -210,8 +220,17 @@ def warm_up_asmkit(work: Path, cfg: dict) -> float:
     # The word-major scoring kernel, which "auto" picks only for large inverted files.
     desc = akernel.prepare_descriptors(vecs, ids, dim=cfg["dim"])
     queries = aggregate_all(index.codebook, desc, index.codebook.quantize(desc.vecs, 3), cfg["binary"])
-    asearch.score_aggregates(index.inverted_file, index.idf, np.sqrt(index.norms), index.ids, queries,
-                             index.params, dim=cfg["dim"], k=5, order="word")
+    asearch.score_aggregates(
+        index.inverted_file,
+        index.idf,
+        np.sqrt(index.norms),
+        index.ids,
+        queries,
+        index.params,
+        dim=cfg["dim"],
+        k=5,
+        order="word",
+    )
     # The pruned quantizer, which a 16-word codebook does not use: the benchmark's own
     # codebook (written by the reference worker) on the first 5000 descriptors (more than
     # one faiss BLAS block, which Codebook would hand to faiss directly).
@@ -237,8 +256,15 @@ def worker_asmkit(work: Path, cfg: dict) -> dict:
     train = np.load(work / "train.npy")
     ref_queries = np.load(work / "ref_queries.npy")
     out["rss_after_inputs_mb"] = status_mib("VmRSS")
-    params = Params(codebook_size=cfg["codebook_size"], binary=cfg["binary"], use_idf=cfg["idf"],
-                    alpha=cfg["alpha"], tau=cfg["tau"], ma_database=1, ma_query=cfg["ma_query"])
+    params = Params(
+        codebook_size=cfg["codebook_size"],
+        binary=cfg["binary"],
+        use_idf=cfg["idf"],
+        alpha=cfg["alpha"],
+        tau=cfg["tau"],
+        ma_database=1,
+        ma_query=cfg["ma_query"],
+    )
 
     t = time.perf_counter()
     Codebook.train(train, cfg["codebook_size"], iters=10, seed=cfg["seed"])
@@ -339,8 +365,9 @@ def load_test(n_images: int, args) -> dict:
         index = Index(cb, Params(codebook_size=args.codebook_size, binary=args.binary, use_idf=args.idf))
         t = time.perf_counter()
         for begin in range(0, n_images, chunk):
-            vecs, ids, _ = clustered_descriptors(min(chunk, n_images - begin), args.per_image,
-                                                 args.dim, seed=args.seed + begin)
+            vecs, ids, _ = clustered_descriptors(
+                min(chunk, n_images - begin), args.per_image, args.dim, seed=args.seed + begin
+            )
             index.add(vecs, ids + begin)
         build_s = time.perf_counter() - t
         path = work / "load_test.asmkit"
@@ -360,11 +387,21 @@ def load_test(n_images: int, args) -> dict:
             "res['second_query_ms'] = 1e3 * (time.perf_counter() - t)\n"
             "print(json.dumps(res))\n"
         )
-        proc = subprocess.run([sys.executable, "-c", code, str(path), str(work / "query.npy")],
-                              capture_output=True, text=True, check=True, cwd=ROOT)
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(path), str(work / "query.npy")],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+        )
         result = json.loads(proc.stdout.strip().splitlines()[-1])
-        result.update(images=len(index), build_s=build_s, index_bytes=_dir_bytes(path),
-                      features_per_image=args.per_image, codebook_size=args.codebook_size)
+        result.update(
+            images=len(index),
+            build_s=build_s,
+            index_bytes=_dir_bytes(path),
+            features_per_image=args.per_image,
+            codebook_size=args.codebook_size,
+        )
         return result
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -404,11 +441,27 @@ def ns_score(full_or_ids: np.ndarray, queries: np.ndarray, group_size: int, from
     return float(((top // group_size) == (queries[:, None] // group_size)).sum(axis=1).mean())
 
 
-RATIO_KEYS = ["codebook_s", "build_quantize_s", "build_aggregate_s", "build_ivf_s", "build_s",
-              "query_quantize_ms", "query_aggregate_ms", "query_search_ms", "query_ms",
-              "query_single_ms",
-              "save_s", "load_s", "first_query_after_load_ms", "index_bytes_per_image",
-              "rss_after_imports_mb", "rss_after_inputs_mb", "build_peak_extra_mb", "query_peak_extra_mb", "peak_rss_mb"]
+RATIO_KEYS = [
+    "codebook_s",
+    "build_quantize_s",
+    "build_aggregate_s",
+    "build_ivf_s",
+    "build_s",
+    "query_quantize_ms",
+    "query_aggregate_ms",
+    "query_search_ms",
+    "query_ms",
+    "query_single_ms",
+    "save_s",
+    "load_s",
+    "first_query_after_load_ms",
+    "index_bytes_per_image",
+    "rss_after_imports_mb",
+    "rss_after_inputs_mb",
+    "build_peak_extra_mb",
+    "query_peak_extra_mb",
+    "peak_rss_mb",
+]
 
 
 def run_side(side: str, work: Path, cfg: dict) -> dict:
@@ -432,14 +485,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alpha", type=float, default=3.0)
     parser.add_argument("--tau", type=float, default=0.0)
     parser.add_argument("--ma-query", type=int, default=5)
-    parser.add_argument("--train-sample", type=int, default=100_000,
-                        help="descriptors sampled for k-means (both sides)")
-    parser.add_argument("--ref-queries", type=int, default=None,
-                        help="time the reference (and compare ranks) on this many queries only")
-    parser.add_argument("--gpu", type=int, default=None,
-                        help="asmkit quantizes on this GPU (Codebook(..., gpu=N)); the reference stays on the CPU")
-    parser.add_argument("--load-test", type=int, metavar="N_IMAGES",
-                        help="asmkit only: time loading a saved synthetic index of N images")
+    parser.add_argument(
+        "--train-sample", type=int, default=100_000, help="descriptors sampled for k-means (both sides)"
+    )
+    parser.add_argument(
+        "--ref-queries", type=int, default=None, help="time the reference (and compare ranks) on this many queries only"
+    )
+    parser.add_argument(
+        "--gpu",
+        type=int,
+        default=None,
+        help="asmkit quantizes on this GPU (Codebook(..., gpu=N)); the reference stays on the CPU",
+    )
+    parser.add_argument(
+        "--load-test",
+        type=int,
+        metavar="N_IMAGES",
+        help="asmkit only: time loading a saved synthetic index of N images",
+    )
     parser.add_argument("--worker", choices=["reference", "asmkit"], help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -459,34 +522,54 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="asmkit_bench_"))
     try:
         inputs = prepare_inputs(args, work)
-        cfg = {"codebook_size": args.codebook_size, "binary": args.binary, "idf": args.idf,
-               "alpha": args.alpha, "tau": args.tau, "ma_query": args.ma_query, "seed": args.seed,
-               "gpu": args.gpu, **inputs}
+        cfg = {
+            "codebook_size": args.codebook_size,
+            "binary": args.binary,
+            "idf": args.idf,
+            "alpha": args.alpha,
+            "tau": args.tau,
+            "ma_query": args.ma_query,
+            "seed": args.seed,
+            "gpu": args.gpu,
+            **inputs,
+        }
         (work / "config.json").write_text(json.dumps(cfg))
         ref = run_side("reference", work, cfg)
         ours = run_side("asmkit", work, cfg)
         ref_queries = np.load(work / "ref_queries.npy")
         agreement = compare_ranks(work, ref_queries)
-        agreement["ns_reference"] = ns_score(np.load(work / "ref_full_scores.npy"), ref_queries,
-                                             inputs["group_size"], from_scores=True)
-        agreement["ns_asmkit"] = ns_score(np.load(work / "asmkit_ids.npy"), ref_queries,
-                                          inputs["group_size"], from_scores=False)
+        agreement["ns_reference"] = ns_score(
+            np.load(work / "ref_full_scores.npy"), ref_queries, inputs["group_size"], from_scores=True
+        )
+        agreement["ns_asmkit"] = ns_score(
+            np.load(work / "asmkit_ids.npy"), ref_queries, inputs["group_size"], from_scores=False
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     ratios = {k: ref[k] / ours[k] for k in RATIO_KEYS if k in ref and k in ours and ours[k] > 0}
-    ratios["aggregate_plus_search_query"] = (
-        (ref["query_aggregate_ms"] + ref["query_search_ms"])
-        / max(ours["query_aggregate_ms"] + ours["query_search_ms"], 1e-9))
-    result = {"command": command_line(), "config": cfg,
-              "machine": machine_info(gpu=args.gpu is not None), "reference": ref, "asmkit": ours,
-              "speedup_reference_over_asmkit": ratios, "agreement": agreement}
+    ratios["aggregate_plus_search_query"] = (ref["query_aggregate_ms"] + ref["query_search_ms"]) / max(
+        ours["query_aggregate_ms"] + ours["query_search_ms"], 1e-9
+    )
+    result = {
+        "command": command_line(),
+        "config": cfg,
+        "machine": machine_info(gpu=args.gpu is not None),
+        "reference": ref,
+        "asmkit": ours,
+        "speedup_reference_over_asmkit": ratios,
+        "agreement": agreement,
+    }
 
-    print(f"# {cfg['source']}; K={cfg['codebook_size']}, {'binary' if cfg['binary'] else 'real'}, "
-          f"idf={'on' if cfg['idf'] else 'off'}, {cfg['n_descriptors']} descriptors")
-    print(f"# machine: {result['machine']['cpu_model']}, {result['machine']['cores']} cores, "
-          f"faiss threads {result['machine']['faiss_threads']}; "
-          + ("GPU not measured" if args.gpu is None else f"asmkit on GPU {args.gpu}, the reference on the CPU"))
+    print(
+        f"# {cfg['source']}; K={cfg['codebook_size']}, {'binary' if cfg['binary'] else 'real'}, "
+        f"idf={'on' if cfg['idf'] else 'off'}, {cfg['n_descriptors']} descriptors"
+    )
+    print(
+        f"# machine: {result['machine']['cpu_model']}, {result['machine']['cores']} cores, "
+        f"faiss threads {result['machine']['faiss_threads']}; "
+        + ("GPU not measured" if args.gpu is None else f"asmkit on GPU {args.gpu}, the reference on the CPU")
+    )
     print(f"# reference timed on {ref['queries_timed']} queries, asmkit on {ours['queries_timed']}")
     print(f"{'stage':<28}{'reference':>14}{'asmkit':>14}{'ratio':>10}")
     for key in RATIO_KEYS:

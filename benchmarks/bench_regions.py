@@ -62,7 +62,7 @@ def _paste(background: np.ndarray, obj: np.ndarray, frac: float, rng) -> tuple[n
     x0 = int(rng.integers(0, w - ow + 1))
     y0 = int(rng.integers(0, h - oh + 1))
     out = background.copy()
-    out[y0:y0 + oh, x0:x0 + ow] = small
+    out[y0 : y0 + oh, x0 : x0 + ow] = small
     return out, [float(x0), float(y0), float(x0 + ow), float(y0 + oh)]
 
 
@@ -112,13 +112,22 @@ def composites(data: Path, n: int, min_frac: float, max_frac: float, per_image: 
         arrays = {"db_" + key: value for key, value in _pack(db).items()}
         arrays.update({"q_" + key: value for key, value in _pack(q).items()})
         np.savez(cache_file, boxes=np.array(boxes), q_of=np.array(q_of, dtype=np.int64), **arrays)
-        print(f"extracted {len(db)} composites and {len(q)} queries in {time.perf_counter() - t0:.0f} s "
-              f"-> {cache_file}", flush=True)
+        print(
+            f"extracted {len(db)} composites and {len(q)} queries in {time.perf_counter() - t0:.0f} s -> {cache_file}",
+            flush=True,
+        )
     with np.load(cache_file, allow_pickle=False) as npz:
         db_desc, db_kp, db_attn = _unpack(npz, "db_")
         q_desc, _, _ = _unpack(npz, "q_")
-        return {"db_desc": db_desc, "db_kp": db_kp, "db_attn": db_attn, "boxes": npz["boxes"],
-                "q_desc": q_desc, "q_of": npz["q_of"], "sizes": [(640.0, 480.0)] * len(db_desc)}
+        return {
+            "db_desc": db_desc,
+            "db_kp": db_kp,
+            "db_attn": db_attn,
+            "boxes": npz["boxes"],
+            "q_desc": q_desc,
+            "q_of": npz["q_of"],
+            "sizes": [(640.0, 480.0)] * len(db_desc),
+        }
 
 
 def ukbench_features(data: Path, per_image: int, cache: Path) -> dict:
@@ -143,8 +152,9 @@ def ukbench_features(data: Path, per_image: int, cache: Path) -> dict:
     return {"desc": desc, "kp": kp, "attn": attn, "sizes": sizes, "images": gt["images"]}
 
 
-def build(codebook: Codebook, desc: list, boxes: list | None, kp: list, sizes: list,
-          whole_image: bool = True) -> tuple[Index, float]:
+def build(
+    codebook: Codebook, desc: list, boxes: list | None, kp: list, sizes: list, whole_image: bool = True
+) -> tuple[Index, float]:
     """(index, build seconds): ASMK* without boxes, R-ASMK* with (the whole image a region too
     unless ``whole_image`` is False)."""
     index = Index(codebook, PRESET)
@@ -164,8 +174,9 @@ def warm_up(codebook: Codebook, desc: list, kp: list, sizes: list) -> None:
     build(codebook, desc, [np.empty((0, 4))] * len(desc), kp, sizes)
 
 
-def timed_build(codebook: Codebook, desc: list, boxes: list | None, kp: list, sizes: list, whole_image: bool,
-                repeat: int) -> tuple[Index, float]:
+def timed_build(
+    codebook: Codebook, desc: list, boxes: list | None, kp: list, sizes: list, whole_image: bool, repeat: int
+) -> tuple[Index, float]:
     """``build`` ``repeat`` times: the last index and the fastest build's seconds."""
     runs = [build(codebook, desc, boxes, kp, sizes, whole_image) for _ in range(max(1, repeat))]
     return runs[-1][0], min(seconds for _, seconds in runs)
@@ -216,8 +227,9 @@ def run_composites(args, rec: Recorder) -> dict:
     positives = [[int(k)] for k in data["q_of"]]
     oracle = [b[None, :] for b in data["boxes"]]
     grid = region_boxes("grid", [""] * n, data["db_kp"], data["sizes"], grid_levels=args.grid_levels)
-    proposals = region_boxes("proposals", [""] * n, data["db_kp"], data["sizes"], weights=data["db_attn"],
-                             n_proposals=args.proposals)
+    proposals = region_boxes(
+        "proposals", [""] * n, data["db_kp"], data["sizes"], weights=data["db_attn"], n_proposals=args.proposals
+    )
     methods = {
         "ASMK*": (None, True),
         "R-ASMK* oracle": (oracle, True),
@@ -229,16 +241,22 @@ def run_composites(args, rec: Recorder) -> dict:
     warm_up(codebook, data["db_desc"], data["db_kp"], data["sizes"])
     rows = {}
     for name, (boxes, whole_image) in methods.items():
-        index, seconds = timed_build(codebook, data["db_desc"], boxes, data["db_kp"], data["sizes"], whole_image,
-                                     args.repeat)
+        index, seconds = timed_build(
+            codebook, data["db_desc"], boxes, data["db_kp"], data["sizes"], whole_image, args.repeat
+        )
         ranks = ranks_of(index, data["q_desc"])
-        rows[name] = {"map": float(np.mean([average_precision(r, p) for r, p in zip(ranks, positives)])),
-                      "bytes_per_image": index_bytes(index) / n, "build_s": seconds}
+        rows[name] = {
+            "map": float(np.mean([average_precision(r, p) for r, p in zip(ranks, positives)])),
+            "bytes_per_image": index_bytes(index) / n,
+            "build_s": seconds,
+        }
     for name, boxes in (("oracle", oracle), ("grid", grid)):
         ranked, nbytes, seconds = regional_search(codebook, data["db_desc"], data["db_kp"], boxes, data["q_desc"])
         rows[f"regional search, {name}"] = {
             "map": float(np.mean([average_precision(r, p) for r, p in zip(ranked, positives)])),
-            "bytes_per_image": nbytes / n, "build_s": seconds}
+            "bytes_per_image": nbytes / n,
+            "build_s": seconds,
+        }
     for name, row in rows.items():
         rec(f"composites {name}: mAP", row["map"])
         rec(f"composites {name}: index bytes per image", row["bytes_per_image"], "B")
@@ -254,16 +272,19 @@ def run_ukbench(args, rec: Recorder) -> dict:
     sources = {
         "ASMK*": None,
         "R-ASMK* grid": region_boxes("grid", data["images"], data["kp"], data["sizes"], grid_levels=args.grid_levels),
-        "R-ASMK* proposals": region_boxes("proposals", data["images"], data["kp"], data["sizes"],
-                                          weights=data["attn"], n_proposals=args.proposals),
+        "R-ASMK* proposals": region_boxes(
+            "proposals", data["images"], data["kp"], data["sizes"], weights=data["attn"], n_proposals=args.proposals
+        ),
     }
     warm_up(codebook, data["desc"], data["kp"], data["sizes"])
     rows = {}
     for name, boxes in sources.items():
         index, seconds = timed_build(codebook, data["desc"], boxes, data["kp"], data["sizes"], True, args.repeat)
         ranks = ranks_of(index, data["desc"])
-        aps = [average_precision(r, np.flatnonzero((group == group[q]) & (np.arange(n) != q)), [q])
-               for q, r in enumerate(ranks)]
+        aps = [
+            average_precision(r, np.flatnonzero((group == group[q]) & (np.arange(n) != q)), [q])
+            for q, r in enumerate(ranks)
+        ]
         rows[name] = {"map": float(np.mean(aps)), "bytes_per_image": index_bytes(index) / n, "build_s": seconds}
         rec(f"ukbench {name}: mAP", rows[name]["map"])
         rec(f"ukbench {name}: index bytes per image", rows[name]["bytes_per_image"], "B")
@@ -272,8 +293,9 @@ def run_ukbench(args, rec: Recorder) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", type=Path, required=True, help="UKBench-style folder (gt.json with groups, images)")
     parser.add_argument("--composites", type=int, default=300, help="composite database images (objects)")
     parser.add_argument("--min-frac", type=float, default=0.25, help="smallest pasted side, fraction of the photo's")

@@ -38,8 +38,18 @@ from PIL import Image, ImageFilter
 
 _REPO = Path(__file__).resolve().parents[1]
 # The shared data sets sit beside the main checkout (../shared); worktrees are a level deeper.
-UKBENCH = next((p for p in (_REPO.parent / "shared", _REPO.parent.parent / "shared")
-                if (p / "datasets" / "ukbench2000").is_dir()), _REPO.parent / "shared") / "datasets" / "ukbench2000"
+UKBENCH = (
+    next(
+        (
+            p
+            for p in (_REPO.parent / "shared", _REPO.parent.parent / "shared")
+            if (p / "datasets" / "ukbench2000").is_dir()
+        ),
+        _REPO.parent / "shared",
+    )
+    / "datasets"
+    / "ukbench2000"
+)
 GRAY = (128, 128, 128)
 
 
@@ -52,6 +62,7 @@ def _rotate(angle: float) -> Callable[[Image.Image, np.random.Generator], Image.
         # An arbitrary angle away from the axis-aligned ones, the canvas grown to keep every pixel.
         a = float(rng.uniform(15, 75) + 90 * rng.integers(0, 4))
         return img.rotate(a, resample=Image.Resampling.BICUBIC, expand=True, fillcolor=GRAY)
+
     return apply
 
 
@@ -67,6 +78,7 @@ def _scale(factor: float) -> Callable[[Image.Image, np.random.Generator], Image.
     def apply(img: Image.Image, rng: np.random.Generator) -> Image.Image:
         w, h = img.size
         return img.resize((max(16, round(w * factor)), max(16, round(h * factor))), Image.Resampling.LANCZOS)
+
     return apply
 
 
@@ -83,8 +95,13 @@ def _perspective(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     corners = np.array([[0, 0], [w, 0], [w, h], [0, h]], float)
     # Corners pulled in by up to a quarter of the side: a strong out-of-plane tilt.
     jitter = rng.uniform(0.0, 0.25, size=(4, 2)) * np.array([w, h]) * np.array([[1, 1], [-1, 1], [-1, -1], [1, -1]])
-    return img.transform((w, h), Image.Transform.PERSPECTIVE, _perspective_coeffs(corners, corners + jitter),
-                         resample=Image.Resampling.BICUBIC, fillcolor=GRAY)
+    return img.transform(
+        (w, h),
+        Image.Transform.PERSPECTIVE,
+        _perspective_coeffs(corners, corners + jitter),
+        resample=Image.Resampling.BICUBIC,
+        fillcolor=GRAY,
+    )
 
 
 def _jpeg(img: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -145,8 +162,9 @@ def _demo_photos() -> dict[str, Image.Image]:
     return out
 
 
-def build(out: Path, *, originals: int, distractors: int, seed: int, demo: bool, ukbench: Path,
-          max_side: int = 640) -> Path:
+def build(
+    out: Path, *, originals: int, distractors: int, seed: int, demo: bool, ukbench: Path, max_side: int = 640
+) -> Path:
     """Write ``out/images`` and ``out/gt.json``; return ``out``.
 
     ``originals`` UKBench groups give one query each (plus the demo photos when ``demo``);
@@ -158,6 +176,7 @@ def build(out: Path, *, originals: int, distractors: int, seed: int, demo: bool,
         raise SystemExit(f"--originals + --distractors: at most {len(groups)} UKBench groups")
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(groups))
+
     def load(name: str) -> Image.Image:
         img = Image.open(ukbench / name).convert("RGB")
         img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
@@ -185,18 +204,22 @@ def build(out: Path, *, originals: int, distractors: int, seed: int, demo: bool,
             group.append(v)
         positives[q] = group[1:]
         group_list.append(group)
-    for g in order[originals:originals + distractors]:
+    for g in order[originals : originals + distractors]:
         d = f"images/distractor_{Path(groups[g][0]).stem}.jpg"
         load(groups[g][0]).save(out / d, quality=92)
         images.append(d)
     gt = {
         "name": f"robustness-{len(sources)}x{len(FAMILIES)}+{distractors}",
-        "images": images, "queries": queries, "positives": positives, "junk": junk,
-        "groups": group_list, "families": families,
+        "images": images,
+        "queries": queries,
+        "positives": positives,
+        "junk": junk,
+        "groups": group_list,
+        "families": families,
         "protocol_note": "Each query is an original photo; its positives are one variant per family "
-                         "(families[name]); the query itself is junk. Distractors are UKBench images of other objects.",
+        "(families[name]); the query itself is junk. Distractors are UKBench images of other objects.",
         "source": f"benchmarks/bench_robustness.py --originals {originals} --distractors {distractors} --seed {seed}"
-                  f" --max-side {max_side}" + (" --demo" if demo else ""),
+        f" --max-side {max_side}" + (" --demo" if demo else ""),
     }
     (out / "gt.json").write_text(json.dumps(gt, indent=1) + "\n")
     return out
@@ -215,8 +238,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--build-only", action="store_true")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
-    data = build(args.out, originals=args.originals, distractors=args.distractors, seed=args.seed,
-                 demo=args.demo, ukbench=args.ukbench, max_side=args.max_side)
+    data = build(
+        args.out,
+        originals=args.originals,
+        distractors=args.distractors,
+        seed=args.seed,
+        demo=args.demo,
+        ukbench=args.ukbench,
+        max_side=args.max_side,
+    )
     if args.build_only:
         print(data)
         return 0
@@ -226,8 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     for preset in args.presets:
         t0 = time.perf_counter()
         res = evaluate_dataset(data, preset=preset)
-        results[preset] = {"map": res["map"], "families": {k: v["map"] for k, v in res["families"].items()},
-                           "wall_s": time.perf_counter() - t0, "timings": res.get("timings")}
+        results[preset] = {
+            "map": res["map"],
+            "families": {k: v["map"] for k, v in res["families"].items()},
+            "wall_s": time.perf_counter() - t0,
+            "timings": res.get("timings"),
+        }
         print(f"{preset}: mAP {res['map']:.4f} ({results[preset]['wall_s']:.0f} s)", file=sys.stderr)
     fams = list(FAMILIES)
     print("| preset | all | " + " | ".join(fams) + " |")

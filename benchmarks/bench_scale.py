@@ -124,15 +124,16 @@ class WordModel:
         np.cumsum(counts, out=offsets[1:])
         words = np.empty(int(offsets[-1]), dtype=np.int64)
         _draw_words(self.cdf, self.word_of_rank, counts, seed, offsets, words)
-        codes = rng.integers(0, np.iinfo(np.uint64).max, size=(words.shape[0], 2), dtype=np.uint64,
-                             endpoint=True)
+        codes = rng.integers(0, np.iinfo(np.uint64).max, size=(words.shape[0], 2), dtype=np.uint64, endpoint=True)
         return Aggregates(offsets, words, codes)
 
     def queries(self, n_queries: int, seed: int) -> list[Aggregates]:
         """One single-image Aggregates per query (the words of 500 descriptors at m = 5)."""
         batch = self.images(n_queries, seed, DISTINCT_MEAN * self.model["query_ratio"])
-        return [Aggregates(np.array([0, e - b], dtype=np.int64), batch.words[b:e], batch.data[b:e])
-                for b, e in zip(batch.offsets[:-1], batch.offsets[1:])]
+        return [
+            Aggregates(np.array([0, e - b], dtype=np.int64), batch.words[b:e], batch.data[b:e])
+            for b, e in zip(batch.offsets[:-1], batch.offsets[1:])
+        ]
 
 
 def random_codebook(seed: int = SEED) -> Codebook:
@@ -186,8 +187,9 @@ class Part:
         self.ids = self.index.ids
 
     def search(self, query: Aggregates, order: str = "auto") -> tuple[np.ndarray, np.ndarray]:
-        return score_aggregates(self.ivf, self.idf, self.sqrt_norms, self.ids, query, self.index.params, dim=DIM,
-                                k=K_RESULTS, order=order)
+        return score_aggregates(
+            self.ivf, self.idf, self.sqrt_norms, self.ids, query, self.index.params, dim=DIM, k=K_RESULTS, order=order
+        )
 
 
 def search_all(parts: list[Part], query: Aggregates, order: str = "auto") -> tuple[np.ndarray, np.ndarray]:
@@ -215,8 +217,12 @@ def latencies(fn, queries) -> dict:
         times.append(time.perf_counter() - t0)
     cpu = (time.process_time() - cpu0) / len(queries)
     ms = np.array(times) * 1e3
-    return {"p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2),
-            "mean_ms": round(float(ms.mean()), 2), "cpu_ms": round(1e3 * cpu, 2)}
+    return {
+        "p50_ms": round(float(np.percentile(ms, 50)), 2),
+        "p99_ms": round(float(np.percentile(ms, 99)), 2),
+        "mean_ms": round(float(ms.mean()), 2),
+        "cpu_ms": round(1e3 * cpu, 2),
+    }
 
 
 def run_size(n_images: int, args) -> dict:
@@ -239,11 +245,17 @@ def run_size(n_images: int, args) -> dict:
             counts += p.ivf.counts
         entries = [int(counts[q.words].sum()) for q in queries]
         out = {
-            "images": n_images, "parts": len(parts), "entries": int(counts.sum()),
-            "build_img_per_s": round(n_images / built["add_s"], 1), "generate_s": round(built["gen_s"], 1),
-            "add_s": round(built["add_s"], 1), "peak_rss_build_gb": round(peak_build, 2),
-            "rss_built_gb": round(built["rss_built_gb"], 2), "bytes_per_image": round(built["disk"] / n_images, 1),
-            "load_mmap_s": round(load_s, 3), "load_verify_s": round(load_verify_s, 3),
+            "images": n_images,
+            "parts": len(parts),
+            "entries": int(counts.sum()),
+            "build_img_per_s": round(n_images / built["add_s"], 1),
+            "generate_s": round(built["gen_s"], 1),
+            "add_s": round(built["add_s"], 1),
+            "peak_rss_build_gb": round(peak_build, 2),
+            "rss_built_gb": round(built["rss_built_gb"], 2),
+            "bytes_per_image": round(built["disk"] / n_images, 1),
+            "load_mmap_s": round(load_s, 3),
+            "load_verify_s": round(load_verify_s, 3),
             "query_words": round(float(np.mean([q.words.shape[0] for q in queries])), 1),
             "entries_per_query": int(np.mean(entries)),
             "max_df": int(counts.max()),
@@ -260,8 +272,10 @@ def run_size(n_images: int, args) -> dict:
             stop[np.argsort(counts)[::-1][: round(fraction * WORDS)]] = True
             pruned = [prune_query(q, stop) for q in queries]
             kept = np.mean([int(counts[q.words].sum()) / max(e, 1) for q, e in zip(pruned, entries)])
-            out[f"prune{fraction}"] = {**latencies(lambda q: search_all(parts, q), pruned),
-                                       "entries_kept": round(float(kept), 3)}
+            out[f"prune{fraction}"] = {
+                **latencies(lambda q: search_all(parts, q), pruned),
+                "entries_kept": round(float(kept), 3),
+            }
         out["rss_after_queries_gb"] = round(rss_gb(), 2)
         out["peak_rss_gb"] = round(peak_rss_gb(), 2)
         out["threads"], out["load_avg"] = threads, round(os.getloadavg()[0], 1)
@@ -311,9 +325,14 @@ def refit(dataset: str, train_stride: int, n_words: int) -> dict:
     shape, offset = fit_rank_curve(np.bincount(np.concatenate(db_words), minlength=n_words))
     distinct = np.array([w.shape[0] for w in db_words], dtype=np.float64)
     ratio = float(np.mean([q.shape[0] / max(d.shape[0], 1) for q, d in zip(query_words, db_words)]))
-    return {"shape": round(shape, 3), "offset": round(offset, 4),
-            "distinct_cv": round(float(distinct.std() / distinct.mean()), 3), "query_ratio": round(ratio, 3),
-            "images": len(paths), "distinct_mean": round(float(distinct.mean()), 1)}
+    return {
+        "shape": round(shape, 3),
+        "offset": round(offset, 4),
+        "distinct_cv": round(float(distinct.std() / distinct.mean()), 3),
+        "query_ratio": round(ratio, 3),
+        "images": len(paths),
+        "distinct_mean": round(float(distinct.mean()), 1),
+    }
 
 
 def time_quantize() -> dict:
@@ -328,9 +347,12 @@ def time_quantize() -> dict:
         codebook.quantize(vecs, 5)
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
-    return {"quantize_500x5_ms": round(1e3 * float(np.median(times)), 1),
-            "cpu_ms": round(1e3 * float(np.median(cpu)), 1), "threads": numba.get_num_threads(),
-            "load_avg": round(os.getloadavg()[0], 1)}
+    return {
+        "quantize_500x5_ms": round(1e3 * float(np.median(times)), 1),
+        "cpu_ms": round(1e3 * float(np.median(cpu)), 1),
+        "threads": numba.get_num_threads(),
+        "load_avg": round(os.getloadavg()[0], 1),
+    }
 
 
 def main() -> None:
@@ -358,8 +380,22 @@ def main() -> None:
         print(json.dumps(run_size(args.one, args)))
         return
     for n in args.sizes:
-        child = [sys.executable, __file__, "--one", str(n), "--part", str(args.part), "--batch", str(args.batch),
-                 "--queries", str(args.queries), "--check", str(args.check), "--prune", *map(str, args.prune)]
+        child = [
+            sys.executable,
+            __file__,
+            "--one",
+            str(n),
+            "--part",
+            str(args.part),
+            "--batch",
+            str(args.batch),
+            "--queries",
+            str(args.queries),
+            "--check",
+            str(args.check),
+            "--prune",
+            *map(str, args.prune),
+        ]
         if args.tmp:
             child += ["--tmp", args.tmp]
         print(subprocess.run(child, check=True, capture_output=True, text=True).stdout.strip(), flush=True)

@@ -44,8 +44,10 @@ BOUNDARY = "asmkit-bench-boundary"
 
 def multipart(field: str, filename: str, data: bytes) -> bytes:
     """One-field multipart body, encoded once so that the client spends no time on it."""
-    head = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
-            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    head = (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
     return head + data + f"\r\n--{BOUNDARY}--\r\n".encode()
 
 
@@ -101,9 +103,23 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
-        self.proc = subprocess.Popen([sys.executable, "-m", "asmkit.cli", "-q", "serve", str(index_dir),
-                                      "--port", str(self.port), "--workers", str(workers),
-                                      "--max-batch", str(max_batch)], env=env)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "asmkit.cli",
+                "-q",
+                "serve",
+                str(index_dir),
+                "--port",
+                str(self.port),
+                "--workers",
+                str(workers),
+                "--max-batch",
+                str(max_batch),
+            ],
+            env=env,
+        )
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -167,8 +183,9 @@ class RawConnection:
             self.reader = self.writer = None
 
 
-async def drive(url: str, bodies: list[bytes], clients: int, seconds: float, k: int, warmup: float,
-                client_kind: str) -> dict:
+async def drive(
+    url: str, bodies: list[bytes], clients: int, seconds: float, k: int, warmup: float, client_kind: str
+) -> dict:
     """``clients`` closed-loop clients for ``warmup + seconds``; statistics over the last
     ``seconds``."""
     host, port = url.rsplit("/", 1)[1].split(":")
@@ -187,12 +204,18 @@ async def drive(url: str, bodies: list[bytes], clients: int, seconds: float, k: 
             async def send(body: bytes) -> tuple[int, bytes]:
                 response = await shared.post(f"/search?k={k}", content=body, headers={"Content-Type": content_type})
                 return response.status_code, response.content
+
             return send, None
     else:
         shared = None
-        requests = {id(body): (f"POST /search?k={k} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-                               f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
-                    for body in bodies}
+        requests = {
+            id(body): (
+                f"POST /search?k={k} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode()
+            + body
+            for body in bodies
+        }
 
         def connect():
             connection = RawConnection(host, int(port))
@@ -245,8 +268,13 @@ def main(argv=None) -> int:
     parser.add_argument("--queries", type=int, default=100, help="distinct query images")
     parser.add_argument("--workers", type=int, default=4, help="the server's --workers")
     parser.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
-    parser.add_argument("--client", nargs="+", default=["httpx"], choices=["httpx", "raw"],
-                        help="httpx.AsyncClient, and/or raw asyncio streams (requests encoded once)")
+    parser.add_argument(
+        "--client",
+        nargs="+",
+        default=["httpx"],
+        choices=["httpx", "raw"],
+        help="httpx.AsyncClient, and/or raw asyncio streams (requests encoded once)",
+    )
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
@@ -260,22 +288,31 @@ def main(argv=None) -> int:
 
     images, vecs = prepare(args.index, args.queries)
     n_desc = np.array([len(v) for v in vecs])
-    print(f"{len(vecs)} queries, {n_desc.mean():.0f} descriptors each on average "
-          f"({np.mean([len(npy_bytes(v)) for v in vecs]) / 1e6:.2f} MB as .npy)", flush=True)
+    print(
+        f"{len(vecs)} queries, {n_desc.mean():.0f} descriptors each on average "
+        f"({np.mean([len(npy_bytes(v)) for v in vecs]) / 1e6:.2f} MB as .npy)",
+        flush=True,
+    )
     index = Index.load(args.index / "index.asmkit", mmap=False)
     index.search(vecs[:2], k=args.k)
-    ceilings = {(threads, batch): ceiling(index, vecs, args.k, args.ceiling_seconds, threads, batch)
-                for threads, batch in sorted({(1, 1), (args.workers, 1), (1, 8)})}
+    ceilings = {
+        (threads, batch): ceiling(index, vecs, args.k, args.ceiling_seconds, threads, batch)
+        for threads, batch in sorted({(1, 1), (args.workers, 1), (1, 8)})
+    }
     # The ceiling of one query a call (what a request is), and of batched calls (what the
     # server's searcher makes of concurrent requests).
     best = max(q for (_, batch), q in ceilings.items() if batch == 1)
     batched = ceilings[(1, 8)]
     ceilings = {f"{threads} threads x {batch} queries a call": q for (threads, batch), q in ceilings.items()}
-    print("in-process Index.search ceiling: " + ", ".join(f"{q:.1f} q/s ({name})" for name, q in ceilings.items()),
-          flush=True)
+    print(
+        "in-process Index.search ceiling: " + ", ".join(f"{q:.1f} q/s ({name})" for name, q in ceilings.items()),
+        flush=True,
+    )
 
-    bodies = {"descriptors": [multipart("descriptors", "q.npy", npy_bytes(v)) for v in vecs],
-              "image": [multipart("image", "q.jpg", data) for data in images]}
+    bodies = {
+        "descriptors": [multipart("descriptors", "q.npy", npy_bytes(v)) for v in vecs],
+        "image": [multipart("image", "q.jpg", data) for data in images],
+    }
     server = ServerProcess(args.index, args.workers, args.max_batch)
     results = []
     try:
@@ -283,18 +320,26 @@ def main(argv=None) -> int:
         for kind in args.kinds:
             for clients in args.clients:
                 for client in args.client:
-                    run = asyncio.run(drive(server.url, bodies[kind], clients, args.duration, args.k, args.warmup,
-                                            client))
-                    run.update(kind=kind, clients=clients, server_rss_mb=server.rss() / 2**20,
-                               ratio_to_ceiling=run["throughput"] / best,
-                               ratio_to_batched_ceiling=run["throughput"] / batched)
+                    run = asyncio.run(
+                        drive(server.url, bodies[kind], clients, args.duration, args.k, args.warmup, client)
+                    )
+                    run.update(
+                        kind=kind,
+                        clients=clients,
+                        server_rss_mb=server.rss() / 2**20,
+                        ratio_to_ceiling=run["throughput"] / best,
+                        ratio_to_batched_ceiling=run["throughput"] / batched,
+                    )
                     results.append(run)
-                    print(f"{kind:11s} {clients:3d} clients ({client:5s}): {run['throughput']:7.1f} q/s, "
-                          f"p50 {run['p50_ms']:.1f} ms, p99 {run['p99_ms']:.1f} ms, errors {run['errors']}, "
-                          f"server RSS {run['server_rss_mb']:.0f} MB, client CPU "
-                          f"{run['client_cpu_ms_per_request']:.2f} ms/request, "
-                          f"{100 * run['ratio_to_ceiling']:.0f}% of the one-query ceiling, "
-                          f"{100 * run['ratio_to_batched_ceiling']:.0f}% of the batched one", flush=True)
+                    print(
+                        f"{kind:11s} {clients:3d} clients ({client:5s}): {run['throughput']:7.1f} q/s, "
+                        f"p50 {run['p50_ms']:.1f} ms, p99 {run['p99_ms']:.1f} ms, errors {run['errors']}, "
+                        f"server RSS {run['server_rss_mb']:.0f} MB, client CPU "
+                        f"{run['client_cpu_ms_per_request']:.2f} ms/request, "
+                        f"{100 * run['ratio_to_ceiling']:.0f}% of the one-query ceiling, "
+                        f"{100 * run['ratio_to_batched_ceiling']:.0f}% of the batched one",
+                        flush=True,
+                    )
         peak_rss = server.peak_rss
     finally:
         server.stop()

@@ -39,8 +39,9 @@ def words_of(codebook: Codebook, feats: dict, path: Path) -> tuple[list[np.ndarr
     """Each image's words and signatures (``feature_words``; cached in ``path``)."""
     if not path.is_file():
         words, sigs = feature_words(codebook, [feats[i].descriptors for i in range(len(feats))])
-        np.savez(path, words=np.concatenate(words), signatures=np.concatenate(sigs),
-                 counts=np.array([len(w) for w in words]))
+        np.savez(
+            path, words=np.concatenate(words), signatures=np.concatenate(sigs), counts=np.array([len(w) for w in words])
+        )
     with np.load(path, allow_pickle=False) as data:
         cuts = np.cumsum(data["counts"])[:-1]
         return np.split(data["words"], cuts), np.split(data["signatures"], cuts)
@@ -58,8 +59,15 @@ def mnn_inliers(feats, queries, ids, top, opts: VerifyOptions) -> np.ndarray:
             if pairs.shape[0] < opts.min_inliers:
                 out[row, c] = 0
                 continue
-            fit = fit_model(feats[q].keypoints[pairs[:, 0], :2], feats[d].keypoints[pairs[:, 1], :2], opts.model,
-                            threshold=opts.threshold, max_iters=opts.max_iters, confidence=opts.confidence, pairs=pairs)
+            fit = fit_model(
+                feats[q].keypoints[pairs[:, 0], :2],
+                feats[d].keypoints[pairs[:, 1], :2],
+                opts.model,
+                threshold=opts.threshold,
+                max_iters=opts.max_iters,
+                confidence=opts.confidence,
+                pairs=pairs,
+            )
             out[row, c] = fit.inliers
 
     with ThreadPoolExecutor(opts.n_threads) as pool:
@@ -73,8 +81,12 @@ def main() -> None:
     parser.add_argument("--cache", required=True)
     parser.add_argument("--preset", default="sift")
     parser.add_argument("--codebook", help="codebook directory (default: the cache's codebook-*.asmkit)")
-    parser.add_argument("--images", type=int, default=2000,
-                        help="database = the first N images (UKBench groups are 4 consecutive images)")
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=2000,
+        help="database = the first N images (UKBench groups are 4 consecutive images)",
+    )
     parser.add_argument("--queries", type=int, default=None, help="queries, evenly spaced (default: every image)")
     parser.add_argument("--top", type=int, default=100)
     parser.add_argument("--model", default="affine")
@@ -126,15 +138,29 @@ def main() -> None:
     saved = {"queries": queries, "ids": ids[:, : args.top], "scores": scores[:, : args.top]}
     for config in configs:
         model, threshold, max_hamming = config.split(":")
-        opts = VerifyOptions(model=model, threshold=float(threshold), max_per_word=args.max_per_word,
-                             min_inliers=args.min_inliers, max_iters=args.max_iters, threads=args.threads,
-                             max_hamming=max(int(max_hamming), 0))
+        opts = VerifyOptions(
+            model=model,
+            threshold=float(threshold),
+            max_per_word=args.max_per_word,
+            min_inliers=args.min_inliers,
+            max_iters=args.max_iters,
+            threads=args.threads,
+            max_hamming=max(int(max_hamming), 0),
+        )
         use_sigs = None if sigs is None or int(max_hamming) < 0 else q_sigs
         t0 = time.perf_counter()
         c0 = time.process_time()
         if args.matcher == "words":
-            out = rerank(geometry, [feats[int(q)].keypoints for q in queries], q_words, ids,
-                         scores, query_signatures=use_sigs, top=args.top, options=opts)
+            out = rerank(
+                geometry,
+                [feats[int(q)].keypoints for q in queries],
+                q_words,
+                ids,
+                scores,
+                query_signatures=use_sigs,
+                top=args.top,
+                options=opts,
+            )
             seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
             reranked = out.ids
             # Back to ASMK order, for offline study of the ordering rule.
@@ -151,14 +177,31 @@ def main() -> None:
             reranked[:, : args.top] = np.take_along_axis(ids[:, : args.top], order, axis=1)
         after = evaluate(reranked, gt, query_indices=queries)
         saved[f"inliers:{config}"] = inliers
-        print(json.dumps({
-            "images": len(names), "queries": len(queries), "top": args.top, "matcher": args.matcher, "config": config, "query_m": args.query_m,
-            "max_per_word": args.max_per_word, "min_inliers": args.min_inliers, "max_iters": args.max_iters,
-            "threads": opts.n_threads, "cpus": os.cpu_count(),
-            "map_before": before["map"], "ns_before": before.get("ns_score"),
-            "map_after": after["map"], "ns_after": after.get("ns_score"),
-            "ms_per_query": 1e3 * seconds / len(queries), "cpu_ms_per_query": 1e3 * cpu / len(queries),
-            "geometry_bytes_per_image": geometry.bytes_per_image}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "images": len(names),
+                    "queries": len(queries),
+                    "top": args.top,
+                    "matcher": args.matcher,
+                    "config": config,
+                    "query_m": args.query_m,
+                    "max_per_word": args.max_per_word,
+                    "min_inliers": args.min_inliers,
+                    "max_iters": args.max_iters,
+                    "threads": opts.n_threads,
+                    "cpus": os.cpu_count(),
+                    "map_before": before["map"],
+                    "ns_before": before.get("ns_score"),
+                    "map_after": after["map"],
+                    "ns_after": after.get("ns_score"),
+                    "ms_per_query": 1e3 * seconds / len(queries),
+                    "cpu_ms_per_query": 1e3 * cpu / len(queries),
+                    "geometry_bytes_per_image": geometry.bytes_per_image,
+                }
+            ),
+            flush=True,
+        )
         if args.save:
             np.savez(args.save, **saved)
 

@@ -59,7 +59,9 @@ def png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    )
 
 
 def _jpeg_bytes(array: np.ndarray, **kwargs) -> bytes:
@@ -119,7 +121,7 @@ def make_broken_folder(
 
     rgb = Image.fromarray(textured_image(rng, width, height))
     write("cmyk.jpg", encoded(rgb.convert("CMYK"), "JPEG", quality=90))
-    gray16 = (textured_image(rng, width, height)[:, :, 0].astype(np.uint16) * 257)
+    gray16 = textured_image(rng, width, height)[:, :, 0].astype(np.uint16) * 257
     write("gray16.png", encoded(Image.fromarray(gray16), "PNG"))
     write("sub/gray.png", encoded(rgb.convert("L"), "PNG"))
     rgba = rgb.convert("RGBA")

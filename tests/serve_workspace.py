@@ -67,9 +67,11 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "asmkit.cli", "-q", "serve", str(workspace), "--port", str(self.port),
-             *flags],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT)
+            [sys.executable, "-m", "asmkit.cli", "-q", "serve", str(workspace), "--port", str(self.port), *flags],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -71,8 +71,16 @@ def test_lite0_weights_load_strictly(tmp_path):
 
 @pytest.mark.parametrize(
     "stage, dim, stride",
-    [("stem", 32, 2), ("stride4", 24, 4), ("stride8", 40, 8), ("stride16", 112, 16), ("block7", 80, 16),
-     (11, 192, 32), ("stride32", 320, 32), ("head", 1280, 32)],
+    [
+        ("stem", 32, 2),
+        ("stride4", 24, 4),
+        ("stride8", 40, 8),
+        ("stride16", 112, 16),
+        ("block7", 80, 16),
+        (11, 192, 32),
+        ("stride32", 320, 32),
+        ("head", 1280, 32),
+    ],
 )
 def test_lite0_stage_shapes(stage, dim, stride):
     model = B.EfficientNetLite0(stage, weights=None)
@@ -197,9 +205,18 @@ def _mast3r_state(rng, dim=12, hdims=(16, 10)):
 
 
 def _write_checkpoint(tmp_path, state, **overrides):
-    args = argparse.Namespace(pretrained="naver/not-needed", hdims="16_10", residual=False, prewhiten=0,
-                              postwhiten=0, featweights="l2norm", nfeat=7, imsize=64, nclusters=4,
-                              freeze_backbone=1)
+    args = argparse.Namespace(
+        pretrained="naver/not-needed",
+        hdims="16_10",
+        residual=False,
+        prewhiten=0,
+        postwhiten=0,
+        featweights="l2norm",
+        nfeat=7,
+        imsize=64,
+        nclusters=4,
+        freeze_backbone=1,
+    )
     for key, value in overrides.items():
         setattr(args, key, value)
     path = tmp_path / "tiny_trainingfree.pth"
@@ -272,13 +289,16 @@ def _pickled_codebook(path):
     return path
 
 
-@pytest.mark.parametrize("make, what", [
-    (lambda d: _pickled_codebook(d / "tiny_codebook.pkl"), "a pickle"),
-    (lambda d: _pickled_codebook(d / "renamed.pth"), "a damaged or foreign torch file"),
-    (lambda d: (d / "notes.pth").write_text("not weights\n") and d / "notes.pth", "not a torch file"),
-    (lambda d: (d / "empty.pth").write_bytes(b"") or d / "empty.pth", "not a torch file"),
-    (lambda d: torch.save(torch.zeros(3), d / "tensor.pth") or d / "tensor.pth", "without 'args' and 'model'"),
-])
+@pytest.mark.parametrize(
+    "make, what",
+    [
+        (lambda d: _pickled_codebook(d / "tiny_codebook.pkl"), "a pickle"),
+        (lambda d: _pickled_codebook(d / "renamed.pth"), "a damaged or foreign torch file"),
+        (lambda d: (d / "notes.pth").write_text("not weights\n") and d / "notes.pth", "not a torch file"),
+        (lambda d: (d / "empty.pth").write_bytes(b"") or d / "empty.pth", "not a torch file"),
+        (lambda d: torch.save(torch.zeros(3), d / "tensor.pth") or d / "tensor.pth", "without 'args' and 'model'"),
+    ],
+)
 def test_mast3r_checkpoint_refuses_other_files(tmp_path, make, what):
     path = make(tmp_path)
     with pytest.raises(FileFormatError) as info:

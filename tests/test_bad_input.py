@@ -3,10 +3,10 @@ type and a wrong value alike), or gives a documented result; it never reaches nu
 
 import numpy as np
 import pytest
+from reference_numpy import make_images
 
 from asmkit import Codebook, Index, Params, similarity_matrix
 from asmkit._validation import ArgumentError
-from reference_numpy import make_images
 
 
 @pytest.fixture(scope="module")

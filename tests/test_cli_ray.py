@@ -34,18 +34,49 @@ def test_ray_runs_equal_the_single_process_ones(tmp_path, capsys):
 
     with connect(None, num_cpus=2):
         for out, extra in (("d.npy", []), ("s.npz", ["--top", "3"])):
-            run_json(capsys, ["-q", "scores", images, "--out", str(tmp_path / out), "--cache", cache, *SMALL, *extra,
-                              "--json"])
-            run_json(capsys, ["-q", "scores", images, "--out", str(tmp_path / f"ray-{out}"), "--cache", cache, *SMALL,
-                              *extra, *ray, "--json"])
+            run_json(
+                capsys,
+                ["-q", "scores", images, "--out", str(tmp_path / out), "--cache", cache, *SMALL, *extra, "--json"],
+            )
+            run_json(
+                capsys,
+                [
+                    "-q",
+                    "scores",
+                    images,
+                    "--out",
+                    str(tmp_path / f"ray-{out}"),
+                    "--cache",
+                    cache,
+                    *SMALL,
+                    *extra,
+                    *ray,
+                    "--json",
+                ],
+            )
         assert np.array_equal(np.load(tmp_path / "d.npy"), np.load(tmp_path / "ray-d.npy"))
         with np.load(tmp_path / "s.npz") as a, np.load(tmp_path / "ray-s.npz") as b:
             assert sorted(a.files) == sorted(b.files)
             assert all(np.array_equal(a[key], b[key]) for key in a.files)
 
         for name, extra in (("p.txt", []), ("ray-p.txt", ray)):
-            run_json(capsys, ["-q", "pairs", images, "--out", str(tmp_path / name), "--graph", "retrieval-2-2",
-                              "--cache", cache, *SMALL, *extra, "--json"])
+            run_json(
+                capsys,
+                [
+                    "-q",
+                    "pairs",
+                    images,
+                    "--out",
+                    str(tmp_path / name),
+                    "--graph",
+                    "retrieval-2-2",
+                    "--cache",
+                    cache,
+                    *SMALL,
+                    *extra,
+                    "--json",
+                ],
+            )
         assert (tmp_path / "p.txt").read_text() == (tmp_path / "ray-p.txt").read_text()
 
         plain = run_json(capsys, ["-q", "eval", str(data), "--cache", cache, *SMALL, "--json"])

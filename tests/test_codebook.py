@@ -143,7 +143,8 @@ def test_quantize_matches_faiss_flat_l2_on_clustered_data(m):
     # several words, the hard case for agreement.
     rng = np.random.default_rng(12)
     centroids = vecs[rng.choice(len(vecs), 512, replace=False)] + 0.01 * rng.standard_normal((512, 128)).astype(
-        np.float32)
+        np.float32
+    )
     index = faiss.IndexFlatL2(128)
     index.add(centroids)
     faiss_dist, faiss_words = index.search(vecs, m + 1)

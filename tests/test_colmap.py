@@ -15,9 +15,19 @@ pycolmap = pytest.importorskip("pycolmap")
 from asmkit.colmap import reconstruct, write_database  # noqa: E402  (after the pycolmap skip)
 
 _REPO = Path(__file__).resolve().parents[1]
-SACRE_COEUR = next((p for p in (_REPO.parent / "shared", _REPO.parents[1] / "shared")
-                    if (p / "datasets" / "sacre_coeur" / "images").is_dir()), _REPO.parent / "shared") \
-    / "datasets" / "sacre_coeur" / "images"
+SACRE_COEUR = (
+    next(
+        (
+            p
+            for p in (_REPO.parent / "shared", _REPO.parents[1] / "shared")
+            if (p / "datasets" / "sacre_coeur" / "images").is_dir()
+        ),
+        _REPO.parent / "shared",
+    )
+    / "datasets"
+    / "sacre_coeur"
+    / "images"
+)
 
 
 def write_images(folder: Path, names, size=(160, 120)):
@@ -37,9 +47,11 @@ def test_database_holds_keypoints_matches_and_geometries(tmp_path):
     matches = np.stack([np.arange(30), np.arange(30)[::-1]], axis=1).astype(np.int32)
     mask = np.arange(30) < 20
     f = rng.normal(size=(3, 3))
-    pairs = [PairGeometry("a.png", "b.png", matches, mask, 20, f),
-             PairGeometry("b.png", "c.png", matches, mask, 20, None),  # no model: matches only
-             PairGeometry("a.png", "c.png", matches, mask, 5, f)]  # too few inliers: matches only
+    pairs = [
+        PairGeometry("a.png", "b.png", matches, mask, 20, f),
+        PairGeometry("b.png", "c.png", matches, mask, 20, None),  # no model: matches only
+        PairGeometry("a.png", "c.png", matches, mask, 5, f),
+    ]  # too few inliers: matches only
     db_path = tmp_path / "sfm" / "database.db"
     summary = write_database(db_path, tmp_path / "images", keypoints, pairs, min_inliers=15)
     assert summary == {"database": str(db_path), "images": 3, "matched_pairs": 3, "verified_pairs": 1}
@@ -77,9 +89,25 @@ def test_sacre_coeur_registers_its_images(tmp_path, capsys):
     from asmkit.cli import main
 
     db = tmp_path / "database.db"
-    status = main(["-q", "pairs", str(SACRE_COEUR), "--out", str(tmp_path / "pairs.txt"), "--graph", "complete",
-                   "--verify", "--colmap-db", str(db), "--cache", str(tmp_path / "cache"), "--json",
-                   "--config", str(_REPO / "examples" / "sacre_coeur.toml")])
+    status = main(
+        [
+            "-q",
+            "pairs",
+            str(SACRE_COEUR),
+            "--out",
+            str(tmp_path / "pairs.txt"),
+            "--graph",
+            "complete",
+            "--verify",
+            "--colmap-db",
+            str(db),
+            "--cache",
+            str(tmp_path / "cache"),
+            "--json",
+            "--config",
+            str(_REPO / "examples" / "sacre_coeur.toml"),
+        ]
+    )
     assert status == 0
     inliers = (tmp_path / "pairs.txt.inliers.txt").read_text().split("\n")
     assert len([line for line in inliers if line]) == 45

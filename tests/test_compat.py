@@ -20,10 +20,18 @@ def _params(binary=True, idf=False, topk=None, gpu_id=None):
     return {
         "index": {"gpu_id": gpu_id},
         "train_codebook": {"codebook": {"size": K}},
-        "build_ivf": {"kernel": {"binary": binary}, "ivf": {"use_idf": idf},
-                      "quantize": {"multiple_assignment": 1}, "aggregate": {}},
-        "query_ivf": {"quantize": {"multiple_assignment": 5}, "aggregate": {}, "search": {"topk": topk},
-                      "similarity": {"similarity_threshold": 0.0, "alpha": 3.0}},
+        "build_ivf": {
+            "kernel": {"binary": binary},
+            "ivf": {"use_idf": idf},
+            "quantize": {"multiple_assignment": 1},
+            "aggregate": {},
+        },
+        "query_ivf": {
+            "quantize": {"multiple_assignment": 5},
+            "aggregate": {},
+            "search": {"topk": topk},
+            "similarity": {"similarity_threshold": 0.0, "alpha": 3.0},
+        },
     }
 
 
@@ -272,7 +280,8 @@ def test_reference_ivf_pickle_with_other_kernel_is_refused(data, reference_codeb
     vecs, imids, _, _ = data
     ivf_pkl = tmp_path / "ivf.pkl"
     ref = asmk.ASMKMethod.initialize_untrained(_params(binary=True)).train_codebook(
-        None, cache_path=str(reference_codebook))
+        None, cache_path=str(reference_codebook)
+    )
     ref.build_ivf(vecs.copy(), imids.copy(), cache_path=str(ivf_pkl))
     ours = ASMKMethod.initialize_untrained(_params(binary=False)).train_codebook(None, cache_path=reference_codebook)
     with pytest.raises(LegacyFormatError, match="ivf.pkl.*binary=False.*binary=True"):

@@ -25,10 +25,18 @@ def _params(topk=None, use_idf=False):
     return {
         "index": {"gpu_id": None},
         "train_codebook": {"codebook": {"size": K}},
-        "build_ivf": {"kernel": {"binary": True}, "ivf": {"use_idf": use_idf},
-                      "quantize": {"multiple_assignment": 1}, "aggregate": {}},
-        "query_ivf": {"quantize": {"multiple_assignment": 5}, "aggregate": {}, "search": {"topk": topk},
-                      "similarity": {"similarity_threshold": 0.0, "alpha": 3.0}},
+        "build_ivf": {
+            "kernel": {"binary": True},
+            "ivf": {"use_idf": use_idf},
+            "quantize": {"multiple_assignment": 1},
+            "aggregate": {},
+        },
+        "query_ivf": {
+            "quantize": {"multiple_assignment": 5},
+            "aggregate": {},
+            "search": {"topk": topk},
+            "similarity": {"similarity_threshold": 0.0, "alpha": 3.0},
+        },
     }
 
 
@@ -158,7 +166,8 @@ def test_train_codebook_call_shapes(data, tmp_path):
             np.testing.assert_array_equal(method.codebook.centroids, shapes["positional"].codebook.centroids, shape)
         assert "load_time" in shapes["cache, no vectors"].metadata["train_codebook"]
         override = cls.initialize_untrained({"index": {"gpu_id": None}}).train_codebook(
-            train.copy(), step_params={"codebook": {"size": 16}})
+            train.copy(), step_params={"codebook": {"size": 16}}
+        )
         assert override.codebook.centroids.shape == (16, D)
         assert override.params["train_codebook"] == {"codebook": {"size": 16}}
         centroids[name] = shapes["positional"].codebook.centroids
@@ -194,7 +203,7 @@ def test_build_ivf_call_shapes(data, tmp_path):
         shapes["builder"] = trained.add_ivf_builder(builder)
         assert trained.create_ivf_builder(cache_path=path).loaded_from_cache
         query = {shape: method.query_ivf(qvecs.copy(), qimids.copy()) for shape, method in shapes.items()}
-        for shape, (_, images, ranks, scores) in query.items():
+        for shape, (_, _images, ranks, scores) in query.items():
             np.testing.assert_array_equal(ranks, query["positional"][2], shape)
             np.testing.assert_allclose(scores, query["positional"][3], atol=1e-6, err_msg=shape)
             assert shapes[shape].metadata["build_ivf"]["ivf_stats"]["images"] == 24
@@ -209,20 +218,19 @@ def test_query_ivf_call_shapes(data):
     method = ASMKMethod.initialize_untrained(_params(topk=7)).train_codebook(train).build_ivf(vecs, imids)
     _, images, ranks, scores = method.query_ivf(qvecs, qimids)
     assert ranks.shape == scores.shape == (6, 7)
-    _, images2, ranks2, scores2 = method.query_ivf(qvecs, qimids, step_params=_params(topk=7)["query_ivf"],
-                                                   progress=2)
+    _, images2, ranks2, scores2 = method.query_ivf(qvecs, qimids, step_params=_params(topk=7)["query_ivf"], progress=2)
     np.testing.assert_array_equal(images2, images)
     np.testing.assert_array_equal(ranks2, ranks)
     np.testing.assert_array_equal(scores2, scores)
     # The reference's static helper, with the method's own objects.
-    images3, ranks3, scores3 = ASMKMethod.accumulate_scores(method.codebook, method.kernel, method.inverted_file,
-                                                            qvecs, qimids, params=method.params["query_ivf"])
+    images3, ranks3, scores3 = ASMKMethod.accumulate_scores(
+        method.codebook, method.kernel, method.inverted_file, qvecs, qimids, params=method.params["query_ivf"]
+    )
     np.testing.assert_array_equal(images3, images)
     np.testing.assert_array_equal(ranks3, ranks)
     np.testing.assert_array_equal(scores3, scores)
     with pytest.raises(ArgumentError, match="query_ivf dict"):
-        ASMKMethod.accumulate_scores(method.codebook, method.kernel, method.inverted_file, qvecs, qimids,
-                                     params=None)
+        ASMKMethod.accumulate_scores(method.codebook, method.kernel, method.inverted_file, qvecs, qimids, params=None)
 
 
 def test_search_without_topk_ranks_everything(data):
@@ -280,9 +288,14 @@ def test_demo_how_flow_matches_the_reference(data, tmp_path):
     for name, cls in _implementations():
         runs = []
         (tmp_path / name).mkdir()
-        for run in range(2):  # the second run loads both caches
-            desc = {"train": train.copy(), "vecs": vecs.copy(), "imids": imids.copy(),
-                    "qvecs": qvecs.copy(), "qimids": qimids.copy()}
+        for _run in range(2):  # the second run loads both caches
+            desc = {
+                "train": train.copy(),
+                "vecs": vecs.copy(),
+                "imids": imids.copy(),
+                "qvecs": qvecs.copy(),
+                "qimids": qimids.copy(),
+            }
             log = []
             runs.append((*_demo_how(cls, desc, tmp_path / name, log), log))
         (ranks_t, scores, log), (ranks_t2, scores2, log2) = runs

@@ -87,7 +87,7 @@ def test_head_attention_is_l2_norm_and_smoothing_is_3x3_average():
     smooth = np.zeros_like(fmap[0])
     for i in range(5):
         for j in range(6):
-            smooth[:, i, j] = fmap[0, :, max(i - 1, 0): i + 2, max(j - 1, 0): j + 2].mean(axis=(1, 2))
+            smooth[:, i, j] = fmap[0, :, max(i - 1, 0) : i + 2, max(j - 1, 0) : j + 2].mean(axis=(1, 2))
     tokens = smooth.reshape(4, -1).T
     np.testing.assert_allclose(feat[0].numpy(), tokens, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(attn[0].numpy(), np.linalg.norm(tokens, axis=1), rtol=1e-5)
@@ -127,8 +127,9 @@ def test_head_residual_projector_and_save_load(tmp_path):
     assert head.forward_local(x)[0].shape == (2, 6, 8)
 
 
-@pytest.mark.parametrize("content", [b"a text file, not a head\n", b"", b"PK\x03\x04damaged zip"],
-                         ids=["text", "empty", "damaged_zip"])
+@pytest.mark.parametrize(
+    "content", [b"a text file, not a head\n", b"", b"PK\x03\x04damaged zip"], ids=["text", "empty", "damaged_zip"]
+)
 def test_head_load_of_a_foreign_file_names_it(tmp_path, content):
     # torch.load raises an IndexError for a text file; the user must get the file's name.
     path = tmp_path / "head.pt"
@@ -140,8 +141,13 @@ def test_head_load_of_a_foreign_file_names_it(tmp_path, content):
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"hdims": [4], "residual": True}, "residual"), ({"smoothing": 2}, "smoothing"),
-     ({"postwhiten": 9}, "postwhiten"), ({"nfeat": 0}, "nfeat"), ({"hdims": [0]}, "hdims")],
+    [
+        ({"hdims": [4], "residual": True}, "residual"),
+        ({"smoothing": 2}, "smoothing"),
+        ({"postwhiten": 9}, "postwhiten"),
+        ({"nfeat": 0}, "nfeat"),
+        ({"hdims": [0]}, "hdims"),
+    ],
 )
 def test_head_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -256,8 +262,14 @@ def test_extract_features_runs_the_extractor(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"scales": ()}, "scales"), ({"scales": (1.0, -1)}, "scales"), ({"nfeat": 0}, "nfeat"),
-     ({"max_size": 4}, "max_size"), ({"batch_size": 0}, "batch_size"), ({"device": "cuda:7"}, "device")],
+    [
+        ({"scales": ()}, "scales"),
+        ({"scales": (1.0, -1)}, "scales"),
+        ({"nfeat": 0}, "nfeat"),
+        ({"max_size": 4}, "max_size"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"device": "cuda:7"}, "device"),
+    ],
 )
 def test_extractor_validation(kwargs, match):
     if kwargs.get("device", "").startswith("cuda") and torch.cuda.device_count() > 7:
@@ -336,8 +348,10 @@ def test_cuda_extractor_agrees_with_cpu():
 @pytest.mark.parametrize("module", ["asmkit.features.deep", "asmkit.features.mast3r"])
 def test_import_without_torch_is_a_dependency_error(module):
     # In a fresh interpreter where `import torch` fails, as on an install without [deep].
-    code = (f"import sys; sys.modules['torch'] = None\n"
-            f"from asmkit._validation import DependencyError\n"
-            f"try:\n    import {module}\nexcept DependencyError as exc:\n    print('OK', exc)\n")
+    code = (
+        f"import sys; sys.modules['torch'] = None\n"
+        f"from asmkit._validation import DependencyError\n"
+        f"try:\n    import {module}\nexcept DependencyError as exc:\n    print('OK', exc)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.startswith("OK") and "pip install 'asmkit[deep]'" in out.stdout, out.stdout + out.stderr

@@ -22,8 +22,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from asmkit import Codebook, Index, Params, similarity_matrix
-from asmkit import distributed
+from asmkit import Codebook, Index, Params, distributed, similarity_matrix
 from asmkit._validation import ArgumentError, AsmkitError
 from asmkit.distributed import (
     ClusterUnreachableError,
@@ -222,8 +221,18 @@ def codebook(images):
 def test_build_index_equals_single_process(cluster, images, codebook, tmp_path, capsys):
     root, paths = images
     expected, failed, vecs = _single_process(paths, root, codebook, start=100)
-    build = build_index(paths, _sift, codebook, PARAMS, root=root, start=100, batch_size=5, progress=True,
-                        out=tmp_path / "index", queries=True)
+    build = build_index(
+        paths,
+        _sift,
+        codebook,
+        PARAMS,
+        root=root,
+        start=100,
+        batch_size=5,
+        progress=True,
+        out=tmp_path / "index",
+        queries=True,
+    )
     # One bar on the driver, counting images as the batches come back.
     err = capsys.readouterr().err
     assert "index: 100%" in err and f"{len(paths)}/{len(paths)}" in err
@@ -232,20 +241,23 @@ def test_build_index_equals_single_process(cluster, images, codebook, tmp_path, 
     _assert_same_index(build.index, expected)
     _assert_same_index(Index.load(tmp_path / "index"), expected)
     # All-vs-all from the aggregates the workers sent back, without a second extraction.
-    _assert_same_result(scores_topk(build.index, build.queries, None, 6, progress=False),
-                        expected.search(vecs, None, k=6))
+    _assert_same_result(
+        scores_topk(build.index, build.queries, None, 6, progress=False), expected.search(vecs, None, k=6)
+    )
 
 
 def test_build_index_trains_codebook_on_sample(cluster, images):
     root, paths = images
-    build = build_index(paths, _sift, None, PARAMS.replace(codebook_size=16), root=root, sample=10, seed=4,
-                        batch_size=4, progress=False)
+    build = build_index(
+        paths, _sift, None, PARAMS.replace(codebook_size=16), root=root, sample=10, seed=4, batch_size=4, progress=False
+    )
     assert build.codebook_trained
     chosen = np.sort(np.random.default_rng(4).choice(len(paths), size=10, replace=False))
     local = extract_features([paths[i] for i in chosen], _sift(), root=root, progress=False)
     vecs = np.concatenate([local.features[n].descriptors for n in local.extracted])
-    np.testing.assert_array_equal(sample_descriptors([paths[i] for i in chosen], _sift, root=root, workers=1,
-                                                     progress=False), vecs)
+    np.testing.assert_array_equal(
+        sample_descriptors([paths[i] for i in chosen], _sift, root=root, workers=1, progress=False), vecs
+    )
     trained = Codebook.train(vecs, 16, iters=PARAMS.kmeans_iters, seed=PARAMS.seed)
     np.testing.assert_array_equal(build.index.codebook.centroids, trained.centroids)
     _assert_same_index(build.index, _single_process(paths, root, trained)[0])
@@ -284,8 +296,17 @@ class _DyingFactory:
 def test_killed_worker_is_retried_and_the_index_is_identical(cluster, images, codebook, tmp_path):
     root, paths = images
     marker = tmp_path / "killed-once"
-    build = build_index(paths, _DyingFactory(str(marker)), codebook, PARAMS, root=root, batch_size=6,
-                        progress=False, max_retries=2, out=tmp_path / "index")
+    build = build_index(
+        paths,
+        _DyingFactory(str(marker)),
+        codebook,
+        PARAMS,
+        root=root,
+        batch_size=6,
+        progress=False,
+        max_retries=2,
+        out=tmp_path / "index",
+    )
     assert marker.exists()  # a worker did die
     expected, failed, _ = _single_process(paths, root, codebook)
     assert build.failed == failed
@@ -296,8 +317,18 @@ def test_killed_worker_is_retried_and_the_index_is_identical(cluster, images, co
 def test_workers_that_always_die_leave_no_output(cluster, images, codebook, tmp_path):
     root, paths = images
     with pytest.raises(ray.exceptions.RayActorError):
-        build_index(paths[:4], _DyingFactory(None, always=True), codebook, PARAMS, root=root, batch_size=2,
-                    workers=1, progress=False, max_retries=1, out=tmp_path / "index")
+        build_index(
+            paths[:4],
+            _DyingFactory(None, always=True),
+            codebook,
+            PARAMS,
+            root=root,
+            batch_size=2,
+            workers=1,
+            progress=False,
+            max_retries=1,
+            out=tmp_path / "index",
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -306,11 +337,16 @@ def test_workers_that_always_die_leave_no_output(cluster, images, codebook, tmp_
 
 def test_unreachable_cluster_fails_within_the_timeout():
     # In a fresh process: this one is already connected, and connect() reuses that.
-    code = ("from asmkit.distributed import connect\n"
-            "connect('127.0.0.1:1', timeout=2)\n")
+    code = "from asmkit.distributed import connect\nconnect('127.0.0.1:1', timeout=2)\n"
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60,
-                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+    )
     elapsed = time.perf_counter() - start
     assert proc.returncode == 1
     assert "ClusterUnreachableError: ray address 127.0.0.1:1: no Ray cluster answers within 2 s" in proc.stderr
@@ -325,8 +361,11 @@ def test_bad_address_is_an_argument_error(monkeypatch):
 
 def test_ray_missing_names_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
-    for call in (distributed.require_ray, distributed.connect,
-                 lambda: scores_topk(None, np.zeros((1, 4), np.float32), [0], 1)):
+    for call in (
+        distributed.require_ray,
+        distributed.connect,
+        lambda: scores_topk(None, np.zeros((1, 4), np.float32), [0], 1),
+    ):
         with pytest.raises(RayNotInstalledError, match=r"pip install 'asmkit\[ray\]'"):
             call()
     assert issubclass(RayNotInstalledError, AsmkitError) and issubclass(RayNotInstalledError, ImportError)

@@ -93,8 +93,12 @@ def test_save_load_round_trip_memory_mapped(tmp_path):
 
 
 def test_load_refuses_inconsistent_or_wrong_directories(tmp_path):
-    arrays = {"ids": np.array([0, 1]), "offsets": np.array([0, 3, 2]), "keypoints": np.zeros((2, 4), np.float32),
-              "words": np.zeros(2, np.int32)}
+    arrays = {
+        "ids": np.array([0, 1]),
+        "offsets": np.array([0, 3, 2]),
+        "keypoints": np.zeros((2, 4), np.float32),
+        "words": np.zeros(2, np.int32),
+    }
     save_arrays(tmp_path / "bad", arrays, {}, kind="geometry")
     with pytest.raises(FileFormatError, match="bad"):
         GeometryStore.load(tmp_path / "bad")

@@ -110,7 +110,8 @@ def test_gpu_without_cuda_or_faiss_gpu_falls_back_with_one_warning():
         warnings.simplefilter("always")
         book = Codebook(centroids, gpu=0)
     assert [str(w.message) for w in caught if "gpu" in str(w.message)] == [
-        "gpu: no GPU 0 available to faiss or torch (CPU builds or no device); using the CPU"]
+        "gpu: no GPU 0 available to faiss or torch (CPU builds or no device); using the CPU"
+    ]
     assert book.gpu is None and not isinstance(book.quantizer, TorchQuantizer)
 
 

@@ -35,8 +35,14 @@ def test_constant_rows_carry_no_evidence():
     np.testing.assert_allclose(fuse([a, np.zeros_like(a)]), fuse([a]), atol=1e-6)
 
 
-@pytest.mark.parametrize("bad", [dict(matrices=[]), dict(matrices=[np.zeros((2, 3)), np.zeros((3, 2))]),
-                                 dict(matrices=[np.zeros((2, 3))], fusion="max")])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(matrices=[]),
+        dict(matrices=[np.zeros((2, 3)), np.zeros((3, 2))]),
+        dict(matrices=[np.zeros((2, 3))], fusion="max"),
+    ],
+)
 def test_bad_fusion_input(bad):
     with pytest.raises(ArgumentError):
         fuse(**bad)

@@ -41,8 +41,11 @@ def _imports(modules: dict[str, Path]):
         is_package = path.name == "__init__.py"
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             if isinstance(node, ast.Import):
-                found += [(module, alias.name, None, node.lineno) for alias in node.names
-                          if alias.name.split(".")[0] == "asmkit"]
+                found += [
+                    (module, alias.name, None, node.lineno)
+                    for alias in node.names
+                    if alias.name.split(".")[0] == "asmkit"
+                ]
             elif isinstance(node, ast.ImportFrom):
                 target = _resolve(module, is_package, node.level, node.module)
                 if target.split(".")[0] != "asmkit":
@@ -73,7 +76,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state:
                 found = visit(nxt)
                 if found:
@@ -111,8 +114,11 @@ def test_no_private_name_of_another_module():
     offenders = [
         f"{importer} (line {line}) imports {imported}.{name}"
         for importer, imported, name, line in _imports(_modules())
-        if name is not None and name.startswith("_") and not name.startswith("__")
-        and imported != importer and imported not in SHARED_PRIVATE
+        if name is not None
+        and name.startswith("_")
+        and not name.startswith("__")
+        and imported != importer
+        and imported not in SHARED_PRIVATE
     ]
     assert not offenders, "\n".join(offenders)
 

@@ -25,8 +25,15 @@ def _state(index):
     words = ivf.words_of_entries()
     ids = index.ids[ivf.slots]
     order = np.lexsort((ids, words))
-    return (index.ids.tolist(), index.keys, ivf.offsets.tolist(), ids[order].tolist(),
-            ivf.data[order].tolist(), index.idf.tolist(), index.norms.tolist())
+    return (
+        index.ids.tolist(),
+        index.keys,
+        ivf.offsets.tolist(),
+        ids[order].tolist(),
+        ivf.data[order].tolist(),
+        index.idf.tolist(),
+        index.norms.tolist(),
+    )
 
 
 @pytest.mark.parametrize("binary", [True, False])
@@ -38,9 +45,9 @@ def test_incremental_add_remove_equals_scratch(centroids40, data, binary):
 
     inc = Index(book, params)
     inc.add(db[7:], image_ids=ids[7:])
-    inc.add(db[:3], image_ids=ids[:3])           # ids below the existing ones
-    inc.add(*flatten(db[3:7], ids=ids[3:7]))     # array input (image 105 has no rows: skipped)
-    inc.add([db[5]], image_ids=[105])            # the empty image, explicitly
+    inc.add(db[:3], image_ids=ids[:3])  # ids below the existing ones
+    inc.add(*flatten(db[3:7], ids=ids[3:7]))  # array input (image 105 has no rows: skipped)
+    inc.add([db[5]], image_ids=[105])  # the empty image, explicitly
     extra = make_images(3, 10, 40, seed=53, centroids=centroids40)
     inc.add(extra, image_ids=[7, 300, 301], keys=["x", "y", "z"])
     inc.remove([7, "y"])
@@ -86,7 +93,7 @@ def test_keys_and_ids(centroids40, data):
 def test_empty_image_scores_zero(centroids40, data):
     db, queries = data
     index = Index(Codebook(centroids40), Params(ma_query=2))
-    index.add(db[:6])   # image 5 has no descriptors
+    index.add(db[:6])  # image 5 has no descriptors
     assert len(index) == 6
     scores, ids = index.search(queries)
     for row_s, row_i in zip(scores, ids):
@@ -98,8 +105,16 @@ def test_stats_keys_match_reference(centroids40, data):
     index = Index(Codebook(centroids40), Params())
     index.add(db)
     stats = index.stats
-    assert set(stats) == {"images", "vectors_per_image", "mean_entries_per_vw", "empty_vw", "min_entries_per_vw",
-                          "max_entries_per_vw", "std_of_entries_per_vw", "imbalance_factor_of_vw"}
+    assert set(stats) == {
+        "images",
+        "vectors_per_image",
+        "mean_entries_per_vw",
+        "empty_vw",
+        "min_entries_per_vw",
+        "max_entries_per_vw",
+        "std_of_entries_per_vw",
+        "imbalance_factor_of_vw",
+    }
     counts = np.diff(index.inverted_file.offsets)
     assert stats["images"] == 14 and stats["vectors_per_image"] == counts.sum() / 14
     assert stats["imbalance_factor_of_vw"] == pytest.approx(len(counts) * (counts**2).sum() / counts.sum() ** 2)
@@ -191,8 +206,9 @@ def test_search_in_chunks_equals_one_pass(centroids40):
     np.testing.assert_array_equal(got[1], expected[1])
     images = [vecs[:10], np.empty((0, 40), np.float32), vecs[10:50], vecs[50:]]
     whole = index.search(images, k=None)
-    parts = score_queries(index.codebook, prepare_descriptors(images, dim=40), index.database, params,
-                          chunk_rows=15, chunk_images=2)
+    parts = score_queries(
+        index.codebook, prepare_descriptors(images, dim=40), index.database, params, chunk_rows=15, chunk_images=2
+    )
     np.testing.assert_array_equal(parts[0], whole[0])
     np.testing.assert_array_equal(parts[1], whole[1])
 
@@ -207,11 +223,15 @@ def test_add_equals_add_aggregates(centroids40, data, binary):
     # The aggregates of the images made in two parts (as workers would), then added:
     # list input with an image without descriptors, and array input.
     parts = Index(book, params)
-    parts.add_aggregates(aggregate_images(book, db[:7], np.arange(300, 307), params), np.arange(300, 307),
-                         keys=[f"k{i}" for i in range(7)])
+    parts.add_aggregates(
+        aggregate_images(book, db[:7], np.arange(300, 307), params),
+        np.arange(300, 307),
+        keys=[f"k{i}" for i in range(7)],
+    )
     vecs, labels = flatten(db[7:], ids=np.arange(307, 314))
-    parts.add_aggregates(aggregate_images(book, vecs, labels, params), np.arange(307, 314),
-                         keys=[f"k{i}" for i in range(7, 14)])
+    parts.add_aggregates(
+        aggregate_images(book, vecs, labels, params), np.arange(307, 314), keys=[f"k{i}" for i in range(7, 14)]
+    )
     assert _state(parts) == _state(direct)
     np.testing.assert_array_equal(parts.search(queries)[1], direct.search(queries)[1])
 
@@ -222,8 +242,9 @@ def test_query_aggregates_score_as_search(centroids40, data):
     index = Index(Codebook(centroids40), params)
     index.add(db)
     aggregates = aggregate_images(index.codebook, queries, None, params, side="query")
-    got = score_aggregates(index.inverted_file, index.idf, index.database.sqrt_norms, index.ids, aggregates,
-                           params, dim=40, k=5)
+    got = score_aggregates(
+        index.inverted_file, index.idf, index.database.sqrt_norms, index.ids, aggregates, params, dim=40, k=5
+    )
     expected = index.search(queries, k=5)
     np.testing.assert_array_equal(got[0], expected[0])
     np.testing.assert_array_equal(got[1], expected[1])
@@ -246,5 +267,3 @@ def test_add_aggregates_rejects_what_does_not_fit(centroids40, data):
         index.add_aggregates(binary, [1, 2])
     with pytest.raises(ArgumentError, match="side"):
         aggregate_images(book, db[:2], None, Params(), side="both")
-
-

@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
+import reference_numpy as ref
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-
-import reference_numpy as ref
 from reference_numpy import make_images
+
 from asmkit.kernel import (
     aggregate,
     hamming_similarity,
@@ -125,11 +125,15 @@ def test_pack_bits_matches_twin_and_roundtrips(bits):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(1, 200).flatmap(lambda d: st.tuples(
-    st.just(d),
-    hnp.arrays(np.bool_, (3, d)),
-    hnp.arrays(np.bool_, (4, d)),
-)))
+@given(
+    st.integers(1, 200).flatmap(
+        lambda d: st.tuples(
+            st.just(d),
+            hnp.arrays(np.bool_, (3, d)),
+            hnp.arrays(np.bool_, (4, d)),
+        )
+    )
+)
 def test_hamming_similarity_matches_twin(case):
     dim, a, b = case
     u = hamming_similarity(pack_bits(a), pack_bits(b), dim)

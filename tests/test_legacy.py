@@ -33,8 +33,16 @@ def test_numpy_and_plain_containers_round_trip(tmp_path, protocol):
         "type": "X",
         "arrays": [rng.standard_normal((4, 3)).astype(np.float32), np.arange(5, dtype=np.uint32), None],
         "scalars": (np.int64(7), np.float32(1.5), np.bool_(True)),
-        "plain": {"a": 1, "b": 2.5, "c": "s", "d": b"bytes", "e": {1, 2}, "f": frozenset([3]),
-                  "g": bytearray(b"xy"), "h": 1 + 2j},
+        "plain": {
+            "a": 1,
+            "b": 2.5,
+            "c": "s",
+            "d": b"bytes",
+            "e": {1, 2},
+            "f": frozenset([3]),
+            "g": bytearray(b"xy"),
+            "h": 1 + 2j,
+        },
         "fortran": np.asfortranarray(np.arange(6.0).reshape(2, 3)),
     }
     _dump(tmp_path / "x.pkl", obj, protocol)
@@ -140,15 +148,17 @@ class _SubprocessCall:
 
 @pytest.mark.parametrize(
     "payload, refused",
-    [(_SystemCall, "refused global posix.system"), (_EvalCall, "refused global builtins.eval"),
-     (_SubprocessCall, "refused global subprocess.call")],
+    [
+        (_SystemCall, "refused global posix.system"),
+        (_EvalCall, "refused global builtins.eval"),
+        (_SubprocessCall, "refused global subprocess.call"),
+    ],
 )
 def test_code_execution_is_refused_and_not_run(tmp_path, payload, refused):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pkl"
     # Nested inside an otherwise legitimate state dict.
-    _dump(path, {"type": "Codebook", "state": {"centroids": np.zeros((2, 2), np.float32),
-                                               "x": payload(marker)}})
+    _dump(path, {"type": "Codebook", "state": {"centroids": np.zeros((2, 2), np.float32), "x": payload(marker)}})
     with pytest.raises(LegacyFormatError, match=refused) as info:
         load_legacy_pickle(path)
     assert str(path) in str(info.value)
@@ -202,9 +212,19 @@ def test_state_validation():
     with pytest.raises(LegacyFormatError, match="expected a reference state_dict"):
         ivf_from_legacy([1, 2])
     with pytest.raises(LegacyFormatError, match="inconsistent IVF sizes"):
-        ivf_from_legacy({"type": "IVF", "params": {}, "state": {
-            "ivf_vecs": [None], "ivf_image_ids": [None, None], "counts": np.zeros(1),
-            "idf": np.ones(1), "n_images": 0}})
+        ivf_from_legacy(
+            {
+                "type": "IVF",
+                "params": {},
+                "state": {
+                    "ivf_vecs": [None],
+                    "ivf_image_ids": [None, None],
+                    "counts": np.zeros(1),
+                    "idf": np.ones(1),
+                    "n_images": 0,
+                },
+            }
+        )
 
 
 def test_errors_are_file_format_errors_naming_the_file(tmp_path):

@@ -20,13 +20,33 @@ def test_parse_size_rejects(bad):
 def test_defaults_match_reference_defaults():
     p = Params()
     assert (p.codebook_size, p.binary, p.use_idf, p.alpha, p.tau, p.ma_database, p.ma_query) == (
-        65536, True, False, 3.0, 0.0, 1, 5)
+        65536,
+        True,
+        False,
+        3.0,
+        0.0,
+        1,
+        5,
+    )
 
 
-@pytest.mark.parametrize("field,value", [
-    ("alpha", -1.0), ("alpha", float("nan")), ("tau", 2.0), ("ma_query", 0),
-    ("binary", "yes"), ("binary", 1), ("topk", 0), ("kmeans_iters", 1.5), ("ma_query", 2.5), ("seed", "1"),
-    ("codebook_size", 2.5), ("use_idf", None)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("alpha", -1.0),
+        ("alpha", float("nan")),
+        ("tau", 2.0),
+        ("ma_query", 0),
+        ("binary", "yes"),
+        ("binary", 1),
+        ("topk", 0),
+        ("kmeans_iters", 1.5),
+        ("ma_query", 2.5),
+        ("seed", "1"),
+        ("codebook_size", 2.5),
+        ("use_idf", None),
+    ],
+)
 def test_validation_names_the_field(field, value):
     with pytest.raises(ArgumentError, match=f"^{field}: "):
         Params(**{field: value})

@@ -43,15 +43,18 @@ def cache(tmp_path, monkeypatch):
 # -- codebook size and training sample -----------------------------------------------------
 
 
-@pytest.mark.parametrize("n, size, expected", [
-    (26_000, 4096, 512),        # the demo set: 512 words keep >= 39 descriptors each
-    (1_200_000, 4096, 4096),    # enough data: the preset's size
-    (4096 * MIN_POINTS_PER_WORD, 4096, 4096),
-    (4096 * MIN_POINTS_PER_WORD - 1, 4096, 2048),
-    (100, 4096, 2),
-    (10, 4096, 1),
-    (1_000_000, 100, 100),      # never above the preset's size
-])
+@pytest.mark.parametrize(
+    "n, size, expected",
+    [
+        (26_000, 4096, 512),  # the demo set: 512 words keep >= 39 descriptors each
+        (1_200_000, 4096, 4096),  # enough data: the preset's size
+        (4096 * MIN_POINTS_PER_WORD, 4096, 4096),
+        (4096 * MIN_POINTS_PER_WORD - 1, 4096, 2048),
+        (100, 4096, 2),
+        (10, 4096, 1),
+        (1_000_000, 100, 100),  # never above the preset's size
+    ],
+)
 def test_fit_codebook_size(n, size, expected):
     assert fit_codebook_size(n, size) == expected
 
@@ -82,8 +85,9 @@ def test_codebook_is_trained_on_a_sample(demo, tmp_path, caplog):
 
 def _training_lines(caplog):
     """(descriptors used, descriptors available) of each "training a K-word codebook" log line."""
-    found = [re.search(r"training a \d+-word codebook on (\d+) of (\d+) descriptors", r.getMessage())
-             for r in caplog.records]
+    found = [
+        re.search(r"training a \d+-word codebook on (\d+) of (\d+) descriptors", r.getMessage()) for r in caplog.records
+    ]
     return [(int(m[1]), int(m[2])) for m in found if m]
 
 
@@ -155,7 +159,9 @@ def test_one_preset_system():
 
 def test_feature_cache_key_leaves_out_whitening_only():
     assert extraction_settings(load_config("sift").features) == extraction_settings(load_config("sift_hq").features)
-    assert extraction_settings({"type": "sift", "max_features": 500}) != extraction_settings(load_config("sift").features)
+    assert extraction_settings({"type": "sift", "max_features": 500}) != extraction_settings(
+        load_config("sift").features
+    )
     # Deep features carry their whitening: nothing is left out.
     assert extraction_settings({"type": "deep"}) == feature_options({"type": "deep"})
 
@@ -165,18 +171,21 @@ def test_deep_defaults_are_the_deep_preset():
     assert feature_options({"type": "deep", "nfeat": 100})["nfeat"] == 100
 
 
-@pytest.mark.parametrize("text, fragment", [
-    ("[asmk\nalpha = 3", "invalid TOML"),
-    ("asmk = 3\n", "[asmk] must be a table"),
-    ("[asmkk]\n", "unknown section(s) asmkk"),
-    ("[asmk]\nalpha = 'high'\n", "alpha: expected a finite number"),
-    ("[asmk]\nma_query = 2.5\n", "ma_query: expected an int"),
-    ("[asmk]\nalpah = 3\n", "alpah"),
-    ("[features]\nmax_featurs = 10\n", "max_featurs"),
-    ("[features]\ntype = 'surf'\n", "features.type"),
-    ("[features]\ntype = 'sift'\nwhitening_dim = 'all'\n", "features.whitening_dim"),
-    ("description = 3\n", "description must be a string"),
-])
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("[asmk\nalpha = 3", "invalid TOML"),
+        ("asmk = 3\n", "[asmk] must be a table"),
+        ("[asmkk]\n", "unknown section(s) asmkk"),
+        ("[asmk]\nalpha = 'high'\n", "alpha: expected a finite number"),
+        ("[asmk]\nma_query = 2.5\n", "ma_query: expected an int"),
+        ("[asmk]\nalpah = 3\n", "alpah"),
+        ("[features]\nmax_featurs = 10\n", "max_featurs"),
+        ("[features]\ntype = 'surf'\n", "features.type"),
+        ("[features]\ntype = 'sift'\nwhitening_dim = 'all'\n", "features.whitening_dim"),
+        ("description = 3\n", "description must be a string"),
+    ],
+)
 def test_bad_config_file_names_the_file(tmp_path, text, fragment):
     path = tmp_path / "my.toml"
     path.write_text(text)

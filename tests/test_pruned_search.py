@@ -118,8 +118,7 @@ def test_pruned_equals_faiss_and_brute_force(m, scale):
     # ... and everywhere they are faiss's (near-ties are handed to faiss, laid out as in
     # this one call).
     _assert_same_assignment(words, _faiss_words(vecs, centroids, m))
-    np.testing.assert_allclose(dist, np.take_along_axis(brute_dist, words, axis=1), rtol=1e-5,
-                               atol=1e-5 * scale**2)
+    np.testing.assert_allclose(dist, np.take_along_axis(brute_dist, words, axis=1), rtol=1e-5, atol=1e-5 * scale**2)
 
 
 def test_quantize_uses_the_pruned_path_and_agrees_with_prune_off():
@@ -193,8 +192,9 @@ def test_descriptors_without_a_tail_and_odd_dimensions():
     rng = np.random.default_rng(9)
     basis, _ = np.linalg.qr(rng.standard_normal((37, 37)))
     vecs = (np.pad(rng.standard_normal((1500, 6)), ((0, 0), (0, 31))) @ basis.T).astype(np.float32)
-    centroids = (np.pad(rng.standard_normal((700, 6)), ((0, 0), (0, 31))) @ basis.T
-                 + 1e-4 * rng.standard_normal((700, 37))).astype(np.float32)
+    centroids = (
+        np.pad(rng.standard_normal((700, 6)), ((0, 0), (0, 31))) @ basis.T + 1e-4 * rng.standard_normal((700, 37))
+    ).astype(np.float32)
     pruned, _ = _pruned(centroids, width=8)
     for m in (1, 4):
         _, words = _search(pruned, centroids, vecs, m)
@@ -289,7 +289,8 @@ def test_set_only_assignment_keeps_the_set_of_words():
     vecs = _spectral(5000, 64, seed=24)
     near = rng.choice(len(vecs), 800, replace=False)
     vecs[near] = (0.5 * (centroids[rng.integers(0, 700, 800)] + centroids[rng.integers(0, 700, 800)])).astype(
-        np.float32)
+        np.float32
+    )
     book = _book(centroids, 16)
     expected = _flat(centroids).search(vecs, 4)[1]
     words = book.quantize(vecs, 4, nearest_first=False, segments=[0, len(vecs)])
@@ -307,7 +308,8 @@ def test_concurrent_quantize_leaves_faiss_settings_alone():
     vecs = _spectral(sum(sizes), 128, seed=27)
     near = rng.choice(len(vecs), 500, replace=False)
     vecs[near] = (0.5 * (centroids[rng.integers(0, 600, 500)] + centroids[rng.integers(0, 600, 500)])).astype(
-        np.float32)
+        np.float32
+    )
     segments = np.concatenate([[0], np.cumsum(sizes)])
     book = _book(centroids, 16)
     expected = book.quantize(vecs, 5, segments=segments, nearest_first=False)

@@ -85,8 +85,9 @@ def test_whole_image_region_is_asmk_up_to_epsilon(centroids40):
     image_norm = np.empty(len(plain.words))
     for i in range(desc.n_images):
         rows = slice(plain.offsets[i], plain.offsets[i + 1])
-        raw = np.stack(list(ref.residual_sums(images[i], words[desc.starts[i]:desc.starts[i + 1]],
-                                              centroids40).values()))
+        raw = np.stack(
+            list(ref.residual_sums(images[i], words[desc.starts[i] : desc.starts[i + 1]], centroids40).values())
+        )
         image_norm[rows] = np.linalg.norm(raw.astype(np.float64), axis=1) / np.linalg.norm(raw.astype(np.float64))
     bound = 1e-6 / image_norm + 1e-6
     assert np.all(np.abs(regional.data - plain.data).max(axis=1) <= bound)
@@ -101,13 +102,19 @@ def test_overlapping_boxes_agree_with_numpy_twin(centroids40, binary):
     for _ in images:
         x0, y0 = rng.random(2) * 50
         # Three boxes sharing a corner area, plus one nested in the first.
-        boxes.append([[x0, y0, x0 + 45, y0 + 45], [x0 + 20, y0 + 20, x0 + 60, y0 + 50],
-                      [x0 + 10, y0, x0 + 50, y0 + 30], [x0 + 5, y0 + 5, x0 + 25, y0 + 25]])
+        boxes.append(
+            [
+                [x0, y0, x0 + 45, y0 + 45],
+                [x0 + 20, y0 + 20, x0 + 60, y0 + 50],
+                [x0 + 10, y0, x0 + 50, y0 + 30],
+                [x0 + 5, y0 + 5, x0 + 25, y0 + 25],
+            ]
+        )
     regions = regions_from_boxes(points, boxes, [(SIDE, SIDE)] * len(images))
     assert regions.n_regions > 3 * len(images)
     desc, words, _, regional = _aggregate_both(centroids40, images, regions, binary=binary, m=2)
     for i, vecs in enumerate(images):
-        assign = words[desc.starts[i]:desc.starts[i + 1]]
+        assign = words[desc.starts[i] : desc.starts[i + 1]]
         members = [np.arange(len(vecs))] + [np.flatnonzero(in_box(points[i], box)) for box in boxes[i]]
         twin_words, twin_data = _twin(vecs, assign, centroids40, members, binary)
         rows = slice(regional.offsets[i], regional.offsets[i + 1])
@@ -142,11 +149,13 @@ def test_feature_in_two_regions_counts_in_both():
 def test_empty_and_outside_boxes_are_counted():
     points = [np.array([[10, 10], [20, 20]], dtype=np.float32), np.empty((0, 2), dtype=np.float32)]
     boxes = [
-        [[-10, -10, 15, 15],    # clipped, holds the first feature
-         [50, 50, 60, 60],      # inside, no feature: empty
-         [200, 200, 300, 300],  # outside the image: dropped
-         [90, 90, 150, 150]],   # clipped, no feature: empty
-        [[0, 0, 10, 10]],       # an image without features: its box and whole image are empty
+        [
+            [-10, -10, 15, 15],  # clipped, holds the first feature
+            [50, 50, 60, 60],  # inside, no feature: empty
+            [200, 200, 300, 300],  # outside the image: dropped
+            [90, 90, 150, 150],
+        ],  # clipped, no feature: empty
+        [[0, 0, 10, 10]],  # an image without features: its box and whole image are empty
     ]
     regions = regions_from_boxes(points, boxes, [(100, 100), (100, 100)])
     assert (regions.n_boxes, regions.n_clipped, regions.n_outside, regions.n_empty) == (5, 2, 1, 4)
@@ -154,8 +163,9 @@ def test_empty_and_outside_boxes_are_counted():
     np.testing.assert_array_equal(regions.members, [0, 1, 0])
     centroids = np.zeros((1, 2), dtype=np.float32)
     desc = prepare_descriptors([np.ones((2, 2), np.float32), np.empty((0, 2), np.float32)])
-    agg = aggregate_regions(desc.vecs, np.zeros((2, 1), np.int64), desc.starts, desc.order, centroids, regions,
-                            binary=True)
+    agg = aggregate_regions(
+        desc.vecs, np.zeros((2, 1), np.int64), desc.starts, desc.order, centroids, regions, binary=True
+    )
     np.testing.assert_array_equal(agg.offsets, [0, 1, 1])
 
 
@@ -233,16 +243,19 @@ def test_box_files_json_and_csv(tmp_path):
     assert [b.shape[0] for b in got] == [1, 0]
 
 
-@pytest.mark.parametrize("name, text, line", [
-    ("bad.json", '{\n "a.jpg": [[1, 2, 3, 4]],\n "b.jpg": [[1, 2, 3]]\n}\n', 3),
-    ("bad.json", '{\n "a.jpg": [[1, 2, 3, 4]],\n "b.jpg": [[5, 2, 3, 4]]\n}\n', 3),
-    ("bad.json", '{\n "a.jpg": [[1, 2, 3, 4]]\n "b.jpg": []\n}\n', 3),
-    ("bad.json", '{\n "a.jpg": [["x", 2, 3, 4]]\n}\n', 2),
-    ("bad.json", '{\n "a.jpg": [[1, 2, NaN, 4]]\n}\n', 2),
-    ("bad.csv", "a.jpg,1,2,3,4\nb.jpg,1,2,3\n", 2),
-    ("bad.csv", "a.jpg,1,2,3,4\n\nb.jpg,1,2,x,4\n", 3),
-    ("bad.csv", "image,x0,y0,x1,y1\nb.jpg,1,2,0,4\n", 2),
-])
+@pytest.mark.parametrize(
+    "name, text, line",
+    [
+        ("bad.json", '{\n "a.jpg": [[1, 2, 3, 4]],\n "b.jpg": [[1, 2, 3]]\n}\n', 3),
+        ("bad.json", '{\n "a.jpg": [[1, 2, 3, 4]],\n "b.jpg": [[5, 2, 3, 4]]\n}\n', 3),
+        ("bad.json", '{\n "a.jpg": [[1, 2, 3, 4]]\n "b.jpg": []\n}\n', 3),
+        ("bad.json", '{\n "a.jpg": [["x", 2, 3, 4]]\n}\n', 2),
+        ("bad.json", '{\n "a.jpg": [[1, 2, NaN, 4]]\n}\n', 2),
+        ("bad.csv", "a.jpg,1,2,3,4\nb.jpg,1,2,3\n", 2),
+        ("bad.csv", "a.jpg,1,2,3,4\n\nb.jpg,1,2,x,4\n", 3),
+        ("bad.csv", "image,x0,y0,x1,y1\nb.jpg,1,2,0,4\n", 2),
+    ],
+)
 def test_malformed_box_file_names_file_and_line(tmp_path, name, text, line):
     path = tmp_path / name
     path.write_text(text)
@@ -265,9 +278,11 @@ def test_regions_for_features_uses_keypoints_and_refuses_features_without():
     from asmkit.features import ImageFeatures
 
     rng = np.random.default_rng(1)
-    with_kp = ImageFeatures(descriptors=rng.random((30, 8), dtype=np.float32),
-                            keypoints=np.column_stack([rng.random((30, 2)) * 100, np.ones((30, 2))]).astype(np.float32),
-                            attention=rng.random(30, dtype=np.float32))
+    with_kp = ImageFeatures(
+        descriptors=rng.random((30, 8), dtype=np.float32),
+        keypoints=np.column_stack([rng.random((30, 2)) * 100, np.ones((30, 2))]).astype(np.float32),
+        attention=rng.random(30, dtype=np.float32),
+    )
     regions = regions_for_features("grid", ["a.jpg"], [with_kp], [(100, 100)])
     assert regions.n_boxes == len(grid_boxes(100, 100)) and regions.n_images == 1
     assert regions.member_starts[1] == 30
@@ -298,13 +313,16 @@ def test_similarity_matrix_with_regions(centroids40):
     images, points = _images(centroids40, n_images=6, per_image=50, seed=9)
     codebook = Codebook(centroids40)
     whole = regions_from_boxes(points, [[] for _ in images])
-    np.testing.assert_array_equal(similarity_matrix(codebook, images, params="asmk_star", regions=whole),
-                                  similarity_matrix(codebook, images, params="asmk_star"))
+    np.testing.assert_array_equal(
+        similarity_matrix(codebook, images, params="asmk_star", regions=whole),
+        similarity_matrix(codebook, images, params="asmk_star"),
+    )
     boxed = regions_from_boxes(points, [[[10, 10, 60, 60]] for _ in images])
     index = Index(codebook, "asmk_star")
     index.add(images, regions=boxed)
-    np.testing.assert_array_equal(similarity_matrix(codebook, images, params="asmk_star", regions=boxed),
-                                  index.similarity_matrix(images))
+    np.testing.assert_array_equal(
+        similarity_matrix(codebook, images, params="asmk_star", regions=boxed), index.similarity_matrix(images)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -324,18 +342,45 @@ def test_cli_regions_and_query_box(demo_set, tmp_path, capsys):
     boxes.write_text(json.dumps({images[0]: [[10, 10, 120, 120]], "./" + images[1]: [[0, 0, 80, 60]]}))
     out = tmp_path / "index"
     for flags in (["--regions", "grid"], ["--regions", str(boxes)], ["--regions", str(boxes), "--no-whole-image"]):
-        assert main(["-q", "index", str(demo_set / "images"), "--out", str(out), "--codebook-size", "64",
-                     *flags]) == 0
+        assert main(["-q", "index", str(demo_set / "images"), "--out", str(out), "--codebook-size", "64", *flags]) == 0
         shutil.rmtree(out)
-    assert main(["-q", "index", str(demo_set / "images"), "--out", str(out), "--codebook-size", "64",
-                 "--regions", "proposals"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "index",
+                str(demo_set / "images"),
+                "--out",
+                str(out),
+                "--codebook-size",
+                "64",
+                "--regions",
+                "proposals",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     query = demo_set / "images" / images[0]
     assert main(["-q", "query", str(out), str(query), "--top", "3", "--query-box", "0,0,200,200", "--json"]) == 0
     [row] = json.loads(capsys.readouterr().out)["results"]
     assert row["results"][0]["name"] == images[0]
-    assert main(["-q", "scores", str(demo_set / "images"), "--out", str(tmp_path / "s.npy"), "--codebook-size",
-                 "64", "--regions", "grid"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "scores",
+                str(demo_set / "images"),
+                "--out",
+                str(tmp_path / "s.npy"),
+                "--codebook-size",
+                "64",
+                "--regions",
+                "grid",
+            ]
+        )
+        == 0
+    )
     assert np.load(tmp_path / "s.npy").shape == (len(images), len(images))
 
 
@@ -344,8 +389,19 @@ def test_cli_malformed_box_file_is_one_line_naming_file_and_line(demo_set, tmp_p
 
     boxes = tmp_path / "boxes.csv"
     boxes.write_text("a.jpg,1,2,30,40\nb.jpg,1,2,3\n")
-    code = main(["-q", "index", str(demo_set / "images"), "--out", str(tmp_path / "index"), "--codebook-size", "64",
-                 "--regions", str(boxes)])
+    code = main(
+        [
+            "-q",
+            "index",
+            str(demo_set / "images"),
+            "--out",
+            str(tmp_path / "index"),
+            "--codebook-size",
+            "64",
+            "--regions",
+            str(boxes),
+        ]
+    )
     assert code == 2
     assert f"{boxes}: line 2:" in capsys.readouterr().err
 

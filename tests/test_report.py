@@ -48,8 +48,7 @@ def dataset(tmp_path):
     }
     (root / "gt.json").write_text(json.dumps(gt))
     ranks = np.array([[0, 1, 5, 2, 3, 6], [4, 7, 0, 5, -1, -1]], dtype=np.int64)
-    scores = np.array([[1.0, 0.9, 0.5, 0.4, 0.3, 0.2], [1.0, 0.8, 0.7, 0.6, -np.inf, -np.inf]],
-                      dtype=np.float32)
+    scores = np.array([[1.0, 0.9, 0.5, 0.4, 0.3, 0.2], [1.0, 0.8, 0.7, 0.6, -np.inf, -np.inf]], dtype=np.float32)
     return root, names, load_ground_truth(root), ranks, scores
 
 
@@ -59,8 +58,17 @@ def figures(page):
 
 def test_structure_and_colours(dataset, tmp_path):
     root, names, gt, ranks, scores = dataset
-    out = write_report(tmp_path / "r" / "report.html", names=names, image_root=root, ranks=ranks,
-                       scores=scores, query_names=gt.queries, gt=gt, top_k=5, title="T & T")
+    out = write_report(
+        tmp_path / "r" / "report.html",
+        names=names,
+        image_root=root,
+        ranks=ranks,
+        scores=scores,
+        query_names=gt.queries,
+        gt=gt,
+        top_k=5,
+        title="T & T",
+    )
     page = out.read_text()
     assert page.startswith("<!DOCTYPE html>")
     # top 5 of row 0, and the 4 real results of row 1 (padding skipped)
@@ -82,8 +90,9 @@ def test_structure_and_colours(dataset, tmp_path):
 
 def test_summary_matches_evaluate(dataset, tmp_path):
     root, names, gt, ranks, scores = dataset
-    page = write_report(tmp_path / "r.html", names=names, image_root=root, ranks=ranks,
-                        scores=scores, query_names=gt.queries, gt=gt).read_text()
+    page = write_report(
+        tmp_path / "r.html", names=names, image_root=root, ranks=ranks, scores=scores, query_names=gt.queries, gt=gt
+    ).read_text()
     res = evaluate(ranks, gt)
     assert f"<th>mAP</th><td>{res['map']:.4f}</td>" in page
     assert f"<th>mP@5</th><td>{res['mp']['5']:.4f}</td>" in page
@@ -91,20 +100,35 @@ def test_summary_matches_evaluate(dataset, tmp_path):
     assert "on the top 6 results given" in page
     # metrics of a longer ranking, passed in, are shown instead of being recomputed
     full = {"map": 0.123456, "mp": {"1": 0.5, "5": 0.25, "10": 0.125}, "n_queries": 2}
-    page = write_report(tmp_path / "r2.html", names=names, image_root=root, ranks=ranks[:, :2],
-                        scores=scores[:, :2], query_names=gt.queries, gt=gt,
-                        metrics=full).read_text()
+    page = write_report(
+        tmp_path / "r2.html",
+        names=names,
+        image_root=root,
+        ranks=ranks[:, :2],
+        scores=scores[:, :2],
+        query_names=gt.queries,
+        gt=gt,
+        metrics=full,
+    ).read_text()
     assert "<th>mAP</th><td>0.1235</td>" in page and "of the full ranking" in page
     assert "N-S" not in page
     with pytest.raises(ArgumentError, match="metrics"):
-        write_report(tmp_path / "r3.html", names=names, image_root=root, ranks=ranks,
-                     scores=scores, query_names=gt.queries, metrics={"map": 1.0})
+        write_report(
+            tmp_path / "r3.html",
+            names=names,
+            image_root=root,
+            ranks=ranks,
+            scores=scores,
+            query_names=gt.queries,
+            metrics={"map": 1.0},
+        )
 
 
 def test_without_ground_truth_no_colours_no_plot(dataset, tmp_path):
     root, names, gt, ranks, scores = dataset
-    page = write_report(tmp_path / "r.html", names=names, image_root=root, ranks=ranks,
-                        scores=scores, query_names=gt.queries, top_k=2).read_text()
+    page = write_report(
+        tmp_path / "r.html", names=names, image_root=root, ranks=ranks, scores=scores, query_names=gt.queries, top_k=2
+    ).read_text()
     assert page.count('<img class="result"') == 4
     assert set(figures(page)) == {""}
     assert "<svg" not in page and "mAP" not in page
@@ -112,9 +136,15 @@ def test_without_ground_truth_no_colours_no_plot(dataset, tmp_path):
 
 def test_thumbnails_are_resized(tmp_path):
     names = make_images(tmp_path, 2, size=(400, 300))
-    page = write_report(tmp_path / "r.html", names=names, image_root=tmp_path,
-                        ranks=np.array([[1]]), scores=np.array([[0.5]]), query_names=[names[0]],
-                        thumb_size=40).read_text()
+    page = write_report(
+        tmp_path / "r.html",
+        names=names,
+        image_root=tmp_path,
+        ranks=np.array([[1]]),
+        scores=np.array([[0.5]]),
+        query_names=[names[0]],
+        thumb_size=40,
+    ).read_text()
     src = re.findall(r'src="data:image/jpeg;base64,([^"]+)"', page)[0]
     assert Image.open(io.BytesIO(base64.b64decode(src))).size == (40, 30)
 
@@ -123,9 +153,15 @@ def test_names_are_escaped(tmp_path):
     names = make_images(tmp_path, 2)
     (tmp_path / names[1]).rename(tmp_path / EVIL)
     names[1] = EVIL
-    page = write_report(tmp_path / "r.html", names=names, image_root=tmp_path,
-                        ranks=np.array([[1, 0]]), scores=np.array([[0.5, 0.1]]),
-                        query_names=[EVIL], title="<b>x</b>").read_text()
+    page = write_report(
+        tmp_path / "r.html",
+        names=names,
+        image_root=tmp_path,
+        ranks=np.array([[1, 0]]),
+        scores=np.array([[0.5, 0.1]]),
+        query_names=[EVIL],
+        title="<b>x</b>",
+    ).read_text()
     assert "<script>alert" not in page
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;" in page
     assert page.count("<script>") == 1  # only the report's own loader script
@@ -139,9 +175,14 @@ def test_broken_and_missing_images_get_placeholders(tmp_path, caplog):
     (tmp_path / names[1]).write_bytes(b"this is not a jpeg")
     names.append("does/not/exist.jpg")
     with caplog.at_level(logging.WARNING, logger="asmkit.report"):
-        page = write_report(tmp_path / "r.html", names=names, image_root=tmp_path,
-                            ranks=np.array([[1, 3, 2]]), scores=np.ones((1, 3)),
-                            query_names=[names[0]]).read_text()
+        page = write_report(
+            tmp_path / "r.html",
+            names=names,
+            image_root=tmp_path,
+            ranks=np.array([[1, 3, 2]]),
+            scores=np.ones((1, 3)),
+            query_names=[names[0]],
+        ).read_text()
     assert page.count('<img class="result"') == 3
     assert page.count('data-missing="1"') == 2
     assert "does/not/exist.jpg" in caplog.text and "img1.jpg" in caplog.text
@@ -196,7 +237,6 @@ def test_main_with_results_file_and_gt_folder(dataset, tmp_path):
     assert page.count('<img class="result"') == 6
     assert "mAP" in page
     with pytest.raises(ArgumentError, match="image_root"):
-        main(output=tmp_path / "n.html", ranks=ranks, scores=scores, names=names,
-             query_names=gt.queries)
+        main(output=tmp_path / "n.html", ranks=ranks, scores=scores, names=names, query_names=gt.queries)
     with pytest.raises(ArgumentError, match="scores"):
         main(output=tmp_path / "n.html", ranks=ranks, gt=root)

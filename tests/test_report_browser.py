@@ -15,9 +15,7 @@ from PIL import Image
 from asmkit.evaluate import load_ground_truth
 from asmkit.report import write_report
 
-CHROMIUM = shutil.which("chromium") or (
-    "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
-)
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
 
 FLAGS = [
@@ -65,8 +63,16 @@ def report(tmp_path_factory):
     truth = load_ground_truth(root)
     ranks = np.array([[0, 1, 5, 2, 3, 9], [4, 7, 8, 5, 6, 0], [8, 11, 10, 3, 9, -1]])
     scores = np.linspace(1, 0, ranks.size).reshape(ranks.shape).astype(np.float32)
-    out = write_report(root / "report.html", names=names, image_root=root, ranks=ranks,
-                       scores=scores, query_names=truth.queries, gt=truth, top_k=6)
+    out = write_report(
+        root / "report.html",
+        names=names,
+        image_root=root,
+        ranks=ranks,
+        scores=scores,
+        query_names=truth.queries,
+        gt=truth,
+        top_k=6,
+    )
     return out, int((ranks >= 0).sum())
 
 

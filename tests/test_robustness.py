@@ -63,8 +63,13 @@ def test_bad_rotations_are_argument_errors(bad):
 
 def _gt(tmp_path: Path) -> Path:
     images = ["q.jpg", "a_rot.jpg", "b_rot.jpg", "a_blur.jpg", "d1.jpg", "d2.jpg"]
-    gt = {"images": images, "queries": ["q.jpg"], "positives": {"q.jpg": ["a_rot.jpg", "b_rot.jpg", "a_blur.jpg"]},
-          "junk": {"q.jpg": ["q.jpg"]}, "families": {"a_rot.jpg": "rot", "b_rot.jpg": "rot", "a_blur.jpg": "blur"}}
+    gt = {
+        "images": images,
+        "queries": ["q.jpg"],
+        "positives": {"q.jpg": ["a_rot.jpg", "b_rot.jpg", "a_blur.jpg"]},
+        "junk": {"q.jpg": ["q.jpg"]},
+        "families": {"a_rot.jpg": "rot", "b_rot.jpg": "rot", "a_blur.jpg": "blur"},
+    }
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     return tmp_path
 
@@ -81,8 +86,7 @@ def test_per_family_map_counts_other_families_as_junk(tmp_path):
     assert res["families"]["rot"]["map"] == pytest.approx(average_precision([4, 1, 5, 2], [1, 2]))
     assert res["families"]["rot"]["map"] > average_precision(row, [1, 2], [0])
     assert res["families"]["rot"]["n_queries"] == 1
-    assert "families" not in evaluate(np.array([[0, 3, 4, 1, 5, 2]]), load_ground_truth(
-        _without_families(tmp_path)))
+    assert "families" not in evaluate(np.array([[0, 3, 4, 1, 5, 2]]), load_ground_truth(_without_families(tmp_path)))
 
 
 def _without_families(folder: Path) -> Path:

@@ -40,15 +40,18 @@ def test_independent_parts_merge_to_whole_without_idf(centroids40, binary):
 
 def random_ivf(rng, n_words, n_images, first_slot, binary):
     """Posting lists of images ``first_slot ..`` with random distinct words (some lists empty)."""
-    words = [np.sort(rng.choice(n_words, size=rng.integers(0, n_words // 2), replace=False))
-             for _ in range(n_images)]
+    words = [np.sort(rng.choice(n_words, size=rng.integers(0, n_words // 2), replace=False)) for _ in range(n_images)]
     offsets = np.zeros(n_images + 1, dtype=np.int64)
     np.cumsum([len(w) for w in words], out=offsets[1:])
     flat = np.concatenate([np.empty(0, dtype=np.int64), *words]).astype(np.int64)
-    data = rng.integers(0, 2**63, size=(len(flat), 2), dtype=np.uint64) if binary else \
-        rng.standard_normal((len(flat), 5)).astype(np.float32)
-    return InvertedFile.from_aggregates(Aggregates(offsets, flat, data),
-                                        first_slot + np.arange(n_images, dtype=np.int64), n_words)
+    data = (
+        rng.integers(0, 2**63, size=(len(flat), 2), dtype=np.uint64)
+        if binary
+        else rng.standard_normal((len(flat), 5)).astype(np.float32)
+    )
+    return InvertedFile.from_aggregates(
+        Aggregates(offsets, flat, data), first_slot + np.arange(n_images, dtype=np.int64), n_words
+    )
 
 
 @pytest.mark.parametrize("binary", [True, False])
@@ -69,9 +72,10 @@ def test_in_place_append_equals_scatter_twin(binary):
         np.testing.assert_array_equal(held, copy_of_held)
         if new.n_entries and old.n_entries:
             assert merged.slots is not old.slots and merged.data is old.data
-        np.testing.assert_array_equal(image_norms(merged, np.linspace(0.5, 2, 12, dtype=np.float32), n_old + n_new),
-                                      ref.image_norms(*expected[:2], np.linspace(0.5, 2, 12, dtype=np.float32),
-                                                      n_old + n_new))
+        np.testing.assert_array_equal(
+            image_norms(merged, np.linspace(0.5, 2, 12, dtype=np.float32), n_old + n_new),
+            ref.image_norms(*expected[:2], np.linspace(0.5, 2, 12, dtype=np.float32), n_old + n_new),
+        )
 
 
 @pytest.mark.parametrize("binary", [True, False])
@@ -80,8 +84,10 @@ def test_add_aggregates_in_steps_equals_one_add(centroids40, binary):
     codebook = Codebook(centroids40)
     db = make_images(20, 12, 40, seed=73, centroids=centroids40)
     queries = make_images(3, 12, 40, seed=74, centroids=centroids40)
-    aggregates = [aggregate_images(codebook, db[b:e], np.arange(b, e), params, side="database")
-                  for b, e in ((0, 6), (6, 7), (7, 20))]
+    aggregates = [
+        aggregate_images(codebook, db[b:e], np.arange(b, e), params, side="database")
+        for b, e in ((0, 6), (6, 7), (7, 20))
+    ]
     whole = Index(codebook, params)
     whole.add(db)
     steps = Index(codebook, params)
@@ -93,8 +99,10 @@ def test_add_aggregates_in_steps_equals_one_add(centroids40, binary):
     # The held lists (and the searched database) are unchanged by the add.
     np.testing.assert_array_equal(held.slots, held_slots)
     steps.add_aggregates(aggregates[2], np.arange(7, 20))
-    for a, b in zip((steps.inverted_file.offsets, steps.inverted_file.slots, steps.inverted_file.data),
-                    (whole.inverted_file.offsets, whole.inverted_file.slots, whole.inverted_file.data)):
+    for a, b in zip(
+        (steps.inverted_file.offsets, steps.inverted_file.slots, steps.inverted_file.data),
+        (whole.inverted_file.offsets, whole.inverted_file.slots, whole.inverted_file.data),
+    ):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(steps.norms, whole.norms)
     for a, b in zip(steps.search(queries, k=4), whole.search(queries, k=4)):

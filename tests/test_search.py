@@ -207,8 +207,7 @@ def test_parallel_kernels_equal_serial(monkeypatch, centroids40, binary):
 @pytest.mark.parametrize("binary,use_idf,tau", [(True, False, 0.0), (True, True, -0.5), (False, True, 0.2)])
 @pytest.mark.parametrize("tile_bytes", [8, 3 * 8 * 14, 1 << 23])
 @pytest.mark.parametrize("fixture", ["centroids40", "centroids100"])
-def test_word_major_kernel_equals_query_major_and_twin(request, monkeypatch, fixture, binary, use_idf, tau,
-                                                       tile_bytes):
+def test_word_major_kernel_equals_query_major_and_twin(request, monkeypatch, fixture, binary, use_idf, tau, tile_bytes):
     # D = 100 takes the kernel's two-code-word group loop, D = 40 its row-by-row loop.
     # tile_bytes sets the queries per block: 1, 3 (blocks not dividing 11 queries), all.
     import asmkit._kernels as kernels
@@ -283,18 +282,41 @@ def test_slot_split_kernel_equals_query_major_and_twin(request, monkeypatch, fix
     assert np.all(got["slots"][0][1] == 0)
     # Any number of parts, more than the slots included: the parts' top-k merge exactly.
     sigma = np.nan_to_num(kernels.sigma_table(32 * -(-dim // 32), 3.0, True, np.float32(tau)), nan=0.0)
-    codes, real = (database.ivf.data, np.empty((0, 0), np.float32)) if binary else \
-        (np.empty((0, 0), np.uint64), database.ivf.data)
-    q_codes, q_real = (queries.data, np.empty((0, 0), np.float32)) if binary else \
-        (np.empty((0, 0), np.uint64), queries.data)
+    codes, real = (
+        (database.ivf.data, np.empty((0, 0), np.float32))
+        if binary
+        else (np.empty((0, 0), np.uint64), database.ivf.data)
+    )
+    q_codes, q_real = (
+        (queries.data, np.empty((0, 0), np.float32)) if binary else (np.empty((0, 0), np.uint64), queries.data)
+    )
     for n_parts in (1, 3, 20):
         for k in (1, 5, 14):
             scores = np.full((3, k), -np.inf, dtype=np.float32)
             ids = np.full((3, k), -1, dtype=np.int64)
-            kernels.search_kernel_slots(queries.offsets, queries.words, q_codes, q_real, database.ivf.offsets,
-                                        database.ivf.slots, codes, real, database.idf, 1.0 / database.sqrt_norms,
-                                        database.ids, binary, sigma, 3.0, True, np.float32(tau), k, False, n_parts,
-                                        scores, ids)
+            kernels.search_kernel_slots(
+                queries.offsets,
+                queries.words,
+                q_codes,
+                q_real,
+                database.ivf.offsets,
+                database.ivf.slots,
+                codes,
+                real,
+                database.idf,
+                1.0 / database.sqrt_norms,
+                database.ids,
+                binary,
+                sigma,
+                3.0,
+                True,
+                np.float32(tau),
+                k,
+                False,
+                n_parts,
+                scores,
+                ids,
+            )
             expected_scores, expected_ids = search.score_aggregates(*args, dim=dim, k=k, order="query")
             np.testing.assert_array_equal(scores, expected_scores)
             np.testing.assert_array_equal(ids, expected_ids)

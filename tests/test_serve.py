@@ -264,7 +264,9 @@ def test_limits(workspace):
                 yield b"x" * 1024
             yield b"\r\n--bnd--\r\n"
 
-        chunked = client.post("/search", content=chunks(), headers={"Content-Type": "multipart/form-data; boundary=bnd"})
+        chunked = client.post(
+            "/search", content=chunks(), headers={"Content-Type": "multipart/form-data; boundary=bnd"}
+        )
         assert chunked.status_code == 413
         bomb = search_image(client, png_header_only(2000, 1000))
         assert bomb.status_code == 422 and "too large" in bomb.json()["detail"]
@@ -273,8 +275,9 @@ def test_limits(workspace):
         assert client.get("/healthz").status_code == 200
 
 
-@pytest.mark.parametrize("key", ["", "a/b", "a\\b", "..", ".", " lead", "trail ", "tab\there", "nul\0",
-                                 "rtl\u202eoverride", "x" * 257])
+@pytest.mark.parametrize(
+    "key", ["", "a/b", "a\\b", "..", ".", " lead", "trail ", "tab\there", "nul\0", "rtl\u202eoverride", "x" * 257]
+)
 def test_bad_keys_are_refused(key):
     with pytest.raises(ArgumentError, match="^key: "):
         check_key(key, 256)
@@ -309,7 +312,9 @@ def test_metrics_stats_thumbnails_and_schema(workspace):
     assert 'asmkit_requests_total{method="POST",route="/search",status="422"} 1.0' in text
     assert 'asmkit_request_duration_seconds_bucket{le="0.005",route="/search"}' in text
     assert "asmkit_index_images 12.0" in text
-    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg" and thumb.content[:2] == b"\xff\xd8"
+    assert (
+        thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg" and thumb.content[:2] == b"\xff\xd8"
+    )
     assert escape.status_code == 404
     assert {"/search", "/images", "/images/{key}", "/stats", "/healthz", "/metrics"} <= set(schema["paths"])
     assert page.status_code == 200 and "<title>asmkit search</title>" in page.text
@@ -352,8 +357,14 @@ def test_a_thousand_bad_requests_get_4xx_and_the_server_stays_healthy(workspace,
     rng = np.random.default_rng(14)
     corpus = _bad_corpus(tmp_path, rng)
     images, arrays, keys = corpus["images"], corpus["arrays"], corpus["keys"]
-    tokens = [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Bearer"}, {"Authorization": "Basic eA=="},
-              {"Authorization": "Bearer " + "x" * 5000}, AUTH]
+    tokens = [
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Basic eA=="},
+        {"Authorization": "Bearer " + "x" * 5000},
+        AUTH,
+    ]
     k_values = ["0", "-1", "1001", "abc", "1e3", "", "5"]
     oversized = rng.bytes(300 * 1024)
 
@@ -367,12 +378,22 @@ def test_a_thousand_bad_requests_get_4xx_and_the_server_stays_healthy(workspace,
         if kind == 1:
             return client.post(f"/search?k={pick(k_values)}", files={"descriptors": ("q.npy", pick(arrays))})
         if kind == 2:  # both fields, or a field that is not a file
-            return client.post("/search", files={"image": ("q.jpg", pick(images)), "descriptors": ("d.npy", pick(arrays))})
+            return client.post(
+                "/search", files={"image": ("q.jpg", pick(images)), "descriptors": ("d.npy", pick(arrays))}
+            )
         if kind == 3:
             return client.post("/search", data={"image": "just text"})
         if kind == 4:  # wrong content types
-            content_type = pick(["application/json", "text/plain", "multipart/form-data", "multipart/form-data; boundary=zz",
-                                 "image/jpeg", "application/x-www-form-urlencoded"])
+            content_type = pick(
+                [
+                    "application/json",
+                    "text/plain",
+                    "multipart/form-data",
+                    "multipart/form-data; boundary=zz",
+                    "image/jpeg",
+                    "application/x-www-form-urlencoded",
+                ]
+            )
             return client.post("/search", content=pick(images), headers={"Content-Type": content_type})
         if kind == 5:
             return client.post("/search", files={"image": ("big.jpg", oversized)})
@@ -380,16 +401,22 @@ def test_a_thousand_bad_requests_get_4xx_and_the_server_stays_healthy(workspace,
             pairs = [(pick(keys), pick(images)) for _ in range(int(rng.integers(1, 3)))]
             return add_images(client, pairs, headers=pick(tokens))
         if kind == 7:  # keys and images that do not pair up
-            return client.post("/images", files=[("image", ("a.jpg", pick(images)))], data={"key": ["a", "b"]},
-                               headers=AUTH)
+            return client.post(
+                "/images", files=[("image", ("a.jpg", pick(images)))], data={"key": ["a", "b"]}, headers=AUTH
+            )
         if kind == 8:
-            return client.delete("/images/" + pick(["nope", "..%2F..%2Fetc", "%00", "a" * 400, "img03.jpg"]),
-                                 headers=pick(tokens))
+            return client.delete(
+                "/images/" + pick(["nope", "..%2F..%2Fetc", "%00", "a" * 400, "img03.jpg"]), headers=pick(tokens)
+            )
         if kind == 9:
-            return client.get("/thumbnail", params={"key": pick(["../../etc/passwd", "/etc/passwd", "", "x" * 2000, "\0"])})
+            return client.get(
+                "/thumbnail", params={"key": pick(["../../etc/passwd", "/etc/passwd", "", "x" * 2000, "\0"])}
+            )
         if kind == 10:
             return client.request(pick(["GET", "PUT", "PATCH"]), pick(["/search", "/images", "/stats", "/nowhere"]))
-        return client.post("/images", content=pick(images), headers={**pick(tokens), "Content-Type": "multipart/form-data"})
+        return client.post(
+            "/images", content=pick(images), headers={**pick(tokens), "Content-Type": "multipart/form-data"}
+        )
 
     statuses, change = [], 0
     with serving(workspace, token=TOKEN, max_request_bytes=256 * 1024, max_pixels=4_000_000) as client:

@@ -54,9 +54,12 @@ def test_every_acknowledged_add_survives_kill_9(workspace, token_file):
                 key = f"crash-{worker}-{i:03d}"
                 sent.append(key)
                 try:
-                    response = client.post(server.url + "/images", headers=AUTH,
-                                           files={"image": ("a.jpg", jpeg(1000 + 100 * worker + i), "image/jpeg")},
-                                           data={"key": key})
+                    response = client.post(
+                        server.url + "/images",
+                        headers=AUTH,
+                        files={"image": ("a.jpg", jpeg(1000 + 100 * worker + i), "image/jpeg")},
+                        data={"key": key},
+                    )
                 except httpx.TransportError:
                     return  # the server died under this request: it was never acknowledged
                 assert response.status_code == 201, response.text
@@ -100,8 +103,12 @@ def test_sigterm_folds_the_log_into_the_saved_index(workspace, token_file):
     server = Server(workspace, "--token-file", str(token_file))
     try:
         with httpx.Client(timeout=30) as client:
-            response = client.post(server.url + "/images", headers=AUTH, data={"key": "term"},
-                                   files={"image": ("t.jpg", jpeg(5000), "image/jpeg")})
+            response = client.post(
+                server.url + "/images",
+                headers=AUTH,
+                data={"key": "term"},
+                files={"image": ("t.jpg", jpeg(5000), "image/jpeg")},
+            )
             assert response.status_code == 201, response.text
     finally:
         server.terminate()

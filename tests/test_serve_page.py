@@ -21,9 +21,18 @@ from serve_workspace import Server, make_workspace
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
-         "--virtual-time-budget=20000"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--virtual-time-budget=20000",
+]
 # The page's blue: the scores and the query's border.
 BLUE = (0x2A, 0x6F, 0xD1)
 
@@ -52,12 +61,14 @@ def test_search_shows_results_with_thumbnails_scores_and_time(server, tmp_path):
     body = body_tag(dom)
     assert 'data-state="done"' in body, dom[-3000:]
     assert 'data-results="12"' in body and 'data-loaded-results="12"' in body, body
-    first = re.search(r'<div class="key"><span class="rank">1\.</span><span class="score">([0-9.]+)</span> ([^<]+)</div>',
-                      dom)
+    first = re.search(
+        r'<div class="key"><span class="rank">1\.</span><span class="score">([0-9.]+)</span> ([^<]+)</div>', dom
+    )
     assert first is not None and first.group(2) == "img03.jpg" and float(first.group(1)) > 0
     status = re.search(r'<div id="status" class="ok">([^<]+)</div>', dom).group(1)
-    assert re.match(r"12 results in \d+ ms \(server \d+ ms: features \d+ ms, search [0-9.]+ ms; \d+ descriptors\)",
-                    status), status
+    assert re.match(
+        r"12 results in \d+ ms \(server \d+ ms: features \d+ ms, search [0-9.]+ ms; \d+ descriptors\)", status
+    ), status
     assert re.search(r'<span id="stats">12 images · sift · 32 words</span>', dom)
 
 
@@ -72,8 +83,9 @@ def test_a_failed_search_shows_the_servers_message(server, tmp_path):
 
 def test_screenshot_shows_thumbnails(server, tmp_path):
     png = tmp_path / "shot.png"
-    proc = chromium([f"--screenshot={png}", "--window-size=1200,1400", server.url + "/?image=thumbnail%3Fkey%3Dimg05.jpg"],
-                    tmp_path)
+    proc = chromium(
+        [f"--screenshot={png}", "--window-size=1200,1400", server.url + "/?image=thumbnail%3Fkey%3Dimg05.jpg"], tmp_path
+    )
     assert png.is_file(), proc.stderr[-2000:]
     with Image.open(png) as im:
         rgb = np.asarray(im.convert("RGB")).astype(int)

@@ -88,7 +88,9 @@ def test_plain_sift_is_l2_normalised(image):
     np.testing.assert_allclose(np.linalg.norm(feats.descriptors, axis=1), 1.0, atol=1e-5)
     rooted = SiftExtractor(max_features=50).extract(image)
     assert SiftExtractor(root=False).name == "sift" and SiftExtractor().name == "rootsift"
-    np.testing.assert_allclose(np.sqrt(feats.descriptors / feats.descriptors.sum(1, keepdims=True)), rooted.descriptors, atol=1e-5)
+    np.testing.assert_allclose(
+        np.sqrt(feats.descriptors / feats.descriptors.sum(1, keepdims=True)), rooted.descriptors, atol=1e-5
+    )
 
 
 def test_whitening_is_applied_after_root_sift(image):
@@ -114,9 +116,18 @@ def test_config_is_json_and_reflects_settings():
 
 def test_validation(image):
     # A wrong type and a wrong value raise the same ArgumentError, naming the argument.
-    for kwargs in ({"max_features": 0}, {"max_features": 2.5}, {"max_size": -1}, {"root": 1},
-                   {"contrast_threshold": -1}, {"edge_threshold": 0}, {"sigma": 0}, {"sigma": float("nan")},
-                   {"sigma": "1.6"}, {"n_octave_layers": True}):
+    for kwargs in (
+        {"max_features": 0},
+        {"max_features": 2.5},
+        {"max_size": -1},
+        {"root": 1},
+        {"contrast_threshold": -1},
+        {"edge_threshold": 0},
+        {"sigma": 0},
+        {"sigma": float("nan")},
+        {"sigma": "1.6"},
+        {"n_octave_layers": True},
+    ):
         with pytest.raises(ArgumentError, match=next(iter(kwargs))):
             SiftExtractor(**kwargs)
     with pytest.raises(ArgumentError, match="whitening"):

@@ -10,8 +10,16 @@ from asmkit.pairs import SparseScores, pair_indices, pairs_from_scores, select_a
 
 from .test_pairs import random_scores
 
-GRAPHS = ["knn-1", "knn-5", "retrieval-4-3", "retrieval-1-0", "retrieval-0-2", "sequential-2", "sequential-2+retrieval-3",
-          "complete"]
+GRAPHS = [
+    "knn-1",
+    "knn-5",
+    "retrieval-4-3",
+    "retrieval-1-0",
+    "retrieval-0-2",
+    "sequential-2",
+    "sequential-2+retrieval-3",
+    "complete",
+]
 
 
 def sparse_of(s, k, block=7):
@@ -79,8 +87,14 @@ def test_tiny_sets_pad_rows():
 
 def test_bad_files(tmp_path):
     path = tmp_path / "s.npz"
-    np.savez(path, rows=np.zeros(2, np.int64), cols=np.array([0, 9]), scores=np.ones(2, np.float32),
-             names=np.array(["a", "b"]), k=np.array(2))
+    np.savez(
+        path,
+        rows=np.zeros(2, np.int64),
+        cols=np.array([0, 9]),
+        scores=np.ones(2, np.float32),
+        names=np.array(["a", "b"]),
+        k=np.array(2),
+    )
     with pytest.raises(FileFormatError, match="out of range"):
         SparseScores.load(path)
     np.savez(path, rows=np.zeros(2, np.int64), cols=np.ones(2, np.int64), scores=np.ones(2, np.float32))

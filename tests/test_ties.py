@@ -88,10 +88,12 @@ def test_every_query_path_gives_the_same_scores(tied, ma_query, monkeypatch):
     expected_index = Index(book, params)
     database_words = flat.search(vecs, 1)[1]
     desc = prepare_descriptors(vecs, labels)
-    expected_index.add_aggregates(aggregate(vecs, database_words, desc.starts, desc.order, centroids, binary=True),
-                                  np.arange(n))
-    queries = aggregate(vecs, _faiss_query_words(centroids, vecs, ma_query), desc.starts, desc.order, centroids,
-                        binary=True)
+    expected_index.add_aggregates(
+        aggregate(vecs, database_words, desc.starts, desc.order, centroids, binary=True), np.arange(n)
+    )
+    queries = aggregate(
+        vecs, _faiss_query_words(centroids, vecs, ma_query), desc.starts, desc.order, centroids, binary=True
+    )
     db = expected_index.database
     expected = np.zeros((n, n), np.float32)
     search.score_aggregates(db.ivf, db.idf, db.sqrt_norms, db.ids, queries, params, dim=128, dense_out=expected)
@@ -99,17 +101,27 @@ def test_every_query_path_gives_the_same_scores(tied, ma_query, monkeypatch):
     got = {
         "Index.similarity_matrix": index.similarity_matrix(vecs, labels),
         "search.similarity_matrix": similarity_matrix(book, vecs, labels, params),
-        "one image per chunk": search.score_queries(book, desc, index.database, params,
-                                                    dense_out=np.zeros((n, n), np.float32), chunk_images=1),
+        "one image per chunk": search.score_queries(
+            book, desc, index.database, params, dense_out=np.zeros((n, n), np.float32), chunk_images=1
+        ),
     }
     # Tied rows settled in many small batches.
     monkeypatch.setattr(search, "TIED_BATCH_ROWS", 7)
-    got["small settling batches"] = search.score_queries(book, desc, index.database, params,
-                                                         dense_out=np.zeros((n, n), np.float32), chunk_rows=600)
+    got["small settling batches"] = search.score_queries(
+        book, desc, index.database, params, dense_out=np.zeros((n, n), np.float32), chunk_rows=600
+    )
     query_aggregates = aggregate_images(book, vecs, labels, params, side="query")
     got["aggregate_images"] = np.zeros((n, n), np.float32)
-    search.score_aggregates(index.inverted_file, index.idf, index.database.sqrt_norms, index.ids, query_aggregates,
-                            params, dim=128, dense_out=got["aggregate_images"])
+    search.score_aggregates(
+        index.inverted_file,
+        index.idf,
+        index.database.sqrt_norms,
+        index.ids,
+        query_aggregates,
+        params,
+        dim=128,
+        dense_out=got["aggregate_images"],
+    )
     for name, dense in got.items():
         np.testing.assert_array_equal(dense, expected, err_msg=name)
     scores, ids = index.search(vecs, labels, k=None)

@@ -91,12 +91,16 @@ def cache(tmp_path_factory) -> Path:
 
 # -- --model --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_model(kind, images, tmp_path, capsys):
     pytest.importorskip("torch")
     path = wrong_file(kind, tmp_path, "" if kind.endswith("pkl") or kind == "directory" else ".pth")
-    assert_user_error(capsys, ["-q", "scores", str(images), "--out", str(tmp_path / "s.npy"), "--preset", "mast3r",
-                               "--model", str(path)], path)
+    assert_user_error(
+        capsys,
+        ["-q", "scores", str(images), "--out", str(tmp_path / "s.npy"), "--preset", "mast3r", "--model", str(path)],
+        path,
+    )
 
 
 def test_model_codebook_pickle_in_a_real_process(images, tmp_path):
@@ -104,9 +108,24 @@ def test_model_codebook_pickle_in_a_real_process(images, tmp_path):
     pytest.importorskip("torch")
     path = wrong_file("codebook_pkl", tmp_path, ".pkl")
     proc = subprocess.run(
-        [sys.executable, "-m", "asmkit.cli", "-q", "scores", str(images), "--out", str(tmp_path / "s.npy"),
-         "--preset", "mast3r", "--model", str(path)],
-        capture_output=True, text=True, timeout=300, check=False,
+        [
+            sys.executable,
+            "-m",
+            "asmkit.cli",
+            "-q",
+            "scores",
+            str(images),
+            "--out",
+            str(tmp_path / "s.npy"),
+            "--preset",
+            "mast3r",
+            "--model",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and "weights_only" not in proc.stderr
@@ -121,8 +140,11 @@ def test_model_codebook_pickle_in_a_real_process(images, tmp_path):
 def test_codebook(kind, images, cache, tmp_path, capsys):
     # A .pkl goes to the reference-format reader, anything else to the asmkit one.
     path = wrong_file(kind, tmp_path, ".pkl" if kind == "random_pickle" else "")
-    assert_user_error(capsys, ["-q", "scores", str(images), "--out", str(tmp_path / "s.npy"), "--cache", str(cache),
-                               "--codebook", str(path)], path)
+    assert_user_error(
+        capsys,
+        ["-q", "scores", str(images), "--out", str(tmp_path / "s.npy"), "--cache", str(cache), "--codebook", str(path)],
+        path,
+    )
 
 
 @pytest.mark.parametrize("part", ["workspace", "index.asmkit", "truncated", "garbage_npy"])
@@ -137,8 +159,11 @@ def test_codebook_that_is_another_asmkit_folder_or_damaged(part, images, workspa
         centroids = path / "centroids.npy"
         data = centroids.read_bytes()
         centroids.write_bytes(data[: len(data) // 2] if part == "truncated" else b"x" * len(data))
-    line = assert_user_error(capsys, ["-q", "scores", str(images), "--out", str(tmp_path / "s.npy"), "--cache",
-                                      str(cache), "--codebook", str(path)], path)
+    line = assert_user_error(
+        capsys,
+        ["-q", "scores", str(images), "--out", str(tmp_path / "s.npy"), "--cache", str(cache), "--codebook", str(path)],
+        path,
+    )
     if part in ("truncated", "garbage_npy"):
         assert "centroids.npy" in line
 
@@ -156,11 +181,13 @@ def test_codebook_of_another_dimension(command, images, cache, tmp_path, capsys)
 
 # -- --config -------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", [k for k in KINDS if k != "empty"])  # an empty TOML file is a valid config
 def test_config(kind, images, tmp_path, capsys):
     path = wrong_file(kind, tmp_path, ".toml")
-    assert_user_error(capsys, ["-q", "scores", str(images), "--out", str(tmp_path / "s.npy"), "--config", str(path)],
-                      path)
+    assert_user_error(
+        capsys, ["-q", "scores", str(images), "--out", str(tmp_path / "s.npy"), "--config", str(path)], path
+    )
 
 
 # -- the index workspace --------------------------------------------------------------------
@@ -209,8 +236,20 @@ def _damage(ws: Path, how: str) -> Path:
     return target
 
 
-@pytest.mark.parametrize("how", ["truncated_npy", "garbage_npy", "flipped_byte", "missing_npy", "manifest_garbage",
-                                 "no_index", "pipeline_json_garbage", "pipeline_json_no_config", "pipeline_json_list"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "truncated_npy",
+        "garbage_npy",
+        "flipped_byte",
+        "missing_npy",
+        "manifest_garbage",
+        "no_index",
+        "pipeline_json_garbage",
+        "pipeline_json_no_config",
+        "pipeline_json_list",
+    ],
+)
 def test_damaged_workspace(how, workspace, images, tmp_path, capsys):
     ws = tmp_path / "ws"
     shutil.copytree(workspace, ws)
@@ -243,12 +282,16 @@ def test_image_list_naming_a_file_twice(images, tmp_path, capsys):
 
 # -- eval DATA ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("content", [
-    pytest.param(b"\x89PNG\r\n\x1a\n\0\0", id="png"),
-    pytest.param(b"{not json", id="text"),
-    pytest.param(b'{"queries": []}', id="missing_keys"),
-    pytest.param(None, id="no_gt_json"),
-])
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param(b"\x89PNG\r\n\x1a\n\0\0", id="png"),
+        pytest.param(b"{not json", id="text"),
+        pytest.param(b'{"queries": []}', id="missing_keys"),
+        pytest.param(None, id="no_gt_json"),
+    ],
+)
 def test_eval_data(content, tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()
@@ -304,25 +347,63 @@ def test_report_results(kind, images, tmp_path, capsys):
     else:
         path = wrong_file(kind, tmp_path, ".npz")
     (tmp_path / "names.txt").write_text("im0.jpg\nim1.jpg\n")
-    assert_user_error(capsys, ["-q", "report", "--results", str(path), "--names", str(tmp_path / "names.txt"),
-                               "--query-names", str(tmp_path / "names.txt"), "--image-root", str(images),
-                               "--out", str(tmp_path / "r.html")], path)
+    assert_user_error(
+        capsys,
+        [
+            "-q",
+            "report",
+            "--results",
+            str(path),
+            "--names",
+            str(tmp_path / "names.txt"),
+            "--query-names",
+            str(tmp_path / "names.txt"),
+            "--image-root",
+            str(images),
+            "--out",
+            str(tmp_path / "r.html"),
+        ],
+        path,
+    )
 
 
 def test_report_names_file_that_is_an_image(images, tmp_path, capsys):
     results = tmp_path / "results.npz"
     np.savez(results, ids=np.array([[0, 1]]), scores=np.array([[1.0, 0.5]]))
     names = wrong_file("png", tmp_path, ".txt")
-    assert_user_error(capsys, ["-q", "report", "--results", str(results), "--names", str(names),
-                               "--query-names", str(names), "--image-root", str(images),
-                               "--out", str(tmp_path / "r.html")], names)
+    assert_user_error(
+        capsys,
+        [
+            "-q",
+            "report",
+            "--results",
+            str(results),
+            "--names",
+            str(names),
+            "--query-names",
+            str(names),
+            "--image-root",
+            str(images),
+            "--out",
+            str(tmp_path / "r.html"),
+        ],
+        names,
+    )
 
 
 # -- what is not a user error ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("error", [TypeError("a bug"), AttributeError("a bug"), KeyError("a bug"),
-                                   ValueError("a bug in numpy's hands"), IndexError("a bug")])
+@pytest.mark.parametrize(
+    "error",
+    [
+        TypeError("a bug"),
+        AttributeError("a bug"),
+        KeyError("a bug"),
+        ValueError("a bug in numpy's hands"),
+        IndexError("a bug"),
+    ],
+)
 def test_a_bug_propagates(error, images, tmp_path, monkeypatch, capsys):
     def broken(*args, **kwargs):
         raise error
@@ -334,8 +415,15 @@ def test_a_bug_propagates(error, images, tmp_path, monkeypatch, capsys):
     assert "error:" not in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("error", [ArgumentError("--top: must be at least 1"), FileFormatError("/x/y.pth", "not a checkpoint"),
-                                   FileNotFoundError("image source not found: /x"), PermissionError("/x: denied")])
+@pytest.mark.parametrize(
+    "error",
+    [
+        ArgumentError("--top: must be at least 1"),
+        FileFormatError("/x/y.pth", "not a checkpoint"),
+        FileNotFoundError("image source not found: /x"),
+        PermissionError("/x: denied"),
+    ],
+)
 def test_user_errors_are_one_line_and_verbose_shows_the_traceback(error, images, tmp_path, monkeypatch, capsys):
     def failing(*args, **kwargs):
         raise error
@@ -360,8 +448,13 @@ def test_a_bug_in_a_real_process_exits_1_with_its_traceback(tmp_path):
         "from asmkit.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script, "-q", "scores", str(tmp_path), "--out", str(tmp_path / "s.npy")],
-                          capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, "-q", "scores", str(tmp_path), "--out", str(tmp_path / "s.npy")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 1
     assert "Traceback" in proc.stderr and "TypeError: a bug inside asmkit" in proc.stderr
 
@@ -373,8 +466,9 @@ def test_yaml_config_without_pyyaml(images, tmp_path, monkeypatch, capsys):
     path = tmp_path / "config.yaml"
     path.write_text("asmk:\n  codebook_size: 16\n")
     monkeypatch.setitem(sys.modules, "yaml", None)  # `import yaml` now raises ImportError
-    line = assert_user_error(capsys, ["-q", "index", str(images), "--out", str(tmp_path / "ws"),
-                                      "--config", str(path)], path)
+    line = assert_user_error(
+        capsys, ["-q", "index", str(images), "--out", str(tmp_path / "ws"), "--config", str(path)], path
+    )
     assert "pip install pyyaml" in line
 
 

@@ -212,7 +212,8 @@ def test_rerank_moves_verified_images_up_and_only_reorders_the_top():
     np.testing.assert_array_equal(out.ids[0, 20:], ids[0, 20:])
     relevant_in_top = [i for i in ids[0, :20] if i in (3, 11, 20)]
     assert out.ids[0, : len(relevant_in_top)].tolist() == sorted(
-        relevant_in_top, key=lambda i: int(np.flatnonzero(ids[0] == i)[0]))
+        relevant_in_top, key=lambda i: int(np.flatnonzero(ids[0] == i)[0])
+    )
     assert (out.inliers[0, : len(relevant_in_top)] >= 140).all()
     assert (out.inliers[0, 20:] == -1).all()
     # Scores travel with their images.
@@ -314,8 +315,21 @@ def test_index_keeps_geometry_and_query_reranks(demo, tmp_path, capsys):
 
 
 def test_eval_reports_before_and_after(demo, tmp_path, capsys):
-    res = run_json(capsys, ["-q", "eval", str(demo), "--codebook-size", "64", "--rerank", "10",
-                            "--cache", str(tmp_path / "cache"), "--json"])
+    res = run_json(
+        capsys,
+        [
+            "-q",
+            "eval",
+            str(demo),
+            "--codebook-size",
+            "64",
+            "--rerank",
+            "10",
+            "--cache",
+            str(tmp_path / "cache"),
+            "--json",
+        ],
+    )
     assert set(res["before_rerank"]) >= {"map", "mp"}
     assert res["rerank"]["top"] == 10 and res["rerank"]["seconds"] >= 0
     assert res["map"] >= res["before_rerank"]["map"] - 0.05

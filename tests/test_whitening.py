@@ -65,7 +65,7 @@ def test_shrinkage_scales_variances_by_eigenvalue_power():
     raw = learned.apply(train, normalize=False).astype(np.float64)
     variances = raw.var(axis=0)
     # Variance along eigenvector i is λ_i, scaled by λ_i^(-s): λ_i^(1-s).
-    np.testing.assert_allclose(variances, learned.eigenvalues_ ** 0.5, rtol=1e-4)
+    np.testing.assert_allclose(variances, learned.eigenvalues_**0.5, rtol=1e-4)
     assert np.all(np.diff(variances) < 0)  # descending order kept
     # s = 0 is plain PCA: the variances are the eigenvalues themselves.
     plain = PCAWhitening.learn(train, shrinkage=0.0).apply(train, normalize=False).astype(np.float64)
@@ -102,7 +102,9 @@ def test_save_load_and_arrays_round_trip(tmp_path):
 
 def test_load_refuses_pickles_and_bad_files(tmp_path):
     path = tmp_path / "bad.npz"
-    np.savez(path, mean=np.zeros(3), projection=np.array([object()], dtype=object), eigenvalues=np.ones(3), shrinkage=1.0)
+    np.savez(
+        path, mean=np.zeros(3), projection=np.array([object()], dtype=object), eigenvalues=np.ones(3), shrinkage=1.0
+    )
     with pytest.raises(FileFormatError, match="bad.npz"):
         PCAWhitening.load(path)
     np.savez(path, mean=np.zeros(3))

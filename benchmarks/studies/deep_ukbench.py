@@ -72,9 +72,18 @@ def extract(args) -> None:
         seconds=np.array(seconds),
         threads=np.array(torch.get_num_threads()),
     )
-    print(json.dumps({"cache": str(out), "images": len(feats), "seconds": round(seconds, 1),
-                      "images_per_s": round(len(feats) / seconds, 2), "threads": torch.get_num_threads(),
-                      "mean_feats": float(np.mean([len(f) for f in feats]))}))
+    print(
+        json.dumps(
+            {
+                "cache": str(out),
+                "images": len(feats),
+                "seconds": round(seconds, 1),
+                "images_per_s": round(len(feats) / seconds, 2),
+                "threads": torch.get_num_threads(),
+                "mean_feats": float(np.mean([len(f) for f in feats])),
+            }
+        )
+    )
 
 
 def _rank_asmk(vecs, ids, n_images, codebook_size, seed, kernels=((3.0, 0.0, 5),)):
@@ -138,11 +147,26 @@ def evaluate(args) -> None:
         for (alpha, tau, ma_query), ranks in zip(kernels, all_ranks):
             m, _ = mean_average_precision(ranks, gt, query_indices=np.arange(n_images))
             ns = ns_score(ranks, groups)
-            row = {"images": n_images, "stage": args.stage, "scales": args.scales, "smoothing": args.smoothing,
-                   "nfeat": nfeat, "dim": whitening.output_dim, "shrinkage": shrink, "codebook": k,
-                   "alpha": alpha, "tau": tau, "ma_query": ma_query, "map": round(m, 4),
-                   "ns": round(ns, 3), "spoc_map": round(g_map, 4), "engine": engine,
-                   "t_codebook_s": round(t_cb, 1), "t_index_search_s": round(t_search, 1), "n_desc": int(len(vecs))}
+            row = {
+                "images": n_images,
+                "stage": args.stage,
+                "scales": args.scales,
+                "smoothing": args.smoothing,
+                "nfeat": nfeat,
+                "dim": whitening.output_dim,
+                "shrinkage": shrink,
+                "codebook": k,
+                "alpha": alpha,
+                "tau": tau,
+                "ma_query": ma_query,
+                "map": round(m, 4),
+                "ns": round(ns, 3),
+                "spoc_map": round(g_map, 4),
+                "engine": engine,
+                "t_codebook_s": round(t_cb, 1),
+                "t_index_search_s": round(t_search, 1),
+                "n_desc": int(len(vecs)),
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.out:
@@ -161,8 +185,12 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE / "deep_study", help="feature caches")
     parser.add_argument("--keep", type=int, default=1000, help="features cached per image (extract)")
     parser.add_argument("--limit", type=int, default=None, help="first N images only")
-    parser.add_argument("--source-limit", type=int, default=None,
-                        help="eval: read the cache extracted with this --limit (default: --limit; 0: the full cache)")
+    parser.add_argument(
+        "--source-limit",
+        type=int,
+        default=None,
+        help="eval: read the cache extracted with this --limit (default: --limit; 0: the full cache)",
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--nfeat", type=int, nargs="+", default=[800])
     parser.add_argument("--dim", type=int, nargs="+", default=[128])

@@ -42,8 +42,9 @@ def main(argv=None):
     if args.centroids:
         centroids = np.load(args.centroids)
     else:
-        centroids = Codebook.train(sample_rows(data.vecs, 100_000, args.seed), args.codebook_size,
-                                   seed=args.seed).centroids
+        centroids = Codebook.train(
+            sample_rows(data.vecs, 100_000, args.seed), args.codebook_size, seed=args.seed
+        ).centroids
     if args.save_centroids:
         np.save(args.save_centroids, centroids)
     book = Codebook(centroids)

@@ -35,8 +35,12 @@ def main(data: str, out: str) -> None:
     di = np.array([pos[n] for n in gt.images])
     members = {m: np.load(path)[np.ix_(qi, di)] for m, path in res["members"].items()}
     a, b = members.values()
-    rules = {**members, "score": fuse([a, b], "score"), "rank": fuse([a, b], "rank"),
-             "max-standardised": np.maximum(_standardise(a), _standardise(b))}
+    rules = {
+        **members,
+        "score": fuse([a, b], "score"),
+        "rank": fuse([a, b], "rank"),
+        "max-standardised": np.maximum(_standardise(a), _standardise(b)),
+    }
     results = {}
     for rule, matrix in rules.items():
         metrics = evaluate(np.argsort(-matrix, axis=1, kind="stable"), gt)

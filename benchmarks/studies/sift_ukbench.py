@@ -101,10 +101,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="UKBench-style folder (gt.json, images/)")
     parser.add_argument("--cache", default=str(DEFAULT_CACHE / "sift_study"), help="feature stores and codebooks")
-    parser.add_argument("--configs", default="base,idf,pw128_s05,real,real_idf,mf2000_real_idf,real_pw128_s05,real_idf_pw128_s05")
+    parser.add_argument(
+        "--configs", default="base,idf,pw128_s05,real,real_idf,mf2000_real_idf,real_pw128_s05,real_idf_pw128_s05"
+    )
     parser.add_argument("--train-sample", type=int, default=500_000, help="descriptors sampled for k-means")
-    parser.add_argument("--engine", choices=["asmkit", "reference"], default="asmkit",
-                        help="rank with asmkit.Index or with the reference asmk (same codebook)")
+    parser.add_argument(
+        "--engine",
+        choices=["asmkit", "reference"],
+        default="asmkit",
+        help="rank with asmkit.Index or with the reference asmk (same codebook)",
+    )
     parser.add_argument("--codebook-size", type=int, default=None, help="override every setting's K")
     parser.add_argument("--out", default=None, help="append one JSON line per setting here")
     args = parser.parse_args()

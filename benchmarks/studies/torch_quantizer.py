@@ -50,9 +50,11 @@ def main(argv=None):
     flagged = book._quantize_unsettled(vecs, 1, segments, True)[2]
     start = time.perf_counter()
     words = book.quantize(vecs, 1, segments=[0, len(vecs)])
-    print(f"database: {len(vecs)} rows, {time.perf_counter() - start:.1f} s on {args.device}, "
-          f"{len(flagged)} settled by faiss, "
-          f"{int((words[:, 0] != index.search(vecs, 1)[1][:, 0]).sum())} differ from faiss")
+    print(
+        f"database: {len(vecs)} rows, {time.perf_counter() - start:.1f} s on {args.device}, "
+        f"{len(flagged)} settled by faiss, "
+        f"{int((words[:, 0] != index.search(vecs, 1)[1][:, 0]).sum())} differ from faiss"
+    )
 
     starts = starts[: args.query_images + 1]
     rows = int(starts[-1])

@@ -447,8 +447,9 @@ def _scan_binary(q_codes, r, begin, end, entry_slot, codes, w_idf, inv_sqrt_norm
 
 
 @njit(cache=True)
-def _accumulate_binary(q_offsets, q_words, q_codes, q, offsets, entry_slot, codes, idf, inv_sqrt_norms,
-                       weight_of_h, score):
+def _accumulate_binary(
+    q_offsets, q_words, q_codes, q, offsets, entry_slot, codes, idf, inv_sqrt_norms, weight_of_h, score
+):
     """Add query ``q``'s binary selective-kernel contributions to ``score``; return n_q.
 
     Kept out of the parallel loop of ``search_kernel``, where numba compiles loops less
@@ -459,8 +460,18 @@ def _accumulate_binary(q_offsets, q_words, q_codes, q, offsets, entry_slot, code
         word = np.uint64(q_words[r])
         w_idf = idf[word]
         q_norm += w_idf
-        _scan_binary(q_codes, r, np.uint64(offsets[word]), np.uint64(offsets[word + np.uint64(1)]), entry_slot,
-                     codes, w_idf, inv_sqrt_norms, weight_of_h, score)
+        _scan_binary(
+            q_codes,
+            r,
+            np.uint64(offsets[word]),
+            np.uint64(offsets[word + np.uint64(1)]),
+            entry_slot,
+            codes,
+            w_idf,
+            inv_sqrt_norms,
+            weight_of_h,
+            score,
+        )
     return q_norm
 
 
@@ -477,16 +488,29 @@ def _scan_real(q_real, r, begin, end, entry_slot, real, w_idf, inv_sqrt_norms, a
 
 
 @njit(cache=True)
-def _accumulate_real(q_offsets, q_words, q_real, q, offsets, entry_slot, real, idf, inv_sqrt_norms,
-                     alpha, alpha_is_int, tau, score):
+def _accumulate_real(
+    q_offsets, q_words, q_real, q, offsets, entry_slot, real, idf, inv_sqrt_norms, alpha, alpha_is_int, tau, score
+):
     """Add query ``q``'s real-valued selective-kernel contributions to ``score``; return n_q."""
     q_norm = np.float32(0.0)
     for r in range(np.uint64(q_offsets[q]), np.uint64(q_offsets[q + 1])):
         word = np.uint64(q_words[r])
         w_idf = idf[word]
         q_norm += w_idf
-        _scan_real(q_real, r, np.uint64(offsets[word]), np.uint64(offsets[word + np.uint64(1)]), entry_slot, real,
-                   w_idf, inv_sqrt_norms, alpha, alpha_is_int, tau, score)
+        _scan_real(
+            q_real,
+            r,
+            np.uint64(offsets[word]),
+            np.uint64(offsets[word + np.uint64(1)]),
+            entry_slot,
+            real,
+            w_idf,
+            inv_sqrt_norms,
+            alpha,
+            alpha_is_int,
+            tau,
+            score,
+        )
     return q_norm
 
 
@@ -541,11 +565,27 @@ def _emit(q, score, q_norm, slot_ids, k, dense, heap_s, heap_i, out_scores, out_
 
 @njit(cache=True, parallel=True)
 def search_kernel(
-    q_offsets, q_words, q_codes, q_real,
-    offsets, entry_slot, codes, real,
-    idf, inv_sqrt_norms, slot_ids,
-    binary, weight_of_h, alpha, alpha_is_int, tau,
-    k, dense, n_blocks, out_scores, out_ids,
+    q_offsets,
+    q_words,
+    q_codes,
+    q_real,
+    offsets,
+    entry_slot,
+    codes,
+    real,
+    idf,
+    inv_sqrt_norms,
+    slot_ids,
+    binary,
+    weight_of_h,
+    alpha,
+    alpha_is_int,
+    tau,
+    k,
+    dense,
+    n_blocks,
+    out_scores,
+    out_ids,
 ):
     """Score query images against an inverted file with the selective match kernel.
 
@@ -600,17 +640,32 @@ def search_kernel(
         heap_i = np.empty(max(k, 1), dtype=np.int64)
         for q in range((n_queries * b) // n_blocks, (n_queries * (b + 1)) // n_blocks):
             if binary:
-                q_norm = _accumulate_binary(q_offsets, q_words, q_codes, q, offsets, entry_slot, codes, idf,
-                                            inv_sqrt_norms, weight_of_h, score)
+                q_norm = _accumulate_binary(
+                    q_offsets, q_words, q_codes, q, offsets, entry_slot, codes, idf, inv_sqrt_norms, weight_of_h, score
+                )
             else:
-                q_norm = _accumulate_real(q_offsets, q_words, q_real, q, offsets, entry_slot, real, idf,
-                                          inv_sqrt_norms, alpha, alpha_is_int, tau, score)
+                q_norm = _accumulate_real(
+                    q_offsets,
+                    q_words,
+                    q_real,
+                    q,
+                    offsets,
+                    entry_slot,
+                    real,
+                    idf,
+                    inv_sqrt_norms,
+                    alpha,
+                    alpha_is_int,
+                    tau,
+                    score,
+                )
             _emit(q, score, q_norm, slot_ids, k, dense, heap_s, heap_i, out_scores, out_ids)
 
 
 @njit(cache=True, inline="always")
-def _scan_group_binary2(group_a0, group_a1, group_q, n_group, begin, end, entry_slot, codes, w_idf,
-                        inv_sqrt_norms, weight_of_h, tile):
+def _scan_group_binary2(
+    group_a0, group_a1, group_q, n_group, begin, end, entry_slot, codes, w_idf, inv_sqrt_norms, weight_of_h, tile
+):
     """Posting entries ``begin .. end - 1`` of one word against the ``n_group`` query
     aggregates of a block that have that word (two-word codes, D in 65 .. 128).
 
@@ -630,9 +685,30 @@ def _scan_group_binary2(group_a0, group_a1, group_q, n_group, begin, end, entry_
 
 
 @njit(cache=True)
-def _score_block(q0, q1, q_offsets, q_words, q_codes, q_real, offsets, entry_slot, codes, real, idf,
-                 inv_sqrt_norms, slot_ids, binary, weight_of_h, alpha, alpha_is_int, tau, k, dense,
-                 out_scores, out_ids):
+def _score_block(
+    q0,
+    q1,
+    q_offsets,
+    q_words,
+    q_codes,
+    q_real,
+    offsets,
+    entry_slot,
+    codes,
+    real,
+    idf,
+    inv_sqrt_norms,
+    slot_ids,
+    binary,
+    weight_of_h,
+    alpha,
+    alpha_is_int,
+    tau,
+    k,
+    dense,
+    out_scores,
+    out_ids,
+):
     """Word-major scoring of queries ``q0 .. q1 - 1`` into one float64 [S, q1 - q0] tile.
 
     The block's aggregate rows are visited in ascending word order (a stable sort, so
@@ -672,17 +748,29 @@ def _score_block(q0, q1, q_offsets, q_words, q_codes, q_real, offsets, entry_slo
                 group_q[n_group] = owner[by_word[j]]
                 n_group += 1
                 j += 1
-            _scan_group_binary2(group_a0, group_a1, group_q, np.uint64(n_group), begin, end, entry_slot, codes,
-                                idf[word], inv_sqrt_norms, weight_of_h, tile)
+            _scan_group_binary2(
+                group_a0,
+                group_a1,
+                group_q,
+                np.uint64(n_group),
+                begin,
+                end,
+                entry_slot,
+                codes,
+                idf[word],
+                inv_sqrt_norms,
+                weight_of_h,
+                tile,
+            )
         else:
             r = np.uint64(r0 + by_word[j])
             score = tile[:, owner[by_word[j]]]
             if binary:
-                _scan_binary(q_codes, r, begin, end, entry_slot, codes, idf[word], inv_sqrt_norms, weight_of_h,
-                             score)
+                _scan_binary(q_codes, r, begin, end, entry_slot, codes, idf[word], inv_sqrt_norms, weight_of_h, score)
             else:
-                _scan_real(q_real, r, begin, end, entry_slot, real, idf[word], inv_sqrt_norms, alpha,
-                           alpha_is_int, tau, score)
+                _scan_real(
+                    q_real, r, begin, end, entry_slot, real, idf[word], inv_sqrt_norms, alpha, alpha_is_int, tau, score
+                )
             j += 1
     for q in range(q0, q1):
         q_norm = np.float32(0.0)
@@ -693,11 +781,27 @@ def _score_block(q0, q1, q_offsets, q_words, q_codes, q_real, offsets, entry_slo
 
 @njit(cache=True, parallel=True)
 def search_kernel_word_major(
-    q_offsets, q_words, q_codes, q_real,
-    offsets, entry_slot, codes, real,
-    idf, inv_sqrt_norms, slot_ids,
-    binary, weight_of_h, alpha, alpha_is_int, tau,
-    k, dense, block, out_scores, out_ids,
+    q_offsets,
+    q_words,
+    q_codes,
+    q_real,
+    offsets,
+    entry_slot,
+    codes,
+    real,
+    idf,
+    inv_sqrt_norms,
+    slot_ids,
+    binary,
+    weight_of_h,
+    alpha,
+    alpha_is_int,
+    tau,
+    k,
+    dense,
+    block,
+    out_scores,
+    out_ids,
 ):
     """``search_kernel`` for many queries at once, word-major within blocks of queries.
 
@@ -713,9 +817,30 @@ def search_kernel_word_major(
     for b in prange(n_blocks):
         q0 = b * block
         q1 = min(q0 + block, n_queries)
-        _score_block(q0, q1, q_offsets, q_words, q_codes, q_real, offsets, entry_slot, codes, real, idf,
-                     inv_sqrt_norms, slot_ids, binary, weight_of_h, alpha, alpha_is_int, tau, k, dense,
-                     out_scores, out_ids)
+        _score_block(
+            q0,
+            q1,
+            q_offsets,
+            q_words,
+            q_codes,
+            q_real,
+            offsets,
+            entry_slot,
+            codes,
+            real,
+            idf,
+            inv_sqrt_norms,
+            slot_ids,
+            binary,
+            weight_of_h,
+            alpha,
+            alpha_is_int,
+            tau,
+            k,
+            dense,
+            out_scores,
+            out_ids,
+        )
 
 
 @njit(cache=True, parallel=True)
@@ -739,8 +864,27 @@ def slots_ascend(offsets, entry_slot):
 
 
 @njit(cache=True)
-def _scan_slot_range(q_offsets, q_words, q_codes, q_real, q, lo, hi, offsets, entry_slot, codes, real, idf,
-                     inv_sqrt_norms, binary, weight_of_h, alpha, alpha_is_int, tau, score):
+def _scan_slot_range(
+    q_offsets,
+    q_words,
+    q_codes,
+    q_real,
+    q,
+    lo,
+    hi,
+    offsets,
+    entry_slot,
+    codes,
+    real,
+    idf,
+    inv_sqrt_norms,
+    binary,
+    weight_of_h,
+    alpha,
+    alpha_is_int,
+    tau,
+    score,
+):
     """Add query ``q``'s contributions to slots ``lo .. hi - 1`` of ``score``: the entries of
     those slots are found in each (slot-ascending) posting list by bisection.
 
@@ -758,14 +902,39 @@ def _scan_slot_range(q_offsets, q_words, q_codes, q_real, q, lo, hi, offsets, en
         if binary:
             _scan_binary(q_codes, r, begin, end, entry_slot, codes, idf[word], inv_sqrt_norms, weight_of_h, score)
         else:
-            _scan_real(q_real, r, begin, end, entry_slot, real, idf[word], inv_sqrt_norms, alpha, alpha_is_int,
-                       tau, score)
+            _scan_real(
+                q_real, r, begin, end, entry_slot, real, idf[word], inv_sqrt_norms, alpha, alpha_is_int, tau, score
+            )
 
 
 @njit(cache=True, parallel=True)
-def _score_parts(q_offsets, q_words, q_codes, q_real, q, q_scale, offsets, entry_slot, codes, real, idf,
-                 inv_sqrt_norms, slot_ids, binary, weight_of_h, alpha, alpha_is_int, tau, k, dense, score, part_s,
-                 part_i, part_size, out_scores):
+def _score_parts(
+    q_offsets,
+    q_words,
+    q_codes,
+    q_real,
+    q,
+    q_scale,
+    offsets,
+    entry_slot,
+    codes,
+    real,
+    idf,
+    inv_sqrt_norms,
+    slot_ids,
+    binary,
+    weight_of_h,
+    alpha,
+    alpha_is_int,
+    tau,
+    k,
+    dense,
+    score,
+    part_s,
+    part_i,
+    part_size,
+    out_scores,
+):
     """Query ``q``'s slot parts in parallel (``search_kernel_slots``). Holds the parallel
     loop alone: numba turns array expressions of a parallel function (allocations,
     fills) into parallel regions of their own, each a wake-up of the threads."""
@@ -774,8 +943,27 @@ def _score_parts(q_offsets, q_words, q_codes, q_real, q, q_scale, offsets, entry
     for t in prange(n_parts):
         lo = (n_slots * t) // n_parts
         hi = (n_slots * (t + 1)) // n_parts
-        _scan_slot_range(q_offsets, q_words, q_codes, q_real, q, np.int32(lo), np.int32(hi), offsets, entry_slot,
-                         codes, real, idf, inv_sqrt_norms, binary, weight_of_h, alpha, alpha_is_int, tau, score)
+        _scan_slot_range(
+            q_offsets,
+            q_words,
+            q_codes,
+            q_real,
+            q,
+            np.int32(lo),
+            np.int32(hi),
+            offsets,
+            entry_slot,
+            codes,
+            real,
+            idf,
+            inv_sqrt_norms,
+            binary,
+            weight_of_h,
+            alpha,
+            alpha_is_int,
+            tau,
+            score,
+        )
         if dense:
             _dense_range(q, score, q_scale, lo, hi, out_scores)
         else:
@@ -784,11 +972,27 @@ def _score_parts(q_offsets, q_words, q_codes, q_real, q, q_scale, offsets, entry
 
 @njit(cache=True)
 def search_kernel_slots(
-    q_offsets, q_words, q_codes, q_real,
-    offsets, entry_slot, codes, real,
-    idf, inv_sqrt_norms, slot_ids,
-    binary, weight_of_h, alpha, alpha_is_int, tau,
-    k, dense, n_parts, out_scores, out_ids,
+    q_offsets,
+    q_words,
+    q_codes,
+    q_real,
+    offsets,
+    entry_slot,
+    codes,
+    real,
+    idf,
+    inv_sqrt_norms,
+    slot_ids,
+    binary,
+    weight_of_h,
+    alpha,
+    alpha_is_int,
+    tau,
+    k,
+    dense,
+    n_parts,
+    out_scores,
+    out_ids,
 ):
     """``search_kernel`` for a few queries: each query's posting lists split by slot range.
 
@@ -813,9 +1017,33 @@ def search_kernel_slots(
         q_norm = np.float32(0.0)
         for r in range(q_offsets[q], q_offsets[q + 1]):
             q_norm += idf[q_words[r]]
-        _score_parts(q_offsets, q_words, q_codes, q_real, q, _query_scale(q_norm), offsets, entry_slot, codes, real,
-                     idf, inv_sqrt_norms, slot_ids, binary, weight_of_h, alpha, alpha_is_int, tau, k, dense, score,
-                     part_s, part_i, part_size, out_scores)
+        _score_parts(
+            q_offsets,
+            q_words,
+            q_codes,
+            q_real,
+            q,
+            _query_scale(q_norm),
+            offsets,
+            entry_slot,
+            codes,
+            real,
+            idf,
+            inv_sqrt_norms,
+            slot_ids,
+            binary,
+            weight_of_h,
+            alpha,
+            alpha_is_int,
+            tau,
+            k,
+            dense,
+            score,
+            part_s,
+            part_i,
+            part_size,
+            out_scores,
+        )
         if dense:
             continue
         # k-way merge of the parts' sorted lists, in the ranking's order.
@@ -824,8 +1052,12 @@ def search_kernel_slots(
         for j in range(k):
             best = -1
             for t in range(n_parts):
-                if head[t] < part_size[t] and (best < 0 or _worse(part_s[best, head[best]], part_i[best, head[best]],
-                                                                   part_s[t, head[t]], part_i[t, head[t]])):
+                if head[t] < part_size[t] and (
+                    best < 0
+                    or _worse(
+                        part_s[best, head[best]], part_i[best, head[best]], part_s[t, head[t]], part_i[t, head[t]]
+                    )
+                ):
                     best = t
             if best < 0:
                 break
@@ -974,6 +1206,7 @@ def _project_quad(x, i0, n_rows, mean, axes_t, cen, xa, x_sq, raw_sq):
     xa[3, h] = -2.0 * math.sqrt(max(x_sq[3] - sq3, 0.0))
 
 
+# fmt: off
 @njit(cache=True, fastmath=_FAST)
 def _bound_quad(xa, table, sq, o0, o1, o2, o3):
     """Lower bounds of the four rows of ``xa`` against one tile of words,
@@ -1005,6 +1238,7 @@ def _bound_quad(xa, table, sq, o0, o1, o2, o3):
             o1[j] += (b0 * v0 + b1 * v1 + b2 * v2 + b3 * v3) + (b4 * v4 + b5 * v5 + b6 * v6 + b7 * v7)
             o2[j] += (c0 * v0 + c1 * v1 + c2 * v2 + c3 * v3) + (c4 * v4 + c5 * v5 + c6 * v6 + c7 * v7)
             o3[j] += (d0 * v0 + d1 * v1 + d2 * v2 + d3 * v3) + (d4 * v4 + d5 * v5 + d6 * v6 + d7 * v7)
+# fmt: on
 
 
 @njit(cache=True)
@@ -1017,13 +1251,13 @@ def _bound_rows(xa, tables, sq, bounds):
     for ti in range(tables.shape[0]):
         t0 = ti * tile
         t1 = min(K, t0 + tile)
-        _bound_quad(xa, tables[ti], sq[t0:t1], bounds[0, t0:t1], bounds[1, t0:t1], bounds[2, t0:t1],
-                    bounds[3, t0:t1])
+        _bound_quad(xa, tables[ti], sq[t0:t1], bounds[0, t0:t1], bounds[1, t0:t1], bounds[2, t0:t1], bounds[3, t0:t1])
 
 
 @njit(cache=True, fastmath=_FAST)
-def _select_row(row, i, row_sq, x, centroids, margin, eps, nearest_first, blk_min, cand, top_v, top_j,
-                reach, words, dist, tied):
+def _select_row(
+    row, i, row_sq, x, centroids, margin, eps, nearest_first, blk_min, cand, top_v, top_j, reach, words, dist, tied
+):
     """The exact m nearest words of ``x[i]`` given its lower bounds ``row`` (see
     ``pruned_nearest``, ``row_sq`` = |x'|^2, ``margin`` and ``eps`` the row's); returns
     the updated ``reach``. ``cand`` is int64 [K] scratch."""
@@ -1082,8 +1316,9 @@ def _select_row(row, i, row_sq, x, centroids, margin, eps, nearest_first, blk_mi
 
 
 @njit(cache=True, parallel=True)
-def pruned_nearest(x, mean, axes, table, sq, centroids, max_sq, margin_rate, eps_rate, nearest_first, n_chunks,
-                   words, dist, tied):
+def pruned_nearest(
+    x, mean, axes, table, sq, centroids, max_sq, margin_rate, eps_rate, nearest_first, n_chunks, words, dist, tied
+):
     """Exact m nearest centroids of each row, by lower bounds on the squared distances.
 
     With x' = (x[i] - mean) @ axes and the same for the words (``table`` holds their first
@@ -1147,8 +1382,24 @@ def pruned_nearest(x, mean, axes, table, sq, centroids, max_sq, margin_rate, eps
             _bound_rows(xa, table, sq, bounds)
             for r in range(n_rows):
                 scale = raw_sq[r] + max_sq
-                reach = _select_row(bounds[r], i0 + r, x_sq[r], x, centroids, margin_rate * scale, eps_rate * scale,
-                                    nearest_first, blk_min, cand, top_v, top_j, reach, words, dist, tied)
+                reach = _select_row(
+                    bounds[r],
+                    i0 + r,
+                    x_sq[r],
+                    x,
+                    centroids,
+                    margin_rate * scale,
+                    eps_rate * scale,
+                    nearest_first,
+                    blk_min,
+                    cand,
+                    top_v,
+                    top_j,
+                    reach,
+                    words,
+                    dist,
+                    tied,
+                )
 
 
 @njit(cache=True, parallel=True)
@@ -1197,8 +1448,23 @@ def region_word_count(assign, order, starts, region_starts, member_starts, membe
 
 
 @njit(cache=True, parallel=True)
-def region_aggregate_fill(vecs, centroids, assign, order, starts, region_starts, member_starts, members,
-                          agg_offsets, binary, n_blocks, out_words, out_codes, out_real, out_used):
+def region_aggregate_fill(
+    vecs,
+    centroids,
+    assign,
+    order,
+    starts,
+    region_starts,
+    member_starts,
+    members,
+    agg_offsets,
+    binary,
+    n_blocks,
+    out_words,
+    out_codes,
+    out_real,
+    out_used,
+):
     """R-ASMK: per region residual sums, each region L2-normalised as a whole, summed per word.
 
     For each image and each of its regions r with at least one descriptor,
@@ -1384,13 +1650,25 @@ def word_matches(q_words, q_sigs, d_words, d_sigs, d_offsets, slots, cap, max_ha
         s = slots[c]
         found = 0
         if s >= 0:
-            found = _merge_words(q_words, q_sigs, d_words, d_sigs, d_offsets[s], d_offsets[s + 1], cap, max_hamming,
-                                 none, 0, False)
+            found = _merge_words(
+                q_words, q_sigs, d_words, d_sigs, d_offsets[s], d_offsets[s + 1], cap, max_hamming, none, 0, False
+            )
         offsets[c + 1] = offsets[c] + found
     pairs = np.empty((offsets[n], 2), np.int32)
     for c in range(n):
         s = slots[c]
         if s >= 0:
-            _merge_words(q_words, q_sigs, d_words, d_sigs, d_offsets[s], d_offsets[s + 1], cap, max_hamming,
-                         pairs, offsets[c], True)
+            _merge_words(
+                q_words,
+                q_sigs,
+                d_words,
+                d_sigs,
+                d_offsets[s],
+                d_offsets[s + 1],
+                cap,
+                max_hamming,
+                pairs,
+                offsets[c],
+                True,
+            )
     return offsets, pairs

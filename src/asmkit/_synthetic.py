@@ -92,12 +92,13 @@ def clustered_descriptors(
         patterns = modes[rng.integers(0, n_modes, per_image)]
         patterns = _normalise(patterns + scale * 0.5 * rng.standard_normal((per_image, dim), dtype=np.float32))
         for i in members:
-            rows = vecs[i * per_image:(i + 1) * per_image]
+            rows = vecs[i * per_image : (i + 1) * per_image]
             chosen = rng.choice(per_image, n_shared, replace=False)
             rows[:n_shared] = patterns[chosen] + scale * 0.25 * rng.standard_normal((n_shared, dim), dtype=np.float32)
             n_bg = per_image - n_shared
             rows[n_shared:] = modes[rng.integers(0, n_modes, n_bg)] + scale * 0.6 * rng.standard_normal(
-                (n_bg, dim), dtype=np.float32)
+                (n_bg, dim), dtype=np.float32
+            )
             rows[:] = _normalise(rows)
     image_ids = np.repeat(np.arange(n_images, dtype=np.int64), per_image)
     return vecs, image_ids, groups

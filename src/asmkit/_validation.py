@@ -63,8 +63,9 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
-def check_int(value: Any, name: str, *, min: int | None = None, max: int | None = None,
-              none: bool = False) -> int | None:
+def check_int(
+    value: Any, name: str, *, min: int | None = None, max: int | None = None, none: bool = False
+) -> int | None:
     """``value`` as a Python int within ``[min, max]``; None passes when ``none``.
 
     Raises
@@ -84,8 +85,15 @@ def check_int(value: Any, name: str, *, min: int | None = None, max: int | None 
     return int(value)
 
 
-def check_float(value: Any, name: str, *, min: float | None = None, max: float | None = None,
-                min_open: bool = False, none: bool = False) -> float | None:
+def check_float(
+    value: Any,
+    name: str,
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    min_open: bool = False,
+    none: bool = False,
+) -> float | None:
     """``value`` as a finite Python float within ``[min, max]`` (``(min, max]`` with
     ``min_open``); ints are accepted, bools are not; None passes when ``none``.
 
@@ -96,8 +104,11 @@ def check_float(value: Any, name: str, *, min: float | None = None, max: float |
     """
     if value is None and none:
         return None
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(value):
+    if (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, (int, float, np.integer, np.floating))
+        or not math.isfinite(value)
+    ):
         raise ArgumentError(f"{name}: expected a finite number, got {value!r}")
     value = float(value)
     if min is not None and (value <= min if min_open else value < min):

@@ -39,8 +39,9 @@ _USER_ERRORS = (AsmkitError, OSError)
 
 
 def _add_pipeline_flags(p: argparse.ArgumentParser, *, model: bool = True) -> None:
-    p.add_argument("--preset", default="sift",
-                   help=f"one of {', '.join(preset_names())} (default sift); see `asmkit presets`")
+    p.add_argument(
+        "--preset", default="sift", help=f"one of {', '.join(preset_names())} (default sift); see `asmkit presets`"
+    )
     p.add_argument("--config", help="TOML/YAML file overriding the preset ([features], [asmk])")
     p.add_argument("--codebook", help="codebook to use (.asmkit folder, or the reference's .pkl)")
     p.add_argument("--codebook-size", help="visual words when training a codebook, e.g. 4096 or 64k")
@@ -51,16 +52,28 @@ def _add_pipeline_flags(p: argparse.ArgumentParser, *, model: bool = True) -> No
 
 
 def _add_ray_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
-                   help="score on a Ray cluster: host:port, or no value for a local one (pip install 'asmkit[ray]')")
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="auto",
+        metavar="ADDRESS",
+        help="score on a Ray cluster: host:port, or no value for a local one (pip install 'asmkit[ray]')",
+    )
     p.add_argument("--ray-cpus", type=int, metavar="N", help="CPUs of the local Ray cluster (default: all)")
 
 
 def _add_regions_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--regions", help="R-ASMK: database regions from grid, proposals, or a box file "
-                                     "(JSON/CSV, image paths as named here); see docs/regions.md")
-    p.add_argument("--no-whole-image", dest="whole_image", action="store_false",
-                   help="with --regions: the boxes only, the whole image is not a region")
+    p.add_argument(
+        "--regions",
+        help="R-ASMK: database regions from grid, proposals, or a box file "
+        "(JSON/CSV, image paths as named here); see docs/regions.md",
+    )
+    p.add_argument(
+        "--no-whole-image",
+        dest="whole_image",
+        action="store_false",
+        help="with --regions: the boxes only, the whole image is not a region",
+    )
 
 
 def _query_box(text: str | None) -> list[float] | None:
@@ -76,8 +89,9 @@ def _query_box(text: str | None) -> list[float] | None:
 
 
 def _add_device_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu",
-                   help="cpu (default), cuda or cuda:N: deep features and quantization on that GPU")
+    p.add_argument(
+        "--device", default="cpu", help="cpu (default), cuda or cuda:N: deep features and quantization on that GPU"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -89,8 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
     verbosity.add_argument("-q", "--quiet", action="store_true", help="errors only, no progress bars")
-    parser.add_argument("--threads", type=int, metavar="N",
-                        help="threads for torch and numba (default: theirs, usually every core)")
+    parser.add_argument(
+        "--threads", type=int, metavar="N", help="threads for torch and numba (default: theirs, usually every core)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("index", help="extract features, train a codebook, build and save an index")
@@ -109,14 +124,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--query-box", help="x0,y0,x1,y1: aggregate each query from the features in this box only")
     p.add_argument("--model", help="MASt3R retrieval checkpoint (mast3r indexes)")
     _add_device_flag(p)
-    p.add_argument("--rerank", type=int, default=0, metavar="R",
-                   help="re-rank the top R by spatial verification (inliers; default 0: off)")
+    p.add_argument(
+        "--rerank",
+        type=int,
+        default=0,
+        metavar="R",
+        help="re-rank the top R by spatial verification (inliers; default 0: off)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("scores", help="N x N similarity matrix of an image set (row = query), or each row's K best")
     p.add_argument("images", help="image folder or list file")
-    p.add_argument("--out", required=True,
-                   help="output .npy (names go to <out>.names.txt), or .npz with --top (rows, cols, scores, names)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output .npy (names go to <out>.names.txt), or .npz with --top (rows, cols, scores, names)",
+    )
     p.add_argument("--top", type=int, help="keep each row's K best other images (sparse, O(N K) memory)")
     _add_ray_flags(p)
     p.add_argument("--cache", help="folder for features and learned whitening (default: ~/.cache/asmkit)")
@@ -132,8 +155,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scores", help="scores from `asmkit scores` (.npy, or .npz with --top) instead of IMAGES")
     _add_ray_flags(p)
     p.add_argument("--cache", help="folder for features and learned whitening")
-    p.add_argument("--verify", action="store_true",
-                   help="keep the pairs verified by a fundamental matrix; inliers go to <out>.inliers.txt")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="keep the pairs verified by a fundamental matrix; inliers go to <out>.inliers.txt",
+    )
     p.add_argument("--min-inliers", type=int, default=15, help="inliers a verified pair needs (default 15)")
     p.add_argument("--colmap-db", help="also write a COLMAP database (keypoints, matches, geometries; needs [sfm])")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
@@ -146,8 +172,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="also write an HTML report here")
     p.add_argument("--top", type=int, default=10, help="results per query in the report")
     _add_ray_flags(p)
-    p.add_argument("--rerank", type=int, default=0, metavar="R",
-                   help="re-rank the top R by spatial verification; --json reports before and after")
+    p.add_argument(
+        "--rerank",
+        type=int,
+        default=0,
+        metavar="R",
+        help="re-rank the top R by spatial verification; --json reports before and after",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_pipeline_flags(p)
     _add_regions_flag(p)
@@ -155,7 +186,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="static HTML page of retrieval results")
     p.add_argument("index", nargs="?", help="index workspace to query (with --queries)")
     p.add_argument("--queries", nargs="+", help="query image files (with INDEX)")
-    p.add_argument("--results", help="a results .npz (ids, scores), or sparse scores from `scores --top`, instead of INDEX")
+    p.add_argument(
+        "--results", help="a results .npz (ids, scores), or sparse scores from `scores --top`, instead of INDEX"
+    )
     p.add_argument("--gt", help="data-set folder with gt.json: colours results, adds a PR plot")
     p.add_argument("--names", help="database names file (with --results)")
     p.add_argument("--query-names", help="query names file (with --results)")
@@ -174,9 +207,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--token-file", help="file holding a bearer token that adds and removes require")
     p.add_argument("--token-reads", action="store_true", help="searches, stats and metrics require the token too")
-    p.add_argument("--workers", type=int, default=4, help="threads for image decoding, features and updates (default 4)")
-    p.add_argument("--max-batch", type=int, default=16,
-                   help="most concurrent searches run as one Index.search call (default 16; 1: one call each)")
+    p.add_argument(
+        "--workers", type=int, default=4, help="threads for image decoding, features and updates (default 4)"
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=16,
+        help="most concurrent searches run as one Index.search call (default 16; 1: one call each)",
+    )
     _add_device_flag(p)
 
     sub.add_parser("presets", help="list the presets")
@@ -208,51 +247,104 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "index":
         summary = pipeline.build_index(
-            args.images, out=args.out, preset=args.preset, config=args.config, codebook=args.codebook,
-            codebook_size=args.codebook_size, train=args.train, model=args.model, add=args.add,
-            workers=args.workers, device=args.device, regions=args.regions,
-            whole_image=args.whole_image)
+            args.images,
+            out=args.out,
+            preset=args.preset,
+            config=args.config,
+            codebook=args.codebook,
+            codebook_size=args.codebook_size,
+            train=args.train,
+            model=args.model,
+            add=args.add,
+            workers=args.workers,
+            device=args.device,
+            regions=args.regions,
+            whole_image=args.whole_image,
+        )
         t = summary["timings"]
-        _print(summary, args.json,
-               f"{'added' if args.add else 'indexed'} {summary['added']} images into {summary['index']} "
-               f"({summary['images']} in total, codebook {summary['codebook_size']}, preset {summary['preset']}); "
-               f"extract {t['extract_s']:.1f}s, codebook {t['codebook_s']:.1f}s, index {t['index_s']:.1f}s"
-               + _failed_lines(summary["failed"]))
+        _print(
+            summary,
+            args.json,
+            f"{'added' if args.add else 'indexed'} {summary['added']} images into {summary['index']} "
+            f"({summary['images']} in total, codebook {summary['codebook_size']}, preset {summary['preset']}); "
+            f"extract {t['extract_s']:.1f}s, codebook {t['codebook_s']:.1f}s, index {t['index_s']:.1f}s"
+            + _failed_lines(summary["failed"]),
+        )
         return 0
 
     if args.command == "query":
-        res = pipeline.query_index(args.index, args.images, top=args.top, model=args.model, device=args.device,
-                                   rerank=args.rerank, box=_query_box(args.query_box))
+        res = pipeline.query_index(
+            args.index,
+            args.images,
+            top=args.top,
+            model=args.model,
+            device=args.device,
+            rerank=args.rerank,
+            box=_query_box(args.query_box),
+        )
         lines = []
         for q in res["results"]:
             lines.append(q["query"])
-            lines += [f"  {i + 1:3d}. {r['score']:.4f}  {r['name']}" + (f"  ({r['inliers']} inliers)" if r.get(
-                "inliers", -1) >= 0 else "") for i, r in enumerate(q["results"])]
+            lines += [
+                f"  {i + 1:3d}. {r['score']:.4f}  {r['name']}"
+                + (f"  ({r['inliers']} inliers)" if r.get("inliers", -1) >= 0 else "")
+                for i, r in enumerate(q["results"])
+            ]
         _print(res, args.json, "\n".join(lines) + _failed_lines(res["failed"]))
         return 0 if res["results"] else 1
 
     if args.command == "scores":
         res = pipeline.compute_scores(
-            args.images, out=args.out, top=args.top, preset=args.preset, config=args.config, model=args.model,
-            codebook=args.codebook, codebook_size=args.codebook_size, cache=args.cache, workers=args.workers,
-            device=args.device, ray=args.ray, ray_cpus=args.ray_cpus, regions=args.regions,
-            whole_image=args.whole_image)
+            args.images,
+            out=args.out,
+            top=args.top,
+            preset=args.preset,
+            config=args.config,
+            model=args.model,
+            codebook=args.codebook,
+            codebook_size=args.codebook_size,
+            cache=args.cache,
+            workers=args.workers,
+            device=args.device,
+            ray=args.ray,
+            ray_cpus=args.ray_cpus,
+            regions=args.regions,
+            whole_image=args.whole_image,
+        )
         t = res["timings"]
         shape = f"{res['images']}x{res['top']} top" if "top" in res else f"{res['images']}x{res['images']}"
-        _print(res, args.json,
-               f"wrote {shape} scores to {res['scores']} (names: {res['names']}); "
-               + ", ".join(f"{key[:-2]} {value:.1f}s" for key, value in t.items())
-               + _failed_lines(res["failed"]))
+        _print(
+            res,
+            args.json,
+            f"wrote {shape} scores to {res['scores']} (names: {res['names']}); "
+            + ", ".join(f"{key[:-2]} {value:.1f}s" for key, value in t.items())
+            + _failed_lines(res["failed"]),
+        )
         return 0
 
     if args.command == "pairs":
         res = pipeline.make_pairs(
-            args.images, out=args.out, graph=args.graph, top=args.top, scores=args.scores,
-            preset=args.preset, config=args.config, model=args.model, codebook=args.codebook,
-            codebook_size=args.codebook_size, cache=args.cache, workers=args.workers, device=args.device,
-            ray=args.ray, ray_cpus=args.ray_cpus,
-            verify=args.verify, min_inliers=args.min_inliers, colmap_db=args.colmap_db,
-            regions=args.regions, whole_image=args.whole_image)
+            args.images,
+            out=args.out,
+            graph=args.graph,
+            top=args.top,
+            scores=args.scores,
+            preset=args.preset,
+            config=args.config,
+            model=args.model,
+            codebook=args.codebook,
+            codebook_size=args.codebook_size,
+            cache=args.cache,
+            workers=args.workers,
+            device=args.device,
+            ray=args.ray,
+            ray_cpus=args.ray_cpus,
+            verify=args.verify,
+            min_inliers=args.min_inliers,
+            colmap_db=args.colmap_db,
+            regions=args.regions,
+            whole_image=args.whole_image,
+        )
         text = f"wrote {res['n_pairs']} pairs ({res['graph']}) among {res['images']} images to {res['pairs']}"
         if "n_tested" in res:
             text += f"; {res['n_tested'] - res['n_pairs']} of {res['n_tested']} failed verification ({res['inliers']})"
@@ -263,12 +355,27 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "eval":
         res = pipeline.evaluate_dataset(
-            args.data, preset=args.preset, config=args.config, codebook=args.codebook,
-            codebook_size=args.codebook_size, model=args.model, cache=args.cache, workers=args.workers,
-            report=args.report, top=args.top, device=args.device, rerank=args.rerank, regions=args.regions,
-            whole_image=args.whole_image, ray=args.ray, ray_cpus=args.ray_cpus)
-        text = (f"{res['dataset']} ({res['preset']}): mAP {res['map']:.4f}, "
-                f"mP@1/5/10 {res['mp']['1']:.4f}/{res['mp']['5']:.4f}/{res['mp']['10']:.4f}")
+            args.data,
+            preset=args.preset,
+            config=args.config,
+            codebook=args.codebook,
+            codebook_size=args.codebook_size,
+            model=args.model,
+            cache=args.cache,
+            workers=args.workers,
+            report=args.report,
+            top=args.top,
+            device=args.device,
+            rerank=args.rerank,
+            regions=args.regions,
+            whole_image=args.whole_image,
+            ray=args.ray,
+            ray_cpus=args.ray_cpus,
+        )
+        text = (
+            f"{res['dataset']} ({res['preset']}): mAP {res['map']:.4f}, "
+            f"mP@1/5/10 {res['mp']['1']:.4f}/{res['mp']['5']:.4f}/{res['mp']['10']:.4f}"
+        )
         if "ns_score" in res:
             text += f", N-S {res['ns_score']:.3f}"
         for proto in ("easy", "medium", "hard"):
@@ -276,9 +383,11 @@ def _run(args: argparse.Namespace) -> int:
                 text += f"\n  {proto}: mAP {res[proto]['map']:.4f}"
         if "rerank" in res:
             before, info = res["before_rerank"], res["rerank"]
-            text += (f"\nre-ranked top {info['top']}: mAP {before['map']:.4f} -> {res['map']:.4f}"
-                     + (f", N-S {before['ns_score']:.3f} -> {res['ns_score']:.3f}" if "ns_score" in res else "")
-                     + f"; verification {info['ms_per_query']:.1f} ms per query")
+            text += (
+                f"\nre-ranked top {info['top']}: mAP {before['map']:.4f} -> {res['map']:.4f}"
+                + (f", N-S {before['ns_score']:.3f} -> {res['ns_score']:.3f}" if "ns_score" in res else "")
+                + f"; verification {info['ms_per_query']:.1f} ms per query"
+            )
         text += f"\ncodebook trained on {res['codebook_trained_on']}" + _failed_lines(res["failed"])
         _print(res, args.json, text)
         return 0
@@ -292,15 +401,27 @@ def _run(args: argparse.Namespace) -> int:
         except ImportError as exc:
             raise DependencyError(f"serve: needs its extra: pip install 'asmkit[serve]' ({exc})") from None
         token = read_token_file(args.token_file) if args.token_file else None
-        serve(args.index, Settings(host=args.host, port=args.port, token=token, token_reads=args.token_reads,
-                                   workers=args.workers, max_batch=args.max_batch, device=args.device))
+        serve(
+            args.index,
+            Settings(
+                host=args.host,
+                port=args.port,
+                token=token,
+                token_reads=args.token_reads,
+                workers=args.workers,
+                max_batch=args.max_batch,
+                device=args.device,
+            ),
+        )
         return 0
 
     if args.command == "demo":
         res = pipeline.run_demo(args.out, seed=args.seed)
-        _print(res, args.json,
-               f"demo: {res['images']} images, {res['queries']} queries: mAP {res['map']:.4f}\n"
-               f"report: {res['report']}")
+        _print(
+            res,
+            args.json,
+            f"demo: {res['images']} images, {res['queries']} queries: mAP {res['map']:.4f}\nreport: {res['report']}",
+        )
         return 0
     raise AssertionError(args.command)  # argparse only admits the commands above
 
@@ -309,8 +430,15 @@ def _report(args: argparse.Namespace) -> int:
     from .report import main as report_main
 
     if args.results:
-        path = report_main(output=args.out, ranks=args.results, gt=args.gt, names=args.names,
-                           query_names=args.query_names, image_root=args.image_root, top_k=args.top)
+        path = report_main(
+            output=args.out,
+            ranks=args.results,
+            gt=args.gt,
+            names=args.names,
+            query_names=args.query_names,
+            image_root=args.image_root,
+            top_k=args.top,
+        )
     elif args.index and args.queries:
         import numpy as np
 
@@ -333,8 +461,15 @@ def _report(args: argparse.Namespace) -> int:
         query_names = [str(Path(q["query"]).resolve()) for q in res["results"]]
 
         root = Path(res["image_root"])
-        path = write_report(args.out, names=[str((root / n).resolve()) for n in names], image_root="/",
-                            ranks=ids, scores=scores, query_names=query_names, top_k=args.top)
+        path = write_report(
+            args.out,
+            names=[str((root / n).resolve()) for n in names],
+            image_root="/",
+            ranks=ids,
+            scores=scores,
+            query_names=query_names,
+            top_k=args.top,
+        )
     else:
         raise ArgumentError("report: give INDEX with --queries, or --results")
     print(f"wrote {path}")

@@ -35,8 +35,14 @@ def _check_segments(segments, n: int) -> np.ndarray:
     if segments is None:
         return np.append(np.arange(0, n, QUANTIZE_ROWS, dtype=np.int64), n) if n else np.zeros(2, np.int64)
     segments = np.asarray(segments)
-    if (segments.ndim != 1 or len(segments) < 2 or segments.dtype.kind not in "iu" or segments[0] != 0
-            or segments[-1] != n or np.any(np.diff(segments) < 0)):
+    if (
+        segments.ndim != 1
+        or len(segments) < 2
+        or segments.dtype.kind not in "iu"
+        or segments[0] != 0
+        or segments[-1] != n
+        or np.any(np.diff(segments) < 0)
+    ):
         raise ArgumentError(f"segments: expected increasing row offsets from 0 to {n}, got {segments!r}")
     return segments.astype(np.int64)
 
@@ -57,9 +63,16 @@ class Assignment:
         Squared distances, when asked for (``Codebook.quantize(return_distances=True)``).
     """
 
-    def __init__(self, words: np.ndarray, tied: np.ndarray, distances: np.ndarray | None,
-                 tied_vecs: np.ndarray, local: np.ndarray, seg_size: np.ndarray,
-                 settle: Callable[..., tuple[np.ndarray, np.ndarray]]) -> None:
+    def __init__(
+        self,
+        words: np.ndarray,
+        tied: np.ndarray,
+        distances: np.ndarray | None,
+        tied_vecs: np.ndarray,
+        local: np.ndarray,
+        seg_size: np.ndarray,
+        settle: Callable[..., tuple[np.ndarray, np.ndarray]],
+    ) -> None:
         self.words = words
         self.tied = tied
         self.distances = distances
@@ -92,8 +105,15 @@ class Assignment:
         """An ``Assignment`` of the tied rows alone (their provisional words, copied), to
         settle later, possibly joined with others (``Assignment.concatenate``) so that
         rows of many calls share faiss's batches."""
-        return Assignment(self.words[self.tied], np.arange(self.tied.size, dtype=np.int64), None,
-                          self._tied_vecs, self._local, self._seg_size, self._settle)
+        return Assignment(
+            self.words[self.tied],
+            np.arange(self.tied.size, dtype=np.int64),
+            None,
+            self._tied_vecs,
+            self._local,
+            self._seg_size,
+            self._settle,
+        )
 
     @staticmethod
     def concatenate(parts: Sequence[Assignment]) -> Assignment:
@@ -289,8 +309,9 @@ class Codebook:
             self._flat = FaissQuantizer(index, self._centroids)
         return self._flat
 
-    def settle_rows(self, vecs: np.ndarray, local: np.ndarray, seg_size: np.ndarray,
-                    m: int) -> tuple[np.ndarray, np.ndarray]:
+    def settle_rows(
+        self, vecs: np.ndarray, local: np.ndarray, seg_size: np.ndarray, m: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         """faiss's m nearest words of rows tied within float32 rounding, as faiss's call on
         each row's segment gives them (what ``Assignment.settle`` runs).
 
@@ -312,8 +333,9 @@ class Codebook:
         """
         return settle_rows(self._faiss().index, vecs, local, seg_size, m)
 
-    def assign(self, vecs, m: int = 1, *, segments=None, nearest_first: bool = True,
-               check_finite: bool = True) -> Assignment:
+    def assign(
+        self, vecs, m: int = 1, *, segments=None, nearest_first: bool = True, check_finite: bool = True
+    ) -> Assignment:
         """The m nearest words of each descriptor (exact L2, as faiss ``IndexFlatL2``), with
         the rows whose words float32 rounding decides left provisional until ``settle``.
 
@@ -354,15 +376,19 @@ class Codebook:
         """
         m = check_int(m, "m", min=1)
         nearest_first = check_bool(nearest_first, "nearest_first")
-        trusted = (not check_bool(check_finite, "check_finite") and isinstance(vecs, np.ndarray)
-                   and vecs.dtype == np.float32 and vecs.ndim == 2 and vecs.shape[1] == self.dim
-                   and vecs.flags.c_contiguous)
+        trusted = (
+            not check_bool(check_finite, "check_finite")
+            and isinstance(vecs, np.ndarray)
+            and vecs.dtype == np.float32
+            and vecs.ndim == 2
+            and vecs.shape[1] == self.dim
+            and vecs.flags.c_contiguous
+        )
         if not trusted:
             vecs = check_vecs(vecs, name="vecs", dim=self.dim)
         return self._assign(vecs, m, _check_segments(segments, vecs.shape[0]), nearest_first, False)
 
-    def quantize(self, vecs, m: int = 1, *, return_distances: bool = False, segments=None,
-                 nearest_first: bool = True):
+    def quantize(self, vecs, m: int = 1, *, return_distances: bool = False, segments=None, nearest_first: bool = True):
         """``assign(vecs, m, segments=..., nearest_first=...).settle()``: the m nearest
         words of each descriptor, faiss's also at float32 ties.
 
@@ -384,8 +410,7 @@ class Codebook:
         return_distances = check_bool(return_distances, "return_distances")
         nearest_first = check_bool(nearest_first, "nearest_first")
         vecs = check_vecs(vecs, name="vecs", dim=self.dim)
-        assignment = self._assign(vecs, m, _check_segments(segments, vecs.shape[0]), nearest_first,
-                                  return_distances)
+        assignment = self._assign(vecs, m, _check_segments(segments, vecs.shape[0]), nearest_first, return_distances)
         words = assignment.settle()
         return (words, assignment.distances) if return_distances else words
 
@@ -404,14 +429,21 @@ class Codebook:
             last = max(first + 1, int(np.searchsorted(segments, segments[first] + QUANTIZE_ROWS, side="right")) - 1)
             begin, end = int(segments[first]), int(segments[last])
             block_dist = dist[begin:end] if return_distances else np.empty((end - begin, m), dtype=np.float32)
-            rows = quantizer.search(vecs[begin:end], m, block_dist, words[begin:end], nearest_first=nearest_first,
-                                    one_segment=last - first == 1)
+            rows = quantizer.search(
+                vecs[begin:end],
+                m,
+                block_dist,
+                words[begin:end],
+                nearest_first=nearest_first,
+                one_segment=last - first == 1,
+            )
             tied.append(np.asarray(rows, dtype=np.int64) + begin)
             first = last
         tied = np.concatenate(tied) if tied else np.zeros(0, dtype=np.int64)
         seg = np.searchsorted(segments, tied, side="right") - 1
-        return Assignment(words, tied, dist, vecs[tied], tied - segments[seg], segments[seg + 1] - segments[seg],
-                          self.settle_rows)
+        return Assignment(
+            words, tied, dist, vecs[tied], tied - segments[seg], segments[seg + 1] - segments[seg], self.settle_rows
+        )
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the centroids as an asmkit directory (kind ``"codebook"``)."""

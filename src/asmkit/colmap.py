@@ -40,9 +40,15 @@ def _pycolmap():
     return pycolmap
 
 
-def write_database(path: str | os.PathLike, image_dir: str | os.PathLike, keypoints: Mapping[str, np.ndarray],
-                   pairs: Sequence[PairGeometry], *, min_inliers: int = 15,
-                   camera_mode: str = "auto") -> dict[str, Any]:
+def write_database(
+    path: str | os.PathLike,
+    image_dir: str | os.PathLike,
+    keypoints: Mapping[str, np.ndarray],
+    pairs: Sequence[PairGeometry],
+    *,
+    min_inliers: int = 15,
+    camera_mode: str = "auto",
+) -> dict[str, Any]:
     """Write a COLMAP database: images, keypoints, matches and two-view geometries.
 
     The database is built in a sibling temporary file and moved into place, so an
@@ -70,8 +76,12 @@ def write_database(path: str | os.PathLike, image_dir: str | os.PathLike, keypoi
         ``{"database", "images", "matched_pairs", "verified_pairs"}``.
     """
     pycolmap = _pycolmap()
-    modes = {"auto": pycolmap.CameraMode.AUTO, "single": pycolmap.CameraMode.SINGLE,
-             "per_folder": pycolmap.CameraMode.PER_FOLDER, "per_image": pycolmap.CameraMode.PER_IMAGE}
+    modes = {
+        "auto": pycolmap.CameraMode.AUTO,
+        "single": pycolmap.CameraMode.SINGLE,
+        "per_folder": pycolmap.CameraMode.PER_FOLDER,
+        "per_image": pycolmap.CameraMode.PER_IMAGE,
+    }
     if camera_mode not in modes:
         raise ArgumentError(f"camera_mode: expected one of {', '.join(modes)}, got {camera_mode!r}")
     image_dir = Path(image_dir)
@@ -116,8 +126,12 @@ def write_database(path: str | os.PathLike, image_dir: str | os.PathLike, keypoi
     finally:
         tmp.unlink(missing_ok=True)
     logger.info("wrote %d images and %d verified pairs to %s", len(names), verified, target)
-    return {"database": str(target), "images": len(names), "matched_pairs": sum(p.matches.shape[0] > 0 for p in pairs),
-            "verified_pairs": verified}
+    return {
+        "database": str(target),
+        "images": len(names),
+        "matched_pairs": sum(p.matches.shape[0] > 0 for p in pairs),
+        "verified_pairs": verified,
+    }
 
 
 def reconstruct(database: str | os.PathLike, image_dir: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
@@ -144,5 +158,9 @@ def reconstruct(database: str | os.PathLike, image_dir: str | os.PathLike, out: 
         return {"models": 0, "registered": 0, "points": 0, "registered_images": []}
     best = max(models.values(), key=lambda rec: rec.num_reg_images())
     names = sorted(best.images[i].name for i in best.reg_image_ids())
-    return {"models": len(models), "registered": best.num_reg_images(), "points": best.num_points3D(),
-            "registered_images": names}
+    return {
+        "models": len(models),
+        "registered": best.num_reg_images(),
+        "points": best.num_points3D(),
+        "registered_images": names,
+    }

@@ -59,8 +59,9 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise FileFormatError(path, f"expected a table at the top level, got {type(data).__name__}")
     unknown = sorted(set(data) - _SECTIONS)
     if unknown:
-        raise FileFormatError(path, f"unknown section(s) {', '.join(map(str, unknown))}; "
-                                    "expected features, asmk, description")
+        raise FileFormatError(
+            path, f"unknown section(s) {', '.join(map(str, unknown))}; expected features, asmk, description"
+        )
     for section in ("features", "asmk"):
         if section in data and not isinstance(data[section], dict):
             raise FileFormatError(path, f"[{section}] must be a table, got {type(data[section]).__name__}")

@@ -56,9 +56,7 @@ def _skimage_data() -> Any:
     try:
         return importlib.import_module("skimage.data")
     except ImportError as exc:
-        raise DependencyError(
-            "the demo data set needs scikit-image: pip install 'asmkit[demo]'"
-        ) from exc
+        raise DependencyError("the demo data set needs scikit-image: pip install 'asmkit[demo]'") from exc
 
 
 def _perspective_coeffs(src: np.ndarray, dst: np.ndarray) -> list[float]:
@@ -81,9 +79,7 @@ def _perspective_coeffs(src: np.ndarray, dst: np.ndarray) -> list[float]:
 def _variant(base: Image.Image, rng: np.random.Generator, max_size: int) -> tuple[Image.Image, int]:
     """One random view of ``base`` and its JPEG quality."""
     gray = (128, 128, 128)
-    image = base.rotate(
-        float(rng.uniform(-25, 25)), resample=Image.Resampling.BICUBIC, fillcolor=gray
-    )
+    image = base.rotate(float(rng.uniform(-25, 25)), resample=Image.Resampling.BICUBIC, fillcolor=gray)
     w, h = image.size
     # Perspective: move each corner inwards or outwards by up to 8% of the side.
     corners = np.array([[0, 0], [w, 0], [w, h], [0, h]], dtype=np.float64)
@@ -168,9 +164,7 @@ def build_demo_set(
     chosen = list(DEMO_PHOTOS) if photos is None else list(photos)
     unknown = [p for p in chosen if p not in DEMO_PHOTOS]
     if unknown or not chosen or len(set(chosen)) != len(chosen):
-        raise ArgumentError(
-            f"photos: expected distinct names among {sorted(DEMO_PHOTOS)}, got {photos!r}"
-        )
+        raise ArgumentError(f"photos: expected distinct names among {sorted(DEMO_PHOTOS)}, got {photos!r}")
     data = _skimage_data()
 
     out = Path(out_dir)

@@ -160,9 +160,7 @@ def _per_query(data: Mapping[str, Any], key: str, queries: list[str], path: Path
     raise FileFormatError(path, f"key {key!r} must be an object keyed by query or a list")
 
 
-def _indices(
-    names: Any, index: Mapping[str, int], path: Path, where: str
-) -> np.ndarray:
+def _indices(names: Any, index: Mapping[str, int], path: Path, where: str) -> np.ndarray:
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise FileFormatError(path, f"{where} must be a list of image names")
     out = np.empty(len(names), dtype=np.int64)
@@ -216,8 +214,7 @@ def load_ground_truth(folder: str | Path) -> GroundTruth:
 
     def lists(key: str) -> list[np.ndarray]:
         return [
-            _indices(v, index, path, f"{key}[{q!r}]")
-            for q, v in zip(queries, _per_query(data, key, queries, path))
+            _indices(v, index, path, f"{key}[{q!r}]") for q, v in zip(queries, _per_query(data, key, queries, path))
         ]
 
     positives, junk = lists("positives"), lists("junk")
@@ -285,9 +282,7 @@ def _as_ranks(ranks: Any, name: str = "ranks") -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
-def _positive_positions(
-    ranked_ids: np.ndarray, positives: np.ndarray, junk: np.ndarray
-) -> np.ndarray:
+def _positive_positions(ranked_ids: np.ndarray, positives: np.ndarray, junk: np.ndarray) -> np.ndarray:
     """0-based positions of the positives in the ranking once junk is removed.
 
     An image listed both as positive and as junk counts as positive, as in the
@@ -350,8 +345,7 @@ def _row_queries(gt: GroundTruth, n_rows: int, query_indices: Any) -> np.ndarray
     if query_indices is None:
         if n_rows != gt.n_queries:
             raise ArgumentError(
-                f"ranks: {n_rows} rows for {gt.n_queries} queries; pass query_indices "
-                "to evaluate a subset"
+                f"ranks: {n_rows} rows for {gt.n_queries} queries; pass query_indices to evaluate a subset"
             )
         return np.arange(n_rows, dtype=np.int64)
     qi = np.asarray(query_indices)
@@ -366,9 +360,7 @@ def _row_queries(gt: GroundTruth, n_rows: int, query_indices: Any) -> np.ndarray
 
 def _check_ids(ranks: np.ndarray, gt: GroundTruth) -> None:
     if ranks.size and ranks.max() >= len(gt.images):
-        raise ArgumentError(
-            f"ranks: index {int(ranks.max())} out of range for {len(gt.images)} images"
-        )
+        raise ArgumentError(f"ranks: index {int(ranks.max())} out of range for {len(gt.images)} images")
 
 
 def _map_lists(
@@ -435,9 +427,7 @@ def mean_average_precision(
     _check_ids(arr, gt)
     rows = _row_queries(gt, arr.shape[0], query_indices)
     positives, junk = gt.protocol(protocol)
-    mean_ap, mp, _ = _map_lists(
-        arr, [positives[q] for q in rows], [junk[q] for q in rows], _check_kappas(kappas)
-    )
+    mean_ap, mp, _ = _map_lists(arr, [positives[q] for q in rows], [junk[q] for q in rows], _check_kappas(kappas))
     return mean_ap, mp
 
 
@@ -495,9 +485,7 @@ def evaluate(ranks: Any, gt: GroundTruth, *, query_indices: Any = None) -> dict[
 
     def one(protocol: str | None) -> dict[str, Any]:
         positives, junk = gt.protocol(protocol)
-        mean_ap, mp, n = _map_lists(
-            arr, [positives[q] for q in rows], [junk[q] for q in rows], KAPPAS
-        )
+        mean_ap, mp, n = _map_lists(arr, [positives[q] for q in rows], [junk[q] for q in rows], KAPPAS)
         return {"map": mean_ap, "mp": {str(k): v for k, v in mp.items()}, "n_queries": n}
 
     result = one(None)

@@ -35,8 +35,9 @@ __all__ = ["GeometryStore", "feature_words", "sort_by_word"]
 _KIND = "geometry"
 
 
-def sort_by_word(keypoints, words, signatures=None, *,
-                 name: str = "keypoints") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def sort_by_word(
+    keypoints, words, signatures=None, *, name: str = "keypoints"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One image's features, checked and ordered by ascending word (stable).
 
     Parameters
@@ -60,8 +61,7 @@ def sort_by_word(keypoints, words, signatures=None, *,
     """
     kp = np.asarray(keypoints)
     if kp.dtype.kind not in "fiu" or kp.ndim != 2 or kp.shape[1] < 2 or kp.shape[1] > 4:
-        raise ArgumentError(f"{name}: expected a float array [n, 2..4] (x, y, scale, angle), "
-                            f"got {kp.dtype} {kp.shape}")
+        raise ArgumentError(f"{name}: expected a float array [n, 2..4] (x, y, scale, angle), got {kp.dtype} {kp.shape}")
     w = np.asarray(words)
     if w.dtype.kind not in "iu" or w.ndim != 1 or w.shape[0] != kp.shape[0]:
         raise ArgumentError(f"{name}: expected {kp.shape[0]} integer words, got {w.dtype} {w.shape}")
@@ -159,8 +159,13 @@ class GeometryStore:
     @property
     def nbytes(self) -> int:
         """Bytes of the arrays (what ``save`` writes, less the file headers)."""
-        return int(self._ids.nbytes + self._offsets.nbytes + self._keypoints.nbytes + self._words.nbytes
-                   + self._signatures.nbytes)
+        return int(
+            self._ids.nbytes
+            + self._offsets.nbytes
+            + self._keypoints.nbytes
+            + self._words.nbytes
+            + self._signatures.nbytes
+        )
 
     @property
     def bytes_per_image(self) -> float:
@@ -174,8 +179,9 @@ class GeometryStore:
         return f"GeometryStore(images={len(self)}, features={self._words.shape[0]}, bytes/image={self.bytes_per_image:.0f})"
 
     @classmethod
-    def from_features(cls, codebook: Codebook, descriptors: Sequence, keypoints: Sequence,
-                      image_ids=None) -> GeometryStore:
+    def from_features(
+        cls, codebook: Codebook, descriptors: Sequence, keypoints: Sequence, image_ids=None
+    ) -> GeometryStore:
         """A store of images whose features are at hand (``feature_words`` gives the words).
 
         Parameters
@@ -191,8 +197,9 @@ class GeometryStore:
         if len(descriptors) != len(keypoints):
             raise ArgumentError(f"keypoints: {len(keypoints)} arrays for {len(descriptors)} images")
         kp = [np.empty((0, 4), np.float32) if k is None else k for k in keypoints]
-        words, sigs = feature_words(codebook, [d if k is not None else np.asarray(d)[:0]
-                                               for d, k in zip(descriptors, keypoints)])
+        words, sigs = feature_words(
+            codebook, [d if k is not None else np.asarray(d)[:0] for d, k in zip(descriptors, keypoints)]
+        )
         store = cls()
         store.add(np.arange(len(kp)) if image_ids is None else image_ids, kp, words, sigs)
         return store
@@ -259,8 +266,10 @@ class GeometryStore:
         keypoints, words = list(keypoints), list(words)
         signatures = [None] * len(words) if signatures is None else list(signatures)
         if not len(keypoints) == len(words) == len(signatures) == ids.shape[0]:
-            raise ArgumentError(f"keypoints: got {len(keypoints)} keypoint, {len(words)} word and {len(signatures)} "
-                                f"signature arrays for {ids.shape[0]} images")
+            raise ArgumentError(
+                f"keypoints: got {len(keypoints)} keypoint, {len(words)} word and {len(signatures)} "
+                f"signature arrays for {ids.shape[0]} images"
+            )
         if np.unique(ids).shape[0] != ids.shape[0]:
             raise ArgumentError("image_ids: must be distinct")
         clash = ids[np.isin(ids, self._ids)]
@@ -268,8 +277,10 @@ class GeometryStore:
             raise ArgumentError(f"image_ids: already in the geometry store: {clash[:10].tolist()}")
         if not ids.size:
             return
-        parts = [sort_by_word(k, w, g, name=f"keypoints[{i}]")
-                 for i, (k, w, g) in enumerate(zip(keypoints, words, signatures))]
+        parts = [
+            sort_by_word(k, w, g, name=f"keypoints[{i}]")
+            for i, (k, w, g) in enumerate(zip(keypoints, words, signatures))
+        ]
         width = {p[2].shape[1] for p in parts}
         if len(self) and self._words.shape[0]:
             width.add(self._signatures.shape[1])
@@ -297,8 +308,13 @@ class GeometryStore:
         keep = np.ones(len(self), dtype=bool)
         keep[slots] = False
         rows = np.repeat(keep, np.diff(self._offsets))
-        self._install(self._ids[keep], np.diff(self._offsets)[keep], self._keypoints[rows], self._words[rows],
-                      self._signatures[rows])
+        self._install(
+            self._ids[keep],
+            np.diff(self._offsets)[keep],
+            self._keypoints[rows],
+            self._words[rows],
+            self._signatures[rows],
+        )
 
     def _install(self, ids, counts, keypoints, words, signatures) -> None:
         """Set the state from images in any id order; regroup them in ascending id order."""
@@ -320,8 +336,13 @@ class GeometryStore:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the store atomically as an asmkit directory of kind ``"geometry"``."""
-        arrays = {"ids": self._ids, "offsets": self._offsets, "keypoints": self._keypoints, "words": self._words,
-                  "signatures": self._signatures}
+        arrays = {
+            "ids": self._ids,
+            "offsets": self._offsets,
+            "keypoints": self._keypoints,
+            "words": self._words,
+            "signatures": self._signatures,
+        }
         storage.save_arrays(path, arrays, {"images": len(self), "features": int(self._words.shape[0])}, kind=_KIND)
 
     @classmethod
@@ -341,17 +362,29 @@ class GeometryStore:
             A corrupted, truncated or wrong-kind directory (naming the file).
         """
         arrays, _ = storage.load_arrays(path, kind=_KIND, mmap=mmap, verify=verify)
-        shapes = {"ids": (np.int64, 1), "offsets": (np.int64, 1), "keypoints": (np.float32, 2), "words": (np.int32, 1),
-                  "signatures": (np.uint64, 2)}
+        shapes = {
+            "ids": (np.int64, 1),
+            "offsets": (np.int64, 1),
+            "keypoints": (np.float32, 2),
+            "words": (np.int32, 1),
+            "signatures": (np.uint64, 2),
+        }
         for name, (dtype, ndim) in shapes.items():
             if name not in arrays or arrays[name].dtype != dtype or arrays[name].ndim != ndim:
-                raise FileFormatError(path, f"not a geometry store ({name}.npy missing or not {np.dtype(dtype)} "
-                                            f"{ndim}-D)")
+                raise FileFormatError(
+                    path, f"not a geometry store ({name}.npy missing or not {np.dtype(dtype)} {ndim}-D)"
+                )
         ids, offsets, kp, words, sigs = (arrays[n] for n in ("ids", "offsets", "keypoints", "words", "signatures"))
         n_feat = words.shape[0]
-        if (offsets.shape != (ids.shape[0] + 1,) or offsets[0] != 0 or offsets[-1] != n_feat
-                or np.any(np.diff(offsets) < 0) or kp.shape != (n_feat, 4) or sigs.shape[0] != n_feat
-                or np.any(np.diff(ids) <= 0)):
+        if (
+            offsets.shape != (ids.shape[0] + 1,)
+            or offsets[0] != 0
+            or offsets[-1] != n_feat
+            or np.any(np.diff(offsets) < 0)
+            or kp.shape != (n_feat, 4)
+            or sigs.shape[0] != n_feat
+            or np.any(np.diff(ids) <= 0)
+        ):
             raise FileFormatError(path, "inconsistent geometry arrays (ids, offsets, keypoints, words, signatures)")
         store = cls()
         store._ids, store._offsets, store._keypoints, store._words, store._signatures = ids, offsets, kp, words, sigs

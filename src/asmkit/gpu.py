@@ -60,8 +60,9 @@ class TorchQuantizer:
         in ``_BLOCK_BYTES``, at least 256).
     """
 
-    def __init__(self, centroids: np.ndarray, device, tie_eps: float, *, gpu: int | None = None,
-                 block_rows: int | None = None) -> None:
+    def __init__(
+        self, centroids: np.ndarray, device, tie_eps: float, *, gpu: int | None = None, block_rows: int | None = None
+    ) -> None:
         import torch
 
         self._torch = torch
@@ -75,8 +76,9 @@ class TorchQuantizer:
         k = centroids.shape[0]
         self._rows = max(256, _BLOCK_BYTES // (4 * k)) if block_rows is None else block_rows
 
-    def search(self, vecs: np.ndarray, m: int, dist: np.ndarray, words: np.ndarray, *,
-               nearest_first: bool, one_segment: bool) -> np.ndarray:
+    def search(
+        self, vecs: np.ndarray, m: int, dist: np.ndarray, words: np.ndarray, *, nearest_first: bool, one_segment: bool
+    ) -> np.ndarray:
         """See ``asmkit.quantizer.Quantizer.search``. Its float32 rounding is never faiss's,
         so tied rows are returned also for a block of ``one_segment``."""
         torch = self._torch

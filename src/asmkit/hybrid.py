@@ -54,8 +54,10 @@ class HybridSpec:
         names = preset_names()
         for m in members:
             if m not in names or "hybrid" in preset_table(m):
-                raise ArgumentError(f"hybrid.members: {m!r} is not a plain preset; expected some of "
-                                    f"{', '.join(n for n in names if 'hybrid' not in preset_table(n))}")
+                raise ArgumentError(
+                    f"hybrid.members: {m!r} is not a plain preset; expected some of "
+                    f"{', '.join(n for n in names if 'hybrid' not in preset_table(n))}"
+                )
         self.members = tuple(members)
         self.fusion = check_choice(fusion, "hybrid.fusion", FUSIONS)
 

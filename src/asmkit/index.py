@@ -72,7 +72,9 @@ class Index:
             raise ArgumentError(f"codebook: expected an asmkit Codebook, got {type(codebook).__name__}")
         params = as_params(params)
         if params.codebook_size != codebook.size:
-            logger.debug("params.codebook_size %d replaced by the codebook's size %d", params.codebook_size, codebook.size)
+            logger.debug(
+                "params.codebook_size %d replaced by the codebook's size %d", params.codebook_size, codebook.size
+            )
             params = params.replace(codebook_size=codebook.size)
         self._codebook = codebook
         self._params = params
@@ -160,8 +162,9 @@ class Index:
         if self.is_shard:
             raise ArgumentError("index: a shard made by split() is read-only; modify the whole index and split again")
 
-    def add(self, vecs, image_ids=None, keys: Iterable[str] | None = None, *,
-            regions: Regions | None = None) -> np.ndarray:
+    def add(
+        self, vecs, image_ids=None, keys: Iterable[str] | None = None, *, regions: Regions | None = None
+    ) -> np.ndarray:
         """Add images.
 
         Equals ``add_aggregates(aggregate_images(codebook, vecs, image_ids, params), ids,
@@ -202,11 +205,13 @@ class Index:
             return new_ids
         words = self._codebook.assign(desc.vecs, self._params.ma_database, check_finite=False).settle()
         if regions is None:
-            aggregates = aggregate(desc.vecs, words, desc.starts, desc.order, self._codebook.centroids,
-                                   binary=self._params.binary)
+            aggregates = aggregate(
+                desc.vecs, words, desc.starts, desc.order, self._codebook.centroids, binary=self._params.binary
+            )
         else:
-            aggregates = aggregate_regions(desc.vecs, words, desc.starts, desc.order, self._codebook.centroids,
-                                           regions, binary=self._params.binary)
+            aggregates = aggregate_regions(
+                desc.vecs, words, desc.starts, desc.order, self._codebook.centroids, regions, binary=self._params.binary
+            )
         del words
         self._add_checked(aggregates, new_ids, new_keys)
         logger.debug("added %d images (%d descriptors); index holds %d", desc.n_images, desc.vecs.shape[0], len(self))
@@ -249,12 +254,21 @@ class Index:
             raise ArgumentError("image_ids: must be distinct")
         data, words, offsets = aggregates.data, aggregates.words, aggregates.offsets
         if data.dtype != self._ivf.data.dtype or data.ndim != 2 or data.shape[1] != self._ivf.data.shape[1]:
-            raise ArgumentError(f"aggregates: {data.dtype} {data.shape[1:]} codes do not fit this index "
-                                f"({self._ivf.data.dtype} {self._ivf.data.shape[1:]})")
-        if (words.ndim != 1 or words.shape[0] != data.shape[0] or offsets[0] != 0 or offsets[-1] != words.shape[0]
-                or np.any(np.diff(offsets) < 0)
-                or (words.size and (int(words.min()) < 0 or int(words.max()) >= self._codebook.size))):
-            raise ArgumentError(f"aggregates: inconsistent offsets or words (of a codebook of {self._codebook.size} words)")
+            raise ArgumentError(
+                f"aggregates: {data.dtype} {data.shape[1:]} codes do not fit this index "
+                f"({self._ivf.data.dtype} {self._ivf.data.shape[1:]})"
+            )
+        if (
+            words.ndim != 1
+            or words.shape[0] != data.shape[0]
+            or offsets[0] != 0
+            or offsets[-1] != words.shape[0]
+            or np.any(np.diff(offsets) < 0)
+            or (words.size and (int(words.min()) < 0 or int(words.max()) >= self._codebook.size))
+        ):
+            raise ArgumentError(
+                f"aggregates: inconsistent offsets or words (of a codebook of {self._codebook.size} words)"
+            )
         new_keys = self._check_new_images(new_ids, keys)
         if n:
             self._add_checked(aggregates, new_ids, new_keys)
@@ -269,8 +283,9 @@ class Index:
 
     def _add_checked(self, aggregates: Aggregates, new_ids: np.ndarray, new_keys: np.ndarray) -> None:
         n_old = len(self)
-        added = InvertedFile.from_aggregates(aggregates, n_old + np.arange(new_ids.shape[0], dtype=np.int64),
-                                             self._codebook.size)
+        added = InvertedFile.from_aggregates(
+            aggregates, n_old + np.arange(new_ids.shape[0], dtype=np.int64), self._codebook.size
+        )
         ids = np.concatenate([self._ids, new_ids])
         width = max(self._keys.dtype.itemsize, new_keys.dtype.itemsize) // 4
         keys_all = np.concatenate([self._keys.astype(f"<U{width}"), new_keys.astype(f"<U{width}")])
@@ -334,8 +349,11 @@ class Index:
                 raise ArgumentError(f"{name}: expected image ids (int) or keys (str), got {item!r}")
         ids_arr = np.asarray(ids, dtype=np.int64)
         slots = np.searchsorted(self._ids, ids_arr)
-        found = (slots < len(self)) & (self._ids[np.minimum(slots, max(len(self) - 1, 0))] == ids_arr) if len(self) \
+        found = (
+            (slots < len(self)) & (self._ids[np.minimum(slots, max(len(self) - 1, 0))] == ids_arr)
+            if len(self)
             else np.zeros(ids_arr.shape, dtype=bool)
+        )
         if not found.all():
             raise ArgumentError(f"{name}: image ids not in the index: {ids_arr[~found][:10].tolist()}")
         return slots
@@ -422,8 +440,9 @@ class Index:
         chunk = check_int(chunk, "chunk", min=1)
         desc = prepare_descriptors(vecs, image_ids, dim=self._codebook.dim, unique_ids=False)
         dense_out = np.zeros((desc.n_images, len(self)), dtype=np.float32) if k is None else None
-        return score_queries(self._codebook, desc, self.database, self._params, k=k, dense_out=dense_out,
-                             chunk_images=chunk)
+        return score_queries(
+            self._codebook, desc, self.database, self._params, k=k, dense_out=dense_out, chunk_images=chunk
+        )
 
     # -- shards -----------------------------------------------------------------------------
 
@@ -485,8 +504,7 @@ class Index:
         storage.save_arrays(path, arrays, meta, kind=_KIND)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, mmap: bool = True, verify: bool = True,
-             gpu: int | None = None) -> Index:
+    def load(cls, path: str | os.PathLike, *, mmap: bool = True, verify: bool = True, gpu: int | None = None) -> Index:
         """Open an index written by ``save``.
 
         Parameters
@@ -521,20 +539,30 @@ class Index:
         n_words, n_images = index._codebook.size, a["ids"].shape[0]
         width = n_code_words(index._codebook.dim) if params.binary else index._codebook.dim
         expected = {
-            "offsets": ((n_words + 1,), np.int64), "slots": ((None,), np.int32),
-            "idf": ((n_words,), np.float32), "norms": ((n_images,), np.float64), "ids": ((n_images,), np.int64),
+            "offsets": ((n_words + 1,), np.int64),
+            "slots": ((None,), np.int32),
+            "idf": ((n_words,), np.float32),
+            "norms": ((n_images,), np.float64),
+            "ids": ((n_images,), np.int64),
         }
         for name, (shape, dtype) in expected.items():
             if a[name].dtype != dtype or a[name].ndim != 1 or (shape[0] is not None and a[name].shape != shape):
-                raise storage.StorageError(f"{path}/{name}.npy: expected {np.dtype(dtype)} {shape}, "
-                                           f"got {a[name].dtype} {a[name].shape}")
+                raise storage.StorageError(
+                    f"{path}/{name}.npy: expected {np.dtype(dtype)} {shape}, got {a[name].dtype} {a[name].shape}"
+                )
         data_dtype = np.uint64 if params.binary else np.float32
         n_entries = a["slots"].shape[0]
         offsets, slots = a["offsets"], a["slots"]
-        if (a["data"].dtype != data_dtype or a["data"].shape != (n_entries, width) or a["keys"].shape != (n_images,)
-                or a["keys"].dtype.kind != "U" or offsets[0] != 0 or offsets[-1] != n_entries
-                or np.any(np.diff(offsets) < 0)
-                or (n_entries and (int(slots.min()) < 0 or int(slots.max()) >= n_images))):
+        if (
+            a["data"].dtype != data_dtype
+            or a["data"].shape != (n_entries, width)
+            or a["keys"].shape != (n_images,)
+            or a["keys"].dtype.kind != "U"
+            or offsets[0] != 0
+            or offsets[-1] != n_entries
+            or np.any(np.diff(offsets) < 0)
+            or (n_entries and (int(slots.min()) < 0 or int(slots.max()) >= n_images))
+        ):
             raise storage.StorageError(f"{path}: inconsistent index arrays (posting lists, slots, codes or keys)")
         index._ivf = InvertedFile(offsets, slots, a["data"])
         index._ids, index._keys = a["ids"], a["keys"]

@@ -230,8 +230,9 @@ def aggregate(
     # (j << bits(m - 1)) | a.
     largest = int(np.diff(starts).max()) if n_images else 0
     if largest << max(assignments.shape[1] - 1, 0).bit_length() >= 1 << 31:
-        raise ArgumentError(f"vecs: an image has {largest} descriptors, too many for multiple assignment "
-                         f"m = {assignments.shape[1]}")
+        raise ArgumentError(
+            f"vecs: an image has {largest} descriptors, too many for multiple assignment m = {assignments.shape[1]}"
+        )
     with _kernels.thread_budget(n_pairs, _kernels.MIN_PARALLEL_PAIRS) as threads:
         n_blocks = min(n_images, 4 * threads)
         perm, n_words = _kernels.aggregate_count(assignments, order, starts, centroids.shape[0], n_blocks)
@@ -344,7 +345,9 @@ def aggregate_images(codebook, vecs, image_ids=None, params=None, *, side: str =
         words = codebook.assign(desc.vecs, params.ma_database, check_finite=False).settle()
         return aggregate(desc.vecs, words, desc.starts, desc.order, codebook.centroids, binary=params.binary)
     grouped = desc.vecs[desc.image_rows(0, desc.n_images)]
-    words = codebook.assign(grouped, params.ma_query, segments=desc.starts, nearest_first=False,
-                            check_finite=False).settle()
-    return aggregate(grouped, words, desc.starts, np.arange(len(grouped), dtype=np.int64), codebook.centroids,
-                     binary=params.binary)
+    words = codebook.assign(
+        grouped, params.ma_query, segments=desc.starts, nearest_first=False, check_finite=False
+    ).settle()
+    return aggregate(
+        grouped, words, desc.starts, np.arange(len(grouped), dtype=np.int64), codebook.centroids, binary=params.binary
+    )

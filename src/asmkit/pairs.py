@@ -297,10 +297,17 @@ class SparseScores:
         n, k = len(names), int(data["k"])
         rows, cols, vals = data["rows"], data["cols"], data["scores"]
         if not (rows.shape == cols.shape == vals.shape and rows.ndim == 1) or not (
-                rows.dtype.kind == cols.dtype.kind == "i" and vals.dtype.kind == "f"):
+            rows.dtype.kind == cols.dtype.kind == "i" and vals.dtype.kind == "f"
+        ):
             raise FileFormatError(path, f"not {what} (rows, cols, scores must be 1-D arrays of one length)")
-        if len(rows) and (rows.min() < 0 or rows.max() >= n or cols.min() < 0 or cols.max() >= n
-                          or np.any(np.diff(rows) < 0) or not np.isfinite(vals).all()):
+        if len(rows) and (
+            rows.min() < 0
+            or rows.max() >= n
+            or cols.min() < 0
+            or cols.max() >= n
+            or np.any(np.diff(rows) < 0)
+            or not np.isfinite(vals).all()
+        ):
             raise FileFormatError(path, f"not {what} (indices out of range, unsorted rows or non-finite scores)")
         counts = np.bincount(rows, minlength=n)
         if k < 0 or counts.max(initial=0) > k:
@@ -317,8 +324,9 @@ class SparseScores:
         return cls(n, ids, scores, centrality), [str(x) for x in names]
 
 
-def _anchors(n: int, centrality: np.ndarray, row: Callable[[int], np.ndarray],
-             n_anchors: int) -> tuple[np.ndarray, np.ndarray]:
+def _anchors(
+    n: int, centrality: np.ndarray, row: Callable[[int], np.ndarray], n_anchors: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Farthest-point sampling; anchors int64 [NA] and their rows float64 [NA, N]."""
     n_anchors = min(int(n_anchors), n)
     if n_anchors <= 0:
@@ -339,8 +347,9 @@ def _anchors(n: int, centrality: np.ndarray, row: Callable[[int], np.ndarray],
     return np.asarray(anchors, dtype=np.int64), np.stack(rows)
 
 
-def _anchor_source(scores: np.ndarray | SparseScores,
-                   anchor_row: Callable[[int], np.ndarray] | None) -> tuple[np.ndarray, Callable[[int], np.ndarray]]:
+def _anchor_source(
+    scores: np.ndarray | SparseScores, anchor_row: Callable[[int], np.ndarray] | None
+) -> tuple[np.ndarray, Callable[[int], np.ndarray]]:
     if isinstance(scores, SparseScores):
         if scores.centrality is None:
             raise ArgumentError("scores: retrieval graphs need each image's centrality, which these scores lack")
@@ -348,8 +357,7 @@ def _anchor_source(scores: np.ndarray | SparseScores,
     return _centrality(scores), anchor_row or (lambda a: scores[a])
 
 
-def select_anchors(scores: Any, n_anchors: int, *,
-                   anchor_row: Callable[[int], np.ndarray] | None = None) -> np.ndarray:
+def select_anchors(scores: Any, n_anchors: int, *, anchor_row: Callable[[int], np.ndarray] | None = None) -> np.ndarray:
     """Farthest-point sampling of anchor images on the similarities.
 
     The first anchor is the most central image (largest summed similarity to the
@@ -387,8 +395,9 @@ def _canonical(i: Iterable[int] | np.ndarray, j: Iterable[int] | np.ndarray) -> 
     return np.unique(np.stack([lo, hi], axis=1), axis=0)
 
 
-def pair_indices(scores: Any, graph: str | GraphSpec, *,
-                 anchor_row: Callable[[int], np.ndarray] | None = None) -> np.ndarray:
+def pair_indices(
+    scores: Any, graph: str | GraphSpec, *, anchor_row: Callable[[int], np.ndarray] | None = None
+) -> np.ndarray:
     """Index pairs of a scene graph.
 
     Parameters
@@ -447,7 +456,10 @@ def _check_names(names: Sequence[str], n: int) -> list[str]:
 
 
 def pairs_from_scores(
-    scores: Any, names: Sequence[str], graph: str | GraphSpec, *,
+    scores: Any,
+    names: Sequence[str],
+    graph: str | GraphSpec,
+    *,
     anchor_row: Callable[[int], np.ndarray] | None = None,
 ) -> list[tuple[str, str]]:
     """Image-name pairs of a scene graph.

@@ -50,9 +50,7 @@ def parse_size(size: int | str) -> int:
             else:
                 value = int(text)
         except ValueError:
-            raise ArgumentError(
-                f"codebook_size: expected an int or a string like '64k', got {size!r}"
-            ) from None
+            raise ArgumentError(f"codebook_size: expected an int or a string like '64k', got {size!r}") from None
     else:
         raise ArgumentError(f"codebook_size: expected an int or a string like '64k', got {size!r}")
     if value < 1:
@@ -235,7 +233,8 @@ def preset_table(name: str) -> dict[str, Any]:
 #: The ASMK parameters of every shipped preset, by name (read-only). ``asmk_star`` is the
 #: reference default (HOW, ECCV'20), equal to ``Params()``.
 PRESETS: Mapping[str, Params] = MappingProxyType(
-    {name: Params.from_dict(preset_table(name).get("asmk", {})) for name in preset_names()})
+    {name: Params.from_dict(preset_table(name).get("asmk", {})) for name in preset_names()}
+)
 
 
 def as_params(params: Any) -> Params:

@@ -85,11 +85,16 @@ def _digest(key: Any) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _build_extractor(cfg: PipelineConfig, *, saved: Path | None, sample: Sequence[Path] = (),
-                     model: str | os.PathLike | None = None, device: str = "cpu") -> Features:
+def _build_extractor(
+    cfg: PipelineConfig,
+    *,
+    saved: Path | None,
+    sample: Sequence[Path] = (),
+    model: str | os.PathLike | None = None,
+    device: str = "cpu",
+) -> Features:
     gpu_of(device)  # a bad value fails before any work
-    return build_extractor(cfg.features, sample=sample, saved=saved, model=model, device=device,
-                           seed=cfg.params.seed)
+    return build_extractor(cfg.features, sample=sample, saved=saved, model=model, device=device, seed=cfg.params.seed)
 
 
 def _workspace_whitening(cfg: PipelineConfig, folder: Path) -> Path:
@@ -110,8 +115,9 @@ def _images(source: str | os.PathLike) -> tuple[list[Path], Path]:
 def _extract_into(paths, root, extractor, store_path: Path, workers) -> tuple[FeatureStore, list[str], list]:
     store = FeatureStore(store_path, extractor.config(), overwrite_on_mismatch=True)
     # Progress bars follow the log level, so `asmkit -q` prints nothing but errors.
-    result = extract_features(paths, extractor, root=root, store=store, workers=workers,
-                              progress=logger.isEnabledFor(logging.INFO))
+    result = extract_features(
+        paths, extractor, root=root, store=store, workers=workers, progress=logger.isEnabledFor(logging.INFO)
+    )
     failed = {name for name, _ in result.failed}
     names = [n for n in image_names(paths, root) if n not in failed and store.has(n)]
     return store, names, result.failed
@@ -201,15 +207,18 @@ def _get_codebook(
     if not cfg.codebook_size_chosen:
         size = fit_codebook_size(n, size)
         if size < p.codebook_size:
-            logger.info("codebook: %d words instead of the preset's %d, for %d training descriptors "
-                        "(%d per word at least; --codebook-size overrides)", size, p.codebook_size, n,
-                        MIN_POINTS_PER_WORD)
+            logger.info(
+                "codebook: %d words instead of the preset's %d, for %d training descriptors "
+                "(%d per word at least; --codebook-size overrides)",
+                size,
+                p.codebook_size,
+                n,
+                MIN_POINTS_PER_WORD,
+            )
     if size > n:
-        raise ArgumentError(
-            f"--codebook-size: {size} words but only {n} training descriptors; use a smaller codebook")
+        raise ArgumentError(f"--codebook-size: {size} words but only {n} training descriptors; use a smaller codebook")
     if size * MIN_POINTS_PER_WORD > n:
-        logger.warning("codebook: %d words from %d descriptors, fewer than %d per word", size, n,
-                       MIN_POINTS_PER_WORD)
+        logger.warning("codebook: %d words from %d descriptors, fewer than %d per word", size, n, MIN_POINTS_PER_WORD)
     vecs = _training_sample(parts, min(n, TRAIN_POINTS_PER_WORD * size), p.seed)
     logger.info("training a %d-word codebook on %d of %d descriptors", size, len(vecs), n)
     cb = Codebook.train(vecs, size, iters=p.kmeans_iters, seed=p.seed)
@@ -237,23 +246,35 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def _cache_dir(kind: str, key: dict[str, Any]) -> Path:
-    base = Path(os.environ.get("ASMKIT_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "asmkit"))
+    base = Path(
+        os.environ.get("ASMKIT_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "asmkit")
+    )
     folder = base / kind / _digest(key)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
-def _features_for(paths: list[Path], root: Path, cfg: PipelineConfig, model, workers, cache: Path | None,
-                  device: str) -> tuple[Features, FeatureStore, list[str], list, Path]:
+def _features_for(
+    paths: list[Path], root: Path, cfg: PipelineConfig, model, workers, cache: Path | None, device: str
+) -> tuple[Features, FeatureStore, list[str], list, Path]:
     """Extract (or reuse cached) features of ``paths``.
 
     The cache folder is keyed on the image root and the extraction settings alone, so that
     presets which differ in whitening or ASMK settings share the stored features; a learned
     whitening is kept beside them under a key of every image's path and size.
     """
-    folder = cache if cache is not None else _cache_dir(
-        "features", {"root": str(Path(root).resolve()), "extraction": extraction_settings(cfg.features),
-                     "model": None if model is None else str(Path(model).resolve())})
+    folder = (
+        cache
+        if cache is not None
+        else _cache_dir(
+            "features",
+            {
+                "root": str(Path(root).resolve()),
+                "extraction": extraction_settings(cfg.features),
+                "model": None if model is None else str(Path(model).resolve()),
+            },
+        )
+    )
     folder.mkdir(parents=True, exist_ok=True)
     wkey = _whitening_key(cfg, _image_set_key(paths))
     deep = feature_options(cfg.features)["type"] == "deep"
@@ -277,8 +298,10 @@ def _add_geometry(path: Path, index: Index, store: FeatureStore, names: list[str
     feats = [store.get(n) for n, keep in zip(names, fresh) if keep]
     kp = [f.keypoints if f.keypoints is not None else np.empty((0, 4), np.float32) for f in feats]
     # Features without keypoints cannot be verified: such an image gets none.
-    words, sigs = feature_words(index.codebook, [describe(f.descriptors) if f.keypoints is not None
-                                                 else describe(f.descriptors)[:0] for f in feats])
+    words, sigs = feature_words(
+        index.codebook,
+        [describe(f.descriptors) if f.keypoints is not None else describe(f.descriptors)[:0] for f in feats],
+    )
     geometry.add(ids[fresh], kp, words, sigs)
     logger.info("geometry store: %d images, %.0f bytes per image", len(geometry), geometry.bytes_per_image)
     return geometry
@@ -292,13 +315,17 @@ def _in_query_box(feats: ImageFeatures, box: Sequence[float]) -> ImageFeatures:
     if feats.keypoints is None:
         raise ArgumentError("--query-box: the query's features have no keypoints")
     keep = in_box(feats.keypoints, box)
-    return ImageFeatures(descriptors=feats.descriptors[keep], keypoints=feats.keypoints[keep],
-                         attention=None if feats.attention is None else feats.attention[keep],
-                         global_descriptor=feats.global_descriptor)
+    return ImageFeatures(
+        descriptors=feats.descriptors[keep],
+        keypoints=feats.keypoints[keep],
+        attention=None if feats.attention is None else feats.attention[keep],
+        global_descriptor=feats.global_descriptor,
+    )
 
 
-def _regions(source: str | os.PathLike | None, names: Sequence[str], store: FeatureStore,
-             whole_image: bool) -> Regions | None:
+def _regions(
+    source: str | os.PathLike | None, names: Sequence[str], store: FeatureStore, whole_image: bool
+) -> Regions | None:
     """R-ASMK regions (``--regions``: "grid", "proposals" or a box file; the whole image too
     unless ``whole_image`` is False) of the named images from their stored keypoints; the
     image sizes are not stored, so the grid and the proposals cover each image's keypoint
@@ -306,10 +333,18 @@ def _regions(source: str | os.PathLike | None, names: Sequence[str], store: Feat
     if source is None:
         return None
     none = ImageFeatures(descriptors=np.zeros((0, 1), np.float32), keypoints=np.zeros((0, 4), np.float32))
-    regions = regions_for_features(source, names, [store.get(n) if store.has(n) else none for n in names],
-                                   whole_image=whole_image)
-    logger.info("regions: %d kept over %d images (%d boxes, %d clipped, %d outside, %d empty)", regions.n_regions,
-                regions.n_images, regions.n_boxes, regions.n_clipped, regions.n_outside, regions.n_empty)
+    regions = regions_for_features(
+        source, names, [store.get(n) if store.has(n) else none for n in names], whole_image=whole_image
+    )
+    logger.info(
+        "regions: %d kept over %d images (%d boxes, %d clipped, %d outside, %d empty)",
+        regions.n_regions,
+        regions.n_images,
+        regions.n_boxes,
+        regions.n_clipped,
+        regions.n_outside,
+        regions.n_empty,
+    )
     return regions
 
 
@@ -344,8 +379,10 @@ def build_index(
         Summary: images indexed, failed files, timings.
     """
     if hybrid_spec(preset) is not None and not add:
-        raise ArgumentError(f"--preset {preset}: a hybrid preset has no single index yet; use it with "
-                            "eval, scores or pairs, or index each member preset on its own")
+        raise ArgumentError(
+            f"--preset {preset}: a hybrid preset has no single index yet; use it with "
+            "eval, scores or pairs, or index each member preset on its own"
+        )
     out = Path(out)
     timings: dict[str, float] = {}
     if add:
@@ -358,8 +395,7 @@ def build_index(
     out.mkdir(parents=True, exist_ok=True)
     train_paths = list_images(train) if train is not None else paths
     t0 = time.perf_counter()
-    feats = _build_extractor(cfg, saved=_workspace_whitening(cfg, out), sample=train_paths, model=model,
-                             device=device)
+    feats = _build_extractor(cfg, saved=_workspace_whitening(cfg, out), sample=train_paths, model=model, device=device)
     store, names, failed = _extract_into(paths, root, feats.extractor, out / "features.h5", workers)
     timings["extract_s"] = time.perf_counter() - t0
     if not names:
@@ -372,16 +408,28 @@ def build_index(
         names = [n for n in names if n not in known]
         cb = index.codebook
     else:
+
         def training() -> list[np.ndarray]:
             if train is None:
                 return [feats.descriptors(store.get(n).descriptors) for n in names]
-            tstore, tnames, _ = _extract_into(train_paths, Path(train) if Path(train).is_dir() else Path(train).parent,
-                                              feats.extractor, out / "train_features.h5", workers)
+            tstore, tnames, _ = _extract_into(
+                train_paths,
+                Path(train) if Path(train).is_dir() else Path(train).parent,
+                feats.extractor,
+                out / "train_features.h5",
+                workers,
+            )
             with tstore:
                 return [feats.descriptors(tstore.get(n).descriptors) for n in tnames]
 
-        cb, _ = _get_codebook(cfg, given=codebook, model_codebook=feats.codebook, saved=out / "codebook.asmkit",
-                              training=training, dim=feats.descriptors(store.get(names[0]).descriptors).shape[1])
+        cb, _ = _get_codebook(
+            cfg,
+            given=codebook,
+            model_codebook=feats.codebook,
+            saved=out / "codebook.asmkit",
+            training=training,
+            dim=feats.descriptors(store.get(names[0]).descriptors).shape[1],
+        )
         index = Index(_on_device(cb, device), cfg.params)
     timings["codebook_s"] = time.perf_counter() - t0
 
@@ -389,8 +437,9 @@ def build_index(
     if names:
         vecs, ids = store.stack(names)
         start = int(index.ids.max()) + 1 if len(index) else 0
-        index.add(feats.descriptors(vecs), ids + start, keys=names,
-                  regions=_regions(regions, names, store, whole_image))
+        index.add(
+            feats.descriptors(vecs), ids + start, keys=names, regions=_regions(regions, names, store, whole_image)
+        )
         del vecs
         geometry = _add_geometry(out / _GEOMETRY, index, store, names, add, feats.descriptors)
     store.close()
@@ -473,8 +522,9 @@ def query_index(
         scores, ids = idx.search([feats.descriptors(f.descriptors) for f in qfeats], k=max(top, rerank))
         inliers = None
         if rerank:
-            scores, ids, inliers = _rerank_queries(folder / _GEOMETRY, idx, qfeats, scores, ids, rerank,
-                                                   feats.descriptors)
+            scores, ids, inliers = _rerank_queries(
+                folder / _GEOMETRY, idx, qfeats, scores, ids, rerank, feats.descriptors
+            )
         keys = idx.keys
         position = {int(i): p for p, i in enumerate(idx.ids)}
         for row, ((shown, _), srow, irow) in enumerate(zip(queries, scores[:, :top], ids[:, :top])):
@@ -501,8 +551,11 @@ def _rerank_queries(path: Path, idx: Index, feats, scores, ids, top: int, descri
     geometry = GeometryStore.load(path, mmap=True, verify=False)
     options = VerifyOptions()
     kp = [f.keypoints for f in feats]
-    words, sigs = feature_words(idx.codebook, [describe(f.descriptors) if k is not None else describe(f.descriptors)[:0]
-                                               for f, k in zip(feats, kp)], m=options.query_m)
+    words, sigs = feature_words(
+        idx.codebook,
+        [describe(f.descriptors) if k is not None else describe(f.descriptors)[:0] for f, k in zip(feats, kp)],
+        m=options.query_m,
+    )
     out = rerank(geometry, kp, words, ids, scores, query_signatures=sigs, top=top, options=options)
     return out.scores, out.ids, out.inliers
 
@@ -548,8 +601,16 @@ def compute_scores(
     """
     spec = hybrid_spec(preset)
     if spec is not None:
-        _check_hybrid_options(preset, config=config, codebook=codebook, codebook_size=codebook_size, cache=cache,
-                              top=top, regions=regions, ray=ray)
+        _check_hybrid_options(
+            preset,
+            config=config,
+            codebook=codebook,
+            codebook_size=codebook_size,
+            cache=cache,
+            top=top,
+            regions=regions,
+            ray=ray,
+        )
         return _hybrid_scores(spec, images, out=Path(out), model=model, workers=workers, chunk=chunk, device=device)
     out = Path(out)
     if top is not None:
@@ -559,11 +620,29 @@ def compute_scores(
         if out.suffix != ".npz":
             raise ArgumentError(f"--out: sparse scores (--top) go to an .npz file, got {out}")
         sparse, names, _, failed, timings = _sparse_scores(
-            images, top, preset=preset, config=config, model=model, codebook=codebook, codebook_size=codebook_size,
-            cache=cache, workers=workers, chunk=chunk, device=device, ray=ray, ray_cpus=ray_cpus)
+            images,
+            top,
+            preset=preset,
+            config=config,
+            model=model,
+            codebook=codebook,
+            codebook_size=codebook_size,
+            cache=cache,
+            workers=workers,
+            chunk=chunk,
+            device=device,
+            ray=ray,
+            ray_cpus=ray_cpus,
+        )
         sparse.save(out, names)
-        return {"scores": str(out), "names": str(out), "images": len(names), "top": sparse.k,
-                "failed": [{"name": n, "reason": r} for n, r in failed], "timings": timings}
+        return {
+            "scores": str(out),
+            "names": str(out),
+            "images": len(names),
+            "top": sparse.k,
+            "failed": [{"name": n, "reason": r} for n, r in failed],
+            "timings": timings,
+        }
     if out.suffix == ".npz":
         raise ArgumentError(f"--out: {out} is an .npz, which holds sparse scores: give --top K, or an .npy")
     from .search import similarity_matrix
@@ -572,8 +651,9 @@ def compute_scores(
     paths, root = _images(images)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    feats, store, names, failed, folder = _features_for(paths, root, cfg, model, workers,
-                                                        Path(cache) if cache else None, device)
+    feats, store, names, failed, folder = _features_for(
+        paths, root, cfg, model, workers, Path(cache) if cache else None, device
+    )
     timings["extract_s"] = time.perf_counter() - t0
     if not names:
         raise ArgumentError(f"{images}: no image could be read ({len(failed)} failed)")
@@ -582,9 +662,14 @@ def compute_scores(
     store.close()
     vecs = feats.descriptors(vecs)
     t0 = time.perf_counter()
-    cb, _ = _get_codebook(cfg, given=codebook, model_codebook=feats.codebook,
-                          saved=_scores_codebook(folder, cfg, [root / n for n in names], paths), training=lambda: [vecs],
-                          dim=vecs.shape[1])
+    cb, _ = _get_codebook(
+        cfg,
+        given=codebook,
+        model_codebook=feats.codebook,
+        saved=_scores_codebook(folder, cfg, [root / n for n in names], paths),
+        training=lambda: [vecs],
+        dim=vecs.shape[1],
+    )
     timings["codebook_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     cb = _on_device(cb, device)
@@ -596,17 +681,33 @@ def compute_scores(
         index = Index(cb, cfg.params)
         index.add(vecs, ids)
         starts = np.searchsorted(ids, np.arange(len(names) + 1))
-        matrix = _dense_from_blocks(score_blocks(
-            index, lambda rows: [vecs[starts[i] : starts[i + 1]] for i in rows], len(names), chunk=chunk, ray=ray,
-            ray_cpus=ray_cpus), len(names), len(names))
+        matrix = _dense_from_blocks(
+            score_blocks(
+                index,
+                lambda rows: [vecs[starts[i] : starts[i + 1]] for i in rows],
+                len(names),
+                chunk=chunk,
+                ray=ray,
+                ray_cpus=ray_cpus,
+            ),
+            len(names),
+            len(names),
+        )
     timings["scores_s"] = time.perf_counter() - t0
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.npy")
     np.save(tmp, matrix.astype(np.float32, copy=False))
     os.replace(tmp, out)
     names_path = write_text_atomic(out.with_name(out.name + ".names.txt"), "".join(n + "\n" for n in names))
-    return {"scores": str(out), "names": str(names_path), "images": len(names), "features": str(store.path),
-            "image_root": str(root), "failed": [{"name": n, "reason": r} for n, r in failed], "timings": timings}
+    return {
+        "scores": str(out),
+        "names": str(names_path),
+        "images": len(names),
+        "features": str(store.path),
+        "image_root": str(root),
+        "failed": [{"name": n, "reason": r} for n, r in failed],
+        "timings": timings,
+    }
 
 
 def _hybrid_scores(spec: HybridSpec, images, *, out: Path, **options: Any) -> dict[str, Any]:
@@ -634,24 +735,47 @@ def _hybrid_scores(spec: HybridSpec, images, *, out: Path, **options: Any) -> di
     os.replace(tmp, out)
     names_path = write_text_atomic(out.with_name(out.name + ".names.txt"), "".join(n + "\n" for n in names))
     failed = {f["name"]: f["reason"] for _, _, summary in members for f in summary["failed"]}
-    timings = {f"{m}.{k}": v for m, (_, _, summary) in zip(spec.members, members) for k, v in summary["timings"].items()}
+    timings = {
+        f"{m}.{k}": v for m, (_, _, summary) in zip(spec.members, members) for k, v in summary["timings"].items()
+    }
     timings["fusion_s"] = time.perf_counter() - t0
-    return {"scores": str(out), "names": str(names_path), "images": len(names), "hybrid": spec.to_dict(),
-            "members": {m: summary["scores"] for m, (_, _, summary) in zip(spec.members, members)},
-            "failed": [{"name": n, "reason": r} for n, r in sorted(failed.items())], "timings": timings}
+    return {
+        "scores": str(out),
+        "names": str(names_path),
+        "images": len(names),
+        "hybrid": spec.to_dict(),
+        "members": {m: summary["scores"] for m, (_, _, summary) in zip(spec.members, members)},
+        "failed": [{"name": n, "reason": r} for n, r in sorted(failed.items())],
+        "timings": timings,
+    }
 
 
 def _scores_codebook(folder: Path, cfg: PipelineConfig, trained_on: Sequence[Path], paths: Sequence[Path]) -> Path:
     """Where ``scores`` and ``pairs`` keep the codebook trained on ``trained_on``, beside the
     cached features: a rerun (dense or sparse, with or without Ray) skips k-means."""
-    return folder / "codebook-scores-{}.asmkit".format(_digest({
-        "images": _image_set_key(trained_on), "features": feature_options(cfg.features),
-        "whitening": _whitening_key(cfg, _image_set_key(paths)), "params": cfg.params.to_dict(),
-        "chosen": cfg.codebook_size_chosen, "train_points_per_word": TRAIN_POINTS_PER_WORD}))
+    return folder / "codebook-scores-{}.asmkit".format(
+        _digest(
+            {
+                "images": _image_set_key(trained_on),
+                "features": feature_options(cfg.features),
+                "whitening": _whitening_key(cfg, _image_set_key(paths)),
+                "params": cfg.params.to_dict(),
+                "chosen": cfg.codebook_size_chosen,
+                "train_points_per_word": TRAIN_POINTS_PER_WORD,
+            }
+        )
+    )
 
 
-def index_topk(index: Index, descriptors: Callable[[range], list[np.ndarray]], top: int, *,
-               chunk: int = 256, ray: str | None = None, ray_cpus: int | None = None) -> SparseScores:
+def index_topk(
+    index: Index,
+    descriptors: Callable[[range], list[np.ndarray]],
+    top: int,
+    *,
+    chunk: int = 256,
+    ray: str | None = None,
+    ray_cpus: int | None = None,
+) -> SparseScores:
     """Each indexed image's ``top`` best other images, its own descriptors as the query.
 
     Parameters
@@ -672,16 +796,24 @@ def index_topk(index: Index, descriptors: Callable[[range], list[np.ndarray]], t
     SparseScores
         Identical to ``SparseScores.from_dense`` of the dense all-vs-all matrix.
     """
-    return SparseScores.from_blocks(score_blocks(index, descriptors, len(index), chunk=chunk, ray=ray,
-                                                 ray_cpus=ray_cpus), len(index), top)
+    return SparseScores.from_blocks(
+        score_blocks(index, descriptors, len(index), chunk=chunk, ray=ray, ray_cpus=ray_cpus), len(index), top
+    )
 
 
 def _score_block(index: Index, vecs: list[np.ndarray]) -> np.ndarray:
     return index.similarity_matrix(vecs)
 
 
-def score_blocks(index: Index, descriptors: Callable[[range], list[np.ndarray]], n: int, *, chunk: int = 256,
-                 ray: str | None = None, ray_cpus: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+def score_blocks(
+    index: Index,
+    descriptors: Callable[[range], list[np.ndarray]],
+    n: int,
+    *,
+    chunk: int = 256,
+    ray: str | None = None,
+    ray_cpus: int | None = None,
+) -> Iterator[tuple[int, np.ndarray]]:
     """Dense scores of query images ``0 .. n - 1`` against ``index``, block by block.
 
     Parameters
@@ -748,8 +880,22 @@ def _store_descriptors(feats: Features, store: FeatureStore, names: Sequence[str
 _ADD_BLOCK = 2048
 
 
-def _sparse_scores(images, top: int, *, preset="sift", config=None, model=None, codebook=None, codebook_size=None,
-                   cache=None, workers=None, chunk=256, device="cpu", ray=None, ray_cpus=None):
+def _sparse_scores(
+    images,
+    top: int,
+    *,
+    preset="sift",
+    config=None,
+    model=None,
+    codebook=None,
+    codebook_size=None,
+    cache=None,
+    workers=None,
+    chunk=256,
+    device="cpu",
+    ray=None,
+    ray_cpus=None,
+):
     """Top-k scores of an image set, or of an index workspace's images, with no N x N array.
 
     Returns the SparseScores, the names (matrix order), the anchor scorer, the failed
@@ -768,17 +914,22 @@ def _sparse_scores(images, top: int, *, preset="sift", config=None, model=None, 
     else:
         cfg = load_config(preset, config, codebook_size=codebook_size)
         paths, root = _images(images)
-        feats, store, names, failed, folder = _features_for(paths, root, cfg, model, workers,
-                                                       Path(cache) if cache else None, device)
+        feats, store, names, failed, folder = _features_for(
+            paths, root, cfg, model, workers, Path(cache) if cache else None, device
+        )
         timings["extract_s"] = time.perf_counter() - t0
         if not names:
             raise ArgumentError(f"{images}: no image could be read ({len(failed)} failed)")
         descriptors = _store_descriptors(feats, store, names)
         t0 = time.perf_counter()
-        cb, _ = _get_codebook(cfg, given=codebook, model_codebook=feats.codebook,
-                              saved=_scores_codebook(folder, cfg, [root / n for n in names], paths),
-                              training=lambda: descriptors(range(len(names))),
-                              dim=descriptors(range(1))[0].shape[1])
+        cb, _ = _get_codebook(
+            cfg,
+            given=codebook,
+            model_codebook=feats.codebook,
+            saved=_scores_codebook(folder, cfg, [root / n for n in names], paths),
+            training=lambda: descriptors(range(len(names))),
+            dim=descriptors(range(1))[0].shape[1],
+        )
         timings["codebook_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         index = Index(_on_device(cb, device), cfg.params)
@@ -879,17 +1030,24 @@ def _verify_pairs(pairs, computed: dict, out, min_inliers: int, colmap_db, summa
         keypoints = {n: store.get(n).keypoints for n in sorted({n for p in pairs for n in p})}
     kept = [(g.name_a, g.name_b) for g in geometries if g.inliers >= min_inliers]
     out = Path(out)
-    inliers_path = write_text_atomic(out.with_name(out.name + ".inliers.txt"),
-                                     "".join(f"{g.name_a} {g.name_b} {g.inliers}\n" for g in geometries))
-    summary.update(n_pairs=len(kept), n_tested=len(pairs), min_inliers=min_inliers, inliers=str(inliers_path),
-                   verify_s=time.perf_counter() - t0)
+    inliers_path = write_text_atomic(
+        out.with_name(out.name + ".inliers.txt"), "".join(f"{g.name_a} {g.name_b} {g.inliers}\n" for g in geometries)
+    )
+    summary.update(
+        n_pairs=len(kept),
+        n_tested=len(pairs),
+        min_inliers=min_inliers,
+        inliers=str(inliers_path),
+        verify_s=time.perf_counter() - t0,
+    )
     if colmap_db is not None:
         from .colmap import write_database
 
         if any(k is None for k in keypoints.values()):
             raise ArgumentError("--colmap-db: the features have no keypoints")
-        summary["colmap"] = write_database(colmap_db, computed["image_root"], keypoints, geometries,
-                                           min_inliers=min_inliers)
+        summary["colmap"] = write_database(
+            colmap_db, computed["image_root"], keypoints, geometries, min_inliers=min_inliers
+        )
     return kept
 
 
@@ -936,13 +1094,33 @@ def evaluate_dataset(
     if spec is None:
         cfgs = [load_config(preset, config, codebook_size=codebook_size)]
     else:
-        _check_hybrid_options(preset, config=config, codebook=codebook, codebook_size=codebook_size,
-                              rerank=rerank or None, regions=regions)
+        _check_hybrid_options(
+            preset,
+            config=config,
+            codebook=codebook,
+            codebook_size=codebook_size,
+            rerank=rerank or None,
+            regions=regions,
+        )
         cfgs = [load_config(m) for m in spec.members]
-    parts = [_dataset_matrix(gt, cfg, data=data, codebook=codebook, model=model, cache=cache, workers=workers,
-                             device=device, rerank=rerank, regions=regions, whole_image=whole_image, ray=ray,
-                             ray_cpus=ray_cpus)
-             for cfg in cfgs]
+    parts = [
+        _dataset_matrix(
+            gt,
+            cfg,
+            data=data,
+            codebook=codebook,
+            model=model,
+            cache=cache,
+            workers=workers,
+            device=device,
+            rerank=rerank,
+            regions=regions,
+            whole_image=whole_image,
+            ray=ray,
+            ray_cpus=ray_cpus,
+        )
+        for cfg in cfgs
+    ]
     ranks, before_rerank, rerank_info = parts[0][4]
     if spec is None:
         matrix, trained_on, failed, timings, _ = parts[0]
@@ -978,9 +1156,18 @@ def evaluate_dataset(
         from .report import write_report
 
         k = min(top, ranks.shape[1])
-        write_report(report, names=gt.images, image_root=root, ranks=ranks[:, :k],
-                     scores=np.take_along_axis(matrix, ranks[:, :k], axis=1), query_names=gt.queries,
-                     gt=gt, top_k=k, title=f"asmkit: {gt.name} ({cfg.name})", metrics=metrics)
+        write_report(
+            report,
+            names=gt.images,
+            image_root=root,
+            ranks=ranks[:, :k],
+            scores=np.take_along_axis(matrix, ranks[:, :k], axis=1),
+            query_names=gt.queries,
+            gt=gt,
+            top_k=k,
+            title=f"asmkit: {gt.name} ({cfg.name})",
+            metrics=metrics,
+        )
         result["report"] = str(report)
     return result
 
@@ -989,12 +1176,28 @@ def _check_hybrid_options(preset: str, **options: Any) -> None:
     """A hybrid preset takes its members' settings: a config file or codebook would be ambiguous."""
     given = [k for k, v in options.items() if v is not None]
     if given:
-        raise ArgumentError(f"--preset {preset}: a hybrid preset takes no --{given[0].replace('_', '-')} "
-                            "(each member uses its own preset's settings)")
+        raise ArgumentError(
+            f"--preset {preset}: a hybrid preset takes no --{given[0].replace('_', '-')} "
+            "(each member uses its own preset's settings)"
+        )
 
 
-def _dataset_matrix(gt, cfg: PipelineConfig, *, data, codebook, model, cache, workers, device, rerank, regions,
-                    whole_image, ray, ray_cpus):
+def _dataset_matrix(
+    gt,
+    cfg: PipelineConfig,
+    *,
+    data,
+    codebook,
+    model,
+    cache,
+    workers,
+    device,
+    rerank,
+    regions,
+    whole_image,
+    ray,
+    ray_cpus,
+):
     """Query x database similarities of one (non-hybrid) preset on a data set.
 
     Returns (float32 ``[Q, N]`` matrix, where the codebook came from, failed (name, reason)
@@ -1009,8 +1212,9 @@ def _dataset_matrix(gt, cfg: PipelineConfig, *, data, codebook, model, cache, wo
     paths = [root / n for n in all_names]
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    feats, store, names, failed, cache_folder = _features_for(paths, root, cfg, model, workers,
-                                                              Path(cache) if cache else None, device)
+    feats, store, names, failed, cache_folder = _features_for(
+        paths, root, cfg, model, workers, Path(cache) if cache else None, device
+    )
     timings["extract_s"] = time.perf_counter() - t0
     have = set(names)
     if not names:
@@ -1025,12 +1229,21 @@ def _dataset_matrix(gt, cfg: PipelineConfig, *, data, codebook, model, cache, wo
     db = descriptors(gt.images)
 
     t0 = time.perf_counter()
-    saved = cache_folder / "codebook-{}.asmkit".format(_digest({
-        "images": _image_set_key([root / n for n in gt.images]), "features": feature_options(cfg.features),
-        "whitening": _whitening_key(cfg, _image_set_key(paths)), "params": cfg.params.to_dict(),
-        "chosen": cfg.codebook_size_chosen, "train_points_per_word": TRAIN_POINTS_PER_WORD}))
-    cb, source = _get_codebook(cfg, given=codebook, model_codebook=feats.codebook, saved=saved, training=lambda: db,
-                               dim=empty.shape[1])
+    saved = cache_folder / "codebook-{}.asmkit".format(
+        _digest(
+            {
+                "images": _image_set_key([root / n for n in gt.images]),
+                "features": feature_options(cfg.features),
+                "whitening": _whitening_key(cfg, _image_set_key(paths)),
+                "params": cfg.params.to_dict(),
+                "chosen": cfg.codebook_size_chosen,
+                "train_points_per_word": TRAIN_POINTS_PER_WORD,
+            }
+        )
+    )
+    cb, source = _get_codebook(
+        cfg, given=codebook, model_codebook=feats.codebook, saved=saved, training=lambda: db, dim=empty.shape[1]
+    )
     if codebook is None and feats.codebook is None:
         n_desc = sum(len(d) for d in db)
         source = f"the evaluated images' descriptors ({n_desc} from {len(gt.images)} images; {source})"
@@ -1045,9 +1258,17 @@ def _dataset_matrix(gt, cfg: PipelineConfig, *, data, codebook, model, cache, wo
             raise ArgumentError("--ray: not with --regions")
         index = Index(cb, cfg.params)
         index.add(db)
-        matrix = _dense_from_blocks(score_blocks(index, lambda rows: descriptors([gt.queries[i] for i in rows]),
-                                                 len(gt.queries), ray=ray, ray_cpus=ray_cpus),
-                                    len(gt.queries), len(gt.images))
+        matrix = _dense_from_blocks(
+            score_blocks(
+                index,
+                lambda rows: descriptors([gt.queries[i] for i in rows]),
+                len(gt.queries),
+                ray=ray,
+                ray_cpus=ray_cpus,
+            ),
+            len(gt.queries),
+            len(gt.images),
+        )
     elif gt.queries == gt.images:
         matrix = similarity_matrix(cb, db, params=cfg.params, regions=db_regions)
     else:
@@ -1060,8 +1281,9 @@ def _dataset_matrix(gt, cfg: PipelineConfig, *, data, codebook, model, cache, wo
     if check_int(rerank, "rerank", min=0):
         # Stable sort: exact ties keep database order, so results are reproducible.
         before_rerank = evaluate(np.argsort(-matrix, axis=1, kind="stable"), gt)
-        ranks, rerank_info = _rerank_ranks(cb, store, have, gt, db, descriptors, matrix,
-                                           np.argsort(-matrix, axis=1, kind="stable"), rerank)
+        ranks, rerank_info = _rerank_ranks(
+            cb, store, have, gt, db, descriptors, matrix, np.argsort(-matrix, axis=1, kind="stable"), rerank
+        )
         timings["verify_s"] = rerank_info["seconds"]
     store.close()
     return matrix, trained_on, [tuple(f) for f in failed], timings, (ranks, before_rerank, rerank_info)
@@ -1084,22 +1306,39 @@ def _rerank_ranks(cb: Codebook, store: FeatureStore, have: set, gt, db, describe
     same = gt.queries == gt.images
     q_kp = db_kp if same else keypoints(gt.queries)
     q_desc = db if same else describe(gt.queries)
-    q_words, q_sigs = feature_words(cb, [d if k is not None else d[:0] for d, k in zip(q_desc, q_kp)],
-                                    m=options.query_m)
+    q_words, q_sigs = feature_words(
+        cb, [d if k is not None else d[:0] for d, k in zip(q_desc, q_kp)], m=options.query_m
+    )
     geometry_s = time.perf_counter() - t0
     k = min(top, ranks.shape[1])
     t0 = time.perf_counter()
-    out = rerank(geometry, q_kp, q_words, ranks[:, :k], np.take_along_axis(matrix, ranks[:, :k], 1),
-                 query_signatures=q_sigs, top=k, options=options)
+    out = rerank(
+        geometry,
+        q_kp,
+        q_words,
+        ranks[:, :k],
+        np.take_along_axis(matrix, ranks[:, :k], 1),
+        query_signatures=q_sigs,
+        top=k,
+        options=options,
+    )
     seconds = time.perf_counter() - t0
     ranks = ranks.copy()
     ranks[:, :k] = out.ids
-    info = {"top": k, "model": options.model, "threshold_px": options.threshold, "max_hamming": options.max_hamming,
-            "min_inliers": options.min_inliers, "query_m": options.query_m, "threads": options.n_threads,
-            "geometry_s": geometry_s,
-            "seconds": seconds, "ms_per_query": 1e3 * seconds / max(len(ranks), 1),
-            "geometry_bytes_per_image": geometry.bytes_per_image,
-            "verified_per_query": float((out.inliers >= options.min_inliers).sum() / max(len(ranks), 1))}
+    info = {
+        "top": k,
+        "model": options.model,
+        "threshold_px": options.threshold,
+        "max_hamming": options.max_hamming,
+        "min_inliers": options.min_inliers,
+        "query_m": options.query_m,
+        "threads": options.n_threads,
+        "geometry_s": geometry_s,
+        "seconds": seconds,
+        "ms_per_query": 1e3 * seconds / max(len(ranks), 1),
+        "geometry_bytes_per_image": geometry.bytes_per_image,
+        "verified_per_query": float((out.inliers >= options.min_inliers).sum() / max(len(ranks), 1)),
+    }
     return ranks, info
 
 

@@ -28,7 +28,16 @@ import numpy as np
 
 from . import _kernels
 
-__all__ = ["FaissQuantizer", "PrunedQuantizer", "Quantizer", "max_sq_norm", "settle_rows", "tie_eps", "tie_scale", "tied_rows"]
+__all__ = [
+    "FaissQuantizer",
+    "PrunedQuantizer",
+    "Quantizer",
+    "max_sq_norm",
+    "settle_rows",
+    "tie_eps",
+    "tie_scale",
+    "tied_rows",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +100,9 @@ class Quantizer(Protocol):
     rows with faiss (``settle_rows``).
     """
 
-    def search(self, vecs: np.ndarray, m: int, dist: np.ndarray, words: np.ndarray, *,
-               nearest_first: bool, one_segment: bool) -> np.ndarray:
+    def search(
+        self, vecs: np.ndarray, m: int, dist: np.ndarray, words: np.ndarray, *, nearest_first: bool, one_segment: bool
+    ) -> np.ndarray:
         """Fill ``dist`` float32 [n, m] and ``words`` int64 [n, m] (1 <= m <= K, nearest
         first) for rows ``vecs`` float32 [n, D]; return the tied rows, int64 [t]: those
         whose set of m words, or with ``nearest_first`` whose nearest word, float32
@@ -197,8 +207,9 @@ class FaissQuantizer:
         self._centroids = centroids
         self._max_sq: float | None = None
 
-    def search(self, vecs: np.ndarray, m: int, dist: np.ndarray, words: np.ndarray, *,
-               nearest_first: bool, one_segment: bool) -> np.ndarray:
+    def search(
+        self, vecs: np.ndarray, m: int, dist: np.ndarray, words: np.ndarray, *, nearest_first: bool, one_segment: bool
+    ) -> np.ndarray:
         """See ``Quantizer.search``. One faiss call on the block (large BLAS products). A
         block of several segments is searched for m + 1 words, so that the rows whose
         deciding gap lies within float32 rounding can be returned as tied."""
@@ -285,7 +296,8 @@ class PrunedQuantizer:
             head = (self._centroids[begin : begin + step] - self._mean) @ self._axes[:, :h]
             table[:h, begin : begin + step] = head.T
             table[h, begin : begin + step] = np.sqrt(
-                np.maximum(self._sq[begin : begin + step] - np.einsum("ij,ij->i", head, head), 0.0))
+                np.maximum(self._sq[begin : begin + step] - np.einsum("ij,ij->i", head, head), 0.0)
+            )
         return table
 
     def _table(self, width: int) -> np.ndarray:
@@ -348,14 +360,16 @@ class PrunedQuantizer:
             logger.debug("pruned search m=%d: width %s (estimated cost %.0f of %d)", m, best, best_cost, k * d)
         return self._width[m]
 
-    def search(self, vecs: np.ndarray, m: int, dist: np.ndarray, words: np.ndarray, *,
-               nearest_first: bool, one_segment: bool) -> np.ndarray:
+    def search(
+        self, vecs: np.ndarray, m: int, dist: np.ndarray, words: np.ndarray, *, nearest_first: bool, one_segment: bool
+    ) -> np.ndarray:
         """See ``Quantizer.search``: the exact m nearest words, with the rows whose
         deciding gap is within float32 rounding returned as tied."""
         k = self._centroids.shape[0]
         width = None
         worth_trying = self._fixed_width is not None or (
-            k >= _PRUNE_MIN_WORDS and not (one_segment and self._one_blas_block(vecs)))
+            k >= _PRUNE_MIN_WORDS and not (one_segment and self._one_blas_block(vecs))
+        )
         if m + 1 <= k and len(vecs) and worth_trying:
             if not self._prepared:
                 self._prepare()
@@ -367,9 +381,20 @@ class PrunedQuantizer:
         with _kernels.thread_budget(len(vecs) * k * vecs.shape[1], _kernels.MIN_PARALLEL_MACS):
             table = self._table(width)
             _kernels.pruned_nearest(
-                vecs, self._mean, self._heads[width], table, self._sq32, self._centroids, self._max_sq,
-                _BOUND_MARGIN, tie_eps(1.0, vecs.shape[1]), nearest_first,
-                4 * _kernels.numba.get_num_threads(), words, dist, tied,
+                vecs,
+                self._mean,
+                self._heads[width],
+                table,
+                self._sq32,
+                self._centroids,
+                self._max_sq,
+                _BOUND_MARGIN,
+                tie_eps(1.0, vecs.shape[1]),
+                nearest_first,
+                4 * _kernels.numba.get_num_threads(),
+                words,
+                dist,
+                tied,
             )
         return np.flatnonzero(tied)
 

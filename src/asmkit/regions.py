@@ -146,8 +146,9 @@ def in_box(keypoints, box) -> np.ndarray:
     return (xy[:, 0] >= x0) & (xy[:, 0] <= x1) & (xy[:, 1] >= y0) & (xy[:, 1] <= y1)
 
 
-def regions_from_boxes(keypoints: Sequence, boxes: Sequence, sizes: Sequence | None = None, *,
-                       whole_image: bool = True) -> Regions:
+def regions_from_boxes(
+    keypoints: Sequence, boxes: Sequence, sizes: Sequence | None = None, *, whole_image: bool = True
+) -> Regions:
     """Regions of several images from their keypoints and boxes.
 
     Parameters
@@ -212,8 +213,16 @@ def regions_from_boxes(keypoints: Sequence, boxes: Sequence, sizes: Sequence | N
     return Regions(region_starts, member_starts, members, n_boxes, n_clipped, n_outside, n_empty)
 
 
-def aggregate_regions(vecs: np.ndarray, assignments: np.ndarray, starts: np.ndarray, order: np.ndarray,
-                      centroids: np.ndarray, regions: Regions, *, binary: bool) -> Aggregates:
+def aggregate_regions(
+    vecs: np.ndarray,
+    assignments: np.ndarray,
+    starts: np.ndarray,
+    order: np.ndarray,
+    centroids: np.ndarray,
+    regions: Regions,
+    *,
+    binary: bool,
+) -> Aggregates:
     """R-ASMK aggregation of images given their regions (docs/regions.md, steps 1-4).
 
     Per region r: V_r(c) = Σ (x - q_c) over the region's features x with c among their
@@ -262,16 +271,19 @@ def aggregate_regions(vecs: np.ndarray, assignments: np.ndarray, starts: np.ndar
         beyond = np.flatnonzero((regions.members < 0) | (regions.members >= rows))
         if beyond.size:
             image = int(image_of_member[beyond[0]])
-            raise ArgumentError(f"regions: image {image} has {int(rows[beyond[0]])} descriptors, "
-                                f"a region lists feature {int(regions.members[beyond[0]])}")
+            raise ArgumentError(
+                f"regions: image {image} has {int(rows[beyond[0]])} descriptors, "
+                f"a region lists feature {int(regions.members[beyond[0]])}"
+            )
     region_starts = np.ascontiguousarray(regions.region_starts, dtype=np.int64)
     member_starts = np.ascontiguousarray(regions.member_starts, dtype=np.int64)
     members = np.ascontiguousarray(regions.members, dtype=np.int32)
     n_pairs = int(members.shape[0]) * assignments.shape[1]
     with _kernels.thread_budget(n_pairs, _kernels.MIN_PARALLEL_PAIRS) as threads:
         n_blocks = max(1, min(n_images, 4 * threads))
-        n_words = _kernels.region_word_count(assignments, order, starts, region_starts, member_starts, members,
-                                             centroids.shape[0], n_blocks)
+        n_words = _kernels.region_word_count(
+            assignments, order, starts, region_starts, member_starts, members, centroids.shape[0], n_blocks
+        )
         offsets = np.zeros(n_images + 1, dtype=np.int64)
         np.cumsum(n_words, out=offsets[1:])
         n_rows, dim = int(offsets[-1]), vecs.shape[1]
@@ -279,8 +291,23 @@ def aggregate_regions(vecs: np.ndarray, assignments: np.ndarray, starts: np.ndar
         codes = np.empty((n_rows, n_code_words(dim)) if binary else (0, 0), dtype=np.uint64)
         real = np.empty((0, 0) if binary else (n_rows, dim), dtype=np.float32)
         used = np.zeros(n_images, dtype=np.int64)
-        _kernels.region_aggregate_fill(vecs, centroids, assignments, order, starts, region_starts, member_starts,
-                                       members, offsets, binary, n_blocks, words, codes, real, used)
+        _kernels.region_aggregate_fill(
+            vecs,
+            centroids,
+            assignments,
+            order,
+            starts,
+            region_starts,
+            member_starts,
+            members,
+            offsets,
+            binary,
+            n_blocks,
+            words,
+            codes,
+            real,
+            used,
+        )
     return Aggregates(offsets, words, codes if binary else normalize_l2(real))
 
 
@@ -310,8 +337,9 @@ def regional_aggregates(codebook, vecs, regions: Regions, image_ids=None, params
     params = as_params(params)
     desc = prepare_descriptors(vecs, image_ids, dim=codebook.dim)
     words = codebook.quantize(desc.vecs, params.ma_database)
-    return aggregate_regions(desc.vecs, words, desc.starts, desc.order, codebook.centroids, regions,
-                             binary=params.binary)
+    return aggregate_regions(
+        desc.vecs, words, desc.starts, desc.order, codebook.centroids, regions, binary=params.binary
+    )
 
 
 # -- region sources -----------------------------------------------------------------------------
@@ -357,9 +385,17 @@ def grid_boxes(width: float, height: float, *, levels: int = 3, overlap: float =
     return np.asarray(out, dtype=np.float64)
 
 
-def propose_boxes(keypoints, width: float, height: float, *, n: int = 8, weights=None,
-                  scales: Sequence[float] = (0.25, 0.35, 0.5), cells: int = 32,
-                  max_iou: float = 0.5) -> np.ndarray:
+def propose_boxes(
+    keypoints,
+    width: float,
+    height: float,
+    *,
+    n: int = 8,
+    weights=None,
+    scales: Sequence[float] = (0.25, 0.35, 0.5),
+    cells: int = 32,
+    max_iou: float = 0.5,
+) -> np.ndarray:
     """Detector-free proposals: the windows holding the most features beyond their share.
 
     Windows of the image's aspect ratio, ``scales`` of its sides, slide over a
@@ -412,8 +448,7 @@ def propose_boxes(keypoints, width: float, height: float, *, n: int = 8, weights
             raise ArgumentError(f"scales: expected fractions in (0, 1], got {scale!r}")
         side = max(1, round(float(scale) * cells))
         y0, x0 = np.meshgrid(np.arange(cells - side + 1), np.arange(cells - side + 1), indexing="ij")
-        inside = (integral[y0 + side, x0 + side] - integral[y0, x0 + side] - integral[y0 + side, x0]
-                  + integral[y0, x0])
+        inside = integral[y0 + side, x0 + side] - integral[y0, x0 + side] - integral[y0 + side, x0] + integral[y0, x0]
         scores.append((inside - total * (side / cells) ** 2).ravel())
         candidates.append(np.stack([x0.ravel(), y0.ravel(), x0.ravel() + side, y0.ravel() + side], axis=1))
     score = np.concatenate(scores)
@@ -527,9 +562,16 @@ def _extent(points: np.ndarray, size) -> tuple[float, float]:
     return max(1.0, float(points[:, 0].max()) + 1.0), max(1.0, float(points[:, 1].max()) + 1.0)
 
 
-def region_boxes(source: str | os.PathLike | Mapping[str, np.ndarray], names: Sequence[str], keypoints: Sequence,
-                 sizes: Sequence | None = None, *, weights: Sequence | None = None, grid_levels: int = 3,
-                 n_proposals: int = 8) -> list[np.ndarray]:
+def region_boxes(
+    source: str | os.PathLike | Mapping[str, np.ndarray],
+    names: Sequence[str],
+    keypoints: Sequence,
+    sizes: Sequence | None = None,
+    *,
+    weights: Sequence | None = None,
+    grid_levels: int = 3,
+    n_proposals: int = 8,
+) -> list[np.ndarray]:
     """Boxes per image from a named source.
 
     Parameters
@@ -575,8 +617,9 @@ def region_boxes(source: str | os.PathLike | Mapping[str, np.ndarray], names: Se
     return [np.asarray(table.get(name, empty), dtype=np.float64).reshape(-1, 4) for name in wanted]
 
 
-def regions_for_features(source, names: Sequence[str], features: Sequence, sizes: Sequence | None = None, *,
-                         whole_image: bool = True) -> Regions:
+def regions_for_features(
+    source, names: Sequence[str], features: Sequence, sizes: Sequence | None = None, *, whole_image: bool = True
+) -> Regions:
     """Regions of images from their local features and a region source (the command line's
     ``--regions``).
 

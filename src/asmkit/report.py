@@ -172,19 +172,13 @@ def _pr_svg(recall: np.ndarray, precision: np.ndarray) -> str:
         parts += [
             f'<line x1="{x0:.1f}" y1="{y0:.1f}" x2="{x1:.1f}" y2="{y0:.1f}" stroke="#ddd"/>',
             f'<line x1="{xv:.1f}" y1="{yv0:.1f}" x2="{xv:.1f}" y2="{yv1:.1f}" stroke="#ddd"/>',
-            f'<text x="{x0 - 6:.1f}" y="{y0 + 4:.1f}" font-size="10" '
-            f'text-anchor="end">{t:.1f}</text>',
-            f'<text x="{xv:.1f}" y="{yv0 + 14:.1f}" font-size="10" '
-            f'text-anchor="middle">{t:.1f}</text>',
+            f'<text x="{x0 - 6:.1f}" y="{y0 + 4:.1f}" font-size="10" text-anchor="end">{t:.1f}</text>',
+            f'<text x="{xv:.1f}" y="{yv0 + 14:.1f}" font-size="10" text-anchor="middle">{t:.1f}</text>',
         ]
     parts.append(f'<rect x="{pad}" y="10" width="{pw}" height="{ph}" fill="none" stroke="#666"/>')
     points = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(r, p) for r, p in zip(recall, precision)))
-    parts.append(
-        f'<polyline class="pr-curve" points="{points}" fill="none" stroke="#1f5fbf" stroke-width="2"/>'
-    )
-    parts.append(
-        f'<text x="{pad + pw / 2:.1f}" y="{h - 4}" font-size="11" text-anchor="middle">recall</text>'
-    )
+    parts.append(f'<polyline class="pr-curve" points="{points}" fill="none" stroke="#1f5fbf" stroke-width="2"/>')
+    parts.append(f'<text x="{pad + pw / 2:.1f}" y="{h - 4}" font-size="11" text-anchor="middle">recall</text>')
     parts.append(
         f'<text x="12" y="{10 + ph / 2:.1f}" font-size="11" text-anchor="middle" '
         f'transform="rotate(-90 12 {10 + ph / 2:.1f})">precision</text>'
@@ -245,9 +239,7 @@ def _fmt(value: float) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
 
-def _summary_html(
-    metrics: dict[str, Any] | None, n_queries: int, n_db: int, top_k: int, scope: str
-) -> str:
+def _summary_html(metrics: dict[str, Any] | None, n_queries: int, n_db: int, top_k: int, scope: str) -> str:
     rows = [
         ("queries shown", str(n_queries)),
         ("database images", str(n_db)),
@@ -340,9 +332,7 @@ def write_report(
         logger.warning("report: image_root %s is not a folder; thumbnails will be placeholders", root)
 
     thumbs = _Thumbnails(root, thumb_size)
-    if metrics is not None and (
-        not isinstance(metrics, dict) or not {"map", "mp", "n_queries"} <= set(metrics)
-    ):
+    if metrics is not None and (not isinstance(metrics, dict) or not {"map", "mp", "n_queries"} <= set(metrics)):
         raise ArgumentError("metrics: expected the dict returned by asmkit.evaluate.evaluate")
     local = known = None
     scope = "of the full ranking"
@@ -470,7 +460,9 @@ def main(
             names = file_names if names is None else names
             query_names = file_names if query_names is None else query_names
         elif "ids" not in data:
-            raise FileFormatError(path, "not a results file with arrays 'ids' and 'scores', or sparse scores (no array 'ids')")
+            raise FileFormatError(
+                path, "not a results file with arrays 'ids' and 'scores', or sparse scores (no array 'ids')"
+            )
         else:
             ranks = data["ids"]
             if scores is None:

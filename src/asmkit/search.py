@@ -135,7 +135,9 @@ def score_aggregates(
     dense = dense_out is not None
     if dense:
         if dense_out.shape != (n_queries, n_slots) or dense_out.dtype != np.float32:
-            raise ArgumentError(f"dense_out: expected float32 {(n_queries, n_slots)}, got {dense_out.dtype} {dense_out.shape}")
+            raise ArgumentError(
+                f"dense_out: expected float32 {(n_queries, n_slots)}, got {dense_out.dtype} {dense_out.shape}"
+            )
         out_scores, out_ids, k_eff = dense_out, np.empty((0, 0), dtype=np.int64), 0
     else:
         k = n_slots if k is None else k
@@ -183,13 +185,27 @@ def score_aggregates(
         else:
             kernel, blocking = _kernels.search_kernel, min(n_queries, 4 * threads)
         kernel(
-            _readonly(queries.offsets), _readonly(queries.words),
-            _readonly(queries.data if binary else _EMPTY_CODES), _readonly(_EMPTY_REAL if binary else queries.data),
-            _readonly(ivf.offsets), _readonly(ivf.slots),
-            _readonly(ivf.data if binary else _EMPTY_CODES), _readonly(_EMPTY_REAL if binary else ivf.data),
-            _readonly(idf), _readonly(inv_sqrt_norms), _readonly(slot_ids),
-            bool(binary), _readonly(sigma_of_h), alpha, alpha_is_int, tau,
-            int(k_eff), bool(dense), int(blocking), out_scores, out_ids,
+            _readonly(queries.offsets),
+            _readonly(queries.words),
+            _readonly(queries.data if binary else _EMPTY_CODES),
+            _readonly(_EMPTY_REAL if binary else queries.data),
+            _readonly(ivf.offsets),
+            _readonly(ivf.slots),
+            _readonly(ivf.data if binary else _EMPTY_CODES),
+            _readonly(_EMPTY_REAL if binary else ivf.data),
+            _readonly(idf),
+            _readonly(inv_sqrt_norms),
+            _readonly(slot_ids),
+            bool(binary),
+            _readonly(sigma_of_h),
+            alpha,
+            alpha_is_int,
+            tau,
+            int(k_eff),
+            bool(dense),
+            int(blocking),
+            out_scores,
+            out_ids,
         )
     return out_scores if dense else (out_scores, out_ids)
 
@@ -293,8 +309,9 @@ def score_queries(
     dense = dense_out is not None
     if dense:
         if dense_out.shape != (n, database.n_images) or dense_out.dtype != np.float32:
-            raise ArgumentError(f"dense_out: expected float32 {(n, database.n_images)}, "
-                                f"got {dense_out.dtype} {dense_out.shape}")
+            raise ArgumentError(
+                f"dense_out: expected float32 {(n, database.n_images)}, got {dense_out.dtype} {dense_out.shape}"
+            )
         scores = ids = None
     else:
         width = database.n_images if k is None else k
@@ -302,8 +319,9 @@ def score_queries(
         ids = np.empty((n, width), dtype=np.int64)
 
     def score(images: np.ndarray | slice, vecs: np.ndarray, words: np.ndarray, starts: np.ndarray) -> None:
-        aggregates = aggregate(vecs, words, starts, np.arange(len(vecs), dtype=np.int64), codebook.centroids,
-                               binary=params.binary)
+        aggregates = aggregate(
+            vecs, words, starts, np.arange(len(vecs), dtype=np.int64), codebook.centroids, binary=params.binary
+        )
         args = (database.ivf, database.idf, database.sqrt_norms, database.ids, aggregates, params)
         if not dense:
             scores[images], ids[images] = score_aggregates(*args, dim=codebook.dim, k=k, order=order)
@@ -344,8 +362,9 @@ def score_queries(
         rescore = np.unique(images[changed])
         if rescore.size:
             vecs, starts, _ = image_block(rescore)
-            words = codebook.assign(vecs, params.ma_query, segments=starts, nearest_first=False,
-                                    check_finite=False).settle()
+            words = codebook.assign(
+                vecs, params.ma_query, segments=starts, nearest_first=False, check_finite=False
+            ).settle()
             score(rescore, vecs, words, starts)
 
     begin = 0
@@ -358,8 +377,7 @@ def score_queries(
             score(slice(begin, end), vecs, words[rows, : params.ma_query].astype(np.int64), starts)
             begin = end
             continue
-        assignment = codebook.assign(vecs, params.ma_query, segments=starts, nearest_first=False,
-                                     check_finite=False)
+        assignment = codebook.assign(vecs, params.ma_query, segments=starts, nearest_first=False, check_finite=False)
         score(slice(begin, end), vecs, assignment.words, starts)
         if assignment.tied.size:
             pending.append(assignment.tied_part())
@@ -397,8 +415,9 @@ def _words_of_both_sides(codebook: Codebook, desc: Descriptors, m: int) -> tuple
         end = min(max(end, begin + 1), desc.n_images)
         rows = desc.image_rows(begin, end)
         vecs = desc.vecs[rows]
-        assignment = codebook.assign(vecs, m, segments=desc.starts[begin : end + 1] - desc.starts[begin],
-                                     check_finite=False)
+        assignment = codebook.assign(
+            vecs, m, segments=desc.starts[begin : end + 1] - desc.starts[begin], check_finite=False
+        )
         tied = assignment.tied
         words = assignment.settle()
         query[rows] = words
@@ -472,11 +491,13 @@ def similarity_matrix(
         database_words = codebook.assign(desc.vecs, params.ma_database, check_finite=False).settle()
         query_words = None
     if regions is None:
-        aggregates = aggregate(desc.vecs, database_words, desc.starts, desc.order, codebook.centroids,
-                               binary=params.binary)
+        aggregates = aggregate(
+            desc.vecs, database_words, desc.starts, desc.order, codebook.centroids, binary=params.binary
+        )
     else:
-        aggregates = aggregate_regions(desc.vecs, database_words, desc.starts, desc.order, codebook.centroids,
-                                       regions, binary=params.binary)
+        aggregates = aggregate_regions(
+            desc.vecs, database_words, desc.starts, desc.order, codebook.centroids, regions, binary=params.binary
+        )
     del database_words
     n = desc.n_images
     ivf = InvertedFile.from_aggregates(aggregates, np.arange(n, dtype=np.int64), codebook.size)
@@ -485,8 +506,9 @@ def similarity_matrix(
     database = Database(ivf, idf, np.sqrt(image_norms(ivf, idf, n)), desc.image_ids)
     logger.debug("similarity matrix: %d images, %d posting entries, %d-image query chunks", n, ivf.n_entries, chunk)
     dense_out = np.zeros((n, n), dtype=np.float32) if k is None else None
-    return score_queries(codebook, desc, database, params, k=k, dense_out=dense_out, chunk_images=chunk, order=order,
-                         words=query_words)
+    return score_queries(
+        codebook, desc, database, params, k=k, dense_out=dense_out, chunk_images=chunk, order=order, words=query_words
+    )
 
 
 def merge_topk(results: Sequence[tuple[np.ndarray, np.ndarray]], k: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -78,8 +78,7 @@ def _check_array(name: str, array: Any) -> np.ndarray:
         raise ArgumentError(f"arrays[{name!r}]: expected a numpy array, got {type(array).__name__}")
     if array.dtype.hasobject or array.dtype.fields is not None:
         raise ArgumentError(
-            f"arrays[{name!r}]: dtype {array.dtype} is not storable (object/structured dtypes "
-            "would need pickle)"
+            f"arrays[{name!r}]: dtype {array.dtype} is not storable (object/structured dtypes would need pickle)"
         )
     return array
 
@@ -218,9 +217,7 @@ def _expected_npy_size(dtype: np.dtype, shape: tuple[int, ...], file_path: Path)
     if file_dtype.hasobject:
         raise StorageError(f"{file_path}: object dtype refused (would need pickle)")
     if file_dtype != dtype or tuple(file_shape) != shape:
-        raise StorageError(
-            f"{file_path}: holds {file_dtype} {tuple(file_shape)} but the manifest says {dtype} {shape}"
-        )
+        raise StorageError(f"{file_path}: holds {file_dtype} {tuple(file_shape)} but the manifest says {dtype} {shape}")
     return header_len, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
 
 
@@ -303,9 +300,7 @@ def load_arrays(
             raise StorageError(f"{file_path}: missing array file (listed in {MANIFEST})")
         size = file_path.stat().st_size
         if size != nbytes:
-            raise StorageError(
-                f"{file_path}: {size} bytes but the manifest says {nbytes} (truncated or replaced)"
-            )
+            raise StorageError(f"{file_path}: {size} bytes but the manifest says {nbytes} (truncated or replaced)")
         header_len, data_bytes = _expected_npy_size(dtype, shape, file_path)
         if header_len + data_bytes != size:
             raise StorageError(f"{file_path}: size does not match its header (truncated)")

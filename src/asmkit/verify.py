@@ -169,8 +169,9 @@ class Reranked:
 # ------------------------------------------------------------------------------ matching
 
 
-def word_matches(query_words, db_words, *, query_signatures=None, db_signatures=None, max_per_word: int = 5,
-                 max_hamming: int = 40) -> np.ndarray:
+def word_matches(
+    query_words, db_words, *, query_signatures=None, db_signatures=None, max_per_word: int = 5, max_hamming: int = 40
+) -> np.ndarray:
     """Tentative correspondences: feature pairs that share a visual word and, with
     signatures, differ in at most ``max_hamming`` signature bits.
 
@@ -195,8 +196,9 @@ def word_matches(query_words, db_words, *, query_signatures=None, db_signatures=
     q = _sorted_words(query_words, "query_words")
     d = _sorted_words(db_words, "db_words")
     q_sig, d_sig = _signature_pair(query_signatures, db_signatures, q.shape[0], d.shape[0])
-    _, pairs = _word_matches_kernel(q, q_sig, d, d_sig, np.array([0, d.shape[0]], np.int64), np.zeros(1, np.int64),
-                                    cap, max_hamming)
+    _, pairs = _word_matches_kernel(
+        q, q_sig, d, d_sig, np.array([0, d.shape[0]], np.int64), np.zeros(1, np.int64), cap, max_hamming
+    )
     return pairs
 
 
@@ -207,8 +209,9 @@ def _signature_pair(q_sig, d_sig, n_q: int, n_d: int) -> tuple[np.ndarray, np.nd
     q_sig = np.ascontiguousarray(q_sig, dtype=np.uint64)
     d_sig = np.ascontiguousarray(d_sig, dtype=np.uint64)
     if q_sig.ndim != 2 or d_sig.ndim != 2 or q_sig.shape != (n_q, d_sig.shape[1]) or d_sig.shape[0] != n_d:
-        raise ArgumentError(f"query_signatures: expected [{n_q}, W] and [{n_d}, W] signatures, got {q_sig.shape} "
-                            f"and {d_sig.shape}")
+        raise ArgumentError(
+            f"query_signatures: expected [{n_q}, W] and [{n_d}, W] signatures, got {q_sig.shape} and {d_sig.shape}"
+        )
     return q_sig, d_sig
 
 
@@ -262,8 +265,16 @@ def mutual_nn_matches(query_descriptors, db_descriptors, *, ratio: float | None 
 # ------------------------------------------------------------------------------ fitting
 
 
-def fit_model(query_points, db_points, model: str = "affine", *, threshold: float = 8.0, max_iters: int = 1000,
-              confidence: float = 0.999, pairs=None) -> Fit:
+def fit_model(
+    query_points,
+    db_points,
+    model: str = "affine",
+    *,
+    threshold: float = 8.0,
+    max_iters: int = 1000,
+    confidence: float = 0.999,
+    pairs=None,
+) -> Fit:
     """Fit a geometric model robustly (OpenCV USAC) to tentative correspondences.
 
     Never raises for hard geometry: no more correspondences than the model's minimal
@@ -293,8 +304,15 @@ def fit_model(query_points, db_points, model: str = "affine", *, threshold: floa
     dst = np.ascontiguousarray(db_points, dtype=np.float32)
     if src.ndim != 2 or src.shape[1:] != (2,) or dst.shape != src.shape:
         raise ArgumentError(f"db_points: expected two [M, 2] arrays, got {src.shape} and {dst.shape}")
-    return _fit(src, dst, model, float(threshold), int(max_iters), float(confidence),
-                None if pairs is None else np.asarray(pairs))
+    return _fit(
+        src,
+        dst,
+        model,
+        float(threshold),
+        int(max_iters),
+        float(confidence),
+        None if pairs is None else np.asarray(pairs),
+    )
 
 
 def _fit(src, dst, model, threshold, max_iters, confidence, pairs) -> Fit:
@@ -335,8 +353,9 @@ def _estimate(src, dst, model, threshold, max_iters, confidence):
         params.score = cv2.SCORE_METHOD_MAGSAC
         matrix, mask = cv2.estimateAffine2D(src, dst, params=params)
     else:
-        matrix, mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=threshold,
-                                                   maxIters=max_iters, confidence=confidence)
+        matrix, mask = cv2.estimateAffinePartial2D(
+            src, dst, method=cv2.RANSAC, ransacReprojThreshold=threshold, maxIters=max_iters, confidence=confidence
+        )
     if matrix is None:
         return None, None
     return np.vstack([matrix, [0.0, 0.0, 1.0]]), mask
@@ -360,8 +379,9 @@ def _verify_block(store: GeometryStore, q_kp, q_words, q_sigs, q_feature, slots,
     d_sigs = store.signatures
     if q_sigs.shape[1] == 0 or d_sigs.shape[1] == 0:
         q_sigs, d_sigs = q_sigs[:, :0], np.empty((store.words.shape[0], 0), np.uint64)
-    offsets, pairs = _word_matches_kernel(q_words, q_sigs, store.words, d_sigs, store.offsets, slots,
-                                          opts.max_per_word, opts.max_hamming)
+    offsets, pairs = _word_matches_kernel(
+        q_words, q_sigs, store.words, d_sigs, store.offsets, slots, opts.max_per_word, opts.max_hamming
+    )
     inliers = np.zeros(slots.shape[0], dtype=np.int32)
     db_offsets, db_kp = store.offsets, store.keypoints
     need = max(opts.min_inliers, _MIN_SAMPLE[opts.model] + 1)
@@ -377,9 +397,17 @@ def _verify_block(store: GeometryStore, q_kp, q_words, q_sigs, q_feature, slots,
     return inliers
 
 
-def rerank(store: GeometryStore, query_keypoints: Sequence, query_words: Sequence, ids, scores, *,
-           query_signatures: Sequence | None = None, top: int = 100,
-           options: VerifyOptions | None = None) -> Reranked:
+def rerank(
+    store: GeometryStore,
+    query_keypoints: Sequence,
+    query_words: Sequence,
+    ids,
+    scores,
+    *,
+    query_signatures: Sequence | None = None,
+    top: int = 100,
+    options: VerifyOptions | None = None,
+) -> Reranked:
     """Re-rank the top of rankings by spatial verification.
 
     Parameters
@@ -415,13 +443,16 @@ def rerank(store: GeometryStore, query_keypoints: Sequence, query_words: Sequenc
     ids = np.asarray(ids)
     scores = np.asarray(scores)
     if ids.ndim != 2 or ids.dtype.kind not in "iu" or scores.shape != ids.shape:
-        raise ArgumentError(f"ids: expected int [Q, k] with scores of the same shape, got {ids.shape} and "
-                            f"{scores.shape}")
+        raise ArgumentError(
+            f"ids: expected int [Q, k] with scores of the same shape, got {ids.shape} and {scores.shape}"
+        )
     query_keypoints, query_words = list(query_keypoints), list(query_words)
     query_signatures = [None] * len(query_words) if query_signatures is None else list(query_signatures)
     if not len(query_keypoints) == len(query_words) == len(query_signatures) == ids.shape[0]:
-        raise ArgumentError(f"query_keypoints: got {len(query_keypoints)} keypoint and {len(query_words)} word "
-                            f"arrays for {ids.shape[0]} rankings")
+        raise ArgumentError(
+            f"query_keypoints: got {len(query_keypoints)} keypoint and {len(query_words)} word "
+            f"arrays for {ids.shape[0]} rankings"
+        )
     n_q, k = ids.shape
     r = min(top, k)
     inliers = np.full((n_q, k), -1, dtype=np.int32)
@@ -434,14 +465,14 @@ def rerank(store: GeometryStore, query_keypoints: Sequence, query_words: Sequenc
             continue
         q_kp, q_words, q_sigs, q_feature = _query_rows(kp, query_words[q], query_signatures[q], q)
         if q_sigs.shape[1] and store.signatures.shape[1] and q_sigs.shape[1] != store.signatures.shape[1]:
-            raise ArgumentError(f"query_signatures[{q}]: {q_sigs.shape[1]} words wide, the store's "
-                                f"{store.signatures.shape[1]}")
+            raise ArgumentError(
+                f"query_signatures[{q}]: {q_sigs.shape[1]} words wide, the store's {store.signatures.shape[1]}"
+            )
         slots = store.slots_of(ids[q, :r], missing=-1)
         # Few queries: split each ranking so that every thread gets candidates.
         n_blocks = max(1, min(r, threads // max(n_q, 1)))
         bounds = np.linspace(0, r, n_blocks + 1).astype(int)
-        tasks += [(q, b, e, q_kp, q_words, q_sigs, q_feature, slots[b:e])
-                  for b, e in pairwise(bounds) if e > b]
+        tasks += [(q, b, e, q_kp, q_words, q_sigs, q_feature, slots[b:e]) for b, e in pairwise(bounds) if e > b]
 
     def work(task):
         q, b, e, q_kp, q_words, q_sigs, q_feature, slots = task
@@ -530,8 +561,9 @@ class PairGeometry:
     matrix: np.ndarray | None
 
 
-def verify_pairs(pairs: Sequence[tuple[str, str]], features, *, options: VerifyOptions | None = None,
-                 ratio: float | None = 0.9) -> list[PairGeometry]:
+def verify_pairs(
+    pairs: Sequence[tuple[str, str]], features, *, options: VerifyOptions | None = None, ratio: float | None = 0.9
+) -> list[PairGeometry]:
     """Geometric verification of image pairs (for SfM): mutual nearest neighbours of the
     descriptors, then a robust fit (by default a fundamental matrix).
 
@@ -575,8 +607,15 @@ def verify_pairs(pairs: Sequence[tuple[str, str]], features, *, options: VerifyO
             matches = mutual_nn_matches(a.descriptors, b.descriptors, ratio=ratio)
         if matches.shape[0] == 0:
             return PairGeometry(pair[0], pair[1], matches, np.zeros(0, bool), 0, None)
-        fit = _fit(a.keypoints[matches[:, 0], :2], b.keypoints[matches[:, 1], :2], opts.model, opts.threshold,
-                   opts.max_iters, opts.confidence, matches)
+        fit = _fit(
+            a.keypoints[matches[:, 0], :2],
+            b.keypoints[matches[:, 1], :2],
+            opts.model,
+            opts.threshold,
+            opts.max_iters,
+            opts.confidence,
+            matches,
+        )
         return PairGeometry(pair[0], pair[1], matches, fit.mask, fit.inliers, fit.matrix)
 
     if opts.n_threads > 1 and len(pairs) > 1:

@@ -6,6 +6,12 @@ from .asmk_method import IVF, ASMKMethod, IvfBuilder
 from .legacy import LegacyFormatError, codebook_from_legacy, index_from_legacy, ivf_from_legacy, load_legacy_pickle
 
 __all__ = [
-    "ASMKMethod", "IvfBuilder", "IVF", "LegacyFormatError", "load_legacy_pickle", "codebook_from_legacy",
-    "ivf_from_legacy", "index_from_legacy",
+    "ASMKMethod",
+    "IvfBuilder",
+    "IVF",
+    "LegacyFormatError",
+    "load_legacy_pickle",
+    "codebook_from_legacy",
+    "ivf_from_legacy",
+    "index_from_legacy",
 ]

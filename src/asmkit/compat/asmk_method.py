@@ -211,8 +211,14 @@ class IvfBuilder:
         Where ``save`` writes (None when loaded from the cache).
     """
 
-    def __init__(self, step_params: Mapping[str, Any], codebook: Codebook, kernel: Params, *,
-                 cache_path: str | os.PathLike | None) -> None:
+    def __init__(
+        self,
+        step_params: Mapping[str, Any],
+        codebook: Codebook,
+        kernel: Params,
+        *,
+        cache_path: str | os.PathLike | None,
+    ) -> None:
         self.step_params = step_params
         self.codebook = codebook
         self.kernel = kernel
@@ -289,8 +295,9 @@ class IvfBuilder:
         return {**self.metadata, "ivf_stats": self.ivf.stats}
 
 
-def _search_queries(index: Index, qvecs: np.ndarray, qimids: np.ndarray,
-                    query_params: Params) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _search_queries(
+    index: Index, qvecs: np.ndarray, qimids: np.ndarray, query_params: Params
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rank ``index``'s images for each query image with ``query_params``' query side.
 
     Returns
@@ -334,9 +341,15 @@ class ASMKMethod:
         ``inverted_file.imid_offset`` (0 without an inverted file).
     """
 
-    def __init__(self, params: Mapping[str, Any], metadata: Mapping[str, Any], *,
-                 codebook: Codebook | None = None, kernel: Params | None = None,
-                 inverted_file: IVF | None = None) -> None:
+    def __init__(
+        self,
+        params: Mapping[str, Any],
+        metadata: Mapping[str, Any],
+        *,
+        codebook: Codebook | None = None,
+        kernel: Params | None = None,
+        inverted_file: IVF | None = None,
+    ) -> None:
         if not isinstance(params, Mapping):
             raise ArgumentError(f"params: expected a dict, got {type(params).__name__}")
         self.params = copy.deepcopy(dict(params))
@@ -367,8 +380,9 @@ class ASMKMethod:
         """
         return cls(params, {})
 
-    def train_codebook(self, *columns, cache_path: str | os.PathLike | None = None,
-                       step_params: Mapping[str, Any] | None = None) -> "ASMKMethod":
+    def train_codebook(
+        self, *columns, cache_path: str | os.PathLike | None = None, step_params: Mapping[str, Any] | None = None
+    ) -> "ASMKMethod":
         """Train the codebook by k-means, or load it from ``cache_path``.
 
         Parameters
@@ -419,23 +433,27 @@ class ASMKMethod:
         else:
             (vecs,) = _columns(columns, ("vecs",), "train_codebook")
             time0 = time.perf_counter()
-            codebook = Codebook.train(vecs, engine.codebook_size, iters=engine.kmeans_iters,
-                                      seed=engine.seed, gpu=self._gpu)
+            codebook = Codebook.train(
+                vecs, engine.codebook_size, iters=engine.kmeans_iters, seed=engine.seed, gpu=self._gpu
+            )
             cluster_time = time.perf_counter() - time0
             time0 = time.perf_counter()
             _ready(codebook)
             index_time = time.perf_counter() - time0
-            metadata = {"index_time": index_time, "cluster_time": cluster_time,
-                        "train_time": index_time + cluster_time}
+            metadata = {"index_time": index_time, "cluster_time": cluster_time, "train_time": index_time + cluster_time}
             if cache_path is not None:
                 codebook.save(cache_path)
                 logger.info("codebook cached as an asmkit directory at %s", cache_path)
         metadata["index_class"] = _index_class(codebook)
         return type(self)(params, {**self.metadata, "train_codebook": metadata}, codebook=codebook)
 
-    def build_ivf(self, *columns, distractors_path: str | os.PathLike | None = None,
-                  cache_path: str | os.PathLike | None = None,
-                  step_params: Mapping[str, Any] | None = None) -> "ASMKMethod":
+    def build_ivf(
+        self,
+        *columns,
+        distractors_path: str | os.PathLike | None = None,
+        cache_path: str | os.PathLike | None = None,
+        step_params: Mapping[str, Any] | None = None,
+    ) -> "ASMKMethod":
         """Quantize, aggregate and index database descriptors (or load the index from cache).
 
         Parameters
@@ -476,8 +494,9 @@ class ASMKMethod:
             builder.add(*columns)
         return self.add_ivf_builder(builder)
 
-    def create_ivf_builder(self, *, cache_path: str | os.PathLike | None = None,
-                           step_params: Mapping[str, Any] | None = None) -> IvfBuilder:
+    def create_ivf_builder(
+        self, *, cache_path: str | os.PathLike | None = None, step_params: Mapping[str, Any] | None = None
+    ) -> IvfBuilder:
         """An :class:`IvfBuilder` for this codebook, to fill with ``add`` calls.
 
         Parameters
@@ -509,12 +528,17 @@ class ASMKMethod:
         if not isinstance(ivf_builder, IvfBuilder):
             raise ArgumentError(f"ivf_builder: expected an IvfBuilder, got {type(ivf_builder).__name__}")
         metadata = ivf_builder.save()
-        return type(self)({**self.params, "build_ivf": ivf_builder.step_params},
-                          {**self.metadata, "build_ivf": metadata}, codebook=self.codebook,
-                          kernel=ivf_builder.kernel, inverted_file=ivf_builder.ivf)
+        return type(self)(
+            {**self.params, "build_ivf": ivf_builder.step_params},
+            {**self.metadata, "build_ivf": metadata},
+            codebook=self.codebook,
+            kernel=ivf_builder.kernel,
+            inverted_file=ivf_builder.ivf,
+        )
 
-    def query_ivf(self, *columns, step_params: Mapping[str, Any] | None = None,
-                  progress: int | None = None) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray]:
+    def query_ivf(
+        self, *columns, step_params: Mapping[str, Any] | None = None, progress: int | None = None
+    ) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray]:
         """Score every query image against the inverted file.
 
         Parameters
@@ -546,15 +570,28 @@ class ASMKMethod:
             raise ArgumentError("query_ivf: build_ivf must run first")
         params = _with_step(self.params, "query_ivf", step_params)
         time0 = time.perf_counter()
-        images, ranks, scores = self.accumulate_scores(self.codebook, self.kernel, self.inverted_file, *columns,
-                                                       params=params.get("query_ivf", {}), progress=progress)
+        images, ranks, scores = self.accumulate_scores(
+            self.codebook,
+            self.kernel,
+            self.inverted_file,
+            *columns,
+            params=params.get("query_ivf", {}),
+            progress=progress,
+        )
         metadata = {"query_avg_time": (time.perf_counter() - time0) / max(len(ranks), 1)}
         return metadata, images, ranks, scores
 
     @staticmethod
-    def accumulate_scores(cdb: Codebook, kern: Params | None, ivf: IVF, qvecs: np.ndarray, qimids: np.ndarray,
-                          *cols, params: Mapping[str, Any], progress: int | None = None
-                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def accumulate_scores(
+        cdb: Codebook,
+        kern: Params | None,
+        ivf: IVF,
+        qvecs: np.ndarray,
+        qimids: np.ndarray,
+        *cols,
+        params: Mapping[str, Any],
+        progress: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rank the inverted file's images for every query image.
 
         Parameters
@@ -580,7 +617,9 @@ class ASMKMethod:
             As for :meth:`query_ivf`.
         """
         if cols:
-            raise ArgumentError(f"query_ivf: expected the columns qvecs, qimids, got {2 + len(cols)} positional arguments")
+            raise ArgumentError(
+                f"query_ivf: expected the columns qvecs, qimids, got {2 + len(cols)} positional arguments"
+            )
         if not isinstance(ivf, IVF):
             raise ArgumentError(f"ivf: expected an asmkit.compat IVF, got {type(ivf).__name__}")
         if cdb is not ivf.index.codebook and not np.array_equal(cdb.centroids, ivf.index.codebook.centroids):
@@ -593,10 +632,10 @@ class ASMKMethod:
         # The query side (m, alpha, tau, topk) comes from this call; the database side
         # (binary, idf) is what the index was built with.
         index = ivf.index
-        query_params = index.params.replace(ma_query=engine.ma_query, alpha=engine.alpha, tau=engine.tau,
-                                            topk=engine.topk)
+        query_params = index.params.replace(
+            ma_query=engine.ma_query, alpha=engine.alpha, tau=engine.tau, topk=engine.topk
+        )
         images, ranks, scores = _search_queries(index, qvecs, qimids, query_params)
         if ivf.imid_offset:
             ranks = np.where(ranks >= 0, ranks - ivf.imid_offset, ranks)
         return images, ranks, scores
-

@@ -33,6 +33,7 @@ __all__ = [
     "pack_uint32_codes",
 ]
 
+
 class LegacyFormatError(FileFormatError):
     """A legacy pickle is malformed, names a global outside the allow-list, or holds a state
     that does not fit.
@@ -142,8 +143,16 @@ def load_legacy_pickle(path: str | os.PathLike) -> Any:
             return _RestrictedUnpickler(fh, path).load()
         except LegacyFormatError:
             raise
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
-                KeyError, MemoryError) as exc:
+        except (
+            pickle.UnpicklingError,
+            EOFError,
+            ValueError,
+            TypeError,
+            AttributeError,
+            IndexError,
+            KeyError,
+            MemoryError,
+        ) as exc:
             raise LegacyFormatError(path, f"not a readable legacy pickle ({type(exc).__name__}: {exc})") from None
 
 
@@ -192,7 +201,7 @@ def codebook_from_legacy(state: Any, *, path: str | os.PathLike | None = None):
         raise LegacyFormatError(
             _source(path),
             "state['state']['centroids']: expected a 2-D float array, got "
-            f"{getattr(centroids, 'dtype', type(centroids).__name__)} {getattr(centroids, 'shape', '')}"
+            f"{getattr(centroids, 'dtype', type(centroids).__name__)} {getattr(centroids, 'shape', '')}",
         )
     from asmkit.codebook import Codebook
 
@@ -296,13 +305,18 @@ def ivf_from_legacy(state: Any, *, path: str | os.PathLike | None = None) -> Leg
         raise LegacyFormatError(
             _source(path),
             f"inconsistent IVF sizes (ivf_vecs {k}, ivf_image_ids {len(ivf_ids)}, "
-            f"counts {counts.shape}, idf {idf.shape})"
+            f"counts {counts.shape}, idf {idf.shape})",
         )
     used = [c for c in range(k) if counts[c] > 0]
     for c in used:
         vecs, ids = ivf_vecs[c], ivf_ids[c]
-        if (not isinstance(vecs, np.ndarray) or not isinstance(ids, np.ndarray) or vecs.ndim != 2
-                or len(vecs) < counts[c] or len(ids) < counts[c]):
+        if (
+            not isinstance(vecs, np.ndarray)
+            or not isinstance(ids, np.ndarray)
+            or vecs.ndim != 2
+            or len(vecs) < counts[c]
+            or len(ids) < counts[c]
+        ):
             raise LegacyFormatError(_source(path), f"posting list of word {c} is shorter than counts[{c}]")
     if not used:
         raise LegacyFormatError(_source(path), "the reference IVF is empty")
@@ -372,23 +386,26 @@ def index_from_legacy(state: Any, codebook, params=None, *, path: str | os.PathL
         params = Params.preset("asmk_star", binary=flat.binary, use_idf=flat.use_idf)
     params = as_params(params).replace(codebook_size=codebook.size)
     if len(flat.counts) != codebook.size:
-        raise LegacyFormatError(_source(path), f"the inverted file has {len(flat.counts)} words, the codebook {codebook.size}")
+        raise LegacyFormatError(
+            _source(path), f"the inverted file has {len(flat.counts)} words, the codebook {codebook.size}"
+        )
     if params.binary != flat.binary or params.use_idf != flat.use_idf:
         raise LegacyFormatError(
             _source(path),
             f"params: binary={params.binary}, use_idf={params.use_idf}, but the reference inverted file "
-            f"was built with binary={flat.binary}, use_idf={flat.use_idf}"
+            f"was built with binary={flat.binary}, use_idf={flat.use_idf}",
         )
     width = n_code_words(codebook.dim) if flat.binary else codebook.dim
     if flat.vectors.shape[1] != width or (flat.binary and not codebook.dim <= flat.dim_bits < codebook.dim + 32):
         raise LegacyFormatError(
             _source(path),
-            f"posting vectors of width {flat.dim_bits or flat.vectors.shape[1]} do not fit a "
-            f"{codebook.dim}-D codebook"
+            f"posting vectors of width {flat.dim_bits or flat.vectors.shape[1]} do not fit a {codebook.dim}-D codebook",
         )
     if flat.image_ids.size and flat.image_ids.min() < 0:
-        raise LegacyFormatError(_source(path), "inverted files with distractors (imid_offset > 0) are not supported; "
-                                "rebuild from the descriptors")
+        raise LegacyFormatError(
+            _source(path),
+            "inverted files with distractors (imid_offset > 0) are not supported; rebuild from the descriptors",
+        )
     if flat.image_ids.size and flat.image_ids.max() >= flat.n_images:
         raise LegacyFormatError(_source(path), f"image ids outside 0 .. {flat.n_images - 1}")
     # The posting lists, word-major, become per-image aggregates (rows sorted by image,

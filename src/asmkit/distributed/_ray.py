@@ -80,8 +80,9 @@ def _probe(address: str, timeout: float) -> None:
         with socket.create_connection((host, port), timeout=timeout):
             pass
     except OSError as exc:
-        raise ClusterUnreachableError(address, f"no Ray cluster answers within {timeout:g} s "
-                                               f"({type(exc).__name__}: {exc})") from None
+        raise ClusterUnreachableError(
+            address, f"no Ray cluster answers within {timeout:g} s ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 class Connection:
@@ -112,8 +113,9 @@ class Connection:
         self.close()
 
 
-def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None,
-            timeout: float = 10.0) -> Connection:
+def connect(
+    address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None, timeout: float = 10.0
+) -> Connection:
     """Join a Ray cluster, or start a local one.
 
     Parameters
@@ -152,8 +154,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
     if address in _LOCAL:
         start = time.perf_counter()
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False)
-        logger.info("started a local Ray cluster in %.1f s: %s", time.perf_counter() - start,
-                    ray.cluster_resources())
+        logger.info("started a local Ray cluster in %.1f s: %s", time.perf_counter() - start, ray.cluster_resources())
         return Connection(ray, True, None)
     _probe(address, timeout)
     ray.init(address=address, log_to_driver=False)
@@ -171,8 +172,15 @@ def unwrap(error: BaseException) -> BaseException:
     return error
 
 
-def gather(refs: Sequence[Any], *, desc: str, total: int | None = None, weights: Sequence[int] | None = None,
-           progress: bool = True, on_result: Callable[[int, Any], None] | None = None) -> list[Any]:
+def gather(
+    refs: Sequence[Any],
+    *,
+    desc: str,
+    total: int | None = None,
+    weights: Sequence[int] | None = None,
+    progress: bool = True,
+    on_result: Callable[[int, Any], None] | None = None,
+) -> list[Any]:
     """Wait for task results as they arrive, advancing one tqdm bar on the driver.
 
     Parameters

@@ -130,13 +130,16 @@ def _stop(pool: list) -> None:
         ray.kill(actor)
 
 
-def _run(pool: list, method: str, paths: Sequence[Path], root: Path, batch_size: int, desc: str,
-         progress: bool, *args: Any) -> list:
+def _run(
+    pool: list, method: str, paths: Sequence[Path], root: Path, batch_size: int, desc: str, progress: bool, *args: Any
+) -> list:
     """``method(batch, root, *args)`` of the workers over batches of ``paths``, round
     robin; results in batch order."""
-    batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
-    refs = [getattr(pool[j % len(pool)], method).remote([str(p) for p in batch], str(root), *args)
-            for j, batch in enumerate(batches)]
+    batches = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
+    refs = [
+        getattr(pool[j % len(pool)], method).remote([str(p) for p in batch], str(root), *args)
+        for j, batch in enumerate(batches)
+    ]
     return gather(refs, desc=desc, weights=[len(b) for b in batches], progress=progress)
 
 
@@ -150,13 +153,27 @@ def _check_common(paths, extractor_factory, root, batch_size, workers, device, m
         raise ArgumentError("extractor_factory: expected a picklable callable that returns an extractor")
     root = Path(os.path.commonpath([str(p.parent) for p in paths])) if root is None else Path(root).resolve()
     image_names(paths, root)  # names must be distinct and below root: fail before any work
-    return (paths, root, check_int(batch_size, "batch_size", min=1), check_int(workers, "workers", min=1, none=True),
-            check_choice(device, "device", _DEVICES), check_int(max_retries, "max_retries", min=0))
+    return (
+        paths,
+        root,
+        check_int(batch_size, "batch_size", min=1),
+        check_int(workers, "workers", min=1, none=True),
+        check_choice(device, "device", _DEVICES),
+        check_int(max_retries, "max_retries", min=0),
+    )
 
 
-def sample_descriptors(paths: Sequence[str | os.PathLike], extractor_factory: Callable[[], Any], *,
-                       root: str | os.PathLike | None = None, batch_size: int = 16, workers: int | None = None,
-                       device: str = "cpu", progress: bool = True, max_retries: int = 3) -> np.ndarray:
+def sample_descriptors(
+    paths: Sequence[str | os.PathLike],
+    extractor_factory: Callable[[], Any],
+    *,
+    root: str | os.PathLike | None = None,
+    batch_size: int = 16,
+    workers: int | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+    max_retries: int = 3,
+) -> np.ndarray:
     """Descriptors of (a sample of) images, extracted on the workers, to train a codebook.
 
     Parameters
@@ -172,7 +189,8 @@ def sample_descriptors(paths: Sequence[str | os.PathLike], extractor_factory: Ca
         All descriptors of the readable images, image after image in ``paths`` order.
     """
     paths, root, batch_size, workers, device, max_retries = _check_common(
-        paths, extractor_factory, root, batch_size, workers, device, max_retries)
+        paths, extractor_factory, root, batch_size, workers, device, max_retries
+    )
     pool = _pool(extractor_factory, None, device, workers, max_retries)
     try:
         return _sample(pool, paths, root, batch_size, progress)
@@ -188,11 +206,24 @@ def _sample(pool: list, paths: Sequence[Path], root: Path, batch_size: int, prog
     return np.concatenate(parts).astype(np.float32, copy=False)
 
 
-def build_index(paths: Sequence[str | os.PathLike], extractor_factory: Callable[[], Any],
-                codebook: Codebook | None, params=None, *, root: str | os.PathLike | None = None,
-                start: int = 0, sample: int = 200, seed: int = 0, batch_size: int = 16,
-                workers: int | None = None, device: str = "cpu", progress: bool = True,
-                max_retries: int = 3, out: str | os.PathLike | None = None, queries: bool = False) -> IndexBuild:
+def build_index(
+    paths: Sequence[str | os.PathLike],
+    extractor_factory: Callable[[], Any],
+    codebook: Codebook | None,
+    params=None,
+    *,
+    root: str | os.PathLike | None = None,
+    start: int = 0,
+    sample: int = 200,
+    seed: int = 0,
+    batch_size: int = 16,
+    workers: int | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+    max_retries: int = 3,
+    out: str | os.PathLike | None = None,
+    queries: bool = False,
+) -> IndexBuild:
     """Index images on the connected Ray cluster (see :func:`asmkit.distributed.connect`).
 
     Parameters
@@ -241,7 +272,8 @@ def build_index(paths: Sequence[str | os.PathLike], extractor_factory: Callable[
         Bad arguments, or no image could be read.
     """
     paths, root, batch_size, workers, device, max_retries = _check_common(
-        paths, extractor_factory, root, batch_size, workers, device, max_retries)
+        paths, extractor_factory, root, batch_size, workers, device, max_retries
+    )
     params = as_params(params)
     start = check_int(start, "start", min=0)
     queries = check_bool(queries, "queries")
@@ -250,8 +282,9 @@ def build_index(paths: Sequence[str | os.PathLike], extractor_factory: Callable[
         raise ArgumentError(f"codebook: expected an asmkit Codebook or None, got {type(codebook).__name__}")
     if trained:
         rng = np.random.default_rng(check_int(seed, "seed"))
-        chosen = np.sort(rng.choice(len(paths), size=min(check_int(sample, "sample", min=1), len(paths)),
-                                    replace=False))
+        chosen = np.sort(
+            rng.choice(len(paths), size=min(check_int(sample, "sample", min=1), len(paths)), replace=False)
+        )
     ray = require_ray()
     # One pool for the sample and the index: each worker builds its extractor once.
     pool = _pool(extractor_factory, params, device, workers, max_retries)
@@ -261,16 +294,29 @@ def build_index(paths: Sequence[str | os.PathLike], extractor_factory: Callable[
             codebook = Codebook.train(vecs, params.codebook_size, iters=params.kmeans_iters, seed=params.seed)
             del vecs
         index = Index(codebook, params)
-        results = _run(pool, "aggregate", paths, root, batch_size, "index", progress,
-                       uuid.uuid4().hex, ray.put(codebook.centroids), queries)
+        results = _run(
+            pool,
+            "aggregate",
+            paths,
+            root,
+            batch_size,
+            "index",
+            progress,
+            uuid.uuid4().hex,
+            ray.put(codebook.centroids),
+            queries,
+        )
     finally:
         _stop(pool)
     keys = [name for names, _, _, _ in results for name in names]
     failed = [item for _, batch_failed, _, _ in results for item in batch_failed]
     if not keys:
         raise ArgumentError(f"paths: no image could be read ({len(failed)} failed)")
-    index.add_aggregates(concat_aggregates([database_side for _, _, database_side, _ in results]),
-                         start + np.arange(len(keys), dtype=np.int64), keys=keys)
+    index.add_aggregates(
+        concat_aggregates([database_side for _, _, database_side, _ in results]),
+        start + np.arange(len(keys), dtype=np.int64),
+        keys=keys,
+    )
     if out is not None:
         index.save(out)
     query_side = concat_aggregates([q for _, _, _, q in results]) if queries else None

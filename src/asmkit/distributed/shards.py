@@ -53,8 +53,12 @@ def is_sharded(path: str | os.PathLike) -> bool:
 
 def _entry(shard: Index, i: int) -> dict[str, Any]:
     ids = shard.ids
-    return {"dir": _shard_dir(i), "images": len(shard),
-            "first_id": int(ids[0]) if ids.size else None, "last_id": int(ids[-1]) if ids.size else None}
+    return {
+        "dir": _shard_dir(i),
+        "images": len(shard),
+        "first_id": int(ids[0]) if ids.size else None,
+        "last_id": int(ids[-1]) if ids.size else None,
+    }
 
 
 class _AtomicDir:
@@ -88,8 +92,12 @@ class _AtomicDir:
 
 
 def _write_manifest(folder: Path, entries: list[dict[str, Any]]) -> None:
-    manifest = {"format": _FORMAT, "format_version": _FORMAT_VERSION,
-                "images": sum(e["images"] for e in entries), "shards": entries}
+    manifest = {
+        "format": _FORMAT,
+        "format_version": _FORMAT_VERSION,
+        "images": sum(e["images"] for e in entries),
+        "shards": entries,
+    }
     with open(folder / SHARDS_MANIFEST, "w", encoding="utf-8") as fh:
         json.dump(manifest, fh, indent=1)
         fh.flush()
@@ -140,8 +148,10 @@ def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
             raise ValueError("not an asmkit shard list")
         if manifest["format_version"] > _FORMAT_VERSION:
             raise ValueError(f"format_version {manifest['format_version']} is newer than this asmkit supports")
-        entries = [{"dir": str(e["dir"]), "images": int(e["images"]), "first_id": e["first_id"],
-                    "last_id": e["last_id"]} for e in manifest["shards"]]
+        entries = [
+            {"dir": str(e["dir"]), "images": int(e["images"]), "first_id": e["first_id"], "last_id": e["last_id"]}
+            for e in manifest["shards"]
+        ]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise StorageError(f"{manifest_path}: malformed shard manifest ({exc})") from None
     for entry in entries:
@@ -197,8 +207,7 @@ def _search(index: Index, block, k: int) -> tuple[np.ndarray, np.ndarray]:
     ``Index.search`` would use, so the scores are the same)."""
     if isinstance(block, Aggregates):
         db = index.database
-        return score_aggregates(db.ivf, db.idf, db.sqrt_norms, db.ids, block, index.params, dim=index.codebook.dim,
-                                k=k)
+        return score_aggregates(db.ivf, db.idf, db.sqrt_norms, db.ids, block, index.params, dim=index.codebook.dim, k=k)
     images, ids = block
     return index.search(images, ids, k=k)
 
@@ -215,7 +224,7 @@ def _query_blocks(queries, image_ids, block: int) -> list:
         n = queries.offsets.shape[0] - 1
         blocks = []
         for begin in range(0, n, block):
-            offsets = queries.offsets[begin:min(begin + block, n) + 1]
+            offsets = queries.offsets[begin : min(begin + block, n) + 1]
             rows = slice(int(offsets[0]), int(offsets[-1]))
             blocks.append(Aggregates(offsets - offsets[0], queries.words[rows], queries.data[rows]))
         return blocks
@@ -224,7 +233,7 @@ def _query_blocks(queries, image_ids, block: int) -> list:
     blocks = []
     for begin in range(0, n, block):
         end = min(begin + block, n)
-        images = [desc.vecs[desc.order[desc.starts[i]:desc.starts[i + 1]]] for i in range(begin, end)]
+        images = [desc.vecs[desc.order[desc.starts[i] : desc.starts[i + 1]]] for i in range(begin, end)]
         blocks.append((images, desc.image_ids[begin:end]))
     return blocks
 
@@ -281,8 +290,15 @@ class ShardedIndex:
         return cls(actors, [_entry(shard, i) for i, shard in enumerate(shards)], index.params, sources)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, mmap: bool = True, verify: bool = True, num_cpus: float = 1,
-             num_gpus: float = 0) -> "ShardedIndex":
+    def load(
+        cls,
+        path: str | os.PathLike,
+        *,
+        mmap: bool = True,
+        verify: bool = True,
+        num_cpus: float = 1,
+        num_gpus: float = 0,
+    ) -> "ShardedIndex":
         """Open a sharded directory (written by :func:`save_shards` or :meth:`save`); each
         actor loads its own shard (``Index.load``), so ``path`` must be readable by the
         workers (a shared file system on a multi-node cluster).
@@ -303,11 +319,16 @@ class ShardedIndex:
         try:
             found = gather([a.describe.remote() for a in actors], desc="load shards", progress=False)
             for entry, (got, _) in zip(entries, found):
-                if (got["images"], got["first_id"], got["last_id"]) != (entry["images"], entry["first_id"],
-                                                                        entry["last_id"]):
-                    raise StorageError(f"{folder / entry['dir']}: holds {got['images']} images (ids "
-                                       f"{got['first_id']}..{got['last_id']}), the manifest lists {entry['images']} "
-                                       f"(ids {entry['first_id']}..{entry['last_id']})")
+                if (got["images"], got["first_id"], got["last_id"]) != (
+                    entry["images"],
+                    entry["first_id"],
+                    entry["last_id"],
+                ):
+                    raise StorageError(
+                        f"{folder / entry['dir']}: holds {got['images']} images (ids "
+                        f"{got['first_id']}..{got['last_id']}), the manifest lists {entry['images']} "
+                        f"(ids {entry['first_id']}..{entry['last_id']})"
+                    )
             sharded.params = found[0][1]
         except BaseException:
             sharded.close()
@@ -368,15 +389,18 @@ class ShardedIndex:
                 weights.append(_block_size(block))
         parts = gather(refs, desc="top-k", weights=weights, progress=progress)
         n = self.n_shards
-        return [merge_topk(parts[j * n:(j + 1) * n], k) for j in range(len(blocks))]
+        return [merge_topk(parts[j * n : (j + 1) * n], k) for j in range(len(blocks))]
 
     def save(self, path: str | os.PathLike) -> None:
         """Save every shard from its actor into a sharded directory (atomically; the
         workers must see ``path``: a shared file system on a multi-node cluster)."""
         target = Path(path).resolve()
         with _AtomicDir(target) as tmp:
-            gather([actor.save.remote(str(tmp / _shard_dir(i))) for i, actor in enumerate(self._actors)],
-                   desc="save shards", progress=False)
+            gather(
+                [actor.save.remote(str(tmp / _shard_dir(i))) for i, actor in enumerate(self._actors)],
+                desc="save shards",
+                progress=False,
+            )
             _write_manifest(tmp, [dict(e, dir=_shard_dir(i)) for i, e in enumerate(self._entries)])
 
     def close(self) -> None:
@@ -419,9 +443,18 @@ def _write_result(out: Path, scores: np.ndarray, ids: np.ndarray) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def scores_topk(index, queries, image_ids=None, k: int | None = None, *, block: int = 256,
-                out: str | os.PathLike | None = None, progress: bool = True, num_cpus: float = 1,
-                max_retries: int = 3) -> tuple[np.ndarray, np.ndarray]:
+def scores_topk(
+    index,
+    queries,
+    image_ids=None,
+    k: int | None = None,
+    *,
+    block: int = 256,
+    out: str | os.PathLike | None = None,
+    progress: bool = True,
+    num_cpus: float = 1,
+    max_retries: int = 3,
+) -> tuple[np.ndarray, np.ndarray]:
     """The top-k database images of every query image, as query-block tasks.
 
     With the database images themselves as queries this is the top-k of each row of the

@@ -40,9 +40,7 @@ try:
     import torch.nn.functional as F
     from torch import nn
 except ImportError as exc:  # pragma: no cover - exercised only without torch
-    raise DependencyError(
-        "asmkit.features.deep needs PyTorch; install it with: pip install 'asmkit[deep]'"
-    ) from exc
+    raise DependencyError("asmkit.features.deep needs PyTorch; install it with: pip install 'asmkit[deep]'") from exc
 
 from .extract import ImageFeatures
 from .io import load_image
@@ -195,8 +193,11 @@ class RetrievalHead(nn.Module):
             raise ArgumentError(f"hdims: expected positive widths, got {hdims!r}")
         if residual and (not hdims or hdims[-1] != dim):
             raise ArgumentError(f"residual: needs hdims[-1] == dim ({dim}), got hdims={hdims!r}")
-        if isinstance(smoothing, bool) or not isinstance(smoothing, int) or smoothing < 0 or (
-            smoothing > 1 and smoothing % 2 == 0
+        if (
+            isinstance(smoothing, bool)
+            or not isinstance(smoothing, int)
+            or smoothing < 0
+            or (smoothing > 1 and smoothing % 2 == 0)
         ):
             raise ArgumentError(f"smoothing: expected 0 or an odd kernel size, got {smoothing!r}")
         _check_nfeat(nfeat)
@@ -452,9 +453,9 @@ class DeepExtractor:
 
     def config(self) -> dict[str, Any]:
         """JSON-able settings, including a fingerprint of the head's weights."""
-        backbone_config = self.backbone.config() if hasattr(self.backbone, "config") else {
-            "name": type(self.backbone).__name__
-        }
+        backbone_config = (
+            self.backbone.config() if hasattr(self.backbone, "config") else {"name": type(self.backbone).__name__}
+        )
         return {
             "name": self.name,
             "backbone": backbone_config,
@@ -492,9 +493,7 @@ class DeepExtractor:
         start = 0
         while start < len(images):
             stop = start + 1
-            while (
-                stop < len(images) and stop - start < self.batch_size and images[stop].shape == images[start].shape
-            ):
+            while stop < len(images) and stop - start < self.batch_size and images[stop].shape == images[start].shape:
                 stop += 1
             for i, feats in enumerate(self._extract_same_size(images[start:stop])):
                 out[start + i] = feats
@@ -550,8 +549,13 @@ class DeepExtractor:
         self.head.set_postwhitening(whitening)
         if not self.head.normalize:
             logger.info("head does not L2-normalise its output; whitened features stay unnormalised")
-        logger.info("learned %d -> %d whitening on %d features of %d images",
-                    whitening.input_dim, whitening.output_dim, len(vecs_all), len(vecs))
+        logger.info(
+            "learned %d -> %d whitening on %d features of %d images",
+            whitening.input_dim,
+            whitening.output_dim,
+            len(vecs_all),
+            len(vecs),
+        )
         return whitening
 
     # -- persistence ----------------------------------------------------------------------
@@ -642,8 +646,18 @@ class DeepExtractor:
             for i in range(len(images))
         ]
 
-    def _extract_rotation(self, x: torch.Tensor, rot_h: int, rot_w: int, turns: int, in_h: int, in_w: int,
-                          postwhiten: bool, per_scale: list, spoc: torch.Tensor | None) -> torch.Tensor | None:
+    def _extract_rotation(
+        self,
+        x: torch.Tensor,
+        rot_h: int,
+        rot_w: int,
+        turns: int,
+        in_h: int,
+        in_w: int,
+        postwhiten: bool,
+        per_scale: list,
+        spoc: torch.Tensor | None,
+    ) -> torch.Tensor | None:
         """Run every scale on ``x`` (float ``[B, 3, h, w]``, rotated by ``turns`` quarter
         turns); append each scale's top (features, attention, keypoints) to ``per_scale`` and
         return ``spoc`` plus this rotation's weighted feature sums."""

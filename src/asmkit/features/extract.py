@@ -309,9 +309,11 @@ def extract_features(
     start = time.perf_counter()
     # A bounded window of pending futures keeps memory flat and results in input order.
     window = max(2 * workers, 2 * group)
-    with _single_threaded_libraries(in_workers and workers > 1), ThreadPoolExecutor(
-        max_workers=workers, thread_name_prefix="asmkit-extract"
-    ) as pool, _progress(len(todo), f"extract {extractor.name}", progress) as bar:
+    with (
+        _single_threaded_libraries(in_workers and workers > 1),
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="asmkit-extract") as pool,
+        _progress(len(todo), f"extract {extractor.name}", progress) as bar,
+    ):
         pending: deque = deque()
 
         def finish_next() -> None:
@@ -438,9 +440,7 @@ def _skip(name: str, path, error: Exception, result: ExtractionResult) -> None:
 def _record(name: str, feats, extractor, store, keep: bool, result: ExtractionResult) -> None:
     """Store and list one image's features."""
     if not isinstance(feats, ImageFeatures):
-        raise ArgumentError(
-            f"extractor: {extractor.name!r} returned {type(feats).__name__}, expected ImageFeatures"
-        )
+        raise ArgumentError(f"extractor: {extractor.name!r} returned {type(feats).__name__}, expected ImageFeatures")
     if store is not None:
         store.put(name, feats)
     if keep:

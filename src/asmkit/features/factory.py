@@ -35,8 +35,7 @@ from .io import ImageLoadError, load_image
 from .sift import SiftExtractor
 from .whitening import PCAWhitening
 
-__all__ = ["FEATURE_TYPES", "Features", "build_extractor", "deep_extractor", "extraction_settings",
-           "feature_options"]
+__all__ = ["FEATURE_TYPES", "Features", "build_extractor", "deep_extractor", "extraction_settings", "feature_options"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +43,29 @@ FEATURE_TYPES = ("sift", "deep", "mast3r")
 
 _WHITENING = ("whitening_dim", "whitening_shrinkage", "whitening_images")
 _OPTIONS = {
-    "sift": {"max_features", "root", "max_size", "contrast_threshold", "edge_threshold", "n_octave_layers",
-             "sigma", *_WHITENING},
-    "deep": {"backbone", "stage", "nfeat", "scales", "rotations", "max_size", "smoothing", "batch_size", "amp", "device",
-             *_WHITENING},
+    "sift": {
+        "max_features",
+        "root",
+        "max_size",
+        "contrast_threshold",
+        "edge_threshold",
+        "n_octave_layers",
+        "sigma",
+        *_WHITENING,
+    },
+    "deep": {
+        "backbone",
+        "stage",
+        "nfeat",
+        "scales",
+        "rotations",
+        "max_size",
+        "smoothing",
+        "batch_size",
+        "amp",
+        "device",
+        *_WHITENING,
+    },
     "mast3r": {"device"},
 }
 _WHITENING_IMAGES = 200
@@ -93,8 +111,10 @@ def feature_options(features: Mapping[str, Any]) -> dict[str, Any]:
     kind = check_choice(features.get("type", "sift"), "features.type", FEATURE_TYPES)
     unknown = sorted(set(features) - _OPTIONS[kind] - {"type"})
     if unknown:
-        raise ArgumentError(f"features: unknown option(s) {', '.join(unknown)} for type {kind}; "
-                            f"expected some of {', '.join(sorted(_OPTIONS[kind]))}")
+        raise ArgumentError(
+            f"features: unknown option(s) {', '.join(unknown)} for type {kind}; "
+            f"expected some of {', '.join(sorted(_OPTIONS[kind]))}"
+        )
     options = dict(features)
     if kind == "deep":
         options = {**preset_table("deep")["features"], **options}
@@ -103,8 +123,12 @@ def feature_options(features: Mapping[str, Any]) -> dict[str, Any]:
     check_float(options.get("whitening_shrinkage", 1.0), "features.whitening_shrinkage", min=0.0, max=1.0)
     check_int(options.get("whitening_images", _WHITENING_IMAGES), "features.whitening_images", min=1)
     rotations = options.get("rotations", [0])
-    if (not isinstance(rotations, (list, tuple)) or not rotations or len(set(rotations)) != len(rotations)
-            or any(isinstance(r, bool) or r not in (0, 90, 180, 270) for r in rotations)):
+    if (
+        not isinstance(rotations, (list, tuple))
+        or not rotations
+        or len(set(rotations)) != len(rotations)
+        or any(isinstance(r, bool) or r not in (0, 90, 180, 270) for r in rotations)
+    ):
         raise ArgumentError(f"features.rotations: expected distinct values among 0, 90, 180, 270, got {rotations!r}")
     if "device" in options and not isinstance(options["device"], str):
         raise ArgumentError(f"features.device: expected a string such as 'cpu' or 'cuda', got {options['device']!r}")
@@ -124,8 +148,7 @@ def extraction_settings(features: Mapping[str, Any]) -> dict[str, Any]:
     return options
 
 
-def deep_extractor(*, device: str = "cpu", whitening: PCAWhitening | str | os.PathLike | None = None,
-                   **options: Any):
+def deep_extractor(*, device: str = "cpu", whitening: PCAWhitening | str | os.PathLike | None = None, **options: Any):
     """EfficientNet-Lite0 + training-free head with the ``deep`` preset's settings.
 
     Parameters
@@ -161,8 +184,13 @@ def deep_extractor(*, device: str = "cpu", whitening: PCAWhitening | str | os.Pa
     for key in ("scales", "rotations"):
         if key in opts:
             kwargs[key] = tuple(opts[key])
-    return DeepExtractor(EfficientNetLite0(stage=opts["stage"]), device=opts.get("device", device),
-                         whitening=whitening, name=f"{backbone}", **kwargs)
+    return DeepExtractor(
+        EfficientNetLite0(stage=opts["stage"]),
+        device=opts.get("device", device),
+        whitening=whitening,
+        name=f"{backbone}",
+        **kwargs,
+    )
 
 
 def _sample(paths: Sequence[Path], n: int, seed: int) -> list[Path]:
@@ -260,6 +288,7 @@ def build_extractor(
         raise DependencyError(f"the mast3r preset needs torch: pip install 'asmkit[deep]' ({exc})") from None
     device = opts.get("device", device)
     loaded = load_mast3r_checkpoint(model, device=device)
-    extractor = DeepExtractor(loaded.backbone, loaded.head, nfeat=loaded.head.nfeat, max_size=loaded.imsize,
-                              name="mast3r", device=device)
+    extractor = DeepExtractor(
+        loaded.backbone, loaded.head, nfeat=loaded.head.nfeat, max_size=loaded.imsize, name="mast3r", device=device
+    )
     return Features(extractor, codebook=loaded.codebook)

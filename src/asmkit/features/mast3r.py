@@ -23,9 +23,7 @@ try:
     import torch
     from torch import nn
 except ImportError as exc:  # pragma: no cover - exercised only without torch
-    raise DependencyError(
-        "asmkit.features.mast3r needs PyTorch; install it with: pip install 'asmkit[deep]'"
-    ) from exc
+    raise DependencyError("asmkit.features.mast3r needs PyTorch; install it with: pip install 'asmkit[deep]'") from exc
 
 from .backbones import Normalize  # noqa: E402
 from .deep import RetrievalHead  # noqa: E402
@@ -188,8 +186,9 @@ def load_mast3r_checkpoint(
         logger.info("loaded codebook %s: %d words x %d dims", cb_path, *centroids.shape)
     elif codebook:
         logger.info("no codebook beside the checkpoint (%s)", cb_path)
-    return Mast3rCheckpoint(head=head, backbone=backbone, args=args, codebook=centroids,
-                           imsize=int(args.get("imsize", 512)))
+    return Mast3rCheckpoint(
+        head=head, backbone=backbone, args=args, codebook=centroids, imsize=int(args.get("imsize", 512))
+    )
 
 
 class _Mast3rEncoder(nn.Module):  # pragma: no cover - needs mast3r

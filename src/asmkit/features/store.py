@@ -207,7 +207,9 @@ class FeatureStore:
     def _is_partial(self, name: str) -> bool:
         """A group left by an interrupted put: only optional datasets, no sub-groups."""
         group = self._file[name]
-        return isinstance(group, h5py.Group) and all(key in _OPTIONAL and isinstance(group[key], h5py.Dataset) for key in group)
+        return isinstance(group, h5py.Group) and all(
+            key in _OPTIONAL and isinstance(group[key], h5py.Dataset) for key in group
+        )
 
     def get(self, name: str) -> ImageFeatures:
         """One image's features; ``KeyError`` naming the image when absent."""

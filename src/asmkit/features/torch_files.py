@@ -25,12 +25,23 @@ _TORCH_MAGICS = (b"PK\x03\x04", b"\x80")
 # How torch.load reports a damaged or foreign file (a pickle with other classes, a text
 # file, a truncated zip). Its messages suggest weights_only=False, which would run the
 # file's code, so they are never passed on.
-_TORCH_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, AttributeError,
-                      UnicodeDecodeError, ImportError, TypeError, IndexError)
+_TORCH_LOAD_ERRORS = (
+    pickle.UnpicklingError,
+    RuntimeError,
+    EOFError,
+    ValueError,
+    KeyError,
+    AttributeError,
+    UnicodeDecodeError,
+    ImportError,
+    TypeError,
+    IndexError,
+)
 
 
-def load_torch_file(path: str | os.PathLike, what: str, *, safe_globals: Iterable[type] = (),
-                    legacy: bool = True) -> Any:
+def load_torch_file(
+    path: str | os.PathLike, what: str, *, safe_globals: Iterable[type] = (), legacy: bool = True
+) -> Any:
     """The object saved in a torch file, loaded with ``weights_only=True`` onto the CPU.
 
     Parameters

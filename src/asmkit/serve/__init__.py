@@ -13,8 +13,16 @@ from .app import create_app
 from .service import KeyConflict, KeyNotFound, ServedIndex
 from .settings import Settings, check_key, read_token_file
 
-__all__ = ["KeyConflict", "KeyNotFound", "ServedIndex", "Settings", "check_key", "create_app", "read_token_file",
-           "serve"]
+__all__ = [
+    "KeyConflict",
+    "KeyNotFound",
+    "ServedIndex",
+    "Settings",
+    "check_key",
+    "create_app",
+    "read_token_file",
+    "serve",
+]
 
 
 def serve(index, settings: Settings | None = None) -> None:

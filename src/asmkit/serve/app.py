@@ -172,16 +172,23 @@ class _Metrics:
 
     def __init__(self, service: ServedIndex) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("asmkit_requests", "HTTP requests", ["method", "route", "status"],
-                                registry=self.registry)
-        self.latency = Histogram("asmkit_request_duration_seconds", "HTTP request latency", ["route"],
-                                 buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.requests = Counter(
+            "asmkit_requests", "HTTP requests", ["method", "route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "asmkit_request_duration_seconds",
+            "HTTP request latency",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         Gauge("asmkit_index_images", "Images in the index", registry=self.registry).set_function(lambda: len(service))
         Gauge("asmkit_wal_records", "Logged updates not yet folded", registry=self.registry).set_function(
-            lambda: service.pending[0])
+            lambda: service.pending[0]
+        )
         Gauge("asmkit_wal_bytes", "Bytes of the log not yet folded", registry=self.registry).set_function(
-            lambda: service.pending[1])
-
+            lambda: service.pending[1]
+        )
 
 
 class _MeasureRequests:
@@ -257,10 +264,18 @@ def create_app(index: ServedIndex, settings: Settings | None = None) -> FastAPI:
             task.cancel()
             await anyio.to_thread.run_sync(index.close)
 
-    app = FastAPI(title="asmkit serve", version=__version__, lifespan=lifespan,
-                  description="Search an ASMK image index over HTTP; add and remove images durably.",
-                  responses={400: {"model": ErrorBody}, 401: {"model": ErrorBody}, 413: {"model": ErrorBody},
-                             422: {"model": ErrorBody}})
+    app = FastAPI(
+        title="asmkit serve",
+        version=__version__,
+        lifespan=lifespan,
+        description="Search an ASMK image index over HTTP; add and remove images durably.",
+        responses={
+            400: {"model": ErrorBody},
+            401: {"model": ErrorBody},
+            413: {"model": ErrorBody},
+            422: {"model": ErrorBody},
+        },
+    )
     metrics = _Metrics(index)
     bearer = HTTPBearer(auto_error=False)
 
@@ -312,8 +327,11 @@ def create_app(index: ServedIndex, settings: Settings | None = None) -> FastAPI:
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/thumbnail", dependencies=[Depends(require_read)],
-             responses={200: {"content": {"image/jpeg": {}}}, 404: {"model": ErrorBody}})
+    @app.get(
+        "/thumbnail",
+        dependencies=[Depends(require_read)],
+        responses={200: {"content": {"image/jpeg": {}}}, 404: {"model": ErrorBody}},
+    )
     async def thumbnail(key: Annotated[str, Query(max_length=settings.max_key_length * 4)]) -> Response:
         data = await blocking(index.thumbnail, key)
         if data is None:
@@ -347,8 +365,13 @@ def create_app(index: ServedIndex, settings: Settings | None = None) -> FastAPI:
         timings["total_ms"] = _ms(time.perf_counter() - t0)
         return SearchResponse(keys=keys, scores=scores, descriptors=len(vecs), timings=Timings(**timings))
 
-    @app.post("/images", response_model=AddResponse, status_code=201, dependencies=[Depends(require_write)],
-              responses={409: {"model": ErrorBody}})
+    @app.post(
+        "/images",
+        response_model=AddResponse,
+        status_code=201,
+        dependencies=[Depends(require_write)],
+        responses={409: {"model": ErrorBody}},
+    )
     async def add_images(
         image: Annotated[list[UploadFile], File(description="image files (one or more)")],
         key: Annotated[list[str], Form(description="one key per image, in the same order")],
@@ -364,14 +387,22 @@ def create_app(index: ServedIndex, settings: Settings | None = None) -> FastAPI:
         features_ms = _ms(time.perf_counter() - t1)
         t1 = time.perf_counter()
         images = await blocking(index.add, list(zip(key, vecs)))
-        timings = Timings(read_ms=read_ms, features_ms=features_ms, update_ms=_ms(time.perf_counter() - t1),
-                          total_ms=_ms(time.perf_counter() - t0))
+        timings = Timings(
+            read_ms=read_ms,
+            features_ms=features_ms,
+            update_ms=_ms(time.perf_counter() - t1),
+            total_ms=_ms(time.perf_counter() - t0),
+        )
         if index.pending[1] >= settings.fold_bytes:
             asyncio.get_running_loop().create_task(blocking(index.fold))
         return AddResponse(added=key, images=images, timings=timings)
 
-    @app.delete("/images/{key:path}", response_model=RemoveResponse, dependencies=[Depends(require_write)],
-                responses={404: {"model": ErrorBody}})
+    @app.delete(
+        "/images/{key:path}",
+        response_model=RemoveResponse,
+        dependencies=[Depends(require_write)],
+        responses={404: {"model": ErrorBody}},
+    )
     async def remove_image(key: str) -> RemoveResponse:
         """Remove an image; the answer comes once the removal is in the fsynced log."""
         images = await blocking(index.remove, key)

@@ -86,8 +86,9 @@ def read_npy(data: bytes, name: str) -> np.ndarray:
         raise ArgumentError(f"{name}: dtype {dtype} is not a plain numeric type")
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if expected != len(data) - buffer.tell():
-        raise ArgumentError(f"{name}: header says {shape} {dtype} ({expected} bytes), the file holds "
-                            f"{len(data) - buffer.tell()}")
+        raise ArgumentError(
+            f"{name}: header says {shape} {dtype} ({expected} bytes), the file holds {len(data) - buffer.tell()}"
+        )
     buffer.seek(0)
     return np.load(buffer, allow_pickle=False)
 
@@ -109,7 +110,9 @@ class _Snapshot:
         return True
 
 
-def _open_extractor(folder: Path, device: str) -> tuple[PipelineConfig, Path, Callable[[np.ndarray], np.ndarray], int | None, bool]:
+def _open_extractor(
+    folder: Path, device: str
+) -> tuple[PipelineConfig, Path, Callable[[np.ndarray], np.ndarray], int | None, bool]:
     """The workspace's config, image root and feature extractor, built as ``asmkit query``
     builds it (the extractor factory, the workspace's learned whitening): (config,
     image_root, image -> float32 [n, D] ready for quantization, max_size, thread_safe)."""
@@ -125,8 +128,13 @@ def _open_extractor(folder: Path, device: str) -> tuple[PipelineConfig, Path, Ca
     def featurize(image: np.ndarray) -> np.ndarray:
         return feats.descriptors(feats.extractor.extract(image).descriptors)
 
-    return (cfg, root, featurize, getattr(feats.extractor, "max_size", None),
-            bool(getattr(feats.extractor, "thread_safe", False)))
+    return (
+        cfg,
+        root,
+        featurize,
+        getattr(feats.extractor, "max_size", None),
+        bool(getattr(feats.extractor, "thread_safe", False)),
+    )
 
 
 class _Batcher:
@@ -222,7 +230,8 @@ class ServedIndex:
 
     def _open(self) -> None:
         self.config, self.image_root, self._featurize, self._max_size, thread_safe = _open_extractor(
-            self.folder, self.settings.device)
+            self.folder, self.settings.device
+        )
         self._extract_lock = None if thread_safe else threading.Lock()
         index = Index.load(self.folder / _INDEX, mmap=False, gpu=gpu_of(self.settings.device))
         self._write_lock = threading.Lock()
@@ -262,8 +271,11 @@ class ServedIndex:
         adds = [(key, vecs) for key, vecs in updates.items() if vecs is not None]
         if adds:
             start = int(index.ids.max()) + 1 if len(index) else 0
-            index.add([vecs for _, vecs in adds], np.arange(start, start + len(adds), dtype=np.int64),
-                      keys=[key for key, _ in adds])
+            index.add(
+                [vecs for _, vecs in adds],
+                np.arange(start, start + len(adds), dtype=np.int64),
+                keys=[key for key, _ in adds],
+            )
         return index
 
     # -- reading ---------------------------------------------------------------------------
@@ -473,8 +485,12 @@ class ServedIndex:
         snap.index.save(self.folder / _INDEX)
         self._wal.drop_before(segment)
         self.last_fold = time.time()
-        logger.info("folded the log into %s (%d images) in %.2f s", self.folder / _INDEX, len(snap.index),
-                    time.perf_counter() - t0)
+        logger.info(
+            "folded the log into %s (%d images) in %.2f s",
+            self.folder / _INDEX,
+            len(snap.index),
+            time.perf_counter() - t0,
+        )
 
     def close(self) -> None:
         """Fold what the log holds and release the workspace."""

@@ -114,10 +114,14 @@ def _read_segment(path: Path, last: bool) -> tuple[list[Record], int]:
             if len(header) < _HEADER.size or magic == _MAGIC and len(body) < length:
                 at_end = True
             else:
-                at_end = not data[pos + (_HEADER.size + length if magic == _MAGIC else 0):].strip(b"\0")
+                at_end = not data[pos + (_HEADER.size + length if magic == _MAGIC else 0) :].strip(b"\0")
             if last and at_end:
-                logger.warning("%s: dropping a torn last record at byte %d (%s): an update that was never "
-                               "acknowledged", path, pos, torn)
+                logger.warning(
+                    "%s: dropping a torn last record at byte %d (%s): an update that was never acknowledged",
+                    path,
+                    pos,
+                    torn,
+                )
                 return records, pos
             raise FileFormatError(path, f"damaged log record at byte {pos} ({torn}) with data after it")
         records.append(_decode_body(body, f"{path} (byte {pos})"))
