@@ -267,3 +267,31 @@ def test_add_aggregates_rejects_what_does_not_fit(centroids40, data):
         index.add_aggregates(binary, [1, 2])
     with pytest.raises(ArgumentError, match="side"):
         aggregate_images(book, db[:2], None, Params(), side="both")
+
+
+
+
+def test_a_shallow_copy_is_a_snapshot_that_an_add_leaves_alone():
+    import copy
+
+    rng = np.random.default_rng(5)
+    codebook = Codebook(rng.standard_normal((16, 8)).astype(np.float32))
+    vecs = rng.standard_normal((60, 8)).astype(np.float32)
+    query, query_ids = rng.standard_normal((10, 8)).astype(np.float32), np.zeros(10, dtype=np.int64)
+
+    def build():
+        built = Index(codebook, Params(codebook_size=16))
+        built.add(vecs, np.repeat(np.arange(6), 10))
+        # A remove leaves fresh posting arrays that nothing else reads: the next add may
+        # grow them in place.
+        built.remove([5])
+        return built
+
+    expected = build().search(query, query_ids, k=8)
+    index = build()
+    snapshot = copy.copy(index)
+    index.add(query, np.full(10, 6))
+    assert index.search(query, query_ids, k=1)[1][0, 0] == 6
+    got = snapshot.search(query, query_ids, k=8)
+    np.testing.assert_array_equal(got[1], expected[1])
+    np.testing.assert_array_equal(got[0], expected[0])

@@ -129,6 +129,15 @@ class Index:
         """True for the read-only parts made by ``split``."""
         return self._n_idf_images is not None
 
+    def __copy__(self) -> "Index":
+        """A copy that shares the arrays but not their growth: ``add`` grows posting lists
+        in place when nothing else reads them, so the copy holds read-only views, which an
+        add on either index copies instead of growing (copy-on-write snapshots)."""
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        clone._ivf = _shared(self._ivf)
+        return clone
+
     def __len__(self) -> int:
         return int(self._ids.shape[0])
 
