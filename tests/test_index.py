@@ -269,8 +269,6 @@ def test_add_aggregates_rejects_what_does_not_fit(centroids40, data):
         aggregate_images(book, db[:2], None, Params(), side="both")
 
 
-
-
 def test_a_shallow_copy_is_a_snapshot_that_an_add_leaves_alone():
     import copy
 
