@@ -16,6 +16,8 @@ from asmkit.cli import main
 
 pytest.importorskip("skimage")
 
+from cli_json import run_json
+
 from asmkit.demo import build_demo_set  # noqa: E402
 
 from .broken_files import make_broken_folder  # noqa: E402
@@ -35,14 +37,6 @@ def workspace(demo, tmp_path_factory):
     out = tmp_path_factory.mktemp("ws") / "index"
     assert main(["-q", "index", str(demo / "images"), "--out", str(out), *SMALL]) == 0
     return out
-
-
-def run_json(capsys, argv):
-    capsys.readouterr()
-    code = main(argv)
-    captured = capsys.readouterr()
-    assert code == 0, captured.err
-    return json.loads(captured.out)
 
 
 def test_version(capsys):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
@@ -11,18 +9,11 @@ pytest.importorskip("ray")
 pytest.importorskip("asmkit.distributed")
 pytest.importorskip("skimage")
 
-from asmkit.cli import main  # noqa: E402
+from cli_json import run_json
+
 from asmkit.demo import build_demo_set  # noqa: E402
 
 SMALL = ["--codebook-size", "64"]
-
-
-def run_json(capsys, argv):
-    capsys.readouterr()
-    code = main(argv)
-    captured = capsys.readouterr()
-    assert code == 0, captured.err
-    return json.loads(captured.out)
 
 
 def test_ray_runs_equal_the_single_process_ones(tmp_path, capsys):

@@ -15,29 +15,7 @@ from asmkit._synthetic import clustered_descriptors
 from asmkit._validation import ArgumentError
 from asmkit.compat import ASMKMethod
 
-from .test_compat import _tie_aware_agreement
-
-K = 32
-D = 64
-
-
-def _params(topk=None, use_idf=False):
-    return {
-        "index": {"gpu_id": None},
-        "train_codebook": {"codebook": {"size": K}},
-        "build_ivf": {
-            "kernel": {"binary": True},
-            "ivf": {"use_idf": use_idf},
-            "quantize": {"multiple_assignment": 1},
-            "aggregate": {},
-        },
-        "query_ivf": {
-            "quantize": {"multiple_assignment": 5},
-            "aggregate": {},
-            "search": {"topk": topk},
-            "similarity": {"similarity_threshold": 0.0, "alpha": 3.0},
-        },
-    }
+from .test_compat import D, _params, _tie_aware_agreement
 
 
 @pytest.fixture(scope="module")

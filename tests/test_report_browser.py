@@ -4,38 +4,23 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
+from headless import needs_chromium, run_chromium
 from PIL import Image
 
 from asmkit.evaluate import load_ground_truth
 from asmkit.report import write_report
 
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+pytestmark = needs_chromium
 
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--hide-scrollbars",
-]
 GREEN = (0x1A, 0x9A, 0x3A)
 RED = (0xD1, 0x2A, 0x2A)
 
 
 def chromium(args, tmp_path):
-    cmd = [CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=90, check=False)
+    return run_chromium(args, tmp_path)
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,6 @@ shows the server's message."""
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,23 +13,11 @@ from PIL import Image
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
+from headless import needs_chromium, run_chromium
 from serve_workspace import Server, make_workspace
 
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+pytestmark = needs_chromium
 
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--hide-scrollbars",
-    "--virtual-time-budget=20000",
-]
 # The page's blue: the scores and the query's border.
 BLUE = (0x2A, 0x6F, 0xD1)
 
@@ -45,8 +30,8 @@ def server(tmp_path_factory):
 
 
 def chromium(args, tmp_path):
-    cmd = [CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    # The page fetches its results after load: virtual time lets those requests finish.
+    return run_chromium(args, tmp_path, timeout=120, extra_flags=["--virtual-time-budget=20000"])
 
 
 def body_tag(dom: str) -> str:

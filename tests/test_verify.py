@@ -9,6 +9,7 @@ import shutil
 import cv2
 import numpy as np
 import pytest
+from cli_json import run_json
 
 from asmkit import Codebook
 from asmkit._validation import ArgumentError
@@ -272,16 +273,6 @@ def demo(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("demo")
     return build_demo_set(root / "data", seed=1, photos=["astronaut", "coffee", "chelsea", "rocket"], max_size=320)
-
-
-def run_json(capsys, argv):
-    from asmkit.cli import main
-
-    capsys.readouterr()
-    code = main(argv)
-    captured = capsys.readouterr()
-    assert code == 0, captured.err
-    return json.loads(captured.out)
 
 
 def test_index_keeps_geometry_and_query_reranks(demo, tmp_path, capsys):
