@@ -50,8 +50,10 @@ __all__ = [
     "index_topk",
     "score_blocks",
     "make_pairs",
+    "open_workspace",
     "query_index",
     "run_demo",
+    "workspace_extractor_path",
 ]
 
 _PIPELINE = "pipeline.json"
@@ -97,7 +99,9 @@ def _build_extractor(
     return build_extractor(cfg.features, sample=sample, saved=saved, model=model, device=device, seed=cfg.params.seed)
 
 
-def _workspace_whitening(cfg: PipelineConfig, folder: Path) -> Path:
+def workspace_extractor_path(cfg: PipelineConfig, folder: Path) -> Path:
+    """Where ``asmkit index`` keeps what its extractor learned: the deep head, or the SIFT
+    whitening."""
     return folder / ("extractor.pt" if feature_options(cfg.features)["type"] == "deep" else "whitening.npz")
 
 
@@ -388,14 +392,16 @@ def build_index(
     if add:
         if not (out / _PIPELINE).is_file():
             raise FileNotFoundError(f"--add: no asmkit index at {out} (missing {_PIPELINE})")
-        cfg = _open_workspace(out)[1]
+        cfg = open_workspace(out)[1]
     else:
         cfg = load_config(preset, config, codebook_size=codebook_size)
     paths, root = _images(images)
     out.mkdir(parents=True, exist_ok=True)
     train_paths = list_images(train) if train is not None else paths
     t0 = time.perf_counter()
-    feats = _build_extractor(cfg, saved=_workspace_whitening(cfg, out), sample=train_paths, model=model, device=device)
+    feats = _build_extractor(
+        cfg, saved=workspace_extractor_path(cfg, out), sample=train_paths, model=model, device=device
+    )
     store, names, failed = _extract_into(paths, root, feats.extractor, out / "features.h5", workers)
     timings["extract_s"] = time.perf_counter() - t0
     if not names:
@@ -461,7 +467,14 @@ def build_index(
     return summary
 
 
-def _open_workspace(index: str | os.PathLike) -> tuple[Path, PipelineConfig, Path]:
+def open_workspace(index: str | os.PathLike) -> tuple[Path, PipelineConfig, Path]:
+    """(folder, config, image root) of an index workspace made by ``asmkit index``.
+
+    Raises
+    ------
+    FileNotFoundError, asmkit.storage.StorageError
+        No such folder, or not a workspace (naming it).
+    """
     folder = Path(index)
     manifest = folder / _PIPELINE
     if not folder.exists():
@@ -503,8 +516,8 @@ def query_index(
         ``{"index", "image_root", "results": [{"query", "results": [{"name", "score"}]}],
         "failed": [...]}``.
     """
-    folder, cfg, root = _open_workspace(index)
-    feats = _build_extractor(cfg, saved=_workspace_whitening(cfg, folder), model=model, device=device)
+    folder, cfg, root = open_workspace(index)
+    feats = _build_extractor(cfg, saved=workspace_extractor_path(cfg, folder), model=model, device=device)
     idx = Index.load(folder / "index.asmkit", mmap=True, gpu=gpu_of(device))
     paths = [Path(p) for p in images]
     if not paths:
@@ -904,8 +917,8 @@ def _sparse_scores(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     if (Path(images) / _PIPELINE).is_file():
-        folder, cfg, _ = _open_workspace(images)
-        feats = _build_extractor(cfg, saved=_workspace_whitening(cfg, folder), model=model, device=device)
+        folder, cfg, _ = open_workspace(images)
+        feats = _build_extractor(cfg, saved=workspace_extractor_path(cfg, folder), model=model, device=device)
         index = Index.load(folder / "index.asmkit", mmap=True, gpu=gpu_of(device))
         names, failed = index.keys, []
         store = FeatureStore(folder / "features.h5", None)

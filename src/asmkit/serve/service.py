@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import fcntl
 import io
-import json
 import logging
 import os
 import queue
@@ -38,9 +37,9 @@ from PIL import Image
 from .._validation import ArgumentError, check_vecs
 from ..config import PipelineConfig
 from ..features import ImageLoadError, load_image
-from ..features.factory import build_extractor, feature_options
+from ..features.factory import build_extractor
 from ..index import Index
-from ..pipeline import gpu_of
+from ..pipeline import gpu_of, open_workspace, workspace_extractor_path
 from .settings import Settings, check_key
 from .wal import Record, WriteAheadLog, final_updates
 
@@ -48,7 +47,6 @@ __all__ = ["KeyConflict", "KeyNotFound", "ServedIndex", "read_npy"]
 
 logger = logging.getLogger(__name__)
 
-_PIPELINE = "pipeline.json"
 _INDEX = "index.asmkit"
 _WAL = "serve-wal"
 _LOCK = "serve.lock"
@@ -116,13 +114,8 @@ def _open_extractor(
     """The workspace's config, image root and feature extractor, built as ``asmkit query``
     builds it (the extractor factory, the workspace's learned whitening): (config,
     image_root, image -> float32 [n, D] ready for quantization, max_size, thread_safe)."""
-    try:
-        data = json.loads((folder / _PIPELINE).read_text(encoding="utf-8"))
-        cfg, root = PipelineConfig.from_dict(data["config"]), Path(data["image_root"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ArgumentError(f"index: {folder} is not an asmkit index workspace ({_PIPELINE}: {exc})") from None
-    # Where `asmkit index` keeps what it learned: the deep head, or the SIFT whitening.
-    saved = folder / ("extractor.pt" if feature_options(cfg.features)["type"] == "deep" else "whitening.npz")
+    _, cfg, root = open_workspace(folder)
+    saved = workspace_extractor_path(cfg, folder)
     feats = build_extractor(cfg.features, saved=saved, device=device, seed=cfg.params.seed)
 
     def featurize(image: np.ndarray) -> np.ndarray:
