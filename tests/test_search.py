@@ -344,3 +344,15 @@ def test_slot_split_needs_ascending_slots(monkeypatch, centroids40):
     query = search.score_aggregates(*args, dim=40, k=3, order="query")
     np.testing.assert_array_equal(auto[0], query[0])
     np.testing.assert_array_equal(auto[1], query[1])
+
+
+def test_every_kernel_releases_the_gil():
+    # The service parses requests and verification matches candidates in threads while a
+    # kernel runs; a kernel holding the GIL would serialise them.
+    from numba.core.registry import CPUDispatcher
+
+    from asmkit import _kernels
+
+    dispatchers = {name: obj for name, obj in vars(_kernels).items() if isinstance(obj, CPUDispatcher)}
+    assert {"search_kernel", "aggregate_fill", "word_matches", "pruned_nearest"} <= set(dispatchers)
+    assert [name for name, obj in dispatchers.items() if not obj.targetoptions.get("nogil")] == []

@@ -5,7 +5,10 @@ Everything here works on plain, already validated arrays; the public modules
 choose dtypes. Each kernel has a plain-loop NumPy twin in ``tests/reference_numpy.py``.
 
 All kernels are compiled with ``cache=True`` so that a process that loads an index does
-not pay the compile time again once any earlier process has compiled them.
+not pay the compile time again once any earlier process has compiled them, and with
+``nogil=True``: they touch no Python object, so a search or a match running in one thread
+leaves the interpreter to the others (the service parses the next requests meanwhile, and
+verification runs candidates in threads).
 
 Floating-point choices follow the reference ``asmk`` package operation by operation
 (see docs/math.md): residuals are accumulated in float32 in descriptor order, the Hamming
@@ -107,7 +110,7 @@ def popcount64(typingctx, x):
     return types.uint64(x), codegen
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def group_by_label(labels, n_labels):
     """Stable counting sort of descriptor rows by image label.
 
@@ -139,7 +142,7 @@ def group_by_label(labels, n_labels):
     return starts, order
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _pair_shift(m):
     """Bits that hold an assignment index 0 .. m - 1 in a pair code ``(j << shift) | a``."""
     shift = 0
@@ -148,7 +151,7 @@ def _pair_shift(m):
     return shift
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def aggregate_count(assign, order, starts, n_words_total, n_blocks):
     """Sort each image's (descriptor, word) pairs by word and count its distinct words.
 
@@ -223,7 +226,7 @@ def aggregate_count(assign, order, starts, n_words_total, n_blocks):
     return perm, n_words
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _pack_signs(acc, out):
     """Bits ``acc > 0`` into ``out`` (uint64 [ceil(D / 64)]), MSB first, padding zero.
 
@@ -240,7 +243,7 @@ def _pack_signs(acc, out):
         out[w] = bits
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def aggregate_fill(vecs, centroids, assign, order, starts, perm, agg_offsets, binary, out_words, out_codes, out_real):
     """Residual sums per (image, word), binarised and packed or left real.
 
@@ -309,7 +312,7 @@ def aggregate_fill(vecs, centroids, assign, order, starts, perm, agg_offsets, bi
                 row += 1
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def pack_rows(bits):
     """Pack a boolean matrix [M, D] into uint64 [M, ceil(D / 64)], MSB first, zero padding."""
     n, dim = bits.shape
@@ -322,13 +325,13 @@ def pack_rows(bits):
     return out
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _worse(score_a, id_a, score_b, id_b):
     """Ranking order: higher score first, ties by ascending image id."""
     return score_a < score_b or (score_a == score_b and id_a > id_b)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _sift_down(heap_s, heap_i, size, pos):
     while True:
         child = 2 * pos + 1
@@ -345,7 +348,7 @@ def _sift_down(heap_s, heap_i, size, pos):
             return
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _heap_offer(heap_s, heap_i, size, k, score, ident):
     """Offer one candidate to a min-heap (root = worst kept) of capacity k; return new size."""
     if size < k:
@@ -368,7 +371,7 @@ def _heap_offer(heap_s, heap_i, size, k, score, ident):
     return size
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _selective(u, alpha, alpha_is_int, tau):
     """σ(u) = u**α for u >= τ, rounded to float32 as the reference rounds it; NaN marks u < τ.
 
@@ -388,7 +391,7 @@ def _selective(u, alpha, alpha_is_int, tau):
     return np.float32(-math.pow(-uu, alpha))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def sigma_table(n_bits, alpha, alpha_is_int, tau):
     """σ for every Hamming distance h = 0 .. B of binary codes.
 
@@ -407,7 +410,7 @@ def sigma_table(n_bits, alpha, alpha_is_int, tau):
     return table
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, nogil=True, fastmath=True)
 def _dot(a, b):
     """⟨a, b⟩ of float32 rows, accumulated in float64 (reassociated, so it vectorises)."""
     acc = 0.0
@@ -416,7 +419,7 @@ def _dot(a, b):
     return acc
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _scan_binary(q_codes, r, begin, end, entry_slot, codes, w_idf, inv_sqrt_norms, weight_of_h, score):
     """Add one query aggregate's (row ``r``) contributions over posting entries
     ``begin .. end - 1`` to ``score``.
@@ -446,7 +449,7 @@ def _scan_binary(q_codes, r, begin, end, entry_slot, codes, w_idf, inv_sqrt_norm
             score[slot] += np.float64(np.float32(np.float64(weighted) * inv_sqrt_norms[slot]))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _accumulate_binary(
     q_offsets, q_words, q_codes, q, offsets, entry_slot, codes, idf, inv_sqrt_norms, weight_of_h, score
 ):
@@ -475,7 +478,7 @@ def _accumulate_binary(
     return q_norm
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _scan_real(q_real, r, begin, end, entry_slot, real, w_idf, inv_sqrt_norms, alpha, alpha_is_int, tau, score):
     """Real-valued counterpart of ``_scan_binary`` (σ below τ skips the entry)."""
     for e in range(begin, end):
@@ -487,7 +490,7 @@ def _scan_real(q_real, r, begin, end, entry_slot, real, w_idf, inv_sqrt_norms, a
         score[slot] += np.float64(np.float32(np.float64(weighted) * inv_sqrt_norms[slot]))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _accumulate_real(
     q_offsets, q_words, q_real, q, offsets, entry_slot, real, idf, inv_sqrt_norms, alpha, alpha_is_int, tau, score
 ):
@@ -514,13 +517,13 @@ def _accumulate_real(
     return q_norm
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _query_scale(q_norm):
     """float64 of float32(√n_q): the divisor of a query's scores (0 scores everything 0)."""
     return np.float64(np.float32(math.sqrt(np.float64(q_norm))))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _top_range(score, q_scale, lo, hi, slot_ids, k, heap_s, heap_i):
     """Sorted top-k of slots ``lo .. hi - 1`` of ``score`` into ``heap_s``/``heap_i`` (best
     first, ties by ascending id); resets those slots of ``score``. Returns the count kept."""
@@ -540,7 +543,7 @@ def _top_range(score, q_scale, lo, hi, slot_ids, k, heap_s, heap_i):
     return size
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _dense_range(q, score, q_scale, lo, hi, out_scores):
     """Write slots ``lo .. hi - 1`` of query ``q``'s dense row from ``score``, and reset them."""
     valid = q_scale > 0.0
@@ -549,7 +552,7 @@ def _dense_range(q, score, q_scale, lo, hi, out_scores):
         score[slot] = 0.0
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _emit(q, score, q_norm, slot_ids, k, dense, heap_s, heap_i, out_scores, out_ids):
     """Write query ``q``'s dense row or sorted top-k from ``score``, and reset ``score``."""
     n_slots = score.shape[0]
@@ -563,7 +566,7 @@ def _emit(q, score, q_norm, slot_ids, k, dense, heap_s, heap_i, out_scores, out_
         out_ids[q, j] = heap_i[j]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def search_kernel(
     q_offsets,
     q_words,
@@ -662,7 +665,7 @@ def search_kernel(
             _emit(q, score, q_norm, slot_ids, k, dense, heap_s, heap_i, out_scores, out_ids)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _scan_group_binary2(
     group_a0, group_a1, group_q, n_group, begin, end, entry_slot, codes, w_idf, inv_sqrt_norms, weight_of_h, tile
 ):
@@ -684,7 +687,7 @@ def _scan_group_binary2(
             row[group_q[i]] += np.float64(np.float32(np.float64(weighted) * inv))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _score_block(
     q0,
     q1,
@@ -779,7 +782,7 @@ def _score_block(
         _emit(q, tile[:, q - q0], q_norm, slot_ids, k, dense, heap_s, heap_i, out_scores, out_ids)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def search_kernel_word_major(
     q_offsets,
     q_words,
@@ -843,7 +846,7 @@ def search_kernel_word_major(
         )
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def slots_ascend(offsets, entry_slot):
     """Whether the slots ascend (non-strictly) within every posting list, the premise of
     ``search_kernel_slots``.
@@ -863,7 +866,7 @@ def slots_ascend(offsets, entry_slot):
     return bad == 0
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _scan_slot_range(
     q_offsets,
     q_words,
@@ -907,7 +910,7 @@ def _scan_slot_range(
             )
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _score_parts(
     q_offsets,
     q_words,
@@ -970,7 +973,7 @@ def _score_parts(
             part_size[t] = _top_range(score, q_scale, lo, hi, slot_ids, k, part_s[t], part_i[t])
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def search_kernel_slots(
     q_offsets,
     q_words,
@@ -1066,7 +1069,7 @@ def search_kernel_slots(
             head[best] += 1
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def merge_posting_lists(offsets, new_offsets, slots, data, new_slots, new_data):
     """Merge posting lists in place: each list of the new entries goes after the same list
     of the old ones.
@@ -1104,7 +1107,7 @@ def merge_posting_lists(offsets, new_offsets, slots, data, new_slots, new_data):
             tail += 1
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def image_norms(offsets, entry_slot, idf, n_slots):
     """n_d = Σ idf[c] over each slot's words, in float64, words ascending.
 
@@ -1137,7 +1140,7 @@ _BIG = 1e300
 _FAST = {"nnan", "nsz", "reassoc", "contract"}
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, nogil=True, fastmath=_FAST)
 def _sq_dist(x, i, centroids, j):
     """Squared L2 distance of ``x[i]`` and ``centroids[j]``, accumulated in float64."""
     s = 0.0
@@ -1147,7 +1150,7 @@ def _sq_dist(x, i, centroids, j):
     return s
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _insert_sorted(values, ids, v, j):
     """Insert (v, j) into ascending ``values`` (fixed length, the largest falls off)."""
     last = values.shape[0] - 1
@@ -1162,7 +1165,7 @@ def _insert_sorted(values, ids, v, j):
     ids[t] = j
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, nogil=True, fastmath=_FAST)
 def _project_quad(x, i0, n_rows, mean, axes_t, cen, xa, x_sq, raw_sq):
     """Rows 0..n_rows-1 of ``xa`` := (-2 x'_head, -2 |x'_tail|), ``x_sq`` := |x'|^2 and
     ``raw_sq`` := |x|^2 for
@@ -1207,7 +1210,7 @@ def _project_quad(x, i0, n_rows, mean, axes_t, cen, xa, x_sq, raw_sq):
 
 
 # fmt: off
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, nogil=True, fastmath=_FAST)
 def _bound_quad(xa, table, sq, o0, o1, o2, o3):
     """Lower bounds of the four rows of ``xa`` against one tile of words,
     ``o_r = sq + xa[r] @ table`` (``table`` float32 [w, >= n], ``sq`` and ``o_r``
@@ -1241,7 +1244,7 @@ def _bound_quad(xa, table, sq, o0, o1, o2, o3):
 # fmt: on
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _bound_rows(xa, tables, sq, bounds):
     """``bounds[r] = sq + xa[r] @ table`` for the four rows, with the table in tiles of
     words (``tables`` float32 [n_tiles, w, tile]) that stay in the L2 cache while the
@@ -1254,7 +1257,7 @@ def _bound_rows(xa, tables, sq, bounds):
         _bound_quad(xa, tables[ti], sq[t0:t1], bounds[0, t0:t1], bounds[1, t0:t1], bounds[2, t0:t1], bounds[3, t0:t1])
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, nogil=True, fastmath=_FAST)
 def _select_row(
     row, i, row_sq, x, centroids, margin, eps, nearest_first, blk_min, cand, top_v, top_j, reach, words, dist, tied
 ):
@@ -1315,7 +1318,7 @@ def _select_row(
     return 0.75 * reach + 0.25 * (top_v[m - 1] + eps - row_sq + margin - lowest)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def pruned_nearest(
     x, mean, axes, table, sq, centroids, max_sq, margin_rate, eps_rate, nearest_first, n_chunks, words, dist, tied
 ):
@@ -1402,7 +1405,7 @@ def pruned_nearest(
                 )
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def region_word_count(assign, order, starts, region_starts, member_starts, members, n_words_total, n_blocks):
     """Distinct words per image over the features of its regions (R-ASMK, docs/regions.md).
 
@@ -1447,7 +1450,7 @@ def region_word_count(assign, order, starts, region_starts, member_starts, membe
     return n_words
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def region_aggregate_fill(
     vecs,
     centroids,
@@ -1573,7 +1576,7 @@ def region_aggregate_fill(
 # -- spatial verification: tentative correspondences by shared visual words ------------------
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _hamming(a, i, b, j):
     dist = 0
     for t in range(a.shape[1]):
