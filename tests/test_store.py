@@ -178,3 +178,31 @@ def test_extraction_refuses_a_store_of_another_extractor(tmp_path):
     with FeatureStore(tmp_path / "f.h5", {"extractor": "other"}) as store:
         with pytest.raises(ValueError, match="another extractor config"):
             extract_features(folder.root, CountingExtractor(), store=store, progress=False)
+
+
+def test_a_store_in_use_by_another_process_is_never_discarded(tmp_path):
+    # Two jobs sharing a cache folder: HDF5's lock refuses the second opener. That is not
+    # a damaged file, so even overwrite_on_mismatch must keep it (it used to delete it).
+    import subprocess
+
+    path = tmp_path / "f.h5"
+    with FeatureStore(path, CONFIG) as store:
+        store.put("a.jpg", feats(5))
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import h5py, sys; f = h5py.File({str(path)!r}, 'r'); print('open', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(BlockingIOError, match=r"f\.h5 is in use by another process"):
+            FeatureStore(path, CONFIG, overwrite_on_mismatch=True)
+    finally:
+        holder.communicate("")
+    with FeatureStore(path, None) as store:
+        assert store.names() == ["a.jpg"] and len(store.get("a.jpg")) == 5

@@ -146,6 +146,13 @@ class FeatureStore:
     def _open(self, mode: str) -> h5py.File:
         try:
             return h5py.File(self.path, mode)
+        except BlockingIOError:
+            # HDF5's file lock: another process reads or writes the store. Not a damaged
+            # file, so never a reason to discard it (``overwrite_on_mismatch``).
+            raise BlockingIOError(
+                f"feature store {self.path} is in use by another process (HDF5 file lock); "
+                f"wait for it to finish, or use another cache folder"
+            ) from None
         except OSError as error:
             raise FileFormatError(self.path, f"not a feature store (cannot open as HDF5: {error})") from None
 
