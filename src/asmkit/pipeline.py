@@ -1303,7 +1303,6 @@ def _dataset_matrix(
     t0 = time.perf_counter()
     cb = _on_device(cb, device)
     db_regions = _regions(regions, gt.images, store, whole_image)
-    index = None
     if ray is not None:
         if db_regions is not None:
             raise ArgumentError("--ray: not with --regions")
@@ -1332,14 +1331,12 @@ def _dataset_matrix(
     if check_int(rerank, "rerank", min=0):
         # Stable sort: exact ties keep database order, so results are reproducible.
         before_rerank = evaluate(np.argsort(-matrix, axis=1, kind="stable"), gt)
+        # Query expansion's rows: database images used as queries.
         if gt.queries == gt.images:
 
             def rows_of(images: np.ndarray) -> np.ndarray:
                 return matrix[images]
         else:
-            if index is None:
-                index = Index(cb, cfg.params)
-                index.add(db, regions=db_regions)
 
             def rows_of(images: np.ndarray) -> np.ndarray:
                 return index.similarity_matrix(descriptors([gt.images[i] for i in images]))
