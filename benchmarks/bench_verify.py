@@ -1,12 +1,15 @@
 """Spatial verification on UKBench-2000: mAP before / after re-ranking and ms per query.
 
     PYTHONPATH=src .venv/bin/python benchmarks/bench_verify.py --cache ~/.cache/asmkit/eval/<key> \
-        [--queries 2000] [--top 100] [--model affine] [--threshold 8] [--matcher words|mnn]
+        [--queries 2000] [--top 100] [--model affine] [--threshold 8] [--matcher words|mnn] \
+        [--expand 1 2 3] [--plain-expand 1 2]
 
 ``--cache`` is the folder ``asmkit eval`` filled (features.h5, codebook-*.asmkit): run
 ``asmkit eval /work/shared/datasets/ukbench2000 --preset sift`` once first. Prints one JSON
 line: the settings, mAP / N-S before and after on the chosen queries (evenly spaced), the
-verification time per query, and the geometry store's bytes per image.
+verification time per query, and the geometry store's bytes per image; with ``--expand``
+one more line per N: mAP after query expansion and its CPU time per query (one query at a
+time, each expansion image searched as ``asmkit query --expand`` does).
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from asmkit.evaluate import evaluate, load_ground_truth
 from asmkit.features import FeatureStore
 from asmkit.geometry import GeometryStore, feature_words
 from asmkit.verify import (
+    Reranked,
     VerifyOptions,
+    expand,
     fit_model,
     mutual_nn_matches,
     order_by_inliers,
@@ -75,6 +80,24 @@ def mnn_inliers(feats, queries, ids, top, opts: VerifyOptions) -> np.ndarray:
     return out
 
 
+def expand_each(index: Index, feats, reranked: Reranked, n: int, fallback: int, min_inliers: int, k, exclude):
+    """``expand`` one query at a time, as ``asmkit query`` does (each expansion image
+    searched with its descriptors, ``k`` results): the expanded rankings and CPU seconds."""
+    every = []
+    c0 = time.process_time()
+    for row in range(reranked.ids.shape[0]):
+
+        def rows_of(images):
+            scores, ids = index.search([feats[int(i)].descriptors for i in images], k=k)
+            return ids, scores
+
+        one = Reranked(reranked.scores[row : row + 1], reranked.ids[row : row + 1], reranked.inliers[row : row + 1])
+        every.append(
+            expand(one, rows_of, n, min_inliers=min_inliers, fallback=fallback, exclude=exclude[row : row + 1]).ids
+        )
+    return np.concatenate(every), time.process_time() - c0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="/work/shared/datasets/ukbench2000")
@@ -102,6 +125,12 @@ def main() -> None:
     parser.add_argument("--ranking", help="reuse the ASMK ranking saved by an earlier --save (same queries)")
     parser.add_argument("--query-m", type=int, default=1, help="words per query feature")
     parser.add_argument("--save", help="write the inliers and ASMK rankings of the queries here (.npz)")
+    parser.add_argument("--expand", type=int, nargs="*", default=[], help="query expansion with N verified images")
+    parser.add_argument(
+        "--expand-fallback", type=int, nargs="+", default=[1], help="images a query with none verified expands with"
+    )
+    parser.add_argument("--expand-k", type=int, help="results per expansion search (default: the whole database)")
+    parser.add_argument("--plain-expand", type=int, nargs="*", default=[], help="also plain query expansion (top M)")
     args = parser.parse_args()
 
     cache = Path(args.cache).expanduser()
@@ -125,15 +154,23 @@ def main() -> None:
             if not np.array_equal(data["queries"], queries):
                 raise SystemExit(f"--ranking: {args.ranking} holds other queries")
             scores, ids = data["scores"], data["ids"]
-    else:
-        index = Index(codebook, params)
-        index.add([feats[i].descriptors for i in range(len(names))])
+    index = Index(codebook, params)
+    index.add([feats[i].descriptors for i in range(len(names))])
+    if not args.ranking:
         scores, ids = index.search([feats[int(q)].descriptors for q in queries], k=len(names))
     if args.query_m > 1:
         q_words, q_sigs = feature_words(codebook, [feats[int(q)].descriptors for q in queries], m=args.query_m)
     else:
         q_words, q_sigs = [words[int(q)] for q in queries], [sigs[int(q)] for q in queries]
     before = evaluate(ids, gt, query_indices=queries)
+    # Each query is a database image: it never expands with itself.
+    exclude = queries
+    for m in args.plain_expand:
+        unverified = Reranked(scores, ids, np.full(ids.shape, -1, np.int32))
+        plain, cpu = expand_each(index, feats, unverified, 0, m, 0, args.expand_k, exclude)
+        after = evaluate(plain, gt, query_indices=queries)
+        line = {"plain_expand": m, "map_before": before["map"], "map_after": after["map"]}
+        print(json.dumps({**line, "ns_after": after.get("ns_score"), "cpu_ms_per_query": 1e3 * cpu / len(queries)}))
     configs = args.configs or [f"{args.model}:{args.threshold}:{args.max_hamming}"]
     saved = {"queries": queries, "ids": ids[:, : args.top], "scores": scores[:, : args.top]}
     for config in configs:
@@ -150,6 +187,7 @@ def main() -> None:
         use_sigs = None if sigs is None or int(max_hamming) < 0 else q_sigs
         t0 = time.perf_counter()
         c0 = time.process_time()
+        out = None
         if args.matcher == "words":
             out = rerank(
                 geometry,
@@ -202,6 +240,23 @@ def main() -> None:
             ),
             flush=True,
         )
+        runs = [(n, f) for f in args.expand_fallback for n in args.expand] if out is not None else []
+        for n, fallback in runs:
+            grown, cpu = expand_each(index, feats, out, n, fallback, opts.min_inliers, args.expand_k, exclude)
+            after_expansion = evaluate(grown, gt, query_indices=queries)
+            line = {"config": config, "expand": n, "fallback": fallback, "expand_k": args.expand_k}
+            print(
+                json.dumps(
+                    {
+                        **line,
+                        "map_reranked": after["map"],
+                        "map_expanded": after_expansion["map"],
+                        "ns_expanded": after_expansion.get("ns_score"),
+                        "expand_cpu_ms_per_query": 1e3 * cpu / len(queries),
+                    }
+                ),
+                flush=True,
+            )
         if args.save:
             np.savez(args.save, **saved)
 

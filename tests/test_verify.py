@@ -13,6 +13,7 @@ from cli_json import run_json
 
 from asmkit import Codebook
 from asmkit._validation import ArgumentError
+from asmkit.cli import main
 from asmkit.geometry import GeometryStore, feature_words, sort_by_word
 from asmkit.verify import (
     VerifyOptions,
@@ -304,6 +305,19 @@ def test_index_keeps_geometry_and_query_reranks(demo, tmp_path, capsys):
     by_name = {h["name"]: h["score"] for h in plain}
     assert all(by_name[h["name"]] == h["score"] for h in hits)
 
+    # Query expansion keeps the verified head and re-scores the others.
+    expanded = run_json(
+        capsys, ["-q", "query", str(out), query, "--top", "8", "--rerank", "8", "--expand", "2", "--json"]
+    )
+    grown = expanded["results"][0]["results"]
+    assert [h["name"] for h in grown[: len(counts)]] == [h["name"] for h in hits[: len(counts)]]
+    assert [h["score"] for h in grown[len(counts) :]] == sorted(
+        (h["score"] for h in grown[len(counts) :]), reverse=True
+    )
+    assert all(h["score"] >= by_name.get(h["name"], 0.0) for h in grown)
+    assert main(["-q", "query", str(out), query, "--expand", "2"]) == 2
+    assert "--expand: needs --rerank" in capsys.readouterr().err
+
 
 def test_eval_reports_before_and_after(demo, tmp_path, capsys):
     res = run_json(
@@ -324,3 +338,10 @@ def test_eval_reports_before_and_after(demo, tmp_path, capsys):
     assert set(res["before_rerank"]) >= {"map", "mp"}
     assert res["rerank"]["top"] == 10 and res["rerank"]["seconds"] >= 0
     assert res["map"] >= res["before_rerank"]["map"] - 0.05
+    expanded = run_json(
+        capsys,
+        ["-q", "eval", str(demo), "--codebook-size", "64", "--rerank", "10", "--expand", "2"]
+        + ["--cache", str(tmp_path / "cache"), "--json"],
+    )
+    assert expanded["rerank"]["before_expansion"]["map"] == res["map"]
+    assert expanded["rerank"]["expand"] == 2 and expanded["rerank"]["expand_ms_per_query"] >= 0

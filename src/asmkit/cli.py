@@ -62,6 +62,17 @@ def _add_ray_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-cpus", type=int, metavar="N", help="CPUs of the local Ray cluster (default: all)")
 
 
+def _add_expand_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--expand",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --rerank: query expansion with the first N verified images, or the first result "
+        "when none is verified (default 0: off; see docs/verify.md)",
+    )
+
+
 def _add_regions_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--regions",
@@ -131,6 +142,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="R",
         help="re-rank the top R by spatial verification (inliers; default 0: off)",
     )
+    _add_expand_flag(p)
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("scores", help="N x N similarity matrix of an image set (row = query), or each row's K best")
@@ -179,6 +191,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="R",
         help="re-rank the top R by spatial verification; --json reports before and after",
     )
+    _add_expand_flag(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_pipeline_flags(p)
     _add_regions_flag(p)
@@ -281,6 +294,7 @@ def _run(args: argparse.Namespace) -> int:
             device=args.device,
             rerank=args.rerank,
             box=_query_box(args.query_box),
+            expand=args.expand,
         )
         lines = []
         for q in res["results"]:
@@ -371,6 +385,7 @@ def _run(args: argparse.Namespace) -> int:
             whole_image=args.whole_image,
             ray=args.ray,
             ray_cpus=args.ray_cpus,
+            expand=args.expand,
         )
         text = (
             f"{res['dataset']} ({res['preset']}): mAP {res['map']:.4f}, "
@@ -388,6 +403,12 @@ def _run(args: argparse.Namespace) -> int:
                 + (f", N-S {before['ns_score']:.3f} -> {res['ns_score']:.3f}" if "ns_score" in res else "")
                 + f"; verification {info['ms_per_query']:.1f} ms per query"
             )
+            if "expand" in info:
+                text += (
+                    f"\nexpanded with {info['expand']} verified images: mAP "
+                    f"{info['before_expansion']['map']:.4f} -> {res['map']:.4f}; "
+                    f"{info['expand_ms_per_query']:.2f} ms per query"
+                )
         text += f"\ncodebook trained on {res['codebook_trained_on']}" + _failed_lines(res["failed"])
         _print(res, args.json, text)
         return 0

@@ -501,12 +501,16 @@ def query_index(
     device: str = "cpu",
     rerank: int = 0,
     box: Sequence[float] | None = None,
+    expand: int = 0,
 ) -> dict[str, Any]:
     """Query a saved index with image files.
 
     With ``rerank`` R > 0 the top R of each ranking are re-ranked by spatial verification
     (``asmkit.verify.rerank``, on the workspace's geometry store) before the top ``top``
-    are kept; every result then also says its ``inliers`` (-1: not verified).
+    are kept; every result then also says its ``inliers`` (-1: not verified). ``expand``
+    N > 0 (with ``rerank``) then expands each query with its first N verified images, or
+    its first result when none is verified (``asmkit.verify.expand``; one more search per
+    expansion image, on its stored features).
     ``box`` (x0, y0, x1, y1 in the pixels of the image as loaded) keeps each query's
     features inside it only.
 
@@ -528,6 +532,9 @@ def query_index(
     queries = [(str(p), n) for p, n in zip(paths, names) if n in result.features]
     out = []
     rerank = check_int(rerank, "rerank", min=0)
+    expand = check_int(expand, "expand", min=0)
+    if expand and not rerank:
+        raise ArgumentError("--expand: needs --rerank (it expands with verified images)")
     if queries:
         qfeats = [result.features[n] for _, n in queries]
         if box is not None:
@@ -535,8 +542,9 @@ def query_index(
         scores, ids = idx.search([feats.descriptors(f.descriptors) for f in qfeats], k=max(top, rerank))
         inliers = None
         if rerank:
+            own = [_database_id(idx, root, Path(p)) for p, _ in queries]
             scores, ids, inliers = _rerank_queries(
-                folder / _GEOMETRY, idx, qfeats, scores, ids, rerank, feats.descriptors
+                folder, idx, qfeats, scores, ids, rerank, feats.descriptors, n_expand=expand, own=own
             )
         keys = idx.keys
         position = {int(i): p for p, i in enumerate(idx.ids)}
@@ -554,11 +562,22 @@ def query_index(
     }
 
 
-def _rerank_queries(path: Path, idx: Index, feats, scores, ids, top: int, describe):
-    """``(scores, ids, inliers)`` after re-ranking the top ``top`` by spatial verification."""
-    from .geometry import GeometryStore, feature_words
-    from .verify import VerifyOptions, rerank
+def _database_id(idx: Index, root: Path, path: Path) -> int:
+    """The index id of the image file ``path`` when the index holds it (-1 otherwise)."""
+    try:
+        return idx.id_of(path.resolve().relative_to(root.resolve()).as_posix())
+    except (KeyError, ValueError):
+        return -1
 
+
+def _rerank_queries(folder: Path, idx: Index, feats, scores, ids, top: int, describe, *, n_expand: int, own):
+    """``(scores, ids, inliers)`` after re-ranking the top ``top`` by spatial verification
+    and, with ``n_expand`` N > 0, query expansion with N verified images (``own``: each
+    query's own index id, -1 if none; a query never expands with itself)."""
+    from .geometry import GeometryStore, feature_words
+    from .verify import VerifyOptions, expand, rerank
+
+    path = folder / _GEOMETRY
     if not path.is_dir():
         raise FileNotFoundError(f"--rerank: the index has no geometry store ({path}); rebuild it with `asmkit index`")
     geometry = GeometryStore.load(path, mmap=True, verify=False)
@@ -570,6 +589,17 @@ def _rerank_queries(path: Path, idx: Index, feats, scores, ids, top: int, descri
         m=options.query_m,
     )
     out = rerank(geometry, kp, words, ids, scores, query_signatures=sigs, top=top, options=options)
+    if n_expand:
+        keys = idx.keys
+        position = {int(i): p for p, i in enumerate(idx.ids)}
+        with FeatureStore(folder / "features.h5", None) as store:
+
+            def rows_of(chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                found = [describe(store.get(keys[position[int(i)]]).descriptors) for i in chosen]
+                rows_scores, rows_ids = idx.search(found, k=ids.shape[1])
+                return rows_ids, rows_scores
+
+            out = expand(out, rows_of, n_expand, min_inliers=options.min_inliers, exclude=own)
     return out.scores, out.ids, out.inliers
 
 
@@ -1085,6 +1115,7 @@ def evaluate_dataset(
     whole_image: bool = True,
     ray: str | None = None,
     ray_cpus: int | None = None,
+    expand: int = 0,
 ) -> dict[str, Any]:
     """mAP (and N-S, E/M/H when the ground truth has them) of a preset on a data set.
 
@@ -1096,13 +1127,17 @@ def evaluate_dataset(
     ``codebook`` is given; the result says which (``codebook_trained_on``). With
     ``rerank`` R > 0 the top R of every ranking are re-ranked by spatial verification
     (``asmkit.verify``): the metrics are then those after re-ranking, ``before_rerank``
-    holds those before, and ``rerank`` the settings and the verification time.
+    holds those before, and ``rerank`` the settings and the verification time. ``expand``
+    N > 0 (with ``rerank``) then expands each query (``asmkit.verify.expand``); ``rerank``
+    then also holds the metrics before expansion (``before_expansion``) and its time.
     ``ray``,
     ``ray_cpus``: score the queries on a Ray cluster (see :func:`compute_scores`).
     """
     from .evaluate import evaluate, load_ground_truth
 
     gt = load_ground_truth(data)
+    if check_int(expand, "expand", min=0) and not rerank:
+        raise ArgumentError("--expand: needs --rerank (it expands with verified images)")
     spec = hybrid_spec(preset)
     if spec is None:
         cfgs = [load_config(preset, config, codebook_size=codebook_size)]
@@ -1131,6 +1166,7 @@ def evaluate_dataset(
             whole_image=whole_image,
             ray=ray,
             ray_cpus=ray_cpus,
+            expand=expand,
         )
         for cfg in cfgs
     ]
@@ -1210,6 +1246,7 @@ def _dataset_matrix(
     whole_image,
     ray,
     ray_cpus,
+    expand=0,
 ):
     """Query x database similarities of one (non-hybrid) preset on a data set.
 
@@ -1294,20 +1331,45 @@ def _dataset_matrix(
     if check_int(rerank, "rerank", min=0):
         # Stable sort: exact ties keep database order, so results are reproducible.
         before_rerank = evaluate(np.argsort(-matrix, axis=1, kind="stable"), gt)
+        # Query expansion's rows: database images used as queries.
+        if gt.queries == gt.images:
+
+            def rows_of(images: np.ndarray) -> np.ndarray:
+                return matrix[images]
+        else:
+
+            def rows_of(images: np.ndarray) -> np.ndarray:
+                return index.similarity_matrix(descriptors([gt.images[i] for i in images]))
+
         ranks, rerank_info = _rerank_ranks(
-            cb, store, have, gt, db, descriptors, matrix, np.argsort(-matrix, axis=1, kind="stable"), rerank
+            cb,
+            store,
+            have,
+            gt,
+            db,
+            descriptors,
+            matrix,
+            np.argsort(-matrix, axis=1, kind="stable"),
+            rerank,
+            n_expand=expand,
+            rows_of=rows_of,
         )
         timings["verify_s"] = rerank_info["seconds"]
     store.close()
     return matrix, trained_on, [tuple(f) for f in failed], timings, (ranks, before_rerank, rerank_info)
 
 
-def _rerank_ranks(cb: Codebook, store: FeatureStore, have: set, gt, db, describe, matrix, ranks, top: int):
-    """Evaluation rankings with their top ``top`` re-ranked by spatial verification, and
-    a summary (settings, seconds to build the geometry and to verify, verified candidates).
-    ``describe(names)`` gives images' descriptors in the codebook's space."""
+def _rerank_ranks(
+    cb: Codebook, store: FeatureStore, have: set, gt, db, describe, matrix, ranks, top: int, *, n_expand: int, rows_of
+):
+    """Evaluation rankings with their top ``top`` re-ranked by spatial verification, then
+    (``n_expand`` > 0) expanded, and a summary (settings, seconds to build the geometry,
+    to verify and to expand, verified candidates). ``describe(names)`` gives images'
+    descriptors in the codebook's space; ``rows_of(positions)`` the dense score rows
+    (float32 [E, N]) of database images used as queries."""
+    from .evaluate import evaluate
     from .geometry import GeometryStore, feature_words
-    from .verify import VerifyOptions, rerank
+    from .verify import Reranked, VerifyOptions, expand, rerank
 
     def keypoints(names):
         return [store.get(n).keypoints if n in have else None for n in names]
@@ -1352,6 +1414,23 @@ def _rerank_ranks(cb: Codebook, store: FeatureStore, have: set, gt, db, describe
         "geometry_bytes_per_image": geometry.bytes_per_image,
         "verified_per_query": float((out.inliers >= options.min_inliers).sum() / max(len(ranks), 1)),
     }
+    if n_expand:
+        info["before_expansion"] = evaluate(ranks, gt)
+        position = {n: i for i, n in enumerate(gt.images)}
+        inliers = np.full(ranks.shape, -1, np.int32)
+        inliers[:, :k] = out.inliers
+        everything = np.arange(len(gt.images))
+        t0 = time.perf_counter()
+        expanded = expand(
+            Reranked(np.take_along_axis(matrix, ranks, 1), ranks, inliers),
+            lambda images: (np.broadcast_to(everything, (len(images), everything.shape[0])), rows_of(images)),
+            n_expand,
+            min_inliers=options.min_inliers,
+            exclude=[position.get(n, -1) for n in gt.queries],
+        )
+        expand_s = time.perf_counter() - t0
+        ranks = expanded.ids
+        info.update(expand=n_expand, expand_s=expand_s, expand_ms_per_query=1e3 * expand_s / max(len(ranks), 1))
     return ranks, info
 
 

@@ -19,6 +19,12 @@ Re-ranking
     ``rerank``: the top ``R`` of each ranking, reordered by inliers for candidates with at
     least ``min_inliers`` of them (ties broken by the ASMK score); the others keep their
     ASMK order below them. Images never leave the top ``R``; scores are not changed.
+Query expansion
+    ``expansion_images`` and ``expand`` (Chum et al.'s "Total Recall", in score space):
+    each query's score row plus the rows of the images it expands with (its first verified
+    images, or its first ranked one when none is verified). Verified images keep the head
+    of the ranking; every other image, from inside or outside the top ``R``, follows by
+    its expanded score.
 SfM pairs
     ``verify_pairs``: mutual nearest neighbours and a fundamental matrix per pair;
     ``asmkit.colmap`` writes the result into a COLMAP database.
@@ -30,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import pairwise
@@ -48,6 +54,8 @@ __all__ = [
     "PairGeometry",
     "Reranked",
     "VerifyOptions",
+    "expand",
+    "expansion_images",
     "fit_model",
     "mutual_nn_matches",
     "order_by_inliers",
@@ -531,6 +539,142 @@ def order_by_inliers(inliers, min_inliers: int) -> np.ndarray:
     verified = inliers >= max(min_inliers, 1)
     key = np.where(verified, -inliers.astype(np.int64), 1)
     return np.argsort(key, axis=1, kind="stable")
+
+
+# ------------------------------------------------------------------------------ query expansion
+
+
+def expansion_images(ids, inliers=None, n: int = 2, *, min_inliers: int = 15, fallback: int = 1, exclude=None):
+    """The database images each query expands with (``expand``).
+
+    Parameters
+    ----------
+    ids : int [Q, k]
+        Rankings after re-ranking (``Reranked.ids``: verified images first, most inliers
+        first); -1 padding.
+    inliers : int [Q, k], optional
+        ``Reranked.inliers`` (-1: not verified); None: nothing is verified (plain query
+        expansion with the first ``fallback`` images).
+    n : int
+        Verified images (at least ``min_inliers`` inliers) a query expands with at most,
+        in ranking order.
+    min_inliers : int
+    fallback : int
+        A query with no verified image expands with its first ``fallback`` ranked images
+        instead (0: not at all).
+    exclude : int [Q], optional
+        Each query's own database id (-1: none): a query never expands with itself.
+
+    Returns
+    -------
+    int64 [Q, max(n, fallback)]
+        Database ids; -1 padding.
+    """
+    ids = np.asarray(ids)
+    if ids.ndim != 2 or ids.dtype.kind not in "iu":
+        raise ArgumentError(f"ids: expected int [Q, k], got {ids.dtype} {ids.shape}")
+    n = check_int(n, "n", min=0)
+    fallback = check_int(fallback, "fallback", min=0)
+    min_inliers = check_int(min_inliers, "min_inliers", min=0)
+    verified = np.zeros(ids.shape, dtype=bool)
+    if inliers is not None:
+        inliers = np.asarray(inliers)
+        if inliers.shape != ids.shape:
+            raise ArgumentError(f"inliers: expected {ids.shape}, got {inliers.shape}")
+        verified = inliers >= max(min_inliers, 1)
+    usable = ids >= 0
+    if exclude is not None:
+        exclude = np.asarray(exclude, dtype=np.int64)
+        if exclude.shape != (ids.shape[0],):
+            raise ArgumentError(f"exclude: expected int [{ids.shape[0]}], got {exclude.shape}")
+        usable &= ids != exclude[:, None]
+    out = np.full((ids.shape[0], max(n, fallback)), -1, dtype=np.int64)
+    for q in range(ids.shape[0]):
+        chosen = ids[q, usable[q] & verified[q]][:n]
+        if chosen.shape[0] == 0:
+            chosen = ids[q, usable[q]][:fallback]
+        out[q, : chosen.shape[0]] = chosen
+    return out
+
+
+def expand(
+    reranked: Reranked,
+    rows_of: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+    n: int = 2,
+    *,
+    min_inliers: int = 15,
+    fallback: int = 1,
+    exclude=None,
+) -> Reranked:
+    """Query expansion in score space, after re-ranking.
+
+    Each query expands with the images ``expansion_images`` chooses. Its expanded score of
+    a database image is its own score plus the score the image gets from each expansion
+    image used as a query; an image missing from a row (beyond that search's ``k``) gets 0
+    from it. The verified images (at least ``min_inliers`` inliers) stay first, in the
+    order re-ranking gave them; every other image follows by decreasing expanded score
+    (ties: ascending id), whether it was in the query's ranking or comes from an expansion
+    row only.
+
+    Parameters
+    ----------
+    reranked : Reranked
+        ``rerank``'s output, [Q, k].
+    rows_of : callable
+        ``rows_of(images)`` with int64 [E] distinct database ids gives the ranking of each
+        image used as a query: ``(ids, scores)``, int [E, m] (-1 padding) and float [E, m]
+        (``Index.search``; rows of a score matrix with ``ids`` every column's id).
+    n, min_inliers, fallback, exclude
+        See ``expansion_images``.
+
+    Returns
+    -------
+    Reranked
+        [Q, k]: the expanded scores, and the inliers re-ranking found (-1 for an image it
+        did not verify). A query with no expansion image keeps its ranking and scores.
+    """
+    if not isinstance(reranked, Reranked):
+        raise ArgumentError(f"reranked: expected Reranked, got {type(reranked).__name__}")
+    q_ids, q_scores, q_inliers = reranked.ids, reranked.scores, reranked.inliers
+    n_q, k = q_ids.shape
+    chosen = expansion_images(q_ids, q_inliers, n, min_inliers=min_inliers, fallback=fallback, exclude=exclude)
+    images = np.unique(chosen[chosen >= 0])
+    expansion = np.where(chosen >= 0, np.searchsorted(images, chosen), -1)
+    rows_ids, rows_scores = (np.empty((0, 0), np.int64), np.empty((0, 0))) if images.shape[0] == 0 else rows_of(images)
+    rows_ids, rows_scores = np.asarray(rows_ids), np.asarray(rows_scores)
+    if rows_ids.dtype.kind not in "iu" or rows_ids.shape[0] != images.shape[0] or rows_scores.shape != rows_ids.shape:
+        raise ArgumentError(
+            f"rows_of: expected int [{images.shape[0]}, m] ids and scores of the same shape, "
+            f"got {rows_ids.dtype} {rows_ids.shape} and {rows_scores.shape}"
+        )
+    out_ids, out_scores, out_inliers = q_ids.copy(), q_scores.copy(), q_inliers.copy()
+    for q in range(n_q):
+        rows = expansion[q][expansion[q] >= 0]
+        if rows.shape[0] == 0:
+            continue
+        head = q_ids[q, q_inliers[q] >= max(min_inliers, 1)]
+        cand = np.concatenate([q_ids[q], rows_ids[rows].ravel()])
+        score = np.concatenate([q_scores[q], rows_scores[rows].ravel()]).astype(np.float64)
+        keep = (cand >= 0) & np.isfinite(score)
+        image, which = np.unique(cand[keep], return_inverse=True)
+        total = np.bincount(which, weights=score[keep], minlength=image.shape[0])
+        rest = ~np.isin(image, head)
+        order = np.argsort(-total[rest], kind="stable")
+        tail = image[rest][order][: k - head.shape[0]]
+        placed = np.concatenate([head, tail])
+        out_ids[q] = -1
+        out_scores[q] = -np.inf
+        out_inliers[q] = -1
+        out_ids[q, : placed.shape[0]] = placed
+        out_scores[q, : placed.shape[0]] = total[np.searchsorted(image, placed)]
+        known = q_ids[q] >= 0
+        known_ids, known_inliers = q_ids[q, known], q_inliers[q, known]
+        if known_ids.shape[0]:
+            by_id = np.argsort(known_ids)
+            at = by_id[np.minimum(np.searchsorted(known_ids, placed, sorter=by_id), known_ids.shape[0] - 1)]
+            hit = known_ids[at] == placed
+            out_inliers[q, : placed.shape[0]][hit] = known_inliers[at[hit]]
+    return Reranked(out_scores, out_ids, out_inliers)
 
 
 # ------------------------------------------------------------------------------ SfM pairs
