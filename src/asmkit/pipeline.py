@@ -173,11 +173,13 @@ def _training_sample(parts: Sequence[np.ndarray], n: int, seed: int) -> np.ndarr
         return np.concatenate(parts) if len(parts) > 1 else np.ascontiguousarray(parts[0])
     rows = np.sort(np.random.default_rng(seed).choice(total, n, replace=False))
     offsets = np.concatenate([[0], np.cumsum(counts)])
-    part = np.searchsorted(offsets, rows, side="right") - 1
+    # The rows are sorted, so each part's rows are one slice of them: no per-part mask
+    # over all n rows (thousands of parts when each image is one).
+    bounds = np.searchsorted(rows, offsets)
     out = np.empty((n, parts[0].shape[1]), dtype=np.float32)
-    for k in np.unique(part):
-        mask = part == k
-        out[mask] = parts[k][rows[mask] - offsets[k]]
+    for k in np.flatnonzero(np.diff(bounds)):
+        begin, end = bounds[k], bounds[k + 1]
+        np.take(parts[k], rows[begin:end] - offsets[k], axis=0, out=out[begin:end])
     return out
 
 
