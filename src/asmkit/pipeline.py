@@ -152,6 +152,9 @@ MIN_POINTS_PER_WORD = 39
 #: k-means trains on at most this many descriptors per word, sampled (the reference
 #: also trains on a sample; faiss suggests 39 to 256 per word).
 TRAIN_POINTS_PER_WORD = 128
+#: k-means assigns with the pruned exact search (``Codebook.train(pruned=True)``): faiss's
+#: algorithm for less CPU time, not faiss's centroids; part of the saved codebooks' keys.
+KMEANS_PRUNED = True
 
 
 def fit_codebook_size(n_descriptors: int, size: int) -> int:
@@ -227,7 +230,7 @@ def _get_codebook(
         logger.warning("codebook: %d words from %d descriptors, fewer than %d per word", size, n, MIN_POINTS_PER_WORD)
     vecs = _training_sample(parts, min(n, TRAIN_POINTS_PER_WORD * size), p.seed)
     logger.info("training a %d-word codebook on %d of %d descriptors", size, len(vecs), n)
-    cb = Codebook.train(vecs, size, iters=p.kmeans_iters, seed=p.seed)
+    cb = Codebook.train(vecs, size, iters=p.kmeans_iters, seed=p.seed, pruned=KMEANS_PRUNED)
     if saved is not None:
         cb.save(saved)
     return cb, f"{len(vecs)} of {n} descriptors"
@@ -777,6 +780,7 @@ def _scores_codebook(folder: Path, cfg: PipelineConfig, trained_on: Sequence[Pat
                 "params": cfg.params.to_dict(),
                 "chosen": cfg.codebook_size_chosen,
                 "train_points_per_word": TRAIN_POINTS_PER_WORD,
+                "kmeans_pruned": KMEANS_PRUNED,
             }
         )
     )
@@ -1253,6 +1257,7 @@ def _dataset_matrix(
                 "params": cfg.params.to_dict(),
                 "chosen": cfg.codebook_size_chosen,
                 "train_points_per_word": TRAIN_POINTS_PER_WORD,
+                "kmeans_pruned": KMEANS_PRUNED,
             }
         )
     )
