@@ -2,18 +2,20 @@
 
     python -m benchmarks.studies.scores_stages --data ../shared/datasets/ukbench2000 [--split 200]
     python -m benchmarks.studies.scores_stages --data ../shared/datasets/ukbench2000 \\
-        --features FILE.h5 --kmeans 128:10,64:10,64:5
+        --features FILE.h5 --kmeans 128:10:pruned,128:10,96:10,64:10,64:5
 
 The first form runs the steps of ``asmkit.pipeline.compute_scores`` (default ``sift`` preset)
 one at a time, each timed in wall and process CPU seconds (all threads): extraction into a
 fresh feature store in a temporary folder (the cold cache of ``asmkit scores``), reading the
-descriptors back, the k-means sample and training, the all-vs-all matrix and saving it.
+descriptors back, the k-means sample and training (as the pipeline trains), the
+all-vs-all matrix and saving it.
 ``--split N`` first extracts N images in one thread, timing decode, SIFT, RootSIFT and the
 store's write of each image (thread CPU time), which the threaded extraction cannot split.
 
 The second form takes the descriptors of a feature store written before (``--features``;
 the cache of ``asmkit scores`` on the data set's ``images/``) and, for each ``P:I`` of
-``--kmeans``, trains the codebook on P descriptors per word with I iterations, then reports
+``--kmeans``, trains the codebook on P descriptors per word with I iterations (faiss's
+k-means, or ``P:I:pruned`` for ``Codebook.train(pruned=True)``), then reports
 the k-means time and the UKBench mAP and N-S of the all-vs-all matrix (every image a query).
 """
 
@@ -35,7 +37,7 @@ from asmkit.evaluate import evaluate, load_ground_truth
 from asmkit.features import FeatureStore, ImageFeatures, SiftExtractor, extract_features, image_names, list_images
 from asmkit.features.io import load_image
 from asmkit.features.sift import root_sift
-from asmkit.pipeline import TRAIN_POINTS_PER_WORD, _training_sample
+from asmkit.pipeline import KMEANS_PRUNED, TRAIN_POINTS_PER_WORD, _training_sample
 from asmkit.search import similarity_matrix
 
 
@@ -107,8 +109,15 @@ def stages(args) -> dict:
         sample = _training_sample([vecs], min(len(vecs), TRAIN_POINTS_PER_WORD * size), cfg.params.seed)
         out["kmeans_sample"] = since(start)
         start = clock()
-        codebook = Codebook.train(sample, size, iters=cfg.params.kmeans_iters, seed=cfg.params.seed)
-        out["kmeans"] = {**since(start), "points_per_word": TRAIN_POINTS_PER_WORD, "iters": cfg.params.kmeans_iters}
+        codebook = Codebook.train(
+            sample, size, iters=cfg.params.kmeans_iters, seed=cfg.params.seed, pruned=KMEANS_PRUNED
+        )
+        out["kmeans"] = {
+            **since(start),
+            "points_per_word": TRAIN_POINTS_PER_WORD,
+            "iters": cfg.params.kmeans_iters,
+            "pruned": KMEANS_PRUNED,
+        }
         start = clock()
         matrix = similarity_matrix(codebook, vecs, ids, cfg.params)
         out["scores"] = since(start)
@@ -128,12 +137,13 @@ def kmeans_sweep(args) -> list[dict]:
         db = [store.get(Path(n).relative_to("images").as_posix()).descriptors for n in gt.images]
     rows = []
     for spec in args.kmeans.split(","):
-        per_word, iters = (int(x) for x in spec.split(":"))
+        per_word, iters, *how = spec.split(":")
+        pruned = how == ["pruned"]
         start = clock()
         size = cfg.params.codebook_size
-        sample = _training_sample([d for d in db if len(d)], per_word * size, cfg.params.seed)
-        codebook = Codebook.train(sample, size, iters=iters, seed=cfg.params.seed)
-        row = {"points_per_word": per_word, "iters": iters, "kmeans": since(start)}
+        sample = _training_sample([d for d in db if len(d)], int(per_word) * size, cfg.params.seed)
+        codebook = Codebook.train(sample, size, iters=int(iters), seed=cfg.params.seed, pruned=pruned)
+        row = {"points_per_word": int(per_word), "iters": int(iters), "pruned": pruned, "kmeans": since(start)}
         matrix = similarity_matrix(codebook, db, params=cfg.params)
         metrics = evaluate(np.argsort(-matrix, axis=1, kind="stable"), gt)
         row.update(map=round(metrics["map"], 4), ns=round(metrics["ns_score"], 4))

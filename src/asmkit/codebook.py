@@ -185,13 +185,17 @@ def _lloyd(vecs: np.ndarray, k: int, iters: int, seed: int) -> np.ndarray:
     n, d = vecs.shape
     rng = np.random.default_rng(seed)
     centroids = vecs[np.sort(rng.choice(n, k, replace=False))]
+    # The rows grouped by word, rewritten in place at every iteration (a fresh array each
+    # time would fault its pages in again).
+    grouped = np.empty_like(vecs)
     for _ in range(iters):
         words = Codebook(centroids).assign(vecs, 1, check_finite=False).words[:, 0]
         counts = np.bincount(words, minlength=k)
         order = np.argsort(words, kind="stable")
         filled = np.flatnonzero(counts)
         starts = np.concatenate([[0], np.cumsum(counts)])[filled]
-        sums = np.add.reduceat(vecs[order], starts, axis=0, dtype=np.float64)
+        np.take(vecs, order, axis=0, out=grouped)
+        sums = np.add.reduceat(grouped, starts, axis=0, dtype=np.float64)
         centroids = centroids.astype(np.float64)
         centroids[filled] = sums / counts[filled, None]
         for empty in np.flatnonzero(counts == 0):
