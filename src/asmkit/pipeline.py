@@ -150,8 +150,9 @@ def _on_device(cb: Codebook, device: str) -> Codebook:
 #: stand for one or two descriptors); a size not chosen by the user is fitted to it.
 MIN_POINTS_PER_WORD = 39
 #: k-means trains on at most this many descriptors per word, sampled (the reference
-#: also trains on a sample; faiss suggests 39 to 256 per word).
-TRAIN_POINTS_PER_WORD = 128
+#: also trains on a sample; faiss advises a few dozen to a few hundred per word, and on
+#: UKBench twice as many gave the same mAP within noise: docs/performance.md).
+TRAIN_POINTS_PER_WORD = 64
 #: k-means assigns with the pruned exact search (``Codebook.train(pruned=True)``): faiss's
 #: algorithm for less CPU time, not faiss's centroids; part of the saved codebooks' keys.
 KMEANS_PRUNED = True
