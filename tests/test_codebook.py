@@ -52,6 +52,36 @@ def test_train_is_deterministic_and_matches_faiss_reference_call(train_vecs):
     np.testing.assert_array_equal(a.centroids, faiss.vector_float_to_array(clus.centroids).reshape(8, 24))
 
 
+def _lloyd_numpy(vecs, k, iters, seed):
+    """Lloyd's k-means by brute force, with the random start of ``Codebook.train(pruned=True)``."""
+    rng = np.random.default_rng(seed)
+    centroids = vecs[np.sort(rng.choice(len(vecs), k, replace=False))].astype(np.float64)
+    for _ in range(iters):
+        words = ((vecs[:, None, :].astype(np.float64) - centroids[None]) ** 2).sum(-1).argmin(1)
+        for word in range(k):
+            if (words == word).any():
+                centroids[word] = vecs[words == word].mean(0)
+    return centroids
+
+
+def test_pruned_train_is_lloyd_kmeans(train_vecs):
+    # Clusters far apart: no distance is decided by rounding, so the words are those of
+    # the brute-force reference at every step.
+    a = Codebook.train(train_vecs, 8, iters=5, seed=3, pruned=True)
+    np.testing.assert_allclose(a.centroids, _lloyd_numpy(train_vecs, 8, 5, 3), rtol=0, atol=1e-4)
+    b = Codebook.train(train_vecs, 8, iters=5, seed=3, pruned=True)
+    np.testing.assert_array_equal(a.centroids, b.centroids)
+
+
+def test_pruned_train_splits_empty_words():
+    # Three distinct points, one of them repeated: from a start with two words on the same
+    # point, one of them is left empty and is split off a populated word.
+    vecs = np.repeat(np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]], np.float32), [50, 1, 1], axis=0)
+    book = Codebook.train(vecs, 3, iters=3, seed=0, pruned=True)
+    assert np.isfinite(book.centroids).all()
+    assert len(np.unique(book.centroids, axis=0)) == 3
+
+
 def test_train_size_string(train_vecs):
     vecs = np.tile(train_vecs, (1, 1))[:1500]
     assert Codebook.train(vecs, "1k", iters=1).size == 1024

@@ -20,6 +20,8 @@ from asmkit.features import ImageFeatures, extract_features  # noqa: E402
 from asmkit.features.factory import extraction_settings, feature_options  # noqa: E402
 from asmkit.pipeline import (  # noqa: E402
     MIN_POINTS_PER_WORD,
+    TRAIN_POINTS_PER_WORD,
+    _training_sample,
     build_index,
     compute_scores,
     evaluate_dataset,
@@ -80,7 +82,21 @@ def test_codebook_is_trained_on_a_sample(demo, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="asmkit"):
         build_index(demo / "images", out=tmp_path / "ws", codebook_size=16)
     [(used, total)] = _training_lines(caplog)
-    assert used == 16 * 128 < total
+    assert used == 16 * TRAIN_POINTS_PER_WORD < total
+
+
+def test_training_sample_does_not_depend_on_how_rows_are_split():
+    rng = np.random.default_rng(0)
+    parts = [rng.random((int(n), 8), dtype=np.float32) for n in rng.integers(0, 40, size=50)]
+    parts[3] = parts[3][:0]
+    whole = np.concatenate(parts)
+    sample = _training_sample(parts, 300, seed=7)
+    # The same rows as from the concatenation (the scores and eval paths split the
+    # descriptors differently), distinct, in the concatenation's order.
+    np.testing.assert_array_equal(sample, _training_sample([whole], 300, seed=7))
+    rows = [int(np.flatnonzero((whole == row).all(axis=1))[0]) for row in sample]
+    assert rows == sorted(set(rows)) and len(rows) == 300
+    np.testing.assert_array_equal(_training_sample(parts, len(whole), seed=7), whole)
 
 
 def _training_lines(caplog):

@@ -150,8 +150,12 @@ def _on_device(cb: Codebook, device: str) -> Codebook:
 #: stand for one or two descriptors); a size not chosen by the user is fitted to it.
 MIN_POINTS_PER_WORD = 39
 #: k-means trains on at most this many descriptors per word, sampled (the reference
-#: also trains on a sample; faiss suggests 39 to 256 per word).
-TRAIN_POINTS_PER_WORD = 128
+#: also trains on a sample; faiss advises a few dozen to a few hundred per word, and on
+#: UKBench twice as many gave the same mAP within noise: docs/performance.md).
+TRAIN_POINTS_PER_WORD = 64
+#: k-means assigns with the pruned exact search (``Codebook.train(pruned=True)``): faiss's
+#: algorithm for less CPU time, not faiss's centroids; part of the saved codebooks' keys.
+KMEANS_PRUNED = True
 
 
 def fit_codebook_size(n_descriptors: int, size: int) -> int:
@@ -173,11 +177,13 @@ def _training_sample(parts: Sequence[np.ndarray], n: int, seed: int) -> np.ndarr
         return np.concatenate(parts) if len(parts) > 1 else np.ascontiguousarray(parts[0])
     rows = np.sort(np.random.default_rng(seed).choice(total, n, replace=False))
     offsets = np.concatenate([[0], np.cumsum(counts)])
-    part = np.searchsorted(offsets, rows, side="right") - 1
+    # The rows are sorted, so each part's rows are one slice of them: no per-part mask
+    # over all n rows (thousands of parts when each image is one).
+    bounds = np.searchsorted(rows, offsets)
     out = np.empty((n, parts[0].shape[1]), dtype=np.float32)
-    for k in np.unique(part):
-        mask = part == k
-        out[mask] = parts[k][rows[mask] - offsets[k]]
+    for k in np.flatnonzero(np.diff(bounds)):
+        begin, end = bounds[k], bounds[k + 1]
+        np.take(parts[k], rows[begin:end] - offsets[k], axis=0, out=out[begin:end])
     return out
 
 
@@ -225,7 +231,7 @@ def _get_codebook(
         logger.warning("codebook: %d words from %d descriptors, fewer than %d per word", size, n, MIN_POINTS_PER_WORD)
     vecs = _training_sample(parts, min(n, TRAIN_POINTS_PER_WORD * size), p.seed)
     logger.info("training a %d-word codebook on %d of %d descriptors", size, len(vecs), n)
-    cb = Codebook.train(vecs, size, iters=p.kmeans_iters, seed=p.seed)
+    cb = Codebook.train(vecs, size, iters=p.kmeans_iters, seed=p.seed, pruned=KMEANS_PRUNED)
     if saved is not None:
         cb.save(saved)
     return cb, f"{len(vecs)} of {n} descriptors"
@@ -805,6 +811,7 @@ def _scores_codebook(folder: Path, cfg: PipelineConfig, trained_on: Sequence[Pat
                 "params": cfg.params.to_dict(),
                 "chosen": cfg.codebook_size_chosen,
                 "train_points_per_word": TRAIN_POINTS_PER_WORD,
+                "kmeans_pruned": KMEANS_PRUNED,
             }
         )
     )
@@ -1288,6 +1295,7 @@ def _dataset_matrix(
                 "params": cfg.params.to_dict(),
                 "chosen": cfg.codebook_size_chosen,
                 "train_points_per_word": TRAIN_POINTS_PER_WORD,
+                "kmeans_pruned": KMEANS_PRUNED,
             }
         )
     )
