@@ -72,8 +72,9 @@ def test_bad_fusion_input(bad):
 
 def test_shipped_hybrid_presets():
     spec = hybrid_spec("hybrid")
-    assert spec.members == ("sift", "deep_rot") and spec.fusion in FUSIONS
+    assert spec.members == ("sift", "deep_rot") and spec.fusion == "robust" and spec.fusion in FUSIONS
     assert hybrid_spec("hybrid_rank").fusion == "rank"
+    assert hybrid_spec("hybrid_fast").members == ("sift", "deep")
     assert hybrid_spec("sift") is None and hybrid_spec("no-such-preset") is None
     with pytest.raises(ArgumentError, match="members"):
         HybridSpec(["sift"])
