@@ -199,6 +199,9 @@ def test_hybrid_pairs_and_top_scores_are_those_of_the_fused_matrix(demo, workspa
         res = pipeline.make_pairs(source, out=tmp_path / "p.txt", graph="knn-2", preset=preset)
         assert res["n_pairs"] == from_dense["n_pairs"] > 0
         assert (tmp_path / "p.txt").read_text() == (tmp_path / "p0.txt").read_text()
+    # Verification runs on the first member's (SIFT) features.
+    res = pipeline.make_pairs(demo / "images", out=tmp_path / "v.txt", graph="knn-2", preset="hybrid", verify=True)
+    assert res["n_tested"] == from_dense["n_pairs"] and (tmp_path / "v.txt.inliers.txt").is_file()
 
 
 def test_hybrid_through_the_command_line(demo, sift_pair, tmp_path, capsys):

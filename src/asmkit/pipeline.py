@@ -393,6 +393,8 @@ def build_index(
     out = Path(out)
     spec = workspace_hybrid(out) if add else hybrid_spec(preset)
     if spec is not None:
+        if add:
+            preset = _read_manifest(out).get("preset", preset)
         _check_hybrid_options(preset, config=config, codebook=codebook, codebook_size=codebook_size, regions=regions)
         return _build_hybrid_index(
             spec, images, out=out, add=add, train=train, model=model, workers=workers, device=device, preset=preset
@@ -478,8 +480,6 @@ def build_index(
 
 def _build_hybrid_index(spec: HybridSpec, images, *, out: Path, add: bool, preset: str, **options: Any) -> dict:
     """:func:`build_index` of each member into ``out/<member>``, then the hybrid manifest."""
-    if add:
-        preset = _read_manifest(out).get("preset", preset)
     summaries = {m: build_index(images, out=out / m, preset=m, add=add, **options) for m in spec.members}
     _write_json(
         out / _PIPELINE,
