@@ -16,7 +16,7 @@ Gaussian blur, and ``mix`` (four of the others composed, in random order).
 
 Usage::
 
-    PYTHONPATH=src python -m benchmarks.bench_robustness --out /tmp/rb10 \\
+    PYTHONPATH=src python -m benchmarks.bench_robustness --out bench_out/robust_full \\
         --originals 10 --distractors 50 --presets sift deep deep_rot hybrid hybrid_rank
 
 The ``families`` field of gt.json maps each positive image to its family name, so that

@@ -1,16 +1,23 @@
-"""Hybrid presets: fusion of per-member similarities, through eval and scores."""
+"""Hybrid presets: fusion of per-member similarities, through eval, scores, index, query and pairs."""
 
 from __future__ import annotations
+
+import shutil
 
 import numpy as np
 import pytest
 
 pytest.importorskip("skimage")
 
+from cli_json import run_json  # noqa: E402
+
 import asmkit.pipeline as pipeline  # noqa: E402
 from asmkit._validation import ArgumentError  # noqa: E402
 from asmkit.demo import build_demo_set  # noqa: E402
 from asmkit.hybrid import FUSIONS, RRF_K, HybridSpec, fuse, hybrid_spec  # noqa: E402
+from asmkit.index import Index  # noqa: E402
+from asmkit.pairs import SparseScores  # noqa: E402
+from asmkit.storage import StorageError  # noqa: E402
 
 
 def test_score_fusion_ignores_each_members_scale():
@@ -21,6 +28,21 @@ def test_score_fusion_ignores_each_members_scale():
     z = lambda m: (m - m.mean(1, keepdims=True)) / m.std(1, keepdims=True)  # noqa: E731
     np.testing.assert_allclose(fuse([a, b], "score"), z(a) + z(b), atol=1e-5)
     assert fuse([a, b]).dtype == np.float32
+
+
+def test_robust_fusion_centres_on_the_median_and_scales_by_the_mad():
+    rng = np.random.default_rng(0)
+    a, b = rng.random((3, 40)), rng.random((3, 40)) ** 3
+
+    def reference(m):
+        med = np.median(m, axis=1, keepdims=True)
+        return (m - med) / (1.4826 * np.median(np.abs(m - med), axis=1, keepdims=True))
+
+    np.testing.assert_allclose(fuse([a, b], "robust"), reference(a) + reference(b), rtol=1e-5, atol=1e-5)
+    # Most of the row tied (zero MAD): the standard deviation scales it instead.
+    c = np.array([[0.0, 0.0, 0.0, 0.0, 1.0]])
+    np.testing.assert_allclose(fuse([c], "robust"), c / c.std(), rtol=1e-6)
+    np.testing.assert_allclose(fuse([np.ones((1, 5))], "robust"), 0)
 
 
 def test_rank_fusion_is_reciprocal_rank():
@@ -50,8 +72,9 @@ def test_bad_fusion_input(bad):
 
 def test_shipped_hybrid_presets():
     spec = hybrid_spec("hybrid")
-    assert spec.members == ("sift", "deep_rot") and spec.fusion in FUSIONS
+    assert spec.members == ("sift", "deep_rot") and spec.fusion == "robust" and spec.fusion in FUSIONS
     assert hybrid_spec("hybrid_rank").fusion == "rank"
+    assert hybrid_spec("hybrid_fast").members == ("sift", "deep")
     assert hybrid_spec("sift") is None and hybrid_spec("no-such-preset") is None
     with pytest.raises(ArgumentError, match="members"):
         HybridSpec(["sift"])
@@ -93,6 +116,101 @@ def test_hybrid_scores_are_the_fusion_of_the_members(demo, sift_pair, tmp_path):
     assert pairs["n_pairs"] > 0
 
 
-def test_hybrid_index_is_refused(demo, tmp_path):
-    with pytest.raises(ArgumentError, match="hybrid"):
-        pipeline.build_index(demo / "images", out=tmp_path / "idx", preset="hybrid")
+@pytest.fixture
+def workspace(demo, sift_pair, tmp_path):
+    """A hybrid index of the demo images (members sift and sift_hq)."""
+    ws = tmp_path / "ws"
+    summary = pipeline.build_index(demo / "images", out=ws, preset="hybrid")
+    return ws, summary
+
+
+def test_hybrid_index_holds_one_workspace_per_member(workspace):
+    ws, summary = workspace
+    assert summary["hybrid"] == {"members": ["sift", "sift_hq"], "fusion": "score"}
+    assert set(summary["codebook_size"]) == {"sift", "sift_hq"}
+    for m in ("sift", "sift_hq"):
+        assert pipeline.open_workspace(ws / m)[1].name == m
+        assert summary["members"][m]["images"] == summary["images"] > 0
+    assert pipeline.workspace_hybrid(ws).members == ("sift", "sift_hq")
+    assert pipeline.workspace_hybrid(ws / "sift") is None
+    # The folder itself is no plain workspace: code that needs one says so.
+    with pytest.raises(StorageError, match="hybrid"):
+        pipeline.open_workspace(ws)
+
+
+def test_hybrid_query_equals_the_scores_row(demo, workspace, tmp_path):
+    ws, summary = workspace
+    res = pipeline.compute_scores(demo / "images", out=tmp_path / "s.npy", preset="hybrid")
+    names = (tmp_path / "s.npy.names.txt").read_text().split()
+    matrix = np.load(tmp_path / "s.npy")
+    rows = [0, len(names) - 1]
+    q = pipeline.query_index(ws, [demo / "images" / names[i] for i in rows], top=len(names))
+    assert res["images"] == len(q["results"][0]["results"]) == summary["images"]
+    for i, result in zip(rows, q["results"]):
+        got = {r["name"]: r["score"] for r in result["results"]}
+        np.testing.assert_allclose([got[n] for n in names], matrix[i], atol=1e-5)
+        assert [r["score"] for r in result["results"]] == sorted(got.values(), reverse=True)
+    top = pipeline.query_index(ws, [demo / "images" / names[0]], top=2)["results"][0]["results"]
+    assert top == q["results"][0]["results"][:2]
+    with pytest.raises(ArgumentError, match="rerank"):
+        pipeline.query_index(ws, [demo / "images" / names[0]], rerank=5)
+
+
+def test_hybrid_add_grows_every_member(demo, sift_pair, tmp_path):
+    src = tmp_path / "images"
+    src.mkdir()
+    photos = sorted((demo / "images").iterdir())
+    for f in photos[:6]:
+        shutil.copy(f, src / f.name)
+    ws = tmp_path / "ws"
+    pipeline.build_index(src, out=ws, preset="hybrid")
+    for f in photos[6:]:
+        shutil.copy(f, src / f.name)
+    summary = pipeline.build_index(src, out=ws, add=True)
+    assert summary["added"] == len(photos) - 6 and summary["images"] == len(photos)
+    for m in ("sift", "sift_hq"):
+        assert len(Index.load(ws / m / "index.asmkit").keys) == len(photos)
+
+
+def test_hybrid_workspace_names_a_missing_member(workspace, demo):
+    ws, _ = workspace
+    shutil.rmtree(ws / "sift_hq")
+    image = next((demo / "images").iterdir())
+    with pytest.raises(FileNotFoundError, match=r"sift_hq.*pipeline\.json"):
+        pipeline.query_index(ws, [image])
+    with pytest.raises(FileNotFoundError, match="sift_hq"):
+        pipeline.build_index(demo / "images", out=ws, add=True)
+
+
+def test_hybrid_pairs_and_top_scores_are_those_of_the_fused_matrix(demo, workspace, tmp_path):
+    ws, _ = workspace
+    dense = tmp_path / "s.npy"
+    pipeline.compute_scores(demo / "images", out=dense, preset="hybrid")
+    names = dense.with_name(dense.name + ".names.txt").read_text().split()
+    expected = SparseScores.from_dense(np.load(dense), 3)
+    # Sparse scores of the image folder (k-NN per block, fused block by block) and of the index.
+    pipeline.compute_scores(demo / "images", out=tmp_path / "t.npz", preset="hybrid", top=3)
+    for sparse, sparse_names in (SparseScores.load(tmp_path / "t.npz"), pipeline._sparse_scores(ws, 3)[:2]):
+        assert sparse_names == names
+        np.testing.assert_array_equal(sparse.ids, expected.ids)
+        np.testing.assert_allclose(sparse.scores, expected.scores, atol=1e-5)
+    from_dense = pipeline.make_pairs(out=tmp_path / "p0.txt", scores=dense, graph="knn-2")
+    for source, preset in ((demo / "images", "hybrid"), (ws, "sift")):
+        res = pipeline.make_pairs(source, out=tmp_path / "p.txt", graph="knn-2", preset=preset)
+        assert res["n_pairs"] == from_dense["n_pairs"] > 0
+        assert (tmp_path / "p.txt").read_text() == (tmp_path / "p0.txt").read_text()
+    # Verification runs on the first member's (SIFT) features.
+    res = pipeline.make_pairs(demo / "images", out=tmp_path / "v.txt", graph="knn-2", preset="hybrid", verify=True)
+    assert res["n_tested"] == from_dense["n_pairs"] and (tmp_path / "v.txt.inliers.txt").is_file()
+
+
+def test_hybrid_through_the_command_line(demo, sift_pair, tmp_path, capsys):
+    from asmkit.cli import main
+
+    ws = tmp_path / "ws"
+    assert main(["index", str(demo / "images"), "--out", str(ws), "--preset", "hybrid"]) == 0
+    assert "codebook sift " in capsys.readouterr().out
+    image = sorted((demo / "images").iterdir())[0]
+    res = run_json(capsys, ["query", str(ws), str(image), "--top", "3", "--json"])
+    assert res["hybrid"]["members"] == ["sift", "sift_hq"] and len(res["results"][0]["results"]) == 3
+    assert res["results"][0]["results"][0]["name"] == image.name

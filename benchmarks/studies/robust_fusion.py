@@ -1,53 +1,153 @@
-"""Fusion rules for the hybrid preset, compared on one robustness set (docs/robustness.md).
+"""Fusion rules for the hybrid preset, compared on one data set (docs/robustness.md).
 
-Computes all-vs-all scores of the hybrid preset's members once (``compute_scores``, which
-keeps each member's matrix) and evaluates each fusion rule on the query rows::
+Computes each member's query x database similarities once, exactly as ``asmkit eval DATA
+--preset <member>`` does (cached features and codebook, codebook trained on the database
+images), and evaluates every fusion rule on them::
 
-    PYTHONPATH=src python -m benchmarks.studies.robust_fusion /tmp/rbs /tmp/rbs_fusion
+    PYTHONPATH=src python -m benchmarks.studies.robust_fusion bench_out/robust_small bench_out/robust_small_fusion
+    PYTHONPATH=src python -m benchmarks.studies.robust_fusion ../shared/datasets/ukbench2000 \\
+        bench_out/ukbench_fusion --members sift deep
 
-Prints and writes ``OUT/fusion.json``: mAP and per-family mAP of each member and rule.
+Prints and writes ``OUT/fusion.json``: mAP (and per-family mAP where the ground truth has
+families, N-S where it has groups) of each member and rule, and each member's matrix as
+``OUT/<member>.npy``.
+
+Rules (each row is one query over the database; ``z`` standardises a row by its mean and
+standard deviation, ``robust`` by its median and median absolute deviation):
+
+- ``score``, ``rank``, ``robust``: :func:`asmkit.hybrid.fuse` (the shipped fusions).
+- ``max-z``, ``max-robust``: per candidate, the largest member's standardised score.
+- ``minmax``: rows scaled to [0, 1], summed.
+- ``tail-z-K``: standardised by the mean and deviation of the scores below the top K.
+- ``qalf-z``, ``qalf-minmax``, ``qalf-robust``: query-adaptive late fusion (Zheng et al.,
+  CVPR 2015): each member weighted per query by the inverse area under its sorted score
+  curve (top result left out, the rest min-max normalised): a curve that drops sharply
+  after a few results is a confident one.
+- ``topz-z``, ``margin-z``: each member weighted per query by its best standardised score
+  other than the top one, or by that minus its tenth after it.
+- ``z + relu(z_b - T)``: the first member's standardised scores, plus the second member's
+  only where they exceed T; ``thresholded-z-T``: each member's standardised scores where
+  they exceed T, else 0 (sum).
+- ``z_a + W z_b``: the second member weighted down.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
+from asmkit import pipeline
+from asmkit.config import load_config
 from asmkit.evaluate import evaluate, load_ground_truth
 from asmkit.hybrid import fuse
-from asmkit.pipeline import compute_scores
 
 
-def _standardise(m: np.ndarray) -> np.ndarray:
+def _z(m: np.ndarray) -> np.ndarray:
     return (m - m.mean(1, keepdims=True)) / m.std(1, keepdims=True)
 
 
-def main(data: str, out: str) -> None:
-    gt = load_ground_truth(data)
-    Path(out).mkdir(parents=True, exist_ok=True)
-    res = compute_scores(Path(data) / "images", out=Path(out) / "hybrid.npy", preset="hybrid")
-    names = Path(res["names"]).read_text().split()
-    pos = {"images/" + n: i for i, n in enumerate(names)}
-    qi = np.array([pos[q] for q in gt.queries])
-    di = np.array([pos[n] for n in gt.images])
-    members = {m: np.load(path)[np.ix_(qi, di)] for m, path in res["members"].items()}
-    a, b = members.values()
-    rules = {
-        **members,
+def _robust(m: np.ndarray) -> np.ndarray:
+    med = np.median(m, 1, keepdims=True)
+    return (m - med) / np.median(np.abs(m - med), 1, keepdims=True)
+
+
+def _minmax(m: np.ndarray) -> np.ndarray:
+    lo, hi = m.min(1, keepdims=True), m.max(1, keepdims=True)
+    return (m - lo) / (hi - lo)
+
+
+def _tail_z(m: np.ndarray, k: int) -> np.ndarray:
+    tail = -np.sort(-m, 1)[:, k:]
+    return (m - tail.mean(1, keepdims=True)) / tail.std(1, keepdims=True)
+
+
+def _auc_weight(m: np.ndarray) -> np.ndarray:
+    # The top result is left out: with the query in the database it is the query itself.
+    curve = _minmax(-np.sort(-m, 1)[:, 1:])
+    return 1.0 / curve.mean(1, keepdims=True)
+
+
+def _nth_z(m: np.ndarray, n: int) -> np.ndarray:
+    return -np.sort(-_z(m), 1)[:, n : n + 1]
+
+
+def rules(a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
+    """Every fused ``[Q, N]`` matrix of the study, from two members' matrices."""
+
+    def weighted(weight: Callable, norm: Callable) -> np.ndarray:
+        return weight(a) * norm(a) + weight(b) * norm(b)
+
+    out = {
         "score": fuse([a, b], "score"),
         "rank": fuse([a, b], "rank"),
-        "max-standardised": np.maximum(_standardise(a), _standardise(b)),
+        "robust": fuse([a, b], "robust"),
+        "max-z": np.maximum(_z(a), _z(b)),
+        "max-robust": np.maximum(_robust(a), _robust(b)),
+        "minmax": _minmax(a) + _minmax(b),
+        **{f"tail-z-{k}": _tail_z(a, k) + _tail_z(b, k) for k in (5, 10, 20, 50)},
+        "qalf-z": weighted(_auc_weight, _z),
+        "qalf-minmax": weighted(_auc_weight, _minmax),
+        "qalf-robust": weighted(_auc_weight, _robust),
+        "topz-z": weighted(lambda m: _nth_z(m, 1), _z),
+        "margin-z": weighted(lambda m: _nth_z(m, 1) - _nth_z(m, 11), _z),
+        **{f"z + relu(z_b - {t})": _z(a) + np.maximum(_z(b) - t, 0) for t in (1, 2)},
+        **{f"thresholded-z-{t}": np.where(_z(a) > t, _z(a), 0) + np.where(_z(b) > t, _z(b), 0) for t in (1, 2)},
+        **{f"z_a + {w} z_b": _z(a) + w * _z(b) for w in (0.25, 0.5)},
     }
+    return out
+
+
+def member_matrix(data: str, preset: str) -> np.ndarray:
+    """float32 [Q, N]: ``asmkit eval DATA --preset PRESET``'s similarities."""
+    gt = load_ground_truth(data)
+    return pipeline._dataset_matrix(
+        gt,
+        load_config(preset),
+        data=data,
+        codebook=None,
+        model=None,
+        cache=None,
+        workers=None,
+        device="cpu",
+        rerank=0,
+        regions=None,
+        whole_image=True,
+        ray=None,
+        ray_cpus=None,
+    )[0]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data", help="data set folder (images/ + gt.json)")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--members", nargs=2, default=["sift", "deep_rot"])
+    args = parser.parse_args(argv)
+    # Absolute, as the cache keys of a learned whitening name the images by path.
+    args.data = str(Path(args.data).resolve())
+    gt = load_ground_truth(args.data)
+    args.out.mkdir(parents=True, exist_ok=True)
+    members = {}
+    for m in args.members:
+        members[m] = member_matrix(args.data, m).astype(np.float64)
+        np.save(args.out / f"{m}.npy", members[m].astype(np.float32))
     results = {}
-    for rule, matrix in rules.items():
+    for rule, matrix in {**members, **rules(*members.values())}.items():
         metrics = evaluate(np.argsort(-matrix, axis=1, kind="stable"), gt)
-        results[rule] = {"map": metrics["map"], "families": {f: v["map"] for f, v in metrics["families"].items()}}
-        print(rule, round(metrics["map"], 3), {f: round(v, 3) for f, v in results[rule]["families"].items()})
-    (Path(out) / "fusion.json").write_text(json.dumps(results, indent=1) + "\n")
+        row = {"map": metrics["map"]}
+        if "ns_score" in metrics:
+            row["ns_score"] = metrics["ns_score"]
+        if "families" in metrics:
+            row["families"] = {f: v["map"] for f, v in metrics["families"].items()}
+        results[rule] = row
+        print(f"{rule:22s}", " ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "families"), end=" ")
+        print(" ".join(f"{f} {v:.3f}" for f, v in row.get("families", {}).items()))
+    (args.out / "fusion.json").write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main()

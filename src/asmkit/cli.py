@@ -275,11 +275,14 @@ def _run(args: argparse.Namespace) -> int:
             whole_image=args.whole_image,
         )
         t = summary["timings"]
+        size = summary["codebook_size"]
+        # A hybrid index has one codebook per member.
+        sizes = ", ".join(f"{m} {n}" for m, n in size.items()) if isinstance(size, dict) else size
         _print(
             summary,
             args.json,
             f"{'added' if args.add else 'indexed'} {summary['added']} images into {summary['index']} "
-            f"({summary['images']} in total, codebook {summary['codebook_size']}, preset {summary['preset']}); "
+            f"({summary['images']} in total, codebook {sizes}, preset {summary['preset']}); "
             f"extract {t['extract_s']:.1f}s, codebook {t['codebook_s']:.1f}s, index {t['index_s']:.1f}s"
             + _failed_lines(summary["failed"]),
         )

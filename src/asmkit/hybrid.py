@@ -15,8 +15,18 @@ member and hands them to :func:`fuse`:
   whose similarities happen to be larger does not dominate; the standardised rows are
   summed. A match that stands out from the distractors in either member stands out in the
   sum.
+- ``robust``: as ``score``, but each row is centred on its median and scaled by its median
+  absolute deviation (times :data:`MAD_TO_STD`, the standard deviation when that is 0). The
+  median and the MAD describe the distractors alone, where the mean and the standard
+  deviation also take in the few true matches, whose large scores inflate the deviation
+  most for the member that separates them best; so a member whose matches stand far out
+  of its noise (SIFT on hard copies) is no longer flattened to the level of one whose
+  scores are spread (deep features on edits they do not survive).
 - ``rank``: reciprocal rank fusion, ``sum_m 1 / (RRF_K + rank_m)`` with ranks from 1; it
   ignores score magnitudes altogether.
+
+Every fusion works on each row alone, so fusing row blocks gives the rows of the fused
+matrix (how ``pairs`` and ``scores --top`` fuse without an N x N array).
 """
 
 from __future__ import annotations
@@ -28,10 +38,12 @@ import numpy as np
 from ._validation import ArgumentError, check_choice
 from .params import preset_names, preset_table
 
-__all__ = ["FUSIONS", "RRF_K", "HybridSpec", "fuse", "hybrid_spec"]
+__all__ = ["FUSIONS", "MAD_TO_STD", "RRF_K", "HybridSpec", "fuse", "hybrid_spec"]
 
 #: Fusion methods of :func:`fuse`.
-FUSIONS = ("score", "rank")
+FUSIONS = ("score", "robust", "rank")
+#: The median absolute deviation of normal data times this is its standard deviation.
+MAD_TO_STD = 1.4826
 #: The constant of reciprocal rank fusion (Cormack et al., SIGIR 2009): it damps the weight
 #: of the very first ranks.
 RRF_K = 60
@@ -90,7 +102,7 @@ def fuse(matrices: Sequence[np.ndarray], fusion: str = "score") -> np.ndarray:
     matrices : sequence of numpy.ndarray
         Float ``[Q, N]`` each, row q = query q, column j = database image j, higher = more
         similar; all of one shape.
-    fusion : {"score", "rank"}
+    fusion : {"score", "robust", "rank"}
         See the module docstring.
 
     Returns
@@ -115,6 +127,12 @@ def fuse(matrices: Sequence[np.ndarray], fusion: str = "score") -> np.ndarray:
             std = m.std(axis=1, keepdims=True)
             # A constant row (an image without features) carries no evidence.
             out += np.divide(m - m.mean(axis=1, keepdims=True), std, out=np.zeros_like(m), where=std > 0)
+        elif fusion == "robust":
+            median = np.median(m, axis=1, keepdims=True)
+            scale = MAD_TO_STD * np.median(np.abs(m - median), axis=1, keepdims=True)
+            # More than half the row tied: its deviation is the only spread there is.
+            scale = np.where(scale > 0, scale, m.std(axis=1, keepdims=True))
+            out += np.divide(m - median, scale, out=np.zeros_like(m), where=scale > 0)
         else:
             # Stable ordering, so that exact ties keep database order as elsewhere.
             order = np.argsort(-m, axis=1, kind="stable")

@@ -13,6 +13,9 @@ An index *workspace* is a folder::
     features.h5      local features of the indexed images (resumable)
     codebook.asmkit  the codebook (reused by --add and reruns)
     index.asmkit     the inverted file
+
+A hybrid preset's workspace holds one such folder per member preset and a ``pipeline.json``
+naming the members and the fusion (:func:`workspace_hybrid`, docs/formats.md).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ __all__ = [
     "query_index",
     "run_demo",
     "workspace_extractor_path",
+    "workspace_hybrid",
 ]
 
 _PIPELINE = "pipeline.json"
@@ -383,17 +387,24 @@ def build_index(
     codebook is reused. With ``add=True`` the images not yet indexed are added to the
     existing index (whose preset is kept).
 
+    A hybrid preset builds one workspace per member in ``out/<member>`` (each with its own
+    preset's settings, so ``config``, ``codebook``, ``codebook_size`` and ``regions`` are
+    refused); the summary's ``codebook_size`` and ``members`` are then per member.
+
     Returns
     -------
     dict
         Summary: images indexed, failed files, timings.
     """
-    if hybrid_spec(preset) is not None and not add:
-        raise ArgumentError(
-            f"--preset {preset}: a hybrid preset has no single index yet; use it with "
-            "eval, scores or pairs, or index each member preset on its own"
-        )
     out = Path(out)
+    spec = workspace_hybrid(out) if add else hybrid_spec(preset)
+    if spec is not None:
+        if add:
+            preset = _read_manifest(out).get("preset", preset)
+        _check_hybrid_options(preset, config=config, codebook=codebook, codebook_size=codebook_size, regions=regions)
+        return _build_hybrid_index(
+            spec, images, out=out, add=add, train=train, model=model, workers=workers, device=device, preset=preset
+        )
     timings: dict[str, float] = {}
     if add:
         if not (out / _PIPELINE).is_file():
@@ -473,6 +484,74 @@ def build_index(
     return summary
 
 
+def _build_hybrid_index(spec: HybridSpec, images, *, out: Path, add: bool, preset: str, **options: Any) -> dict:
+    """:func:`build_index` of each member into ``out/<member>``, then the hybrid manifest."""
+    summaries = {m: build_index(images, out=out / m, preset=m, add=add, **options) for m in spec.members}
+    _write_json(
+        out / _PIPELINE,
+        {"hybrid": spec.to_dict(), "preset": preset, "image_root": str(open_workspace(out / spec.members[0])[2])},
+    )
+    first = summaries[spec.members[0]]
+    failed = {f["name"]: f["reason"] for s in summaries.values() for f in s["failed"]}
+    timings = {f"{m}.{k}": v for m, s in summaries.items() for k, v in s["timings"].items()}
+    for key in ("extract_s", "codebook_s", "index_s"):
+        timings[key] = sum(s["timings"][key] for s in summaries.values())
+    return {
+        "index": str(out),
+        "preset": preset,
+        "hybrid": spec.to_dict(),
+        "images": first["images"],
+        "added": first["added"],
+        "failed": [{"name": n, "reason": r} for n, r in sorted(failed.items())],
+        "codebook_size": {m: s["codebook_size"] for m, s in summaries.items()},
+        "members": summaries,
+        "timings": timings,
+    }
+
+
+def _read_manifest(folder: Path) -> dict:
+    from ._io import read_json
+
+    data = read_json(folder / _PIPELINE, f"an asmkit {_PIPELINE}")
+    if not isinstance(data, dict):
+        raise StorageError(f"{folder / _PIPELINE}: not an asmkit {_PIPELINE} (not a JSON object)")
+    return data
+
+
+def workspace_hybrid(folder: str | os.PathLike) -> HybridSpec | None:
+    """The hybrid spec of a workspace that ``asmkit index --preset hybrid`` made, or None for
+    a plain workspace (or a folder that is no workspace).
+
+    A hybrid workspace holds one plain workspace per member preset, ``<folder>/<member>/``,
+    and a ``pipeline.json`` with ``hybrid`` (members, fusion), ``preset`` and ``image_root``.
+
+    Raises
+    ------
+    FileNotFoundError
+        A member's workspace is missing (naming its ``pipeline.json``).
+    asmkit.storage.StorageError
+        A ``hybrid`` table that is not a valid one.
+    """
+    folder = Path(folder)
+    if not (folder / _PIPELINE).is_file():
+        return None
+    table = _read_manifest(folder).get("hybrid")
+    if table is None:
+        return None
+    try:
+        spec = HybridSpec(table["members"], table.get("fusion", "score"))
+    except (KeyError, TypeError, AttributeError, ArgumentError) as exc:
+        raise StorageError(f"{folder / _PIPELINE}: not a valid hybrid table ({type(exc).__name__}: {exc})") from None
+    for m in spec.members:
+        if not (folder / m / _PIPELINE).is_file():
+            raise FileNotFoundError(
+                f"{folder}: hybrid index without its {m} member (missing {folder / m / _PIPELINE}); "
+                f"rebuild it with `asmkit index IMAGES --preset {_read_manifest(folder).get('preset', 'hybrid')} "
+                f"--out {folder}`"
+            )
+    return spec
+
+
 def open_workspace(index: str | os.PathLike) -> tuple[Path, PipelineConfig, Path]:
     """(folder, config, image root) of an index workspace made by ``asmkit index``.
 
@@ -489,9 +568,11 @@ def open_workspace(index: str | os.PathLike) -> tuple[Path, PipelineConfig, Path
         raise StorageError(f"{folder}: not an asmkit index workspace (a file, not a folder)")
     if not manifest.is_file():
         raise StorageError(f"{folder}: not an asmkit index workspace (missing {_PIPELINE})")
-    from ._io import read_json
-
-    data = read_json(manifest, f"an asmkit {_PIPELINE}")
+    data = _read_manifest(folder)
+    if "hybrid" in data:
+        raise StorageError(
+            f"{folder}: a hybrid index workspace; query it with `asmkit query`, or open one of its member folders"
+        )
     try:
         return folder, PipelineConfig.from_dict(data["config"]), Path(data["image_root"])
     except (KeyError, TypeError, ValueError) as exc:
@@ -520,31 +601,28 @@ def query_index(
     ``box`` (x0, y0, x1, y1 in the pixels of the image as loaded) keeps each query's
     features inside it only.
 
+    A hybrid workspace (:func:`workspace_hybrid`) answers with the members' fused scores,
+    the row of ``compute_scores(preset=<its preset>)`` for the query image.
+
     Returns
     -------
     dict
         ``{"index", "image_root", "results": [{"query", "results": [{"name", "score"}]}],
-        "failed": [...]}``.
+        "failed": [...]}``, plus ``hybrid`` (members, fusion) for a hybrid workspace.
     """
-    folder, cfg, root = open_workspace(index)
-    feats = _build_extractor(cfg, saved=workspace_extractor_path(cfg, folder), model=model, device=device)
-    idx = Index.load(folder / "index.asmkit", mmap=True, gpu=gpu_of(device))
-    paths = [Path(p) for p in images]
-    if not paths:
-        raise ArgumentError("images: no query image given")
-    common = Path(os.path.commonpath([p.resolve().parent for p in paths]))
-    names = image_names([p.resolve() for p in paths], common)
-    result = extract_features([p.resolve() for p in paths], feats.extractor, root=common, progress=False, keep=True)
-    queries = [(str(p), n) for p, n in zip(paths, names) if n in result.features]
-    out = []
     rerank = check_int(rerank, "rerank", min=0)
     expand = check_int(expand, "expand", min=0)
     if expand and not rerank:
         raise ArgumentError("--expand: needs --rerank (it expands with verified images)")
+    spec = workspace_hybrid(index)
+    if spec is not None:
+        if rerank:
+            raise ArgumentError("--rerank: not with a hybrid index (verify on one of its member folders)")
+        return _hybrid_query(Path(index), spec, images, top=top, model=model, device=device, box=box)
+    folder, feats, idx, root = _open_for_query(index, model, device)
+    queries, qfeats, failed = _query_features(images, feats, box)
+    out = []
     if queries:
-        qfeats = [result.features[n] for _, n in queries]
-        if box is not None:
-            qfeats = [_in_query_box(f, box) for f in qfeats]
         scores, ids = idx.search([feats.descriptors(f.descriptors) for f in qfeats], k=max(top, rerank))
         inliers = None
         if rerank:
@@ -564,7 +642,66 @@ def query_index(
         "index": str(folder),
         "image_root": str(root),
         "results": out,
-        "failed": [{"name": n, "reason": r} for n, r in result.failed],
+        "failed": [{"name": n, "reason": r} for n, r in failed],
+    }
+
+
+def _open_for_query(index, model, device: str) -> tuple[Path, Features, Index, Path]:
+    """(folder, extractor, memory-mapped index, image root) of a plain workspace."""
+    folder, cfg, root = open_workspace(index)
+    feats = _build_extractor(cfg, saved=workspace_extractor_path(cfg, folder), model=model, device=device)
+    return folder, feats, Index.load(folder / "index.asmkit", mmap=True, gpu=gpu_of(device)), root
+
+
+def _query_features(images: Sequence, feats: Features, box) -> tuple[list[tuple[str, str]], list[ImageFeatures], list]:
+    """The query images' features: ``(shown path, name)`` and features of each image read
+    (inside ``box`` when given), and the failed (name, reason) pairs."""
+    paths = [Path(p) for p in images]
+    if not paths:
+        raise ArgumentError("images: no query image given")
+    common = Path(os.path.commonpath([p.resolve().parent for p in paths]))
+    names = image_names([p.resolve() for p in paths], common)
+    result = extract_features([p.resolve() for p in paths], feats.extractor, root=common, progress=False, keep=True)
+    queries = [(str(p), n) for p, n in zip(paths, names) if n in result.features]
+    qfeats = [result.features[n] for _, n in queries]
+    if box is not None:
+        qfeats = [_in_query_box(f, box) for f in qfeats]
+    return queries, qfeats, list(result.failed)
+
+
+def _hybrid_query(folder: Path, spec: HybridSpec, images, *, top: int, model, device: str, box) -> dict[str, Any]:
+    """:func:`query_index` of a hybrid workspace: each member scores the queries against
+    all of its images, the rows are fused (:func:`asmkit.hybrid.fuse`, as ``scores`` fuses
+    them) over the images every member holds, and the top ``top`` of the fused row kept."""
+    rows, keys, shown, failed, root = [], [], {}, {}, None
+    for m in spec.members:
+        _, feats, idx, member_root = _open_for_query(folder / m, model, device)
+        root = root or member_root
+        queries, qfeats, member_failed = _query_features(images, feats, box)
+        failed.update(member_failed)
+        matrix = idx.similarity_matrix([feats.descriptors(f.descriptors) for f in qfeats]) if queries else None
+        rows.append({n: matrix[i] for i, (_, n) in enumerate(queries)})
+        keys.append(idx.keys)
+        shown.update((n, s) for s, n in queries)
+    both = set.intersection(*(set(k) for k in keys))
+    names = [k for k in keys[0] if k in both]
+    columns = [np.array([pos[n] for n in names], np.int64) for pos in ({k: i for i, k in enumerate(ks)} for ks in keys)]
+    answered = [n for n in rows[0] if all(n in r for r in rows)]
+    out = []
+    if answered and names:
+        fused = fuse([np.stack([r[n][c] for n in answered]) for r, c in zip(rows, columns)], spec.fusion)
+        # Stable sort: exact ties keep the index's order, as a plain query does.
+        order = np.argsort(-fused, axis=1, kind="stable")[:, :top]
+        for n, srow, irow in zip(answered, np.take_along_axis(fused, order, 1), order):
+            out.append(
+                {"query": shown[n], "results": [{"name": names[i], "score": float(v)} for i, v in zip(irow, srow)]}
+            )
+    return {
+        "index": str(folder),
+        "image_root": str(root),
+        "hybrid": spec.to_dict(),
+        "results": out,
+        "failed": [{"name": n, "reason": r} for n, r in sorted(failed.items())],
     }
 
 
@@ -647,6 +784,9 @@ def compute_scores(
 
     ``regions`` ("grid", "proposals" or a box file) aggregates the database side by R-ASMK(*)
     (with the whole image too unless ``whole_image`` is False). Not with ``top`` or ``ray``.
+
+    A hybrid preset writes each member's dense matrix beside ``out`` and their fusion to
+    ``out``; with ``top`` the members are scored in row blocks, fused block by block.
     """
     spec = hybrid_spec(preset)
     if spec is not None:
@@ -656,11 +796,11 @@ def compute_scores(
             codebook=codebook,
             codebook_size=codebook_size,
             cache=cache,
-            top=top,
             regions=regions,
             ray=ray,
         )
-        return _hybrid_scores(spec, images, out=Path(out), model=model, workers=workers, chunk=chunk, device=device)
+        if top is None:
+            return _hybrid_scores(spec, images, out=Path(out), model=model, workers=workers, chunk=chunk, device=device)
     out = Path(out)
     if top is not None:
         top = check_int(top, "--top", min=1)
@@ -761,7 +901,8 @@ def compute_scores(
 
 def _hybrid_scores(spec: HybridSpec, images, *, out: Path, **options: Any) -> dict[str, Any]:
     """:func:`compute_scores` of each member (``<out stem>.<member>.npy`` beside ``out``), fused
-    over the images every member could read."""
+    over the images every member could read. ``features`` is the first member's feature store
+    (what ``pairs --verify`` verifies on)."""
     from ._io import load_npy, read_lines
 
     members = []
@@ -794,6 +935,8 @@ def _hybrid_scores(spec: HybridSpec, images, *, out: Path, **options: Any) -> di
         "images": len(names),
         "hybrid": spec.to_dict(),
         "members": {m: summary["scores"] for m, (_, _, summary) in zip(spec.members, members)},
+        "features": members[0][2]["features"],
+        "image_root": members[0][2]["image_root"],
         "failed": [{"name": n, "reason": r} for n, r in sorted(failed.items())],
         "timings": timings,
     }
@@ -951,6 +1094,63 @@ def _sparse_scores(
     Returns the SparseScores, the names (matrix order), the anchor scorer, the failed
     files and the timings.
     """
+    options = dict(model=model, workers=workers, device=device)
+    workspace = (Path(images) / _PIPELINE).is_file()
+    spec = workspace_hybrid(images) if workspace else hybrid_spec(preset)
+    if spec is None:
+        index, descriptors, names, failed, timings = _scored_index(
+            images, preset=preset, config=config, codebook=codebook, codebook_size=codebook_size, cache=cache, **options
+        )
+        t0 = time.perf_counter()
+        sparse = index_topk(index, descriptors, top, chunk=chunk, ray=ray, ray_cpus=ray_cpus)
+        timings["scores_s"] = time.perf_counter() - t0
+        return sparse, names, anchor_scorer(index, descriptors), failed, timings
+    _check_hybrid_options(preset, config=config, codebook=codebook, codebook_size=codebook_size, cache=cache, ray=ray)
+    members = [_scored_index(Path(images) / m if workspace else images, preset=m, **options) for m in spec.members]
+    both = set.intersection(*(set(member[2]) for member in members))
+    names = [n for n in members[0][2] if n in both]
+    # Each member's positions of the common names: its rows (queries) and columns alike.
+    where = [
+        np.array([pos[n] for n in names], np.int64) for pos in ({n: i for i, n in enumerate(m[2])} for m in members)
+    ]
+    t0 = time.perf_counter()
+
+    def fused_blocks() -> Iterator[tuple[int, np.ndarray]]:
+        streams = [
+            score_blocks(
+                index,
+                lambda rows, d=describe, w=w: d([int(w[i]) for i in rows]),
+                len(names),
+                chunk=chunk,
+                ray=ray,
+                ray_cpus=ray_cpus,
+            )
+            for (index, describe, *_), w in zip(members, where)
+        ]
+        # Fusion works row by row, so fusing blocks gives the rows of the fused dense matrix.
+        for blocks in zip(*streams):
+            yield blocks[0][0], fuse([b[:, w] for (_, b), w in zip(blocks, where)], spec.fusion)
+
+    def anchor_row(i: int) -> np.ndarray:
+        return fuse(
+            [index.similarity_matrix(describe([int(w[i])]))[:, w] for (index, describe, *_), w in zip(members, where)],
+            spec.fusion,
+        )[0]
+
+    sparse = SparseScores.from_blocks(fused_blocks(), len(names), top)
+    failed = sorted({tuple(f) for member in members for f in member[3]})
+    timings = {f"{m}.{k}": v for m, member in zip(spec.members, members) for k, v in member[4].items()}
+    timings["scores_s"] = time.perf_counter() - t0
+    return sparse, names, anchor_row, failed, timings
+
+
+def _scored_index(
+    images, *, preset, model, workers, device, config=None, codebook=None, codebook_size=None, cache=None
+) -> tuple[Index, Callable[[Sequence[int]], list[np.ndarray]], list[str], list, dict[str, float]]:
+    """The index that :func:`_sparse_scores` scores its images against: a workspace's, or
+    one built of an image set's cached features. Returns the index, ``descriptors(rows)``
+    of the images at those positions of ``names``, the names (the index's order), the
+    failed files and the timings."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     if (Path(images) / _PIPELINE).is_file():
@@ -988,10 +1188,7 @@ def _sparse_scores(
             rows = range(begin, min(begin + _ADD_BLOCK, len(names)))
             index.add(descriptors(rows), np.asarray(rows, dtype=np.int64))
         timings["index_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    sparse = index_topk(index, descriptors, top, chunk=chunk, ray=ray, ray_cpus=ray_cpus)
-    timings["scores_s"] = time.perf_counter() - t0
-    return sparse, names, anchor_scorer(index, descriptors), failed, timings
+    return index, descriptors, names, failed, timings
 
 
 def make_pairs(
