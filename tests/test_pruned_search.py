@@ -1,5 +1,5 @@
 """The pruned exact quantizer (asmkit.quantizer.PrunedQuantizer, _kernels.pruned_nearest)
-against faiss's exhaustive search and a float64 brute force."""
+against a float64 brute force, its tied rows settled by their exact distances."""
 
 import numpy as np
 import pytest
@@ -37,10 +37,12 @@ def _brute(vecs, centroids, m):
     return dist, order
 
 
-def _faiss_words(vecs, centroids, m):
-    index = faiss.IndexFlatL2(centroids.shape[1])
-    index.add(centroids)
-    return index.search(vecs, m)[1]
+def _exact_words(vecs, centroids, m):
+    """The m nearest words by float64 distances summed per pair (equal distances have
+    equal bits, so the lower id comes first)."""
+    x, c = vecs.astype(np.float64), centroids.astype(np.float64)
+    dist = np.concatenate([((x[i : i + 64, None] - c[None]) ** 2).sum(-1) for i in range(0, len(x), 64)])
+    return np.argsort(dist, axis=1, kind="stable")[:, :m]
 
 
 def _assert_same_assignment(words, expected):
@@ -75,13 +77,12 @@ def _pruned(centroids, width=None):
 
 
 def _search(pruned, centroids, vecs, m):
-    """(dist, words) of one block searched by ``pruned``, its tied rows settled as in one
-    faiss call on ``vecs``."""
+    """(dist, words) of one block searched by ``pruned``, its tied rows settled."""
     dist = np.empty((len(vecs), m), np.float32)
     words = np.empty((len(vecs), m), np.int64)
-    tied = pruned.search(vecs, m, dist, words, nearest_first=True, one_segment=False)
+    tied = pruned.search(vecs, m, dist, words, nearest_first=True)
     if tied.size:
-        dist[tied], words[tied] = settle_rows(_flat(centroids), vecs[tied], tied, np.full(tied.size, len(vecs)), m)
+        dist[tied], words[tied] = settle_rows(_flat(centroids), centroids, vecs[tied], m)
     return dist, words
 
 
@@ -102,7 +103,7 @@ def _scale(vecs, centroids):
 
 @pytest.mark.parametrize("m", [1, 5])
 @pytest.mark.parametrize("scale", [1.0, 512.0])  # RootSIFT-like, raw-SIFT-like magnitudes
-def test_pruned_equals_faiss_and_brute_force(m, scale):
+def test_pruned_equals_the_brute_force(m, scale):
     vecs = _spectral(3000, 128, seed=1, scale=scale)
     centroids = _spectral(1000, 128, seed=2, scale=scale)  # K not a multiple of 16
     pruned, fallback = _pruned(centroids)
@@ -115,9 +116,8 @@ def test_pruned_equals_faiss_and_brute_force(m, scale):
     clear = (gaps > _eps(vecs) * scale_row[:, None]).all(axis=1)
     assert clear.mean() > 0.9
     np.testing.assert_array_equal(words[clear], brute[clear, :m])
-    # ... and everywhere they are faiss's (near-ties are handed to faiss, laid out as in
-    # this one call).
-    _assert_same_assignment(words, _faiss_words(vecs, centroids, m))
+    # ... and everywhere they are the exact distances' (near-ties are settled).
+    _assert_same_assignment(words, _exact_words(vecs, centroids, m))
     np.testing.assert_allclose(dist, np.take_along_axis(brute_dist, words, axis=1), rtol=1e-5, atol=1e-5 * scale**2)
 
 
@@ -132,22 +132,15 @@ def test_quantize_uses_the_pruned_path_and_agrees_with_prune_off():
         _assert_same_assignment(on.quantize(vecs, m), off.quantize(vecs, m))
 
 
-def test_one_blas_block_goes_to_faiss_directly():
-    # A single segment that faiss searches as one BLAS block (an image of >= 1000 rows at
-    # D = 128, searched alone): faiss's own call, no bound (its tied rows would cost that
-    # call again). Shorter segments (faiss's direct loop) and several segments are pruned.
+def test_one_blas_block_is_pruned_too():
+    # A single segment that faiss would search as one BLAS block (an image of >= 1000 rows
+    # at D = 128, searched alone): pruned like any other, its tied rows settled per row.
     centroids = _spectral(512, 128, seed=30)
-    index = faiss.IndexFlatL2(128)
-    index.add(centroids)
     block = _spectral(1500, 128, seed=31)
     book = Codebook(centroids)
     book.quantizer, fallback = _pruned(centroids)
-    np.testing.assert_array_equal(book.quantize(block, 5, segments=[0, 1500]), index.search(block, 5)[1])
-    assert fallback.calls == 1
-    _assert_same_assignment(book.quantize(block[:900], 5, segments=[0, 900]), index.search(block[:900], 5)[1])
-    expected = np.concatenate([index.search(block[:700], 5)[1], index.search(block[700:], 5)[1]])
-    _assert_same_assignment(book.quantize(block, 5, segments=[0, 700, 1500]), expected)
-    assert fallback.calls == 1
+    _assert_same_assignment(book.quantize(block, 5, segments=[0, 1500]), _exact_words(block, centroids, 5))
+    assert fallback.calls == 0
 
 
 def test_pruned_matches_the_plain_loop_twin():
@@ -166,7 +159,7 @@ def test_partial_word_tiles_and_row_groups(m):
     centroids = _spectral(1500, 96, seed=22)
     pruned, _ = _pruned(centroids, width=24)
     _, words = _search(pruned, centroids, vecs, m)
-    _assert_same_assignment(words, _faiss_words(vecs, centroids, m))
+    _assert_same_assignment(words, _exact_words(vecs, centroids, m))
     brute_dist, brute = _brute(vecs, centroids, m)
     gaps = np.diff(np.take_along_axis(brute_dist, brute, axis=1), axis=1)
     clear = (gaps > _eps(vecs) * _scale(vecs, centroids)[:, None]).all(axis=1)
@@ -174,16 +167,16 @@ def test_partial_word_tiles_and_row_groups(m):
     np.testing.assert_array_equal(np.sort(words[clear], axis=1), np.sort(brute[clear, :m], axis=1))
 
 
-def test_exact_ties_are_flagged_and_resolved_by_faiss():
+def test_exact_ties_are_flagged_and_go_to_the_lower_word_id():
     centroids = _spectral(600, 64, seed=7)
     centroids[300:310] = centroids[100:110]  # duplicated words: exact ties
     vecs = np.concatenate([centroids[95:115], _spectral(400, 64, seed=8)])  # on the words themselves
     pruned, _ = _pruned(centroids, width=16)
     for m in (1, 2):
         _, words = _search(pruned, centroids, vecs, m)
-        _assert_same_assignment(words, _faiss_words(vecs, centroids, m))
-    # A descriptor on a duplicated word: distance 0 to both copies, faiss's order.
-    assert set(words[5]) == {100, 300}
+        _assert_same_assignment(words, _exact_words(vecs, centroids, m))
+    # A descriptor on a duplicated word: distance 0 to both copies, the lower id first.
+    np.testing.assert_array_equal(words[5], [100, 300])
 
 
 def test_descriptors_without_a_tail_and_odd_dimensions():
@@ -202,7 +195,7 @@ def test_descriptors_without_a_tail_and_odd_dimensions():
         gaps = np.diff(np.take_along_axis(brute_dist, brute, axis=1), axis=1)
         clear = (gaps > _eps(vecs) * _scale(vecs, centroids)[:, None]).all(axis=1)
         np.testing.assert_array_equal(words[clear], brute[clear, :m])
-        _assert_same_assignment(words, _faiss_words(vecs, centroids, m))
+        _assert_same_assignment(words, _exact_words(vecs, centroids, m))
 
 
 def test_isotropic_data_falls_back_to_faiss_and_forced_pruning_stays_exact():
@@ -213,12 +206,12 @@ def test_isotropic_data_falls_back_to_faiss_and_forced_pruning_stays_exact():
     # No axis carries much more energy than another: no width is worth it.
     _, words = _search(pruned, centroids, vecs, 1)
     assert fallback.calls == 1
-    _assert_same_assignment(words, _faiss_words(vecs, centroids, 1))
+    _assert_same_assignment(words, _exact_words(vecs, centroids, 1))
     # Forced anyway, it checks most words but stays exact.
     pruned, fallback = _pruned(centroids, width=16)
     _, words = _search(pruned, centroids, vecs, 5)
     assert fallback.calls == 0
-    _assert_same_assignment(words, _faiss_words(vecs, centroids, 5))
+    _assert_same_assignment(words, _exact_words(vecs, centroids, 5))
 
 
 def test_small_codebooks_and_m_near_k_use_faiss():
@@ -233,9 +226,9 @@ def test_small_codebooks_and_m_near_k_use_faiss():
     assert words.shape == (50, 300) and all(sorted(row) == list(range(300)) for row in words.tolist())
 
 
-def test_rows_redone_by_faiss_round_as_in_the_full_call():
+def test_settled_rows_get_the_exact_words_in_any_batch():
     # faiss's float32 order of two near-tied words depends on where the row sits in its
-    # 4096-row block; the redo must reproduce the full call's layout, block sizes included.
+    # 4096-row block; settling re-ranks by exact distances, whatever the batch.
     rng = np.random.default_rng(14)
     centroids = _spectral(600, 64, seed=15)
     base = _spectral(9000, 64, seed=16)
@@ -245,18 +238,21 @@ def test_rows_redone_by_faiss_round_as_in_the_full_call():
     at = rng.choice(len(base), 400, replace=False)
     base[at] = ties
     index = _flat(centroids)
-    expected = index.search(base, 2)[1]
+    expected = _exact_words(base, centroids, 2)
     rows = np.sort(at)
-    _, words = settle_rows(index, base[rows], rows, np.full(len(rows), len(base)), 2)
+    _, words = settle_rows(index, centroids, base[rows], 2)
     np.testing.assert_array_equal(words, expected[rows])
+    # Alone, or in another order, each row gets the same words.
+    np.testing.assert_array_equal(settle_rows(index, centroids, base[rows[7:8]], 2)[1], words[7:8])
+    np.testing.assert_array_equal(settle_rows(index, centroids, base[rows[::-1]], 2)[1], words[::-1])
     pruned, _ = _pruned(centroids, width=16)
     for m in (1, 2):
-        _assert_same_assignment(_search(pruned, centroids, base, m)[1], index.search(base, m)[1])
+        _assert_same_assignment(_search(pruned, centroids, base, m)[1], expected[:, :m])
 
 
-def test_segments_reproduce_one_faiss_call_per_segment():
+def test_segments_do_not_change_the_words():
     # Query images of 300 rows (faiss's direct loop: 300 x 128 < its BLAS threshold) and of
-    # 1500 rows (BLAS), with near-tied rows, as the reference quantizes one image per call.
+    # 1500 rows (BLAS), with near-tied rows: the words of the exact distances.
     rng = np.random.default_rng(17)
     centroids = _spectral(800, 128, seed=18)
     sizes = [300, 1500, 7, 300, 4200, 1]
@@ -266,9 +262,8 @@ def test_segments_reproduce_one_faiss_call_per_segment():
     vecs[near] = (0.5 * (centroids[a] + centroids[b])).astype(np.float32)
     segments = np.concatenate([[0], np.cumsum(sizes)])
     book = _book(centroids, 16)
-    index = _flat(centroids)
     for m in (1, 5):
-        expected = np.concatenate([index.search(vecs[s:e], m)[1] for s, e in zip(segments[:-1], segments[1:])])
+        expected = _exact_words(vecs, centroids, m)
         _assert_same_assignment(book.quantize(vecs, m, segments=segments), expected)
         off = Codebook(centroids)  # faiss on the whole block, near-ties again per segment
         off.prune = False
@@ -283,7 +278,7 @@ def test_bad_segments_are_rejected(segments):
 
 
 def test_set_only_assignment_keeps_the_set_of_words():
-    # nearest_first=False (query side): the m words are faiss's as a set.
+    # nearest_first=False (query side): the set of m words is exact.
     rng = np.random.default_rng(22)
     centroids = _spectral(700, 64, seed=23)
     vecs = _spectral(5000, 64, seed=24)
@@ -292,14 +287,14 @@ def test_set_only_assignment_keeps_the_set_of_words():
         np.float32
     )
     book = _book(centroids, 16)
-    expected = _flat(centroids).search(vecs, 4)[1]
+    expected = _exact_words(vecs, centroids, 4)
     words = book.quantize(vecs, 4, nearest_first=False, segments=[0, len(vecs)])
     np.testing.assert_array_equal(np.sort(words, axis=1), np.sort(expected, axis=1))
 
 
-def test_concurrent_quantize_leaves_faiss_settings_alone():
-    # Several threads re-searching short BLAS blocks at once: same words as alone, and
-    # faiss's process-wide BLAS threshold restored afterwards.
+def test_concurrent_quantize_gives_the_words_of_one_thread():
+    # Several threads quantizing and settling at once: the same words as alone, and
+    # faiss's process-wide BLAS threshold left alone.
     from concurrent.futures import ThreadPoolExecutor
 
     rng = np.random.default_rng(25)

@@ -1,15 +1,17 @@
-"""Quantizer backends: the m nearest words of descriptors, with faiss's words at float32 ties.
+"""Quantizer backends: the m nearest words of descriptors, the same whatever the batch.
 
-The reference quantizes with faiss ``IndexFlatL2``, which computes |x|^2 + |c|^2 - 2 x.c in
-float32. Where two words' distances agree to within that rounding, the word faiss returns
-depends on the batch it was called on (the BLAS tiling of the row's block). asmkit
-reproduces it in two steps:
+faiss ``IndexFlatL2`` computes |x|^2 + |c|^2 - 2 x.c in float32. Where two words' distances
+agree to within that rounding, the word faiss returns depends on the call: the batch's
+shape, the row's offset in it and the thread count change the BLAS tiling and so the
+rounding. asmkit's words depend on none of these. They are the words of the exact
+distances (``exact_sq_dist``: float64, summed in a fixed order), the lower word id first
+where two are equal, obtained in two steps:
 
 1. a backend (``Quantizer``) fills the words of a block of rows and returns the rows whose
    deciding gap lies within float32 rounding (``tied_rows``): their words are
-   provisional;
-2. ``settle_rows`` searches those rows again with faiss, each laid out as faiss met it in
-   its segment's own call.
+   provisional; every other row's words are those of the exact distances already;
+2. ``settle_rows`` re-ranks the tied rows by their exact distances to the candidates
+   faiss proposes, row by row.
 
 ``asmkit.Codebook.assign`` drives both steps and returns an ``Assignment`` whose
 ``settle()`` runs the second. Backends: ``FaissQuantizer`` (faiss's exhaustive search, CPU
@@ -20,10 +22,8 @@ or faiss-gpu), ``PrunedQuantizer`` (a lower bound skips most words; CPU) and
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Protocol, runtime_checkable
 
-import faiss
 import numpy as np
 
 from . import _kernels
@@ -32,6 +32,7 @@ __all__ = [
     "FaissQuantizer",
     "PrunedQuantizer",
     "Quantizer",
+    "exact_sq_dist",
     "max_sq_norm",
     "settle_rows",
     "tie_eps",
@@ -95,90 +96,82 @@ def tie_scale(vecs: np.ndarray, max_sq: float) -> np.ndarray:
 class Quantizer(Protocol):
     """A quantizer backend: the m nearest words of a block of rows, with its tied rows.
 
-    ``asmkit.Codebook.assign`` calls ``search`` on blocks of whole segments (a segment is
-    the batch of rows the reference quantizes in one faiss call), then settles the tied
-    rows with faiss (``settle_rows``).
+    ``asmkit.Codebook.assign`` calls ``search`` on blocks of rows, then settles the tied
+    rows by their exact distances (``settle_rows``).
     """
 
     def search(
-        self, vecs: np.ndarray, m: int, dist: np.ndarray, words: np.ndarray, *, nearest_first: bool, one_segment: bool
+        self, vecs: np.ndarray, m: int, dist: np.ndarray, words: np.ndarray, *, nearest_first: bool
     ) -> np.ndarray:
         """Fill ``dist`` float32 [n, m] and ``words`` int64 [n, m] (1 <= m <= K, nearest
         first) for rows ``vecs`` float32 [n, D]; return the tied rows, int64 [t]: those
-        whose set of m words, or with ``nearest_first`` whose nearest word, float32
-        rounding decides. ``one_segment``: the block is one segment, so a backend that
-        computes exactly as faiss's own call on it may return no tied rows."""
+        whose set of m words, or with ``nearest_first`` whose nearest word, the backend's
+        rounding may decide (a gap within ``tie_eps``). The other rows' column 0 (with
+        ``nearest_first``) and set of m words must be those of the exact distances."""
         ...
 
 
-#: Serialises the calls that change faiss's process-wide BLAS settings for one call
-#: (``settle_rows``): two threads doing so at once could leave the wrong value behind.
-_FAISS_SETTINGS = threading.Lock()
+#: Candidates beyond m that faiss proposes for each tied row (``settle_rows``); rows whose
+#: exact m nearest words are not proven to lie among them ask for more.
+SETTLE_SLACK = 8
+#: float64 elements of the [D, rows, candidates] differences ``exact_sq_dist`` holds at once.
+_EXACT_ELEMENTS = 1 << 22
 
 
-def settle_rows(index, vecs, local, seg_size, m):
-    """faiss's (dist float32 [t, m], words int64 [t, m]) for rows ``vecs`` float32 [t, D]
-    as faiss gives them when called once on each row's segment, the row being at offset
-    ``local`` int64 [t] of its segment of ``seg_size`` int64 [t] rows, without searching
-    the rest of the segments."""
-    with _FAISS_SETTINGS:
-        return _settle_rows_locked(index, vecs, local, seg_size, m)
+def exact_sq_dist(vecs: np.ndarray, centroids: np.ndarray, words: np.ndarray) -> np.ndarray:
+    """float64 [t, c]: sum over j of (x_j - c_j)^2 for rows ``vecs`` float32 [t, D] and
+    their candidate ``words`` int64 [t, c] of ``centroids`` float32 [K, D].
 
-
-def _settle_rows_locked(index, vecs, local, seg_size, m):
-    """See ``settle_rows``.
-
-    faiss takes a direct loop when ``n * D < distance_compute_blas_threshold`` (the
-    rounding of a row is then its own), and otherwise BLAS products on blocks of
-    ``distance_compute_blas_query_bs`` rows (4096), where the float32 rounding of a row's
-    distances depends on its offset in its block and on the block's size (the BLAS
-    kernel's tiling): two words that tie within rounding can come out in either order. So
-    rows of direct-loop segments are searched together in direct-loop batches, and each
-    row of a BLAS segment at its own offset, in a batch of its original block's size (the
-    other slots hold copies of one of its rows).
+    Each difference and square is exact in float64 and the sum runs over j in order, one
+    elementwise pass per dimension: the value of a (row, word) pair has the same bits in
+    any batch, so two equal distances are equal everywhere and go to the lower word id.
     """
-    block = max(1, int(faiss.cvar.distance_compute_blas_query_bs))
-    threshold = int(faiss.cvar.distance_compute_blas_threshold)
+    t, c = words.shape
+    d = vecs.shape[1]
+    out = np.zeros((t, c), dtype=np.float64)
+    step = max(1, _EXACT_ELEMENTS // max(1, c * d))
+    for begin in range(0, t, step):
+        rows = slice(begin, begin + step)
+        # [D, rows, c]: one contiguous slice per dimension.
+        diff = centroids[words[rows]].transpose(2, 0, 1).astype(np.float64)
+        np.subtract(vecs[rows].T.astype(np.float64)[:, :, None], diff, out=diff)
+        np.multiply(diff, diff, out=diff)
+        acc = out[rows]
+        for j in range(d):
+            acc += diff[j]
+    return out
+
+
+def settle_rows(index, centroids: np.ndarray, vecs: np.ndarray, m: int):
+    """(dist float32 [t, m], words int64 [t, m]): the m nearest words of rows ``vecs``
+    float32 [t, D] by their exact distances (``exact_sq_dist``), nearest first, the lower
+    word id first among equal distances; the same bits in any batch.
+
+    faiss (``index``, holding ``centroids`` float32 [K, D]) proposes m + ``SETTLE_SLACK``
+    candidates per row. Every other word's faiss distance is at least the last
+    candidate's, so its exact distance is at least that minus faiss's rounding
+    (``tie_eps``): a row whose m-th exact distance lies below
+    that is final; the others are searched again with twice the candidates, up to all K.
+    """
     t, d = vecs.shape
+    k = index.ntotal
     dist = np.empty((t, m), dtype=np.float32)
     words = np.empty((t, m), dtype=np.int64)
-    direct = seg_size * d < threshold
-    small = np.flatnonzero(direct)
-    step = max(1, (threshold - 1) // d)
-    for begin in range(0, len(small), step):
-        pick = small[begin : begin + step]
-        with _kernels.faiss_thread_budget(len(pick) * index.ntotal * d):
-            dist[pick], words[pick] = index.search(vecs[pick], m)
-    rows, local, seg_size = np.flatnonzero(~direct), local[~direct], seg_size[~direct]
-    offset = local % block
-    size = np.minimum(block, seg_size - (local - offset))
-    # The BLAS tiling also depends on the thread count: each batch gets the threads that
-    # faiss gets for the whole segment (``FaissQuantizer.search`` on it).
-    parallel = seg_size * index.ntotal * d >= _kernels.MIN_PARALLEL_MACS
-    for s, par in sorted(set(zip(size.tolist(), parallel.tolist()))):
-        in_group = (size == s) & (parallel == par)
-        group, group_offset = rows[in_group], offset[in_group]
-        # Rows sharing an offset go to successive batches.
-        order = np.argsort(group_offset, kind="stable")
-        first = np.searchsorted(group_offset[order], group_offset[order], side="left")
-        batch_of = np.empty(len(group), dtype=np.int64)
-        batch_of[order] = np.arange(len(group)) - first
-        for b in range(int(batch_of.max()) + 1):
-            pick = batch_of == b
-            batch = np.empty((s, d), dtype=np.float32)
-            batch[:] = vecs[group[pick][0]]
-            batch[group_offset[pick]] = vecs[group[pick]]
-            with _kernels.faiss_thread_budget(_kernels.MIN_PARALLEL_MACS if par else 0):
-                # A short final block of a BLAS call must stay on the BLAS path (a
-                # process-wide faiss setting, restored right after).
-                if s * d < threshold:
-                    faiss.cvar.distance_compute_blas_threshold = s * d
-                try:
-                    batch_dist, batch_words = index.search(batch, m)
-                finally:
-                    faiss.cvar.distance_compute_blas_threshold = threshold
-            dist[group[pick]] = batch_dist[group_offset[pick]]
-            words[group[pick]] = batch_words[group_offset[pick]]
+    eps = tie_eps(tie_scale(vecs, max_sq_norm(centroids)), d)
+    todo = np.arange(t)
+    width = min(k, m + SETTLE_SLACK)
+    while todo.size:
+        with _kernels.faiss_thread_budget(len(todo) * k * d):
+            found_dist, candidates = index.search(vecs[todo], width)
+        exact = exact_sq_dist(vecs[todo], centroids, candidates)
+        # By exact distance, then by word id.
+        order = np.lexsort((candidates, exact))[:, :m]
+        best = np.take_along_axis(exact, order, axis=1)
+        done = np.full(len(todo), True) if width == k else best[:, -1] < found_dist[:, -1] - eps[todo]
+        dist[todo[done]] = best[done]
+        words[todo[done]] = np.take_along_axis(candidates, order, axis=1)[done]
+        todo = todo[~done]
+        width = min(k, 2 * width)
     return dist, words
 
 
@@ -208,20 +201,18 @@ class FaissQuantizer:
         self._max_sq: float | None = None
 
     def search(
-        self, vecs: np.ndarray, m: int, dist: np.ndarray, words: np.ndarray, *, nearest_first: bool, one_segment: bool
+        self, vecs: np.ndarray, m: int, dist: np.ndarray, words: np.ndarray, *, nearest_first: bool
     ) -> np.ndarray:
-        """See ``Quantizer.search``. One faiss call on the block (large BLAS products). A
-        block of several segments is searched for m + 1 words, so that the rows whose
-        deciding gap lies within float32 rounding can be returned as tied."""
+        """See ``Quantizer.search``. One faiss call on the block (large BLAS products),
+        for m + 1 words, so that the rows whose deciding gap lies within float32 rounding
+        can be returned as tied."""
         k, d = self.index.ntotal, self.index.d
-        extra = int(m < k and not one_segment)
+        extra = int(m < k)
         # faiss's default BLAS blocks: smaller ones would shrink its distance buffer
         # (16 MiB) but slow the products down several times.
         with _kernels.faiss_thread_budget(len(vecs) * k * d):
             found_dist, found_words = self.index.search(vecs, m + extra)
         dist[:], words[:] = found_dist[:, :m], found_words[:, :m]
-        if one_segment:
-            return np.zeros(0, dtype=np.int64)
         if self._max_sq is None:
             self._max_sq = max_sq_norm(self._centroids)
         tied = tied_rows(found_dist, m, tie_eps(tie_scale(vecs, self._max_sq), d), nearest_first)
@@ -243,13 +234,12 @@ class PrunedQuantizer:
     this costs a fraction of faiss's exhaustive search.
 
     A row whose nearest word, or whose set of m nearest, is decided by less than the
-    float32 rounding of faiss's own formula (``TIE_EPS_PER_SQRT_DIM``) is returned as tied,
-    for ``settle_rows``. Once settled, column 0 and the set of m words equal faiss's; only
-    columns 1..m-1 may order two words that tie within rounding differently (by their
-    exact distance), which no ASMK result depends on.
+    float32 rounding of faiss's formula (``TIE_EPS_PER_SQRT_DIM``) is returned as tied,
+    for ``settle_rows``, as the fallback's would be: the words do not depend on which of
+    the two searched a block.
 
-    Where pruning would not pay off (few words, spread-out descriptors, or a segment that
-    faiss searches as one BLAS block), ``search`` hands the block to ``fallback``.
+    Where pruning would not pay off (few words, spread-out descriptors), ``search`` hands
+    the block to ``fallback``.
 
     Parameters
     ----------
@@ -361,21 +351,19 @@ class PrunedQuantizer:
         return self._width[m]
 
     def search(
-        self, vecs: np.ndarray, m: int, dist: np.ndarray, words: np.ndarray, *, nearest_first: bool, one_segment: bool
+        self, vecs: np.ndarray, m: int, dist: np.ndarray, words: np.ndarray, *, nearest_first: bool
     ) -> np.ndarray:
         """See ``Quantizer.search``: the exact m nearest words, with the rows whose
         deciding gap is within float32 rounding returned as tied."""
         k = self._centroids.shape[0]
         width = None
-        worth_trying = self._fixed_width is not None or (
-            k >= _PRUNE_MIN_WORDS and not (one_segment and self._one_blas_block(vecs))
-        )
+        worth_trying = self._fixed_width is not None or k >= _PRUNE_MIN_WORDS
         if m + 1 <= k and len(vecs) and worth_trying:
             if not self._prepared:
                 self._prepare()
             width = self._choose_width(vecs, m)
         if width is None:
-            return self._fallback.search(vecs, m, dist, words, nearest_first=nearest_first, one_segment=one_segment)
+            return self._fallback.search(vecs, m, dist, words, nearest_first=nearest_first)
         tied = np.empty(len(vecs), dtype=np.bool_)
         # Budgeted like the faiss search it replaces.
         with _kernels.thread_budget(len(vecs) * k * vecs.shape[1], _kernels.MIN_PARALLEL_MACS):
@@ -397,13 +385,3 @@ class PrunedQuantizer:
                 tied,
             )
         return np.flatnonzero(tied)
-
-    @staticmethod
-    def _one_blas_block(vecs: np.ndarray) -> bool:
-        """Whether faiss searches the segment ``vecs`` as one BLAS block (a query image of
-        >= 1000 descriptors at D = 128, searched alone). A tied row of such a segment is
-        settled by faiss's call of the whole segment, which costs that call itself, and
-        such images hold a tied row most of the time: faiss's own call is then cheaper
-        than the bound plus the settling."""
-        n, d = vecs.shape
-        return n * d >= faiss.cvar.distance_compute_blas_threshold and n <= faiss.cvar.distance_compute_blas_query_bs

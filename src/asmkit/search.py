@@ -393,12 +393,8 @@ def score_queries(
 
 def _words_of_both_sides(codebook: Codebook, desc: Descriptors, m: int) -> tuple[np.ndarray, np.ndarray]:
     """Database words at ma_database = 1 and query words at ma_query = m from one
-    quantization, both as the reference's calls give them, in ``desc.vecs`` row order.
-
-    Each image is quantized as its own segment (the query side), nearest word first, so
-    the rows whose nearest word or set of m words float32 rounding decides are known. The
-    other rows' nearest word is the database call's too; the tied ones are searched again
-    as the database call (one call over all rows, ``QUANTIZE_ROWS`` at a time) meets them.
+    quantization, nearest word first, in ``desc.vecs`` row order: the settled words do
+    not depend on the batch, so column 0 is the database call's word.
 
     Returns
     -------
@@ -418,15 +414,9 @@ def _words_of_both_sides(codebook: Codebook, desc: Descriptors, m: int) -> tuple
         assignment = codebook.assign(
             vecs, m, segments=desc.starts[begin : end + 1] - desc.starts[begin], check_finite=False
         )
-        tied = assignment.tied
         words = assignment.settle()
         query[rows] = words
         database[rows] = words[:, :1]
-        if tied.size:
-            position = rows.start + tied if isinstance(rows, slice) else rows[tied]
-            local = position % QUANTIZE_ROWS
-            size = np.minimum(QUANTIZE_ROWS, n_rows - (position - local))
-            database[position] = codebook.settle_rows(vecs[tied], local, size, 1)[1]
         begin = end
     return database, query
 
