@@ -7,7 +7,8 @@ Times ``Codebook.assign(...).settle()`` as the engine calls it: the database sid
 (``similarity_matrix``: m = ``--ma-query`` per image, nearest word first). Then the query
 words again with the images in blocks of ``--block`` images, one image per call, and on one
 faiss / numba thread, and the database words in blocks of ``--block`` images: the rows
-whose words (nearest word, or set of m) differ from the single call's are counted. Run as::
+whose words (nearest word, or set of m) differ from the single call's are counted; with
+``--faiss`` also those that differ from faiss called as the reference calls it. Run as::
 
     python -m benchmarks.bench_quantize --data ../shared/datasets/ukbench2000 --per-image 1000 \
         --codebook CODEBOOK.asmkit
@@ -60,6 +61,7 @@ def main(argv=None) -> None:
     parser.add_argument("--ma-database", type=int, default=1)
     parser.add_argument("--ma-query", type=int, default=5)
     parser.add_argument("--block", type=int, default=256, help="images per call for the batching check")
+    parser.add_argument("--faiss", action="store_true", help="also count the rows whose words differ from faiss's")
     args = parser.parse_args(argv)
 
     data = load_data(args)
@@ -125,6 +127,17 @@ def main(argv=None) -> None:
         faiss.omp_set_num_threads(threads[1])
     record("query: rows differing, one thread", _differ(one_thread, expected, False))
     record("database: rows differing, one thread", _differ(database_one_thread, words["database"], True))
+    if args.faiss:
+        # faiss called as the reference calls it: the database in one call, each query image
+        # in its own; a row differs only where float32 rounding decides its words.
+        flat = faiss.IndexFlatL2(book.dim)
+        flat.add(book.centroids)
+        reference = flat.search(vecs, args.ma_database)[1]
+        record("database: rows differing from faiss's one call", _differ(reference, words["database"], True))
+        reference = np.concatenate(
+            [flat.search(vecs[starts[i] : starts[i + 1]], args.ma_query)[1] for i in range(data.n_images)]
+        )
+        record("query: rows differing from faiss's call per image", _differ(reference, expected, False))
     write_json(args.out, record.values)
 
 

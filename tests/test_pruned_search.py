@@ -1,5 +1,5 @@
 """The pruned exact quantizer (asmkit.quantizer.PrunedQuantizer, _kernels.pruned_nearest)
-against a float64 brute force, its tied rows settled by their exact distances."""
+against a float64 brute force and faiss's direct loop, which settles its tied rows."""
 
 import numpy as np
 import pytest
@@ -37,12 +37,12 @@ def _brute(vecs, centroids, m):
     return dist, order
 
 
-def _exact_words(vecs, centroids, m):
-    """The m nearest words by float64 distances summed per pair (equal distances have
-    equal bits, so the lower id comes first)."""
-    x, c = vecs.astype(np.float64), centroids.astype(np.float64)
-    dist = np.concatenate([((x[i : i + 64, None] - c[None]) ** 2).sum(-1) for i in range(0, len(x), 64)])
-    return np.argsort(dist, axis=1, kind="stable")[:, :m]
+def _direct_words(vecs, centroids, m):
+    """faiss's words through its direct loop (batches below its BLAS threshold), which
+    depend on the row alone."""
+    index = _flat(centroids)
+    step = max(1, (faiss.cvar.distance_compute_blas_threshold - 1) // vecs.shape[1])
+    return np.concatenate([index.search(vecs[i : i + step], m)[1] for i in range(0, len(vecs), step)])
 
 
 def _assert_same_assignment(words, expected):
@@ -82,7 +82,7 @@ def _search(pruned, centroids, vecs, m):
     words = np.empty((len(vecs), m), np.int64)
     tied = pruned.search(vecs, m, dist, words, nearest_first=True)
     if tied.size:
-        dist[tied], words[tied] = settle_rows(_flat(centroids), centroids, vecs[tied], m)
+        dist[tied], words[tied] = settle_rows(_flat(centroids), vecs[tied], m)
     return dist, words
 
 
@@ -116,8 +116,8 @@ def test_pruned_equals_the_brute_force(m, scale):
     clear = (gaps > _eps(vecs) * scale_row[:, None]).all(axis=1)
     assert clear.mean() > 0.9
     np.testing.assert_array_equal(words[clear], brute[clear, :m])
-    # ... and everywhere they are the exact distances' (near-ties are settled).
-    _assert_same_assignment(words, _exact_words(vecs, centroids, m))
+    # ... and everywhere they are faiss's direct loop's (near-ties are settled).
+    _assert_same_assignment(words, _direct_words(vecs, centroids, m))
     np.testing.assert_allclose(dist, np.take_along_axis(brute_dist, words, axis=1), rtol=1e-5, atol=1e-5 * scale**2)
 
 
@@ -139,7 +139,7 @@ def test_one_blas_block_is_pruned_too():
     block = _spectral(1500, 128, seed=31)
     book = Codebook(centroids)
     book.quantizer, fallback = _pruned(centroids)
-    _assert_same_assignment(book.quantize(block, 5, segments=[0, 1500]), _exact_words(block, centroids, 5))
+    _assert_same_assignment(book.quantize(block, 5, segments=[0, 1500]), _direct_words(block, centroids, 5))
     assert fallback.calls == 0
 
 
@@ -159,7 +159,7 @@ def test_partial_word_tiles_and_row_groups(m):
     centroids = _spectral(1500, 96, seed=22)
     pruned, _ = _pruned(centroids, width=24)
     _, words = _search(pruned, centroids, vecs, m)
-    _assert_same_assignment(words, _exact_words(vecs, centroids, m))
+    _assert_same_assignment(words, _direct_words(vecs, centroids, m))
     brute_dist, brute = _brute(vecs, centroids, m)
     gaps = np.diff(np.take_along_axis(brute_dist, brute, axis=1), axis=1)
     clear = (gaps > _eps(vecs) * _scale(vecs, centroids)[:, None]).all(axis=1)
@@ -167,16 +167,16 @@ def test_partial_word_tiles_and_row_groups(m):
     np.testing.assert_array_equal(np.sort(words[clear], axis=1), np.sort(brute[clear, :m], axis=1))
 
 
-def test_exact_ties_are_flagged_and_go_to_the_lower_word_id():
+def test_exact_ties_are_flagged_and_settled():
     centroids = _spectral(600, 64, seed=7)
     centroids[300:310] = centroids[100:110]  # duplicated words: exact ties
     vecs = np.concatenate([centroids[95:115], _spectral(400, 64, seed=8)])  # on the words themselves
     pruned, _ = _pruned(centroids, width=16)
     for m in (1, 2):
         _, words = _search(pruned, centroids, vecs, m)
-        _assert_same_assignment(words, _exact_words(vecs, centroids, m))
-    # A descriptor on a duplicated word: distance 0 to both copies, the lower id first.
-    np.testing.assert_array_equal(words[5], [100, 300])
+        _assert_same_assignment(words, _direct_words(vecs, centroids, m))
+    # A descriptor on a duplicated word: distance 0 to both copies.
+    assert set(words[5]) == {100, 300}
 
 
 def test_descriptors_without_a_tail_and_odd_dimensions():
@@ -195,7 +195,7 @@ def test_descriptors_without_a_tail_and_odd_dimensions():
         gaps = np.diff(np.take_along_axis(brute_dist, brute, axis=1), axis=1)
         clear = (gaps > _eps(vecs) * _scale(vecs, centroids)[:, None]).all(axis=1)
         np.testing.assert_array_equal(words[clear], brute[clear, :m])
-        _assert_same_assignment(words, _exact_words(vecs, centroids, m))
+        _assert_same_assignment(words, _direct_words(vecs, centroids, m))
 
 
 def test_isotropic_data_falls_back_to_faiss_and_forced_pruning_stays_exact():
@@ -206,12 +206,12 @@ def test_isotropic_data_falls_back_to_faiss_and_forced_pruning_stays_exact():
     # No axis carries much more energy than another: no width is worth it.
     _, words = _search(pruned, centroids, vecs, 1)
     assert fallback.calls == 1
-    _assert_same_assignment(words, _exact_words(vecs, centroids, 1))
+    _assert_same_assignment(words, _direct_words(vecs, centroids, 1))
     # Forced anyway, it checks most words but stays exact.
     pruned, fallback = _pruned(centroids, width=16)
     _, words = _search(pruned, centroids, vecs, 5)
     assert fallback.calls == 0
-    _assert_same_assignment(words, _exact_words(vecs, centroids, 5))
+    _assert_same_assignment(words, _direct_words(vecs, centroids, 5))
 
 
 def test_small_codebooks_and_m_near_k_use_faiss():
@@ -226,9 +226,9 @@ def test_small_codebooks_and_m_near_k_use_faiss():
     assert words.shape == (50, 300) and all(sorted(row) == list(range(300)) for row in words.tolist())
 
 
-def test_settled_rows_get_the_exact_words_in_any_batch():
+def test_settled_rows_get_the_same_words_in_any_batch():
     # faiss's float32 order of two near-tied words depends on where the row sits in its
-    # 4096-row block; settling re-ranks by exact distances, whatever the batch.
+    # 4096-row block; settling searches each row with the direct loop, whatever the batch.
     rng = np.random.default_rng(14)
     centroids = _spectral(600, 64, seed=15)
     base = _spectral(9000, 64, seed=16)
@@ -238,13 +238,13 @@ def test_settled_rows_get_the_exact_words_in_any_batch():
     at = rng.choice(len(base), 400, replace=False)
     base[at] = ties
     index = _flat(centroids)
-    expected = _exact_words(base, centroids, 2)
+    expected = _direct_words(base, centroids, 2)
     rows = np.sort(at)
-    _, words = settle_rows(index, centroids, base[rows], 2)
+    _, words = settle_rows(index, base[rows], 2)
     np.testing.assert_array_equal(words, expected[rows])
     # Alone, or in another order, each row gets the same words.
-    np.testing.assert_array_equal(settle_rows(index, centroids, base[rows[7:8]], 2)[1], words[7:8])
-    np.testing.assert_array_equal(settle_rows(index, centroids, base[rows[::-1]], 2)[1], words[::-1])
+    np.testing.assert_array_equal(settle_rows(index, base[rows[7:8]], 2)[1], words[7:8])
+    np.testing.assert_array_equal(settle_rows(index, base[rows[::-1]], 2)[1], words[::-1])
     pruned, _ = _pruned(centroids, width=16)
     for m in (1, 2):
         _assert_same_assignment(_search(pruned, centroids, base, m)[1], expected[:, :m])
@@ -252,7 +252,7 @@ def test_settled_rows_get_the_exact_words_in_any_batch():
 
 def test_segments_do_not_change_the_words():
     # Query images of 300 rows (faiss's direct loop: 300 x 128 < its BLAS threshold) and of
-    # 1500 rows (BLAS), with near-tied rows: the words of the exact distances.
+    # 1500 rows (BLAS), with near-tied rows: the direct loop's words.
     rng = np.random.default_rng(17)
     centroids = _spectral(800, 128, seed=18)
     sizes = [300, 1500, 7, 300, 4200, 1]
@@ -263,7 +263,7 @@ def test_segments_do_not_change_the_words():
     segments = np.concatenate([[0], np.cumsum(sizes)])
     book = _book(centroids, 16)
     for m in (1, 5):
-        expected = _exact_words(vecs, centroids, m)
+        expected = _direct_words(vecs, centroids, m)
         _assert_same_assignment(book.quantize(vecs, m, segments=segments), expected)
         off = Codebook(centroids)  # faiss on the whole block, near-ties again per segment
         off.prune = False
@@ -278,7 +278,7 @@ def test_bad_segments_are_rejected(segments):
 
 
 def test_set_only_assignment_keeps_the_set_of_words():
-    # nearest_first=False (query side): the set of m words is exact.
+    # nearest_first=False (query side): the set of m words is the direct loop's.
     rng = np.random.default_rng(22)
     centroids = _spectral(700, 64, seed=23)
     vecs = _spectral(5000, 64, seed=24)
@@ -287,7 +287,7 @@ def test_set_only_assignment_keeps_the_set_of_words():
         np.float32
     )
     book = _book(centroids, 16)
-    expected = _exact_words(vecs, centroids, 4)
+    expected = _direct_words(vecs, centroids, 4)
     words = book.quantize(vecs, 4, nearest_first=False, segments=[0, len(vecs)])
     np.testing.assert_array_equal(np.sort(words, axis=1), np.sort(expected, axis=1))
 

@@ -4,8 +4,10 @@ how the descriptors are batched.
 Rows half-way between two words are tied within float32 rounding: the word faiss returns
 for them depends on the call (a direct loop for small batches, BLAS blocks above, whose
 rounding depends on a row's offset, the block's size and the thread count). asmkit gives
-such rows the words of their exact distances, so one call, a call per image, blocks of
-any size and any thread count give the same words, and every query path the same scores.
+such rows the words of faiss's direct loop, which depend on the row alone (and are the
+reference's for query images of fewer than 1000 rows), so one call, a call per image,
+blocks of any size and any thread count give the same words, and every query path the
+same scores.
 """
 
 import numba
@@ -15,7 +17,6 @@ import pytest
 import asmkit.codebook as codebook
 from asmkit import Codebook, Index, Params, search, similarity_matrix
 from asmkit.kernel import aggregate, aggregate_images, prepare_descriptors
-from asmkit.quantizer import exact_sq_dist
 
 faiss = pytest.importorskip("faiss")
 
@@ -43,11 +44,9 @@ def _segments():
     return np.concatenate([[0], np.cumsum(SIZES)])
 
 
-def _exact_words(centroids, vecs, m):
-    """The m nearest words by float64 distances, the lower id first on equal ones."""
-    x, c = vecs.astype(np.float64), centroids.astype(np.float64)
-    dist = (x**2).sum(1)[:, None] + (c**2).sum(1)[None] - 2 * x @ c.T
-    return np.argsort(dist, axis=1, kind="stable")[:, :m]
+def _direct_words(centroids, vecs, m):
+    """faiss's words through its direct loop: batches of fewer than 1000 rows at D = 128."""
+    return _faiss_words(centroids, vecs, m, np.append(np.arange(0, len(vecs), 500), len(vecs)))
 
 
 def _faiss_words(centroids, vecs, m, segments):
@@ -70,26 +69,19 @@ def _ranks(dense):
     return np.lexsort((np.broadcast_to(np.arange(dense.shape[1]), dense.shape), -dense), axis=1)
 
 
-def test_exact_sq_dist_is_the_float64_distance_in_any_batch(tied):
-    centroids, vecs, _ = tied
-    words = np.random.default_rng(5).integers(0, len(centroids), (300, 7))
-    got = exact_sq_dist(vecs[:300], centroids, words)
-    x, c = vecs[:300].astype(np.float64), centroids[words].astype(np.float64)
-    np.testing.assert_allclose(got, ((x[:, None] - c) ** 2).sum(-1), rtol=1e-12)
-    # The same bits for a row alone, or in another batch.
-    np.testing.assert_array_equal(exact_sq_dist(vecs[17:18], centroids, words[17:18]), got[17:18])
-    np.testing.assert_array_equal(exact_sq_dist(vecs[100:300], centroids, words[100:300]), got[100:])
-
-
 @pytest.mark.parametrize("ma_query", [1, 3])
-def test_tied_rows_get_the_exact_words(tied, ma_query):
+def test_tied_rows_get_the_direct_loop_words(tied, ma_query):
     centroids, vecs, _ = tied
     book = Codebook(centroids)
-    expected = _exact_words(centroids, vecs, ma_query)
-    # The ties are real: faiss's words depend on its calls.
+    expected = _direct_words(centroids, vecs, ma_query)
+    # The ties are real: faiss's words depend on its calls. For the images of fewer than
+    # 1000 rows the direct loop's words are the reference's (one faiss call per image).
     one_call = _faiss_words(centroids, vecs, ma_query, [0, len(vecs)])
     per_image = _faiss_words(centroids, vecs, ma_query, _segments())
     assert np.any(np.sort(one_call, axis=1) != np.sort(per_image, axis=1))
+    starts = _segments()
+    small = np.concatenate([np.arange(s, e) for s, e in zip(starts[:-1], starts[1:]) if e - s < 1000])
+    _assert_same_words(expected[small], per_image[small], nearest_first=False)
     assignment = book.assign(vecs, ma_query, segments=_segments(), nearest_first=False)
     assert assignment.tied.size
     words = assignment.settle()
@@ -111,7 +103,7 @@ def test_words_do_not_depend_on_batches_or_threads(tied, prune, monkeypatch):
     book.prune = prune
     starts = _segments()
     for m, nearest_first in ((1, True), (3, True), (3, False)):
-        expected = _exact_words(centroids, vecs, m)
+        expected = _direct_words(centroids, vecs, m)
         runs = {"one call": book.quantize(vecs, m, nearest_first=nearest_first)}
         runs["per image"] = np.concatenate(
             [book.quantize(vecs[s:e], m, nearest_first=nearest_first) for s, e in zip(starts[:-1], starts[1:])]
@@ -146,14 +138,15 @@ def test_every_query_path_gives_the_same_scores(tied, ma_query, monkeypatch):
     index.add(vecs, labels)
     n = len(SIZES)
 
-    # The expected scores: the database and the queries aggregated from the exact words.
+    # The expected scores: the database and the queries aggregated from the direct loop's
+    # words.
     expected_index = Index(book, params)
     desc = prepare_descriptors(vecs, labels)
     expected_index.add_aggregates(
-        aggregate(vecs, _exact_words(centroids, vecs, 1), desc.starts, desc.order, centroids, binary=True),
+        aggregate(vecs, _direct_words(centroids, vecs, 1), desc.starts, desc.order, centroids, binary=True),
         np.arange(n),
     )
-    queries = aggregate(vecs, _exact_words(centroids, vecs, ma_query), desc.starts, desc.order, centroids, binary=True)
+    queries = aggregate(vecs, _direct_words(centroids, vecs, ma_query), desc.starts, desc.order, centroids, binary=True)
     db = expected_index.database
     expected = np.zeros((n, n), np.float32)
     search.score_aggregates(db.ivf, db.idf, db.sqrt_norms, db.ids, queries, params, dim=128, dense_out=expected)

@@ -2,8 +2,9 @@
 
 ``Codebook.assign`` is the one quantizer contract of the engine: it returns an
 ``Assignment`` whose words are final except for the rows float32 rounding ties
-(``Assignment.tied``), which ``Assignment.settle`` gives the words of their exact
-distances. The words never depend on how the rows are batched or on the thread count.
+(``Assignment.tied``), which ``Assignment.settle`` gives the words of faiss's direct loop
+(``asmkit.quantizer.settle_rows``). The words never depend on how the rows are batched or
+on the thread count.
 The backends that fill the words implement ``asmkit.quantizer.Quantizer``.
 """
 
@@ -87,10 +88,10 @@ class Assignment:
         return int(self.words.shape[0])
 
     def settle(self) -> np.ndarray:
-        """Replace the tied rows' provisional words by those of their exact distances (in
-        place) and return ``words`` int64 [N, m], final: column 0 and the set of m words
-        of each row are those of the exact distances (``asmkit.quantizer.exact_sq_dist``,
-        the lower word id first among equal ones), whatever the batch."""
+        """Replace the tied rows' provisional words by faiss's direct loop's (in place) and
+        return ``words`` int64 [N, m], final: column 0 and the set of m words of each row
+        are those of faiss's direct loop on the row (``asmkit.quantizer.settle_rows``),
+        whatever the batch."""
         if self.tied.size:
             dist, self.words[self.tied] = self._settle(self._tied_vecs, self.m)
             if self.distances is not None:
@@ -292,6 +293,10 @@ class Codebook:
         """faiss's exhaustive search on the CPU (or faiss-gpu's when it quantizes)."""
         if isinstance(self._chosen, FaissQuantizer):
             return self._chosen
+        return self._cpu_flat()
+
+    def _cpu_flat(self) -> FaissQuantizer:
+        """faiss's exhaustive search on the CPU."""
         if self._flat is None:
             index = _flat_index(self.dim, None)
             index.add(self._centroids)
@@ -299,8 +304,8 @@ class Codebook:
         return self._flat
 
     def settle_rows(self, vecs: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
-        """The m nearest words of rows tied within float32 rounding, by their exact
-        distances (what ``Assignment.settle`` runs; ``asmkit.quantizer.settle_rows``).
+        """The m nearest words of rows tied within float32 rounding, from faiss's direct
+        loop on the CPU (what ``Assignment.settle`` runs; ``asmkit.quantizer.settle_rows``).
 
         Parameters
         ----------
@@ -312,11 +317,10 @@ class Codebook:
         Returns
         -------
         dist : float32 [t, m]
-            Exact squared distances, rounded to float32.
         words : int64 [t, m]
             Nearest first; the lower word id first among equal distances.
         """
-        return settle_rows(self._faiss().index, self._centroids, vecs, m)
+        return settle_rows(self._cpu_flat().index, vecs, m)
 
     def assign(
         self, vecs, m: int = 1, *, segments=None, nearest_first: bool = True, check_finite: bool = True
@@ -327,9 +331,9 @@ class Codebook:
         Where two distances agree to within float32 rounding, the words faiss gives depend
         on the batch it is called on and its thread count. Those rows
         (``Assignment.tied``) hold provisional words; ``Assignment.settle`` replaces them
-        by the words of their exact distances, so that the settled words do not depend on
-        the batch: one call, one call per image, blocks of any size and any thread count
-        give the same. A caller may use the provisional words first and settle later (the
+        by the words of faiss's direct loop on each row, so that the settled words do not
+        depend on the batch: one call, one call per image, blocks of any size and any
+        thread count give the same. A caller may use the provisional words first and settle later (the
         query path scores with them, then re-scores the few images whose settled words
         differ).
 
@@ -377,7 +381,7 @@ class Codebook:
 
     def quantize(self, vecs, m: int = 1, *, return_distances: bool = False, segments=None, nearest_first: bool = True):
         """``assign(vecs, m, segments=..., nearest_first=...).settle()``: the m nearest
-        words of each descriptor, those of the exact distances also at float32 ties.
+        words of each descriptor, faiss's direct loop's also at float32 ties.
 
         Returns
         -------

@@ -6,7 +6,7 @@ CUDA build of torch is usually there already: the deep feature extractor needs o
 expansion (|x|^2 + |c|^2 - 2 x.c, a float32 matrix product, TF32 off) and keeps the m + 1
 nearest. It implements ``asmkit.quantizer.Quantizer``: a row whose deciding gap lies within
 float32 rounding is returned as tied, and ``Codebook.assign``'s ``Assignment.settle``
-re-ranks it by its exact distances on the CPU, exactly as for faiss's own searches. So the
+searches it again with faiss on the CPU, exactly as for faiss's own searches. So the
 words are the CPU's.
 """
 

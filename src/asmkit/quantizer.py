@@ -1,17 +1,16 @@
 """Quantizer backends: the m nearest words of descriptors, the same whatever the batch.
 
-faiss ``IndexFlatL2`` computes |x|^2 + |c|^2 - 2 x.c in float32. Where two words' distances
-agree to within that rounding, the word faiss returns depends on the call: the batch's
-shape, the row's offset in it and the thread count change the BLAS tiling and so the
-rounding. asmkit's words depend on none of these. They are the words of the exact
-distances (``exact_sq_dist``: float64, summed in a fixed order), the lower word id first
-where two are equal, obtained in two steps:
+faiss ``IndexFlatL2`` computes distances in float32. On large batches it takes BLAS
+products (|x|^2 + |c|^2 - 2 x.c): where two words' distances agree to within that
+rounding, the word it returns depends on the call (the batch's shape, the row's offset in
+it, the thread count). On small batches it takes a direct loop, where each (row, word)
+distance is computed alone and the words of a row depend on the row alone. asmkit's words
+are those of the direct loop, obtained in two steps:
 
 1. a backend (``Quantizer``) fills the words of a block of rows and returns the rows whose
    deciding gap lies within float32 rounding (``tied_rows``): their words are
-   provisional; every other row's words are those of the exact distances already;
-2. ``settle_rows`` re-ranks the tied rows by their exact distances to the candidates
-   faiss proposes, row by row.
+   provisional; every other row's words are decided by more than any rounding;
+2. ``settle_rows`` searches the tied rows again with faiss's direct loop.
 
 ``asmkit.Codebook.assign`` drives both steps and returns an ``Assignment`` whose
 ``settle()`` runs the second. Backends: ``FaissQuantizer`` (faiss's exhaustive search, CPU
@@ -24,6 +23,7 @@ from __future__ import annotations
 import logging
 from typing import Protocol, runtime_checkable
 
+import faiss
 import numpy as np
 
 from . import _kernels
@@ -32,7 +32,6 @@ __all__ = [
     "FaissQuantizer",
     "PrunedQuantizer",
     "Quantizer",
-    "exact_sq_dist",
     "max_sq_norm",
     "settle_rows",
     "tie_eps",
@@ -97,7 +96,7 @@ class Quantizer(Protocol):
     """A quantizer backend: the m nearest words of a block of rows, with its tied rows.
 
     ``asmkit.Codebook.assign`` calls ``search`` on blocks of rows, then settles the tied
-    rows by their exact distances (``settle_rows``).
+    rows with faiss's direct loop (``settle_rows``).
     """
 
     def search(
@@ -107,71 +106,30 @@ class Quantizer(Protocol):
         first) for rows ``vecs`` float32 [n, D]; return the tied rows, int64 [t]: those
         whose set of m words, or with ``nearest_first`` whose nearest word, the backend's
         rounding may decide (a gap within ``tie_eps``). The other rows' column 0 (with
-        ``nearest_first``) and set of m words must be those of the exact distances."""
+        ``nearest_first``) and set of m words must be those of the exact distances (then
+        also faiss's direct loop's)."""
         ...
 
 
-#: Candidates beyond m that faiss proposes for each tied row (``settle_rows``); rows whose
-#: exact m nearest words are not proven to lie among them ask for more.
-SETTLE_SLACK = 8
-#: float64 elements of the [D, rows, candidates] differences ``exact_sq_dist`` holds at once.
-_EXACT_ELEMENTS = 1 << 22
+def settle_rows(index, vecs: np.ndarray, m: int):
+    """(dist float32 [t, m], words int64 [t, m]): faiss's m nearest words of rows ``vecs``
+    float32 [t, D] through its direct loop, the same in any batch and thread count.
 
-
-def exact_sq_dist(vecs: np.ndarray, centroids: np.ndarray, words: np.ndarray) -> np.ndarray:
-    """float64 [t, c]: sum over j of (x_j - c_j)^2 for rows ``vecs`` float32 [t, D] and
-    their candidate ``words`` int64 [t, c] of ``centroids`` float32 [K, D].
-
-    Each difference and square is exact in float64 and the sum runs over j in order, one
-    elementwise pass per dimension: the value of a (row, word) pair has the same bits in
-    any batch, so two equal distances are equal everywhere and go to the lower word id.
-    """
-    t, c = words.shape
-    d = vecs.shape[1]
-    out = np.zeros((t, c), dtype=np.float64)
-    step = max(1, _EXACT_ELEMENTS // max(1, c * d))
-    for begin in range(0, t, step):
-        rows = slice(begin, begin + step)
-        # [D, rows, c]: one contiguous slice per dimension.
-        diff = centroids[words[rows]].transpose(2, 0, 1).astype(np.float64)
-        np.subtract(vecs[rows].T.astype(np.float64)[:, :, None], diff, out=diff)
-        np.multiply(diff, diff, out=diff)
-        acc = out[rows]
-        for j in range(d):
-            acc += diff[j]
-    return out
-
-
-def settle_rows(index, centroids: np.ndarray, vecs: np.ndarray, m: int):
-    """(dist float32 [t, m], words int64 [t, m]): the m nearest words of rows ``vecs``
-    float32 [t, D] by their exact distances (``exact_sq_dist``), nearest first, the lower
-    word id first among equal distances; the same bits in any batch.
-
-    faiss (``index``, holding ``centroids`` float32 [K, D]) proposes m + ``SETTLE_SLACK``
-    candidates per row. Every other word's faiss distance is at least the last
-    candidate's, so its exact distance is at least that minus faiss's rounding
-    (``tie_eps``): a row whose m-th exact distance lies below
-    that is final; the others are searched again with twice the candidates, up to all K.
+    faiss searches a batch of fewer than ``distance_compute_blas_threshold / D`` rows with
+    a direct loop: the distance of each (row, word) pair is computed alone (float32,
+    sum of squared differences in a fixed order), the rows are spread over the threads
+    whole, and equal distances keep the lower word id. So a row's words there depend on
+    the row alone; they are also the reference's for a query image of that size. The rows
+    are searched in such batches, on the CPU flat ``index``.
     """
     t, d = vecs.shape
-    k = index.ntotal
     dist = np.empty((t, m), dtype=np.float32)
     words = np.empty((t, m), dtype=np.int64)
-    eps = tie_eps(tie_scale(vecs, max_sq_norm(centroids)), d)
-    todo = np.arange(t)
-    width = min(k, m + SETTLE_SLACK)
-    while todo.size:
-        with _kernels.faiss_thread_budget(len(todo) * k * d):
-            found_dist, candidates = index.search(vecs[todo], width)
-        exact = exact_sq_dist(vecs[todo], centroids, candidates)
-        # By exact distance, then by word id.
-        order = np.lexsort((candidates, exact))[:, :m]
-        best = np.take_along_axis(exact, order, axis=1)
-        done = np.full(len(todo), True) if width == k else best[:, -1] < found_dist[:, -1] - eps[todo]
-        dist[todo[done]] = best[done]
-        words[todo[done]] = np.take_along_axis(candidates, order, axis=1)[done]
-        todo = todo[~done]
-        width = min(k, 2 * width)
+    step = max(1, (int(faiss.cvar.distance_compute_blas_threshold) - 1) // d)
+    for begin in range(0, t, step):
+        rows = slice(begin, begin + step)
+        with _kernels.faiss_thread_budget((min(t, begin + step) - begin) * index.ntotal * d):
+            dist[rows], words[rows] = index.search(vecs[rows], m)
     return dist, words
 
 

@@ -438,8 +438,8 @@ def similarity_matrix(
     ``ma_database``), the query side as ``Index.search`` does (each image its own call,
     with ``ma_query``), and the queries are scored by ``score_queries``: the scores equal
     ``Index.similarity_matrix``'s on an index of the same images. With ``ma_database`` 1
-    every descriptor is quantized once, for both sides: only the rows tied within float32
-    rounding are searched again, as the database call meets them.
+    every descriptor is quantized once, for both sides (the settled words do not depend on
+    the batch).
 
     Memory beyond the result and the input: the grouping of rows by image (16 bytes per
     descriptor), the words of every descriptor (2 bytes per word for K <= 65536), the
