@@ -223,6 +223,7 @@ def build_index(
     max_retries: int = 3,
     out: str | os.PathLike | None = None,
     queries: bool = False,
+    train: Callable[[np.ndarray], Codebook] | None = None,
 ) -> IndexBuild:
     """Index images on the connected Ray cluster (see :func:`asmkit.distributed.connect`).
 
@@ -234,9 +235,8 @@ def build_index(
         Picklable (a class, a ``functools.partial``, a module-level function); each worker
         calls it once. The extractor follows ``asmkit.features.Extractor``.
     codebook : Codebook or None
-        None: trained first (``Codebook.train`` with ``params.codebook_size``,
-        ``kmeans_iters`` and ``seed``) on the descriptors of ``sample`` images drawn
-        from ``paths`` with ``seed``.
+        None: trained first on the descriptors of ``sample`` images drawn from ``paths``
+        with ``seed``, by ``train``.
     params : Params, preset name, dict or None
     root : path-like, optional
         Keys are the paths relative to it (default: their deepest common folder).
@@ -261,6 +261,10 @@ def build_index(
         Also send back the images' query-side aggregates (``IndexBuild.queries``), for an
         all-vs-all top-k: larger than the database side (``ma_query`` words per
         descriptor), still far smaller than the descriptors.
+    train : callable(float32 [N, D]) -> Codebook, optional
+        How the codebook is trained on the sample's descriptors (image after image, in
+        ``paths`` order). Default: ``Codebook.train`` with ``params.codebook_size``,
+        ``kmeans_iters`` and ``seed``.
 
     Returns
     -------
@@ -280,6 +284,8 @@ def build_index(
     trained = codebook is None
     if not trained and not isinstance(codebook, Codebook):
         raise ArgumentError(f"codebook: expected an asmkit Codebook or None, got {type(codebook).__name__}")
+    if train is not None and not callable(train):
+        raise ArgumentError(f"train: expected a callable that returns a Codebook, got {type(train).__name__}")
     if trained:
         rng = np.random.default_rng(check_int(seed, "seed"))
         chosen = np.sort(
@@ -291,7 +297,12 @@ def build_index(
     try:
         if trained:
             vecs = _sample(pool, [paths[i] for i in chosen], root, batch_size, progress)
-            codebook = Codebook.train(vecs, params.codebook_size, iters=params.kmeans_iters, seed=params.seed)
+            if train is None:
+                codebook = Codebook.train(vecs, params.codebook_size, iters=params.kmeans_iters, seed=params.seed)
+            else:
+                codebook = train(vecs)
+                if not isinstance(codebook, Codebook):
+                    raise ArgumentError(f"train: returned {type(codebook).__name__}, not a Codebook")
             del vecs
         index = Index(codebook, params)
         results = _run(
