@@ -146,12 +146,13 @@ def _run(
 def _check_common(paths, extractor_factory, root, batch_size, workers, device, max_retries):
     if isinstance(paths, (str, os.PathLike)):
         raise ArgumentError("paths: expected a sequence of image paths (use asmkit.features.list_images for a folder)")
-    paths = [Path(p).resolve() for p in paths]
+    # Absolute, not resolved: a path through a symbolic link keeps its name below root.
+    paths = [Path(os.path.abspath(p)) for p in paths]
     if not paths:
         raise ArgumentError("paths: no images")
     if not callable(extractor_factory):
         raise ArgumentError("extractor_factory: expected a picklable callable that returns an extractor")
-    root = Path(os.path.commonpath([str(p.parent) for p in paths])) if root is None else Path(root).resolve()
+    root = Path(os.path.commonpath([str(p.parent) for p in paths])) if root is None else Path(os.path.abspath(root))
     image_names(paths, root)  # names must be distinct and below root: fail before any work
     return (
         paths,
