@@ -264,6 +264,19 @@ def test_build_index_trains_codebook_on_sample(cluster, images):
     assert build.queries is None
 
 
+def test_images_through_symbolic_links_keep_their_names(cluster, images, codebook, tmp_path):
+    _, paths = images
+    links = tmp_path / "links"
+    links.mkdir()
+    linked = []
+    for path in [p for p in paths if p.suffix == ".png"][:3]:
+        linked.append(links / path.name)
+        linked[-1].symlink_to(path)
+    build = build_index(linked, _sift, codebook, PARAMS, root=links, progress=False)
+    assert build.index.keys == [p.name for p in linked]
+    _assert_same_index(build.index, _single_process(linked, links, codebook)[0])
+
+
 # -- faults ----------------------------------------------------------------------------------
 
 
