@@ -1,4 +1,4 @@
-"""Quantization through torch (asmkit.gpu.TorchQuantizer): the CPU's words.
+"""Quantization through torch (asmkit.gpu.TorchQuantizer): the CPU reference's words.
 
 The quantizer runs the same code on any torch device; here on torch's CPU device, whose
 float32 products round differently from faiss's as a GPU's do, and on CUDA where there is
@@ -42,27 +42,32 @@ def _on_torch(centroids, device="cpu", **options):
     return book
 
 
+def _faiss_per_segment(centroids, vecs, m, segments):
+    index = faiss.IndexFlatL2(centroids.shape[1])
+    index.add(centroids)
+    return np.concatenate([index.search(vecs[s:e], m)[1] for s, e in zip(segments[:-1], segments[1:])])
+
+
 def _assert_same_assignment(words, expected):
     np.testing.assert_array_equal(words[:, 0], expected[:, 0])
     np.testing.assert_array_equal(np.sort(words, axis=1), np.sort(expected, axis=1))
 
 
 @pytest.mark.parametrize("m", [1, 5])
-def test_torch_quantizer_gives_the_cpu_words(m):
+def test_torch_quantizer_gives_faiss_words_per_segment(m):
     # One BLAS-size segment (the database), direct-loop and BLAS query images.
     centroids, vecs = _data(1, 9000)
-    expected = Codebook(centroids).quantize(vecs, m)
     for segments in (np.array([0, 9000]), np.array([0, 40, 3000, 3001, 9000])):
         words = _on_torch(centroids).quantize(vecs, m, segments=segments)
-        _assert_same_assignment(words, expected)
+        _assert_same_assignment(words, _faiss_per_segment(centroids, vecs, m, segments))
 
 
-def test_tied_rows_are_flagged_for_settling():
+def test_tied_rows_are_flagged_for_faiss():
     centroids, vecs = _data(2, 2000)
     book = _on_torch(centroids)
     dist = np.empty((len(vecs), 1), np.float32)
     words = np.empty((len(vecs), 1), np.int64)
-    tied = book.quantizer.search(vecs, 1, dist, words, nearest_first=True)
+    tied = book.quantizer.search(vecs, 1, dist, words, nearest_first=True, one_segment=True)
     # float64 gaps: every row whose two nearest words tie within faiss's rounding is flagged.
     x, c = vecs.astype(np.float64), centroids.astype(np.float64)
     full = (x**2).sum(1)[:, None] + (c**2).sum(1)[None] - 2 * x @ c.T

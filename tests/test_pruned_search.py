@@ -1,5 +1,5 @@
 """The pruned exact quantizer (asmkit.quantizer.PrunedQuantizer, _kernels.pruned_nearest)
-against a float64 brute force and faiss's direct loop, which settles its tied rows."""
+against faiss's exhaustive search and a float64 brute force."""
 
 import numpy as np
 import pytest
@@ -37,12 +37,10 @@ def _brute(vecs, centroids, m):
     return dist, order
 
 
-def _direct_words(vecs, centroids, m):
-    """faiss's words through its direct loop (batches below its BLAS threshold), which
-    depend on the row alone."""
-    index = _flat(centroids)
-    step = max(1, (faiss.cvar.distance_compute_blas_threshold - 1) // vecs.shape[1])
-    return np.concatenate([index.search(vecs[i : i + step], m)[1] for i in range(0, len(vecs), step)])
+def _faiss_words(vecs, centroids, m):
+    index = faiss.IndexFlatL2(centroids.shape[1])
+    index.add(centroids)
+    return index.search(vecs, m)[1]
 
 
 def _assert_same_assignment(words, expected):
@@ -77,12 +75,13 @@ def _pruned(centroids, width=None):
 
 
 def _search(pruned, centroids, vecs, m):
-    """(dist, words) of one block searched by ``pruned``, its tied rows settled."""
+    """(dist, words) of one block searched by ``pruned``, its tied rows settled as in one
+    faiss call on ``vecs``."""
     dist = np.empty((len(vecs), m), np.float32)
     words = np.empty((len(vecs), m), np.int64)
-    tied = pruned.search(vecs, m, dist, words, nearest_first=True)
+    tied = pruned.search(vecs, m, dist, words, nearest_first=True, one_segment=False)
     if tied.size:
-        dist[tied], words[tied] = settle_rows(_flat(centroids), vecs[tied], m)
+        dist[tied], words[tied] = settle_rows(_flat(centroids), vecs[tied], tied, np.full(tied.size, len(vecs)), m)
     return dist, words
 
 
@@ -103,7 +102,7 @@ def _scale(vecs, centroids):
 
 @pytest.mark.parametrize("m", [1, 5])
 @pytest.mark.parametrize("scale", [1.0, 512.0])  # RootSIFT-like, raw-SIFT-like magnitudes
-def test_pruned_equals_the_brute_force(m, scale):
+def test_pruned_equals_faiss_and_brute_force(m, scale):
     vecs = _spectral(3000, 128, seed=1, scale=scale)
     centroids = _spectral(1000, 128, seed=2, scale=scale)  # K not a multiple of 16
     pruned, fallback = _pruned(centroids)
@@ -116,8 +115,9 @@ def test_pruned_equals_the_brute_force(m, scale):
     clear = (gaps > _eps(vecs) * scale_row[:, None]).all(axis=1)
     assert clear.mean() > 0.9
     np.testing.assert_array_equal(words[clear], brute[clear, :m])
-    # ... and everywhere they are faiss's direct loop's (near-ties are settled).
-    _assert_same_assignment(words, _direct_words(vecs, centroids, m))
+    # ... and everywhere they are faiss's (near-ties are handed to faiss, laid out as in
+    # this one call).
+    _assert_same_assignment(words, _faiss_words(vecs, centroids, m))
     np.testing.assert_allclose(dist, np.take_along_axis(brute_dist, words, axis=1), rtol=1e-5, atol=1e-5 * scale**2)
 
 
@@ -132,15 +132,22 @@ def test_quantize_uses_the_pruned_path_and_agrees_with_prune_off():
         _assert_same_assignment(on.quantize(vecs, m), off.quantize(vecs, m))
 
 
-def test_one_blas_block_is_pruned_too():
-    # A single segment that faiss would search as one BLAS block (an image of >= 1000 rows
-    # at D = 128, searched alone): pruned like any other, its tied rows settled per row.
+def test_one_blas_block_goes_to_faiss_directly():
+    # A single segment that faiss searches as one BLAS block (an image of >= 1000 rows at
+    # D = 128, searched alone): faiss's own call, no bound (its tied rows would cost that
+    # call again). Shorter segments (faiss's direct loop) and several segments are pruned.
     centroids = _spectral(512, 128, seed=30)
+    index = faiss.IndexFlatL2(128)
+    index.add(centroids)
     block = _spectral(1500, 128, seed=31)
     book = Codebook(centroids)
     book.quantizer, fallback = _pruned(centroids)
-    _assert_same_assignment(book.quantize(block, 5, segments=[0, 1500]), _direct_words(block, centroids, 5))
-    assert fallback.calls == 0
+    np.testing.assert_array_equal(book.quantize(block, 5, segments=[0, 1500]), index.search(block, 5)[1])
+    assert fallback.calls == 1
+    _assert_same_assignment(book.quantize(block[:900], 5, segments=[0, 900]), index.search(block[:900], 5)[1])
+    expected = np.concatenate([index.search(block[:700], 5)[1], index.search(block[700:], 5)[1]])
+    _assert_same_assignment(book.quantize(block, 5, segments=[0, 700, 1500]), expected)
+    assert fallback.calls == 1
 
 
 def test_pruned_matches_the_plain_loop_twin():
@@ -159,7 +166,7 @@ def test_partial_word_tiles_and_row_groups(m):
     centroids = _spectral(1500, 96, seed=22)
     pruned, _ = _pruned(centroids, width=24)
     _, words = _search(pruned, centroids, vecs, m)
-    _assert_same_assignment(words, _direct_words(vecs, centroids, m))
+    _assert_same_assignment(words, _faiss_words(vecs, centroids, m))
     brute_dist, brute = _brute(vecs, centroids, m)
     gaps = np.diff(np.take_along_axis(brute_dist, brute, axis=1), axis=1)
     clear = (gaps > _eps(vecs) * _scale(vecs, centroids)[:, None]).all(axis=1)
@@ -167,15 +174,15 @@ def test_partial_word_tiles_and_row_groups(m):
     np.testing.assert_array_equal(np.sort(words[clear], axis=1), np.sort(brute[clear, :m], axis=1))
 
 
-def test_exact_ties_are_flagged_and_settled():
+def test_exact_ties_are_flagged_and_resolved_by_faiss():
     centroids = _spectral(600, 64, seed=7)
     centroids[300:310] = centroids[100:110]  # duplicated words: exact ties
     vecs = np.concatenate([centroids[95:115], _spectral(400, 64, seed=8)])  # on the words themselves
     pruned, _ = _pruned(centroids, width=16)
     for m in (1, 2):
         _, words = _search(pruned, centroids, vecs, m)
-        _assert_same_assignment(words, _direct_words(vecs, centroids, m))
-    # A descriptor on a duplicated word: distance 0 to both copies.
+        _assert_same_assignment(words, _faiss_words(vecs, centroids, m))
+    # A descriptor on a duplicated word: distance 0 to both copies, faiss's order.
     assert set(words[5]) == {100, 300}
 
 
@@ -195,7 +202,7 @@ def test_descriptors_without_a_tail_and_odd_dimensions():
         gaps = np.diff(np.take_along_axis(brute_dist, brute, axis=1), axis=1)
         clear = (gaps > _eps(vecs) * _scale(vecs, centroids)[:, None]).all(axis=1)
         np.testing.assert_array_equal(words[clear], brute[clear, :m])
-        _assert_same_assignment(words, _direct_words(vecs, centroids, m))
+        _assert_same_assignment(words, _faiss_words(vecs, centroids, m))
 
 
 def test_isotropic_data_falls_back_to_faiss_and_forced_pruning_stays_exact():
@@ -206,12 +213,12 @@ def test_isotropic_data_falls_back_to_faiss_and_forced_pruning_stays_exact():
     # No axis carries much more energy than another: no width is worth it.
     _, words = _search(pruned, centroids, vecs, 1)
     assert fallback.calls == 1
-    _assert_same_assignment(words, _direct_words(vecs, centroids, 1))
+    _assert_same_assignment(words, _faiss_words(vecs, centroids, 1))
     # Forced anyway, it checks most words but stays exact.
     pruned, fallback = _pruned(centroids, width=16)
     _, words = _search(pruned, centroids, vecs, 5)
     assert fallback.calls == 0
-    _assert_same_assignment(words, _direct_words(vecs, centroids, 5))
+    _assert_same_assignment(words, _faiss_words(vecs, centroids, 5))
 
 
 def test_small_codebooks_and_m_near_k_use_faiss():
@@ -226,9 +233,9 @@ def test_small_codebooks_and_m_near_k_use_faiss():
     assert words.shape == (50, 300) and all(sorted(row) == list(range(300)) for row in words.tolist())
 
 
-def test_settled_rows_get_the_same_words_in_any_batch():
+def test_rows_redone_by_faiss_round_as_in_the_full_call():
     # faiss's float32 order of two near-tied words depends on where the row sits in its
-    # 4096-row block; settling searches each row with the direct loop, whatever the batch.
+    # 4096-row block; the redo must reproduce the full call's layout, block sizes included.
     rng = np.random.default_rng(14)
     centroids = _spectral(600, 64, seed=15)
     base = _spectral(9000, 64, seed=16)
@@ -238,21 +245,18 @@ def test_settled_rows_get_the_same_words_in_any_batch():
     at = rng.choice(len(base), 400, replace=False)
     base[at] = ties
     index = _flat(centroids)
-    expected = _direct_words(base, centroids, 2)
+    expected = index.search(base, 2)[1]
     rows = np.sort(at)
-    _, words = settle_rows(index, base[rows], 2)
+    _, words = settle_rows(index, base[rows], rows, np.full(len(rows), len(base)), 2)
     np.testing.assert_array_equal(words, expected[rows])
-    # Alone, or in another order, each row gets the same words.
-    np.testing.assert_array_equal(settle_rows(index, base[rows[7:8]], 2)[1], words[7:8])
-    np.testing.assert_array_equal(settle_rows(index, base[rows[::-1]], 2)[1], words[::-1])
     pruned, _ = _pruned(centroids, width=16)
     for m in (1, 2):
-        _assert_same_assignment(_search(pruned, centroids, base, m)[1], expected[:, :m])
+        _assert_same_assignment(_search(pruned, centroids, base, m)[1], index.search(base, m)[1])
 
 
-def test_segments_do_not_change_the_words():
+def test_segments_reproduce_one_faiss_call_per_segment():
     # Query images of 300 rows (faiss's direct loop: 300 x 128 < its BLAS threshold) and of
-    # 1500 rows (BLAS), with near-tied rows: the direct loop's words.
+    # 1500 rows (BLAS), with near-tied rows, as the reference quantizes one image per call.
     rng = np.random.default_rng(17)
     centroids = _spectral(800, 128, seed=18)
     sizes = [300, 1500, 7, 300, 4200, 1]
@@ -262,8 +266,9 @@ def test_segments_do_not_change_the_words():
     vecs[near] = (0.5 * (centroids[a] + centroids[b])).astype(np.float32)
     segments = np.concatenate([[0], np.cumsum(sizes)])
     book = _book(centroids, 16)
+    index = _flat(centroids)
     for m in (1, 5):
-        expected = _direct_words(vecs, centroids, m)
+        expected = np.concatenate([index.search(vecs[s:e], m)[1] for s, e in zip(segments[:-1], segments[1:])])
         _assert_same_assignment(book.quantize(vecs, m, segments=segments), expected)
         off = Codebook(centroids)  # faiss on the whole block, near-ties again per segment
         off.prune = False
@@ -278,7 +283,7 @@ def test_bad_segments_are_rejected(segments):
 
 
 def test_set_only_assignment_keeps_the_set_of_words():
-    # nearest_first=False (query side): the set of m words is the direct loop's.
+    # nearest_first=False (query side): the m words are faiss's as a set.
     rng = np.random.default_rng(22)
     centroids = _spectral(700, 64, seed=23)
     vecs = _spectral(5000, 64, seed=24)
@@ -287,14 +292,14 @@ def test_set_only_assignment_keeps_the_set_of_words():
         np.float32
     )
     book = _book(centroids, 16)
-    expected = _direct_words(vecs, centroids, 4)
+    expected = _flat(centroids).search(vecs, 4)[1]
     words = book.quantize(vecs, 4, nearest_first=False, segments=[0, len(vecs)])
     np.testing.assert_array_equal(np.sort(words, axis=1), np.sort(expected, axis=1))
 
 
-def test_concurrent_quantize_gives_the_words_of_one_thread():
-    # Several threads quantizing and settling at once: the same words as alone, and
-    # faiss's process-wide BLAS threshold left alone.
+def test_concurrent_quantize_leaves_faiss_settings_alone():
+    # Several threads re-searching short BLAS blocks at once: same words as alone, and
+    # faiss's process-wide BLAS threshold restored afterwards.
     from concurrent.futures import ThreadPoolExecutor
 
     rng = np.random.default_rng(25)

@@ -1,21 +1,16 @@
-"""Float32 ties made on purpose: the words, and so the scores and ranks, do not depend on
-how the descriptors are batched.
+"""Float32 ties made on purpose: every query path gives the same words, scores and ranks.
 
 Rows half-way between two words are tied within float32 rounding: the word faiss returns
-for them depends on the call (a direct loop for small batches, BLAS blocks above, whose
-rounding depends on a row's offset, the block's size and the thread count). asmkit gives
-such rows the words of faiss's direct loop, which depend on the row alone (and are the
-reference's for query images of fewer than 1000 rows), so one call, a call per image,
-blocks of any size and any thread count give the same words, and every query path the
-same scores.
+for them depends on the batch it is called on (a direct loop for images below its BLAS
+threshold, BLAS blocks above, whose rounding depends on a row's offset). The reference
+quantizes its database in one faiss call and each query image in its own call; every
+asmkit path must give those words, hence the reference's scores and ranks.
 """
 
-import numba
 import numpy as np
 import pytest
 
-import asmkit.codebook as codebook
-from asmkit import Codebook, Index, Params, search, similarity_matrix
+from asmkit import Codebook, Index, Params, codebook, quantizer, search, similarity_matrix
 from asmkit.kernel import aggregate, aggregate_images, prepare_descriptors
 
 faiss = pytest.importorskip("faiss")
@@ -44,24 +39,64 @@ def _segments():
     return np.concatenate([[0], np.cumsum(SIZES)])
 
 
-def _direct_words(centroids, vecs, m):
-    """faiss's words through its direct loop: batches of fewer than 1000 rows at D = 128."""
-    return _faiss_words(centroids, vecs, m, np.append(np.arange(0, len(vecs), 500), len(vecs)))
-
-
-def _faiss_words(centroids, vecs, m, segments):
-    """faiss's words, called once per segment."""
-    flat = faiss.IndexFlatL2(centroids.shape[1])
+def _faiss_query_words(centroids, vecs, m):
+    """The reference's query words: faiss called once per image."""
+    flat = faiss.IndexFlatL2(128)
     flat.add(centroids)
-    return np.concatenate([flat.search(vecs[s:e], m)[1] for s, e in zip(segments[:-1], segments[1:])])
+    starts = _segments()
+    return np.concatenate([flat.search(vecs[s:e], m)[1] for s, e in zip(starts[:-1], starts[1:])])
 
 
-def _assert_same_words(words, expected, nearest_first=True):
-    """The set of words per row equal, and with ``nearest_first`` column 0 too (all that
-    ASMK uses)."""
-    np.testing.assert_array_equal(np.sort(words, axis=1), np.sort(expected, axis=1))
-    if nearest_first:
-        np.testing.assert_array_equal(words[:, 0], expected[:, 0])
+@pytest.fixture
+def faiss_threads_restored():
+    """faiss's thread count and the settling's, restored after the test."""
+    caller, settle = faiss.omp_get_max_threads(), quantizer.settle_threads()
+    yield
+    faiss.omp_set_num_threads(caller)
+    quantizer.set_settle_threads(settle)
+
+
+def _faiss_words(centroids, vecs, m, threads, segments):
+    """faiss's words called once per segment on ``threads`` OpenMP threads."""
+    flat = faiss.IndexFlatL2(128)
+    flat.add(centroids)
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)
+    try:
+        return np.concatenate([flat.search(vecs[s:e], m)[1] for s, e in zip(segments[:-1], segments[1:])])
+    finally:
+        faiss.omp_set_num_threads(previous)
+
+
+@pytest.mark.parametrize("settle", [1, 2])
+def test_words_depend_on_the_settle_threads_alone(tied, settle, monkeypatch, faiss_threads_restored):
+    # The reference run on ``settle`` threads; asmkit with the segments in blocks of one
+    # image, of several and of all, called on one or two faiss threads, pruned or not.
+    centroids, vecs, _ = tied
+    quantizer.set_settle_threads(settle)
+    one_call = np.array([0, len(vecs)])
+    expected_query = _faiss_words(centroids, vecs, 3, settle, _segments())
+    expected_nearest = _faiss_words(centroids, vecs, 1, settle, _segments())
+    expected_database = _faiss_words(centroids, vecs, 1, settle, one_call)
+    for caller in (1, 2):
+        faiss.omp_set_num_threads(caller)
+        for rows in (700, 4096, codebook.QUANTIZE_ROWS):
+            monkeypatch.setattr(codebook, "QUANTIZE_ROWS", rows)
+            for prune in (True, False):
+                book = Codebook(centroids)
+                book.prune = prune
+                case = f"caller threads {caller}, block rows {rows}, prune {prune}"
+                query = book.quantize(vecs, 3, segments=_segments(), nearest_first=False)
+                np.testing.assert_array_equal(np.sort(query, axis=1), np.sort(expected_query, axis=1), err_msg=case)
+                nearest = book.quantize(vecs, 1, segments=_segments())
+                np.testing.assert_array_equal(nearest, expected_nearest, err_msg=case)
+                database = book.quantize(vecs, 1, segments=one_call)
+                np.testing.assert_array_equal(database, expected_database, err_msg=case)
+
+
+def test_settle_threads_are_checked():
+    with pytest.raises(ValueError, match="threads"):
+        quantizer.set_settle_threads(0)
 
 
 def _ranks(dense):
@@ -70,63 +105,24 @@ def _ranks(dense):
 
 
 @pytest.mark.parametrize("ma_query", [1, 3])
-def test_tied_rows_get_the_direct_loop_words(tied, ma_query):
+def test_tied_rows_get_the_reference_words(tied, ma_query):
     centroids, vecs, _ = tied
     book = Codebook(centroids)
-    expected = _direct_words(centroids, vecs, ma_query)
-    # The ties are real: faiss's words depend on its calls. For the images of fewer than
-    # 1000 rows the direct loop's words are the reference's (one faiss call per image).
-    one_call = _faiss_words(centroids, vecs, ma_query, [0, len(vecs)])
-    per_image = _faiss_words(centroids, vecs, ma_query, _segments())
-    assert np.any(np.sort(one_call, axis=1) != np.sort(per_image, axis=1))
-    starts = _segments()
-    small = np.concatenate([np.arange(s, e) for s, e in zip(starts[:-1], starts[1:]) if e - s < 1000])
-    _assert_same_words(expected[small], per_image[small], nearest_first=False)
+    expected = _faiss_query_words(centroids, vecs, ma_query)
     assignment = book.assign(vecs, ma_query, segments=_segments(), nearest_first=False)
+    # The ties are real: some provisional words are not the reference's.
     assert assignment.tied.size
+    differ = np.any(np.sort(assignment.words, axis=1) != np.sort(expected, axis=1), axis=1)
+    assert differ.any() and set(np.flatnonzero(differ)) <= set(assignment.tied.tolist())
     words = assignment.settle()
     assert assignment.tied.size == 0
-    _assert_same_words(words, expected, nearest_first=False)
+    np.testing.assert_array_equal(np.sort(words, axis=1), np.sort(expected, axis=1))
     # The same rows settled later, joined with another call's (as the query path does).
     again = book.assign(vecs, ma_query, segments=_segments(), nearest_first=False)
     parts = [again.tied_part(), book.assign(vecs[:40], ma_query, nearest_first=False).tied_part()]
-    settled = type(again).concatenate(parts).settle()[: parts[0].words.shape[0]]
-    _assert_same_words(settled, expected[again.tied], nearest_first=False)
-
-
-@pytest.mark.parametrize("prune", [True, False])
-def test_words_do_not_depend_on_batches_or_threads(tied, prune, monkeypatch):
-    # One call, one call per image, blocks of several sizes, one or two threads (faiss's
-    # and numba's), with the pruned search or faiss's exhaustive one.
-    centroids, vecs, _ = tied
-    book = Codebook(centroids)
-    book.prune = prune
-    starts = _segments()
-    for m, nearest_first in ((1, True), (3, True), (3, False)):
-        expected = _direct_words(centroids, vecs, m)
-        runs = {"one call": book.quantize(vecs, m, nearest_first=nearest_first)}
-        runs["per image"] = np.concatenate(
-            [book.quantize(vecs[s:e], m, nearest_first=nearest_first) for s, e in zip(starts[:-1], starts[1:])]
-        )
-        runs["image segments"] = book.quantize(vecs, m, segments=starts, nearest_first=nearest_first)
-        for rows in (700, 4096):
-            monkeypatch.setattr(codebook, "QUANTIZE_ROWS", rows)
-            runs[f"blocks of {rows}"] = book.quantize(vecs, m, nearest_first=nearest_first)
-        monkeypatch.undo()
-        threads = numba.get_num_threads(), faiss.omp_get_max_threads()
-        for n in (1, 2):
-            numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-            faiss.omp_set_num_threads(n)
-            try:
-                runs[f"{n} threads"] = book.quantize(vecs, m, segments=starts, nearest_first=nearest_first)
-            finally:
-                numba.set_num_threads(threads[0])
-                faiss.omp_set_num_threads(threads[1])
-        for name, words in runs.items():
-            try:
-                _assert_same_words(words, expected, nearest_first)
-            except AssertionError as error:
-                raise AssertionError(f"m={m}, nearest_first={nearest_first}, {name}") from error
+    joined = type(again).concatenate(parts)
+    settled = joined.settle()[: parts[0].words.shape[0]]
+    np.testing.assert_array_equal(np.sort(settled, axis=1), np.sort(expected[again.tied], axis=1))
 
 
 @pytest.mark.parametrize("ma_query", [1, 3])
@@ -138,15 +134,18 @@ def test_every_query_path_gives_the_same_scores(tied, ma_query, monkeypatch):
     index.add(vecs, labels)
     n = len(SIZES)
 
-    # The expected scores: the database and the queries aggregated from the direct loop's
-    # words.
+    # The expected scores: the database and the queries aggregated from faiss's words.
+    flat = faiss.IndexFlatL2(128)
+    flat.add(centroids)
     expected_index = Index(book, params)
+    database_words = flat.search(vecs, 1)[1]
     desc = prepare_descriptors(vecs, labels)
     expected_index.add_aggregates(
-        aggregate(vecs, _direct_words(centroids, vecs, 1), desc.starts, desc.order, centroids, binary=True),
-        np.arange(n),
+        aggregate(vecs, database_words, desc.starts, desc.order, centroids, binary=True), np.arange(n)
     )
-    queries = aggregate(vecs, _direct_words(centroids, vecs, ma_query), desc.starts, desc.order, centroids, binary=True)
+    queries = aggregate(
+        vecs, _faiss_query_words(centroids, vecs, ma_query), desc.starts, desc.order, centroids, binary=True
+    )
     db = expected_index.database
     expected = np.zeros((n, n), np.float32)
     search.score_aggregates(db.ivf, db.idf, db.sqrt_norms, db.ids, queries, params, dim=128, dense_out=expected)
@@ -175,17 +174,36 @@ def test_every_query_path_gives_the_same_scores(tied, ma_query, monkeypatch):
         dim=128,
         dense_out=got["aggregate_images"],
     )
-    # The database built from two batches of images (as Ray workers send them).
-    halves = Index(book, params)
-    half = 3
-    for part in (labels < half, labels >= half):
-        halves.add_aggregates(aggregate_images(book, vecs[part], labels[part], params), np.unique(labels[part]))
-    got["database in two batches"] = halves.similarity_matrix(vecs, labels)
     for name, dense in got.items():
         np.testing.assert_array_equal(dense, expected, err_msg=name)
     scores, ids = index.search(vecs, labels, k=None)
     np.testing.assert_array_equal(ids, _ranks(expected))
     np.testing.assert_array_equal(scores, np.take_along_axis(expected, ids, axis=1))
+
+
+@pytest.mark.parametrize("ma_query", [1, 3])
+def test_ranks_equal_the_reference_package(tied, ma_query):
+    asmk = pytest.importorskip("asmk")
+    from asmk import codebook as asmk_codebook
+    from asmk import index as asmk_index
+
+    centroids, vecs, labels = tied
+    params = Params(binary=True, use_idf=True, ma_database=1, ma_query=ma_query)
+    reference_book = asmk_codebook.Codebook(asmk_index.initialize_index(None), size=600)
+    reference_book.index(centroids.copy())
+    reference = asmk.ASMKMethod(params.to_reference(), {}, codebook=reference_book)
+    reference = reference.build_ivf(vecs.copy(), labels.copy())
+    _, images, ref_ranks, ref_scores = reference.query_ivf(vecs.copy(), labels.copy())
+
+    index = Index(Codebook(centroids), params)
+    index.add(vecs, labels)
+    scores, ids = index.search(vecs, labels, k=None)
+    np.testing.assert_array_equal(images, np.arange(len(SIZES)))
+    np.testing.assert_allclose(scores, ref_scores, atol=1e-6, rtol=0)
+    # The reference orders equal scores by its own sort; compare ranks away from ties.
+    full = np.zeros_like(ref_scores)
+    np.put_along_axis(full, ref_ranks, ref_scores, axis=1)
+    np.testing.assert_array_equal(ids, _ranks(full.astype(np.float32)))
 
 
 @pytest.mark.parametrize("ma_database", [1, 2])

@@ -2,10 +2,8 @@
 
 ``Codebook.assign`` is the one quantizer contract of the engine: it returns an
 ``Assignment`` whose words are final except for the rows float32 rounding ties
-(``Assignment.tied``), which ``Assignment.settle`` gives the words of faiss's direct loop
-(``asmkit.quantizer.settle_rows``). The words never depend on how the rows are batched or
-on the thread count.
-The backends that fill the words implement ``asmkit.quantizer.Quantizer``.
+(``Assignment.tied``), which ``Assignment.settle`` gives faiss's words. The backends that
+fill the words implement ``asmkit.quantizer.Quantizer``.
 """
 
 from __future__ import annotations
@@ -59,8 +57,8 @@ class Assignment:
         provisional words until ``settle``.
     tied : int64 [t]
         The rows whose set of m words (or, when assigned ``nearest_first``, whose nearest
-        word) float32 rounding may decide: their provisional words may depend on the
-        batch they were searched in. Empty once settled.
+        word) float32 rounding decides: faiss's words for them depend on the batch faiss
+        is called on. Empty once settled.
     distances : float32 [N, m] or None
         Squared distances, when asked for (``Codebook.quantize(return_distances=True)``).
     """
@@ -71,13 +69,18 @@ class Assignment:
         tied: np.ndarray,
         distances: np.ndarray | None,
         tied_vecs: np.ndarray,
+        local: np.ndarray,
+        seg_size: np.ndarray,
         settle: Callable[..., tuple[np.ndarray, np.ndarray]],
     ) -> None:
         self.words = words
         self.tied = tied
         self.distances = distances
-        # What settling needs of each tied row: its descriptor alone.
+        # What settling needs of each tied row: its descriptor, its offset in its segment
+        # and the segment's size (the layout of the faiss call to reproduce).
         self._tied_vecs = tied_vecs
+        self._local = local
+        self._seg_size = seg_size
         self._settle = settle
 
     @property
@@ -88,12 +91,11 @@ class Assignment:
         return int(self.words.shape[0])
 
     def settle(self) -> np.ndarray:
-        """Replace the tied rows' provisional words by faiss's direct loop's (in place) and
-        return ``words`` int64 [N, m], final: column 0 and the set of m words of each row
-        are those of faiss's direct loop on the row (``asmkit.quantizer.settle_rows``),
-        whatever the batch."""
+        """Replace the tied rows' provisional words by faiss's (in place) and return
+        ``words`` int64 [N, m], final: column 0 and the set of m words of each row equal
+        faiss's call on the row's segment."""
         if self.tied.size:
-            dist, self.words[self.tied] = self._settle(self._tied_vecs, self.m)
+            dist, self.words[self.tied] = self._settle(self._tied_vecs, self._local, self._seg_size, self.m)
             if self.distances is not None:
                 self.distances[self.tied] = dist
             self.tied = np.zeros(0, dtype=np.int64)
@@ -102,9 +104,15 @@ class Assignment:
     def tied_part(self) -> Assignment:
         """An ``Assignment`` of the tied rows alone (their provisional words, copied), to
         settle later, possibly joined with others (``Assignment.concatenate``) so that
-        rows of many calls share faiss's calls."""
+        rows of many calls share faiss's batches."""
         return Assignment(
-            self.words[self.tied], np.arange(self.tied.size, dtype=np.int64), None, self._tied_vecs, self._settle
+            self.words[self.tied],
+            np.arange(self.tied.size, dtype=np.int64),
+            None,
+            self._tied_vecs,
+            self._local,
+            self._seg_size,
+            self._settle,
         )
 
     @staticmethod
@@ -118,6 +126,8 @@ class Assignment:
             np.concatenate([part.tied + offset for part, offset in zip(parts, offsets)]),
             None,
             np.concatenate([part._tied_vecs for part in parts]),
+            np.concatenate([part._local for part in parts]),
+            np.concatenate([part._seg_size for part in parts]),
             parts[0]._settle,
         )
 
@@ -171,7 +181,7 @@ class Codebook:
         The visual words; float64/integer input is converted.
     gpu : int, optional
         GPU id for quantization: faiss-gpu's when faiss has that GPU, else CUDA through
-        torch (``asmkit.gpu``, the CPU's words); the CPU with one warning when
+        torch (``asmkit.gpu``, the CPU reference's words); the CPU with one warning when
         neither has it.
 
     Attributes
@@ -184,7 +194,7 @@ class Codebook:
     gpu : int or None
         The GPU that quantizes; None on the CPU.
     quantizer : asmkit.quantizer.Quantizer
-        The backend ``assign`` uses. On the CPU, ``PrunedQuantizer`` (same words as the
+        The backend ``assign`` uses. On the CPU, ``PrunedQuantizer`` (same words as faiss's
         exhaustive search, several times fewer flops) when ``prune``, else
         ``FaissQuantizer``. Settable, to any object implementing the protocol.
     prune : bool
@@ -293,24 +303,26 @@ class Codebook:
         """faiss's exhaustive search on the CPU (or faiss-gpu's when it quantizes)."""
         if isinstance(self._chosen, FaissQuantizer):
             return self._chosen
-        return self._cpu_flat()
-
-    def _cpu_flat(self) -> FaissQuantizer:
-        """faiss's exhaustive search on the CPU."""
         if self._flat is None:
             index = _flat_index(self.dim, None)
             index.add(self._centroids)
             self._flat = FaissQuantizer(index, self._centroids)
         return self._flat
 
-    def settle_rows(self, vecs: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
-        """The m nearest words of rows tied within float32 rounding, from faiss's direct
-        loop on the CPU (what ``Assignment.settle`` runs; ``asmkit.quantizer.settle_rows``).
+    def settle_rows(
+        self, vecs: np.ndarray, local: np.ndarray, seg_size: np.ndarray, m: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """faiss's m nearest words of rows tied within float32 rounding, as faiss's call on
+        each row's segment gives them (what ``Assignment.settle`` runs).
 
         Parameters
         ----------
         vecs : float32 [t, D]
             The rows (checked descriptors).
+        local : int64 [t]
+            Each row's offset in its segment.
+        seg_size : int64 [t]
+            The size of each row's segment (the rows of one faiss call).
         m : int
             1 <= m <= K.
 
@@ -318,24 +330,21 @@ class Codebook:
         -------
         dist : float32 [t, m]
         words : int64 [t, m]
-            Nearest first; the lower word id first among equal distances.
         """
-        return settle_rows(self._cpu_flat().index, vecs, m)
+        return settle_rows(self._faiss().index, vecs, local, seg_size, m)
 
     def assign(
         self, vecs, m: int = 1, *, segments=None, nearest_first: bool = True, check_finite: bool = True
     ) -> Assignment:
-        """The m nearest words of each descriptor (exact L2), with the rows whose words
-        float32 rounding may decide left provisional until ``settle``.
+        """The m nearest words of each descriptor (exact L2, as faiss ``IndexFlatL2``), with
+        the rows whose words float32 rounding decides left provisional until ``settle``.
 
         Where two distances agree to within float32 rounding, the words faiss gives depend
-        on the batch it is called on and its thread count. Those rows
-        (``Assignment.tied``) hold provisional words; ``Assignment.settle`` replaces them
-        by the words of faiss's direct loop on each row, so that the settled words do not
-        depend on the batch: one call, one call per image, blocks of any size and any
-        thread count give the same. A caller may use the provisional words first and settle later (the
-        query path scores with them, then re-scores the few images whose settled words
-        differ).
+        on the batch it is called on. Those rows (``Assignment.tied``) hold provisional
+        words; ``Assignment.settle`` replaces them by the words of faiss called once per
+        segment, as the reference calls it. A caller may use the provisional words first
+        and settle later (the query path scores with them, then re-scores the few images
+        whose settled words differ).
 
         Parameters
         ----------
@@ -344,9 +353,9 @@ class Codebook:
         m : int
             Multiple assignment. With ``m > K`` every word is returned (m is clipped to K).
         segments : int64 [S + 1], optional
-            Row offsets (0 first, N last) of the caller's images: the backend searches
-            blocks of about ``QUANTIZE_ROWS`` rows that never split one. The words do not
-            depend on them. Default: blocks of ``QUANTIZE_ROWS`` rows.
+            Row offsets (0 first, N last) of the batches whose faiss call to reproduce at
+            float32 ties: the reference quantizes its database in one call and each query
+            image in its own. Default: one call per ``QUANTIZE_ROWS`` rows.
         nearest_first : bool
             False when only the set of m words matters (query-side multiple assignment):
             column 0 may then hold another of two words tied within float32 rounding with
@@ -381,14 +390,14 @@ class Codebook:
 
     def quantize(self, vecs, m: int = 1, *, return_distances: bool = False, segments=None, nearest_first: bool = True):
         """``assign(vecs, m, segments=..., nearest_first=...).settle()``: the m nearest
-        words of each descriptor, faiss's direct loop's also at float32 ties.
+        words of each descriptor, faiss's also at float32 ties.
 
         Returns
         -------
         words : int64 [N, min(m, K)]
             Word ids, nearest first (column 0 is the hard assignment). Columns 1..m-2 may
-            order two words that tie within float32 rounding differently in another
-            batch: only column 0 and the set of m words enter ASMK.
+            order two words that tie within float32 rounding differently from faiss: only
+            column 0 and the set of m words enter ASMK.
         distances : float32 [N, min(m, K)]
             Squared distances; only with ``return_distances``.
 
@@ -413,18 +422,28 @@ class Codebook:
         quantizer = self.quantizer
         # Blocks of whole segments, about QUANTIZE_ROWS rows each, bound the per-row
         # temporaries (faiss's outputs, the pruned search's flags). Tied rows are settled
-        # together, later, so that rows of many blocks share faiss's calls.
+        # together, later, so that rows of many blocks share faiss's batches.
         tied = []
         first = 0
         while first < len(segments) - 1:
             last = max(first + 1, int(np.searchsorted(segments, segments[first] + QUANTIZE_ROWS, side="right")) - 1)
             begin, end = int(segments[first]), int(segments[last])
             block_dist = dist[begin:end] if return_distances else np.empty((end - begin, m), dtype=np.float32)
-            rows = quantizer.search(vecs[begin:end], m, block_dist, words[begin:end], nearest_first=nearest_first)
+            rows = quantizer.search(
+                vecs[begin:end],
+                m,
+                block_dist,
+                words[begin:end],
+                nearest_first=nearest_first,
+                one_segment=last - first == 1,
+            )
             tied.append(np.asarray(rows, dtype=np.int64) + begin)
             first = last
         tied = np.concatenate(tied) if tied else np.zeros(0, dtype=np.int64)
-        return Assignment(words, tied, dist, vecs[tied], self.settle_rows)
+        seg = np.searchsorted(segments, tied, side="right") - 1
+        return Assignment(
+            words, tied, dist, vecs[tied], tied - segments[seg], segments[seg + 1] - segments[seg], self.settle_rows
+        )
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the centroids as an asmkit directory (kind ``"codebook"``)."""

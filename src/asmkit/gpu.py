@@ -5,9 +5,9 @@ CUDA build of torch is usually there already: the deep feature extractor needs o
 ``TorchQuantizer`` computes the squared distances to every word on the device with faiss's
 expansion (|x|^2 + |c|^2 - 2 x.c, a float32 matrix product, TF32 off) and keeps the m + 1
 nearest. It implements ``asmkit.quantizer.Quantizer``: a row whose deciding gap lies within
-float32 rounding is returned as tied, and ``Codebook.assign``'s ``Assignment.settle``
-searches it again with faiss on the CPU, exactly as for faiss's own searches. So the
-words are the CPU's.
+float32 rounding is returned as tied, and ``Codebook.assign``'s ``Assignment.settle`` asks
+faiss on the CPU for it as the reference's own call would meet it, exactly as for faiss's
+own batched searches. So the words are the CPU reference's.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class TorchQuantizer:
     device : str or torch.device
         ``"cuda:0"`` in use; ``"cpu"`` runs the same code on the CPU (tests).
     tie_eps : float
-        Relative gap (of |x|^2 + max |c|^2) below which float32 rounding may decide
+        Relative gap (of |x|^2 + max |c|^2) below which faiss's rounding decides
         (``asmkit.quantizer.tie_eps(1.0, D)``).
     gpu : int, optional
         The GPU id ``device`` stands for (``Codebook.gpu``); None for a CPU device.
@@ -77,9 +77,10 @@ class TorchQuantizer:
         self._rows = max(256, _BLOCK_BYTES // (4 * k)) if block_rows is None else block_rows
 
     def search(
-        self, vecs: np.ndarray, m: int, dist: np.ndarray, words: np.ndarray, *, nearest_first: bool
+        self, vecs: np.ndarray, m: int, dist: np.ndarray, words: np.ndarray, *, nearest_first: bool, one_segment: bool
     ) -> np.ndarray:
-        """See ``asmkit.quantizer.Quantizer.search``."""
+        """See ``asmkit.quantizer.Quantizer.search``. Its float32 rounding is never faiss's,
+        so tied rows are returned also for a block of ``one_segment``."""
         torch = self._torch
         k = self._centroids.shape[0]
         extra = int(m < k)

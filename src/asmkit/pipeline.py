@@ -970,11 +970,11 @@ def score_blocks(
         for begin in begins:
             yield begin, _score_block(index, descriptors(range(begin, min(begin + chunk, n))))
         return
-    from .distributed import connect, require_ray
+    from .distributed import connect, remote_task, require_ray
 
     with connect(None if ray == "auto" else ray, num_cpus=ray_cpus) as conn:
         ray_module = require_ray()
-        task = ray_module.remote(num_cpus=1)(_score_block)
+        task = remote_task(_score_block, num_cpus=1)
         shared = ray_module.put(index)
         # A bounded window of blocks in flight: their descriptors are the memory cost.
         window = 2 * max(1, int(conn.resources().get("CPU", 1)))

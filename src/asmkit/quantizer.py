@@ -1,16 +1,17 @@
-"""Quantizer backends: the m nearest words of descriptors, the same whatever the batch.
+"""Quantizer backends: the m nearest words of descriptors, with faiss's words at float32 ties.
 
-faiss ``IndexFlatL2`` computes distances in float32. On large batches it takes BLAS
-products (|x|^2 + |c|^2 - 2 x.c): where two words' distances agree to within that
-rounding, the word it returns depends on the call (the batch's shape, the row's offset in
-it, the thread count). On small batches it takes a direct loop, where each (row, word)
-distance is computed alone and the words of a row depend on the row alone. asmkit's words
-are those of the direct loop, obtained in two steps:
+The reference quantizes with faiss ``IndexFlatL2``, which computes |x|^2 + |c|^2 - 2 x.c in
+float32. Where two words' distances agree to within that rounding, the word faiss returns
+depends on the batch it was called on (the BLAS tiling of the row's block). asmkit
+reproduces it in two steps:
 
 1. a backend (``Quantizer``) fills the words of a block of rows and returns the rows whose
    deciding gap lies within float32 rounding (``tied_rows``): their words are
-   provisional; every other row's words are decided by more than any rounding;
-2. ``settle_rows`` searches the tied rows again with faiss's direct loop.
+   provisional;
+2. ``settle_rows`` searches those rows again with faiss, each laid out as faiss met it in
+   its segment's own call, on ``settle_threads()`` OpenMP threads (faiss's tiling, so the
+   rounding, depends on the thread count too; the setting makes the words independent of
+   the caller's).
 
 ``asmkit.Codebook.assign`` drives both steps and returns an ``Assignment`` whose
 ``settle()`` runs the second. Backends: ``FaissQuantizer`` (faiss's exhaustive search, CPU
@@ -20,20 +21,25 @@ or faiss-gpu), ``PrunedQuantizer`` (a lower bound skips most words; CPU) and
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Protocol, runtime_checkable
+import threading
+from typing import Iterator, Protocol, runtime_checkable
 
 import faiss
 import numpy as np
 
 from . import _kernels
+from ._validation import check_int
 
 __all__ = [
     "FaissQuantizer",
     "PrunedQuantizer",
     "Quantizer",
     "max_sq_norm",
+    "set_settle_threads",
     "settle_rows",
+    "settle_threads",
     "tie_eps",
     "tie_scale",
     "tied_rows",
@@ -95,41 +101,124 @@ def tie_scale(vecs: np.ndarray, max_sq: float) -> np.ndarray:
 class Quantizer(Protocol):
     """A quantizer backend: the m nearest words of a block of rows, with its tied rows.
 
-    ``asmkit.Codebook.assign`` calls ``search`` on blocks of rows, then settles the tied
-    rows with faiss's direct loop (``settle_rows``).
+    ``asmkit.Codebook.assign`` calls ``search`` on blocks of whole segments (a segment is
+    the batch of rows the reference quantizes in one faiss call), then settles the tied
+    rows with faiss (``settle_rows``).
     """
 
     def search(
-        self, vecs: np.ndarray, m: int, dist: np.ndarray, words: np.ndarray, *, nearest_first: bool
+        self, vecs: np.ndarray, m: int, dist: np.ndarray, words: np.ndarray, *, nearest_first: bool, one_segment: bool
     ) -> np.ndarray:
         """Fill ``dist`` float32 [n, m] and ``words`` int64 [n, m] (1 <= m <= K, nearest
         first) for rows ``vecs`` float32 [n, D]; return the tied rows, int64 [t]: those
-        whose set of m words, or with ``nearest_first`` whose nearest word, the backend's
-        rounding may decide (a gap within ``tie_eps``). The other rows' column 0 (with
-        ``nearest_first``) and set of m words must be those of the exact distances (then
-        also faiss's direct loop's)."""
+        whose set of m words, or with ``nearest_first`` whose nearest word, float32
+        rounding decides. ``one_segment``: the block is one segment, so a backend that
+        computes exactly as faiss's own call on it may return no tied rows."""
         ...
 
 
-def settle_rows(index, vecs: np.ndarray, m: int):
-    """(dist float32 [t, m], words int64 [t, m]): faiss's m nearest words of rows ``vecs``
-    float32 [t, D] through its direct loop, the same in any batch and thread count.
+#: Serialises the calls that change faiss's process-wide BLAS settings for one call
+#: (``settle_rows``): two threads doing so at once could leave the wrong value behind.
+_FAISS_SETTINGS = threading.Lock()
+#: faiss's OpenMP threads for the calls that decide tied rows: the process's default at
+#: import, what the reference's own faiss calls run with.
+_SETTLE_THREADS = max(1, int(faiss.omp_get_max_threads()))
 
-    faiss searches a batch of fewer than ``distance_compute_blas_threshold / D`` rows with
-    a direct loop: the distance of each (row, word) pair is computed alone (float32,
-    sum of squared differences in a fixed order), the rows are spread over the threads
-    whole, and equal distances keep the lower word id. So a row's words there depend on
-    the row alone; they are also the reference's for a query image of that size. The rows
-    are searched in such batches, on the CPU flat ``index``.
+
+def settle_threads() -> int:
+    """faiss's OpenMP thread count with which the words of tied rows are decided."""
+    return _SETTLE_THREADS
+
+
+def set_settle_threads(threads: int) -> None:
+    """Decide the words of tied rows (``settle_rows``, and a segment searched as one block)
+    with faiss on ``threads`` OpenMP threads, whatever the caller's faiss and numba thread
+    counts: faiss's float32 rounding, so the word it returns for a tie, depends on its
+    thread count. The default is faiss's own default in this process (the reference
+    ``asmk`` runs with that one); Ray workers get the driver's value
+    (``asmkit.distributed``), so that they quantize as the driver would."""
+    global _SETTLE_THREADS
+    _SETTLE_THREADS = check_int(threads, "threads", min=1)
+
+
+@contextlib.contextmanager
+def _faiss_threads(threads: int) -> Iterator[None]:
+    """Context: faiss's OpenMP on exactly ``threads`` threads."""
+    previous = faiss.omp_get_max_threads()
+    if threads == previous:
+        yield
+        return
+    faiss.omp_set_num_threads(threads)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
+
+
+def settle_rows(index, vecs, local, seg_size, m):
+    """faiss's (dist float32 [t, m], words int64 [t, m]) for rows ``vecs`` float32 [t, D]
+    as faiss gives them when called once on each row's segment, the row being at offset
+    ``local`` int64 [t] of its segment of ``seg_size`` int64 [t] rows, without searching
+    the rest of the segments."""
+    with _FAISS_SETTINGS:
+        return _settle_rows_locked(index, vecs, local, seg_size, m)
+
+
+def _settle_rows_locked(index, vecs, local, seg_size, m):
+    """See ``settle_rows``.
+
+    faiss takes a direct loop when ``n * D < distance_compute_blas_threshold`` (the
+    rounding of a row is then its own), and otherwise BLAS products on blocks of
+    ``distance_compute_blas_query_bs`` rows (4096), where the float32 rounding of a row's
+    distances depends on its offset in its block and on the block's size (the BLAS
+    kernel's tiling): two words that tie within rounding can come out in either order. So
+    rows of direct-loop segments are searched together in direct-loop batches, and each
+    row of a BLAS segment at its own offset, in a batch of its original block's size (the
+    other slots hold copies of one of its rows).
     """
+    block = max(1, int(faiss.cvar.distance_compute_blas_query_bs))
+    threshold = int(faiss.cvar.distance_compute_blas_threshold)
     t, d = vecs.shape
     dist = np.empty((t, m), dtype=np.float32)
     words = np.empty((t, m), dtype=np.int64)
-    step = max(1, (int(faiss.cvar.distance_compute_blas_threshold) - 1) // d)
-    for begin in range(0, t, step):
-        rows = slice(begin, begin + step)
-        with _kernels.faiss_thread_budget((min(t, begin + step) - begin) * index.ntotal * d):
-            dist[rows], words[rows] = index.search(vecs[rows], m)
+    direct = seg_size * d < threshold
+    small = np.flatnonzero(direct)
+    step = max(1, (threshold - 1) // d)
+    for begin in range(0, len(small), step):
+        pick = small[begin : begin + step]
+        with _kernels.faiss_thread_budget(len(pick) * index.ntotal * d):
+            dist[pick], words[pick] = index.search(vecs[pick], m)
+    rows, local, seg_size = np.flatnonzero(~direct), local[~direct], seg_size[~direct]
+    offset = local % block
+    size = np.minimum(block, seg_size - (local - offset))
+    # The BLAS tiling also depends on the thread count: each batch gets the threads of
+    # the deciding call on the whole segment: one below the parallel threshold (as
+    # ``FaissQuantizer.search`` runs a small call), else ``settle_threads()``.
+    threads = np.where(seg_size * index.ntotal * d >= _kernels.MIN_PARALLEL_MACS, _SETTLE_THREADS, 1)
+    for s, n_threads in sorted(set(zip(size.tolist(), threads.tolist()))):
+        in_group = (size == s) & (threads == n_threads)
+        group, group_offset = rows[in_group], offset[in_group]
+        # Rows sharing an offset go to successive batches.
+        order = np.argsort(group_offset, kind="stable")
+        first = np.searchsorted(group_offset[order], group_offset[order], side="left")
+        batch_of = np.empty(len(group), dtype=np.int64)
+        batch_of[order] = np.arange(len(group)) - first
+        for b in range(int(batch_of.max()) + 1):
+            pick = batch_of == b
+            batch = np.empty((s, d), dtype=np.float32)
+            batch[:] = vecs[group[pick][0]]
+            batch[group_offset[pick]] = vecs[group[pick]]
+            with _faiss_threads(n_threads):
+                # A short final block of a BLAS call must stay on the BLAS path (a
+                # process-wide faiss setting, restored right after).
+                if s * d < threshold:
+                    faiss.cvar.distance_compute_blas_threshold = s * d
+                try:
+                    batch_dist, batch_words = index.search(batch, m)
+                finally:
+                    faiss.cvar.distance_compute_blas_threshold = threshold
+            dist[group[pick]] = batch_dist[group_offset[pick]]
+            words[group[pick]] = batch_words[group_offset[pick]]
     return dist, words
 
 
@@ -159,18 +248,27 @@ class FaissQuantizer:
         self._max_sq: float | None = None
 
     def search(
-        self, vecs: np.ndarray, m: int, dist: np.ndarray, words: np.ndarray, *, nearest_first: bool
+        self, vecs: np.ndarray, m: int, dist: np.ndarray, words: np.ndarray, *, nearest_first: bool, one_segment: bool
     ) -> np.ndarray:
-        """See ``Quantizer.search``. One faiss call on the block (large BLAS products),
-        for m + 1 words, so that the rows whose deciding gap lies within float32 rounding
-        can be returned as tied."""
+        """See ``Quantizer.search``. One faiss call on the block (large BLAS products). A
+        block of several segments is searched for m + 1 words, so that the rows whose
+        deciding gap lies within float32 rounding can be returned as tied; a block of
+        ``one_segment`` is the segment's deciding call, on ``settle_threads()`` threads
+        when parallel."""
         k, d = self.index.ntotal, self.index.d
-        extra = int(m < k)
+        extra = int(m < k and not one_segment)
+        work = len(vecs) * k * d
+        if one_segment:
+            threads = _faiss_threads(_SETTLE_THREADS if work >= _kernels.MIN_PARALLEL_MACS else 1)
+        else:
+            threads = _kernels.faiss_thread_budget(work)
         # faiss's default BLAS blocks: smaller ones would shrink its distance buffer
         # (16 MiB) but slow the products down several times.
-        with _kernels.faiss_thread_budget(len(vecs) * k * d):
+        with threads:
             found_dist, found_words = self.index.search(vecs, m + extra)
         dist[:], words[:] = found_dist[:, :m], found_words[:, :m]
+        if one_segment:
+            return np.zeros(0, dtype=np.int64)
         if self._max_sq is None:
             self._max_sq = max_sq_norm(self._centroids)
         tied = tied_rows(found_dist, m, tie_eps(tie_scale(vecs, self._max_sq), d), nearest_first)
@@ -192,12 +290,13 @@ class PrunedQuantizer:
     this costs a fraction of faiss's exhaustive search.
 
     A row whose nearest word, or whose set of m nearest, is decided by less than the
-    float32 rounding of faiss's formula (``TIE_EPS_PER_SQRT_DIM``) is returned as tied,
-    for ``settle_rows``, as the fallback's would be: the words do not depend on which of
-    the two searched a block.
+    float32 rounding of faiss's own formula (``TIE_EPS_PER_SQRT_DIM``) is returned as tied,
+    for ``settle_rows``. Once settled, column 0 and the set of m words equal faiss's; only
+    columns 1..m-1 may order two words that tie within rounding differently (by their
+    exact distance), which no ASMK result depends on.
 
-    Where pruning would not pay off (few words, spread-out descriptors), ``search`` hands
-    the block to ``fallback``.
+    Where pruning would not pay off (few words, spread-out descriptors, or a segment that
+    faiss searches as one BLAS block), ``search`` hands the block to ``fallback``.
 
     Parameters
     ----------
@@ -309,19 +408,21 @@ class PrunedQuantizer:
         return self._width[m]
 
     def search(
-        self, vecs: np.ndarray, m: int, dist: np.ndarray, words: np.ndarray, *, nearest_first: bool
+        self, vecs: np.ndarray, m: int, dist: np.ndarray, words: np.ndarray, *, nearest_first: bool, one_segment: bool
     ) -> np.ndarray:
         """See ``Quantizer.search``: the exact m nearest words, with the rows whose
         deciding gap is within float32 rounding returned as tied."""
         k = self._centroids.shape[0]
         width = None
-        worth_trying = self._fixed_width is not None or k >= _PRUNE_MIN_WORDS
+        worth_trying = self._fixed_width is not None or (
+            k >= _PRUNE_MIN_WORDS and not (one_segment and self._one_blas_block(vecs))
+        )
         if m + 1 <= k and len(vecs) and worth_trying:
             if not self._prepared:
                 self._prepare()
             width = self._choose_width(vecs, m)
         if width is None:
-            return self._fallback.search(vecs, m, dist, words, nearest_first=nearest_first)
+            return self._fallback.search(vecs, m, dist, words, nearest_first=nearest_first, one_segment=one_segment)
         tied = np.empty(len(vecs), dtype=np.bool_)
         # Budgeted like the faiss search it replaces.
         with _kernels.thread_budget(len(vecs) * k * vecs.shape[1], _kernels.MIN_PARALLEL_MACS):
@@ -343,3 +444,13 @@ class PrunedQuantizer:
                 tied,
             )
         return np.flatnonzero(tied)
+
+    @staticmethod
+    def _one_blas_block(vecs: np.ndarray) -> bool:
+        """Whether faiss searches the segment ``vecs`` as one BLAS block (a query image of
+        >= 1000 descriptors at D = 128, searched alone). A tied row of such a segment is
+        settled by faiss's call of the whole segment, which costs that call itself, and
+        such images hold a tied row most of the time: faiss's own call is then cheaper
+        than the bound plus the settling."""
+        n, d = vecs.shape
+        return n * d >= faiss.cvar.distance_compute_blas_threshold and n <= faiss.cvar.distance_compute_blas_query_bs

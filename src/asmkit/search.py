@@ -393,8 +393,12 @@ def score_queries(
 
 def _words_of_both_sides(codebook: Codebook, desc: Descriptors, m: int) -> tuple[np.ndarray, np.ndarray]:
     """Database words at ma_database = 1 and query words at ma_query = m from one
-    quantization, nearest word first, in ``desc.vecs`` row order: the settled words do
-    not depend on the batch, so column 0 is the database call's word.
+    quantization, both as the reference's calls give them, in ``desc.vecs`` row order.
+
+    Each image is quantized as its own segment (the query side), nearest word first, so
+    the rows whose nearest word or set of m words float32 rounding decides are known. The
+    other rows' nearest word is the database call's too; the tied ones are searched again
+    as the database call (one call over all rows, ``QUANTIZE_ROWS`` at a time) meets them.
 
     Returns
     -------
@@ -414,9 +418,15 @@ def _words_of_both_sides(codebook: Codebook, desc: Descriptors, m: int) -> tuple
         assignment = codebook.assign(
             vecs, m, segments=desc.starts[begin : end + 1] - desc.starts[begin], check_finite=False
         )
+        tied = assignment.tied
         words = assignment.settle()
         query[rows] = words
         database[rows] = words[:, :1]
+        if tied.size:
+            position = rows.start + tied if isinstance(rows, slice) else rows[tied]
+            local = position % QUANTIZE_ROWS
+            size = np.minimum(QUANTIZE_ROWS, n_rows - (position - local))
+            database[position] = codebook.settle_rows(vecs[tied], local, size, 1)[1]
         begin = end
     return database, query
 
@@ -438,8 +448,8 @@ def similarity_matrix(
     ``ma_database``), the query side as ``Index.search`` does (each image its own call,
     with ``ma_query``), and the queries are scored by ``score_queries``: the scores equal
     ``Index.similarity_matrix``'s on an index of the same images. With ``ma_database`` 1
-    every descriptor is quantized once, for both sides (the settled words do not depend on
-    the batch).
+    every descriptor is quantized once, for both sides: only the rows tied within float32
+    rounding are searched again, as the database call meets them.
 
     Memory beyond the result and the input: the grouping of rows by image (16 bytes per
     descriptor), the words of every descriptor (2 bytes per word for K <= 65536), the

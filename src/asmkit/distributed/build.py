@@ -25,6 +25,7 @@ from ..features import extract_features, image_names
 from ..index import Index
 from ..kernel import Aggregates, aggregate_images
 from ..params import as_params
+from ..quantizer import set_settle_threads, settle_threads
 from ._ray import gather, require_ray
 
 __all__ = ["IndexBuild", "build_index", "concat_aggregates", "sample_descriptors"]
@@ -58,9 +59,11 @@ class IndexBuild:
 
 
 class _Worker:
-    """One extraction worker (``ray.remote`` is applied on first use)."""
+    """One extraction worker (``ray.remote`` is applied on first use); it settles tied
+    rows on the driver's faiss thread count ``settle_threads``."""
 
-    def __init__(self, extractor_factory: Callable[[], Any], params, device: str) -> None:
+    def __init__(self, extractor_factory: Callable[[], Any], params, device: str, settle_threads: int) -> None:
+        set_settle_threads(settle_threads)
         self.extractor = extractor_factory()
         self.params = params
         # Ray gives a GPU actor its GPU as device 0 (CUDA_VISIBLE_DEVICES).
@@ -121,7 +124,7 @@ def _pool(extractor_factory, params, device: str, workers: int | None, max_retri
         workers = max(int(resources.get("CPU", 1)), 1) if workers is None else workers
         options = {"num_cpus": 1}
     actor = ray.remote(max_restarts=max_retries, max_task_retries=max_retries, **options)(_Worker)
-    return [actor.remote(extractor_factory, params, device) for _ in range(workers)]
+    return [actor.remote(extractor_factory, params, device, settle_threads()) for _ in range(workers)]
 
 
 def _stop(pool: list) -> None:
