@@ -60,10 +60,10 @@ class IndexBuild:
 
 class _Worker:
     """One extraction worker (``ray.remote`` is applied on first use); it settles tied
-    rows on the driver's faiss thread count ``settle_threads``."""
+    rows on the driver's faiss thread count ``settle`` (``asmkit.quantizer.settle_threads``)."""
 
-    def __init__(self, extractor_factory: Callable[[], Any], params, device: str, settle_threads: int) -> None:
-        set_settle_threads(settle_threads)
+    def __init__(self, extractor_factory: Callable[[], Any], params, device: str, settle: int) -> None:
+        set_settle_threads(settle)
         self.extractor = extractor_factory()
         self.params = params
         # Ray gives a GPU actor its GPU as device 0 (CUDA_VISIBLE_DEVICES).

@@ -166,10 +166,11 @@ def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 class _Shard:
     """The actor holding one shard (``ray.remote`` is applied on first use); it settles
-    the queries' tied rows on the driver's faiss thread count ``settle_threads``."""
+    the queries' tied rows on the driver's faiss thread count ``settle``
+    (``asmkit.quantizer.settle_threads``)."""
 
-    def __init__(self, source: Any, mmap: bool, verify: bool, settle_threads: int) -> None:
-        set_settle_threads(settle_threads)
+    def __init__(self, source: Any, mmap: bool, verify: bool, settle: int) -> None:
+        set_settle_threads(settle)
         # ``source`` is a shard (Index) or the path of a saved one. A path is loaded on
         # first use, in a method, so that a missing or corrupt shard reaches the driver as
         # its StorageError (an error in __init__ reaches it only as ActorDiedError text),
