@@ -24,3 +24,17 @@ def centroids40():
 def centroids100():
     rng = np.random.default_rng(321)
     return rng.standard_normal((12, 100)).astype(np.float32)
+
+
+@pytest.fixture(autouse=True)
+def _restore_faiss_threads():
+    """Give every test faiss's process default of OpenMP threads back: a test that lowers
+    it (torch.set_num_threads, the CLI's --threads) would otherwise change, for the tests
+    after it, the thread count their faiss and ``asmk`` references run on, and so the word
+    those references pick for a float32 tie."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    yield
+    if faiss.omp_get_max_threads() != before:
+        faiss.omp_set_num_threads(before)

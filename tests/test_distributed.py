@@ -22,7 +22,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from asmkit import Codebook, Index, Params, distributed, similarity_matrix
+from asmkit import Codebook, Index, Params, distributed, quantizer, similarity_matrix
 from asmkit._validation import ArgumentError, AsmkitError
 from asmkit.distributed import (
     ClusterUnreachableError,
@@ -162,6 +162,37 @@ def test_scores_topk_equals_index_search(cluster, data, index, tmp_path):
     assert got[0].shape == (len(index), len(index))
 
 
+def _tied_data():
+    """float32 [600, 128] centroids, and [N, 128] descriptors of 6 images (ids [N]) with
+    rows half-way between two words: faiss's word for them depends on its thread count."""
+    rng = np.random.default_rng(81)
+    sizes = [1200, 300, 1000, 40, 500, 1500]
+    basis, _ = np.linalg.qr(rng.standard_normal((128, 128)))
+    spread = 0.85 ** np.arange(128)
+    centroids = ((rng.standard_normal((600, 128)) * spread) @ basis.T).astype(np.float32)
+    vecs = ((rng.standard_normal((sum(sizes), 128)) * spread) @ basis.T).astype(np.float32)
+    near = rng.choice(len(vecs), 1200, replace=False)
+    vecs[near] = 0.5 * (centroids[rng.integers(0, 600, 1200)] + centroids[rng.integers(0, 600, 1200)])
+    return centroids, vecs, np.repeat(np.arange(len(sizes)), sizes)
+
+
+def test_workers_settle_ties_on_the_drivers_thread_count(cluster):
+    centroids, vecs, labels = _tied_data()
+    before = quantizer.settle_threads()
+    # Not the workers' own default (Ray runs them on one faiss thread).
+    quantizer.set_settle_threads(2)
+    try:
+        assert ray.get(distributed.remote_task(quantizer.settle_threads).remote()) == 2
+        index = Index(Codebook(centroids), Params(ma_query=1, topk=None))
+        index.add(vecs, labels)
+        expected = index.search(vecs, labels, k=None)
+        _assert_same_result(scores_topk(index, vecs, labels, None, block=2, progress=False), expected)
+        with ShardedIndex.from_index(index, 2, num_cpus=0.5) as sharded:
+            _assert_same_result(sharded.search(vecs, labels, k=None), expected)
+    finally:
+        quantizer.set_settle_threads(before)
+
+
 # -- build on the workers ------------------------------------------------------------------
 
 
@@ -262,6 +293,19 @@ def test_build_index_trains_codebook_on_sample(cluster, images):
     np.testing.assert_array_equal(build.index.codebook.centroids, trained.centroids)
     _assert_same_index(build.index, _single_process(paths, root, trained)[0])
     assert build.queries is None
+
+
+def test_images_through_symbolic_links_keep_their_names(cluster, images, codebook, tmp_path):
+    _, paths = images
+    links = tmp_path / "links"
+    links.mkdir()
+    linked = []
+    for path in [p for p in paths if p.suffix == ".png"][:3]:
+        linked.append(links / path.name)
+        linked[-1].symlink_to(path)
+    build = build_index(linked, _sift, codebook, PARAMS, root=links, progress=False)
+    assert build.index.keys == [p.name for p in linked]
+    _assert_same_index(build.index, _single_process(linked, links, codebook)[0])
 
 
 # -- faults ----------------------------------------------------------------------------------

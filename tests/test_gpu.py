@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 
-from asmkit import Codebook
+from asmkit import Codebook, quantizer
 from asmkit.codebook import _faiss_gpu_count
 from asmkit.quantizer import tie_eps
 
@@ -43,9 +43,16 @@ def _on_torch(centroids, device="cpu", **options):
 
 
 def _faiss_per_segment(centroids, vecs, m, segments):
+    # On the thread count that decides tied rows: faiss's word for a tie depends on it, and
+    # an earlier test (torch, the CLI's --threads) may have left OpenMP on another.
     index = faiss.IndexFlatL2(centroids.shape[1])
     index.add(centroids)
-    return np.concatenate([index.search(vecs[s:e], m)[1] for s, e in zip(segments[:-1], segments[1:])])
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(quantizer.settle_threads())
+    try:
+        return np.concatenate([index.search(vecs[s:e], m)[1] for s, e in zip(segments[:-1], segments[1:])])
+    finally:
+        faiss.omp_set_num_threads(previous)
 
 
 def _assert_same_assignment(words, expected):

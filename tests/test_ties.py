@@ -10,7 +10,7 @@ asmkit path must give those words, hence the reference's scores and ranks.
 import numpy as np
 import pytest
 
-from asmkit import Codebook, Index, Params, search, similarity_matrix
+from asmkit import Codebook, Index, Params, codebook, quantizer, search, similarity_matrix
 from asmkit.kernel import aggregate, aggregate_images, prepare_descriptors
 
 faiss = pytest.importorskip("faiss")
@@ -45,6 +45,58 @@ def _faiss_query_words(centroids, vecs, m):
     flat.add(centroids)
     starts = _segments()
     return np.concatenate([flat.search(vecs[s:e], m)[1] for s, e in zip(starts[:-1], starts[1:])])
+
+
+@pytest.fixture
+def faiss_threads_restored():
+    """faiss's thread count and the settling's, restored after the test."""
+    caller, settle = faiss.omp_get_max_threads(), quantizer.settle_threads()
+    yield
+    faiss.omp_set_num_threads(caller)
+    quantizer.set_settle_threads(settle)
+
+
+def _faiss_words(centroids, vecs, m, threads, segments):
+    """faiss's words called once per segment on ``threads`` OpenMP threads."""
+    flat = faiss.IndexFlatL2(128)
+    flat.add(centroids)
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)
+    try:
+        return np.concatenate([flat.search(vecs[s:e], m)[1] for s, e in zip(segments[:-1], segments[1:])])
+    finally:
+        faiss.omp_set_num_threads(previous)
+
+
+@pytest.mark.parametrize("settle", [1, 2])
+def test_words_depend_on_the_settle_threads_alone(tied, settle, monkeypatch, faiss_threads_restored):
+    # The reference run on ``settle`` threads; asmkit with the segments in blocks of one
+    # image, of several and of all, called on one or two faiss threads, pruned or not.
+    centroids, vecs, _ = tied
+    quantizer.set_settle_threads(settle)
+    one_call = np.array([0, len(vecs)])
+    expected_query = _faiss_words(centroids, vecs, 3, settle, _segments())
+    expected_nearest = _faiss_words(centroids, vecs, 1, settle, _segments())
+    expected_database = _faiss_words(centroids, vecs, 1, settle, one_call)
+    for caller in (1, 2):
+        faiss.omp_set_num_threads(caller)
+        for rows in (700, 4096, codebook.QUANTIZE_ROWS):
+            monkeypatch.setattr(codebook, "QUANTIZE_ROWS", rows)
+            for prune in (True, False):
+                book = Codebook(centroids)
+                book.prune = prune
+                case = f"caller threads {caller}, block rows {rows}, prune {prune}"
+                query = book.quantize(vecs, 3, segments=_segments(), nearest_first=False)
+                np.testing.assert_array_equal(np.sort(query, axis=1), np.sort(expected_query, axis=1), err_msg=case)
+                nearest = book.quantize(vecs, 1, segments=_segments())
+                np.testing.assert_array_equal(nearest, expected_nearest, err_msg=case)
+                database = book.quantize(vecs, 1, segments=one_call)
+                np.testing.assert_array_equal(database, expected_database, err_msg=case)
+
+
+def test_settle_threads_are_checked():
+    with pytest.raises(ValueError, match="threads"):
+        quantizer.set_settle_threads(0)
 
 
 def _ranks(dense):

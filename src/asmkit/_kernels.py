@@ -82,7 +82,8 @@ MIN_PARALLEL_MACS = 1 << 26
 def faiss_thread_budget(work: int, min_parallel_work: int = MIN_PARALLEL_MACS) -> Iterator[None]:
     """Context: faiss's OpenMP on one thread when ``work < min_parallel_work``, and never on
     more threads than numba currently uses (so ``numba.set_num_threads(1)`` makes the whole
-    engine single-threaded)."""
+    engine single-threaded, but for the calls that decide tied rows:
+    ``asmkit.quantizer.settle_threads``)."""
     import faiss
 
     previous = faiss.omp_get_max_threads()

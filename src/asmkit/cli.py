@@ -51,13 +51,13 @@ def _add_pipeline_flags(p: argparse.ArgumentParser, *, model: bool = True) -> No
     _add_device_flag(p)
 
 
-def _add_ray_flags(p: argparse.ArgumentParser) -> None:
+def _add_ray_flags(p: argparse.ArgumentParser, work: str = "score") -> None:
     p.add_argument(
         "--ray",
         nargs="?",
         const="auto",
         metavar="ADDRESS",
-        help="score on a Ray cluster: host:port, or no value for a local one (pip install 'asmkit[ray]')",
+        help=f"{work} on a Ray cluster: host:port, or no value for a local one (pip install 'asmkit[ray]')",
     )
     p.add_argument("--ray-cpus", type=int, metavar="N", help="CPUs of the local Ray cluster (default: all)")
 
@@ -125,6 +125,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--train", help="images to train the codebook (and whitening) on; default: IMAGES")
     p.add_argument("--add", action="store_true", help="add IMAGES to the existing index at --out")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
+    _add_ray_flags(p, "extract, quantize and aggregate")
+    p.add_argument(
+        "--ray-sample",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="with --ray: images whose descriptors train the codebook (default 1000)",
+    )
+    p.add_argument("--shards", type=int, metavar="N", help="with --ray: also save the index as N shards")
     _add_pipeline_flags(p)
     _add_regions_flag(p)
 
@@ -273,8 +282,11 @@ def _run(args: argparse.Namespace) -> int:
             device=args.device,
             regions=args.regions,
             whole_image=args.whole_image,
+            ray=args.ray,
+            ray_cpus=args.ray_cpus,
+            ray_sample=args.ray_sample,
+            shards=args.shards,
         )
-        t = summary["timings"]
         size = summary["codebook_size"]
         # A hybrid index has one codebook per member.
         sizes = ", ".join(f"{m} {n}" for m, n in size.items()) if isinstance(size, dict) else size
@@ -283,7 +295,7 @@ def _run(args: argparse.Namespace) -> int:
             args.json,
             f"{'added' if args.add else 'indexed'} {summary['added']} images into {summary['index']} "
             f"({summary['images']} in total, codebook {sizes}, preset {summary['preset']}); "
-            f"extract {t['extract_s']:.1f}s, codebook {t['codebook_s']:.1f}s, index {t['index_s']:.1f}s"
+            + ", ".join(f"{key[:-2]} {value:.1f}s" for key, value in summary["timings"].items())
             + _failed_lines(summary["failed"]),
         )
         return 0

@@ -20,6 +20,7 @@ naming the members and the fusion (:func:`workspace_hybrid`, docs/formats.md).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -377,11 +378,23 @@ def build_index(
     device: str = "cpu",
     regions: str | os.PathLike | None = None,
     whole_image: bool = True,
+    ray: str | None = None,
+    ray_cpus: int | None = None,
+    ray_sample: int = 1000,
+    shards: int | None = None,
 ) -> dict[str, Any]:
     """Extract, train the codebook, build the inverted file and save the workspace ``out``.
 
     ``regions`` ("grid", "proposals" or a box file, docs/regions.md) indexes the images by
     R-ASMK(*), with the whole image as a region too unless ``whole_image`` is False.
+
+    ``ray`` (``"auto"`` for a local cluster of ``ray_cpus`` CPUs, or ``host:port``):
+    extraction, quantization and aggregation run on the Ray workers, which send back the
+    aggregates (``asmkit.distributed.build_index``); the codebook is trained first, as
+    without Ray, on the descriptors of ``ray_sample`` images drawn from ``images`` (all of
+    them when there are fewer). The workspace then holds no feature store and no geometry
+    store (``query --rerank`` needs them). ``shards`` N also saves the index as N shards
+    in ``index.shards`` (``asmkit.distributed.ShardedIndex.load``).
 
     Rerunning resumes: features already in the store are not extracted again and a trained
     codebook is reused. With ``add=True`` the images not yet indexed are added to the
@@ -399,12 +412,32 @@ def build_index(
     out = Path(out)
     spec = workspace_hybrid(out) if add else hybrid_spec(preset)
     if spec is not None:
+        if ray is not None:
+            raise ArgumentError("--ray: not with a hybrid preset")
         if add:
             preset = _read_manifest(out).get("preset", preset)
         _check_hybrid_options(preset, config=config, codebook=codebook, codebook_size=codebook_size, regions=regions)
         return _build_hybrid_index(
             spec, images, out=out, add=add, train=train, model=model, workers=workers, device=device, preset=preset
         )
+    if ray is not None:
+        if add or train is not None or regions is not None:
+            given = "--add" if add else "--train" if train is not None else "--regions"
+            raise ArgumentError(f"--ray: not with {given}")
+        return _build_index_on_ray(
+            images,
+            out,
+            load_config(preset, config, codebook_size=codebook_size),
+            codebook=codebook,
+            model=model,
+            device=device,
+            ray=ray,
+            ray_cpus=ray_cpus,
+            ray_sample=ray_sample,
+            shards=shards,
+        )
+    if shards is not None:
+        raise ArgumentError("--shards: only with --ray")
     timings: dict[str, float] = {}
     if add:
         if not (out / _PIPELINE).is_file():
@@ -505,6 +538,93 @@ def _build_hybrid_index(spec: HybridSpec, images, *, out: Path, add: bool, prese
         "failed": [{"name": n, "reason": r} for n, r in sorted(failed.items())],
         "codebook_size": {m: s["codebook_size"] for m, s in summaries.items()},
         "members": summaries,
+        "timings": timings,
+    }
+
+
+class _RayExtractor:
+    """The workers' extractor (picklable): the workspace's, built from what the driver
+    learned (``saved``), with descriptors in the codebook's space (whitened per image
+    when the preset whitens)."""
+
+    def __init__(self, cfg: PipelineConfig, saved: Path, model, device: str) -> None:
+        self.features, self.seed = cfg.features, cfg.params.seed
+        self.saved, self.model, self.device = saved, model, device
+
+    def __call__(self):
+        feats = build_extractor(self.features, saved=self.saved, model=self.model, device=self.device, seed=self.seed)
+        return feats.extractor if feats.whitening is None else _Whitened(feats)
+
+
+class _Whitened:
+    """An extractor whose descriptors go through ``Features.descriptors``."""
+
+    def __init__(self, feats: Features) -> None:
+        self._feats = feats
+        self.name = feats.extractor.name
+
+    def config(self) -> dict:
+        return self._feats.extractor.config()
+
+    def extract(self, image: np.ndarray) -> ImageFeatures:
+        feats = self._feats.extractor.extract(image)
+        return dataclasses.replace(feats, descriptors=self._feats.descriptors(feats.descriptors))
+
+
+def _build_index_on_ray(
+    images, out: Path, cfg: PipelineConfig, *, codebook, model, device, ray, ray_cpus, ray_sample, shards
+) -> dict[str, Any]:
+    """``build_index(..., ray=...)``: see there."""
+    from .distributed import build_index as build_on_workers
+    from .distributed import connect, save_shards
+
+    shards = check_int(shards, "--shards", min=1, none=True)
+    paths, root = _images(images)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    # What the extractor learns (a whitening) is learned here, as without Ray, and saved
+    # in the workspace, where the workers read it.
+    saved = workspace_extractor_path(cfg, out)
+    feats = _build_extractor(cfg, saved=saved, sample=paths, model=model, device=device)
+    cb = None
+    if codebook is not None or feats.codebook is not None or (out / "codebook.asmkit").exists():
+        cb, _ = _get_codebook(cfg, given=codebook, model_codebook=feats.codebook, saved=out / "codebook.asmkit")
+
+    def train(vecs: np.ndarray) -> Codebook:
+        return _get_codebook(cfg, saved=out / "codebook.asmkit", training=lambda: [vecs])[0]
+
+    worker_device = "cpu" if gpu_of(device) is None else "cuda"
+    with connect(None if ray == "auto" else ray, num_cpus=ray_cpus):
+        build = build_on_workers(
+            paths,
+            _RayExtractor(cfg, saved, model, worker_device),
+            cb,
+            cfg.params,
+            root=root,
+            sample=check_int(ray_sample, "--ray-sample", min=1),
+            seed=cfg.params.seed,
+            device=worker_device,
+            progress=logger.isEnabledFor(logging.INFO),
+            train=train,
+        )
+    timings["build_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    index = build.index
+    index.save(out / "index.asmkit")
+    if shards is not None:
+        save_shards(index, out / "index.shards", shards)
+    _write_json(out / _PIPELINE, {"config": cfg.to_dict(), "image_root": str(root.resolve())})
+    timings["save_s"] = time.perf_counter() - t0
+    logger.info("indexed %d images into %s on Ray (%d failed)", len(index), out, len(build.failed))
+    return {
+        "index": str(out),
+        "preset": cfg.name,
+        "images": len(index),
+        "added": len(index),
+        "failed": [{"name": n, "reason": r} for n, r in build.failed],
+        "codebook_size": index.codebook.size,
+        **({"shards": str(out / "index.shards")} if shards is not None else {}),
         "timings": timings,
     }
 
@@ -778,9 +898,7 @@ def compute_scores(
 
     ``ray`` (``"auto"`` for a local cluster of ``ray_cpus`` CPUs, or ``host:port``) scores
     the query blocks as Ray tasks (:func:`score_blocks`); features and codebook are
-    computed here as without it. The scores are those of a single process, except where
-    quantization of near-tied descriptors depends on the workers' thread count (a few
-    rows of UKBench-2000; see docs/allvsall.md).
+    computed here as without it. The scores are those of a single process, bit for bit.
 
     ``regions`` ("grid", "proposals" or a box file) aggregates the database side by R-ASMK(*)
     (with the whole image too unless ``whole_image`` is False). Not with ``top`` or ``ray``.
@@ -1034,11 +1152,11 @@ def score_blocks(
         for begin in begins:
             yield begin, _score_block(index, descriptors(range(begin, min(begin + chunk, n))))
         return
-    from .distributed import connect, require_ray
+    from .distributed import connect, remote_task, require_ray
 
     with connect(None if ray == "auto" else ray, num_cpus=ray_cpus) as conn:
         ray_module = require_ray()
-        task = ray_module.remote(num_cpus=1)(_score_block)
+        task = remote_task(_score_block, num_cpus=1)
         shared = ray_module.put(index)
         # A bounded window of blocks in flight: their descriptors are the memory cost.
         window = 2 * max(1, int(conn.resources().get("CPU", 1)))

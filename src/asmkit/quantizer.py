@@ -9,7 +9,9 @@ reproduces it in two steps:
    deciding gap lies within float32 rounding (``tied_rows``): their words are
    provisional;
 2. ``settle_rows`` searches those rows again with faiss, each laid out as faiss met it in
-   its segment's own call.
+   its segment's own call, on ``settle_threads()`` OpenMP threads (faiss's tiling, so the
+   rounding, depends on the thread count too; the setting makes the words independent of
+   the caller's).
 
 ``asmkit.Codebook.assign`` drives both steps and returns an ``Assignment`` whose
 ``settle()`` runs the second. Backends: ``FaissQuantizer`` (faiss's exhaustive search, CPU
@@ -19,21 +21,25 @@ or faiss-gpu), ``PrunedQuantizer`` (a lower bound skips most words; CPU) and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from typing import Protocol, runtime_checkable
+from typing import Iterator, Protocol, runtime_checkable
 
 import faiss
 import numpy as np
 
 from . import _kernels
+from ._validation import check_int
 
 __all__ = [
     "FaissQuantizer",
     "PrunedQuantizer",
     "Quantizer",
     "max_sq_norm",
+    "set_settle_threads",
     "settle_rows",
+    "settle_threads",
     "tie_eps",
     "tie_scale",
     "tied_rows",
@@ -114,6 +120,39 @@ class Quantizer(Protocol):
 #: Serialises the calls that change faiss's process-wide BLAS settings for one call
 #: (``settle_rows``): two threads doing so at once could leave the wrong value behind.
 _FAISS_SETTINGS = threading.Lock()
+#: faiss's OpenMP threads for the calls that decide tied rows: the process's default at
+#: import, what the reference's own faiss calls run with.
+_SETTLE_THREADS = max(1, int(faiss.omp_get_max_threads()))
+
+
+def settle_threads() -> int:
+    """faiss's OpenMP thread count with which the words of tied rows are decided."""
+    return _SETTLE_THREADS
+
+
+def set_settle_threads(threads: int) -> None:
+    """Decide the words of tied rows (``settle_rows``, and a segment searched as one block)
+    with faiss on ``threads`` OpenMP threads, whatever the caller's faiss and numba thread
+    counts: faiss's float32 rounding, so the word it returns for a tie, depends on its
+    thread count. The default is faiss's own default in this process (the reference
+    ``asmk`` runs with that one); Ray workers get the driver's value
+    (``asmkit.distributed``), so that they quantize as the driver would."""
+    global _SETTLE_THREADS
+    _SETTLE_THREADS = check_int(threads, "threads", min=1)
+
+
+@contextlib.contextmanager
+def _faiss_threads(threads: int) -> Iterator[None]:
+    """Context: faiss's OpenMP on exactly ``threads`` threads."""
+    previous = faiss.omp_get_max_threads()
+    if threads == previous:
+        yield
+        return
+    faiss.omp_set_num_threads(threads)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
 
 
 def settle_rows(index, vecs, local, seg_size, m):
@@ -152,11 +191,12 @@ def _settle_rows_locked(index, vecs, local, seg_size, m):
     rows, local, seg_size = np.flatnonzero(~direct), local[~direct], seg_size[~direct]
     offset = local % block
     size = np.minimum(block, seg_size - (local - offset))
-    # The BLAS tiling also depends on the thread count: each batch gets the threads that
-    # faiss gets for the whole segment (``FaissQuantizer.search`` on it).
-    parallel = seg_size * index.ntotal * d >= _kernels.MIN_PARALLEL_MACS
-    for s, par in sorted(set(zip(size.tolist(), parallel.tolist()))):
-        in_group = (size == s) & (parallel == par)
+    # The BLAS tiling also depends on the thread count: each batch gets the threads of
+    # the deciding call on the whole segment: one below the parallel threshold (as
+    # ``FaissQuantizer.search`` runs a small call), else ``settle_threads()``.
+    threads = np.where(seg_size * index.ntotal * d >= _kernels.MIN_PARALLEL_MACS, _SETTLE_THREADS, 1)
+    for s, n_threads in sorted(set(zip(size.tolist(), threads.tolist()))):
+        in_group = (size == s) & (threads == n_threads)
         group, group_offset = rows[in_group], offset[in_group]
         # Rows sharing an offset go to successive batches.
         order = np.argsort(group_offset, kind="stable")
@@ -168,7 +208,7 @@ def _settle_rows_locked(index, vecs, local, seg_size, m):
             batch = np.empty((s, d), dtype=np.float32)
             batch[:] = vecs[group[pick][0]]
             batch[group_offset[pick]] = vecs[group[pick]]
-            with _kernels.faiss_thread_budget(_kernels.MIN_PARALLEL_MACS if par else 0):
+            with _faiss_threads(n_threads):
                 # A short final block of a BLAS call must stay on the BLAS path (a
                 # process-wide faiss setting, restored right after).
                 if s * d < threshold:
@@ -212,12 +252,19 @@ class FaissQuantizer:
     ) -> np.ndarray:
         """See ``Quantizer.search``. One faiss call on the block (large BLAS products). A
         block of several segments is searched for m + 1 words, so that the rows whose
-        deciding gap lies within float32 rounding can be returned as tied."""
+        deciding gap lies within float32 rounding can be returned as tied; a block of
+        ``one_segment`` is the segment's deciding call, on ``settle_threads()`` threads
+        when parallel."""
         k, d = self.index.ntotal, self.index.d
         extra = int(m < k and not one_segment)
+        work = len(vecs) * k * d
+        if one_segment:
+            threads = _faiss_threads(_SETTLE_THREADS if work >= _kernels.MIN_PARALLEL_MACS else 1)
+        else:
+            threads = _kernels.faiss_thread_budget(work)
         # faiss's default BLAS blocks: smaller ones would shrink its distance buffer
         # (16 MiB) but slow the products down several times.
-        with _kernels.faiss_thread_budget(len(vecs) * k * d):
+        with threads:
             found_dist, found_words = self.index.search(vecs, m + extra)
         dist[:], words[:] = found_dist[:, :m], found_words[:, :m]
         if one_segment:

@@ -9,6 +9,9 @@
   the shards and is merged with ``asmkit.merge_topk``: the result is exactly
   ``Index.search`` of the whole index;
 - :func:`scores_topk` ranks many queries (all-vs-all top-k) as query-block tasks;
+- :func:`remote_task` makes a Ray task whose workers settle float32 ties on the driver's
+  faiss thread count (``asmkit.quantizer.set_settle_threads``), as every task and actor
+  here does, so the cluster's words are the driver's;
 - :func:`save_shards` / :meth:`ShardedIndex.save` and :meth:`ShardedIndex.load` keep shards
   as a directory of ``Index.save`` directories plus ``shards.json``.
 
@@ -17,7 +20,7 @@ The engine never imports this package, and this package imports Ray only when ca
 :class:`RayNotInstalledError` with the install command.
 """
 
-from ._ray import INSTALL, ClusterUnreachableError, Connection, RayNotInstalledError, connect, require_ray
+from ._ray import INSTALL, ClusterUnreachableError, Connection, RayNotInstalledError, connect, remote_task, require_ray
 from .build import IndexBuild, build_index, concat_aggregates, sample_descriptors
 from .shards import SHARDS_MANIFEST, ShardedIndex, is_sharded, read_manifest, save_shards, scores_topk
 
@@ -34,6 +37,7 @@ __all__ = [
     "connect",
     "is_sharded",
     "read_manifest",
+    "remote_task",
     "require_ray",
     "sample_descriptors",
     "save_shards",

@@ -1,5 +1,5 @@
-"""Ray itself: the optional import, the connection to a cluster, and task results with a
-progress bar.
+"""Ray itself: the optional import, the connection to a cluster, tasks that quantize as
+the driver does, and task results with a progress bar.
 
 Nothing here is imported by the engine; ``import ray`` happens on first use, so that
 ``import asmkit.distributed`` works without Ray and the error names the install command.
@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 from tqdm.auto import tqdm
 
 from .._validation import ArgumentError, AsmkitError, check_float, check_int
+from ..quantizer import set_settle_threads, settle_threads
 
 __all__ = [
     "INSTALL",
@@ -22,6 +23,7 @@ __all__ = [
     "Connection",
     "RayNotInstalledError",
     "connect",
+    "remote_task",
     "require_ray",
 ]
 
@@ -57,6 +59,35 @@ def require_ray():
     except ImportError as exc:
         raise RayNotInstalledError(f"Ray is not installed ({exc}); install it with: {INSTALL}") from None
     return ray
+
+
+def _with_settle_threads(threads: int, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in a worker, tied rows settled on ``threads`` faiss threads."""
+    set_settle_threads(threads)
+    return fn(*args)
+
+
+class _RemoteTask:
+    """A Ray task of ``fn`` whose calls carry the driver's ``settle_threads()`` (see
+    :func:`remote_task`)."""
+
+    def __init__(self, fn: Callable[..., Any], options: dict[str, Any]) -> None:
+        ray = require_ray()
+        self._task = (ray.remote(**options) if options else ray.remote)(_with_settle_threads)
+        self._fn = fn
+        self._threads = settle_threads()
+
+    def remote(self, *args: Any):
+        """The object ref of ``fn(*args)`` run on the cluster."""
+        return self._task.remote(self._threads, self._fn, *args)
+
+
+def remote_task(fn: Callable[..., Any], **options: Any) -> _RemoteTask:
+    """``ray.remote(**options)(fn)``, with tied rows quantized in the worker on the driver's
+    faiss thread count (``asmkit.quantizer.set_settle_threads``): a Ray worker runs faiss
+    on one thread, and faiss's words for a tie depend on its thread count, so the worker
+    gives the words the driver would. ``fn`` must be picklable (a module-level function)."""
+    return _RemoteTask(fn, options)
 
 
 def _host_port(address: str) -> tuple[str, int]:

@@ -25,6 +25,7 @@ from ..features import extract_features, image_names
 from ..index import Index
 from ..kernel import Aggregates, aggregate_images
 from ..params import as_params
+from ..quantizer import set_settle_threads, settle_threads
 from ._ray import gather, require_ray
 
 __all__ = ["IndexBuild", "build_index", "concat_aggregates", "sample_descriptors"]
@@ -58,9 +59,11 @@ class IndexBuild:
 
 
 class _Worker:
-    """One extraction worker (``ray.remote`` is applied on first use)."""
+    """One extraction worker (``ray.remote`` is applied on first use); it settles tied
+    rows on the driver's faiss thread count ``settle`` (``asmkit.quantizer.settle_threads``)."""
 
-    def __init__(self, extractor_factory: Callable[[], Any], params, device: str) -> None:
+    def __init__(self, extractor_factory: Callable[[], Any], params, device: str, settle: int) -> None:
+        set_settle_threads(settle)
         self.extractor = extractor_factory()
         self.params = params
         # Ray gives a GPU actor its GPU as device 0 (CUDA_VISIBLE_DEVICES).
@@ -121,7 +124,7 @@ def _pool(extractor_factory, params, device: str, workers: int | None, max_retri
         workers = max(int(resources.get("CPU", 1)), 1) if workers is None else workers
         options = {"num_cpus": 1}
     actor = ray.remote(max_restarts=max_retries, max_task_retries=max_retries, **options)(_Worker)
-    return [actor.remote(extractor_factory, params, device) for _ in range(workers)]
+    return [actor.remote(extractor_factory, params, device, settle_threads()) for _ in range(workers)]
 
 
 def _stop(pool: list) -> None:
@@ -146,12 +149,13 @@ def _run(
 def _check_common(paths, extractor_factory, root, batch_size, workers, device, max_retries):
     if isinstance(paths, (str, os.PathLike)):
         raise ArgumentError("paths: expected a sequence of image paths (use asmkit.features.list_images for a folder)")
-    paths = [Path(p).resolve() for p in paths]
+    # Absolute, not resolved: a path through a symbolic link keeps its name below root.
+    paths = [Path(os.path.abspath(p)) for p in paths]
     if not paths:
         raise ArgumentError("paths: no images")
     if not callable(extractor_factory):
         raise ArgumentError("extractor_factory: expected a picklable callable that returns an extractor")
-    root = Path(os.path.commonpath([str(p.parent) for p in paths])) if root is None else Path(root).resolve()
+    root = Path(os.path.commonpath([str(p.parent) for p in paths])) if root is None else Path(os.path.abspath(root))
     image_names(paths, root)  # names must be distinct and below root: fail before any work
     return (
         paths,
@@ -223,6 +227,7 @@ def build_index(
     max_retries: int = 3,
     out: str | os.PathLike | None = None,
     queries: bool = False,
+    train: Callable[[np.ndarray], Codebook] | None = None,
 ) -> IndexBuild:
     """Index images on the connected Ray cluster (see :func:`asmkit.distributed.connect`).
 
@@ -234,9 +239,8 @@ def build_index(
         Picklable (a class, a ``functools.partial``, a module-level function); each worker
         calls it once. The extractor follows ``asmkit.features.Extractor``.
     codebook : Codebook or None
-        None: trained first (``Codebook.train`` with ``params.codebook_size``,
-        ``kmeans_iters`` and ``seed``) on the descriptors of ``sample`` images drawn
-        from ``paths`` with ``seed``.
+        None: trained first on the descriptors of ``sample`` images drawn from ``paths``
+        with ``seed``, by ``train``.
     params : Params, preset name, dict or None
     root : path-like, optional
         Keys are the paths relative to it (default: their deepest common folder).
@@ -261,6 +265,10 @@ def build_index(
         Also send back the images' query-side aggregates (``IndexBuild.queries``), for an
         all-vs-all top-k: larger than the database side (``ma_query`` words per
         descriptor), still far smaller than the descriptors.
+    train : callable(float32 [N, D]) -> Codebook, optional
+        How the codebook is trained on the sample's descriptors (image after image, in
+        ``paths`` order). Default: ``Codebook.train`` with ``params.codebook_size``,
+        ``kmeans_iters`` and ``seed``.
 
     Returns
     -------
@@ -280,6 +288,8 @@ def build_index(
     trained = codebook is None
     if not trained and not isinstance(codebook, Codebook):
         raise ArgumentError(f"codebook: expected an asmkit Codebook or None, got {type(codebook).__name__}")
+    if train is not None and not callable(train):
+        raise ArgumentError(f"train: expected a callable that returns a Codebook, got {type(train).__name__}")
     if trained:
         rng = np.random.default_rng(check_int(seed, "seed"))
         chosen = np.sort(
@@ -291,7 +301,12 @@ def build_index(
     try:
         if trained:
             vecs = _sample(pool, [paths[i] for i in chosen], root, batch_size, progress)
-            codebook = Codebook.train(vecs, params.codebook_size, iters=params.kmeans_iters, seed=params.seed)
+            if train is None:
+                codebook = Codebook.train(vecs, params.codebook_size, iters=params.kmeans_iters, seed=params.seed)
+            else:
+                codebook = train(vecs)
+                if not isinstance(codebook, Codebook):
+                    raise ArgumentError(f"train: returned {type(codebook).__name__}, not a Codebook")
             del vecs
         index = Index(codebook, params)
         results = _run(

@@ -31,9 +31,10 @@ import numpy as np
 from .._validation import ArgumentError, check_int
 from ..index import Index
 from ..kernel import Aggregates, prepare_descriptors
+from ..quantizer import set_settle_threads, settle_threads
 from ..search import merge_topk, score_aggregates
 from ..storage import StorageError
-from ._ray import gather, require_ray
+from ._ray import gather, remote_task, require_ray
 
 __all__ = ["SHARDS_MANIFEST", "ShardedIndex", "is_sharded", "read_manifest", "save_shards", "scores_topk"]
 
@@ -164,9 +165,12 @@ def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 class _Shard:
-    """The actor holding one shard (``ray.remote`` is applied on first use)."""
+    """The actor holding one shard (``ray.remote`` is applied on first use); it settles
+    the queries' tied rows on the driver's faiss thread count ``settle``
+    (``asmkit.quantizer.settle_threads``)."""
 
-    def __init__(self, source: Any, mmap: bool, verify: bool) -> None:
+    def __init__(self, source: Any, mmap: bool, verify: bool, settle: int) -> None:
+        set_settle_threads(settle)
         # ``source`` is a shard (Index) or the path of a saved one. A path is loaded on
         # first use, in a method, so that a missing or corrupt shard reaches the driver as
         # its StorageError (an error in __init__ reaches it only as ActorDiedError text),
@@ -286,7 +290,7 @@ class ShardedIndex:
         shards = index.split(n_shards)
         actor = _actor_class(num_cpus, num_gpus)
         sources = [ray.put(shard) for shard in shards]
-        actors = [actor.remote(source, True, False) for source in sources]
+        actors = [actor.remote(source, True, False, settle_threads()) for source in sources]
         return cls(actors, [_entry(shard, i) for i, shard in enumerate(shards)], index.params, sources)
 
     @classmethod
@@ -314,7 +318,7 @@ class ShardedIndex:
         folder = Path(path).resolve()
         entries = read_manifest(folder)
         actor = _actor_class(num_cpus, num_gpus)
-        actors = [actor.remote(str(folder / e["dir"]), mmap, verify) for e in entries]
+        actors = [actor.remote(str(folder / e["dir"]), mmap, verify, settle_threads()) for e in entries]
         sharded = cls(actors, entries, None)
         try:
             found = gather([a.describe.remote() for a in actors], desc="load shards", progress=False)
@@ -518,7 +522,7 @@ def scores_topk(
         k = check_int(k, "k", min=1, none=True)
         k = params.topk if k is None else k
         k = max(size, 1) if k is None else k
-        task = ray.remote(num_cpus=num_cpus, max_retries=max_retries)(_search_block)
+        task = remote_task(_search_block, num_cpus=num_cpus, max_retries=max_retries)
         refs = [task.remote(source, b, k) for b in blocks]
         parts = gather(refs, desc="top-k", weights=[_block_size(b) for b in blocks], progress=progress)
     scores, ids = (np.concatenate([p[i] for p in parts]) for i in (0, 1)) if parts else _empty_result(k)
