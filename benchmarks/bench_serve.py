@@ -99,7 +99,7 @@ def ceiling(index: Index, vecs: list[np.ndarray], k: int, seconds: float, thread
 
 
 class ServerProcess:
-    def __init__(self, index_dir: Path, workers: int, max_batch: int) -> None:
+    def __init__(self, index_dir: Path, workers: int, max_batch: int, searchers: int) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
@@ -117,6 +117,8 @@ class ServerProcess:
                 str(workers),
                 "--max-batch",
                 str(max_batch),
+                "--searchers",
+                str(searchers),
             ],
             env=env,
         )
@@ -268,6 +270,7 @@ def main(argv=None) -> int:
     parser.add_argument("--queries", type=int, default=100, help="distinct query images")
     parser.add_argument("--workers", type=int, default=4, help="the server's --workers")
     parser.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
+    parser.add_argument("--searchers", type=int, default=2, help="the server's --searchers")
     parser.add_argument(
         "--client",
         nargs="+",
@@ -313,7 +316,7 @@ def main(argv=None) -> int:
         "descriptors": [multipart("descriptors", "q.npy", npy_bytes(v)) for v in vecs],
         "image": [multipart("image", "q.jpg", data) for data in images],
     }
-    server = ServerProcess(args.index, args.workers, args.max_batch)
+    server = ServerProcess(args.index, args.workers, args.max_batch, args.searchers)
     results = []
     try:
         idle_rss = server.rss()
@@ -356,6 +359,7 @@ def main(argv=None) -> int:
         "duration_s": args.duration,
         "server_workers": args.workers,
         "server_max_batch": args.max_batch,
+        "server_searchers": args.searchers,
         "ceiling_qps": ceilings,
         "ceiling_qps_after": ceiling_after,
         "server_rss_idle_mb": idle_rss / 2**20,

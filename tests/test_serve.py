@@ -194,7 +194,8 @@ def test_searches_see_an_update_whole_or_not_at_all(workspace):
         served.close()
 
 
-def test_concurrent_searches_batched_equal_searches_one_by_one(workspace):
+@pytest.mark.parametrize("searchers", [1, 3])
+def test_concurrent_searches_batched_equal_searches_one_by_one(workspace, searchers):
     rng = np.random.default_rng(8)
     queries = [rng.standard_normal((int(rng.integers(0, 400)), 128)).astype(np.float32) for _ in range(24)]
     ks = [int(rng.integers(1, 15)) for _ in queries]
@@ -205,13 +206,13 @@ def test_concurrent_searches_batched_equal_searches_one_by_one(workspace):
         scores, ids = index.search([vecs], k=k)
         found = ids[0] >= 0
         expected.append((keys[np.searchsorted(index.ids, ids[0][found])].tolist(), scores[0][found].tolist()))
-    served = ServedIndex(workspace, Settings(max_batch=8))
+    served = ServedIndex(workspace, Settings(max_batch=8, searchers=searchers))
     try:
         results = [None] * len(queries)
         barrier = threading.Barrier(len(queries))
 
         def run(i):
-            barrier.wait()  # all at once, so that the searcher thread batches them
+            barrier.wait()  # all at once, so that the searcher threads batch them
             results[i] = served.search(queries[i], ks[i])
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(len(queries))]
@@ -295,6 +296,8 @@ def test_settings_are_checked():
         Settings(token_reads=True)
     with pytest.raises(ArgumentError, match="workers"):
         Settings(workers=0)
+    with pytest.raises(ArgumentError, match="searchers"):
+        Settings(searchers=0)
 
 
 def test_metrics_stats_thumbnails_and_schema(workspace):

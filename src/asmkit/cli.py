@@ -238,6 +238,7 @@ def _parser() -> argparse.ArgumentParser:
         default=16,
         help="most concurrent searches run as one Index.search call (default 16; 1: one call each)",
     )
+    p.add_argument("--searchers", type=int, default=2, help="threads running Index.search calls at once (default 2)")
     _add_device_flag(p)
 
     sub.add_parser("presets", help="list the presets")
@@ -446,6 +447,7 @@ def _run(args: argparse.Namespace) -> int:
                 token_reads=args.token_reads,
                 workers=args.workers,
                 max_batch=args.max_batch,
+                searchers=args.searchers,
                 device=args.device,
             ),
         )

@@ -131,21 +131,25 @@ def _open_extractor(
 
 
 class _Batcher:
-    """Runs the searches of concurrent requests as one ``Index.search`` call.
+    """Runs the searches of concurrent requests as few ``Index.search`` calls.
 
-    A search waits in a queue while the searcher thread works on the previous batch; the
+    A search waits in a queue while the searcher threads work on earlier batches; a free
     thread then takes every waiting query (up to ``max_batch``) at once. A lone query
     waits for nothing. Several queries per call share the quantizer's and the scoring
-    kernels' passes (word-major scoring), and the kernels already use every core, so one
-    thread loses nothing to running searches one batch at a time.
+    kernels' passes (word-major scoring); several threads keep the cores busy while one
+    call is in a single-threaded stretch (faiss's search of one query's descriptors, the
+    Python between kernels): the kernels and faiss release the GIL.
     """
 
-    def __init__(self, run: Callable[[list[np.ndarray], int], list], max_batch: int) -> None:
+    def __init__(self, run: Callable[[list[np.ndarray], int], list], max_batch: int, threads: int = 1) -> None:
         self._run = run
         self._max_batch = max_batch
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._loop, name="asmkit-search", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"asmkit-search-{i}", daemon=True) for i in range(threads)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, vecs: np.ndarray, k: int) -> Future:
         """A future of ``run([vecs], K)[0]`` trimmed to ``k``."""
@@ -176,8 +180,11 @@ class _Batcher:
                 done.set_result((keys[:k], scores[:k]))
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
+        """Answer every queued search, then stop the threads (one stop mark each)."""
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join()
 
 
 class ServedIndex:
@@ -192,7 +199,7 @@ class ServedIndex:
     folder : path-like
         The workspace.
     settings : Settings, optional
-        ``device``, ``max_pixels``, ``max_key_length`` and ``max_batch`` are used here.
+        ``device``, ``max_pixels``, ``max_key_length``, ``max_batch`` and ``searchers`` are used here.
 
     Raises
     ------
@@ -238,7 +245,7 @@ class ServedIndex:
             logger.info("replayed %d logged updates onto %s", len(replayed), self.folder / _INDEX)
         # One search now compiles (or loads) the kernels, so the first request is not slow.
         self._snapshot.index.search([np.zeros((1, self.dim), np.float32)], k=1)
-        self._batcher = _Batcher(self._search_batch, self.settings.max_batch)
+        self._batcher = _Batcher(self._search_batch, self.settings.max_batch, self.settings.searchers)
         self.last_fold = time.time()
         segment = self._wal.rotate()
         if replayed:

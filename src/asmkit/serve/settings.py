@@ -40,6 +40,10 @@ class Settings:
         Largest ``k`` a search may ask for.
     max_batch : int
         Most concurrent searches run as one ``Index.search`` call (1: one call each).
+    searchers : int
+        Threads that take batches of searches, each its own ``Index.search`` call at a
+        time. The kernels and faiss release the GIL, so several calls run at once: the
+        query's quantization, most of a search, runs on one core per call.
     max_key_length : int
         Characters in an image key.
     fold_interval_s : float
@@ -59,6 +63,7 @@ class Settings:
     max_pixels: int = 50_000_000
     max_k: int = 1000
     max_batch: int = 16
+    searchers: int = 2
     max_key_length: int = 256
     fold_interval_s: float = 300.0
     fold_bytes: int = 256 * 1024 * 1024
@@ -78,6 +83,7 @@ class Settings:
         check_int(self.max_pixels, "max_pixels", min=1)
         check_int(self.max_k, "max_k", min=1)
         check_int(self.max_batch, "max_batch", min=1)
+        check_int(self.searchers, "searchers", min=1)
         # A key travels in the log with an unsigned short byte length, and UTF-8 takes up
         # to four bytes a character.
         check_int(self.max_key_length, "max_key_length", min=1, max=16383)
