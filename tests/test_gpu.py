@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from asmkit import Codebook, quantizer
+from asmkit._kernels import faiss_threads
 from asmkit.codebook import _faiss_gpu_count
 from asmkit.quantizer import tie_eps
 
@@ -47,12 +48,8 @@ def _faiss_per_segment(centroids, vecs, m, segments):
     # an earlier test (torch, the CLI's --threads) may have left OpenMP on another.
     index = faiss.IndexFlatL2(centroids.shape[1])
     index.add(centroids)
-    previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(quantizer.settle_threads())
-    try:
+    with faiss_threads(quantizer.settle_threads()):
         return np.concatenate([index.search(vecs[s:e], m)[1] for s, e in zip(segments[:-1], segments[1:])])
-    finally:
-        faiss.omp_set_num_threads(previous)
 
 
 def _assert_same_assignment(words, expected):

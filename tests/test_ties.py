@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from asmkit import Codebook, Index, Params, codebook, quantizer, search, similarity_matrix
+from asmkit._kernels import faiss_threads
 from asmkit.kernel import aggregate, aggregate_images, prepare_descriptors
 
 faiss = pytest.importorskip("faiss")
@@ -49,10 +50,9 @@ def _faiss_query_words(centroids, vecs, m):
 
 @pytest.fixture
 def faiss_threads_restored():
-    """faiss's thread count and the settling's, restored after the test."""
-    caller, settle = faiss.omp_get_max_threads(), quantizer.settle_threads()
+    """The settling's thread count restored after the test (faiss's own: conftest)."""
+    settle = quantizer.settle_threads()
     yield
-    faiss.omp_set_num_threads(caller)
     quantizer.set_settle_threads(settle)
 
 
@@ -60,12 +60,8 @@ def _faiss_words(centroids, vecs, m, threads, segments):
     """faiss's words called once per segment on ``threads`` OpenMP threads."""
     flat = faiss.IndexFlatL2(128)
     flat.add(centroids)
-    previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(threads)
-    try:
+    with faiss_threads(threads):
         return np.concatenate([flat.search(vecs[s:e], m)[1] for s, e in zip(segments[:-1], segments[1:])])
-    finally:
-        faiss.omp_set_num_threads(previous)
 
 
 @pytest.mark.parametrize("settle", [1, 2])

@@ -31,6 +31,7 @@ from numba.extending import intrinsic
 __all__ = [
     "thread_budget",
     "faiss_thread_budget",
+    "faiss_threads",
     "group_by_label",
     "image_norms",
     "merge_posting_lists",
@@ -79,23 +80,31 @@ MIN_PARALLEL_MACS = 1 << 26
 
 
 @contextlib.contextmanager
-def faiss_thread_budget(work: int, min_parallel_work: int = MIN_PARALLEL_MACS) -> Iterator[None]:
+def faiss_threads(threads: int) -> Iterator[None]:
+    """Context: faiss's OpenMP on exactly ``threads`` threads, the previous count restored."""
+    import faiss
+
+    previous = faiss.omp_get_max_threads()
+    if threads == previous:
+        yield
+        return
+    faiss.omp_set_num_threads(threads)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
+
+
+def faiss_thread_budget(work: int, min_parallel_work: int = MIN_PARALLEL_MACS):
     """Context: faiss's OpenMP on one thread when ``work < min_parallel_work``, and never on
     more threads than numba currently uses (so ``numba.set_num_threads(1)`` makes the whole
     engine single-threaded, but for the calls that decide tied rows:
     ``asmkit.quantizer.settle_threads``)."""
     import faiss
 
-    previous = faiss.omp_get_max_threads()
-    wanted = 1 if work < min_parallel_work else max(1, min(previous, numba.get_num_threads()))
-    if wanted == previous:
-        yield
-        return
-    faiss.omp_set_num_threads(wanted)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(previous)
+    if work < min_parallel_work:
+        return faiss_threads(1)
+    return faiss_threads(max(1, min(faiss.omp_get_max_threads(), numba.get_num_threads())))
 
 
 @intrinsic

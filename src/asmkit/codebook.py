@@ -188,6 +188,8 @@ def _lloyd(vecs: np.ndarray, k: int, iters: int, seed: int) -> np.ndarray:
     # The rows grouped by word, rewritten in place at every iteration (a fresh array each
     # time would fault its pages in again).
     grouped = np.empty_like(vecs)
+    # The two halves of a split word move apart along alternating signs.
+    sign = np.where(np.arange(d) % 2 == 0, 1.0, -1.0)
     for _ in range(iters):
         words = Codebook(centroids).assign(vecs, 1, check_finite=False).words[:, 0]
         counts = np.bincount(words, minlength=k)
@@ -203,7 +205,6 @@ def _lloyd(vecs: np.ndarray, k: int, iters: int, seed: int) -> np.ndarray:
             if not spare.any():  # no word has a row to give: the empty word stays where it is
                 break
             source = rng.choice(k, p=spare / spare.sum())
-            sign = np.where(np.arange(d) % 2 == 0, 1.0, -1.0)
             centroids[empty] = centroids[source] * (1 + sign * _SPLIT_EPS)
             centroids[source] *= 1 - sign * _SPLIT_EPS
             counts[empty] = counts[source] // 2

@@ -655,7 +655,8 @@ def workspace_hybrid(folder: str | os.PathLike) -> HybridSpec | None:
     folder = Path(folder)
     if not (folder / _PIPELINE).is_file():
         return None
-    table = _read_manifest(folder).get("hybrid")
+    manifest = _read_manifest(folder)
+    table = manifest.get("hybrid")
     if table is None:
         return None
     try:
@@ -666,7 +667,7 @@ def workspace_hybrid(folder: str | os.PathLike) -> HybridSpec | None:
         if not (folder / m / _PIPELINE).is_file():
             raise FileNotFoundError(
                 f"{folder}: hybrid index without its {m} member (missing {folder / m / _PIPELINE}); "
-                f"rebuild it with `asmkit index IMAGES --preset {_read_manifest(folder).get('preset', 'hybrid')} "
+                f"rebuild it with `asmkit index IMAGES --preset {manifest.get('preset', 'hybrid')} "
                 f"--out {folder}`"
             )
     return spec
@@ -789,6 +790,18 @@ def _query_features(images: Sequence, feats: Features, box) -> tuple[list[tuple[
     return queries, qfeats, list(result.failed)
 
 
+def _common_names(member_names: Sequence[Sequence[str]]) -> tuple[list[str], list[np.ndarray]]:
+    """The names every hybrid member holds, in the first member's order, and each member's
+    positions of them (int64 [n]: its rows and columns of those images)."""
+    both = set.intersection(*(set(names) for names in member_names))
+    names = [n for n in member_names[0] if n in both]
+    positions = []
+    for member in member_names:
+        position = {n: i for i, n in enumerate(member)}
+        positions.append(np.array([position[n] for n in names], np.int64))
+    return names, positions
+
+
 def _hybrid_query(folder: Path, spec: HybridSpec, images, *, top: int, model, device: str, box) -> dict[str, Any]:
     """:func:`query_index` of a hybrid workspace: each member scores the queries against
     all of its images, the rows are fused (:func:`asmkit.hybrid.fuse`, as ``scores`` fuses
@@ -803,9 +816,7 @@ def _hybrid_query(folder: Path, spec: HybridSpec, images, *, top: int, model, de
         rows.append({n: matrix[i] for i, (_, n) in enumerate(queries)})
         keys.append(idx.keys)
         shown.update((n, s) for s, n in queries)
-    both = set.intersection(*(set(k) for k in keys))
-    names = [k for k in keys[0] if k in both]
-    columns = [np.array([pos[n] for n in names], np.int64) for pos in ({k: i for i, k in enumerate(ks)} for ks in keys)]
+    names, columns = _common_names(keys)
     answered = [n for n in rows[0] if all(n in r for r in rows)]
     out = []
     if answered and names:
@@ -1028,15 +1039,9 @@ def _hybrid_scores(spec: HybridSpec, images, *, out: Path, **options: Any) -> di
         path = out.with_name(f"{out.stem}.{name}.npy")
         summary = compute_scores(images, out=path, preset=name, **options)
         members.append((load_npy(path, "a scores matrix"), read_lines(summary["names"], "a names file"), summary))
-    common = set.intersection(*(set(names) for _, names, _ in members))
-    names = [n for n in members[0][1] if n in common]
+    names, keep = _common_names([member_names for _, member_names, _ in members])
     t0 = time.perf_counter()
-    parts = []
-    for matrix, member_names, _ in members:
-        pos = {n: i for i, n in enumerate(member_names)}
-        keep = np.array([pos[n] for n in names], dtype=np.int64)
-        parts.append(matrix[np.ix_(keep, keep)])
-    fused = fuse(parts, spec.fusion)
+    fused = fuse([matrix[np.ix_(k, k)] for (matrix, _, _), k in zip(members, keep)], spec.fusion)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.npy")
     np.save(tmp, fused)
@@ -1225,12 +1230,8 @@ def _sparse_scores(
         return sparse, names, anchor_scorer(index, descriptors), failed, timings
     _check_hybrid_options(preset, config=config, codebook=codebook, codebook_size=codebook_size, cache=cache, ray=ray)
     members = [_scored_index(Path(images) / m if workspace else images, preset=m, **options) for m in spec.members]
-    both = set.intersection(*(set(member[2]) for member in members))
-    names = [n for n in members[0][2] if n in both]
     # Each member's positions of the common names: its rows (queries) and columns alike.
-    where = [
-        np.array([pos[n] for n in names], np.int64) for pos in ({n: i for i, n in enumerate(m[2])} for m in members)
-    ]
+    names, where = _common_names([member[2] for member in members])
     t0 = time.perf_counter()
 
     def fused_blocks() -> Iterator[tuple[int, np.ndarray]]:

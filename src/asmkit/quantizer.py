@@ -21,10 +21,9 @@ or faiss-gpu), ``PrunedQuantizer`` (a lower bound skips most words; CPU) and
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
-from typing import Iterator, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import faiss
 import numpy as np
@@ -141,18 +140,11 @@ def set_settle_threads(threads: int) -> None:
     _SETTLE_THREADS = check_int(threads, "threads", min=1)
 
 
-@contextlib.contextmanager
-def _faiss_threads(threads: int) -> Iterator[None]:
-    """Context: faiss's OpenMP on exactly ``threads`` threads."""
-    previous = faiss.omp_get_max_threads()
-    if threads == previous:
-        yield
-        return
-    faiss.omp_set_num_threads(threads)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(previous)
+def _deciding_threads(work: int) -> int:
+    """faiss's threads for a call that decides words (a segment's own call, or the settling
+    of its tied rows), ``work`` its multiply-adds: one below the parallel threshold, as
+    ``FaissQuantizer.search`` runs a small call, else ``settle_threads()``."""
+    return _SETTLE_THREADS if work >= _kernels.MIN_PARALLEL_MACS else 1
 
 
 def settle_rows(index, vecs, local, seg_size, m):
@@ -192,9 +184,8 @@ def _settle_rows_locked(index, vecs, local, seg_size, m):
     offset = local % block
     size = np.minimum(block, seg_size - (local - offset))
     # The BLAS tiling also depends on the thread count: each batch gets the threads of
-    # the deciding call on the whole segment: one below the parallel threshold (as
-    # ``FaissQuantizer.search`` runs a small call), else ``settle_threads()``.
-    threads = np.where(seg_size * index.ntotal * d >= _kernels.MIN_PARALLEL_MACS, _SETTLE_THREADS, 1)
+    # the deciding call on the whole segment.
+    threads = np.array([_deciding_threads(n * index.ntotal * d) for n in seg_size.tolist()], dtype=np.int64)
     for s, n_threads in sorted(set(zip(size.tolist(), threads.tolist()))):
         in_group = (size == s) & (threads == n_threads)
         group, group_offset = rows[in_group], offset[in_group]
@@ -208,7 +199,7 @@ def _settle_rows_locked(index, vecs, local, seg_size, m):
             batch = np.empty((s, d), dtype=np.float32)
             batch[:] = vecs[group[pick][0]]
             batch[group_offset[pick]] = vecs[group[pick]]
-            with _faiss_threads(n_threads):
+            with _kernels.faiss_threads(n_threads):
                 # A short final block of a BLAS call must stay on the BLAS path (a
                 # process-wide faiss setting, restored right after).
                 if s * d < threshold:
@@ -259,7 +250,7 @@ class FaissQuantizer:
         extra = int(m < k and not one_segment)
         work = len(vecs) * k * d
         if one_segment:
-            threads = _faiss_threads(_SETTLE_THREADS if work >= _kernels.MIN_PARALLEL_MACS else 1)
+            threads = _kernels.faiss_threads(_deciding_threads(work))
         else:
             threads = _kernels.faiss_thread_budget(work)
         # faiss's default BLAS blocks: smaller ones would shrink its distance buffer
