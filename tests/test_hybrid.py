@@ -152,8 +152,29 @@ def test_hybrid_query_equals_the_scores_row(demo, workspace, tmp_path):
         assert [r["score"] for r in result["results"]] == sorted(got.values(), reverse=True)
     top = pipeline.query_index(ws, [demo / "images" / names[0]], top=2)["results"][0]["results"]
     assert top == q["results"][0]["results"][:2]
-    with pytest.raises(ArgumentError, match="rerank"):
-        pipeline.query_index(ws, [demo / "images" / names[0]], rerank=5)
+
+
+def test_hybrid_query_reranks_the_fused_top_with_the_first_members_geometry(demo, workspace):
+    ws, summary = workspace
+    query = sorted((demo / "images").iterdir())[0]
+    n = summary["images"]
+    fused = pipeline.query_index(ws, [query], top=n)["results"][0]["results"]
+    got = pipeline.query_index(ws, [query], top=n, rerank=6)["results"][0]["results"]
+    # Only the fused top 6 are reordered, the rest keep the fused order and scores.
+    assert {r["name"] for r in got[:6]} == {r["name"] for r in fused[:6]}
+    assert got[6:] == [{**r, "inliers": -1} for r in fused[6:]]
+    # Inliers are those the sift member's own verification finds for the same image pair.
+    alone = pipeline.query_index(ws / "sift", [query], top=n, rerank=n)["results"][0]["results"]
+    inliers = {r["name"]: r["inliers"] for r in alone}
+    assert all(r["inliers"] == inliers[r["name"]] for r in got[:6])
+    verified = [r["inliers"] for r in got[:6] if r["inliers"] >= 15]
+    assert verified and verified == sorted(verified, reverse=True)
+    assert [r["inliers"] for r in got[: len(verified)]] == verified
+    expanded = pipeline.query_index(ws, [query], top=n, rerank=6, expand=1)["results"][0]["results"]
+    # The verified head stays; its scores become expanded scores.
+    head = [(r["name"], r["inliers"]) for r in got[: len(verified)]]
+    assert [(r["name"], r["inliers"]) for r in expanded[: len(verified)]] == head
+    assert {r["name"] for r in expanded} == {r["name"] for r in fused}
 
 
 def test_hybrid_add_grows_every_member(demo, sift_pair, tmp_path):

@@ -104,7 +104,7 @@ def rules(a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
 def member_matrix(data: str, preset: str) -> np.ndarray:
     """float32 [Q, N]: ``asmkit eval DATA --preset PRESET``'s similarities."""
     gt = load_ground_truth(data)
-    return pipeline._dataset_matrix(
+    out = pipeline._dataset_matrix(
         gt,
         load_config(preset),
         data=data,
@@ -113,12 +113,13 @@ def member_matrix(data: str, preset: str) -> np.ndarray:
         cache=None,
         workers=None,
         device="cpu",
-        rerank=0,
         regions=None,
         whole_image=True,
         ray=None,
         ray_cpus=None,
-    )[0]
+    )
+    out.store.close()
+    return out.matrix
 
 
 def main(argv: list[str] | None = None) -> None:

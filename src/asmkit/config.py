@@ -25,7 +25,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 __all__ = ["PipelineConfig", "load_config", "preset_names"]
 
-_SECTIONS = {"description", "features", "asmk"}
+_SECTIONS = {"description", "features", "asmk", "verify"}
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -60,9 +60,9 @@ def _read_file(path: Path) -> dict[str, Any]:
     unknown = sorted(set(data) - _SECTIONS)
     if unknown:
         raise FileFormatError(
-            path, f"unknown section(s) {', '.join(map(str, unknown))}; expected features, asmk, description"
+            path, f"unknown section(s) {', '.join(map(str, unknown))}; expected features, asmk, verify, description"
         )
-    for section in ("features", "asmk"):
+    for section in ("features", "asmk", "verify"):
         if section in data and not isinstance(data[section], dict):
             raise FileFormatError(path, f"[{section}] must be a table, got {type(data[section]).__name__}")
     if not isinstance(data.get("description", ""), str):
@@ -94,6 +94,12 @@ class PipelineConfig:
         ASMK parameters.
     description : str
         One line for humans.
+    verify : str or None
+        The preset whose local features verify this one's rankings (``[verify] preset``:
+        their keypoints, visual words and signatures fill the geometry store), or None for
+        this preset's own features. Deep features sit on a grid of cell centres, too coarse
+        to tell a true match from a similar object; SIFT keypoints are not
+        (docs/verify.md).
     codebook_size_chosen : bool
         Whether the user chose ``params.codebook_size`` (a config file or an override);
         otherwise it is the preset's, and a codebook trained on fewer descriptors than it
@@ -104,17 +110,21 @@ class PipelineConfig:
     features: dict[str, Any]
     params: Params
     description: str = ""
+    verify: str | None = None
     codebook_size_chosen: bool = field(default=False, compare=False)
     source: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form, stored beside an index so that queries use the same pipeline."""
-        return {
+        out = {
             "name": self.name,
             "description": self.description,
             "features": dict(self.features),
             "asmk": self.params.to_dict(),
         }
+        if self.verify is not None:
+            out["verify"] = {"preset": self.verify}
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PipelineConfig":
@@ -124,7 +134,33 @@ class PipelineConfig:
             features=dict(data.get("features", {})),
             params=Params.from_dict(data.get("asmk", {})),
             description=str(data.get("description", "")),
+            verify=_verify_preset(data.get("verify", {})),
         )
+
+    def verify_config(self) -> "PipelineConfig | None":
+        """The config of the preset that verifies this one's rankings (:attr:`verify`), or
+        None when this preset's own features do."""
+        return None if self.verify is None else load_config(self.verify)
+
+
+def _verify_preset(table: Any) -> str | None:
+    """The checked ``preset`` of a ``[verify]`` table: a plain preset that verifies with its
+    own features (one step, never a chain or a hybrid)."""
+    if not isinstance(table, Mapping):
+        raise ArgumentError(f"verify: expected a table with a preset name, got {type(table).__name__}")
+    unknown = sorted(set(table) - {"preset"})
+    if unknown:
+        raise ArgumentError(f"verify: unknown option(s) {', '.join(map(str, unknown))}; expected preset")
+    name = table.get("preset")
+    # An empty name lets a config file give a preset's own features back.
+    if name is None or name == "":
+        return None
+    if not isinstance(name, str) or name not in preset_names():
+        raise ArgumentError(f"verify.preset: unknown preset {name!r}; expected one of {', '.join(preset_names())}")
+    other = preset_table(name)
+    if "hybrid" in other or "verify" in other:
+        raise ArgumentError(f"verify.preset: {name!r} must be a plain preset that verifies with its own features")
+    return name
 
 
 def load_config(
@@ -167,6 +203,7 @@ def load_config(
         try:
             feature_options(data.get("features", {}))
             Params.from_dict(data.get("asmk", {}))
+            _verify_preset(data.get("verify", {}))
         except ArgumentError as exc:
             raise FileFormatError(path, str(exc)) from None
     asmk = dict(data.get("asmk", {}))
@@ -176,6 +213,7 @@ def load_config(
         features=dict(data.get("features", {})),
         params=Params.from_dict(asmk),
         description=str(data.get("description", "")),
+        verify=_verify_preset(data.get("verify", {})),
         codebook_size_chosen=chosen,
         source=data,
     )

@@ -63,6 +63,7 @@ __all__ = [
 
 _PIPELINE = "pipeline.json"
 _GEOMETRY = "geometry.asmkit"  # keypoints, words and signatures for spatial verification
+_VERIFY = "verify"  # the verification features' store, codebook and extractor (PipelineConfig.verify)
 
 
 # ------------------------------------------------------------------------------ extractors
@@ -301,10 +302,13 @@ def _features_for(
     return feats, store, names, failed, folder
 
 
-def _add_geometry(path: Path, index: Index, store: FeatureStore, names: list[str], add: bool, describe):
-    """The workspace's geometry store (``asmkit.geometry``) with the images ``names`` added
-    under their index ids; with ``add`` the saved one grows, and images already in it stay.
-    ``describe`` maps stored descriptors to the codebook's space (``Features.descriptors``)."""
+def _add_geometry(
+    path: Path, index: Index, store: FeatureStore, names: list[str], add: bool, describe, codebook: Codebook
+):
+    """The workspace's geometry store (``asmkit.geometry``) with the images ``names`` of
+    ``store`` added under their index ids, their words in ``codebook``; with ``add`` the
+    saved one grows, and images already in it stay. ``describe`` maps stored descriptors
+    to the codebook's space (``Features.descriptors``)."""
     from .geometry import GeometryStore, feature_words
 
     geometry = GeometryStore.load(path, mmap=False) if add and path.is_dir() else GeometryStore()
@@ -314,7 +318,7 @@ def _add_geometry(path: Path, index: Index, store: FeatureStore, names: list[str
     kp = [f.keypoints if f.keypoints is not None else np.empty((0, 4), np.float32) for f in feats]
     # Features without keypoints cannot be verified: such an image gets none.
     words, sigs = feature_words(
-        index.codebook,
+        codebook,
         [describe(f.descriptors) if f.keypoints is not None else describe(f.descriptors)[:0] for f in feats],
     )
     geometry.add(ids[fresh], kp, words, sigs)
@@ -382,8 +386,15 @@ def build_index(
     ray_cpus: int | None = None,
     ray_sample: int = 1000,
     shards: int | None = None,
+    verification: bool = True,
 ) -> dict[str, Any]:
     """Extract, train the codebook, build the inverted file and save the workspace ``out``.
+
+    The workspace also gets a geometry store for ``query --rerank``: from the preset's own
+    features, or, for a preset that verifies with other features (``[verify] preset``:
+    the deep presets verify with SIFT), from those, extracted into ``out/verify`` with
+    their own codebook. ``verification=False`` leaves the latter out (a hybrid's later
+    members: the hybrid verifies with its first member).
 
     ``regions`` ("grid", "proposals" or a box file, docs/regions.md) indexes the images by
     R-ASMK(*), with the whole image as a region too unless ``whole_image`` is False.
@@ -497,13 +508,24 @@ def build_index(
             feats.descriptors(vecs), ids + start, keys=names, regions=_regions(regions, names, store, whole_image)
         )
         del vecs
-        geometry = _add_geometry(out / _GEOMETRY, index, store, names, add, feats.descriptors)
+        if cfg.verify is None:
+            geometry = _add_geometry(out / _GEOMETRY, index, store, names, add, feats.descriptors, index.codebook)
     store.close()
-    index.save(out / "index.asmkit")
-    if names:
-        geometry.save(out / _GEOMETRY)
-    _write_json(out / _PIPELINE, {"config": cfg.to_dict(), "image_root": str(root.resolve())})
     timings["index_s"] = time.perf_counter() - t0
+    manifest = {"config": cfg.to_dict(), "image_root": str(root.resolve())}
+    if cfg.verify is not None and verification:
+        t0 = time.perf_counter()
+        vcfg = _verify_settings(out, cfg, add)
+        manifest["verify"] = vcfg.to_dict()
+        if names:
+            geometry = _verify_geometry(vcfg, out, paths, root, index, names, add, workers, device)
+        timings["verify_features_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    index.save(out / "index.asmkit")
+    if names and (cfg.verify is None or verification):
+        geometry.save(out / _GEOMETRY)
+    _write_json(out / _PIPELINE, manifest)
+    timings["index_s"] += time.perf_counter() - t0
     summary = {
         "index": str(out),
         "preset": cfg.name,
@@ -519,7 +541,10 @@ def build_index(
 
 def _build_hybrid_index(spec: HybridSpec, images, *, out: Path, add: bool, preset: str, **options: Any) -> dict:
     """:func:`build_index` of each member into ``out/<member>``, then the hybrid manifest."""
-    summaries = {m: build_index(images, out=out / m, preset=m, add=add, **options) for m in spec.members}
+    summaries = {
+        m: build_index(images, out=out / m, preset=m, add=add, verification=i == 0, **options)
+        for i, m in enumerate(spec.members)
+    }
     _write_json(
         out / _PIPELINE,
         {"hybrid": spec.to_dict(), "preset": preset, "image_root": str(open_workspace(out / spec.members[0])[2])},
@@ -540,6 +565,45 @@ def _build_hybrid_index(spec: HybridSpec, images, *, out: Path, add: bool, prese
         "members": summaries,
         "timings": timings,
     }
+
+
+def _verify_settings(out: Path, cfg: PipelineConfig, add: bool) -> PipelineConfig:
+    """The verification features' config: the workspace's own with ``add``, else the
+    preset's (:meth:`PipelineConfig.verify_config`)."""
+    if add and "verify" in (manifest := _read_manifest(out)):
+        return PipelineConfig.from_dict(manifest["verify"])
+    return cfg.verify_config()
+
+
+def _verify_geometry(vcfg: PipelineConfig, out: Path, paths, root: Path, index: Index, names, add, workers, device):
+    """The geometry store of a workspace whose preset verifies with other features
+    (``vcfg``): they are extracted into ``out/verify/features.h5`` and quantized with
+    their own codebook (``out/verify/codebook.asmkit``, trained on them the first time),
+    and the images ``names`` enter the store under their ids in ``index``."""
+    folder = out / _VERIFY
+    folder.mkdir(parents=True, exist_ok=True)
+    feats = _build_extractor(vcfg, saved=workspace_extractor_path(vcfg, folder), sample=paths, device=device)
+    store, have, _ = _extract_into(paths, root, feats.extractor, folder / "features.h5", workers)
+    with store:
+        if not have:
+            raise ArgumentError(f"{root}: no image gave {vcfg.name} features for verification")
+        cb, _ = _get_codebook(
+            vcfg,
+            saved=folder / "codebook.asmkit",
+            training=lambda: [feats.descriptors(store.get(n).descriptors) for n in have],
+            dim=feats.descriptors(store.get(have[0]).descriptors).shape[1],
+        )
+        usable = set(have)
+        missing = [n for n in names if n not in usable]
+        if missing:
+            logger.warning(
+                "%d indexed image(s) have no %s features and cannot be verified: %s",
+                len(missing),
+                vcfg.name,
+                ", ".join(missing[:5]),
+            )
+        kept = [n for n in names if n in usable]
+        return _add_geometry(out / _GEOMETRY, index, store, kept, add, feats.descriptors, cb)
 
 
 class _RayExtractor:
@@ -737,9 +801,9 @@ def query_index(
         raise ArgumentError("--expand: needs --rerank (it expands with verified images)")
     spec = workspace_hybrid(index)
     if spec is not None:
-        if rerank:
-            raise ArgumentError("--rerank: not with a hybrid index (verify on one of its member folders)")
-        return _hybrid_query(Path(index), spec, images, top=top, model=model, device=device, box=box)
+        return _hybrid_query(
+            Path(index), spec, images, top=top, model=model, device=device, box=box, rerank=rerank, expand=expand
+        )
     folder, feats, idx, root = _open_for_query(index, model, device)
     queries, qfeats, failed = _query_features(images, feats, box)
     out = []
@@ -748,8 +812,26 @@ def query_index(
         inliers = None
         if rerank:
             own = [_database_id(idx, root, Path(p)) for p, _ in queries]
+
+            def rows_of(chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                rows_scores, rows_ids = idx.search(_stored_descriptors(folder, idx, feats, chosen), k=ids.shape[1])
+                return rows_ids, rows_scores
+
             scores, ids, inliers = _rerank_queries(
-                folder, idx, qfeats, scores, ids, rerank, feats.descriptors, n_expand=expand, own=own
+                folder,
+                idx,
+                images,
+                queries,
+                qfeats,
+                feats,
+                scores,
+                ids,
+                rerank,
+                box=box,
+                device=device,
+                n_expand=expand,
+                own=own,
+                rows_of=rows_of,
             )
         keys = idx.keys
         position = {int(i): p for p, i in enumerate(idx.ids)}
@@ -802,15 +884,24 @@ def _common_names(member_names: Sequence[Sequence[str]]) -> tuple[list[str], lis
     return names, positions
 
 
-def _hybrid_query(folder: Path, spec: HybridSpec, images, *, top: int, model, device: str, box) -> dict[str, Any]:
+def _hybrid_query(
+    folder: Path, spec: HybridSpec, images, *, top: int, model, device: str, box, rerank: int = 0, expand: int = 0
+) -> dict[str, Any]:
     """:func:`query_index` of a hybrid workspace: each member scores the queries against
     all of its images, the rows are fused (:func:`asmkit.hybrid.fuse`, as ``scores`` fuses
-    them) over the images every member holds, and the top ``top`` of the fused row kept."""
+    them) over the images every member holds, and the top ``top`` of the fused row kept.
+    ``rerank`` verifies the fused top R with the first member's geometry store (its
+    verification features); ``expand`` then searches each expansion image's stored
+    features in every member and fuses those rows too."""
     rows, keys, shown, failed, root = [], [], {}, {}, None
+    opened, first_queries = [], {}
     for m in spec.members:
         _, feats, idx, member_root = _open_for_query(folder / m, model, device)
+        opened.append((feats, idx))
         root = root or member_root
         queries, qfeats, member_failed = _query_features(images, feats, box)
+        if not first_queries:
+            first_queries = {n: (p, f) for (p, n), f in zip(queries, qfeats)}
         failed.update(member_failed)
         matrix = idx.similarity_matrix([feats.descriptors(f.descriptors) for f in qfeats]) if queries else None
         rows.append({n: matrix[i] for i, (_, n) in enumerate(queries)})
@@ -822,11 +913,47 @@ def _hybrid_query(folder: Path, spec: HybridSpec, images, *, top: int, model, de
     if answered and names:
         fused = fuse([np.stack([r[n][c] for n in answered]) for r, c in zip(rows, columns)], spec.fusion)
         # Stable sort: exact ties keep the index's order, as a plain query does.
-        order = np.argsort(-fused, axis=1, kind="stable")[:, :top]
-        for n, srow, irow in zip(answered, np.take_along_axis(fused, order, 1), order):
-            out.append(
-                {"query": shown[n], "results": [{"name": names[i], "score": float(v)} for i, v in zip(irow, srow)]}
+        order = np.argsort(-fused, axis=1, kind="stable")[:, : max(top, rerank)]
+        scores, inliers = np.take_along_axis(fused, order, 1), None
+        if rerank:
+            feats0, idx0 = opened[0]
+            # The first member's ids: its geometry store's.
+            id_of = idx0.ids[columns[0]]
+            position = {int(i): c for c, i in enumerate(id_of)}
+
+            def rows_of(chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                chosen_names = [names[position[int(i)]] for i in chosen]
+                member_rows = []
+                for m, (feats, idx), c in zip(spec.members, opened, columns):
+                    ids_m = [idx.id_of(n) for n in chosen_names]
+                    member_rows.append(idx.similarity_matrix(_stored_descriptors(folder / m, idx, feats, ids_m))[:, c])
+                grown = fuse(member_rows, spec.fusion)
+                return np.broadcast_to(id_of, grown.shape), grown
+
+            q_paths = [first_queries[n][0] for n in answered]
+            scores, ids, inliers = _rerank_queries(
+                folder / spec.members[0],
+                idx0,
+                q_paths,
+                [(first_queries[n][0], n) for n in answered],
+                [first_queries[n][1] for n in answered],
+                feats0,
+                scores,
+                id_of[order],
+                rerank,
+                box=box,
+                device=device,
+                n_expand=expand,
+                own=[_database_id(idx0, root, Path(p)) for p in q_paths],
+                rows_of=rows_of,
             )
+            order = np.vectorize(lambda i: position.get(int(i), -1), otypes=[np.int64])(ids)
+        for row, (n, srow, irow) in enumerate(zip(answered, scores[:, :top], order[:, :top])):
+            hits = [{"name": names[i], "score": float(v)} for i, v in zip(irow, srow) if i >= 0]
+            if inliers is not None:
+                for hit, count in zip(hits, inliers[row]):
+                    hit["inliers"] = int(count)
+            out.append({"query": shown[n], "results": hits})
     return {
         "index": str(folder),
         "image_root": str(root),
@@ -844,10 +971,41 @@ def _database_id(idx: Index, root: Path, path: Path) -> int:
         return -1
 
 
-def _rerank_queries(folder: Path, idx: Index, feats, scores, ids, top: int, describe, *, n_expand: int, own):
+def _stored_descriptors(folder: Path, idx: Index, feats: Features, ids) -> list[np.ndarray]:
+    """The descriptors (codebook space) of indexed images, by index id, from the
+    workspace's feature store."""
+    keys, position = idx.keys, {int(i): p for p, i in enumerate(idx.ids)}
+    with FeatureStore(folder / "features.h5", None) as store:
+        return [feats.descriptors(store.get(keys[position[int(i)]]).descriptors) for i in ids]
+
+
+def _rerank_queries(
+    folder: Path,
+    idx: Index,
+    images,
+    queries,
+    qfeats,
+    feats,
+    scores,
+    ids,
+    top: int,
+    *,
+    box,
+    device,
+    n_expand,
+    own,
+    rows_of,
+):
     """``(scores, ids, inliers)`` after re-ranking the top ``top`` by spatial verification
     and, with ``n_expand`` N > 0, query expansion with N verified images (``own``: each
-    query's own index id, -1 if none; a query never expands with itself)."""
+    query's own index id, -1 if none; a query never expands with itself; ``rows_of(ids)``
+    the expansion images' ``(ids, scores)`` rows).
+
+    The geometry store is the workspace's; the query side comes from the same features:
+    ``qfeats`` (extracted with ``feats``, words in ``idx``'s codebook), or, in a workspace
+    that verifies with other features (``verify`` in its ``pipeline.json``), those
+    extracted from ``images`` again with that extractor and quantized with its codebook.
+    """
     from .geometry import GeometryStore, feature_words
     from .verify import VerifyOptions, expand, rerank
 
@@ -855,25 +1013,28 @@ def _rerank_queries(folder: Path, idx: Index, feats, scores, ids, top: int, desc
     if not path.is_dir():
         raise FileNotFoundError(f"--rerank: the index has no geometry store ({path}); rebuild it with `asmkit index`")
     geometry = GeometryStore.load(path, mmap=True, verify=False)
+    codebook, describe = idx.codebook, feats.descriptors
+    table = _read_manifest(folder).get("verify")
+    if table is not None:
+        vcfg = PipelineConfig.from_dict(table)
+        vfeats = _build_extractor(vcfg, saved=workspace_extractor_path(vcfg, folder / _VERIFY), device=device)
+        codebook, describe = Codebook.load(folder / _VERIFY / "codebook.asmkit"), vfeats.descriptors
+        verified, extra, _ = _query_features(images, vfeats, box)
+        by_name = {n: f for (_, n), f in zip(verified, extra)}
+        qfeats = [by_name.get(n) for _, n in queries]
     options = VerifyOptions()
-    kp = [f.keypoints for f in feats]
+    kp = [None if f is None else f.keypoints for f in qfeats]
     words, sigs = feature_words(
-        idx.codebook,
-        [describe(f.descriptors) if k is not None else describe(f.descriptors)[:0] for f, k in zip(feats, kp)],
+        codebook,
+        [
+            describe(f.descriptors) if k is not None else np.zeros((0, codebook.dim), np.float32)
+            for f, k in zip(qfeats, kp)
+        ],
         m=options.query_m,
     )
     out = rerank(geometry, kp, words, ids, scores, query_signatures=sigs, top=top, options=options)
     if n_expand:
-        keys = idx.keys
-        position = {int(i): p for p, i in enumerate(idx.ids)}
-        with FeatureStore(folder / "features.h5", None) as store:
-
-            def rows_of(chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-                found = [describe(store.get(keys[position[int(i)]]).descriptors) for i in chosen]
-                rows_scores, rows_ids = idx.search(found, k=ids.shape[1])
-                return rows_ids, rows_scores
-
-            out = expand(out, rows_of, n_expand, min_inliers=options.min_inliers, exclude=own)
+        out = expand(out, rows_of, n_expand, min_inliers=options.min_inliers, exclude=own)
     return out.scores, out.ids, out.inliers
 
 
@@ -1334,7 +1495,8 @@ def make_pairs(
     ``graph`` defaults to ``knn-<top>``.
 
     With ``verify`` (images only; the dense matrix is computed then) every pair is verified geometrically
-    (``asmkit.verify.verify_pairs``: mutual nearest neighbours, a fundamental matrix):
+    (``asmkit.verify.verify_pairs``: mutual nearest neighbours, a fundamental matrix), on
+    the preset's verification features (the deep presets: SIFT):
     ``out`` keeps the pairs with at least ``min_inliers`` inliers and
     ``<out>.inliers.txt`` lists every pair with its inliers. ``colmap_db`` (implies
     ``verify``; extra ``[sfm]``) also writes keypoints, matches and two-view geometries
@@ -1379,9 +1541,28 @@ def make_pairs(
     pairs = pairs_from_scores(matrix, names, spec, anchor_row=anchor_row)
     summary = {"pairs": str(out), "n_pairs": len(pairs), "graph": str(spec), "images": len(names)}
     if verify:
+        computed = {**computed, "features": _pair_features(images, computed, score_options)}
         pairs = _verify_pairs(pairs, computed, out, min_inliers, colmap_db, summary)
     write_pairs(out, pairs)
     return summary
+
+
+def _pair_features(images, computed: dict, score_options: dict) -> str:
+    """The feature store that verifies pairs: the scores' own, or, for a preset that
+    verifies with other features (a hybrid: its first member's), those of the images
+    (extracted or cached)."""
+    preset = score_options.get("preset", "sift")
+    spec = hybrid_spec(preset)
+    cfg = load_config(spec.members[0]) if spec is not None else load_config(preset, score_options.get("config"))
+    vcfg = cfg.verify_config()
+    if vcfg is None:
+        return computed["features"]
+    paths, root = _images(images)
+    _, store, _, _, _ = _features_for(
+        paths, root, vcfg, None, score_options.get("workers"), None, score_options.get("device", "cpu")
+    )
+    store.close()
+    return str(store.path)
 
 
 def _verify_pairs(pairs, computed: dict, out, min_inliers: int, colmap_db, summary: dict) -> list[tuple[str, str]]:
@@ -1470,7 +1651,6 @@ def evaluate_dataset(
             config=config,
             codebook=codebook,
             codebook_size=codebook_size,
-            rerank=rerank or None,
             regions=regions,
         )
         cfgs = [load_config(m) for m in spec.members]
@@ -1484,32 +1664,58 @@ def evaluate_dataset(
             cache=cache,
             workers=workers,
             device=device,
-            rerank=rerank,
             regions=regions,
             whole_image=whole_image,
             ray=ray,
             ray_cpus=ray_cpus,
-            expand=expand,
         )
         for cfg in cfgs
     ]
-    ranks, before_rerank, rerank_info = parts[0][4]
     if spec is None:
-        matrix, trained_on, failed, timings, _ = parts[0]
+        matrix, trained_on, failed, timings = parts[0].matrix, parts[0].trained_on, parts[0].failed, parts[0].timings
         cfg = cfgs[0]
         params: Any = cfg.params.to_dict()
+
+        def rows_of(images: np.ndarray) -> np.ndarray:
+            return parts[0].rows_of(images)
     else:
         cfg = load_config(preset)
         t0 = time.perf_counter()
-        matrix = fuse([p[0] for p in parts], spec.fusion)
-        trained_on = {c.name: p[1] for c, p in zip(cfgs, parts)}
-        failed = sorted({f for p in parts for f in p[2]})
-        timings = {f"{c.name}.{k}": v for c, p in zip(cfgs, parts) for k, v in p[3].items()}
+        matrix = fuse([p.matrix for p in parts], spec.fusion)
+        trained_on = {c.name: p.trained_on for c, p in zip(cfgs, parts)}
+        failed = sorted({f for p in parts for f in p.failed})
+        timings = {f"{c.name}.{k}": v for c, p in zip(cfgs, parts) for k, v in p.timings.items()}
         timings["fusion_s"] = time.perf_counter() - t0
+
+        def rows_of(images: np.ndarray) -> np.ndarray:
+            # Every fusion works on each row alone: fused rows are rows of the fused matrix.
+            return matrix[images] if gt.queries == gt.images else fuse([p.rows_of(images) for p in parts], spec.fusion)
+
         params = {"hybrid": spec.to_dict(), **{c.name: c.params.to_dict() for c in cfgs}}
-    if ranks is None:
-        # Stable sort: exact ties keep database order, so results are reproducible.
-        ranks = np.argsort(-matrix, axis=1, kind="stable")
+    # Stable sort: exact ties keep database order, so results are reproducible.
+    ranks = np.argsort(-matrix, axis=1, kind="stable")
+    before_rerank = rerank_info = None
+    if check_int(rerank, "rerank", min=0):
+        before_rerank = evaluate(ranks, gt)
+        # A hybrid verifies with its first member's verification features.
+        first = cfgs[0]
+        vcfg = first.verify_config() or first
+        if vcfg is first:
+            verifying = parts[0]
+        else:
+            verifying = _dataset_features(
+                gt, vcfg, data=data, codebook=None, model=None, cache=None, workers=workers, device=device
+            )
+            timings["verify_features_s"] = verifying.timings["extract_s"] + verifying.timings["codebook_s"]
+        try:
+            ranks, rerank_info = _rerank_ranks(verifying, gt, matrix, ranks, rerank, n_expand=expand, rows_of=rows_of)
+        finally:
+            if verifying is not parts[0]:
+                verifying.store.close()
+        rerank_info["features"] = vcfg.name
+        timings["verify_s"] = rerank_info["seconds"]
+    for p in parts:
+        p.store.close()
     metrics = evaluate(ranks, gt)
     result = {
         **metrics,
@@ -1554,32 +1760,26 @@ def _check_hybrid_options(preset: str, **options: Any) -> None:
         )
 
 
-def _dataset_matrix(
-    gt,
-    cfg: PipelineConfig,
-    *,
-    data,
-    codebook,
-    model,
-    cache,
-    workers,
-    device,
-    rerank,
-    regions,
-    whole_image,
-    ray,
-    ray_cpus,
-    expand=0,
-):
-    """Query x database similarities of one (non-hybrid) preset on a data set.
+@dataclasses.dataclass
+class _DatasetFeatures:
+    """One preset's features and codebook on an evaluation data set (:func:`_dataset_features`),
+    and, from :func:`_dataset_matrix`, its query x database similarities."""
 
-    Returns (float32 ``[Q, N]`` matrix, where the codebook came from, failed (name, reason)
-    pairs, timings, (re-ranked int64 ``[Q, N]`` ranks, metrics before re-ranking, re-ranking
-    summary) or three Nones without ``rerank``).
-    """
-    from .evaluate import evaluate
-    from .search import similarity_matrix
+    store: FeatureStore
+    have: set
+    db: list
+    describe: Callable[[Sequence[str]], list]
+    codebook: Codebook
+    trained_on: str
+    failed: list
+    timings: dict
+    matrix: np.ndarray | None = None
+    rows_of: Callable[[np.ndarray], np.ndarray] | None = None
 
+
+def _dataset_features(gt, cfg: PipelineConfig, *, data, codebook, model, cache, workers, device) -> _DatasetFeatures:
+    """The features of every image of a data set (extracted or cached) and the codebook
+    (given, cached or trained on the database images' descriptors)."""
     root = Path(gt.root)
     all_names = list(dict.fromkeys(gt.images + gt.queries))
     paths = [root / n for n in all_names]
@@ -1621,12 +1821,27 @@ def _dataset_matrix(
     if codebook is None and feats.codebook is None:
         n_desc = sum(len(d) for d in db)
         source = f"the evaluated images' descriptors ({n_desc} from {len(gt.images)} images; {source})"
-    trained_on = source
     timings["codebook_s"] = time.perf_counter() - t0
+    return _DatasetFeatures(store, have, db, descriptors, cb, source, [tuple(f) for f in failed], timings)
 
+
+def _dataset_matrix(
+    gt, cfg: PipelineConfig, *, data, codebook, model, cache, workers, device, regions, whole_image, ray, ray_cpus
+) -> _DatasetFeatures:
+    """:func:`_dataset_features` with the query x database similarities of one
+    (non-hybrid) preset (``matrix``, float32 ``[Q, N]``) and ``rows_of(positions)``: the
+    rows (float32 ``[E, N]``) of database images used as queries. The caller closes
+    ``store``."""
+    from .search import similarity_matrix
+
+    out = _dataset_features(
+        gt, cfg, data=data, codebook=codebook, model=model, cache=cache, workers=workers, device=device
+    )
+    db, descriptors = out.db, out.describe
     t0 = time.perf_counter()
-    cb = _on_device(cb, device)
-    db_regions = _regions(regions, gt.images, store, whole_image)
+    cb = _on_device(out.codebook, device)
+    db_regions = _regions(regions, gt.images, out.store, whole_image)
+    index = None
     if ray is not None:
         if db_regions is not None:
             raise ArgumentError("--ray: not with --regions")
@@ -1648,52 +1863,33 @@ def _dataset_matrix(
     else:
         index = Index(cb, cfg.params)
         index.add(db, regions=db_regions)
-        queries = descriptors(gt.queries)
-        matrix = index.similarity_matrix(queries)
-    timings["search_s"] = time.perf_counter() - t0
-    ranks = before_rerank = rerank_info = None
-    if check_int(rerank, "rerank", min=0):
-        # Stable sort: exact ties keep database order, so results are reproducible.
-        before_rerank = evaluate(np.argsort(-matrix, axis=1, kind="stable"), gt)
-        # Query expansion's rows: database images used as queries.
-        if gt.queries == gt.images:
+        matrix = index.similarity_matrix(descriptors(gt.queries))
+    out.timings["search_s"] = time.perf_counter() - t0
+    out.matrix = matrix
+    if gt.queries == gt.images:
 
-            def rows_of(images: np.ndarray) -> np.ndarray:
-                return matrix[images]
-        else:
+        def rows_of(images: np.ndarray) -> np.ndarray:
+            return matrix[images]
+    else:
 
-            def rows_of(images: np.ndarray) -> np.ndarray:
-                return index.similarity_matrix(descriptors([gt.images[i] for i in images]))
+        def rows_of(images: np.ndarray) -> np.ndarray:
+            return index.similarity_matrix(descriptors([gt.images[i] for i in images]))
 
-        ranks, rerank_info = _rerank_ranks(
-            cb,
-            store,
-            have,
-            gt,
-            db,
-            descriptors,
-            matrix,
-            np.argsort(-matrix, axis=1, kind="stable"),
-            rerank,
-            n_expand=expand,
-            rows_of=rows_of,
-        )
-        timings["verify_s"] = rerank_info["seconds"]
-    store.close()
-    return matrix, trained_on, [tuple(f) for f in failed], timings, (ranks, before_rerank, rerank_info)
+    out.rows_of = rows_of
+    return out
 
 
-def _rerank_ranks(
-    cb: Codebook, store: FeatureStore, have: set, gt, db, describe, matrix, ranks, top: int, *, n_expand: int, rows_of
-):
-    """Evaluation rankings with their top ``top`` re-ranked by spatial verification, then
-    (``n_expand`` > 0) expanded, and a summary (settings, seconds to build the geometry,
-    to verify and to expand, verified candidates). ``describe(names)`` gives images'
-    descriptors in the codebook's space; ``rows_of(positions)`` the dense score rows
-    (float32 [E, N]) of database images used as queries."""
+def _rerank_ranks(verifying: _DatasetFeatures, gt, matrix, ranks, top: int, *, n_expand: int, rows_of):
+    """Evaluation rankings with their top ``top`` re-ranked by spatial verification on the
+    features, keypoints and codebook of ``verifying``, then (``n_expand`` > 0) expanded,
+    and a summary (settings, seconds to build the geometry, to verify and to expand,
+    verified candidates). ``rows_of(positions)`` gives the dense score rows (float32
+    [E, N]) of database images used as queries."""
     from .evaluate import evaluate
     from .geometry import GeometryStore, feature_words
     from .verify import Reranked, VerifyOptions, expand, rerank
+
+    store, have, cb, db = verifying.store, verifying.have, verifying.codebook, verifying.db
 
     def keypoints(names):
         return [store.get(n).keypoints if n in have else None for n in names]
@@ -1704,7 +1900,7 @@ def _rerank_ranks(
     geometry = GeometryStore.from_features(cb, db, db_kp)
     same = gt.queries == gt.images
     q_kp = db_kp if same else keypoints(gt.queries)
-    q_desc = db if same else describe(gt.queries)
+    q_desc = db if same else verifying.describe(gt.queries)
     q_words, q_sigs = feature_words(
         cb, [d if k is not None else d[:0] for d, k in zip(q_desc, q_kp)], m=options.query_m
     )
