@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from asmkit.features.factory import extraction_settings, feature_options  # noqa
 from asmkit.pipeline import (  # noqa: E402
     MIN_POINTS_PER_WORD,
     TRAIN_POINTS_PER_WORD,
+    _image_set_key,
     _training_sample,
     build_index,
     compute_scores,
@@ -227,3 +229,13 @@ def test_bad_override_is_an_argument_error():
         load_config("sift", codebook_size="lots")
     assert load_config("sift").codebook_size_chosen is False
     assert load_config("sift", codebook_size=64).codebook_size_chosen is True
+
+
+def test_an_image_set_spelled_relative_or_absolute_shares_its_cache_keys(tmp_path, monkeypatch):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.jpg").write_bytes(b"x" * 10)
+    monkeypatch.chdir(tmp_path)
+    relative = _image_set_key([Path("images/a.jpg")])
+    assert relative == _image_set_key([tmp_path / "images" / "a.jpg"])
+    (tmp_path / "images" / "a.jpg").write_bytes(b"x" * 11)
+    assert _image_set_key([Path("images/a.jpg")]) != relative

@@ -70,14 +70,15 @@ _VERIFY = "verify"  # the verification features' store, codebook and extractor (
 
 
 def _image_set_key(paths: Sequence[Path]) -> str:
-    """SHA-256 of every image's path and size: two image sets never share a learned whitening."""
+    """SHA-256 of every image's absolute path and size: two image sets never share a learned
+    whitening, and one set spelled from another working directory still finds its own."""
     digest = hashlib.sha256()
     for path in paths:
         try:
             size = os.stat(path).st_size
         except OSError:
             size = -1  # unreadable now; extraction reports it
-        digest.update(f"{path}\0{size}\n".encode("utf-8", "surrogateescape"))
+        digest.update(f"{Path(path).resolve()}\0{size}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 
