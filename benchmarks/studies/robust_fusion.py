@@ -17,6 +17,9 @@ standard deviation, ``robust`` by its median and median absolute deviation):
 
 - ``score``, ``rank``, ``robust``: :func:`asmkit.hybrid.fuse` (the shipped fusions).
 - ``max-z``, ``max-robust``: per candidate, the largest member's standardised score.
+- ``robust + max-robust``: the robust sum plus that largest score (the confident member
+  counted twice); ``lse-robust``: log(exp(z_a) + exp(z_b)) of the robust scores, a soft
+  maximum.
 - ``minmax``: rows scaled to [0, 1], summed.
 - ``tail-z-K``: standardised by the mean and deviation of the scores below the top K.
 - ``qalf-z``, ``qalf-minmax``, ``qalf-robust``: query-adaptive late fusion (Zheng et al.,
@@ -87,6 +90,8 @@ def rules(a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
         "robust": fuse([a, b], "robust"),
         "max-z": np.maximum(_z(a), _z(b)),
         "max-robust": np.maximum(_robust(a), _robust(b)),
+        "robust + max-robust": _robust(a) + _robust(b) + np.maximum(_robust(a), _robust(b)),
+        "lse-robust": np.logaddexp(_robust(a), _robust(b)),
         "minmax": _minmax(a) + _minmax(b),
         **{f"tail-z-{k}": _tail_z(a, k) + _tail_z(b, k) for k in (5, 10, 20, 50)},
         "qalf-z": weighted(_auc_weight, _z),
