@@ -45,6 +45,25 @@ def test_robust_fusion_centres_on_the_median_and_scales_by_the_mad():
     np.testing.assert_allclose(fuse([np.ones((1, 5))], "robust"), 0)
 
 
+def test_robust_max_fusion_adds_the_largest_standardised_score():
+    rng = np.random.default_rng(3)
+    a, b, c = rng.normal(size=(4, 30)), 5 * rng.normal(size=(4, 30)) + 2, rng.gamma(1.0, size=(4, 30))
+
+    def standardised(m):
+        med = np.median(m, axis=1, keepdims=True)
+        return (m - med) / (1.4826 * np.median(np.abs(m - med), axis=1, keepdims=True))
+
+    z = [standardised(m) for m in (a, b, c)]
+    reference = z[0] + z[1] + z[2] + np.maximum(np.maximum(z[0], z[1]), z[2])
+    np.testing.assert_allclose(fuse([a, b, c], "robust_max"), reference, rtol=1e-5, atol=1e-5)
+    # A member sure of one candidate keeps it first though the other scores it as noise.
+    sure, noise = np.zeros((1, 20)), rng.normal(size=(1, 20))
+    sure[0, :10] = rng.normal(scale=0.01, size=10)
+    sure[0, 7] = 50.0
+    noise[0, 7] = noise.min()
+    assert fuse([sure, noise], "robust_max")[0].argmax() == 7
+
+
 def test_rank_fusion_is_reciprocal_rank():
     a = np.array([[0.9, 0.1, 0.2]])
     b = np.array([[0.2, 0.1, 0.5]])
@@ -72,7 +91,7 @@ def test_bad_fusion_input(bad):
 
 def test_shipped_hybrid_presets():
     spec = hybrid_spec("hybrid")
-    assert spec.members == ("sift", "deep_rot") and spec.fusion == "robust" and spec.fusion in FUSIONS
+    assert spec.members == ("sift", "deep_rot") and spec.fusion == "robust_max" and spec.fusion in FUSIONS
     assert hybrid_spec("hybrid_rank").fusion == "rank"
     assert hybrid_spec("hybrid_fast").members == ("sift", "deep")
     assert hybrid_spec("sift") is None and hybrid_spec("no-such-preset") is None

@@ -133,8 +133,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--members", nargs=2, default=["sift", "deep_rot"])
     args = parser.parse_args(argv)
-    # Absolute, as the cache keys of a learned whitening name the images by path.
-    args.data = str(Path(args.data).resolve())
     gt = load_ground_truth(args.data)
     args.out.mkdir(parents=True, exist_ok=True)
     members = {}

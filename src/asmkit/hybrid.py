@@ -5,7 +5,7 @@ A hybrid preset is a TOML file of ``asmkit/presets`` with a ``[hybrid]`` table i
 
     [hybrid]
     members = ["sift", "deep_rot"]   # presets, each with its own codebook and inverted file
-    fusion = "score"                 # or "rank"
+    fusion = "robust_max"            # or "score", "robust", "rank"
 
 The pipeline (:mod:`asmkit.pipeline`) computes one query x database similarity matrix per
 member and hands them to :func:`fuse`:
@@ -22,6 +22,12 @@ member and hands them to :func:`fuse`:
   most for the member that separates them best; so a member whose matches stand far out
   of its noise (SIFT on hard copies) is no longer flattened to the level of one whose
   scores are spread (deep features on edits they do not survive).
+- ``robust_max``: the ``robust`` sum plus, per candidate, the largest of the members'
+  standardised scores. A candidate that one member is sure of and the other scores as
+  noise (a hard copy that only SIFT survives, a blurred one that only deep features
+  survive) then keeps most of its lead, while candidates both members rank high still
+  add up; on the hard copies it loses less to the better member than ``robust``, at a
+  small cost on upright photos (docs/robustness.md).
 - ``rank``: reciprocal rank fusion, ``sum_m 1 / (RRF_K + rank_m)`` with ranks from 1; it
   ignores score magnitudes altogether.
 
@@ -41,7 +47,7 @@ from .params import preset_names, preset_table
 __all__ = ["FUSIONS", "MAD_TO_STD", "RRF_K", "HybridSpec", "fuse", "hybrid_spec"]
 
 #: Fusion methods of :func:`fuse`.
-FUSIONS = ("score", "robust", "rank")
+FUSIONS = ("score", "robust", "robust_max", "rank")
 #: The median absolute deviation of normal data times this is its standard deviation.
 MAD_TO_STD = 1.4826
 #: The constant of reciprocal rank fusion (Cormack et al., SIGIR 2009): it damps the weight
@@ -94,6 +100,17 @@ def hybrid_spec(preset: str | None) -> HybridSpec | None:
     return HybridSpec(table.get("members", ()), table.get("fusion", "score"))
 
 
+def _robust_rows(m: np.ndarray) -> np.ndarray:
+    """float64 ``[Q, N]``: each row of ``m`` minus its median, over its MAD times
+    :data:`MAD_TO_STD`."""
+    median = np.median(m, axis=1, keepdims=True)
+    scale = MAD_TO_STD * np.median(np.abs(m - median), axis=1, keepdims=True)
+    # More than half the row tied: its deviation is the only spread there is.
+    scale = np.where(scale > 0, scale, m.std(axis=1, keepdims=True))
+    # A constant row (an image without features) carries no evidence.
+    return np.divide(m - median, scale, out=np.zeros_like(m), where=scale > 0)
+
+
 def fuse(matrices: Sequence[np.ndarray], fusion: str = "score") -> np.ndarray:
     """Fuse per-member similarity matrices of the same queries and database.
 
@@ -102,7 +119,7 @@ def fuse(matrices: Sequence[np.ndarray], fusion: str = "score") -> np.ndarray:
     matrices : sequence of numpy.ndarray
         Float ``[Q, N]`` each, row q = query q, column j = database image j, higher = more
         similar; all of one shape.
-    fusion : {"score", "robust", "rank"}
+    fusion : {"score", "robust", "robust_max", "rank"}
         See the module docstring.
 
     Returns
@@ -122,17 +139,16 @@ def fuse(matrices: Sequence[np.ndarray], fusion: str = "score") -> np.ndarray:
     if any(m.ndim != 2 or m.shape != mats[0].shape for m in mats):
         raise ArgumentError(f"matrices: expected 2-D matrices of one shape, got {[m.shape for m in mats]}")
     out = np.zeros(mats[0].shape, np.float64)
+    if fusion == "robust_max":
+        rows = [_robust_rows(m) for m in mats]
+        return (np.sum(rows, axis=0) + np.max(rows, axis=0)).astype(np.float32)
     for m in mats:
         if fusion == "score":
             std = m.std(axis=1, keepdims=True)
             # A constant row (an image without features) carries no evidence.
             out += np.divide(m - m.mean(axis=1, keepdims=True), std, out=np.zeros_like(m), where=std > 0)
         elif fusion == "robust":
-            median = np.median(m, axis=1, keepdims=True)
-            scale = MAD_TO_STD * np.median(np.abs(m - median), axis=1, keepdims=True)
-            # More than half the row tied: its deviation is the only spread there is.
-            scale = np.where(scale > 0, scale, m.std(axis=1, keepdims=True))
-            out += np.divide(m - median, scale, out=np.zeros_like(m), where=scale > 0)
+            out += _robust_rows(m)
         else:
             # Stable ordering, so that exact ties keep database order as elsewhere.
             order = np.argsort(-m, axis=1, kind="stable")
