@@ -45,6 +45,47 @@ def test_rotations_make_deep_features_invariant_to_quarter_turns():
     np.testing.assert_allclose(b.keypoints[order_b, :2], expected, atol=1e-3)
 
 
+def test_any_angle_turns_onto_a_grey_canvas_and_maps_points_back():
+    torch = pytest.importorskip("torch")
+    from asmkit.features.deep import _rotate
+
+    h, w = 24, 40
+    x = torch.zeros(1, 3, h, w)
+    x[..., 5:8, 30:33] = 1.0
+    # Through the resampling path a quarter turn is torch.rot90's (counter-clockwise).
+    turned, frame, back = _rotate(x, 90, h, w)
+    assert frame == (w, h)
+    np.testing.assert_allclose(turned.numpy(), torch.rot90(x, 1, dims=(-2, -1)).numpy(), atol=1e-5)
+    turned, frame, back = _rotate(x, 30, h, w)
+    # The canvas holds the whole image, grey outside it.
+    assert frame[0] >= h * np.cos(np.pi / 6) + w * 0.5 - 1 and frame[1] >= w * np.cos(np.pi / 6) + h * 0.5 - 1
+    assert turned[0, :, 0, 0].tolist() == pytest.approx([0.5] * 3)
+    # The bright patch's centre in the canvas maps back to its centre in the image.
+    ys, xs = np.nonzero(turned[0, 0].numpy() > 0.75)
+    px, py, inside = back(torch.tensor([xs.mean() + 0.5]), torch.tensor([ys.mean() + 0.5]))
+    assert bool(inside[0]) and abs(px.item() - 31.5) < 1.0 and abs(py.item() - 6.5) < 1.0
+    # Counter-clockwise: a point right of the centre moves up.
+    assert ys.mean() + 0.5 < frame[0] / 2
+    assert not bool(back(torch.tensor([0.5]), torch.tensor([0.5]))[2][0])
+
+
+def test_features_at_any_angle_keep_their_keypoints_in_the_image():
+    pytest.importorskip("torch")
+    from asmkit.features.factory import deep_extractor
+
+    img = _photo()
+    h, w = img.shape[:2]
+    ext = deep_extractor(rotations=[0, 45, 135], nfeat=200)
+    feats = ext.extract(img)
+    kp = feats.keypoints
+    # The upright pass has 48 tokens; the turned ones add those of their canvas in the image.
+    assert 48 < len(kp) <= 200
+    assert (kp[:, 0] >= 0).all() and (kp[:, 0] < w).all() and (kp[:, 1] >= 0).all() and (kp[:, 1] < h).all()
+    # The upright pass's tokens are among them, at their own centres.
+    upright = deep_extractor(rotations=[0], nfeat=200).extract(img)
+    assert {tuple(p) for p in np.round(upright.keypoints[:, :2], 2)} <= {tuple(p) for p in np.round(kp[:, :2], 2)}
+
+
 def test_plain_deep_features_are_not_rotation_invariant():
     pytest.importorskip("torch")
     from asmkit.features.factory import deep_extractor
@@ -55,7 +96,7 @@ def test_plain_deep_features_are_not_rotation_invariant():
     assert np.abs(np.sort(a.attention) - np.sort(b.attention)).max() > 1e-3
 
 
-@pytest.mark.parametrize("bad", [[45], [0, 0], [], "90", [True]])
+@pytest.mark.parametrize("bad", [[360], [-45], [0, 0], [], "90", [True], [22.5]])
 def test_bad_rotations_are_argument_errors(bad):
     with pytest.raises(ArgumentError, match="rotations"):
         feature_options({"type": "deep", "rotations": bad})

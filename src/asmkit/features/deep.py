@@ -29,7 +29,7 @@ import hashlib
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -359,11 +359,14 @@ class DeepExtractor:
         Inference scales, relative to the image after the ``max_size`` downscale; HOW uses
         (2.0, 1.414, 1.0, 0.707, 0.5, 0.353, 0.25).
     rotations : sequence of int, default (0,)
-        Counter-clockwise rotations in degrees, each one of 0, 90, 180, 270: the image is
+        Counter-clockwise rotations in whole degrees, distinct, in [0, 360): the image is
         also run rotated by each, and the features of every rotation and scale compete in
         one top-``nfeat`` selection (keypoints mapped back to the unrotated image). The
         backbone is not rotation invariant; this makes an image match its rotated copies,
-        at one forward pass per rotation and scale.
+        at one forward pass per rotation and scale. Quarter turns are exact
+        (``torch.rot90``); other angles resample the image bilinearly onto a canvas that
+        holds all of it (grey around it), and tokens whose centre falls outside the image
+        get no attention.
     max_size : int or None, default 1024
         Images are downscaled so that their longer side is at most this (never upscaled).
     device : str, default "cpu"
@@ -413,12 +416,14 @@ class DeepExtractor:
             raise ArgumentError(f"scales: expected a sequence of positive numbers, got {scales!r}") from None
         if not scales or any(not np.isfinite(s) or s <= 0 for s in scales):
             raise ArgumentError(f"scales: expected a non-empty sequence of positive numbers, got {scales!r}")
-        try:
-            rotations = tuple(int(r) for r in rotations)
-        except (TypeError, ValueError):
-            raise ArgumentError(f"rotations: expected a sequence of 0, 90, 180, 270, got {rotations!r}") from None
-        if not rotations or any(r not in (0, 90, 180, 270) for r in rotations) or len(set(rotations)) != len(rotations):
-            raise ArgumentError(f"rotations: expected distinct values among 0, 90, 180, 270, got {rotations!r}")
+        if (
+            isinstance(rotations, str)
+            or not rotations
+            or any(isinstance(r, bool) or not isinstance(r, (int, np.integer)) or not 0 <= r < 360 for r in rotations)
+            or len(set(rotations)) != len(rotations)
+        ):
+            raise ArgumentError(f"rotations: expected distinct whole degrees in [0, 360), got {rotations!r}")
+        rotations = tuple(int(r) for r in rotations)
         if max_size is not None and (isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 16):
             raise ArgumentError(f"max_size: expected an int >= 16 or None, got {max_size!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -626,11 +631,18 @@ class DeepExtractor:
         per_scale = []
         spoc = None
         for rotation in self.rotations:
-            turns = rotation // 90
-            x = torch.rot90(x0, turns, dims=(-2, -1)) if turns else x0
-            # The input image's size as seen in this rotation's frame.
-            rot_h, rot_w = (in_w, in_h) if turns % 2 else (in_h, in_w)
-            spoc = self._extract_rotation(x, rot_h, rot_w, turns, in_h, in_w, postwhiten, per_scale, spoc)
+            if rotation % 90:
+                x, frame, back = _rotate(x0, rotation, in_h, in_w)
+            else:
+                turns = rotation // 90
+                x = torch.rot90(x0, turns, dims=(-2, -1)) if turns else x0
+                # The input image's size as seen in this rotation's frame.
+                frame = (in_w, in_h) if turns % 2 else (in_h, in_w)
+
+                def back(cx, cy, turns=turns):
+                    return (*_unrotate(cx, cy, turns, in_h, in_w), None)
+
+            spoc = self._extract_rotation(x, frame, back, postwhiten, per_scale, spoc)
         feat = torch.cat([p[0] for p in per_scale], dim=1)
         attn = torch.cat([p[1] for p in per_scale], dim=1)
         kpts = torch.cat([p[2] for p in per_scale], dim=1)
@@ -649,19 +661,20 @@ class DeepExtractor:
     def _extract_rotation(
         self,
         x: torch.Tensor,
-        rot_h: int,
-        rot_w: int,
-        turns: int,
-        in_h: int,
-        in_w: int,
+        frame: tuple[int | float, int | float],
+        back: Callable,
         postwhiten: bool,
         per_scale: list,
         spoc: torch.Tensor | None,
     ) -> torch.Tensor | None:
-        """Run every scale on ``x`` (float ``[B, 3, h, w]``, rotated by ``turns`` quarter
-        turns); append each scale's top (features, attention, keypoints) to ``per_scale`` and
-        return ``spoc`` plus this rotation's weighted feature sums."""
+        """Run every scale on ``x`` (float ``[B, 3, h, w]``, the image in one rotation's
+        frame, of size ``frame`` (height, width) in the pixels of the image given to
+        ``extract``); append each scale's top (features, attention, keypoints) to
+        ``per_scale`` and return ``spoc`` plus this rotation's weighted feature sums.
+        ``back(cx, cy)`` maps frame points to the unrotated image: ``(x, y, inside)``,
+        ``inside`` a bool mask of the points in the image, or None when all are."""
         base_h, base_w = x.shape[-2:]
+        rot_h, rot_w = frame
         for scale in self.scales:
             hs, ws = self._scale_size(base_h, base_w, scale)
             xs = x if (hs, ws) == (base_h, base_w) else _resize(x, (hs, ws))
@@ -670,18 +683,26 @@ class DeepExtractor:
             out = out.float()
             grid_h, grid_w = _grid(out, hs, ws, getattr(self.backbone, "patch_size", None))
             feat, attn = self.head(out, postwhiten=postwhiten)
+            cell_x, cell_y = rot_w / grid_w, rot_h / grid_h
+            every = torch.arange(grid_h * grid_w, device=attn.device)
+            _, _, inside = back(((every % grid_w).float() + 0.5) * cell_x, ((every // grid_w).float() + 0.5) * cell_y)
+            if inside is not None:
+                # Tokens of the canvas around a resampled image describe the grey fill.
+                attn = attn * inside.to(attn.dtype)
             if postwhiten:
                 part = (feat * attn.unsqueeze(-1)).sum(dim=1)
                 spoc = part if spoc is None else spoc + part
             # Keep this scale's top candidates only: no more can survive the final selection.
             k = resolve_nfeat(self.nfeat, feat.shape[1])
+            if inside is not None:
+                # Every image of a batch has one size, so one count of tokens in the image.
+                k = min(k, int(inside.sum()))
             top_attn, idx = torch.topk(attn, k, dim=1)
             top_feat = torch.gather(feat, 1, idx.unsqueeze(-1).expand(-1, -1, feat.shape[2]))
             # Token centres in the pixels of the image given to extract().
-            cell_x, cell_y = rot_w / grid_w, rot_h / grid_h
             cx = ((idx % grid_w).float() + 0.5) * cell_x
             cy = ((idx // grid_w).float() + 0.5) * cell_y
-            cx, cy = _unrotate(cx, cy, turns, in_h, in_w)
+            cx, cy, _ = back(cx, cy)
             size = torch.full_like(cx, (cell_x * cell_y) ** 0.5)
             kpts = torch.stack([cx, cy, size, torch.zeros_like(cx)], dim=-1)
             per_scale.append((top_feat, top_attn, kpts))
@@ -708,6 +729,46 @@ def _unrotate(cx: torch.Tensor, cy: torch.Tensor, turns: int, in_h: int, in_w: i
     if turns == 3:
         return cy, in_h - cx
     return cx, cy
+
+
+def _rotate(x: torch.Tensor, degrees: int, in_h: int, in_w: int) -> tuple[torch.Tensor, tuple, Callable]:
+    """``x`` (float ``[B, 3, h, w]`` in [0, 1]: the ``in_h x in_w`` input, maybe downscaled)
+    turned ``degrees`` counter-clockwise onto a canvas that holds all of it, grey around it;
+    the canvas's size (height, width) in input pixels; and the map back: canvas points
+    ``(cx, cy)`` in input pixels to ``(x, y, inside)`` in the unrotated input."""
+    h, w = x.shape[-2:]
+    theta = np.deg2rad(degrees)
+    cos, sin = float(np.cos(theta)), float(np.sin(theta))
+
+    def canvas(height: float, width: float) -> tuple[float, float]:
+        return abs(width * sin) + abs(height * cos), abs(width * cos) + abs(height * sin)
+
+    def turn_back(cx, cy, height, width):
+        # Inverse of turning about the centres, y pointing down.
+        out_h, out_w = canvas(height, width)
+        u, v = cx - out_w / 2, cy - out_h / 2
+        px, py = cos * u - sin * v + width / 2, sin * u + cos * v + height / 2
+        return px, py, (px >= 0) & (px < width) & (py >= 0) & (py < height)
+
+    out_h, out_w = (max(1, int(np.ceil(side - 1e-6))) for side in canvas(h, w))
+    ys, xs = torch.meshgrid(
+        torch.arange(out_h, device=x.device, dtype=torch.float32) + 0.5,
+        torch.arange(out_w, device=x.device, dtype=torch.float32) + 0.5,
+        indexing="ij",
+    )
+    # The canvas's pixel centres, shifted by the rounding of its size.
+    px, py, _ = turn_back(xs - (out_w - canvas(h, w)[1]) / 2, ys - (out_h - canvas(h, w)[0]) / 2, h, w)
+    grid = torch.stack([2 * px / w - 1, 2 * py / h - 1], dim=-1).expand(x.shape[0], -1, -1, -1)
+    # Zero padding of x minus grey: outside the image the canvas is grey once it is added back.
+    turned = F.grid_sample(x - 0.5, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + 0.5
+    # The canvas in input pixels: the rounded tensor canvas scaled back.
+    frame = (out_h * in_h / h, out_w * in_w / w)
+
+    def back(cx: torch.Tensor, cy: torch.Tensor):
+        exact_h, exact_w = canvas(in_h, in_w)
+        return turn_back(cx - (frame[1] - exact_w) / 2, cy - (frame[0] - exact_h) / 2, in_h, in_w)
+
+    return turned, frame, back
 
 
 def _scaled_hw(h: int, w: int, scale: float) -> tuple[int, int]:

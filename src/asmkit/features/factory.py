@@ -8,8 +8,8 @@ A ``[features]`` table names an extractor ``type`` and its options:
   depends on the extraction settings alone and presets that differ only in whitening share
   it.
 - ``deep``: EfficientNet-Lite0 (offline ImageNet weights) and the training-free head; the
-  whitening is learned into the head. ``rotations`` (degrees among 0, 90, 180, 270) runs
-  every image at each rotation and keeps the top features over all of them. Options left out take the values of the ``deep``
+  whitening is learned into the head. ``rotations`` (distinct whole degrees in [0, 360))
+  runs every image at each rotation and keeps the top features over all of them. Options left out take the values of the ``deep``
   preset, so that :func:`deep_extractor` and ``--preset deep`` agree.
 - ``mast3r``: a MASt3R retrieval checkpoint (``--model``), with its codebook.
 
@@ -127,9 +127,9 @@ def feature_options(features: Mapping[str, Any]) -> dict[str, Any]:
         not isinstance(rotations, (list, tuple))
         or not rotations
         or len(set(rotations)) != len(rotations)
-        or any(isinstance(r, bool) or r not in (0, 90, 180, 270) for r in rotations)
+        or any(isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < 360 for r in rotations)
     ):
-        raise ArgumentError(f"features.rotations: expected distinct values among 0, 90, 180, 270, got {rotations!r}")
+        raise ArgumentError(f"features.rotations: expected distinct whole degrees in [0, 360), got {rotations!r}")
     if "device" in options and not isinstance(options["device"], str):
         raise ArgumentError(f"features.device: expected a string such as 'cpu' or 'cuda', got {options['device']!r}")
     return options
