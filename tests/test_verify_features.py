@@ -34,7 +34,7 @@ def by_sift(tmp_path):
 
 
 def test_deep_presets_verify_with_sift():
-    for name in ("deep", "deep_rot", "mast3r"):
+    for name in ("deep", "deep_rot", "deep_rot45", "mast3r"):
         assert load_config(name).verify == "sift"
         assert load_config(name).verify_config().name == "sift"
     assert load_config("sift").verify is None and load_config("sift").verify_config() is None
