@@ -293,3 +293,11 @@ def test_a_shallow_copy_is_a_snapshot_that_an_add_leaves_alone():
     got = snapshot.search(query, query_ids, k=8)
     np.testing.assert_array_equal(got[1], expected[1])
     np.testing.assert_array_equal(got[0], expected[0])
+
+
+def test_keys_of_names_images_by_id(data, centroids40):
+    index = Index(Codebook(centroids40), Params())
+    index.add(data[0][:4], [10, 20, 30, 40], keys=["a", "b", "c", "d"])
+    assert index.keys_of([30, 10, 30]) == ["c", "a", "c"] and index.keys_of([]) == []
+    with pytest.raises(ArgumentError, match="ids"):
+        index.keys_of([15])

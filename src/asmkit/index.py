@@ -165,6 +165,16 @@ class Index:
         except (KeyError, TypeError):
             raise KeyError(f"key: no image named {key!r} in the index") from None
 
+    def keys_of(self, ids) -> list[str]:
+        """The names of images by id (int [n]), in that order.
+
+        Raises
+        ------
+        ArgumentError
+            An id that is not in the index.
+        """
+        return self._keys[self._slots_of(np.asarray(ids, dtype=np.int64), "ids")].tolist()
+
     # -- modification ---------------------------------------------------------------------
 
     def _check_writable(self) -> None:

@@ -815,7 +815,9 @@ def query_index(
             own = [_database_id(idx, root, Path(p)) for p, _ in queries]
 
             def rows_of(chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-                rows_scores, rows_ids = idx.search(_stored_descriptors(folder, idx, feats, chosen), k=ids.shape[1])
+                rows_scores, rows_ids = idx.search(
+                    _stored_descriptors(folder, feats, idx.keys_of(chosen)), k=ids.shape[1]
+                )
                 return rows_ids, rows_scores
 
             scores, ids, inliers = _rerank_queries(
@@ -834,10 +836,9 @@ def query_index(
                 own=own,
                 rows_of=rows_of,
             )
-        keys = idx.keys
-        position = {int(i): p for p, i in enumerate(idx.ids)}
         for row, ((shown, _), srow, irow) in enumerate(zip(queries, scores[:, :top], ids[:, :top])):
-            hits = [{"name": keys[position[int(i)]], "score": float(s)} for s, i in zip(srow, irow) if i >= 0]
+            found = irow >= 0
+            hits = [{"name": n, "score": float(s)} for n, s in zip(idx.keys_of(irow[found]), srow[found])]
             if inliers is not None:
                 for hit, count in zip(hits, inliers[row]):
                     hit["inliers"] = int(count)
@@ -926,8 +927,9 @@ def _hybrid_query(
                 chosen_names = [names[position[int(i)]] for i in chosen]
                 member_rows = []
                 for m, (feats, idx), c in zip(spec.members, opened, columns):
-                    ids_m = [idx.id_of(n) for n in chosen_names]
-                    member_rows.append(idx.similarity_matrix(_stored_descriptors(folder / m, idx, feats, ids_m))[:, c])
+                    member_rows.append(
+                        idx.similarity_matrix(_stored_descriptors(folder / m, feats, chosen_names))[:, c]
+                    )
                 grown = fuse(member_rows, spec.fusion)
                 return np.broadcast_to(id_of, grown.shape), grown
 
@@ -972,12 +974,11 @@ def _database_id(idx: Index, root: Path, path: Path) -> int:
         return -1
 
 
-def _stored_descriptors(folder: Path, idx: Index, feats: Features, ids) -> list[np.ndarray]:
-    """The descriptors (codebook space) of indexed images, by index id, from the
-    workspace's feature store."""
-    keys, position = idx.keys, {int(i): p for p, i in enumerate(idx.ids)}
+def _stored_descriptors(folder: Path, feats: Features, names: Sequence[str]) -> list[np.ndarray]:
+    """The descriptors (codebook space) of indexed images, by name, from the workspace's
+    feature store."""
     with FeatureStore(folder / "features.h5", None) as store:
-        return [feats.descriptors(store.get(keys[position[int(i)]]).descriptors) for i in ids]
+        return [feats.descriptors(store.get(n).descriptors) for n in names]
 
 
 def _rerank_queries(
