@@ -14,7 +14,16 @@ from cli_json import run_json  # noqa: E402
 import asmkit.pipeline as pipeline  # noqa: E402
 from asmkit._validation import ArgumentError  # noqa: E402
 from asmkit.demo import build_demo_set  # noqa: E402
-from asmkit.hybrid import FUSIONS, RRF_K, HybridSpec, fuse, hybrid_spec  # noqa: E402
+from asmkit.hybrid import (  # noqa: E402
+    COLUMN_SAMPLE,
+    FUSIONS,
+    RRF_K,
+    HybridSpec,
+    column_sample,
+    column_stats,
+    fuse,
+    hybrid_spec,
+)
 from asmkit.index import Index  # noqa: E402
 from asmkit.pairs import SparseScores  # noqa: E402
 from asmkit.storage import StorageError  # noqa: E402
@@ -64,6 +73,64 @@ def test_robust_max_fusion_adds_the_largest_standardised_score():
     assert fuse([sure, noise], "robust_max")[0].argmax() == 7
 
 
+def _mutual_reference(m, sample_rows, sample):
+    """A loop-by-loop twin of mutual_max's per-member score: min(row z, column z)."""
+    out = np.empty_like(m)
+    for q in range(m.shape[0]):
+        med = np.median(m[q])
+        row_scale = 1.4826 * np.median(np.abs(m[q] - med))
+        for j in range(m.shape[1]):
+            others = np.array([sample_rows[s, j] for s in range(len(sample)) if sample[s] != j])
+            col_med = np.median(others)
+            col_scale = 1.4826 * np.median(np.abs(others - col_med))
+            out[q, j] = min((m[q, j] - med) / row_scale, (m[q, j] - col_med) / col_scale)
+    return out
+
+
+def test_mutual_max_standardises_by_row_and_by_column():
+    rng = np.random.default_rng(5)
+    n = 25
+    fulls = [rng.gamma(2.0, size=(n, n)), rng.normal(size=(n, n)) ** 2]
+    queries = [3, 7, 20]
+    sample = np.array([0, 4, 9, 13, 18, 24])
+    columns = [column_stats(f[sample], sample) for f in fulls]
+    z = [_mutual_reference(f[queries], f[sample], sample) for f in fulls]
+    expected = z[0] + z[1] + np.maximum(z[0], z[1])
+    np.testing.assert_allclose(fuse([f[queries] for f in fulls], "mutual_max", columns), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mutual_max_demotes_an_image_that_matches_everything():
+    rng = np.random.default_rng(6)
+    n, hub, match = 200, 11, 40
+    # One member scores a hub (a database image similar to every image) far above the
+    # query's true match, which both members score moderately above their noise.
+    a, b = rng.normal(size=(n, n)), rng.normal(size=(n, n))
+    b[:, hub] += 10.0
+    a[0, match] += 4.0
+    b[0, match] += 4.0
+    sample = column_sample(n)
+    columns = [column_stats(m[sample], sample) for m in (a, b)]
+    robust = fuse([a[:1], b[:1]], "robust_max")[0]
+    mutual = fuse([a[:1], b[:1]], "mutual_max", columns)[0]
+    robust[0] = mutual[0] = -np.inf  # the query itself
+    assert robust.argmax() == hub
+    # Against its own column the hub's score is ordinary; the match stands out both ways.
+    assert mutual.argmax() == match and np.argsort(-mutual).tolist().index(hub) > 5
+
+
+def test_column_sample_and_stats():
+    assert column_sample(5).tolist() == [0, 1, 2, 3, 4] and column_sample(0).size == 0
+    big = column_sample(10 * COLUMN_SAMPLE)
+    assert len(big) == COLUMN_SAMPLE and big[0] == 0 and big[-1] == 10 * COLUMN_SAMPLE - 1
+    assert np.all(np.diff(big) > 0)
+    rows = np.array([[9.0, 1.0, 1.0, 0.0], [1.0, 9.0, 3.0, 0.0]])
+    stats = column_stats(rows, np.array([0, 1]))
+    # Self-matches (9.0) left out; a column of one value falls back to its deviation, 0.
+    np.testing.assert_allclose(stats, [[1.0, 1.0, 2.0, 0.0], [0.0, 0.0, 1.4826, 0.0]])
+    with pytest.raises(ArgumentError, match="column_stats"):
+        column_stats(rows, np.array([0, 4]))
+
+
 def test_rank_fusion_is_reciprocal_rank():
     a = np.array([[0.9, 0.1, 0.2]])
     b = np.array([[0.2, 0.1, 0.5]])
@@ -82,6 +149,8 @@ def test_constant_rows_carry_no_evidence():
         dict(matrices=[]),
         dict(matrices=[np.zeros((2, 3)), np.zeros((3, 2))]),
         dict(matrices=[np.zeros((2, 3))], fusion="max"),
+        dict(matrices=[np.zeros((2, 3))], fusion="mutual_max"),
+        dict(matrices=[np.zeros((2, 3))], fusion="mutual_max", columns=[np.zeros((2, 2))]),
     ],
 )
 def test_bad_fusion_input(bad):
@@ -91,7 +160,8 @@ def test_bad_fusion_input(bad):
 
 def test_shipped_hybrid_presets():
     spec = hybrid_spec("hybrid")
-    assert spec.members == ("sift", "deep_rot") and spec.fusion == "robust_max" and spec.fusion in FUSIONS
+    assert spec.members == ("sift", "deep_rot") and spec.fusion == "mutual_max" and spec.fusion in FUSIONS
+    assert hybrid_spec("hybrid_fast").fusion == "mutual_max"
     assert hybrid_spec("hybrid_rank").fusion == "rank"
     assert hybrid_spec("hybrid_fast").members == ("sift", "deep")
     assert hybrid_spec("sift") is None and hybrid_spec("no-such-preset") is None
@@ -107,10 +177,11 @@ def demo(tmp_path_factory):
     return build_demo_set(root / "data", seed=1, photos=["astronaut", "coffee", "chelsea", "rocket"], max_size=320)
 
 
-@pytest.fixture
-def sift_pair(monkeypatch):
-    """A hybrid of the two SIFT presets, so that the pipeline seams run without torch."""
-    spec = HybridSpec(["sift", "sift_hq"], "score")
+@pytest.fixture(params=["score", "mutual_max"])
+def sift_pair(monkeypatch, request):
+    """A hybrid of the two SIFT presets, so that the pipeline seams run without torch; with
+    a row-wise fusion and with one that needs the database's column statistics."""
+    spec = HybridSpec(["sift", "sift_hq"], request.param)
     monkeypatch.setattr(pipeline, "hybrid_spec", lambda preset: spec if preset == "hybrid" else None)
     return spec
 
@@ -129,7 +200,9 @@ def test_hybrid_scores_are_the_fusion_of_the_members(demo, sift_pair, tmp_path):
     res = pipeline.compute_scores(demo / "images", out=out, preset="hybrid")
     fused = np.load(out)
     members = [np.load(res["members"][m]) for m in ("sift", "sift_hq")]
-    np.testing.assert_allclose(fused, fuse(members, "score"), atol=1e-5)
+    sample = column_sample(len(fused))
+    columns = [column_stats(m[sample], sample) for m in members]
+    np.testing.assert_allclose(fused, fuse(members, sift_pair.fusion, columns), atol=1e-5)
     assert fused.shape == (res["images"], res["images"])
     pairs = pipeline.make_pairs(out=tmp_path / "pairs.txt", scores=out, top=2)
     assert pairs["n_pairs"] > 0
@@ -145,7 +218,9 @@ def workspace(demo, sift_pair, tmp_path):
 
 def test_hybrid_index_holds_one_workspace_per_member(workspace):
     ws, summary = workspace
-    assert summary["hybrid"] == {"members": ["sift", "sift_hq"], "fusion": "score"}
+    assert summary["hybrid"]["members"] == ["sift", "sift_hq"]
+    # Column statistics are stored only for the fusion that needs them.
+    assert (ws / "columns.npz").is_file() == (summary["hybrid"]["fusion"] == "mutual_max")
     assert set(summary["codebook_size"]) == {"sift", "sift_hq"}
     for m in ("sift", "sift_hq"):
         assert pipeline.open_workspace(ws / m)[1].name == m
@@ -210,6 +285,14 @@ def test_hybrid_add_grows_every_member(demo, sift_pair, tmp_path):
     assert summary["added"] == len(photos) - 6 and summary["images"] == len(photos)
     for m in ("sift", "sift_hq"):
         assert len(Index.load(ws / m / "index.asmkit").keys) == len(photos)
+    if sift_pair.fusion == "mutual_max":
+        # The column statistics follow the grown members, and are checked against them.
+        assert np.load(ws / "columns.npz")["sift"].shape == (2, len(photos))
+        (ws / "columns.npz").unlink()
+        with pytest.raises(StorageError, match=r"columns\.npz.*--add"):
+            pipeline.query_index(ws, [photos[0]])
+        pipeline.build_index(src, out=ws, add=True)
+        assert pipeline.query_index(ws, [photos[0]], top=1)["results"][0]["results"][0]["name"] == photos[0].name
 
 
 def test_hybrid_workspace_names_a_missing_member(workspace, demo):

@@ -128,7 +128,7 @@ def test_eval_verifies_with_other_features(demo, by_sift, tmp_path):
 
 
 def test_hybrid_eval_reranks_the_fused_ranking(demo, monkeypatch, tmp_path):
-    spec = HybridSpec(["sift", "sift_hq"], "robust")
+    spec = HybridSpec(["sift", "sift_hq"], "mutual_max")
     monkeypatch.setattr(pipeline, "hybrid_spec", lambda preset: spec if preset == "hybrid" else None)
     fused = pipeline.evaluate_dataset(demo, preset="hybrid", cache=tmp_path / "c")
     ranked = pipeline.evaluate_dataset(demo, preset="hybrid", rerank=10, expand=1, cache=tmp_path / "c")

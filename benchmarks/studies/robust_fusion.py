@@ -10,12 +10,16 @@ images), and evaluates every fusion rule on them::
 
 Prints and writes ``OUT/fusion.json``: mAP (and per-family mAP where the ground truth has
 families, N-S where it has groups) of each member and rule, and each member's matrix as
-``OUT/<member>.npy``.
+``OUT/<member>.npy`` and its column statistics as ``OUT/<member>.columns.npy``.
 
 Rules (each row is one query over the database; ``z`` standardises a row by its mean and
 standard deviation, ``robust`` by its median and median absolute deviation):
 
-- ``score``, ``rank``, ``robust``: :func:`asmkit.hybrid.fuse` (the shipped fusions).
+- ``score``, ``rank``, ``robust``, ``mutual_max``: :func:`asmkit.hybrid.fuse` (the shipped
+  fusions; ``mutual_max`` with each member's column statistics over the database, as
+  ``asmkit eval`` computes them).
+- ``mutual``: ``mutual_max`` without the added maximum (the sum of the members' scores,
+  each the smaller of its row and column standardisation).
 - ``max-z``, ``max-robust``: per candidate, the largest member's standardised score.
 - ``robust + max-robust``: the robust sum plus that largest score (the confident member
   counted twice); ``lse-robust``: log(exp(z_a) + exp(z_b)) of the robust scores, a soft
@@ -46,7 +50,7 @@ import numpy as np
 from asmkit import pipeline
 from asmkit.config import load_config
 from asmkit.evaluate import evaluate, load_ground_truth
-from asmkit.hybrid import fuse
+from asmkit.hybrid import MAD_TO_STD, column_sample, column_stats, fuse
 
 
 def _z(m: np.ndarray) -> np.ndarray:
@@ -78,8 +82,10 @@ def _nth_z(m: np.ndarray, n: int) -> np.ndarray:
     return -np.sort(-_z(m), 1)[:, n : n + 1]
 
 
-def rules(a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
-    """Every fused ``[Q, N]`` matrix of the study, from two members' matrices."""
+def rules(a: np.ndarray, b: np.ndarray, columns: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Every fused ``[Q, N]`` matrix of the study, from two members' matrices and their
+    column statistics (float64 [2, N] each)."""
+    mutual = [np.minimum(_robust(m) / MAD_TO_STD, (m - c[0]) / c[1]) for m, c in zip((a, b), columns)]
 
     def weighted(weight: Callable, norm: Callable) -> np.ndarray:
         return weight(a) * norm(a) + weight(b) * norm(b)
@@ -88,6 +94,8 @@ def rules(a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
         "score": fuse([a, b], "score"),
         "rank": fuse([a, b], "rank"),
         "robust": fuse([a, b], "robust"),
+        "mutual_max": fuse([a, b], "mutual_max", columns),
+        "mutual": mutual[0] + mutual[1],
         "max-z": np.maximum(_z(a), _z(b)),
         "max-robust": np.maximum(_robust(a), _robust(b)),
         "robust + max-robust": _robust(a) + _robust(b) + np.maximum(_robust(a), _robust(b)),
@@ -106,8 +114,10 @@ def rules(a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def member_matrix(data: str, preset: str) -> np.ndarray:
-    """float32 [Q, N]: ``asmkit eval DATA --preset PRESET``'s similarities."""
+def member_matrix(data: str, preset: str) -> tuple[np.ndarray, np.ndarray]:
+    """float32 [Q, N]: ``asmkit eval DATA --preset PRESET``'s similarities, and float64
+    [2, N]: the column statistics ``asmkit eval`` gives the member in a ``mutual_max``
+    hybrid."""
     gt = load_ground_truth(data)
     out = pipeline._dataset_matrix(
         gt,
@@ -123,8 +133,10 @@ def member_matrix(data: str, preset: str) -> np.ndarray:
         ray=None,
         ray_cpus=None,
     )
+    sample = column_sample(len(gt.images))
+    columns = column_stats(out.rows_of(sample), sample)
     out.store.close()
-    return out.matrix
+    return out.matrix, columns
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -135,12 +147,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     gt = load_ground_truth(args.data)
     args.out.mkdir(parents=True, exist_ok=True)
-    members = {}
+    members, columns = {}, []
     for m in args.members:
-        members[m] = member_matrix(args.data, m).astype(np.float64)
-        np.save(args.out / f"{m}.npy", members[m].astype(np.float32))
+        matrix, stats = member_matrix(args.data, m)
+        members[m] = matrix.astype(np.float64)
+        columns.append(stats)
+        np.save(args.out / f"{m}.npy", matrix)
+        np.save(args.out / f"{m}.columns.npy", stats)
     results = {}
-    for rule, matrix in {**members, **rules(*members.values())}.items():
+    for rule, matrix in {**members, **rules(*members.values(), columns)}.items():
         metrics = evaluate(np.argsort(-matrix, axis=1, kind="stable"), gt)
         row = {"map": metrics["map"]}
         if "ns_score" in metrics:

@@ -5,7 +5,7 @@ A hybrid preset is a TOML file of ``asmkit/presets`` with a ``[hybrid]`` table i
 
     [hybrid]
     members = ["sift", "deep_rot"]   # presets, each with its own codebook and inverted file
-    fusion = "robust_max"            # or "score", "robust", "rank"
+    fusion = "mutual_max"            # or "robust_max", "score", "robust", "rank"
 
 The pipeline (:mod:`asmkit.pipeline`) computes one query x database similarity matrix per
 member and hands them to :func:`fuse`:
@@ -28,11 +28,22 @@ member and hands them to :func:`fuse`:
   survive) then keeps most of its lead, while candidates both members rank high still
   add up; on the hard copies it loses less to the better member than ``robust``, at a
   small cost on upright photos (docs/robustness.md).
+- ``mutual_max``: as ``robust_max``, but each member's score is first standardised twice,
+  against the query's scores (the row, as ``robust``) and against the database image's
+  own scores (its column: median and MAD of its similarities to a fixed sample of the
+  database, :func:`column_stats`), and the smaller of the two kept. A pair then counts
+  only as much as it stands out for both images. An image that is similar to many
+  (a textured or cluttered photo whose deep features match everything) is no longer
+  taken for a match of every query it scores high for, while a true match stands out
+  from both sides. It needs the column statistics (``columns``), which depend on the
+  database only: :mod:`asmkit.pipeline` computes them with the scores (``eval``,
+  ``scores``, ``pairs``) or stores them in the workspace (``index``).
 - ``rank``: reciprocal rank fusion, ``sum_m 1 / (RRF_K + rank_m)`` with ranks from 1; it
   ignores score magnitudes altogether.
 
-Every fusion works on each row alone, so fusing row blocks gives the rows of the fused
-matrix (how ``pairs`` and ``scores --top`` fuse without an N x N array).
+Every fusion works on each row alone (``mutual_max`` given the database's column
+statistics), so fusing row blocks gives the rows of the fused matrix (how ``pairs`` and
+``scores --top`` fuse without an N x N array).
 """
 
 from __future__ import annotations
@@ -44,10 +55,25 @@ import numpy as np
 from ._validation import ArgumentError, check_choice
 from .params import preset_names, preset_table
 
-__all__ = ["FUSIONS", "MAD_TO_STD", "RRF_K", "HybridSpec", "fuse", "hybrid_spec"]
+__all__ = [
+    "COLUMN_SAMPLE",
+    "FUSIONS",
+    "MAD_TO_STD",
+    "RRF_K",
+    "HybridSpec",
+    "column_sample",
+    "column_stats",
+    "fuse",
+    "hybrid_spec",
+    "needs_columns",
+]
 
 #: Fusion methods of :func:`fuse`.
-FUSIONS = ("score", "robust", "robust_max", "rank")
+FUSIONS = ("score", "robust", "robust_max", "mutual_max", "rank")
+#: Database images whose scores estimate every image's column statistics
+#: (:func:`column_sample`): enough for a stable median and MAD, few enough that computing
+#: them costs a few hundred queries whatever the database size.
+COLUMN_SAMPLE = 512
 #: The median absolute deviation of normal data times this is its standard deviation.
 MAD_TO_STD = 1.4826
 #: The constant of reciprocal rank fusion (Cormack et al., SIGIR 2009): it damps the weight
@@ -100,6 +126,64 @@ def hybrid_spec(preset: str | None) -> HybridSpec | None:
     return HybridSpec(table.get("members", ()), table.get("fusion", "score"))
 
 
+def needs_columns(fusion: str) -> bool:
+    """Whether :func:`fuse` needs the database's column statistics for ``fusion``."""
+    return fusion == "mutual_max"
+
+
+def column_sample(n: int) -> np.ndarray:
+    """int64 ``[min(n, COLUMN_SAMPLE)]``: evenly spaced positions of ``n`` database images,
+    ascending, whose rows :func:`column_stats` takes. Evenly spaced rather than random so
+    that every caller (``eval``, ``scores``, ``index``) picks the same images without a
+    seed."""
+    return (
+        np.unique(np.linspace(0, n - 1, min(n, COLUMN_SAMPLE)).round().astype(np.int64)) if n else np.zeros(0, np.int64)
+    )
+
+
+def column_stats(rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Each database image's centre and scale of similarity, for ``mutual_max``.
+
+    Parameters
+    ----------
+    rows : numpy.ndarray
+        Float ``[S, N]``: sample database images (queries) scored against the whole
+        database of N images.
+    positions : numpy.ndarray
+        int ``[S]``: the sample images' positions among the N; their own (self-match)
+        scores are left out.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 ``[2, N]``: per database image, the median of its scores against the sample
+        and their median absolute deviation times :data:`MAD_TO_STD` (their standard
+        deviation where that is 0; 0 where the scores are constant, a column that then
+        carries no evidence).
+
+    Raises
+    ------
+    ArgumentError
+        Rows and positions that do not match.
+    """
+    rows = np.array(rows, dtype=np.float64)
+    positions = np.asarray(positions, dtype=np.int64)
+    if rows.ndim != 2 or positions.shape != (len(rows),) or (len(positions) and positions.max() >= rows.shape[1]):
+        raise ArgumentError(
+            f"column_stats: expected [S, N] rows and S positions below N, got {rows.shape}, {positions.shape}"
+        )
+    rows[np.arange(len(rows)), positions] = np.nan
+    centre = np.nanmedian(rows, axis=0)
+    scale = MAD_TO_STD * np.nanmedian(np.abs(rows - centre), axis=0)
+    scale = np.where(scale > 0, scale, np.nanstd(rows, axis=0))
+    return np.stack([centre, scale])
+
+
+def _column_z(m: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    centre, scale = columns
+    return np.divide(m - centre, scale, out=np.zeros_like(m), where=scale > 0)
+
+
 def _robust_rows(m: np.ndarray) -> np.ndarray:
     """float64 ``[Q, N]``: each row of ``m`` minus its median, over its MAD times
     :data:`MAD_TO_STD`."""
@@ -111,7 +195,9 @@ def _robust_rows(m: np.ndarray) -> np.ndarray:
     return np.divide(m - median, scale, out=np.zeros_like(m), where=scale > 0)
 
 
-def fuse(matrices: Sequence[np.ndarray], fusion: str = "score") -> np.ndarray:
+def fuse(
+    matrices: Sequence[np.ndarray], fusion: str = "score", columns: Sequence[np.ndarray] | None = None
+) -> np.ndarray:
     """Fuse per-member similarity matrices of the same queries and database.
 
     Parameters
@@ -119,8 +205,11 @@ def fuse(matrices: Sequence[np.ndarray], fusion: str = "score") -> np.ndarray:
     matrices : sequence of numpy.ndarray
         Float ``[Q, N]`` each, row q = query q, column j = database image j, higher = more
         similar; all of one shape.
-    fusion : {"score", "robust", "robust_max", "rank"}
+    fusion : {"score", "robust", "robust_max", "mutual_max", "rank"}
         See the module docstring.
+    columns : sequence of numpy.ndarray, optional
+        float64 ``[2, N]`` per member, its :func:`column_stats` over the same N database
+        images; needed by ``mutual_max`` (:func:`needs_columns`), ignored otherwise.
 
     Returns
     -------
@@ -130,7 +219,8 @@ def fuse(matrices: Sequence[np.ndarray], fusion: str = "score") -> np.ndarray:
     Raises
     ------
     ArgumentError
-        No matrix, matrices of different shapes, or an unknown fusion.
+        No matrix, matrices of different shapes, an unknown fusion, or ``mutual_max``
+        without a ``[2, N]`` column array per member.
     """
     fusion = check_choice(fusion, "fusion", FUSIONS)
     if not matrices:
@@ -139,8 +229,16 @@ def fuse(matrices: Sequence[np.ndarray], fusion: str = "score") -> np.ndarray:
     if any(m.ndim != 2 or m.shape != mats[0].shape for m in mats):
         raise ArgumentError(f"matrices: expected 2-D matrices of one shape, got {[m.shape for m in mats]}")
     out = np.zeros(mats[0].shape, np.float64)
-    if fusion == "robust_max":
+    if fusion in ("robust_max", "mutual_max"):
         rows = [_robust_rows(m) for m in mats]
+        if fusion == "mutual_max":
+            n = mats[0].shape[1]
+            if columns is None or len(columns) != len(mats) or any(np.shape(c) != (2, n) for c in columns):
+                raise ArgumentError(
+                    f"columns: fusion 'mutual_max' needs one [2, {n}] column-statistics array per member "
+                    "(asmkit.hybrid.column_stats)"
+                )
+            rows = [np.minimum(r, _column_z(m, np.asarray(c, np.float64))) for r, m, c in zip(rows, mats, columns)]
         return (np.sum(rows, axis=0) + np.max(rows, axis=0)).astype(np.float32)
     for m in mats:
         if fusion == "score":

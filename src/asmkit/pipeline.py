@@ -37,7 +37,7 @@ from .codebook import Codebook
 from .config import PipelineConfig, load_config
 from .features import FeatureStore, ImageFeatures, extract_features, image_names, list_images
 from .features.factory import Features, build_extractor, extraction_settings, feature_options
-from .hybrid import HybridSpec, fuse, hybrid_spec
+from .hybrid import HybridSpec, column_sample, column_stats, fuse, hybrid_spec, needs_columns
 from .index import Index
 from .pairs import SparseScores
 from .regions import Regions, in_box, regions_for_features
@@ -550,11 +550,15 @@ def _build_hybrid_index(spec: HybridSpec, images, *, out: Path, add: bool, prese
         out / _PIPELINE,
         {"hybrid": spec.to_dict(), "preset": preset, "image_root": str(open_workspace(out / spec.members[0])[2])},
     )
+    t0 = time.perf_counter()
+    if needs_columns(spec.fusion):
+        _write_columns(out, spec, model=options.get("model"), device=options.get("device", "cpu"))
     first = summaries[spec.members[0]]
     failed = {f["name"]: f["reason"] for s in summaries.values() for f in s["failed"]}
     timings = {f"{m}.{k}": v for m, s in summaries.items() for k, v in s["timings"].items()}
     for key in ("extract_s", "codebook_s", "index_s"):
         timings[key] = sum(s["timings"][key] for s in summaries.values())
+    timings["columns_s"] = time.perf_counter() - t0
     return {
         "index": str(out),
         "preset": preset,
@@ -692,6 +696,52 @@ def _build_index_on_ray(
         **({"shards": str(out / "index.shards")} if shards is not None else {}),
         "timings": timings,
     }
+
+
+#: A hybrid workspace's column statistics (``mutual_max`` fusion), one array per member.
+_COLUMNS = "columns.npz"
+
+
+def _fusion_columns(spec: HybridSpec, n: int, sample_rows: Callable[[int, np.ndarray], np.ndarray]) -> list | None:
+    """Each member's column statistics (float64 [2, n], :func:`asmkit.hybrid.column_stats`)
+    over ``n`` database images when the spec's fusion needs them, else None.
+    ``sample_rows(member, positions)`` -> float [S, n]: that member's scores of the images
+    at ``positions`` against all ``n``."""
+    if not needs_columns(spec.fusion):
+        return None
+    sample = column_sample(n)
+    return [column_stats(sample_rows(i, sample), sample) for i in range(len(spec.members))]
+
+
+def _write_columns(folder: Path, spec: HybridSpec, *, model, device: str) -> None:
+    """``folder/columns.npz``: each member's column statistics over all of its images (its
+    index order), from its stored features; written atomically after every build or add."""
+    columns = {}
+    for m in spec.members:
+        _, feats, idx, _ = _open_for_query(folder / m, model, device)
+        sample = column_sample(len(idx))
+        rows = idx.similarity_matrix(_stored_descriptors(folder / m, feats, idx.keys_of(idx.ids[sample])))
+        columns[m] = column_stats(rows, sample)
+    tmp = folder / f".{_COLUMNS}.tmp-{os.getpid()}.npz"
+    np.savez(tmp, **columns)
+    os.replace(tmp, folder / _COLUMNS)
+
+
+def _stored_columns(folder: Path, spec: HybridSpec, sizes: Sequence[int]) -> list | None:
+    """The columns that :func:`_write_columns` wrote, checked against the members' sizes."""
+    if not needs_columns(spec.fusion):
+        return None
+    from ._io import load_npz
+
+    path = folder / _COLUMNS
+    rebuild = f"run `asmkit index IMAGES --out {folder} --add` to compute them"
+    if not path.is_file():
+        raise StorageError(f"{path}: missing (fusion {spec.fusion} needs each member's column statistics); {rebuild}")
+    data = load_npz(path, "hybrid column statistics", required=spec.members)
+    for m, n in zip(spec.members, sizes):
+        if data[m].shape != (2, n):
+            raise StorageError(f"{path}: {m} has shape {data[m].shape}, its index {n} images; {rebuild}")
+    return [data[m] for m in spec.members]
 
 
 def _read_manifest(folder: Path) -> dict:
@@ -910,10 +960,13 @@ def _hybrid_query(
         keys.append(idx.keys)
         shown.update((n, s) for s, n in queries)
     names, columns = _common_names(keys)
+    stats = _stored_columns(folder, spec, [len(idx) for _, idx in opened])
+    if stats is not None:
+        stats = [st[:, c] for st, c in zip(stats, columns)]
     answered = [n for n in rows[0] if all(n in r for r in rows)]
     out = []
     if answered and names:
-        fused = fuse([np.stack([r[n][c] for n in answered]) for r, c in zip(rows, columns)], spec.fusion)
+        fused = fuse([np.stack([r[n][c] for n in answered]) for r, c in zip(rows, columns)], spec.fusion, stats)
         # Stable sort: exact ties keep the index's order, as a plain query does.
         order = np.argsort(-fused, axis=1, kind="stable")[:, : max(top, rerank)]
         scores, inliers = np.take_along_axis(fused, order, 1), None
@@ -930,7 +983,7 @@ def _hybrid_query(
                     member_rows.append(
                         idx.similarity_matrix(_stored_descriptors(folder / m, feats, chosen_names))[:, c]
                     )
-                grown = fuse(member_rows, spec.fusion)
+                grown = fuse(member_rows, spec.fusion, stats)
                 return np.broadcast_to(id_of, grown.shape), grown
 
             q_paths = [first_queries[n][0] for n in answered]
@@ -1204,7 +1257,8 @@ def _hybrid_scores(spec: HybridSpec, images, *, out: Path, **options: Any) -> di
         members.append((load_npy(path, "a scores matrix"), read_lines(summary["names"], "a names file"), summary))
     names, keep = _common_names([member_names for _, member_names, _ in members])
     t0 = time.perf_counter()
-    fused = fuse([matrix[np.ix_(k, k)] for (matrix, _, _), k in zip(members, keep)], spec.fusion)
+    matrices = [matrix[np.ix_(k, k)] for (matrix, _, _), k in zip(members, keep)]
+    fused = fuse(matrices, spec.fusion, _fusion_columns(spec, len(names), lambda i, sample: matrices[i][sample]))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.npy")
     np.save(tmp, fused)
@@ -1397,6 +1451,12 @@ def _sparse_scores(
     names, where = _common_names([member[2] for member in members])
     t0 = time.perf_counter()
 
+    def member_rows(i: int, rows: Sequence[int]) -> np.ndarray:
+        index, describe, *_ = members[i]
+        return index.similarity_matrix(describe([int(where[i][r]) for r in rows]))[:, where[i]]
+
+    columns = _fusion_columns(spec, len(names), member_rows)
+
     def fused_blocks() -> Iterator[tuple[int, np.ndarray]]:
         streams = [
             score_blocks(
@@ -1411,13 +1471,10 @@ def _sparse_scores(
         ]
         # Fusion works row by row, so fusing blocks gives the rows of the fused dense matrix.
         for blocks in zip(*streams):
-            yield blocks[0][0], fuse([b[:, w] for (_, b), w in zip(blocks, where)], spec.fusion)
+            yield blocks[0][0], fuse([b[:, w] for (_, b), w in zip(blocks, where)], spec.fusion, columns)
 
     def anchor_row(i: int) -> np.ndarray:
-        return fuse(
-            [index.similarity_matrix(describe([int(w[i])]))[:, w] for (index, describe, *_), w in zip(members, where)],
-            spec.fusion,
-        )[0]
+        return fuse([member_rows(m, [i]) for m in range(len(members))], spec.fusion, columns)[0]
 
     sparse = SparseScores.from_blocks(fused_blocks(), len(names), top)
     failed = sorted({tuple(f) for member in members for f in member[3]})
@@ -1683,7 +1740,8 @@ def evaluate_dataset(
     else:
         cfg = load_config(preset)
         t0 = time.perf_counter()
-        matrix = fuse([p.matrix for p in parts], spec.fusion)
+        columns = _fusion_columns(spec, len(gt.images), lambda i, sample: parts[i].rows_of(sample))
+        matrix = fuse([p.matrix for p in parts], spec.fusion, columns)
         trained_on = {c.name: p.trained_on for c, p in zip(cfgs, parts)}
         failed = sorted({f for p in parts for f in p.failed})
         timings = {f"{c.name}.{k}": v for c, p in zip(cfgs, parts) for k, v in p.timings.items()}
@@ -1691,7 +1749,9 @@ def evaluate_dataset(
 
         def rows_of(images: np.ndarray) -> np.ndarray:
             # Every fusion works on each row alone: fused rows are rows of the fused matrix.
-            return matrix[images] if gt.queries == gt.images else fuse([p.rows_of(images) for p in parts], spec.fusion)
+            if gt.queries == gt.images:
+                return matrix[images]
+            return fuse([p.rows_of(images) for p in parts], spec.fusion, columns)
 
         params = {"hybrid": spec.to_dict(), **{c.name: c.params.to_dict() for c in cfgs}}
     # Stable sort: exact ties keep database order, so results are reproducible.
