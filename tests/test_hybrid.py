@@ -129,6 +129,10 @@ def test_column_sample_and_stats():
     np.testing.assert_allclose(stats, [[1.0, 1.0, 2.0, 0.0], [0.0, 0.0, 1.4826, 0.0]])
     with pytest.raises(ArgumentError, match="column_stats"):
         column_stats(rows, np.array([0, 4]))
+    # One database image: its column holds only its self-match, so it carries no evidence.
+    lone = column_stats(np.array([[1.0]]), np.array([0]))
+    np.testing.assert_array_equal(lone, [[0.0], [0.0]])
+    np.testing.assert_array_equal(fuse([np.array([[1.0]])] * 2, "mutual_max", [lone, lone]), [[0.0]])
 
 
 def test_rank_fusion_is_reciprocal_rank():

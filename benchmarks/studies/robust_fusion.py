@@ -20,6 +20,11 @@ standard deviation, ``robust`` by its median and median absolute deviation):
   ``asmkit eval`` computes them).
 - ``mutual``: ``mutual_max`` without the added maximum (the sum of the members' scores,
   each the smaller of its row and column standardisation).
+- ``s-norm``: ``mutual_max`` with the sum of the row and the column standardisation in
+  place of the smaller (symmetric score normalisation, as in speaker verification).
+- ``csls-K``: ``robust_max`` of scores minus, per database image, the mean of its K best
+  scores against the column sample (cross-domain similarity local scaling, Conneau et al.,
+  ICLR 2018: a hubness correction).
 - ``max-z``, ``max-robust``: per candidate, the largest member's standardised score.
 - ``robust + max-robust``: the robust sum plus that largest score (the confident member
   counted twice); ``lse-robust``: log(exp(z_a) + exp(z_b)) of the robust scores, a soft
@@ -82,10 +87,20 @@ def _nth_z(m: np.ndarray, n: int) -> np.ndarray:
     return -np.sort(-_z(m), 1)[:, n : n + 1]
 
 
-def rules(a: np.ndarray, b: np.ndarray, columns: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """Every fused ``[Q, N]`` matrix of the study, from two members' matrices and their
-    column statistics (float64 [2, N] each)."""
-    mutual = [np.minimum(_robust(m) / MAD_TO_STD, (m - c[0]) / c[1]) for m, c in zip((a, b), columns)]
+def _csls(m: np.ndarray, sample_rows: np.ndarray, k: int) -> np.ndarray:
+    rows = sample_rows.astype(np.float64)
+    # Self-matches left out, as column_stats does.
+    rows[np.arange(len(rows)), column_sample(rows.shape[1])] = -np.inf
+    return m - (-np.sort(-rows, axis=0)[: min(k, len(rows) - 1)]).mean(axis=0)
+
+
+def rules(a: np.ndarray, b: np.ndarray, columns: list[np.ndarray], samples: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Every fused ``[Q, N]`` matrix of the study, from two members' matrices, their
+    column statistics (float64 [2, N] each) and the column sample's rows ([S, N] each)."""
+    row = [_robust(m) / MAD_TO_STD for m in (a, b)]
+    col = [(m - c[0]) / c[1] for m, c in zip((a, b), columns)]
+    mutual = [np.minimum(r, c) for r, c in zip(row, col)]
+    snorm = [r + c for r, c in zip(row, col)]
 
     def weighted(weight: Callable, norm: Callable) -> np.ndarray:
         return weight(a) * norm(a) + weight(b) * norm(b)
@@ -96,6 +111,8 @@ def rules(a: np.ndarray, b: np.ndarray, columns: list[np.ndarray]) -> dict[str, 
         "robust": fuse([a, b], "robust"),
         "mutual_max": fuse([a, b], "mutual_max", columns),
         "mutual": mutual[0] + mutual[1],
+        "s-norm": snorm[0] + snorm[1] + np.maximum(*snorm),
+        **{f"csls-{k}": fuse([_csls(m, rows, k) for m, rows in zip((a, b), samples)], "robust_max") for k in (20, 100)},
         "max-z": np.maximum(_z(a), _z(b)),
         "max-robust": np.maximum(_robust(a), _robust(b)),
         "robust + max-robust": _robust(a) + _robust(b) + np.maximum(_robust(a), _robust(b)),
@@ -114,10 +131,10 @@ def rules(a: np.ndarray, b: np.ndarray, columns: list[np.ndarray]) -> dict[str, 
     return out
 
 
-def member_matrix(data: str, preset: str) -> tuple[np.ndarray, np.ndarray]:
-    """float32 [Q, N]: ``asmkit eval DATA --preset PRESET``'s similarities, and float64
+def member_matrix(data: str, preset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """float32 [Q, N]: ``asmkit eval DATA --preset PRESET``'s similarities; float64
     [2, N]: the column statistics ``asmkit eval`` gives the member in a ``mutual_max``
-    hybrid."""
+    hybrid; float32 [S, N]: the rows of the column sample they come from."""
     gt = load_ground_truth(data)
     out = pipeline._dataset_matrix(
         gt,
@@ -134,9 +151,10 @@ def member_matrix(data: str, preset: str) -> tuple[np.ndarray, np.ndarray]:
         ray_cpus=None,
     )
     sample = column_sample(len(gt.images))
-    columns = column_stats(out.rows_of(sample), sample)
+    rows = out.rows_of(sample)
+    columns = column_stats(rows, sample)
     out.store.close()
-    return out.matrix, columns
+    return out.matrix, columns, rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -147,15 +165,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     gt = load_ground_truth(args.data)
     args.out.mkdir(parents=True, exist_ok=True)
-    members, columns = {}, []
+    members, columns, samples = {}, [], []
     for m in args.members:
-        matrix, stats = member_matrix(args.data, m)
+        matrix, stats, rows = member_matrix(args.data, m)
         members[m] = matrix.astype(np.float64)
         columns.append(stats)
+        samples.append(rows)
         np.save(args.out / f"{m}.npy", matrix)
         np.save(args.out / f"{m}.columns.npy", stats)
     results = {}
-    for rule, matrix in {**members, **rules(*members.values(), columns)}.items():
+    for rule, matrix in {**members, **rules(*members.values(), columns, samples)}.items():
         metrics = evaluate(np.argsort(-matrix, axis=1, kind="stable"), gt)
         row = {"map": metrics["map"]}
         if "ns_score" in metrics:

@@ -48,6 +48,7 @@ statistics), so fusing row blocks gives the rows of the fused matrix (how ``pair
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -173,10 +174,13 @@ def column_stats(rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
             f"column_stats: expected [S, N] rows and S positions below N, got {rows.shape}, {positions.shape}"
         )
     rows[np.arange(len(rows)), positions] = np.nan
-    centre = np.nanmedian(rows, axis=0)
-    scale = MAD_TO_STD * np.nanmedian(np.abs(rows - centre), axis=0)
-    scale = np.where(scale > 0, scale, np.nanstd(rows, axis=0))
-    return np.stack([centre, scale])
+    with warnings.catch_warnings():
+        # A column with no score but its own (a database of one image) is all NaN: no evidence.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        centre = np.nanmedian(rows, axis=0)
+        scale = MAD_TO_STD * np.nanmedian(np.abs(rows - centre), axis=0)
+        scale = np.where(scale > 0, scale, np.nanstd(rows, axis=0))
+    return np.nan_to_num(np.stack([centre, scale]), nan=0.0)
 
 
 def _column_z(m: np.ndarray, columns: np.ndarray) -> np.ndarray:
