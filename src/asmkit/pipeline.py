@@ -47,10 +47,12 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "build_index",
+    "common_names",
     "compute_scores",
     "evaluate_dataset",
     "anchor_scorer",
     "fit_codebook_size",
+    "hybrid_columns",
     "index_topk",
     "score_blocks",
     "make_pairs",
@@ -727,8 +729,16 @@ def _write_columns(folder: Path, spec: HybridSpec, *, model, device: str) -> Non
     os.replace(tmp, folder / _COLUMNS)
 
 
-def _stored_columns(folder: Path, spec: HybridSpec, sizes: Sequence[int]) -> list | None:
-    """The columns that :func:`_write_columns` wrote, checked against the members' sizes."""
+def hybrid_columns(folder: Path, spec: HybridSpec, sizes: Sequence[int]) -> list | None:
+    """A hybrid workspace's column statistics (float64 [2, n_m] per member, in its index
+    order; written by ``asmkit index``), checked against the members' index sizes
+    ``sizes``; None when the workspace's fusion needs none.
+
+    Raises
+    ------
+    asmkit.storage.StorageError
+        ``columns.npz`` missing, damaged or stale (naming it and the command that rewrites it).
+    """
     if not needs_columns(spec.fusion):
         return None
     from ._io import load_npz
@@ -924,9 +934,10 @@ def _query_features(images: Sequence, feats: Features, box) -> tuple[list[tuple[
     return queries, qfeats, list(result.failed)
 
 
-def _common_names(member_names: Sequence[Sequence[str]]) -> tuple[list[str], list[np.ndarray]]:
+def common_names(member_names: Sequence[Sequence[str]]) -> tuple[list[str], list[np.ndarray]]:
     """The names every hybrid member holds, in the first member's order, and each member's
-    positions of them (int64 [n]: its rows and columns of those images)."""
+    positions of them (int64 [n]: its rows and columns of those images); what a hybrid's
+    scores are fused over."""
     both = set.intersection(*(set(names) for names in member_names))
     names = [n for n in member_names[0] if n in both]
     positions = []
@@ -959,8 +970,8 @@ def _hybrid_query(
         rows.append({n: matrix[i] for i, (_, n) in enumerate(queries)})
         keys.append(idx.keys)
         shown.update((n, s) for s, n in queries)
-    names, columns = _common_names(keys)
-    stats = _stored_columns(folder, spec, [len(idx) for _, idx in opened])
+    names, columns = common_names(keys)
+    stats = hybrid_columns(folder, spec, [len(idx) for _, idx in opened])
     if stats is not None:
         stats = [st[:, c] for st, c in zip(stats, columns)]
     answered = [n for n in rows[0] if all(n in r for r in rows)]
@@ -1255,7 +1266,7 @@ def _hybrid_scores(spec: HybridSpec, images, *, out: Path, **options: Any) -> di
         path = out.with_name(f"{out.stem}.{name}.npy")
         summary = compute_scores(images, out=path, preset=name, **options)
         members.append((load_npy(path, "a scores matrix"), read_lines(summary["names"], "a names file"), summary))
-    names, keep = _common_names([member_names for _, member_names, _ in members])
+    names, keep = common_names([member_names for _, member_names, _ in members])
     t0 = time.perf_counter()
     matrices = [matrix[np.ix_(k, k)] for (matrix, _, _), k in zip(members, keep)]
     fused = fuse(matrices, spec.fusion, _fusion_columns(spec, len(names), lambda i, sample: matrices[i][sample]))
@@ -1448,7 +1459,7 @@ def _sparse_scores(
     _check_hybrid_options(preset, config=config, codebook=codebook, codebook_size=codebook_size, cache=cache, ray=ray)
     members = [_scored_index(Path(images) / m if workspace else images, preset=m, **options) for m in spec.members]
     # Each member's positions of the common names: its rows (queries) and columns alike.
-    names, where = _common_names([member[2] for member in members])
+    names, where = common_names([member[2] for member in members])
     t0 = time.perf_counter()
 
     def member_rows(i: int, rows: Sequence[int]) -> np.ndarray:

@@ -44,7 +44,7 @@ from pydantic import BaseModel, Field
 
 from .. import __version__
 from .._validation import AsmkitError
-from .service import KeyConflict, KeyNotFound, ServedIndex, read_npy
+from .service import KeyConflict, KeyNotFound, ReadOnlyIndex, ServedHybrid, ServedIndex, read_npy
 from .settings import Settings
 
 __all__ = ["create_app"]
@@ -85,18 +85,26 @@ class RemoveResponse(BaseModel):
     images: int
 
 
+class MemberStats(BaseModel):
+    preset: str
+    codebook_size: int
+    dim: int
+    posting_entries: int
+
+
 class Stats(BaseModel):
     images: int
     version: int = Field(description="increases with every update")
-    codebook_size: int
-    dim: int
+    codebook_size: int = Field(description="of the first member, for a hybrid index")
+    dim: int = Field(description="of the first member, for a hybrid index")
     preset: str
-    posting_entries: int
+    posting_entries: int = Field(description="summed over the members, for a hybrid index")
     wal_records: int = Field(description="logged updates not yet folded into the saved index")
     wal_bytes: int
     last_fold: float = Field(description="Unix time of the last fold")
     uptime_s: float
     version_asmkit: str
+    members: list[MemberStats] | None = Field(None, description="each member of a hybrid index")
 
 
 class Health(BaseModel):
@@ -170,7 +178,7 @@ class _Metrics:
     """Prometheus counters of one application (its own registry, so that several apps in
     one process do not share counts)."""
 
-    def __init__(self, service: ServedIndex) -> None:
+    def __init__(self, service: ServedIndex | ServedHybrid) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "asmkit_requests", "HTTP requests", ["method", "route", "status"], registry=self.registry
@@ -227,7 +235,7 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
 
 
-def create_app(index: ServedIndex, settings: Settings | None = None) -> FastAPI:
+def create_app(index: ServedIndex | ServedHybrid, settings: Settings | None = None) -> FastAPI:
     """The service over ``index``.
 
     The application owns ``index`` from then on: its shutdown folds the log and releases
@@ -235,7 +243,8 @@ def create_app(index: ServedIndex, settings: Settings | None = None) -> FastAPI:
 
     Parameters
     ----------
-    index : ServedIndex
+    index : ServedIndex or ServedHybrid
+        A hybrid workspace is searched only: adds and removes answer 405.
     settings : Settings, optional
         Default: ``index.settings``.
     """
@@ -301,6 +310,10 @@ def create_app(index: ServedIndex, settings: Settings | None = None) -> FastAPI:
     async def conflict(_request: Request, exc: KeyConflict):
         return JSONResponse({"detail": str(exc)}, status_code=409)
 
+    @app.exception_handler(ReadOnlyIndex)
+    async def read_only(_request: Request, exc: ReadOnlyIndex):
+        return JSONResponse({"detail": str(exc)}, status_code=405)
+
     @app.exception_handler(AsmkitError)
     async def bad_input(_request: Request, exc: AsmkitError):
         return JSONResponse({"detail": str(exc)}, status_code=422)
@@ -363,7 +376,9 @@ def create_app(index: ServedIndex, settings: Settings | None = None) -> FastAPI:
         keys, scores = await asyncio.wrap_future(index.submit_search(vecs, k))
         timings["search_ms"] = _ms(time.perf_counter() - t1)
         timings["total_ms"] = _ms(time.perf_counter() - t0)
-        return SearchResponse(keys=keys, scores=scores, descriptors=len(vecs), timings=Timings(**timings))
+        # A hybrid's query is one descriptor array per member.
+        n = sum(len(v) for v in vecs) if isinstance(vecs, list) else len(vecs)
+        return SearchResponse(keys=keys, scores=scores, descriptors=n, timings=Timings(**timings))
 
     @app.post(
         "/images",
@@ -377,6 +392,7 @@ def create_app(index: ServedIndex, settings: Settings | None = None) -> FastAPI:
         key: Annotated[list[str], Form(description="one key per image, in the same order")],
     ) -> AddResponse:
         """Add images; the answer comes once they are in the fsynced log."""
+        index.check_writable()
         t0 = time.perf_counter()
         if len(image) != len(key):
             raise HTTPException(422, f"got {len(image)} images and {len(key)} keys; give one key per image")
@@ -405,6 +421,7 @@ def create_app(index: ServedIndex, settings: Settings | None = None) -> FastAPI:
     )
     async def remove_image(key: str) -> RemoveResponse:
         """Remove an image; the answer comes once the removal is in the fsynced log."""
+        index.check_writable()
         images = await blocking(index.remove, key)
         return RemoveResponse(removed=key, images=images)
 

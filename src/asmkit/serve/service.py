@@ -34,16 +34,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .._io import read_json
 from .._validation import ArgumentError, check_vecs
 from ..config import PipelineConfig
 from ..features import ImageLoadError, load_image
 from ..features.factory import build_extractor
+from ..hybrid import HybridSpec, fuse
 from ..index import Index
-from ..pipeline import gpu_of, open_workspace, workspace_extractor_path
+from ..pipeline import common_names, gpu_of, hybrid_columns, open_workspace, workspace_extractor_path, workspace_hybrid
 from .settings import Settings, check_key
 from .wal import Record, WriteAheadLog, final_updates
 
-__all__ = ["KeyConflict", "KeyNotFound", "ServedIndex", "read_npy"]
+__all__ = ["KeyConflict", "KeyNotFound", "ReadOnlyIndex", "ServedHybrid", "ServedIndex", "open_served", "read_npy"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +62,10 @@ class KeyNotFound(ArgumentError):
 
 class KeyConflict(ArgumentError):
     """An image of that key is already in the index."""
+
+
+class ReadOnlyIndex(ArgumentError):
+    """The served index takes no adds or removes (a hybrid workspace)."""
 
 
 def read_npy(data: bytes, name: str) -> np.ndarray:
@@ -128,6 +134,46 @@ def _open_extractor(
         getattr(feats.extractor, "max_size", None),
         bool(getattr(feats.extractor, "thread_safe", False)),
     )
+
+
+def _thumbnail_cache(max_pixels: int) -> Callable[[Path, int], bytes | None]:
+    """``make(path, mtime_ns)`` -> JPEG bytes or None, cached: the mtime is part of the key
+    so that an edited file gets a new thumbnail."""
+
+    @lru_cache(maxsize=1024)
+    def make(path: Path, mtime_ns: int) -> bytes | None:
+        del mtime_ns
+        try:
+            image = load_image(path, max_size=THUMBNAIL_SIZE, max_pixels=max_pixels)
+        except ImageLoadError:
+            return None
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=85)
+        return buffer.getvalue()
+
+    return make
+
+
+def _thumbnail_file(root: Path, key: str, make: Callable[[Path, int], bytes | None]) -> bytes | None:
+    """The thumbnail of ``root/key``, None for a path outside ``root`` or not a file."""
+    root = root.resolve()
+    path = (root / key).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        return None
+    return make(path, path.stat().st_mtime_ns)
+
+
+def _lock_workspace(folder: Path) -> int:
+    """An exclusive lock on ``folder/serve.lock`` (one server per workspace): its fd."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"index not found: {folder}")
+    fd = os.open(folder / _LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ArgumentError(f"index: {folder} is already served by another process") from None
+    return fd
 
 
 class _Batcher:
@@ -214,14 +260,7 @@ class ServedIndex:
     def __init__(self, folder: str | os.PathLike, settings: Settings | None = None) -> None:
         self.settings = settings or Settings()
         self.folder = Path(folder)
-        if not self.folder.is_dir():
-            raise FileNotFoundError(f"index not found: {self.folder}")
-        self._lock_fd = os.open(self.folder / _LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            raise ArgumentError(f"index: {self.folder} is already served by another process") from None
+        self._lock_fd = _lock_workspace(self.folder)
         try:
             self._open()
         except BaseException:
@@ -252,7 +291,7 @@ class ServedIndex:
             self._fold_segment(segment)
         else:
             self._wal.drop_before(segment)
-        self._thumbnail = lru_cache(maxsize=1024)(self._make_thumbnail)
+        self._thumbnail = _thumbnail_cache(self.settings.max_pixels)
 
     def _make_snapshot(self, index: Index) -> _Snapshot:
         self._version += 1
@@ -383,23 +422,12 @@ class ServedIndex:
         ``THUMBNAIL_SIZE``), or None when the key is unknown or the file is not readable."""
         if key not in self._snapshot:
             return None
-        root = self.image_root.resolve()
-        path = (root / key).resolve()
-        if not path.is_relative_to(root) or not path.is_file():
-            return None
-        return self._thumbnail(path, path.stat().st_mtime_ns)
-
-    def _make_thumbnail(self, path: Path, mtime_ns: int) -> bytes | None:
-        del mtime_ns  # part of the cache key: an edited file gets a new thumbnail
-        try:
-            image = load_image(path, max_size=THUMBNAIL_SIZE, max_pixels=self.settings.max_pixels)
-        except ImageLoadError:
-            return None
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, format="JPEG", quality=85)
-        return buffer.getvalue()
+        return _thumbnail_file(self.image_root, key, self._thumbnail)
 
     # -- updates -----------------------------------------------------------------------------
+
+    def check_writable(self) -> None:
+        """Nothing: a plain workspace takes adds and removes (:meth:`ServedHybrid.check_writable` refuses them)."""
 
     def add(self, items: list[tuple[str, np.ndarray]]) -> int:
         """Add images (all or none), durably: when this returns they survive a crash.
@@ -501,3 +529,216 @@ class ServedIndex:
         self._wal.close()
         os.close(self._lock_fd)
         self._lock_fd = None
+
+
+@dataclass(frozen=True)
+class _Member:
+    """One member of a served hybrid workspace: its extractor and its index."""
+
+    name: str
+    featurize: Callable[[np.ndarray], np.ndarray]
+    max_size: int | None
+    extract_lock: threading.Lock | None
+    index: Index
+
+
+class ServedHybrid:
+    """A hybrid workspace (``asmkit index --preset hybrid``) opened for serving, read-only.
+
+    A query image is featurised by every member's extractor and scored against all of
+    that member's images; the rows are fused with the workspace's fusion and column
+    statistics over the images every member holds, as ``asmkit query WS`` fuses them, so
+    the keys and scores are the query's. Concurrent searches are batched as in
+    :class:`ServedIndex`. Adds and removes raise :class:`ReadOnlyIndex`: a hybrid's
+    members and column statistics change together, through ``asmkit index --add`` (then
+    restart the server).
+
+    Parameters
+    ----------
+    folder : path-like
+        The hybrid workspace.
+    settings : Settings, optional
+        ``device``, ``max_pixels``, ``max_batch`` and ``searchers`` are used here.
+
+    Raises
+    ------
+    FileNotFoundError
+        No such folder, or a member missing.
+    ArgumentError
+        Not a hybrid workspace, or another process serves it.
+    asmkit.storage.StorageError
+        Missing or stale column statistics.
+    """
+
+    def __init__(self, folder: str | os.PathLike, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings()
+        self.folder = Path(folder)
+        spec = workspace_hybrid(self.folder) if self.folder.is_dir() else None
+        if spec is None and self.folder.is_dir():
+            raise ArgumentError(f"index: {self.folder} is not a hybrid workspace")
+        self._lock_fd = _lock_workspace(self.folder)
+        try:
+            self._open(spec)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+
+    def _open(self, spec: HybridSpec) -> None:
+        self.spec = spec
+        device = self.settings.device
+        members = []
+        for name in spec.members:
+            _, root, featurize, max_size, thread_safe = _open_extractor(self.folder / name, device)
+            index = Index.load(self.folder / name / _INDEX, mmap=False, gpu=gpu_of(device))
+            members.append(_Member(name, featurize, max_size, None if thread_safe else threading.Lock(), index))
+            if name == spec.members[0]:
+                self.image_root = root
+        self._members = members
+        names, positions = common_names([m.index.keys for m in members])
+        columns = hybrid_columns(self.folder, spec, [len(m.index) for m in members])
+        self._keys = np.asarray(names, dtype=str)
+        self._key_set = frozenset(names)
+        self._positions = positions
+        self._columns = None if columns is None else [c[:, p] for c, p in zip(columns, positions)]
+        self.preset = str(read_json(self.folder / "pipeline.json", "an asmkit pipeline.json").get("preset", "hybrid"))
+        for m in members:
+            # One search per member now compiles (or loads) the kernels.
+            m.index.similarity_matrix([np.zeros((1, m.index.codebook.dim), np.float32)])
+        self._batcher = _Batcher(self._search_batch, self.settings.max_batch, self.settings.searchers)
+        self._thumbnail = _thumbnail_cache(self.settings.max_pixels)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    @property
+    def pending(self) -> tuple[int, int]:
+        """(0, 0): nothing is logged, the workspace is read-only."""
+        return 0, 0
+
+    def featurize(self, data: bytes) -> list[np.ndarray]:
+        """Each member's float32 [n_m, D_m] local features of an encoded image, extracted
+        as its indexed images were.
+
+        Raises
+        ------
+        ArgumentError
+            As :meth:`ServedIndex.featurize`.
+        """
+        out = []
+        with tempfile.NamedTemporaryFile(prefix="asmkit-serve-") as tmp:
+            tmp.write(data)
+            tmp.flush()
+            for m in self._members:
+                try:
+                    image = load_image(tmp.name, max_size=m.max_size, max_pixels=self.settings.max_pixels)
+                except ImageLoadError as exc:
+                    raise ArgumentError(f"image: {exc.reason}") from None
+                if m.extract_lock is None:
+                    out.append(m.featurize(image))
+                else:
+                    with m.extract_lock:
+                        out.append(m.featurize(image))
+        return out
+
+    def search(self, vecs: list[np.ndarray], k: int) -> tuple[list[str], list[float]]:
+        """The ``k`` best images for one query image, given every member's descriptors
+        (:meth:`featurize`), best first, with their fused scores."""
+        return self.submit_search(vecs, k).result()
+
+    def submit_search(self, vecs: list[np.ndarray], k: int) -> Future:
+        """``search`` without waiting.
+
+        Raises
+        ------
+        ArgumentError
+            Not one descriptor array per member (a hybrid is searched with an image:
+            each member extracts its own features), or a bad array.
+        """
+        if not isinstance(vecs, (list, tuple)) or len(vecs) != len(self._members):
+            raise ArgumentError(
+                f"descriptors: a hybrid index ({' + '.join(self.spec.members)}) is searched with an image; "
+                "each member extracts its own features"
+            )
+        checked = [
+            check_vecs(v, name=f"descriptors of {m.name}", dim=m.index.codebook.dim)
+            for v, m in zip(vecs, self._members)
+        ]
+        return self._batcher.submit(checked, k)
+
+    def _search_batch(self, queries: list[list[np.ndarray]], k: int) -> list[tuple[list[str], list[float]]]:
+        rows = [
+            m.index.similarity_matrix([q[i] for q in queries])[:, p]
+            for i, (m, p) in enumerate(zip(self._members, self._positions))
+        ]
+        fused = fuse(rows, self.spec.fusion, self._columns)
+        # Stable sort: exact ties keep the index's order, as ``asmkit query`` does.
+        order = np.argsort(-fused, axis=1, kind="stable")[:, :k]
+        return [(self._keys[o].tolist(), f[o].astype(float).tolist()) for o, f in zip(order, fused)]
+
+    def stats(self) -> dict:
+        """Counts for ``GET /stats``: the first member's codebook, and every member's."""
+        members = [
+            {
+                "preset": m.name,
+                "codebook_size": m.index.codebook.size,
+                "dim": m.index.codebook.dim,
+                "posting_entries": int(m.index.inverted_file.n_entries),
+            }
+            for m in self._members
+        ]
+        return {
+            "images": len(self),
+            "version": 1,
+            "codebook_size": members[0]["codebook_size"],
+            "dim": members[0]["dim"],
+            "preset": self.preset,
+            "posting_entries": sum(m["posting_entries"] for m in members),
+            "wal_records": 0,
+            "wal_bytes": 0,
+            "last_fold": 0.0,
+            "members": members,
+        }
+
+    def thumbnail(self, key: str) -> bytes | None:
+        """As :meth:`ServedIndex.thumbnail`."""
+        if key not in self._key_set:
+            return None
+        return _thumbnail_file(self.image_root, key, self._thumbnail)
+
+    def check_writable(self) -> None:
+        """Raises :class:`ReadOnlyIndex`: a hybrid workspace is served read-only."""
+        raise ReadOnlyIndex(
+            f"index: the hybrid workspace {self.folder} is served read-only; add images with "
+            f"`asmkit index IMAGES --out {self.folder} --add`, then restart the server"
+        )
+
+    def add(self, items) -> int:
+        """Refused: raises :class:`ReadOnlyIndex`."""
+        self.check_writable()
+        return len(self)
+
+    def remove(self, key: str) -> int:
+        """Refused: raises :class:`ReadOnlyIndex`."""
+        self.check_writable()
+        return len(self)
+
+    def fold(self) -> bool:
+        """Nothing to fold: False."""
+        return False
+
+    def close(self) -> None:
+        """Stop the searcher threads and release the workspace."""
+        if self._lock_fd is None:
+            return
+        self._batcher.close()
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
+
+def open_served(folder: str | os.PathLike, settings: Settings | None = None) -> ServedIndex | ServedHybrid:
+    """The workspace opened for serving: :class:`ServedHybrid` for a hybrid workspace,
+    :class:`ServedIndex` otherwise."""
+    folder = Path(folder)
+    if folder.is_dir() and workspace_hybrid(folder) is not None:
+        return ServedHybrid(folder, settings)
+    return ServedIndex(folder, settings)
