@@ -11,6 +11,7 @@ pytest.importorskip("skimage")
 
 from cli_json import run_json  # noqa: E402
 
+import asmkit.hybrid as hybrid  # noqa: E402
 import asmkit.pipeline as pipeline  # noqa: E402
 from asmkit._validation import ArgumentError  # noqa: E402
 from asmkit.demo import build_demo_set  # noqa: E402
@@ -118,7 +119,7 @@ def test_mutual_max_demotes_an_image_that_matches_everything():
     assert mutual.argmax() == match and np.argsort(-mutual).tolist().index(hub) > 5
 
 
-def test_column_sample_and_stats():
+def test_column_sample_and_stats(monkeypatch):
     assert column_sample(5).tolist() == [0, 1, 2, 3, 4] and column_sample(0).size == 0
     big = column_sample(10 * COLUMN_SAMPLE)
     assert len(big) == COLUMN_SAMPLE and big[0] == 0 and big[-1] == 10 * COLUMN_SAMPLE - 1
@@ -129,6 +130,12 @@ def test_column_sample_and_stats():
     np.testing.assert_allclose(stats, [[1.0, 1.0, 2.0, 0.0], [0.0, 0.0, 1.4826, 0.0]])
     with pytest.raises(ArgumentError, match="column_stats"):
         column_stats(rows, np.array([0, 4]))
+    # Column blocks (bounded memory for large databases) give the same statistics.
+    rng = np.random.default_rng(8)
+    wide, sample = rng.gamma(2.0, size=(7, 50)), np.array([0, 9, 17, 26, 33, 41, 49])
+    whole = column_stats(wide, sample)
+    monkeypatch.setattr(hybrid, "COLUMN_BLOCK", 7 * 4)
+    np.testing.assert_array_equal(column_stats(wide, sample), whole)
     # One database image: its column holds only its self-match, so it carries no evidence.
     lone = column_stats(np.array([[1.0]]), np.array([0]))
     np.testing.assert_array_equal(lone, [[0.0], [0.0]])

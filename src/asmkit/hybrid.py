@@ -75,6 +75,8 @@ FUSIONS = ("score", "robust", "robust_max", "mutual_max", "rank")
 #: (:func:`column_sample`): enough for a stable median and MAD, few enough that computing
 #: them costs a few hundred queries whatever the database size.
 COLUMN_SAMPLE = 512
+#: Values of the sample's rows that :func:`column_stats` holds as float64 at a time.
+COLUMN_BLOCK = 1 << 24
 #: The median absolute deviation of normal data times this is its standard deviation.
 MAD_TO_STD = 1.4826
 #: The constant of reciprocal rank fusion (Cormack et al., SIGIR 2009): it damps the weight
@@ -167,20 +169,27 @@ def column_stats(rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
     ArgumentError
         Rows and positions that do not match.
     """
-    rows = np.array(rows, dtype=np.float64)
+    rows = np.asarray(rows)
     positions = np.asarray(positions, dtype=np.int64)
     if rows.ndim != 2 or positions.shape != (len(rows),) or (len(positions) and positions.max() >= rows.shape[1]):
         raise ArgumentError(
             f"column_stats: expected [S, N] rows and S positions below N, got {rows.shape}, {positions.shape}"
         )
-    rows[np.arange(len(rows)), positions] = np.nan
-    with warnings.catch_warnings():
-        # A column with no score but its own (a database of one image) is all NaN: no evidence.
-        warnings.simplefilter("ignore", RuntimeWarning)
-        centre = np.nanmedian(rows, axis=0)
-        scale = MAD_TO_STD * np.nanmedian(np.abs(rows - centre), axis=0)
-        scale = np.where(scale > 0, scale, np.nanstd(rows, axis=0))
-    return np.nan_to_num(np.stack([centre, scale]), nan=0.0)
+    out = np.zeros((2, rows.shape[1]), np.float64)
+    # Column blocks: the float64 copies stay near COLUMN_BLOCK values whatever N is.
+    step = max(1, COLUMN_BLOCK // max(1, len(rows)))
+    for begin in range(0, rows.shape[1], step):
+        block = rows[:, begin : begin + step].astype(np.float64)
+        own = (positions >= begin) & (positions < begin + step)
+        block[np.flatnonzero(own), positions[own] - begin] = np.nan
+        with warnings.catch_warnings():
+            # A column with no score but its own (a database of one image) is all NaN: no evidence.
+            warnings.simplefilter("ignore", RuntimeWarning)
+            centre = np.nanmedian(block, axis=0)
+            scale = MAD_TO_STD * np.nanmedian(np.abs(block - centre), axis=0)
+            scale = np.where(scale > 0, scale, np.nanstd(block, axis=0))
+        out[:, begin : begin + step] = np.nan_to_num(np.stack([centre, scale]), nan=0.0)
+    return out
 
 
 def _column_z(m: np.ndarray, columns: np.ndarray) -> np.ndarray:
