@@ -239,3 +239,31 @@ def test_an_image_set_spelled_relative_or_absolute_shares_its_cache_keys(tmp_pat
     assert relative == _image_set_key([tmp_path / "images" / "a.jpg"])
     (tmp_path / "images" / "a.jpg").write_bytes(b"x" * 11)
     assert _image_set_key([Path("images/a.jpg")]) != relative
+
+
+# -- images without features -----------------------------------------------------------------
+
+
+def test_an_image_without_features_keeps_its_place(demo, tmp_path):
+    # A flat grey photo has no SIFT keypoint: it is indexed and scored as an image with no
+    # words (scores 0), and every other image keeps its row, column and name.
+    from PIL import Image
+
+    from asmkit.pipeline import query_index
+
+    images = tmp_path / "images"
+    shutil.copytree(demo / "images", images)
+    Image.fromarray(np.full((200, 240, 3), 128, np.uint8)).save(images / "aaa_flat.jpg")
+    ws = tmp_path / "ws"
+    summary = build_index(images, out=ws)
+    n = len(list(images.iterdir()))
+    assert summary["images"] == n and not summary["failed"]
+    out = tmp_path / "s.npy"
+    compute_scores(images, out=out)
+    matrix, names = np.load(out), (tmp_path / "s.npy.names.txt").read_text().split()
+    assert matrix.shape == (n, n) and len(names) == n and names[0] == "aaa_flat.jpg"
+    assert not matrix[0].any() and not matrix[:, 0].any()
+    for i in (1, n - 1):
+        hits = query_index(ws, [images / names[i]], top=n)["results"][0]["results"]
+        got = {h["name"]: h["score"] for h in hits}
+        np.testing.assert_allclose([got[name] for name in names], matrix[i], atol=1e-5)

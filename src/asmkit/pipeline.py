@@ -260,6 +260,15 @@ def _load_codebook(path: str | os.PathLike) -> Codebook:
     return Codebook.load(path)
 
 
+def _per_image(vecs: np.ndarray, ids: np.ndarray, n: int) -> list[np.ndarray]:
+    """``FeatureStore.stack``'s rows (float32 [N, D], ``ids`` ascending) split into the
+    ``n`` images' descriptor arrays (views); an image without descriptors gets zero rows
+    and keeps its place, where array input to ``Index.add`` or ``similarity_matrix`` would
+    drop it and shift every later image."""
+    starts = np.searchsorted(ids, np.arange(n + 1))
+    return [vecs[starts[i] : starts[i + 1]] for i in range(n)]
+
+
 def _write_json(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
@@ -508,7 +517,10 @@ def build_index(
         vecs, ids = store.stack(names)
         start = int(index.ids.max()) + 1 if len(index) else 0
         index.add(
-            feats.descriptors(vecs), ids + start, keys=names, regions=_regions(regions, names, store, whole_image)
+            _per_image(feats.descriptors(vecs), ids, len(names)),
+            np.arange(start, start + len(names), dtype=np.int64),
+            keys=names,
+            regions=_regions(regions, names, store, whole_image),
         )
         del vecs
         if cfg.verify is None:
@@ -1218,18 +1230,18 @@ def compute_scores(
     timings["codebook_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     cb = _on_device(cb, device)
+    per_image = _per_image(vecs, ids, len(names))
     if ray is None:
-        matrix = similarity_matrix(cb, vecs, ids, cfg.params, chunk=chunk, regions=image_regions)
+        matrix = similarity_matrix(cb, per_image, None, cfg.params, chunk=chunk, regions=image_regions)
     else:
         if image_regions is not None:
             raise ArgumentError("--ray: not with --regions")
         index = Index(cb, cfg.params)
-        index.add(vecs, ids)
-        starts = np.searchsorted(ids, np.arange(len(names) + 1))
+        index.add(per_image)
         matrix = _dense_from_blocks(
             score_blocks(
                 index,
-                lambda rows: [vecs[starts[i] : starts[i + 1]] for i in rows],
+                lambda rows: [per_image[i] for i in rows],
                 len(names),
                 chunk=chunk,
                 ray=ray,
