@@ -49,10 +49,32 @@ def test_robust_fusion_centres_on_the_median_and_scales_by_the_mad():
         return (m - med) / (1.4826 * np.median(np.abs(m - med), axis=1, keepdims=True))
 
     np.testing.assert_allclose(fuse([a, b], "robust"), reference(a) + reference(b), rtol=1e-5, atol=1e-5)
-    # Most of the row tied (zero MAD): the standard deviation scales it instead.
+    # Most of the row tied (zero MAD): the spread of the 90th percentile over the median
+    # (the 75th is tied too) in normal units scales it; the 0.6 there is 0.6 of the way
+    # from the fourth sorted value to the fifth.
     c = np.array([[0.0, 0.0, 0.0, 0.0, 1.0]])
-    np.testing.assert_allclose(fuse([c], "robust"), c / c.std(), rtol=1e-6)
+    np.testing.assert_allclose(fuse([c], "robust"), c / (0.6 / 1.2816), rtol=1e-6)
     np.testing.assert_allclose(fuse([np.ones((1, 5))], "robust"), 0)
+    # Every tabled quantile tied: the standard deviation is the last resort.
+    d = np.zeros((1, 200))
+    d[0, 5] = 1.0
+    np.testing.assert_allclose(fuse([d], "robust"), d / d.std(), rtol=1e-6)
+
+
+def test_a_sparse_rows_matches_are_scaled_by_its_noise_not_by_themselves():
+    # A SIFT-like member: an image sharing no visual word with most of the database
+    # scores 0 against them (zero MAD) and far above 0 against its few true copies. The
+    # standard deviation, inflated by those copies, would shrink its match to the level
+    # to six units; the quantile spread (here the 75th percentile's: 57 of 100 tied)
+    # keeps it far out.
+    rng = np.random.default_rng(2)
+    sparse = np.zeros((1, 100))
+    sparse[0, 60:] = rng.uniform(0.001, 0.002, 40)
+    sparse[0, [3, 4, 5]] = 1.0
+    z = fuse([sparse], "robust")[0]
+    scale = (np.quantile(sparse, 0.75) - 0.0) / 0.6745
+    np.testing.assert_allclose(z[3], 1.0 / scale, rtol=1e-5)
+    assert 1.0 / sparse.std() < 6 and z[3] > 100
 
 
 def test_robust_max_fusion_adds_the_largest_standardised_score():
@@ -74,16 +96,26 @@ def test_robust_max_fusion_adds_the_largest_standardised_score():
     assert fuse([sure, noise], "robust_max")[0].argmax() == 7
 
 
+def _spread_reference(values):
+    """Median and robust scale of one 1-D array: the MAD, else the first positive upper
+    quantile spread in normal units, else the standard deviation."""
+    med = np.median(values)
+    scale = 1.4826 * np.median(np.abs(values - med))
+    for q, normal_q in ((0.75, 0.6745), (0.9, 1.2816), (0.95, 1.6449), (0.99, 2.3263)):
+        if scale > 0:
+            break
+        scale = (np.quantile(values, q) - med) / normal_q
+    return med, scale if scale > 0 else values.std()
+
+
 def _mutual_reference(m, sample_rows, sample):
     """A loop-by-loop twin of mutual_max's per-member score: min(row z, column z)."""
     out = np.empty_like(m)
     for q in range(m.shape[0]):
-        med = np.median(m[q])
-        row_scale = 1.4826 * np.median(np.abs(m[q] - med))
+        med, row_scale = _spread_reference(m[q])
         for j in range(m.shape[1]):
             others = np.array([sample_rows[s, j] for s in range(len(sample)) if sample[s] != j])
-            col_med = np.median(others)
-            col_scale = 1.4826 * np.median(np.abs(others - col_med))
+            col_med, col_scale = _spread_reference(others)
             out[q, j] = min((m[q, j] - med) / row_scale, (m[q, j] - col_med) / col_scale)
     return out
 
@@ -91,12 +123,16 @@ def _mutual_reference(m, sample_rows, sample):
 def test_mutual_max_standardises_by_row_and_by_column():
     rng = np.random.default_rng(5)
     n = 25
-    fulls = [rng.gamma(2.0, size=(n, n)), rng.normal(size=(n, n)) ** 2]
+    # The third member is sparse (mostly exact zeros), so its rows and columns take the
+    # quantile fallback; two sample rows without zeros keep every column from being constant.
+    sparse = rng.gamma(2.0, size=(n, n)) * (rng.random((n, n)) < 0.3)
+    sparse[[4, 9]] += 1.0
+    fulls = [rng.gamma(2.0, size=(n, n)), rng.normal(size=(n, n)) ** 2, sparse]
     queries = [3, 7, 20]
     sample = np.array([0, 4, 9, 13, 18, 24])
     columns = [column_stats(f[sample], sample) for f in fulls]
     z = [_mutual_reference(f[queries], f[sample], sample) for f in fulls]
-    expected = z[0] + z[1] + np.maximum(z[0], z[1])
+    expected = z[0] + z[1] + z[2] + np.maximum(np.maximum(z[0], z[1]), z[2])
     np.testing.assert_allclose(fuse([f[queries] for f in fulls], "mutual_max", columns), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -304,6 +340,13 @@ def test_hybrid_add_grows_every_member(demo, sift_pair, tmp_path):
             pipeline.query_index(ws, [photos[0]])
         pipeline.build_index(src, out=ws, add=True)
         assert pipeline.query_index(ws, [photos[0]], top=1)["results"][0]["results"][0]["name"] == photos[0].name
+        # Statistics an older asmkit wrote (no version: the standard deviation fallback)
+        # are refused, not fused with.
+        old = dict(np.load(ws / "columns.npz"))
+        del old["_version"]
+        np.savez(ws / "columns.npz", **old)
+        with pytest.raises(StorageError, match=r"columns\.npz.*another asmkit version.*--add"):
+            pipeline.query_index(ws, [photos[0]])
 
 
 def test_hybrid_workspace_names_a_missing_member(workspace, demo):

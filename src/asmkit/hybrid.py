@@ -16,7 +16,8 @@ member and hands them to :func:`fuse`:
   summed. A match that stands out from the distractors in either member stands out in the
   sum.
 - ``robust``: as ``score``, but each row is centred on its median and scaled by its median
-  absolute deviation (times :data:`MAD_TO_STD`, the standard deviation when that is 0). The
+  absolute deviation (times :data:`MAD_TO_STD`; an upper quantile's spread where that is
+  0, :func:`_spread`). The
   median and the MAD describe the distractors alone, where the mean and the standard
   deviation also take in the few true matches, whose large scores inflate the deviation
   most for the member that separates them best; so a member whose matches stand far out
@@ -61,6 +62,7 @@ __all__ = [
     "FUSIONS",
     "MAD_TO_STD",
     "RRF_K",
+    "TAIL_QUANTILES",
     "HybridSpec",
     "column_sample",
     "column_stats",
@@ -79,6 +81,9 @@ COLUMN_SAMPLE = 512
 COLUMN_BLOCK = 1 << 24
 #: The median absolute deviation of normal data times this is its standard deviation.
 MAD_TO_STD = 1.4826
+#: Upper quantiles of a row whose MAD is 0, tried in turn, each with the standard normal's
+#: quantile at that level, which turns its distance above the median into a scale.
+TAIL_QUANTILES = ((0.75, 0.6745), (0.9, 1.2816), (0.95, 1.6449), (0.99, 2.3263))
 #: The constant of reciprocal rank fusion (Cormack et al., SIGIR 2009): it damps the weight
 #: of the very first ranks.
 RRF_K = 60
@@ -160,9 +165,9 @@ def column_stats(rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
     -------
     numpy.ndarray
         float64 ``[2, N]``: per database image, the median of its scores against the sample
-        and their median absolute deviation times :data:`MAD_TO_STD` (their standard
-        deviation where that is 0; 0 where the scores are constant, a column that then
-        carries no evidence).
+        and their robust scale (the median absolute deviation times :data:`MAD_TO_STD`,
+        an upper quantile's spread where that is 0, see :func:`_spread`; 0 where the
+        scores are constant, a column that then carries no evidence).
 
     Raises
     ------
@@ -185,11 +190,37 @@ def column_stats(rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
         with warnings.catch_warnings():
             # A column with no score but its own (a database of one image) is all NaN: no evidence.
             warnings.simplefilter("ignore", RuntimeWarning)
-            centre = np.nanmedian(block, axis=0)
-            scale = MAD_TO_STD * np.nanmedian(np.abs(block - centre), axis=0)
-            scale = np.where(scale > 0, scale, np.nanstd(block, axis=0))
+            centre, scale = _spread(block.T, nan=True)
         out[:, begin : begin + step] = np.nan_to_num(np.stack([centre, scale]), nan=0.0)
     return out
+
+
+def _spread(x: np.ndarray, nan: bool) -> tuple[np.ndarray, np.ndarray]:
+    """float64 ``[R]`` twice: each row's median and robust scale, for ``x`` float64
+    ``[R, N]`` (NaN where ``nan``: values to leave out).
+
+    The scale is the MAD times :data:`MAD_TO_STD`. Where that is 0 (more than half the row
+    tied, typically at 0: a SIFT image that shares no visual word with most others), it
+    is the first positive spread of an upper quantile over the median, in units of the
+    normal quantile (:data:`TAIL_QUANTILES`), and the standard deviation only where every
+    one of them is 0. Not the standard deviation at once: in such a row the few true
+    matches are most of the variance, so a scale taken from it shrinks exactly the scores
+    that stand out (a blurred or shrunken copy that SIFT finds through a few words).
+    """
+    median_of, quantile_of, std_of = (
+        (np.nanmedian, np.nanquantile, np.nanstd) if nan else (np.median, np.quantile, np.std)
+    )
+    centre = median_of(x, axis=1)
+    scale = MAD_TO_STD * median_of(np.abs(x - centre[:, None]), axis=1)
+    tied = np.flatnonzero(~(scale > 0))
+    for q, normal_q in TAIL_QUANTILES:
+        if not len(tied):
+            break
+        scale[tied] = (quantile_of(x[tied], q, axis=1) - centre[tied]) / normal_q
+        tied = tied[~(scale[tied] > 0)]
+    if len(tied):
+        scale[tied] = std_of(x[tied], axis=1)
+    return centre, scale
 
 
 def _column_z(m: np.ndarray, columns: np.ndarray) -> np.ndarray:
@@ -200,10 +231,7 @@ def _column_z(m: np.ndarray, columns: np.ndarray) -> np.ndarray:
 def _robust_rows(m: np.ndarray) -> np.ndarray:
     """float64 ``[Q, N]``: each row of ``m`` minus its median, over its MAD times
     :data:`MAD_TO_STD`."""
-    median = np.median(m, axis=1, keepdims=True)
-    scale = MAD_TO_STD * np.median(np.abs(m - median), axis=1, keepdims=True)
-    # More than half the row tied: its deviation is the only spread there is.
-    scale = np.where(scale > 0, scale, m.std(axis=1, keepdims=True))
+    median, scale = (v[:, None] for v in _spread(m, nan=False))
     # A constant row (an image without features) carries no evidence.
     return np.divide(m - median, scale, out=np.zeros_like(m), where=scale > 0)
 

@@ -714,6 +714,9 @@ def _build_index_on_ray(
 
 #: A hybrid workspace's column statistics (``mutual_max`` fusion), one array per member.
 _COLUMNS = "columns.npz"
+#: The ``_version`` of ``columns.npz``: raised when :func:`asmkit.hybrid.column_stats`
+#: changes its statistics, so that a query never fuses with statistics of another rule.
+_COLUMNS_VERSION = 2
 
 
 def _fusion_columns(spec: HybridSpec, n: int, sample_rows: Callable[[int, np.ndarray], np.ndarray]) -> list | None:
@@ -730,7 +733,7 @@ def _fusion_columns(spec: HybridSpec, n: int, sample_rows: Callable[[int, np.nda
 def _write_columns(folder: Path, spec: HybridSpec, *, model, device: str) -> None:
     """``folder/columns.npz``: each member's column statistics over all of its images (its
     index order), from its stored features; written atomically after every build or add."""
-    columns = {}
+    columns = {"_version": np.int64(_COLUMNS_VERSION)}
     for m in spec.members:
         _, feats, idx, _ = _open_for_query(folder / m, model, device)
         sample = column_sample(len(idx))
@@ -760,6 +763,8 @@ def hybrid_columns(folder: Path, spec: HybridSpec, sizes: Sequence[int]) -> list
     if not path.is_file():
         raise StorageError(f"{path}: missing (fusion {spec.fusion} needs each member's column statistics); {rebuild}")
     data = load_npz(path, "hybrid column statistics", required=spec.members)
+    if int(data.get("_version", 1)) != _COLUMNS_VERSION:
+        raise StorageError(f"{path}: column statistics of another asmkit version; {rebuild}")
     for m, n in zip(spec.members, sizes):
         if data[m].shape != (2, n):
             raise StorageError(f"{path}: {m} has shape {data[m].shape}, its index {n} images; {rebuild}")
