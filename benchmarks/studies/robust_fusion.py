@@ -41,6 +41,10 @@ standard deviation, ``robust`` by its median and median absolute deviation):
   only where they exceed T; ``thresholded-z-T``: each member's standardised scores where
   they exceed T, else 0 (sum).
 - ``z_a + W z_b``: the second member weighted down.
+- ``anchored-T``: the first member's ``mutual_max`` score (the smaller of its row and
+  column standardisation), plus the second member's only where it exceeds T (the first
+  member anchors the ranking; the second adds only what it is confident of);
+  ``anchored-max-T``: that sum plus the larger of the two terms, as ``mutual_max`` adds.
 """
 
 from __future__ import annotations
@@ -128,6 +132,11 @@ def rules(a: np.ndarray, b: np.ndarray, columns: list[np.ndarray], samples: list
         **{f"thresholded-z-{t}": np.where(_z(a) > t, _z(a), 0) + np.where(_z(b) > t, _z(b), 0) for t in (1, 2)},
         **{f"z_a + {w} z_b": _z(a) + w * _z(b) for w in (0.25, 0.5)},
     }
+    # One member's mutual_max score is twice its own standardised score.
+    za, zb = (fuse([m], "mutual_max", [c]).astype(np.float64) / 2 for m, c in zip((a, b), columns))
+    for t in (1, 3):
+        out[f"anchored-{t}"] = za + np.maximum(zb - t, 0)
+        out[f"anchored-max-{t}"] = out[f"anchored-{t}"] + np.maximum(za, np.maximum(zb - t, 0))
     return out
 
 
