@@ -136,6 +136,42 @@ def test_mutual_max_standardises_by_row_and_by_column():
     np.testing.assert_allclose(fuse([f[queries] for f in fulls], "mutual_max", columns), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_anchored_max_counts_later_members_only_above_the_threshold():
+    rng = np.random.default_rng(9)
+    n = 25
+    fulls = [rng.gamma(2.0, size=(n, n)), rng.normal(size=(n, n)) ** 2]
+    queries = [2, 11]
+    sample = np.array([0, 5, 10, 15, 20, 24])
+    columns = [column_stats(f[sample], sample) for f in fulls]
+    z = [_mutual_reference(f[queries], f[sample], sample) for f in fulls]
+    second = np.maximum(z[1] - hybrid.ANCHOR_THRESHOLD, 0)
+    expected = z[0] + second + np.maximum(z[0], second)
+    got = fuse([f[queries] for f in fulls], "anchored_max", columns)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ArgumentError, match="anchored_max"):
+        fuse([f[queries] for f in fulls], "anchored_max")
+
+
+def test_anchored_max_keeps_the_anchors_match_above_the_others_mistakes():
+    rng = np.random.default_rng(10)
+    n, match, mistake, blurred = 300, 40, 90, 150
+    a, b = rng.normal(size=(n, n)), rng.normal(size=(n, n))
+    # The anchor finds the match clearly; the second member is noise on it and confident
+    # about a wrong image, a mistake as large as the anchor's evidence.
+    a[0, match] += 9.0
+    b[0, mistake] += 9.5
+    # A copy only the second member finds, far above its noise.
+    b[0, blurred] += 14.0
+    sample = column_sample(n)
+    columns = [column_stats(m[sample], sample) for m in (a, b)]
+    mutual = fuse([a[:1], b[:1]], "mutual_max", columns)[0]
+    anchored = fuse([a[:1], b[:1]], "anchored_max", columns)[0]
+    mutual[0] = anchored[0] = -np.inf  # the query itself
+    assert mutual[mistake] > mutual[match]
+    assert anchored[match] > anchored[mistake]
+    assert np.argsort(-anchored)[:2].tolist() == [blurred, match]
+
+
 def test_mutual_max_demotes_an_image_that_matches_everything():
     rng = np.random.default_rng(6)
     n, hub, match = 200, 11, 40
@@ -210,6 +246,8 @@ def test_shipped_hybrid_presets():
     assert spec.members == ("sift", "deep_rot") and spec.fusion == "mutual_max" and spec.fusion in FUSIONS
     assert hybrid_spec("hybrid_fast").fusion == "mutual_max"
     assert hybrid_spec("hybrid_rank").fusion == "rank"
+    assert hybrid_spec("hybrid_anchored").members == ("sift", "deep_rot")
+    assert hybrid_spec("hybrid_anchored").fusion == "anchored_max"
     assert hybrid_spec("hybrid_fast").members == ("sift", "deep")
     assert hybrid_spec("sift") is None and hybrid_spec("no-such-preset") is None
     with pytest.raises(ArgumentError, match="members"):

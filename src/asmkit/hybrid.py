@@ -5,7 +5,7 @@ A hybrid preset is a TOML file of ``asmkit/presets`` with a ``[hybrid]`` table i
 
     [hybrid]
     members = ["sift", "deep_rot"]   # presets, each with its own codebook and inverted file
-    fusion = "mutual_max"            # or "robust_max", "score", "robust", "rank"
+    fusion = "mutual_max"            # or "anchored_max", "robust_max", "score", "robust", "rank"
 
 The pipeline (:mod:`asmkit.pipeline`) computes one query x database similarity matrix per
 member and hands them to :func:`fuse`:
@@ -39,6 +39,14 @@ member and hands them to :func:`fuse`:
   from both sides. It needs the column statistics (``columns``), which depend on the
   database only: :mod:`asmkit.pipeline` computes them with the scores (``eval``,
   ``scores``, ``pairs``) or stores them in the workspace (``index``).
+- ``anchored_max``: the first member anchors the ranking. Each member's score is
+  standardised as for ``mutual_max``; the first member's counts whole, every other
+  member's only by how far it exceeds :data:`ANCHOR_THRESHOLD`; those terms are summed,
+  plus the largest of them. A second member that is noise on an edit (deep features on a
+  photo shrunk, warped and blurred at once) then cannot push the first member's match down
+  with its confident mistakes, while what it is sure of (a blurred copy the first member
+  misses) still counts. It trades a little on upright photos, where the second member's
+  moderate scores were evidence too (docs/robustness.md).
 - ``rank``: reciprocal rank fusion, ``sum_m 1 / (RRF_K + rank_m)`` with ranks from 1; it
   ignores score magnitudes altogether.
 
@@ -58,6 +66,7 @@ from ._validation import ArgumentError, check_choice
 from .params import preset_names, preset_table
 
 __all__ = [
+    "ANCHOR_THRESHOLD",
     "COLUMN_SAMPLE",
     "FUSIONS",
     "MAD_TO_STD",
@@ -72,7 +81,7 @@ __all__ = [
 ]
 
 #: Fusion methods of :func:`fuse`.
-FUSIONS = ("score", "robust", "robust_max", "mutual_max", "rank")
+FUSIONS = ("score", "robust", "robust_max", "mutual_max", "anchored_max", "rank")
 #: Database images whose scores estimate every image's column statistics
 #: (:func:`column_sample`): enough for a stable median and MAD, few enough that computing
 #: them costs a few hundred queries whatever the database size.
@@ -84,6 +93,9 @@ MAD_TO_STD = 1.4826
 #: Upper quantiles of a row whose MAD is 0, tried in turn, each with the standard normal's
 #: quantile at that level, which turns its distance above the median into a scale.
 TAIL_QUANTILES = ((0.75, 0.6745), (0.9, 1.2816), (0.95, 1.6449), (0.99, 2.3263))
+#: ``anchored_max``: standardised scores of the members after the first count only above
+#: this, a level that the deep members' non-matches rarely reach (docs/robustness.md).
+ANCHOR_THRESHOLD = 3.0
 #: The constant of reciprocal rank fusion (Cormack et al., SIGIR 2009): it damps the weight
 #: of the very first ranks.
 RRF_K = 60
@@ -136,7 +148,7 @@ def hybrid_spec(preset: str | None) -> HybridSpec | None:
 
 def needs_columns(fusion: str) -> bool:
     """Whether :func:`fuse` needs the database's column statistics for ``fusion``."""
-    return fusion == "mutual_max"
+    return fusion in ("mutual_max", "anchored_max")
 
 
 def column_sample(n: int) -> np.ndarray:
@@ -246,11 +258,12 @@ def fuse(
     matrices : sequence of numpy.ndarray
         Float ``[Q, N]`` each, row q = query q, column j = database image j, higher = more
         similar; all of one shape.
-    fusion : {"score", "robust", "robust_max", "mutual_max", "rank"}
+    fusion : {"score", "robust", "robust_max", "mutual_max", "anchored_max", "rank"}
         See the module docstring.
     columns : sequence of numpy.ndarray, optional
         float64 ``[2, N]`` per member, its :func:`column_stats` over the same N database
-        images; needed by ``mutual_max`` (:func:`needs_columns`), ignored otherwise.
+        images; needed by ``mutual_max`` and ``anchored_max`` (:func:`needs_columns`),
+        ignored otherwise.
 
     Returns
     -------
@@ -270,16 +283,18 @@ def fuse(
     if any(m.ndim != 2 or m.shape != mats[0].shape for m in mats):
         raise ArgumentError(f"matrices: expected 2-D matrices of one shape, got {[m.shape for m in mats]}")
     out = np.zeros(mats[0].shape, np.float64)
-    if fusion in ("robust_max", "mutual_max"):
+    if fusion in ("robust_max", "mutual_max", "anchored_max"):
         rows = [_robust_rows(m) for m in mats]
-        if fusion == "mutual_max":
+        if needs_columns(fusion):
             n = mats[0].shape[1]
             if columns is None or len(columns) != len(mats) or any(np.shape(c) != (2, n) for c in columns):
                 raise ArgumentError(
-                    f"columns: fusion 'mutual_max' needs one [2, {n}] column-statistics array per member "
+                    f"columns: fusion {fusion!r} needs one [2, {n}] column-statistics array per member "
                     "(asmkit.hybrid.column_stats)"
                 )
             rows = [np.minimum(r, _column_z(m, np.asarray(c, np.float64))) for r, m, c in zip(rows, mats, columns)]
+        if fusion == "anchored_max":
+            rows = rows[:1] + [np.maximum(r - ANCHOR_THRESHOLD, 0.0) for r in rows[1:]]
         return (np.sum(rows, axis=0) + np.max(rows, axis=0)).astype(np.float32)
     for m in mats:
         if fusion == "score":
