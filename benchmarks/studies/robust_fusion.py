@@ -44,7 +44,10 @@ standard deviation, ``robust`` by its median and median absolute deviation):
 - ``anchored-T``: the first member's ``mutual_max`` score (the smaller of its row and
   column standardisation), plus the second member's only where it exceeds T (the first
   member anchors the ranking; the second adds only what it is confident of);
-  ``anchored-max-T``: that sum plus the larger of the two terms, as ``mutual_max`` adds.
+  ``anchored-max-T``: that sum plus the larger of the two terms, as ``mutual_max`` adds
+  (the ``anchored_max`` fusion at T = 3). ``row-anchored-max-T``: the same with the first
+  member's row standardisation alone (``robust``), so that its own ranking stands unless
+  the second member is confident.
 """
 
 from __future__ import annotations
@@ -137,6 +140,10 @@ def rules(a: np.ndarray, b: np.ndarray, columns: list[np.ndarray], samples: list
     for t in (1, 3):
         out[f"anchored-{t}"] = za + np.maximum(zb - t, 0)
         out[f"anchored-max-{t}"] = out[f"anchored-{t}"] + np.maximum(za, np.maximum(zb - t, 0))
+    ra = fuse([a], "robust").astype(np.float64)
+    for t in (2, 3):
+        extra = np.maximum(zb - t, 0)
+        out[f"row-anchored-max-{t}"] = ra + extra + np.maximum(ra, extra)
     return out
 
 
