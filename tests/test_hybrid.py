@@ -109,14 +109,19 @@ def _spread_reference(values):
 
 
 def _mutual_reference(m, sample_rows, sample):
-    """A loop-by-loop twin of mutual_max's per-member score: min(row z, column z)."""
+    """A loop-by-loop twin of mutual_max's per-member score: min(row z, column z), the
+    column scales floored at COLUMN_SCALE_FLOOR times their median."""
+    cols = []
+    for j in range(m.shape[1]):
+        others = np.array([sample_rows[s, j] for s in range(len(sample)) if sample[s] != j])
+        cols.append(_spread_reference(others))
+    floor = 0.5 * np.median([scale for _, scale in cols if scale > 0])
     out = np.empty_like(m)
     for q in range(m.shape[0]):
         med, row_scale = _spread_reference(m[q])
         for j in range(m.shape[1]):
-            others = np.array([sample_rows[s, j] for s in range(len(sample)) if sample[s] != j])
-            col_med, col_scale = _spread_reference(others)
-            out[q, j] = min((m[q, j] - med) / row_scale, (m[q, j] - col_med) / col_scale)
+            col_med, col_scale = cols[j]
+            out[q, j] = min((m[q, j] - med) / row_scale, (m[q, j] - col_med) / max(col_scale, floor))
     return out
 
 
@@ -189,6 +194,21 @@ def test_mutual_max_demotes_an_image_that_matches_everything():
     assert robust.argmax() == hub
     # Against its own column the hub's score is ordinary; the match stands out both ways.
     assert mutual.argmax() == match and np.argsort(-mutual).tolist().index(hub) > 5
+
+
+def test_a_quiet_columns_scale_is_floored_at_half_the_median():
+    # Image 5 scores near 0 against every image (few features): without a floor a chance
+    # score of 0.05 would stand hundreds of deviations out of its column.
+    rng = np.random.default_rng(12)
+    rows = rng.normal(1.0, 0.2, size=(40, 60))
+    rows[:, 5] = rng.normal(0.0, 1e-4, size=40)
+    sample = np.arange(40)
+    stats = column_stats(rows, sample)
+    raw = np.array([_spread_reference(np.delete(rows[:, j], j) if j < 40 else rows[:, j])[1] for j in range(60)])
+    assert raw[5] < 1e-3
+    np.testing.assert_allclose(stats[1, 5], 0.5 * np.median(raw), rtol=1e-9)
+    # Every other column is above the floor and keeps its own scale.
+    np.testing.assert_allclose(np.delete(stats[1], 5), np.delete(raw, 5), rtol=1e-9)
 
 
 def test_column_sample_and_stats(monkeypatch):

@@ -32,7 +32,8 @@ member and hands them to :func:`fuse`:
 - ``mutual_max``: as ``robust_max``, but each member's score is first standardised twice,
   against the query's scores (the row, as ``robust``) and against the database image's
   own scores (its column: median and MAD of its similarities to a fixed sample of the
-  database, :func:`column_stats`), and the smaller of the two kept. A pair then counts
+  database, the MAD at least :data:`COLUMN_SCALE_FLOOR` of the typical one,
+  :func:`column_stats`), and the smaller of the two kept. A pair then counts
   only as much as it stands out for both images. An image that is similar to many
   (a textured or cluttered photo whose deep features match everything) is no longer
   taken for a match of every query it scores high for, while a true match stands out
@@ -68,6 +69,7 @@ from .params import preset_names, preset_table
 __all__ = [
     "ANCHOR_THRESHOLD",
     "COLUMN_SAMPLE",
+    "COLUMN_SCALE_FLOOR",
     "FUSIONS",
     "MAD_TO_STD",
     "RRF_K",
@@ -93,6 +95,11 @@ MAD_TO_STD = 1.4826
 #: Upper quantiles of a row whose MAD is 0, tried in turn, each with the standard normal's
 #: quantile at that level, which turns its distance above the median into a scale.
 TAIL_QUANTILES = ((0.75, 0.6745), (0.9, 1.2816), (0.95, 1.6449), (0.99, 2.3263))
+#: A column's scale is at least this fraction of the median column scale of its member:
+#: an image with few features (a smooth object on a plain background) scores near 0
+#: against almost every image, and without a floor a chance match would stand as far out
+#: of its quiet column as a true copy stands out of its own.
+COLUMN_SCALE_FLOOR = 0.5
 #: ``anchored_max``: standardised scores of the members after the first count only above
 #: this, a level that the deep members' non-matches rarely reach (docs/robustness.md).
 ANCHOR_THRESHOLD = 3.0
@@ -178,7 +185,8 @@ def column_stats(rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
     numpy.ndarray
         float64 ``[2, N]``: per database image, the median of its scores against the sample
         and their robust scale (the median absolute deviation times :data:`MAD_TO_STD`,
-        an upper quantile's spread where that is 0, see :func:`_spread`; 0 where the
+        an upper quantile's spread where that is 0, see :func:`_spread`; at least
+        :data:`COLUMN_SCALE_FLOOR` times the median of the positive scales; 0 where the
         scores are constant, a column that then carries no evidence).
 
     Raises
@@ -204,6 +212,9 @@ def column_stats(rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
             warnings.simplefilter("ignore", RuntimeWarning)
             centre, scale = _spread(block.T, nan=True)
         out[:, begin : begin + step] = np.nan_to_num(np.stack([centre, scale]), nan=0.0)
+    live = out[1] > 0
+    if live.any():
+        out[1, live] = np.maximum(out[1, live], COLUMN_SCALE_FLOOR * np.median(out[1, live]))
     return out
 
 

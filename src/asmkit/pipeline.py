@@ -716,7 +716,7 @@ def _build_index_on_ray(
 _COLUMNS = "columns.npz"
 #: The ``_version`` of ``columns.npz``: raised when :func:`asmkit.hybrid.column_stats`
 #: changes its statistics, so that a query never fuses with statistics of another rule.
-_COLUMNS_VERSION = 2
+_COLUMNS_VERSION = 3
 
 
 def _fusion_columns(spec: HybridSpec, n: int, sample_rows: Callable[[int, np.ndarray], np.ndarray]) -> list | None:
