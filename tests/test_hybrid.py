@@ -24,6 +24,7 @@ from asmkit.hybrid import (  # noqa: E402
     column_stats,
     fuse,
     hybrid_spec,
+    needs_columns,
 )
 from asmkit.index import Index  # noqa: E402
 from asmkit.pairs import SparseScores  # noqa: E402
@@ -282,10 +283,10 @@ def demo(tmp_path_factory):
     return build_demo_set(root / "data", seed=1, photos=["astronaut", "coffee", "chelsea", "rocket"], max_size=320)
 
 
-@pytest.fixture(params=["score", "mutual_max"])
+@pytest.fixture(params=["score", "mutual_max", "anchored_max"])
 def sift_pair(monkeypatch, request):
     """A hybrid of the two SIFT presets, so that the pipeline seams run without torch; with
-    a row-wise fusion and with one that needs the database's column statistics."""
+    a row-wise fusion and with the two that need the database's column statistics."""
     spec = HybridSpec(["sift", "sift_hq"], request.param)
     monkeypatch.setattr(pipeline, "hybrid_spec", lambda preset: spec if preset == "hybrid" else None)
     return spec
@@ -325,7 +326,7 @@ def test_hybrid_index_holds_one_workspace_per_member(workspace):
     ws, summary = workspace
     assert summary["hybrid"]["members"] == ["sift", "sift_hq"]
     # Column statistics are stored only for the fusion that needs them.
-    assert (ws / "columns.npz").is_file() == (summary["hybrid"]["fusion"] == "mutual_max")
+    assert (ws / "columns.npz").is_file() == needs_columns(summary["hybrid"]["fusion"])
     assert set(summary["codebook_size"]) == {"sift", "sift_hq"}
     for m in ("sift", "sift_hq"):
         assert pipeline.open_workspace(ws / m)[1].name == m
@@ -390,7 +391,7 @@ def test_hybrid_add_grows_every_member(demo, sift_pair, tmp_path):
     assert summary["added"] == len(photos) - 6 and summary["images"] == len(photos)
     for m in ("sift", "sift_hq"):
         assert len(Index.load(ws / m / "index.asmkit").keys) == len(photos)
-    if sift_pair.fusion == "mutual_max":
+    if needs_columns(sift_pair.fusion):
         # The column statistics follow the grown members, and are checked against them.
         assert np.load(ws / "columns.npz")["sift"].shape == (2, len(photos))
         (ws / "columns.npz").unlink()
