@@ -17,8 +17,7 @@ member and hands them to :func:`fuse`:
   sum.
 - ``robust``: as ``score``, but each row is centred on its median and scaled by its median
   absolute deviation (times :data:`MAD_TO_STD`; an upper quantile's spread where that is
-  0, :func:`_spread`). The
-  median and the MAD describe the distractors alone, where the mean and the standard
+  0, :func:`_spread`). The median and the MAD describe the distractors alone, where the mean and the standard
   deviation also take in the few true matches, whose large scores inflate the deviation
   most for the member that separates them best; so a member whose matches stand far out
   of its noise (SIFT on hard copies) is no longer flattened to the level of one whose
@@ -252,8 +251,8 @@ def _column_z(m: np.ndarray, columns: np.ndarray) -> np.ndarray:
 
 
 def _robust_rows(m: np.ndarray) -> np.ndarray:
-    """float64 ``[Q, N]``: each row of ``m`` minus its median, over its MAD times
-    :data:`MAD_TO_STD`."""
+    """float64 ``[Q, N]``: each row of ``m`` minus its median, over its robust scale
+    (:func:`_spread`)."""
     median, scale = (v[:, None] for v in _spread(m, nan=False))
     # A constant row (an image without features) carries no evidence.
     return np.divide(m - median, scale, out=np.zeros_like(m), where=scale > 0)

@@ -712,7 +712,8 @@ def _build_index_on_ray(
     }
 
 
-#: A hybrid workspace's column statistics (``mutual_max`` fusion), one array per member.
+#: A hybrid workspace's column statistics (fusions that :func:`asmkit.hybrid.needs_columns`),
+#: one array per member.
 _COLUMNS = "columns.npz"
 #: The ``_version`` of ``columns.npz``: raised when :func:`asmkit.hybrid.column_stats`
 #: changes its statistics, so that a query never fuses with statistics of another rule.
