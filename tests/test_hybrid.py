@@ -158,6 +158,26 @@ def test_anchored_max_counts_later_members_only_above_the_threshold():
         fuse([f[queries] for f in fulls], "anchored_max")
 
 
+def test_anchored_max_pools_the_later_members_by_their_maximum():
+    rng = np.random.default_rng(12)
+    n = 25
+    fulls = [rng.gamma(2.0, size=(n, n)), rng.normal(size=(n, n)) ** 2, rng.gamma(1.0, size=(n, n)) ** 2]
+    queries = [1, 8, 17]
+    # A copy that both later members are confident of: pooled, it counts once.
+    fulls[1][8, 5] += 20.0
+    fulls[2][8, 5] += 30.0
+    sample = np.array([0, 6, 12, 18, 24])
+    columns = [column_stats(f[sample], sample) for f in fulls]
+    z = [_mutual_reference(f[queries], f[sample], sample) for f in fulls]
+    pooled = np.maximum(np.maximum(z[1], z[2]) - hybrid.ANCHOR_THRESHOLD, 0)
+    expected = z[0] + pooled + np.maximum(z[0], pooled)
+    got = fuse([f[queries] for f in fulls], "anchored_max", columns)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    # The pooled term is not the sum of the later members' excesses.
+    summed = z[0] + sum(np.maximum(x - hybrid.ANCHOR_THRESHOLD, 0) for x in z[1:])
+    assert not np.allclose(got, summed + np.maximum(z[0], pooled), atol=1e-3)
+
+
 def test_anchored_max_keeps_the_anchors_match_above_the_others_mistakes():
     rng = np.random.default_rng(10)
     n, match, mistake, blurred = 300, 40, 90, 150
@@ -270,6 +290,8 @@ def test_shipped_hybrid_presets():
     assert hybrid_spec("hybrid_anchored").members == ("sift", "deep_rot")
     assert hybrid_spec("hybrid_anchored").fusion == "anchored_max"
     assert hybrid_spec("hybrid_fast").members == ("sift", "deep")
+    assert hybrid_spec("hybrid_all").members == ("sift", "deep", "deep_rot")
+    assert hybrid_spec("hybrid_all").fusion == "anchored_max"
     assert hybrid_spec("sift") is None and hybrid_spec("no-such-preset") is None
     with pytest.raises(ArgumentError, match="members"):
         HybridSpec(["sift"])
@@ -283,11 +305,21 @@ def demo(tmp_path_factory):
     return build_demo_set(root / "data", seed=1, photos=["astronaut", "coffee", "chelsea", "rocket"], max_size=320)
 
 
-@pytest.fixture(params=["score", "mutual_max", "anchored_max"])
+@pytest.fixture(
+    params=[
+        (("sift", "sift_hq"), "score"),
+        (("sift", "sift_hq"), "mutual_max"),
+        (("sift", "sift_hq"), "anchored_max"),
+        (("sift", "sift_hq", "asmk_star"), "anchored_max"),
+    ],
+    ids=["score", "mutual_max", "anchored_max", "anchored_max-3"],
+)
 def sift_pair(monkeypatch, request):
-    """A hybrid of the two SIFT presets, so that the pipeline seams run without torch; with
-    a row-wise fusion and with the two that need the database's column statistics."""
-    spec = HybridSpec(["sift", "sift_hq"], request.param)
+    """A hybrid of the SIFT presets, so that the pipeline seams run without torch; with a
+    row-wise fusion and with the two that need the database's column statistics, and with
+    three members as `hybrid_all` has."""
+    members, fusion = request.param
+    spec = HybridSpec(list(members), fusion)
     monkeypatch.setattr(pipeline, "hybrid_spec", lambda preset: spec if preset == "hybrid" else None)
     return spec
 
@@ -295,7 +327,7 @@ def sift_pair(monkeypatch, request):
 def test_hybrid_eval_fuses_members(demo, sift_pair, tmp_path):
     res = pipeline.evaluate_dataset(demo, preset="hybrid", cache=tmp_path / "c")
     assert res["preset"] == "hybrid" and res["params"]["hybrid"] == sift_pair.to_dict()
-    assert set(res["codebook_trained_on"]) == {"sift", "sift_hq"}
+    assert set(res["codebook_trained_on"]) == set(sift_pair.members)
     assert 0.0 < res["map"] <= 1.0 and "fusion_s" in res["timings"]
     with pytest.raises(ArgumentError, match="codebook-size"):
         pipeline.evaluate_dataset(demo, preset="hybrid", codebook_size=64)
@@ -305,7 +337,7 @@ def test_hybrid_scores_are_the_fusion_of_the_members(demo, sift_pair, tmp_path):
     out = tmp_path / "s.npy"
     res = pipeline.compute_scores(demo / "images", out=out, preset="hybrid")
     fused = np.load(out)
-    members = [np.load(res["members"][m]) for m in ("sift", "sift_hq")]
+    members = [np.load(res["members"][m]) for m in sift_pair.members]
     sample = column_sample(len(fused))
     columns = [column_stats(m[sample], sample) for m in members]
     np.testing.assert_allclose(fused, fuse(members, sift_pair.fusion, columns), atol=1e-5)
@@ -316,22 +348,25 @@ def test_hybrid_scores_are_the_fusion_of_the_members(demo, sift_pair, tmp_path):
 
 @pytest.fixture
 def workspace(demo, sift_pair, tmp_path):
-    """A hybrid index of the demo images (members sift and sift_hq)."""
+    """A hybrid index of the demo images (members sift and sift_hq, and asmk_star for
+    three)."""
     ws = tmp_path / "ws"
     summary = pipeline.build_index(demo / "images", out=ws, preset="hybrid")
     return ws, summary
 
 
-def test_hybrid_index_holds_one_workspace_per_member(workspace):
+def test_hybrid_index_holds_one_workspace_per_member(workspace, sift_pair):
     ws, summary = workspace
-    assert summary["hybrid"]["members"] == ["sift", "sift_hq"]
-    # Column statistics are stored only for the fusion that needs them.
+    assert summary["hybrid"]["members"] == list(sift_pair.members)
+    # Column statistics are stored only for the fusion that needs them, one per member.
     assert (ws / "columns.npz").is_file() == needs_columns(summary["hybrid"]["fusion"])
-    assert set(summary["codebook_size"]) == {"sift", "sift_hq"}
-    for m in ("sift", "sift_hq"):
+    if needs_columns(summary["hybrid"]["fusion"]):
+        assert set(sift_pair.members) <= set(np.load(ws / "columns.npz").files)
+    assert set(summary["codebook_size"]) == set(sift_pair.members)
+    for m in sift_pair.members:
         assert pipeline.open_workspace(ws / m)[1].name == m
         assert summary["members"][m]["images"] == summary["images"] > 0
-    assert pipeline.workspace_hybrid(ws).members == ("sift", "sift_hq")
+    assert pipeline.workspace_hybrid(ws).members == sift_pair.members
     assert pipeline.workspace_hybrid(ws / "sift") is None
     # The folder itself is no plain workspace: code that needs one says so.
     with pytest.raises(StorageError, match="hybrid"):
@@ -389,7 +424,7 @@ def test_hybrid_add_grows_every_member(demo, sift_pair, tmp_path):
         shutil.copy(f, src / f.name)
     summary = pipeline.build_index(src, out=ws, add=True)
     assert summary["added"] == len(photos) - 6 and summary["images"] == len(photos)
-    for m in ("sift", "sift_hq"):
+    for m in sift_pair.members:
         assert len(Index.load(ws / m / "index.asmkit").keys) == len(photos)
     if needs_columns(sift_pair.fusion):
         # The column statistics follow the grown members, and are checked against them.
@@ -448,5 +483,5 @@ def test_hybrid_through_the_command_line(demo, sift_pair, tmp_path, capsys):
     assert "codebook sift " in capsys.readouterr().out
     image = sorted((demo / "images").iterdir())[0]
     res = run_json(capsys, ["query", str(ws), str(image), "--top", "3", "--json"])
-    assert res["hybrid"]["members"] == ["sift", "sift_hq"] and len(res["results"][0]["results"]) == 3
+    assert res["hybrid"]["members"] == list(sift_pair.members) and len(res["results"][0]["results"]) == 3
     assert res["results"][0]["results"][0]["name"] == image.name

@@ -40,13 +40,16 @@ member and hands them to :func:`fuse`:
   database only: :mod:`asmkit.pipeline` computes them with the scores (``eval``,
   ``scores``, ``pairs``) or stores them in the workspace (``index``).
 - ``anchored_max``: the first member anchors the ranking. Each member's score is
-  standardised as for ``mutual_max``; the first member's counts whole, every other
-  member's only by how far it exceeds :data:`ANCHOR_THRESHOLD`; those terms are summed,
-  plus the largest of them. A second member that is noise on an edit (deep features on a
-  photo shrunk, warped and blurred at once) then cannot push the first member's match down
-  with its confident mistakes, while what it is sure of (a blurred copy the first member
-  misses) still counts. It trades a little on upright photos, where the second member's
-  moderate scores were evidence too (docs/robustness.md).
+  standardised as for ``mutual_max``; the first member's counts whole; the other members'
+  are pooled by their maximum, which counts only by how far it exceeds
+  :data:`ANCHOR_THRESHOLD`; the two terms are summed, plus the larger of them. A second
+  member that is noise on an edit (deep features on a photo shrunk, warped and blurred at
+  once) then cannot push the first member's match down with its confident mistakes, while
+  what it is sure of (a blurred copy the first member misses) still counts. Pooled by the
+  maximum, several views of one feature type (deep features upright and at four
+  rotations) add the most confident view's evidence, not the same evidence once per view.
+  It trades a little on upright photos, where the second member's moderate scores were
+  evidence too (docs/robustness.md).
 - ``rank``: reciprocal rank fusion, ``sum_m 1 / (RRF_K + rank_m)`` with ranks from 1; it
   ignores score magnitudes altogether.
 
@@ -304,7 +307,10 @@ def fuse(
                 )
             rows = [np.minimum(r, _column_z(m, np.asarray(c, np.float64))) for r, m, c in zip(rows, mats, columns)]
         if fusion == "anchored_max":
-            rows = rows[:1] + [np.maximum(r - ANCHOR_THRESHOLD, 0.0) for r in rows[1:]]
+            # The later members are pooled by their maximum before the threshold: they are
+            # other views of one kind of evidence (upright and rotation-pooled deep
+            # features), and summed they would count it once per view.
+            rows = [rows[0], np.maximum(np.max(rows[1:], axis=0) - ANCHOR_THRESHOLD, 0.0)]
         return (np.sum(rows, axis=0) + np.max(rows, axis=0)).astype(np.float32)
     for m in mats:
         if fusion == "score":

@@ -1,0 +1,104 @@
+"""Anchored fusion with several deep views: the ``hybrid_all`` preset, compared on one data set.
+
+Computes the similarities of SIFT, upright deep features and deep features at four rotations
+as ``asmkit eval DATA --preset <member>`` does (cached features and codebooks) and evaluates
+the anchored fusions over them (docs/robustness.md)::
+
+    PYTHONPATH=src python -m benchmarks.studies.anchor_views bench_out/robust_large bench_out/robust_large_views
+
+Rules (``z``: a member's ``mutual_max`` standardisation, the smaller of its row and column
+z-scores, :mod:`asmkit.hybrid`; T: the threshold; every rule adds the larger of its two
+terms, as ``anchored_max`` does):
+
+- ``sift + deep`` / ``sift + deep_rot``: ``anchored_max`` of the pair (the second at T = 3
+  is the ``hybrid_anchored`` preset).
+- ``pooled-T``: sift's ``z`` plus ``max(max(z_deep, z_deep_rot) - T, 0)``: the two deep
+  views pooled by their maximum, then thresholded (``anchored_max`` with three members;
+  ``pooled-3`` is the ``hybrid_all`` preset).
+- ``summed-T``: sift's ``z`` plus ``max(z_deep - T, 0) + max(z_deep_rot - T, 0)``: the
+  views' excesses summed.
+- ``mutual_max``: the three members' ``mutual_max``.
+
+Prints per rule the mAP, the per-family mAP and the families where the rule is below the
+best of the three members, and writes them to ``OUT/views.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from asmkit.evaluate import evaluate, load_ground_truth
+from asmkit.hybrid import fuse
+
+from .robust_fusion import member_matrix
+
+MEMBERS = ("sift", "deep", "deep_rot")
+THRESHOLDS = (2, 3, 4, 5)
+
+
+def rules(mats: dict[str, np.ndarray], columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every fused ``[Q, N]`` matrix of the study, from the three members' matrices and
+    their column statistics (float64 ``[2, N]`` each)."""
+    # One member's mutual_max score is twice its own standardised score.
+    z = {m: fuse([mats[m]], "mutual_max", [columns[m]]).astype(np.float64) / 2 for m in MEMBERS}
+
+    def anchored(extra: np.ndarray) -> np.ndarray:
+        return z["sift"] + extra + np.maximum(z["sift"], extra)
+
+    out = {
+        f"sift + {m}": fuse([mats["sift"], mats[m]], "anchored_max", [columns["sift"], columns[m]])
+        for m in ("deep", "deep_rot")
+    }
+    for t in THRESHOLDS:
+        out[f"pooled-{t}"] = anchored(np.maximum(np.maximum(z["deep"], z["deep_rot"]) - t, 0))
+        out[f"summed-{t}"] = anchored(np.maximum(z["deep"] - t, 0) + np.maximum(z["deep_rot"] - t, 0))
+    out["mutual_max"] = fuse([mats[m] for m in MEMBERS], "mutual_max", [columns[m] for m in MEMBERS])
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data", help="data set folder (images/ + gt.json)")
+    parser.add_argument("out", type=Path)
+    args = parser.parse_args(argv)
+    gt = load_ground_truth(args.data)
+    args.out.mkdir(parents=True, exist_ok=True)
+    mats, columns = {}, {}
+    for m in MEMBERS:
+        matrix, columns[m], _ = member_matrix(args.data, m)
+        mats[m] = matrix.astype(np.float64)
+    results = {}
+    for rule, matrix in {**mats, **rules(mats, columns)}.items():
+        metrics = evaluate(np.argsort(-matrix, axis=1, kind="stable"), gt)
+        row = {"map": metrics["map"]}
+        if "ns_score" in metrics:
+            row["ns_score"] = metrics["ns_score"]
+        if "families" in metrics:
+            row["families"] = {f: v["map"] for f, v in metrics["families"].items()}
+        results[rule] = row
+    for rule, row in results.items():
+        below = (
+            []
+            if rule in MEMBERS
+            else [
+                f"{f} {v:.3f} < {max(results[m]['families'][f] for m in MEMBERS):.3f}"
+                for f, v in row.get("families", {}).items()
+                if v < max(results[m]["families"][f] for m in MEMBERS) - 1e-9
+            ]
+        )
+        row["below_members"] = below
+        print(f"{rule:18s}", " ".join(f"{k} {v:.4f}" for k, v in row.items() if k in ("map", "ns_score")), end=" ")
+        print(" ".join(f"{f} {v:.3f}" for f, v in row.get("families", {}).items()), end=" ")
+        if rule in MEMBERS or "families" not in row:
+            print()
+        else:
+            print(("| below: " + ", ".join(below)) if below else "| at or above every member")
+    (args.out / "views.json").write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
