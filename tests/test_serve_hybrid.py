@@ -22,15 +22,21 @@ from asmkit.hybrid import HybridSpec  # noqa: E402
 from asmkit.serve import ServedHybrid, ServedIndex, Settings, create_app, open_served  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def hybrid_workspace(tmp_path_factory) -> Path:
-    """A hybrid (sift + sift_hq, mutual_max) workspace of the serve tests' textured images,
-    so that it runs without torch."""
+@pytest.fixture(
+    scope="module",
+    params=[(("sift", "sift_hq"), "mutual_max"), (("sift", "sift_hq", "asmk_star"), "anchored_max")],
+    ids=["mutual_max", "anchored_max-3"],
+)
+def hybrid_workspace(tmp_path_factory, request) -> Path:
+    """A hybrid workspace of the serve tests' textured images, of SIFT presets so that it
+    runs without torch: two members fused by mutual_max, and three by anchored_max as
+    `hybrid_all` has."""
     root = tmp_path_factory.mktemp("serve_hybrid")
     (root / "images").mkdir()
     for i in range(16):
         (root / "images" / f"img{i:02d}.jpg").write_bytes(jpeg(i))
-    spec = HybridSpec(["sift", "sift_hq"], "mutual_max")
+    members, fusion = request.param
+    spec = HybridSpec(list(members), fusion)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pipeline, "hybrid_spec", lambda preset: spec if preset == "hybrid" else None)
         pipeline.build_index(root / "images", out=root / "ws", preset="hybrid")
@@ -56,7 +62,8 @@ def test_search_answers_as_query_does(hybrid_workspace):
         np.testing.assert_allclose(body["scores"], [r["score"] for r in expected], rtol=1e-5)
         assert body["descriptors"] > 0
         stats = client.get("/stats").json()
-        assert stats["images"] == 16 and [m["preset"] for m in stats["members"]] == ["sift", "sift_hq"]
+        members = list(pipeline.workspace_hybrid(hybrid_workspace).members)
+        assert stats["images"] == 16 and [m["preset"] for m in stats["members"]] == members
         assert client.get("/healthz").json() == {"status": "ok", "images": 16}
         assert client.get("/thumbnail", params={"key": "img05.jpg"}).headers["content-type"] == "image/jpeg"
         assert client.get("/thumbnail", params={"key": "nope.jpg"}).status_code == 404
