@@ -195,6 +195,28 @@ def test_extractor_multiscale_and_max_size():
     assert np.allclose((out.keypoints[:, 0] / out.keypoints[:, 2]) % 1, 0.5)
 
 
+def test_per_view_selection_keeps_an_equal_share_of_each_scale():
+    # Scale 0.5 of a 32 x 48 image gives 4 x 6 cells of 8 x 8 input pixels, whose average
+    # is smoother (weaker, for this backbone the L2 norm of the mean colour) than at scale 1.
+    image = _image(6)
+    joint = DeepExtractor(_Pool(), nfeat=11, scales=(1.0, 0.5), max_size=None).extract(image)
+    per_view = DeepExtractor(_Pool(), nfeat=11, scales=(1.0, 0.5), max_size=None, selection="per_view")
+    out = per_view.extract(image)
+    sizes = out.keypoints[:, 2]
+    # 11 over two views: 6 from the first (scale 1, 4-pixel cells), 5 from the second.
+    assert (sizes == 4.0).sum() == 6 and (sizes == 8.0).sum() == 5
+    # NumPy twin of the full-scale view: its attention over its own maximum, its top share.
+    tokens, _ = _pool_reference(image)
+    attn = np.linalg.norm(tokens, axis=1)
+    np.testing.assert_allclose(out.attention[sizes == 4.0], np.sort(attn / attn.max())[::-1][:6], rtol=1e-5)
+    # Each view is normalised by its own maximum, and the shares are merged in order.
+    assert out.attention[sizes == 8.0].max() == pytest.approx(1.0)
+    assert np.all(np.diff(out.attention) <= 0)
+    # The joint selection lets the stronger view take more than its share.
+    assert (joint.keypoints[:, 2] == 4.0).sum() != 6
+    assert per_view.config()["selection"] == "per_view" and "selection" not in DeepExtractor(_Pool()).config()
+
+
 def test_extract_batch_equals_single_images():
     images = [_image(2), _image(3), _image(4, 40, 24), _image(5)]
     ex = DeepExtractor(_Pool(), nfeat=12, batch_size=2, max_size=None)
@@ -269,6 +291,7 @@ def test_extract_features_runs_the_extractor(tmp_path):
         ({"max_size": 4}, "max_size"),
         ({"batch_size": 0}, "batch_size"),
         ({"device": "cuda:7"}, "device"),
+        ({"selection": "best"}, "selection"),
     ],
 )
 def test_extractor_validation(kwargs, match):

@@ -17,8 +17,9 @@ shrinkage, :meth:`DeepExtractor.learn_whitening`) -> L2 normalisation.
 :class:`DeepExtractor` implements the extractor interface of :mod:`asmkit.features.extract`
 with multi-scale inference as in HOW: the image is downscaled to ``max_size``, run at each
 scale, attention is normalised by its maximum over all scales, and the top ``nfeat`` over all
-scales are kept. Keypoints are token centres in the input image's pixels. The ``deep``
-preset's extractor is built by :func:`asmkit.features.factory.deep_extractor`.
+scales are kept (or, with ``selection="per_view"``, an equal share from each scale and
+rotation). Keypoints are token centres in the input image's pixels. The ``deep`` preset's
+extractor is built by :func:`asmkit.features.factory.deep_extractor`.
 
 torch is imported when this module is imported; ``asmkit.features`` itself never imports it.
 """
@@ -33,7 +34,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .._validation import ArgumentError, DependencyError, FileFormatError
+from .._validation import ArgumentError, DependencyError, FileFormatError, check_choice
 
 try:
     import torch
@@ -59,6 +60,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _FORMAT = "asmkit-deep-extractor"
+#: How the top features are chosen among several scales and rotations (:class:`DeepExtractor`).
+SELECTIONS = ("joint", "per_view")
 _HEAD_FORMAT = "asmkit-retrieval-head"
 
 
@@ -367,6 +370,13 @@ class DeepExtractor:
         (``torch.rot90``); other angles resample the image bilinearly onto a canvas that
         holds all of it (grey around it), and tokens whose centre falls outside the image
         get no attention.
+    selection : {"joint", "per_view"}, default "joint"
+        With several scales or rotations (views): ``"joint"`` normalises attention by its
+        maximum over all views and keeps the top ``nfeat`` over all of them (HOW), so the
+        view with the strongest activations can take most of the slots; ``"per_view"``
+        normalises each view by its own maximum and keeps the top ``nfeat // views`` of
+        each (the remainder to the first views), so that every scale and rotation is
+        described whatever its activation level.
     max_size : int or None, default 1024
         Images are downscaled so that their longer side is at most this (never upscaled).
     device : str, default "cpu"
@@ -390,6 +400,7 @@ class DeepExtractor:
         nfeat: float = 1000,
         scales: Sequence[float] = (1.0,),
         rotations: Sequence[int] = (0,),
+        selection: str = "joint",
         max_size: int | None = 1024,
         device: str = "cpu",
         whitening: PCAWhitening | str | os.PathLike | None = None,
@@ -424,6 +435,7 @@ class DeepExtractor:
         ):
             raise ArgumentError(f"rotations: expected distinct whole degrees in [0, 360), got {rotations!r}")
         rotations = tuple(int(r) for r in rotations)
+        selection = check_choice(selection, "selection", SELECTIONS)
         if max_size is not None and (isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 16):
             raise ArgumentError(f"max_size: expected an int >= 16 or None, got {max_size!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -438,6 +450,7 @@ class DeepExtractor:
         self.nfeat = nfeat
         self.scales = scales
         self.rotations = rotations
+        self.selection = selection
         self.max_size = max_size
         self.amp = bool(amp)
         self.batch_size = batch_size
@@ -469,6 +482,7 @@ class DeepExtractor:
             "nfeat": self.nfeat,
             "scales": list(self.scales),
             **({"rotations": list(self.rotations)} if self.rotations != (0,) else {}),
+            **({"selection": self.selection} if self.selection != "joint" else {}),
             "max_size": self.max_size,
             "amp": self.amp and self.device.type == "cuda",
         }
@@ -581,6 +595,7 @@ class DeepExtractor:
                     "nfeat": self.nfeat,
                     "scales": list(self.scales),
                     "rotations": list(self.rotations),
+                    "selection": self.selection,
                     "max_size": self.max_size,
                     "amp": self.amp,
                     "batch_size": self.batch_size,
@@ -646,10 +661,15 @@ class DeepExtractor:
         feat = torch.cat([p[0] for p in per_scale], dim=1)
         attn = torch.cat([p[1] for p in per_scale], dim=1)
         kpts = torch.cat([p[2] for p in per_scale], dim=1)
-        # HOW normalises attention by its maximum over the scales (here also the rotations)
-        # before the joint selection.
-        attn = attn / attn.amax(dim=1, keepdim=True).clamp_min(1e-12)
-        feat, attn, idx = how_select_local(feat, attn, self.nfeat)
+        if self.selection == "joint":
+            # HOW normalises attention by its maximum over the scales (here also the
+            # rotations) before the joint selection.
+            attn = attn / attn.amax(dim=1, keepdim=True).clamp_min(1e-12)
+            feat, attn, idx = how_select_local(feat, attn, self.nfeat)
+        else:
+            # Each view already kept its share, normalised by its own maximum: keep them
+            # all, in order of attention.
+            feat, attn, idx = how_select_local(feat, attn, feat.shape[1])
         kpts = torch.gather(kpts, 1, idx.unsqueeze(-1).expand(-1, -1, 4))
         glob = F.normalize(spoc, dim=-1).cpu().numpy() if spoc is not None else [None] * len(images)
         feat, attn, kpts = feat.cpu().numpy(), attn.cpu().numpy(), kpts.cpu().numpy()
@@ -675,6 +695,7 @@ class DeepExtractor:
         ``inside`` a bool mask of the points in the image, or None when all are."""
         base_h, base_w = x.shape[-2:]
         rot_h, rot_w = frame
+        views = len(self.scales) * len(self.rotations)
         for scale in self.scales:
             hs, ws = self._scale_size(base_h, base_w, scale)
             xs = x if (hs, ws) == (base_h, base_w) else _resize(x, (hs, ws))
@@ -694,6 +715,10 @@ class DeepExtractor:
                 spoc = part if spoc is None else spoc + part
             # Keep this scale's top candidates only: no more can survive the final selection.
             k = resolve_nfeat(self.nfeat, feat.shape[1])
+            if self.selection == "per_view":
+                view = len(per_scale)
+                k = max(1, k // views + (view < k % views))
+                attn = attn / attn.amax(dim=1, keepdim=True).clamp_min(1e-12)
             if inside is not None:
                 # Every image of a batch has one size, so one count of tokens in the image.
                 k = min(k, int(inside.sum()))

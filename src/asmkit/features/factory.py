@@ -9,8 +9,10 @@ A ``[features]`` table names an extractor ``type`` and its options:
   it.
 - ``deep``: EfficientNet-Lite0 (offline ImageNet weights) and the training-free head; the
   whitening is learned into the head. ``rotations`` (distinct whole degrees in [0, 360))
-  runs every image at each rotation and keeps the top features over all of them. Options left out take the values of the ``deep``
-  preset, so that :func:`deep_extractor` and ``--preset deep`` agree.
+  runs every image at each rotation and keeps the top features over all of them
+  (``selection = "per_view"``: an equal share of each rotation and scale). Options left
+  out take the values of the ``deep`` preset, so that :func:`deep_extractor` and
+  ``--preset deep`` agree.
 - ``mast3r``: a MASt3R retrieval checkpoint (``--model``), with its codebook.
 
 Both ``whitening_*`` families take ``whitening_images`` (how many images, sampled with the
@@ -59,6 +61,7 @@ _OPTIONS = {
         "nfeat",
         "scales",
         "rotations",
+        "selection",
         "max_size",
         "smoothing",
         "batch_size",
@@ -104,7 +107,7 @@ def feature_options(features: Mapping[str, Any]) -> dict[str, Any]:
     ------
     ArgumentError
         Not a table, an unknown type, an unknown option (naming it), or a bad value of the
-        options checked here (``whitening_*``, ``rotations``, ``device``).
+        options checked here (``whitening_*``, ``rotations``, ``selection``, ``device``).
     """
     if not isinstance(features, Mapping):
         raise ArgumentError(f"features: expected a table, got {type(features).__name__}")
@@ -130,6 +133,8 @@ def feature_options(features: Mapping[str, Any]) -> dict[str, Any]:
         or any(isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < 360 for r in rotations)
     ):
         raise ArgumentError(f"features.rotations: expected distinct whole degrees in [0, 360), got {rotations!r}")
+    if "selection" in options:
+        check_choice(options["selection"], "features.selection", ("joint", "per_view"))
     if "device" in options and not isinstance(options["device"], str):
         raise ArgumentError(f"features.device: expected a string such as 'cpu' or 'cuda', got {options['device']!r}")
     return options
@@ -180,7 +185,7 @@ def deep_extractor(*, device: str = "cpu", whitening: PCAWhitening | str | os.Pa
     except ImportError as exc:
         raise DependencyError(f"the deep preset needs torch: pip install 'asmkit[deep]' ({exc})") from None
     backbone = check_choice(opts["backbone"], "features.backbone", ("efficientnet_lite0",))
-    kwargs = {k: opts[k] for k in ("nfeat", "max_size", "smoothing", "batch_size", "amp") if k in opts}
+    kwargs = {k: opts[k] for k in ("nfeat", "selection", "max_size", "smoothing", "batch_size", "amp") if k in opts}
     for key in ("scales", "rotations"):
         if key in opts:
             kwargs[key] = tuple(opts[key])
