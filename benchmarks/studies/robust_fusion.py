@@ -147,13 +147,11 @@ def rules(a: np.ndarray, b: np.ndarray, columns: list[np.ndarray], samples: list
     return out
 
 
-def member_matrix(data: str, preset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """float32 [Q, N]: ``asmkit eval DATA --preset PRESET``'s similarities; float64
-    [2, N]: the column statistics ``asmkit eval`` gives the member in a ``mutual_max``
-    hybrid; float32 [S, N]: the rows of the column sample they come from."""
-    gt = load_ground_truth(data)
-    out = pipeline._dataset_matrix(
-        gt,
+def dataset_matrix(data: str, preset: str):
+    """``asmkit eval DATA --preset PRESET``'s features, codebook and similarities (the
+    pipeline's ``_DatasetFeatures``, cached features reused; the caller closes ``store``)."""
+    return pipeline._dataset_matrix(
+        load_ground_truth(data),
         load_config(preset),
         data=data,
         codebook=None,
@@ -166,6 +164,14 @@ def member_matrix(data: str, preset: str) -> tuple[np.ndarray, np.ndarray, np.nd
         ray=None,
         ray_cpus=None,
     )
+
+
+def member_matrix(data: str, preset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """float32 [Q, N]: ``asmkit eval DATA --preset PRESET``'s similarities; float64
+    [2, N]: the column statistics ``asmkit eval`` gives the member in a ``mutual_max``
+    hybrid; float32 [S, N]: the rows of the column sample they come from."""
+    gt = load_ground_truth(data)
+    out = dataset_matrix(data, preset)
     sample = column_sample(len(gt.images))
     rows = out.rows_of(sample)
     columns = column_stats(rows, sample)
