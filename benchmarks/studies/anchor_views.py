@@ -31,10 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-from asmkit.evaluate import evaluate, load_ground_truth
+from asmkit.evaluate import load_ground_truth
 from asmkit.hybrid import fuse
 
-from .robust_fusion import member_matrix
+from .robust_fusion import member_matrix, rule_metrics
 
 MEMBERS = ("sift", "deep", "deep_rot")
 THRESHOLDS = (2, 3, 4, 5)
@@ -71,15 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     for m in MEMBERS:
         matrix, columns[m], _ = member_matrix(args.data, m)
         mats[m] = matrix.astype(np.float64)
-    results = {}
-    for rule, matrix in {**mats, **rules(mats, columns)}.items():
-        metrics = evaluate(np.argsort(-matrix, axis=1, kind="stable"), gt)
-        row = {"map": metrics["map"]}
-        if "ns_score" in metrics:
-            row["ns_score"] = metrics["ns_score"]
-        if "families" in metrics:
-            row["families"] = {f: v["map"] for f, v in metrics["families"].items()}
-        results[rule] = row
+    results = {rule: rule_metrics(matrix, gt) for rule, matrix in {**mats, **rules(mats, columns)}.items()}
     for rule, row in results.items():
         below = (
             []

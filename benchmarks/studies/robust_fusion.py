@@ -166,6 +166,18 @@ def dataset_matrix(data: str, preset: str):
     )
 
 
+def rule_metrics(matrix: np.ndarray, gt) -> dict:
+    """mAP of a ``[Q, N]`` similarity matrix's rankings, N-S and per-family mAP where the
+    ground truth has them."""
+    metrics = evaluate(np.argsort(-matrix, axis=1, kind="stable"), gt)
+    row = {"map": metrics["map"]}
+    if "ns_score" in metrics:
+        row["ns_score"] = metrics["ns_score"]
+    if "families" in metrics:
+        row["families"] = {f: v["map"] for f, v in metrics["families"].items()}
+    return row
+
+
 def member_matrix(data: str, preset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """float32 [Q, N]: ``asmkit eval DATA --preset PRESET``'s similarities; float64
     [2, N]: the column statistics ``asmkit eval`` gives the member in a ``mutual_max``
@@ -197,13 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         np.save(args.out / f"{m}.columns.npy", stats)
     results = {}
     for rule, matrix in {**members, **rules(*members.values(), columns, samples)}.items():
-        metrics = evaluate(np.argsort(-matrix, axis=1, kind="stable"), gt)
-        row = {"map": metrics["map"]}
-        if "ns_score" in metrics:
-            row["ns_score"] = metrics["ns_score"]
-        if "families" in metrics:
-            row["families"] = {f: v["map"] for f, v in metrics["families"].items()}
-        results[rule] = row
+        results[rule] = row = rule_metrics(matrix, gt)
         print(f"{rule:22s}", " ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "families"), end=" ")
         print(" ".join(f"{f} {v:.3f}" for f, v in row.get("families", {}).items()))
     (args.out / "fusion.json").write_text(json.dumps(results, indent=1) + "\n")
