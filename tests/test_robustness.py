@@ -171,3 +171,136 @@ def test_benchmark_writes_a_loadable_set_with_one_variant_per_family(tmp_path):
     assert all(len(gt.families[f][q]) == 1 for f in gt.families for q in range(2))
     sizes = {f: Image.open(out / gt.images[int(gt.families[f][0][0])]).size for f in ("rot90", "scale_2")}
     assert sizes == {"rot90": (60, 80), "scale_2": (160, 120)}
+
+
+# -- the query at several rotations (query_rotations, the deep_qrot preset) -------------------
+
+
+def test_a_turned_extractor_is_the_upright_one_on_the_turned_image():
+    pytest.importorskip("torch")
+    from asmkit.features.factory import deep_extractor
+
+    ext = deep_extractor(nfeat=40)
+    img = _photo()
+    turned = ext.turned(90).extract(img)
+    upright = ext.extract(np.ascontiguousarray(np.rot90(img)))
+    np.testing.assert_allclose(turned.attention, upright.attention, atol=1e-5)
+    np.testing.assert_allclose(turned.descriptors, upright.descriptors, atol=1e-4)
+    # The turned extractor maps its keypoints back to the image it was given: turned by 90
+    # degrees counter-clockwise they are the upright extraction's (x' = y, y' = W - x).
+    w = img.shape[1]
+    back = np.stack([turned.keypoints[:, 1], w - turned.keypoints[:, 0]], axis=1)
+    np.testing.assert_allclose(back, upright.keypoints[:, :2], atol=1e-3)
+
+
+@pytest.mark.parametrize("bad", [[90, 180], [0, 0], [400], "0"])
+def test_bad_query_rotations_are_argument_errors(bad):
+    with pytest.raises(ArgumentError, match="query_rotations"):
+        feature_options({"type": "deep", "query_rotations": bad})
+
+
+def test_query_rotations_leave_the_database_side_alone():
+    from asmkit.features.factory import extraction_settings, query_turns
+
+    turning = {"type": "deep", "query_rotations": [0, 90, 180, 270]}
+    assert query_turns(turning) == (90, 180, 270) and query_turns({"type": "deep"}) == ()
+    # Stored features (and so the cache) are those of the preset without the setting.
+    assert extraction_settings(turning) == extraction_settings({"type": "deep"})
+
+
+def test_merging_searches_of_one_database_keeps_each_image_at_its_best():
+    from asmkit.search import merge_topk
+
+    rng = np.random.default_rng(3)
+    results = []
+    for _ in range(3):
+        ids = np.stack([rng.choice(12, 5, replace=False) for _ in range(4)]).astype(np.int64)
+        results.append((rng.random((4, 5)).astype(np.float32), ids))
+    results[1][1][2, 3:] = -1  # padding, never kept
+    scores, ids = merge_topk(results, 6, best_of=True)
+    for q in range(4):
+        best: dict[int, float] = {}
+        for s, i in results:
+            for score, image in zip(s[q], i[q]):
+                if image >= 0:
+                    best[int(image)] = max(best.get(int(image), -np.inf), float(score))
+        expected = sorted(best.items(), key=lambda item: (-item[1], item[0]))[:6]
+        assert ids[q, : len(expected)].tolist() == [image for image, _ in expected]
+        np.testing.assert_allclose(scores[q, : len(expected)], [score for _, score in expected])
+        assert (ids[q, len(expected) :] == -1).all()
+
+
+@pytest.fixture(scope="module")
+def turned_set(tmp_path_factory):
+    """A small retrieval set (the demo photos and their variants) for the deep presets."""
+    pytest.importorskip("torch")
+    from asmkit.demo import build_demo_set
+
+    root = tmp_path_factory.mktemp("qrot")
+    return build_demo_set(root / "data", seed=2, photos=["astronaut", "coffee", "rocket"], max_size=160)
+
+
+def test_eval_scores_each_query_by_its_best_rotation(turned_set):
+    from asmkit import pipeline
+    from asmkit.config import load_config
+    from asmkit.index import Index
+
+    gt = load_ground_truth(turned_set)
+    options = dict(
+        data=turned_set, codebook=None, model=None, cache=None, workers=None, device="cpu",
+        regions=None, whole_image=True, ray=None, ray_cpus=None,
+    )  # fmt: skip
+    turning = pipeline._dataset_matrix(gt, load_config("deep_qrot"), **options)
+    upright = pipeline._dataset_matrix(gt, load_config("deep"), **options)
+    try:
+        # The database side is deep's: the same features and codebook.
+        np.testing.assert_array_equal(upright.codebook.centroids, turning.codebook.centroids)
+        index = Index(upright.codebook, load_config("deep").params)
+        index.add(upright.db)
+        expected = upright.matrix
+        for rotation in (90, 180, 270):
+            expected = np.maximum(expected, index.similarity_matrix(upright.turned(gt.queries, rotation)))
+        np.testing.assert_allclose(turning.matrix, expected, atol=1e-6)
+        assert (turning.matrix >= upright.matrix - 1e-6).all() and (turning.matrix > upright.matrix + 1e-6).any()
+        assert "query_turns_s" in turning.timings
+    finally:
+        turning.store.close()
+        upright.store.close()
+
+
+def test_query_searches_each_rotation_and_the_rest_refuse(turned_set, tmp_path):
+    from asmkit import pipeline
+    from asmkit.features.io import load_image
+    from asmkit.hybrid import HybridSpec
+
+    images = turned_set / "images"
+    ws = tmp_path / "ws"
+    pipeline.build_index(images, out=ws, preset="deep_qrot")
+    photo = sorted(images.iterdir())[0]
+    query = tmp_path / "turned.png"
+    Image.fromarray(np.ascontiguousarray(np.rot90(np.asarray(Image.open(photo).convert("RGB"))))).save(query)
+    got = pipeline.query_index(ws, [query], top=5)["results"][0]["results"]
+    # By hand: the workspace's extractor at each rotation, the best score per image.
+    folder, feats, idx, _ = pipeline._open_for_query(ws, None, "cpu")
+    image = load_image(query, max_size=feats.extractor.max_size)
+    best: dict[str, float] = {}
+    for rotation in (0, 90, 180, 270):
+        vecs = feats.descriptors(feats.extractor.turned(rotation).extract(image).descriptors)
+        scores, ids = idx.search([vecs], k=5)
+        for score, key in zip(scores[0], idx.keys_of(ids[0][ids[0] >= 0])):
+            best[key] = max(best.get(key, -np.inf), float(score))
+    expected = sorted(best.items(), key=lambda item: -item[1])[:5]
+    assert [r["name"] for r in got][:1] == [expected[0][0]]
+    np.testing.assert_allclose([r["score"] for r in got], [s for _, s in expected], rtol=1e-5)
+    # What takes every image as a query, or fuses over the database, refuses the setting.
+    with pytest.raises(ArgumentError, match="query_rotations"):
+        pipeline.compute_scores(images, out=tmp_path / "s.npy", preset="deep_qrot")
+    with pytest.raises(ArgumentError, match="query_rotations"):
+        pipeline.compute_scores(images, out=tmp_path / "s.npz", top=3, preset="deep_qrot")
+    with pytest.raises(ArgumentError, match="query_rotations"):
+        HybridSpec(["sift", "deep_qrot"])
+    if importlib.util.find_spec("fastapi") is not None:
+        from asmkit.serve import open_served
+
+        with pytest.raises(ArgumentError, match="query_rotations"):
+            open_served(ws)

@@ -131,6 +131,10 @@ class HybridSpec:
                     f"hybrid.members: {m!r} is not a plain preset; expected some of "
                     f"{', '.join(n for n in names if 'hybrid' not in preset_table(n))}"
                 )
+            if len(preset_table(m).get("features", {}).get("query_rotations", [0])) > 1:
+                # Fusion works on score matrices whose columns are standardised over the
+                # database as queries, which such a member would extract at every rotation.
+                raise ArgumentError(f"hybrid.members: {m!r} searches queries at several rotations (query_rotations)")
         self.members = tuple(members)
         self.fusion = check_choice(fusion, "hybrid.fusion", FUSIONS)
 

@@ -36,7 +36,7 @@ from ._validation import ArgumentError, FileFormatError, check_int
 from .codebook import Codebook
 from .config import PipelineConfig, load_config
 from .features import FeatureStore, ImageFeatures, extract_features, image_names, list_images
-from .features.factory import Features, build_extractor, extraction_settings, feature_options
+from .features.factory import Features, build_extractor, extraction_settings, feature_options, query_turns
 from .hybrid import HybridSpec, column_sample, column_stats, fuse, hybrid_spec, needs_columns
 from .index import Index
 from .pairs import SparseScores
@@ -84,9 +84,15 @@ def _image_set_key(paths: Sequence[Path]) -> str:
     return digest.hexdigest()
 
 
+def _database_options(cfg: PipelineConfig) -> dict[str, Any]:
+    """The ``[features]`` options that shape the database side (whitening, stored features,
+    codebook): all but ``query_rotations``, which turns only the queries."""
+    return {k: v for k, v in feature_options(cfg.features).items() if k != "query_rotations"}
+
+
 def _whitening_key(cfg: PipelineConfig, image_set: str) -> str | None:
     """What a learned whitening depends on, hashed; None when the preset learns none."""
-    options = feature_options(cfg.features)
+    options = _database_options(cfg)
     if options.get("whitening_dim") is None and options["type"] != "deep":
         return None
     return _digest({"features": options, "images": image_set, "seed": cfg.params.seed})
@@ -887,7 +893,11 @@ def query_index(
     queries, qfeats, failed = _query_features(images, feats, box)
     out = []
     if queries:
-        scores, ids = idx.search([feats.descriptors(f.descriptors) for f in qfeats], k=max(top, rerank))
+        k = max(top, rerank)
+        scores, ids = idx.search([feats.descriptors(f.descriptors) for f in qfeats], k=k)
+        turns = query_turns(open_workspace(folder)[1].features)
+        if turns:
+            scores, ids = _search_turned(idx, feats, [p for p, _ in queries], box, turns, (scores, ids), k)
         inliers = None
         if rerank:
             own = [_database_id(idx, root, Path(p)) for p, _ in queries]
@@ -927,6 +937,32 @@ def query_index(
         "results": out,
         "failed": [{"name": n, "reason": r} for n, r in failed],
     }
+
+
+def _no_query_turns(cfg: PipelineConfig) -> None:
+    """All-vs-all scores take every image as a query: with ``query_rotations`` that would be
+    every image extracted at each rotation, the cost the setting avoids. Refused, naming
+    the preset that does it on both sides."""
+    if query_turns(cfg.features):
+        raise ArgumentError(
+            f"preset {cfg.name}: query_rotations searches queries at several rotations; all-vs-all scores "
+            "and pairs take every image as a query, so use a preset that extracts every image at each "
+            "rotation (deep_rot)"
+        )
+
+
+def _search_turned(idx: Index, feats: Features, paths: Sequence[str], box, turns, upright, k: int):
+    """``upright`` (scores float32 [Q, k], ids int64 [Q, k] of the query images ``paths``)
+    merged with their searches at each rotation of ``turns``: every database image keeps
+    its best score over the rotations (``[features] query_rotations``)."""
+    from .search import merge_topk
+
+    results = [upright]
+    for rotation in turns:
+        turned = Features(feats.extractor.turned(rotation), feats.whitening, feats.codebook)
+        _, tfeats, _ = _query_features(paths, turned, box)
+        results.append(idx.search([feats.descriptors(f.descriptors) for f in tfeats], k=k))
+    return merge_topk(results, k, best_of=True)
 
 
 def _open_for_query(index, model, device: str) -> tuple[Path, Features, Index, Path]:
@@ -1211,6 +1247,7 @@ def compute_scores(
     from .search import similarity_matrix
 
     cfg = load_config(preset, config, codebook_size=codebook_size)
+    _no_query_turns(cfg)
     paths, root = _images(images)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -1318,7 +1355,7 @@ def _scores_codebook(folder: Path, cfg: PipelineConfig, trained_on: Sequence[Pat
         _digest(
             {
                 "images": _image_set_key(trained_on),
-                "features": feature_options(cfg.features),
+                "features": _database_options(cfg),
                 "whitening": _whitening_key(cfg, _image_set_key(paths)),
                 "params": cfg.params.to_dict(),
                 "chosen": cfg.codebook_size_chosen,
@@ -1523,6 +1560,7 @@ def _scored_index(
     t0 = time.perf_counter()
     if (Path(images) / _PIPELINE).is_file():
         folder, cfg, _ = open_workspace(images)
+        _no_query_turns(cfg)
         feats = _build_extractor(cfg, saved=workspace_extractor_path(cfg, folder), model=model, device=device)
         index = Index.load(folder / "index.asmkit", mmap=True, gpu=gpu_of(device))
         names, failed = index.keys, []
@@ -1531,6 +1569,7 @@ def _scored_index(
         descriptors = _store_descriptors(feats, store, names)
     else:
         cfg = load_config(preset, config, codebook_size=codebook_size)
+        _no_query_turns(cfg)
         paths, root = _images(images)
         feats, store, names, failed, folder = _features_for(
             paths, root, cfg, model, workers, Path(cache) if cache else None, device
@@ -1866,6 +1905,7 @@ class _DatasetFeatures:
     timings: dict
     matrix: np.ndarray | None = None
     rows_of: Callable[[np.ndarray], np.ndarray] | None = None
+    turned: Callable[[Sequence[str], int], list] | None = None
 
 
 def _dataset_features(gt, cfg: PipelineConfig, *, data, codebook, model, cache, workers, device) -> _DatasetFeatures:
@@ -1890,6 +1930,23 @@ def _dataset_features(gt, cfg: PipelineConfig, *, data, codebook, model, cache, 
     def descriptors(image_names: Sequence[str]) -> list[np.ndarray]:
         return [feats.descriptors(store.get(n).descriptors) if n in have else empty for n in image_names]
 
+    def turned(image_names: Sequence[str], rotation: int) -> list[np.ndarray]:
+        # Each rotation's features are cached in a store of their own beside the upright ones.
+        extractor = feats.extractor.turned(rotation)
+        key = _whitening_key(cfg, _image_set_key(paths))
+        turned_store, got, _ = _extract_into(
+            [root / n for n in image_names],
+            root,
+            extractor,
+            cache_folder / f"features-{key}-turn{rotation}.h5",
+            workers,
+        )
+        try:
+            present = set(got)
+            return [feats.descriptors(turned_store.get(n).descriptors) if n in present else empty for n in image_names]
+        finally:
+            turned_store.close()
+
     db = descriptors(gt.images)
 
     t0 = time.perf_counter()
@@ -1897,7 +1954,7 @@ def _dataset_features(gt, cfg: PipelineConfig, *, data, codebook, model, cache, 
         _digest(
             {
                 "images": _image_set_key([root / n for n in gt.images]),
-                "features": feature_options(cfg.features),
+                "features": _database_options(cfg),
                 "whitening": _whitening_key(cfg, _image_set_key(paths)),
                 "params": cfg.params.to_dict(),
                 "chosen": cfg.codebook_size_chosen,
@@ -1913,7 +1970,9 @@ def _dataset_features(gt, cfg: PipelineConfig, *, data, codebook, model, cache, 
         n_desc = sum(len(d) for d in db)
         source = f"the evaluated images' descriptors ({n_desc} from {len(gt.images)} images; {source})"
     timings["codebook_s"] = time.perf_counter() - t0
-    return _DatasetFeatures(store, have, db, descriptors, cb, source, [tuple(f) for f in failed], timings)
+    return _DatasetFeatures(
+        store, have, db, descriptors, cb, source, [tuple(f) for f in failed], timings, turned=turned
+    )
 
 
 def _dataset_matrix(
@@ -1956,6 +2015,16 @@ def _dataset_matrix(
         index.add(db, regions=db_regions)
         matrix = index.similarity_matrix(descriptors(gt.queries))
     out.timings["search_s"] = time.perf_counter() - t0
+    turns = query_turns(cfg.features)
+    if turns:
+        # Each query also searched turned; a database image keeps its best score.
+        t0 = time.perf_counter()
+        if index is None:
+            index = Index(cb, cfg.params)
+            index.add(db, regions=db_regions)
+        for rotation in turns:
+            matrix = np.maximum(matrix, index.similarity_matrix(out.turned(gt.queries, rotation)))
+        out.timings["query_turns_s"] = time.perf_counter() - t0
     out.matrix = matrix
     if gt.queries == gt.images:
 

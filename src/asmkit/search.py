@@ -511,7 +511,9 @@ def similarity_matrix(
     )
 
 
-def merge_topk(results: Sequence[tuple[np.ndarray, np.ndarray]], k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def merge_topk(
+    results: Sequence[tuple[np.ndarray, np.ndarray]], k: int | None = None, *, best_of: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Merge per-shard top-k results of the same queries into one top-k.
 
     Ranking order is decreasing score, ties by ascending id, padding (-1) last, the same
@@ -523,6 +525,10 @@ def merge_topk(results: Sequence[tuple[np.ndarray, np.ndarray]], k: int | None =
     results : sequence of (scores float32 [Q, k_i], ids int64 [Q, k_i])
     k : int, optional
         Results kept per query (default: the largest k_i).
+    best_of : bool, default False
+        The results are of one database searched several ways (a query at several
+        rotations): an image found more than once keeps its best score only. Shards hold
+        disjoint images, so the default keeps every entry.
 
     Returns
     -------
@@ -547,7 +553,20 @@ def merge_topk(results: Sequence[tuple[np.ndarray, np.ndarray]], k: int | None =
     ids = np.concatenate([np.asarray(p[1], dtype=np.int64) for p in results], axis=1)
     # Padding sorts last: its id -1 is mapped above every real id.
     tie_ids = np.where(ids < 0, np.iinfo(np.int64).max, ids)
-    order = np.lexsort((tie_ids, -scores), axis=1)[:, :k]
+    order = np.lexsort((tie_ids, -scores), axis=1)
+    if best_of:
+        # In ranking order an image's first entry is its best: keep those (and no padding).
+        out_scores = np.full((len(ids), k), -np.inf, np.float32)
+        out_ids = np.full((len(ids), k), -1, np.int64)
+        for row in range(len(ids)):
+            ranked = ids[row, order[row]]
+            _, first = np.unique(ranked, return_index=True)
+            keep = np.sort(first)
+            keep = order[row, keep[ranked[keep] >= 0]][:k]
+            out_scores[row, : len(keep)] = scores[row, keep]
+            out_ids[row, : len(keep)] = ids[row, keep]
+        return out_scores, out_ids
+    order = order[:, :k]
     out_scores = np.take_along_axis(scores, order, axis=1)
     out_ids = np.take_along_axis(ids, order, axis=1)
     if out_scores.shape[1] < k:

@@ -487,6 +487,25 @@ class DeepExtractor:
             "amp": self.amp and self.device.type == "cuda",
         }
 
+    def turned(self, rotation: int) -> "DeepExtractor":
+        """This extractor run on the image rotated by ``rotation`` degrees counter-clockwise
+        alone (its keypoints mapped back to the unrotated image): the same backbone, head
+        and whitening, the same settings otherwise. How a query is searched at several
+        rotations (``[features] query_rotations``)."""
+        return DeepExtractor(
+            self.backbone,
+            self.head,
+            nfeat=self.nfeat,
+            scales=self.scales,
+            rotations=(rotation,),
+            selection=self.selection,
+            max_size=self.max_size,
+            device=str(self.device),
+            amp=self.amp,
+            batch_size=self.batch_size,
+            name=self.name,
+        )
+
     def extract(self, image: np.ndarray) -> ImageFeatures:
         """Local features of one RGB image.
 

@@ -12,7 +12,9 @@ A ``[features]`` table names an extractor ``type`` and its options:
   runs every image at each rotation and keeps the top features over all of them
   (``selection = "per_view"``: an equal share of each rotation and scale). Options left
   out take the values of the ``deep`` preset, so that :func:`deep_extractor` and
-  ``--preset deep`` agree.
+  ``--preset deep`` agree. ``query_rotations`` (whole degrees, 0 among them) leaves the
+  database features alone and searches each query at each of these rotations, a database
+  image scoring the best of them (:func:`query_turns`).
 - ``mast3r``: a MASt3R retrieval checkpoint (``--model``), with its codebook.
 
 Both ``whitening_*`` families take ``whitening_images`` (how many images, sampled with the
@@ -37,7 +39,15 @@ from .io import ImageLoadError, load_image
 from .sift import SiftExtractor
 from .whitening import PCAWhitening
 
-__all__ = ["FEATURE_TYPES", "Features", "build_extractor", "deep_extractor", "extraction_settings", "feature_options"]
+__all__ = [
+    "FEATURE_TYPES",
+    "Features",
+    "build_extractor",
+    "deep_extractor",
+    "extraction_settings",
+    "feature_options",
+    "query_turns",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +71,7 @@ _OPTIONS = {
         "nfeat",
         "scales",
         "rotations",
+        "query_rotations",
         "selection",
         "max_size",
         "smoothing",
@@ -125,14 +136,19 @@ def feature_options(features: Mapping[str, Any]) -> dict[str, Any]:
     check_int(options.get("whitening_dim"), "features.whitening_dim", min=1, none=True)
     check_float(options.get("whitening_shrinkage", 1.0), "features.whitening_shrinkage", min=0.0, max=1.0)
     check_int(options.get("whitening_images", _WHITENING_IMAGES), "features.whitening_images", min=1)
-    rotations = options.get("rotations", [0])
-    if (
-        not isinstance(rotations, (list, tuple))
-        or not rotations
-        or len(set(rotations)) != len(rotations)
-        or any(isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < 360 for r in rotations)
-    ):
-        raise ArgumentError(f"features.rotations: expected distinct whole degrees in [0, 360), got {rotations!r}")
+    for key in ("rotations", "query_rotations"):
+        rotations = options.get(key, [0])
+        if (
+            not isinstance(rotations, (list, tuple))
+            or not rotations
+            or len(set(rotations)) != len(rotations)
+            or any(isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < 360 for r in rotations)
+        ):
+            raise ArgumentError(f"features.{key}: expected distinct whole degrees in [0, 360), got {rotations!r}")
+    if 0 not in options.get("query_rotations", [0]):
+        raise ArgumentError(
+            f"features.query_rotations: expected 0 among them (the query as it is), got {options['query_rotations']!r}"
+        )
     if "selection" in options:
         check_choice(options["selection"], "features.selection", ("joint", "per_view"))
     if "device" in options and not isinstance(options["device"], str):
@@ -150,7 +166,14 @@ def extraction_settings(features: Mapping[str, Any]) -> dict[str, Any]:
     options = feature_options(features)
     if options["type"] == "sift":
         return {k: v for k, v in options.items() if k not in _WHITENING}
-    return options
+    # The database side never turns: presets that differ only there share their features.
+    return {k: v for k, v in options.items() if k != "query_rotations"}
+
+
+def query_turns(features: Mapping[str, Any]) -> tuple[int, ...]:
+    """The rotations (degrees, 0 left out) at which a ``[features]`` table also searches
+    each query (``query_rotations``); empty when it searches the query as it is."""
+    return tuple(r for r in feature_options(features).get("query_rotations", [0]) if r)
 
 
 def deep_extractor(*, device: str = "cpu", whitening: PCAWhitening | str | os.PathLike | None = None, **options: Any):

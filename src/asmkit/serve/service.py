@@ -38,7 +38,7 @@ from .._io import read_json
 from .._validation import ArgumentError, check_vecs
 from ..config import PipelineConfig
 from ..features import ImageLoadError, load_image
-from ..features.factory import build_extractor
+from ..features.factory import build_extractor, query_turns
 from ..hybrid import HybridSpec, fuse
 from ..index import Index
 from ..pipeline import common_names, gpu_of, hybrid_columns, open_workspace, workspace_extractor_path, workspace_hybrid
@@ -121,6 +121,13 @@ def _open_extractor(
     builds it (the extractor factory, the workspace's learned whitening): (config,
     image_root, image -> float32 [n, D] ready for quantization, max_size, thread_safe)."""
     _, cfg, root = open_workspace(folder)
+    if query_turns(cfg.features):
+        # The service searches each image once; answering otherwise than `asmkit query`
+        # would be worse than not answering.
+        raise ArgumentError(
+            f"{folder}: preset {cfg.name} searches queries at several rotations (query_rotations), "
+            "which the service does not do yet; search it with `asmkit query`"
+        )
     saved = workspace_extractor_path(cfg, folder)
     feats = build_extractor(cfg.features, saved=saved, device=device, seed=cfg.params.seed)
 
