@@ -199,6 +199,11 @@ def test_bad_query_rotations_are_argument_errors(bad):
         feature_options({"type": "deep", "query_rotations": bad})
 
 
+def test_query_rotations_turn_the_query_side_only():
+    with pytest.raises(ArgumentError, match="not with rotations"):
+        feature_options({"type": "deep", "query_rotations": [0, 90], "rotations": [0, 90]})
+
+
 def test_query_rotations_leave_the_database_side_alone():
     from asmkit.features.factory import extraction_settings, query_turns
 

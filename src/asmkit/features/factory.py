@@ -149,6 +149,9 @@ def feature_options(features: Mapping[str, Any]) -> dict[str, Any]:
         raise ArgumentError(
             f"features.query_rotations: expected 0 among them (the query as it is), got {options['query_rotations']!r}"
         )
+    if len(options.get("query_rotations", [0])) > 1 and list(options.get("rotations", [0])) != [0]:
+        # A turned query is one rotation's features; the database's would pool several.
+        raise ArgumentError("features.query_rotations: not with rotations (turn one side, not both)")
     if "selection" in options:
         check_choice(options["selection"], "features.selection", ("joint", "per_view"))
     if "device" in options and not isinstance(options["device"], str):
