@@ -273,7 +273,7 @@ def test_eval_scores_each_query_by_its_best_rotation(turned_set):
         upright.store.close()
 
 
-def test_query_searches_each_rotation_and_the_rest_refuse(turned_set, tmp_path):
+def test_query_and_serve_search_each_rotation_and_scores_refuse(turned_set, tmp_path):
     from asmkit import pipeline
     from asmkit.features.io import load_image
     from asmkit.hybrid import HybridSpec
@@ -304,8 +304,15 @@ def test_query_searches_each_rotation_and_the_rest_refuse(turned_set, tmp_path):
         pipeline.compute_scores(images, out=tmp_path / "s.npz", top=3, preset="deep_qrot")
     with pytest.raises(ArgumentError, match="query_rotations"):
         HybridSpec(["sift", "deep_qrot"])
-    if importlib.util.find_spec("fastapi") is not None:
-        from asmkit.serve import open_served
+    if importlib.util.find_spec("fastapi") is not None and importlib.util.find_spec("httpx") is not None:
+        # The service answers as `asmkit query` does: every rotation, each image at its best.
+        from fastapi.testclient import TestClient
 
-        with pytest.raises(ArgumentError, match="query_rotations"):
-            open_served(ws)
+        from asmkit.serve import Settings, create_app, open_served
+
+        settings = Settings()
+        with TestClient(create_app(open_served(ws, settings), settings)) as client:
+            answer = client.post("/search?k=5", files={"image": ("q.png", query.read_bytes(), "image/png")})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["keys"] == [r["name"] for r in got]
+        np.testing.assert_allclose(answer.json()["scores"], [r["score"] for r in got], rtol=1e-5)

@@ -366,6 +366,17 @@ def create_app(index: ServedIndex | ServedHybrid, settings: Settings | None = No
         if descriptors is not None:
             vecs = read_npy(data, "descriptors")
             timings["read_ms"] = _ms(time.perf_counter() - t0)
+        elif getattr(index, "query_turns", ()):
+            # A workspace that searches each query at several rotations (deep_qrot).
+            timings["read_ms"] = _ms(time.perf_counter() - t0)
+            t1 = time.perf_counter()
+            turned = await blocking(index.featurize_query, data)
+            timings["features_ms"] = _ms(time.perf_counter() - t1)
+            t1 = time.perf_counter()
+            keys, scores = await blocking(index.search_turned, turned, k)
+            timings["search_ms"] = _ms(time.perf_counter() - t1)
+            timings["total_ms"] = _ms(time.perf_counter() - t0)
+            return SearchResponse(keys=keys, scores=scores, descriptors=len(turned[0]), timings=Timings(**timings))
         else:
             timings["read_ms"] = _ms(time.perf_counter() - t0)
             t1 = time.perf_counter()

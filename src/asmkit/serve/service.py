@@ -116,23 +116,20 @@ class _Snapshot:
 
 def _open_extractor(
     folder: Path, device: str
-) -> tuple[PipelineConfig, Path, Callable[[np.ndarray], np.ndarray], int | None, bool]:
+) -> tuple[PipelineConfig, Path, Callable[..., np.ndarray], int | None, bool]:
     """The workspace's config, image root and feature extractor, built as ``asmkit query``
     builds it (the extractor factory, the workspace's learned whitening): (config,
-    image_root, image -> float32 [n, D] ready for quantization, max_size, thread_safe)."""
+    image_root, ``featurize(image, rotation=0)`` -> float32 [n, D] ready for quantization
+    (``rotation``: the image turned by that many degrees, for ``query_rotations``),
+    max_size, thread_safe)."""
     _, cfg, root = open_workspace(folder)
-    if query_turns(cfg.features):
-        # The service searches each image once; answering otherwise than `asmkit query`
-        # would be worse than not answering.
-        raise ArgumentError(
-            f"{folder}: preset {cfg.name} searches queries at several rotations (query_rotations), "
-            "which the service does not do yet; search it with `asmkit query`"
-        )
     saved = workspace_extractor_path(cfg, folder)
     feats = build_extractor(cfg.features, saved=saved, device=device, seed=cfg.params.seed)
+    turned = {rotation: feats.extractor.turned(rotation) for rotation in query_turns(cfg.features)}
 
-    def featurize(image: np.ndarray) -> np.ndarray:
-        return feats.descriptors(feats.extractor.extract(image).descriptors)
+    def featurize(image: np.ndarray, rotation: int = 0) -> np.ndarray:
+        extractor = turned[rotation] if rotation else feats.extractor
+        return feats.descriptors(extractor.extract(image).descriptors)
 
     return (
         cfg,
@@ -278,6 +275,8 @@ class ServedIndex:
         self.config, self.image_root, self._featurize, self._max_size, thread_safe = _open_extractor(
             self.folder, self.settings.device
         )
+        #: Rotations (degrees, besides upright) each query image is also searched at.
+        self.query_turns = query_turns(self.config.features)
         self._extract_lock = None if thread_safe else threading.Lock()
         index = Index.load(self.folder / _INDEX, mmap=False, gpu=gpu_of(self.settings.device))
         self._write_lock = threading.Lock()
@@ -349,17 +348,38 @@ class ServedIndex:
             Not an image, truncated, too many pixels (``settings.max_pixels``, checked on
             the header), too small.
         """
+        return self._features(self._decode(data), 0)
+
+    def featurize_query(self, data: bytes) -> list[np.ndarray]:
+        """float32 [n_r, D] per rotation the workspace searches a query at (upright first,
+        then ``query_turns``): what :meth:`search_turned` takes. Raises as :meth:`featurize`."""
+        image = self._decode(data)
+        return [self._features(image, rotation) for rotation in (0, *self.query_turns)]
+
+    def _decode(self, data: bytes) -> np.ndarray:
         with tempfile.NamedTemporaryFile(prefix="asmkit-serve-") as tmp:
             tmp.write(data)
             tmp.flush()
             try:
-                image = load_image(tmp.name, max_size=self._max_size, max_pixels=self.settings.max_pixels)
+                return load_image(tmp.name, max_size=self._max_size, max_pixels=self.settings.max_pixels)
             except ImageLoadError as exc:
                 raise ArgumentError(f"image: {exc.reason}") from None
+
+    def _features(self, image: np.ndarray, rotation: int) -> np.ndarray:
         if self._extract_lock is None:
-            return self._featurize(image)
+            return self._featurize(image, rotation)
         with self._extract_lock:
-            return self._featurize(image)
+            return self._featurize(image, rotation)
+
+    def search_turned(self, vecs: list[np.ndarray], k: int) -> tuple[list[str], list[float]]:
+        """``search`` of one query given at several rotations (:meth:`featurize_query`):
+        every image keeps its best score over them, as ``asmkit query`` merges them."""
+        best: dict[str, float] = {}
+        for future in [self.submit_search(v, k) for v in vecs]:
+            for key, score in zip(*future.result()):
+                best[key] = max(best.get(key, -np.inf), score)
+        ranked = sorted(best.items(), key=lambda item: -item[1])[:k]
+        return [key for key, _ in ranked], [score for _, score in ranked]
 
     def search(self, vecs: np.ndarray, k: int) -> tuple[list[str], list[float]]:
         """The ``k`` best images for one query image.
