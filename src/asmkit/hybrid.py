@@ -66,6 +66,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ._validation import ArgumentError, check_choice
+from .features.factory import query_turns
 from .params import preset_names, preset_table
 
 __all__ = [
@@ -131,7 +132,7 @@ class HybridSpec:
                     f"hybrid.members: {m!r} is not a plain preset; expected some of "
                     f"{', '.join(n for n in names if 'hybrid' not in preset_table(n))}"
                 )
-            if len(preset_table(m).get("features", {}).get("query_rotations", [0])) > 1:
+            if query_turns(preset_table(m).get("features", {})):
                 # Fusion works on score matrices whose columns are standardised over the
                 # database as queries, which such a member would extract at every rotation.
                 raise ArgumentError(f"hybrid.members: {m!r} searches queries at several rotations (query_rotations)")

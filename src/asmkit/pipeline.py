@@ -36,7 +36,14 @@ from ._validation import ArgumentError, FileFormatError, check_int
 from .codebook import Codebook
 from .config import PipelineConfig, load_config
 from .features import FeatureStore, ImageFeatures, extract_features, image_names, list_images
-from .features.factory import Features, build_extractor, extraction_settings, feature_options, query_turns
+from .features.factory import (
+    Features,
+    build_extractor,
+    database_options,
+    extraction_settings,
+    feature_options,
+    query_turns,
+)
 from .hybrid import HybridSpec, column_sample, column_stats, fuse, hybrid_spec, needs_columns
 from .index import Index
 from .pairs import SparseScores
@@ -84,15 +91,9 @@ def _image_set_key(paths: Sequence[Path]) -> str:
     return digest.hexdigest()
 
 
-def _database_options(cfg: PipelineConfig) -> dict[str, Any]:
-    """The ``[features]`` options that shape the database side (whitening, stored features,
-    codebook): all but ``query_rotations``, which turns only the queries."""
-    return {k: v for k, v in feature_options(cfg.features).items() if k != "query_rotations"}
-
-
 def _whitening_key(cfg: PipelineConfig, image_set: str) -> str | None:
     """What a learned whitening depends on, hashed; None when the preset learns none."""
-    options = _database_options(cfg)
+    options = database_options(cfg.features)
     if options.get("whitening_dim") is None and options["type"] != "deep":
         return None
     return _digest({"features": options, "images": image_set, "seed": cfg.params.seed})
@@ -1355,7 +1356,7 @@ def _scores_codebook(folder: Path, cfg: PipelineConfig, trained_on: Sequence[Pat
         _digest(
             {
                 "images": _image_set_key(trained_on),
-                "features": _database_options(cfg),
+                "features": database_options(cfg.features),
                 "whitening": _whitening_key(cfg, _image_set_key(paths)),
                 "params": cfg.params.to_dict(),
                 "chosen": cfg.codebook_size_chosen,
@@ -1930,15 +1931,16 @@ def _dataset_features(gt, cfg: PipelineConfig, *, data, codebook, model, cache, 
     def descriptors(image_names: Sequence[str]) -> list[np.ndarray]:
         return [feats.descriptors(store.get(n).descriptors) if n in have else empty for n in image_names]
 
+    wkey = _whitening_key(cfg, _image_set_key(paths))
+
     def turned(image_names: Sequence[str], rotation: int) -> list[np.ndarray]:
         # Each rotation's features are cached in a store of their own beside the upright ones.
         extractor = feats.extractor.turned(rotation)
-        key = _whitening_key(cfg, _image_set_key(paths))
         turned_store, got, _ = _extract_into(
             [root / n for n in image_names],
             root,
             extractor,
-            cache_folder / f"features-{key}-turn{rotation}.h5",
+            cache_folder / f"features-{wkey}-turn{rotation}.h5",
             workers,
         )
         try:
@@ -1954,8 +1956,8 @@ def _dataset_features(gt, cfg: PipelineConfig, *, data, codebook, model, cache, 
         _digest(
             {
                 "images": _image_set_key([root / n for n in gt.images]),
-                "features": _database_options(cfg),
-                "whitening": _whitening_key(cfg, _image_set_key(paths)),
+                "features": database_options(cfg.features),
+                "whitening": wkey,
                 "params": cfg.params.to_dict(),
                 "chosen": cfg.codebook_size_chosen,
                 "train_points_per_word": TRAIN_POINTS_PER_WORD,

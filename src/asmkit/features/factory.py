@@ -44,6 +44,7 @@ __all__ = [
     "Features",
     "build_extractor",
     "deep_extractor",
+    "database_options",
     "extraction_settings",
     "feature_options",
     "query_turns",
@@ -166,11 +167,17 @@ def extraction_settings(features: Mapping[str, Any]) -> dict[str, Any]:
     whitening is part of its features, so nothing is left out there. Feature caches are
     keyed on this.
     """
-    options = feature_options(features)
+    options = database_options(features)
     if options["type"] == "sift":
         return {k: v for k, v in options.items() if k not in _WHITENING}
-    # The database side never turns: presets that differ only there share their features.
-    return {k: v for k, v in options.items() if k != "query_rotations"}
+    return options
+
+
+def database_options(features: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`feature_options` less ``query_rotations``, which turns only the queries: what
+    the database side (stored features, whitening, codebook) depends on, so that presets
+    that differ only there share it."""
+    return {k: v for k, v in feature_options(features).items() if k != "query_rotations"}
 
 
 def query_turns(features: Mapping[str, Any]) -> tuple[int, ...]:
