@@ -1,7 +1,8 @@
 """Anchored fusion with several deep views: the ``hybrid_all`` preset, compared on one data set.
 
 Computes the similarities of SIFT, upright deep features and deep features at four rotations
-as ``asmkit eval DATA --preset <member>`` does (cached features and codebooks) and evaluates
+as ``asmkit eval DATA --preset <member>`` does (cached features and codebooks), and deep's
+scores of the queries turned by quarter turns as ``--preset deep_qrot`` does, and evaluates
 the anchored fusions over them (docs/robustness.md)::
 
     PYTHONPATH=src python -m benchmarks.studies.anchor_views bench_out/robust_large bench_out/robust_large_views
@@ -18,6 +19,13 @@ terms, as ``anchored_max`` does):
 - ``summed-T``: sift's ``z`` plus ``max(z_deep - T, 0) + max(z_deep_rot - T, 0)``: the
   views' excesses summed.
 - ``mutual_max``: the three members' ``mutual_max``.
+- ``sift + turned views``: sift's ``z`` plus ``max(max_r z_deep,r - 3, 0)``, where
+  ``z_deep,r`` is deep's score of the query turned by r (0, 90, 180, 270 degrees: the
+  ``deep_qrot`` preset's rows) against deep's upright database, each standardised with
+  deep's own column statistics: ``deep_qrot`` as an ``anchored_max`` member whose four
+  rotations are four views, and a database extracted once.
+- ``sift + deep_qrot``: as ``sift + deep``, with ``deep_qrot``'s best-rotation matrix
+  standardised with deep's column statistics.
 
 Prints per rule the mAP, the per-family mAP and the families where the rule is below the
 best of the three members, and writes them to ``OUT/views.json``.
@@ -31,18 +39,39 @@ from pathlib import Path
 
 import numpy as np
 
+from asmkit.config import load_config
 from asmkit.evaluate import load_ground_truth
 from asmkit.hybrid import fuse
+from asmkit.index import Index
 
-from .robust_fusion import member_matrix, rule_metrics
+from .robust_fusion import dataset_matrix, member_matrix, rule_metrics
 
 MEMBERS = ("sift", "deep", "deep_rot")
 THRESHOLDS = (2, 3, 4, 5)
+#: Quarter turns of the query (``deep_qrot``'s ``query_rotations``) beside upright.
+TURNS = (90, 180, 270)
 
 
-def rules(mats: dict[str, np.ndarray], columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Every fused ``[Q, N]`` matrix of the study, from the three members' matrices and
-    their column statistics (float64 ``[2, N]`` each)."""
+def turned_rows(data: str) -> list[np.ndarray]:
+    """float64 [Q, N] per turn of :data:`TURNS`: deep's scores of the queries turned by it
+    against deep's upright database (``asmkit eval DATA --preset deep_qrot``'s rows;
+    turned features cached beside deep's)."""
+    gt = load_ground_truth(data)
+    out = dataset_matrix(data, "deep")
+    try:
+        index = Index(out.codebook, load_config("deep").params)
+        index.add(out.db)
+        return [index.similarity_matrix(out.turned(gt.queries, r)).astype(np.float64) for r in TURNS]
+    finally:
+        out.store.close()
+
+
+def rules(
+    mats: dict[str, np.ndarray], columns: dict[str, np.ndarray], turned: list[np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Every fused ``[Q, N]`` matrix of the study, from the three members' matrices, their
+    column statistics (float64 ``[2, N]`` each) and deep's turned query rows
+    (:func:`turned_rows`)."""
     # One member's mutual_max score is twice its own standardised score.
     z = {m: fuse([mats[m]], "mutual_max", [columns[m]]).astype(np.float64) / 2 for m in MEMBERS}
 
@@ -57,6 +86,11 @@ def rules(mats: dict[str, np.ndarray], columns: dict[str, np.ndarray]) -> dict[s
         out[f"pooled-{t}"] = anchored(np.maximum(np.maximum(z["deep"], z["deep_rot"]) - t, 0))
         out[f"summed-{t}"] = anchored(np.maximum(z["deep"] - t, 0) + np.maximum(z["deep_rot"] - t, 0))
     out["mutual_max"] = fuse([mats[m] for m in MEMBERS], "mutual_max", [columns[m] for m in MEMBERS])
+    views = [z["deep"]] + [fuse([t], "mutual_max", [columns["deep"]]).astype(np.float64) / 2 for t in turned]
+    out["sift + turned views"] = anchored(np.maximum(np.maximum.reduce(views) - 3, 0))
+    out["sift + deep_qrot"] = fuse(
+        [mats["sift"], np.maximum.reduce([mats["deep"], *turned])], "anchored_max", [columns["sift"], columns["deep"]]
+    )
     return out
 
 
@@ -71,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     for m in MEMBERS:
         matrix, columns[m], _ = member_matrix(args.data, m)
         mats[m] = matrix.astype(np.float64)
-    results = {rule: rule_metrics(matrix, gt) for rule, matrix in {**mats, **rules(mats, columns)}.items()}
+    fused = rules(mats, columns, turned_rows(args.data))
+    results = {rule: rule_metrics(matrix, gt) for rule, matrix in {**mats, **fused}.items()}
     for rule, row in results.items():
         below = (
             []
