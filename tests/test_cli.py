@@ -217,6 +217,18 @@ def test_threads_flag_sets_numba_threads(demo, tmp_path, capsys):
     assert main(["-q", "--threads", "0", "presets"]) == 2
 
 
+def test_presets_lists_each_preset_with_its_description_in_one_column(capsys):
+    from asmkit.config import load_config
+    from asmkit.params import preset_names
+
+    assert main(["presets"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = preset_names()
+    assert [line.split()[0] for line in lines] == names
+    starts = {line.index(load_config(n).description) for line, n in zip(lines, names)}
+    assert starts == {max(map(len, names)) + 2}
+
+
 def test_preset_help_lists_the_presets(capsys):
     from asmkit.params import preset_names
 

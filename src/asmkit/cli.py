@@ -264,8 +264,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "presets":
         from .config import load_config, preset_names
 
-        for name in preset_names():
-            print(f"{name:8s} {load_config(name).description}")
+        names = preset_names()
+        width = max(map(len, names))
+        for name in names:
+            print(f"{name:{width}s}  {load_config(name).description}")
         return 0
 
     if args.command == "index":
