@@ -195,6 +195,40 @@ def test_extractor_multiscale_and_max_size():
     assert np.allclose((out.keypoints[:, 0] / out.keypoints[:, 2]) % 1, 0.5)
 
 
+def test_upscale_below_adds_an_upscaled_view_of_small_images():
+    small = _image(2, 16, 24)
+    ex = DeepExtractor(_Pool(), nfeat=500, max_size=None, upscale_below=48)
+    plain = DeepExtractor(_Pool(), nfeat=500, max_size=None)
+    out = ex.extract(small)
+    # The 16 x 24 image is run as it is (4 x 6 cells of 4 pixels) and at 32 x 48 (8 x 12
+    # cells of 4 pixels there, 2 of the input's); every cell is kept.
+    assert len(out) == 24 + 96
+    native, up = out.keypoints[:, 2] == 4.0, out.keypoints[:, 2] == 2.0
+    assert native.sum() == 24 and up.sum() == 96
+    got = _by_position(ImageFeatures(out.descriptors[native], out.keypoints[native]))
+    want = _by_position(plain.extract(small))
+    assert got.keys() == want.keys()
+    np.testing.assert_allclose([got[p] for p in want], list(want.values()), rtol=1e-5, atol=1e-6)
+    x = torch.from_numpy(small).permute(2, 0, 1)[None].float() / 255
+    big = nn.functional.interpolate(x, size=(32, 48), mode="bilinear", align_corners=False)
+    big = (big[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    ref = plain.extract(big)
+    ref.keypoints[:, :3] *= 0.5
+    got = _by_position(ImageFeatures(out.descriptors[up], out.keypoints[up]))
+    want = _by_position(ref)
+    assert got.keys() == want.keys()
+    # The reference went through uint8: a rounding's worth of difference.
+    np.testing.assert_allclose([got[p] for p in want], list(want.values()), atol=1e-2)
+    # An image at least upscale_below long is run as it is.
+    image = _image(3, 48, 64)
+    np.testing.assert_array_equal(ex.extract(image).descriptors, plain.extract(image).descriptors)
+    # Never above max_size: run at 27 x 40 instead, 7 x 10 cells (the pool rounds up).
+    capped = DeepExtractor(_Pool(), nfeat=500, max_size=40, upscale_below=48).extract(small)
+    assert len(capped) == 24 + 70
+    assert ex.config()["upscale_below"] == 48 and "upscale_below" not in plain.config()
+    assert ex.turned(90).upscale_below == 48
+
+
 def test_per_view_selection_keeps_an_equal_share_of_each_scale():
     # Scale 0.5 of a 32 x 48 image gives 4 x 6 cells of 8 x 8 input pixels, whose average
     # is smoother (weaker, for this backbone the L2 norm of the mean colour) than at scale 1.
@@ -289,6 +323,7 @@ def test_extract_features_runs_the_extractor(tmp_path):
         ({"scales": (1.0, -1)}, "scales"),
         ({"nfeat": 0}, "nfeat"),
         ({"max_size": 4}, "max_size"),
+        ({"upscale_below": 8}, "upscale_below"),
         ({"batch_size": 0}, "batch_size"),
         ({"device": "cuda:7"}, "device"),
         ({"selection": "best"}, "selection"),

@@ -75,14 +75,15 @@ def test_features_at_any_angle_keep_their_keypoints_in_the_image():
 
     img = _photo()
     h, w = img.shape[:2]
-    ext = deep_extractor(rotations=[0, 45, 135], nfeat=200)
+    # Without the upscaled view of small images, so that each rotation is one view.
+    ext = deep_extractor(rotations=[0, 45, 135], nfeat=200, upscale_below=0)
     feats = ext.extract(img)
     kp = feats.keypoints
     # The upright pass has 48 tokens; the turned ones add those of their canvas in the image.
     assert 48 < len(kp) <= 200
     assert (kp[:, 0] >= 0).all() and (kp[:, 0] < w).all() and (kp[:, 1] >= 0).all() and (kp[:, 1] < h).all()
     # The upright pass's tokens are among them, at their own centres.
-    upright = deep_extractor(rotations=[0], nfeat=200).extract(img)
+    upright = deep_extractor(rotations=[0], nfeat=200, upscale_below=0).extract(img)
     assert {tuple(p) for p in np.round(upright.keypoints[:, :2], 2)} <= {tuple(p) for p in np.round(kp[:, :2], 2)}
 
 
@@ -211,6 +212,20 @@ def test_query_rotations_leave_the_database_side_alone():
     assert query_turns(turning) == (90, 180, 270) and query_turns({"type": "deep"}) == ()
     # Stored features (and so the cache) are those of the preset without the setting.
     assert extraction_settings(turning) == extraction_settings({"type": "deep"})
+
+
+def test_upscale_below_zero_turns_the_deep_presets_upscaling_off():
+    from asmkit.features.factory import extraction_settings
+    from asmkit.params import preset_table
+
+    assert feature_options({"type": "deep"})["upscale_below"] == preset_table("deep")["features"]["upscale_below"]
+    off = feature_options({"type": "deep", "upscale_below": 0})
+    assert "upscale_below" not in off
+    # Off leaves no trace in what the feature caches are keyed on.
+    assert "upscale_below" not in extraction_settings(preset_table("deep_rot")["features"])
+    for bad in (-1, 1.5, "416"):
+        with pytest.raises(ArgumentError, match="upscale_below"):
+            feature_options({"type": "deep", "upscale_below": bad})
 
 
 def test_merging_searches_of_one_database_keeps_each_image_at_its_best():

@@ -378,7 +378,14 @@ class DeepExtractor:
         each (the remainder to the first views), so that every scale and rotation is
         described whatever its activation level.
     max_size : int or None, default 1024
-        Images are downscaled so that their longer side is at most this (never upscaled).
+        Images are downscaled so that their longer side is at most this.
+    upscale_below : int or None, default None
+        An image whose longer side is shorter is also run upscaled (bilinear) to this
+        longer side, one more scale whose tokens join the selection. A thumbnail or a
+        shrunken copy then shows its content at about the scale of the full-size photo,
+        where at its own size the backbone sees it several times smaller and gives few
+        tokens (a 160 x 120 image has 70 at stride 16); a small crop keeps its own scale,
+        which matches the photo it was cut from. Capped at ``max_size``; None: never.
     device : str, default "cpu"
     whitening : PCAWhitening or path, optional
         Post-whitening for the head (a ``.npz`` from ``PCAWhitening.save``).
@@ -402,6 +409,7 @@ class DeepExtractor:
         rotations: Sequence[int] = (0,),
         selection: str = "joint",
         max_size: int | None = 1024,
+        upscale_below: int | None = None,
         device: str = "cpu",
         whitening: PCAWhitening | str | os.PathLike | None = None,
         amp: bool = True,
@@ -438,6 +446,10 @@ class DeepExtractor:
         selection = check_choice(selection, "selection", SELECTIONS)
         if max_size is not None and (isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 16):
             raise ArgumentError(f"max_size: expected an int >= 16 or None, got {max_size!r}")
+        if upscale_below is not None and (
+            isinstance(upscale_below, bool) or not isinstance(upscale_below, int) or upscale_below < 16
+        ):
+            raise ArgumentError(f"upscale_below: expected an int >= 16 or None, got {upscale_below!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ArgumentError(f"batch_size: expected a positive int, got {batch_size!r}")
         self.device = torch.device(device)
@@ -452,6 +464,7 @@ class DeepExtractor:
         self.rotations = rotations
         self.selection = selection
         self.max_size = max_size
+        self.upscale_below = upscale_below
         self.amp = bool(amp)
         self.batch_size = batch_size
         self.name = name
@@ -484,6 +497,7 @@ class DeepExtractor:
             **({"rotations": list(self.rotations)} if self.rotations != (0,) else {}),
             **({"selection": self.selection} if self.selection != "joint" else {}),
             "max_size": self.max_size,
+            **({"upscale_below": self.upscale_below} if self.upscale_below is not None else {}),
             "amp": self.amp and self.device.type == "cuda",
         }
 
@@ -500,6 +514,7 @@ class DeepExtractor:
             rotations=(rotation,),
             selection=self.selection,
             max_size=self.max_size,
+            upscale_below=self.upscale_below,
             device=str(self.device),
             amp=self.amp,
             batch_size=self.batch_size,
@@ -616,6 +631,7 @@ class DeepExtractor:
                     "rotations": list(self.rotations),
                     "selection": self.selection,
                     "max_size": self.max_size,
+                    "upscale_below": self.upscale_below,
                     "amp": self.amp,
                     "batch_size": self.batch_size,
                     "name": self.name,
@@ -662,6 +678,11 @@ class DeepExtractor:
     def _extract_same_size(self, images: list[np.ndarray], postwhiten: bool = True) -> list[ImageFeatures]:
         in_h, in_w = images[0].shape[:2]
         x0 = self._to_tensor(images)
+        side = max(x0.shape[-2:])
+        scales = self.scales
+        target = min(self.upscale_below or 0, self.max_size or self.upscale_below or 0)
+        if side < target:
+            scales = (*scales, target / side)
         per_scale = []
         spoc = None
         for rotation in self.rotations:
@@ -676,7 +697,7 @@ class DeepExtractor:
                 def back(cx, cy, turns=turns):
                     return (*_unrotate(cx, cy, turns, in_h, in_w), None)
 
-            spoc = self._extract_rotation(x, frame, back, postwhiten, per_scale, spoc)
+            spoc = self._extract_rotation(x, frame, back, postwhiten, per_scale, spoc, scales)
         feat = torch.cat([p[0] for p in per_scale], dim=1)
         attn = torch.cat([p[1] for p in per_scale], dim=1)
         kpts = torch.cat([p[2] for p in per_scale], dim=1)
@@ -705,6 +726,7 @@ class DeepExtractor:
         postwhiten: bool,
         per_scale: list,
         spoc: torch.Tensor | None,
+        scales: tuple[float, ...],
     ) -> torch.Tensor | None:
         """Run every scale on ``x`` (float ``[B, 3, h, w]``, the image in one rotation's
         frame, of size ``frame`` (height, width) in the pixels of the image given to
@@ -714,8 +736,8 @@ class DeepExtractor:
         ``inside`` a bool mask of the points in the image, or None when all are."""
         base_h, base_w = x.shape[-2:]
         rot_h, rot_w = frame
-        views = len(self.scales) * len(self.rotations)
-        for scale in self.scales:
+        views = len(scales) * len(self.rotations)
+        for scale in scales:
             hs, ws = self._scale_size(base_h, base_w, scale)
             xs = x if (hs, ws) == (base_h, base_w) else _resize(x, (hs, ws))
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp and self.device.type == "cuda"):

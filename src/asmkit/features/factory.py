@@ -75,6 +75,7 @@ _OPTIONS = {
         "query_rotations",
         "selection",
         "max_size",
+        "upscale_below",
         "smoothing",
         "batch_size",
         "amp",
@@ -119,7 +120,8 @@ def feature_options(features: Mapping[str, Any]) -> dict[str, Any]:
     ------
     ArgumentError
         Not a table, an unknown type, an unknown option (naming it), or a bad value of the
-        options checked here (``whitening_*``, ``rotations``, ``selection``, ``device``).
+        options checked here (``whitening_*``, ``rotations``, ``selection``, ``device``,
+        ``upscale_below``).
     """
     if not isinstance(features, Mapping):
         raise ArgumentError(f"features: expected a table, got {type(features).__name__}")
@@ -155,6 +157,10 @@ def feature_options(features: Mapping[str, Any]) -> dict[str, Any]:
         raise ArgumentError("features.query_rotations: not with rotations (turn one side, not both)")
     if "selection" in options:
         check_choice(options["selection"], "features.selection", ("joint", "per_view"))
+    if check_int(options.get("upscale_below"), "features.upscale_below", min=0, none=True) == 0:
+        # 0 turns the deep preset's upscaling off: dropped, so that the features (and the
+        # caches keyed on them) are those of a table that never had it.
+        del options["upscale_below"]
     if "device" in options and not isinstance(options["device"], str):
         raise ArgumentError(f"features.device: expected a string such as 'cpu' or 'cuda', got {options['device']!r}")
     return options
@@ -218,7 +224,11 @@ def deep_extractor(*, device: str = "cpu", whitening: PCAWhitening | str | os.Pa
     except ImportError as exc:
         raise DependencyError(f"the deep preset needs torch: pip install 'asmkit[deep]' ({exc})") from None
     backbone = check_choice(opts["backbone"], "features.backbone", ("efficientnet_lite0",))
-    kwargs = {k: opts[k] for k in ("nfeat", "selection", "max_size", "smoothing", "batch_size", "amp") if k in opts}
+    kwargs = {
+        k: opts[k]
+        for k in ("nfeat", "selection", "max_size", "upscale_below", "smoothing", "batch_size", "amp")
+        if k in opts
+    }
     for key in ("scales", "rotations"):
         if key in opts:
             kwargs[key] = tuple(opts[key])
