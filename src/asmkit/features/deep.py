@@ -678,11 +678,12 @@ class DeepExtractor:
     def _extract_same_size(self, images: list[np.ndarray], postwhiten: bool = True) -> list[ImageFeatures]:
         in_h, in_w = images[0].shape[:2]
         x0 = self._to_tensor(images)
-        side = max(x0.shape[-2:])
         scales = self.scales
-        target = min(self.upscale_below or 0, self.max_size or self.upscale_below or 0)
-        if side < target:
-            scales = (*scales, target / side)
+        if self.upscale_below is not None:
+            # A small image is also seen at photo scale, within the bound every image obeys.
+            target = self.upscale_below if self.max_size is None else min(self.upscale_below, self.max_size)
+            if max(x0.shape[-2:]) < target:
+                scales = (*scales, target / max(x0.shape[-2:]))
         per_scale = []
         spoc = None
         for rotation in self.rotations:
