@@ -41,15 +41,17 @@ import numpy as np
 
 from asmkit.config import load_config
 from asmkit.evaluate import load_ground_truth
+from asmkit.features.factory import query_turns
 from asmkit.hybrid import fuse
 from asmkit.index import Index
+from asmkit.params import preset_table
 
 from .robust_fusion import dataset_matrix, member_matrix, rule_metrics
 
 MEMBERS = ("sift", "deep", "deep_rot")
 THRESHOLDS = (2, 3, 4, 5)
-#: Quarter turns of the query (``deep_qrot``'s ``query_rotations``) beside upright.
-TURNS = (90, 180, 270)
+#: The turns of the query beside upright: the ``deep_qrot`` preset's.
+TURNS = query_turns(preset_table("deep_qrot")["features"])
 
 
 def turned_rows(data: str) -> list[np.ndarray]:

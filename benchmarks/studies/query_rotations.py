@@ -20,6 +20,8 @@ import argparse
 import numpy as np
 
 from asmkit.evaluate import evaluate, load_ground_truth
+from asmkit.features.factory import query_turns
+from asmkit.params import preset_table
 
 from .robust_fusion import dataset_matrix
 
@@ -52,7 +54,10 @@ def main(argv: list[str] | None = None) -> None:
             f"ns {metrics['ns_score']:.3f}" if "ns_score" in metrics else "",
             families,
         )
-    print(f"turned queries: {len(gt.queries)} x 3, extracted (or read from the cache) and searched in {seconds:.1f} s")
+    turns = len(query_turns(preset_table("deep_qrot")["features"]))
+    print(
+        f"turned queries: {len(gt.queries)} x {turns}, extracted (or read from the cache) and searched in {seconds:.1f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -682,8 +682,9 @@ class DeepExtractor:
         if self.upscale_below is not None:
             # A small image is also seen at photo scale, within the bound every image obeys.
             target = self.upscale_below if self.max_size is None else min(self.upscale_below, self.max_size)
-            if max(x0.shape[-2:]) < target:
-                scales = (*scales, target / max(x0.shape[-2:]))
+            side = max(x0.shape[-2:])
+            if side < target:
+                scales = (*scales, target / side)
         per_scale = []
         spoc = None
         for rotation in self.rotations:
