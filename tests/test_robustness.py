@@ -221,8 +221,12 @@ def test_upscale_below_zero_turns_the_deep_presets_upscaling_off():
     assert feature_options({"type": "deep"})["upscale_below"] == preset_table("deep")["features"]["upscale_below"]
     off = feature_options({"type": "deep", "upscale_below": 0})
     assert "upscale_below" not in off
-    # Off leaves no trace in what the feature caches are keyed on.
-    assert "upscale_below" not in extraction_settings(preset_table("deep_rot")["features"])
+    # Off leaves no trace in what the feature caches are keyed on, so a table that turns it
+    # off shares the cache of features extracted before the option existed.
+    turned_off = {**preset_table("deep_rot")["features"], "upscale_below": 0}
+    assert "upscale_below" not in extraction_settings(turned_off)
+    deep_upscale = preset_table("deep")["features"]["upscale_below"]
+    assert extraction_settings(preset_table("deep_rot")["features"])["upscale_below"] == deep_upscale
     for bad in (-1, 1.5, "416"):
         with pytest.raises(ArgumentError, match="upscale_below"):
             feature_options({"type": "deep", "upscale_below": bad})

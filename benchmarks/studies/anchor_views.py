@@ -28,7 +28,11 @@ terms, as ``anchored_max`` does):
   standardised with deep's column statistics.
 
 Prints per rule the mAP, the per-family mAP and the families where the rule is below the
-best of the three members, and writes them to ``OUT/views.json``.
+best of the three members, and writes them to ``OUT/views.json``. A family's mAP moves by a
+whole query's AP, so each rule is also compared query by query: per family, against the
+member with the best mAP there, the number of queries whose AP is lower and higher
+(``queries_by_family``, summed in ``queries_below`` and ``queries_above``), to tell a rule
+that trails a member from one that loses a query here and gains one there.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from asmkit.config import load_config
-from asmkit.evaluate import load_ground_truth
+from asmkit.evaluate import average_precision, load_ground_truth
 from asmkit.features.factory import query_turns
 from asmkit.hybrid import fuse
 from asmkit.index import Index
@@ -96,6 +100,33 @@ def rules(
     return out
 
 
+def family_aps(matrix: np.ndarray, gt) -> dict[str, np.ndarray]:
+    """float64 [Q] per family: each query's AP counting only that family's positives, the
+    query's other positives junk (as ``families`` in :func:`asmkit.evaluate.evaluate`)."""
+    ranks = np.argsort(-matrix, axis=1, kind="stable")
+    return {
+        family: np.array(
+            [
+                average_precision(ranks[q], pos[q], np.union1d(gt.junk[q], np.setdiff1d(gt.positives[q], pos[q])))
+                for q in range(len(ranks))
+            ]
+        )
+        for family, pos in gt.families.items()
+    }
+
+
+def query_counts(
+    aps: dict[str, dict[str, np.ndarray]], rule: str, family_map: dict[str, dict[str, float]]
+) -> dict[str, list[int]]:
+    """Per family, [queries below, queries above]: the rule's per-query APs against those
+    of the member with the best mAP in that family (:func:`family_aps` per rule)."""
+    counts = {}
+    for family, ap in aps[rule].items():
+        best = aps[max(MEMBERS, key=lambda m: family_map[m][family])][family]
+        counts[family] = [int(np.sum(ap < best - 1e-9)), int(np.sum(ap > best + 1e-9))]
+    return counts
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data", help="data set folder (images/ + gt.json)")
@@ -108,7 +139,9 @@ def main(argv: list[str] | None = None) -> None:
         matrix, columns[m], _ = member_matrix(args.data, m)
         mats[m] = matrix.astype(np.float64)
     fused = rules(mats, columns, turned_rows(args.data))
-    results = {rule: rule_metrics(matrix, gt) for rule, matrix in {**mats, **fused}.items()}
+    matrices = {**mats, **fused}
+    results = {rule: rule_metrics(matrix, gt) for rule, matrix in matrices.items()}
+    aps = {rule: family_aps(matrix, gt) for rule, matrix in matrices.items()} if gt.families else {}
     for rule, row in results.items():
         below = (
             []
@@ -120,12 +153,17 @@ def main(argv: list[str] | None = None) -> None:
             ]
         )
         row["below_members"] = below
+        if aps and rule not in MEMBERS:
+            row["queries_by_family"] = query_counts(aps, rule, {m: results[m]["families"] for m in MEMBERS})
+            row["queries_below"] = sum(b for b, _ in row["queries_by_family"].values())
+            row["queries_above"] = sum(a for _, a in row["queries_by_family"].values())
         print(f"{rule:18s}", " ".join(f"{k} {v:.4f}" for k, v in row.items() if k in ("map", "ns_score")), end=" ")
         print(" ".join(f"{f} {v:.3f}" for f, v in row.get("families", {}).items()), end=" ")
         if rule in MEMBERS or "families" not in row:
             print()
         else:
-            print(("| below: " + ", ".join(below)) if below else "| at or above every member")
+            print(("| below: " + ", ".join(below)) if below else "| at or above every member", end=" ")
+            print(f"| queries below / above: {row.get('queries_below')} / {row.get('queries_above')}")
     (args.out / "views.json").write_text(json.dumps(results, indent=1) + "\n")
 
 
