@@ -115,6 +115,20 @@ def test_eval_json(demo, tmp_path, capsys):
     assert report.read_text().count('class="result') >= 4
 
 
+def test_eval_prints_the_map_of_each_family_the_ground_truth_names(demo, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(demo, data)
+    gt = json.loads((data / "gt.json").read_text())
+    positives = sorted({p for q in gt["queries"] for p in gt["positives"][q]})
+    gt["families"] = {p: ("odd" if i % 2 else "even") for i, p in enumerate(positives)}
+    (data / "gt.json").write_text(json.dumps(gt))
+    cache = str(tmp_path / "c")
+    res = run_json(capsys, ["-q", "eval", str(data), "--cache", cache, *SMALL, "--json"])
+    assert main(["-q", "eval", str(data), "--cache", cache, *SMALL]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "mAP per family" in ln)
+    assert line.split(": ", 1)[1] == ", ".join(f"{f} {res['families'][f]['map']:.3f}" for f in ("even", "odd"))
+
+
 def test_broken_files_are_skipped_and_reported(tmp_path, capsys):
     folder = make_broken_folder(tmp_path / "mixed", n_good=4, width=160, height=120)
     res = run_json(

@@ -414,6 +414,8 @@ def _run(args: argparse.Namespace) -> int:
         for proto in ("easy", "medium", "hard"):
             if proto in res:
                 text += f"\n  {proto}: mAP {res[proto]['map']:.4f}"
+        if "families" in res:
+            text += "\n  mAP per family: " + ", ".join(f"{f} {v['map']:.3f}" for f, v in res["families"].items())
         if "rerank" in res:
             before, info = res["before_rerank"], res["rerank"]
             text += (
