@@ -31,8 +31,8 @@ Prints per rule the mAP, the per-family mAP and the families where the rule is b
 best of the three members, and writes them to ``OUT/views.json``. A family's mAP moves by a
 whole query's AP, so each rule is also compared query by query: per family, against the
 member with the best mAP there, the number of queries whose AP is lower and higher
-(``queries_by_family``, summed in ``queries_below`` and ``queries_above``), to tell a rule
-that trails a member from one that loses a query here and gains one there.
+(``queries_by_family``; printed summed over the families), to tell a rule that trails a
+member from one that loses a query here and gains one there.
 """
 
 from __future__ import annotations
@@ -101,18 +101,14 @@ def rules(
 
 
 def family_aps(matrix: np.ndarray, gt) -> dict[str, np.ndarray]:
-    """float64 [Q] per family: each query's AP counting only that family's positives, the
-    query's other positives junk (as ``families`` in :func:`asmkit.evaluate.evaluate`)."""
+    """float64 [Q] per family: each query's AP counting only that family's positives
+    (:meth:`asmkit.evaluate.GroundTruth.family`)."""
     ranks = np.argsort(-matrix, axis=1, kind="stable")
-    return {
-        family: np.array(
-            [
-                average_precision(ranks[q], pos[q], np.union1d(gt.junk[q], np.setdiff1d(gt.positives[q], pos[q])))
-                for q in range(len(ranks))
-            ]
-        )
-        for family, pos in gt.families.items()
-    }
+    out = {}
+    for family in gt.families:
+        positives, junk = gt.family(family)
+        out[family] = np.array([average_precision(r, p, j) for r, p, j in zip(ranks, positives, junk)])
+    return out
 
 
 def query_counts(
@@ -155,15 +151,14 @@ def main(argv: list[str] | None = None) -> None:
         row["below_members"] = below
         if aps and rule not in MEMBERS:
             row["queries_by_family"] = query_counts(aps, rule, {m: results[m]["families"] for m in MEMBERS})
-            row["queries_below"] = sum(b for b, _ in row["queries_by_family"].values())
-            row["queries_above"] = sum(a for _, a in row["queries_by_family"].values())
         print(f"{rule:18s}", " ".join(f"{k} {v:.4f}" for k, v in row.items() if k in ("map", "ns_score")), end=" ")
         print(" ".join(f"{f} {v:.3f}" for f, v in row.get("families", {}).items()), end=" ")
         if rule in MEMBERS or "families" not in row:
             print()
         else:
             print(("| below: " + ", ".join(below)) if below else "| at or above every member", end=" ")
-            print(f"| queries below / above: {row.get('queries_below')} / {row.get('queries_above')}")
+            counts = row.get("queries_by_family", {}).values()
+            print(f"| queries below / above: {sum(b for b, _ in counts)} / {sum(a for _, a in counts)}")
     (args.out / "views.json").write_text(json.dumps(results, indent=1) + "\n")
 
 

@@ -107,6 +107,20 @@ class GroundTruth:
             raise ArgumentError("gt: ground truth has no root folder; image paths are unknown")
         return [self.root / name for name in self.images]
 
+    def family(self, name: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Positives and junk of each query for one family of :attr:`families`: the
+        family's positives, and the query's other positives counted as junk.
+
+        Returns
+        -------
+        positives, junk : list of ndarray of int64
+        """
+        if self.families is None or name not in self.families:
+            raise ArgumentError(f"family: {name!r} is not a family of the ground truth")
+        positives = self.families[name]
+        junk = [np.union1d(j, np.setdiff1d(p, f)) for j, p, f in zip(self.junk, self.positives, positives)]
+        return positives, junk
+
     def protocol(self, name: str | None) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Positives and junk of each query under a protocol.
 
@@ -496,9 +510,8 @@ def evaluate(ranks: Any, gt: GroundTruth, *, query_indices: Any = None) -> dict[
             result[protocol] = one(protocol)
     if gt.families is not None:
         result["families"] = {}
-        for family, fam_pos in gt.families.items():
-            pos = [fam_pos[q] for q in rows]
-            junk = [np.union1d(gt.junk[q], np.setdiff1d(gt.positives[q], fam_pos[q])) for q in rows]
-            mean_ap, mp, n = _map_lists(arr, pos, junk, KAPPAS)
+        for family in gt.families:
+            fam_pos, fam_junk = gt.family(family)
+            mean_ap, mp, n = _map_lists(arr, [fam_pos[q] for q in rows], [fam_junk[q] for q in rows], KAPPAS)
             result["families"][family] = {"map": mean_ap, "mp": {str(k): v for k, v in mp.items()}, "n_queries": n}
     return result
